@@ -1,0 +1,145 @@
+"""Test-time adaptation: what evaluation and the service run.
+
+Adapt from the meta-learned initialisation on a support set (no second-order
+graph), then predict queries with the adapted parameters::
+
+    adaptation = adapt(learner, support_x, support_y, steps=10)
+    logits = predict(learner, adaptation, query_x)          # support statistics
+    logits = predict(learner, adaptation, query_x, transductive=True)
+
+Both have batched forms over several independent requests of the same shape
+(``adapt_many`` / ``predict_many``), which the service uses to run concurrent
+requests as one computation.
+
+BatchNorm at prediction time: by default queries are normalised with
+statistics recorded on the support set with the adapted parameters, so a
+query's prediction does not depend on which other queries come with it.
+``transductive=True`` uses the statistics of the query batch, as MAML's own
+evaluation does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.func import vmap
+
+from metalearn.learner import MetaLearner, Params
+from metalearn.models import has_batchnorm, norm_statistics
+
+NormStats = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Adaptation:
+    """The result of adapting to one support set (or a stack of them, for ``adapt_many``).
+
+    ``params`` holds only the parameters adaptation changed (the head for
+    ANIL); ``norm_stats`` the support-set BatchNorm statistics (empty for
+    models without BatchNorm).
+    """
+
+    params: Params
+    norm_stats: NormStats
+    support_loss_before: torch.Tensor
+    support_loss_after: torch.Tensor
+
+    def nbytes(self) -> int:
+        tensors = list(self.params.values()) + [t for pair in self.norm_stats.values() for t in pair]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _adapt_one(learner: MetaLearner, steps: int, lr: float | None, meta_params, buffers, support_x, support_y):
+    params = learner.model_params(meta_params)
+    trajectory, losses = learner.inner_loop(
+        meta_params, buffers, support_x, support_y, steps=steps, create_graph=False, lr_override=lr
+    )
+    adapted = trajectory[-1] if trajectory else {n: params[n] for n in learner.adapt_names}
+    # One more support forward with the adapted parameters: the loss after
+    # adaptation and the BatchNorm statistics queries will be normalised with.
+    with norm_statistics(learner.model) as stats:
+        outputs = learner.forward_with({**params, **adapted}, buffers, support_x)
+    after = learner._loss(outputs, support_y)
+    before = losses[0] if losses else after
+    return adapted, dict(stats), before.detach(), after.detach()
+
+
+def _predict_one(learner: MetaLearner, meta_params, buffers, adapted, norm_stats, query_x):
+    params = {**learner.model_params(meta_params), **adapted}
+    if norm_stats is None:
+        return learner.forward_with(params, buffers, query_x)
+    with norm_statistics(learner.model, norm_stats):
+        return learner.forward_with(params, buffers, query_x)
+
+
+def _resolve(learner: MetaLearner, steps: int | None) -> int:
+    steps = learner.config.inner_steps if steps is None else steps
+    if steps < 0:
+        raise ValueError("steps must be >= 0")
+    return steps
+
+
+@torch.no_grad()
+def adapt(
+    learner: MetaLearner,
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    steps: int | None = None,
+    lr: float | None = None,
+) -> Adaptation:
+    """Adapt to one support set. ``steps``/``lr`` override the trained defaults.
+
+    ``lr`` replaces the base (or learned) inner learning rate; Task-Adaptive
+    scales still apply on top of it.
+    """
+    steps = _resolve(learner, steps)
+    adapted, stats, before, after = _adapt_one(
+        learner, steps, lr, learner.meta_params(), learner.buffers_dict(), support_x, support_y
+    )
+    return Adaptation(adapted, stats, before, after)
+
+
+@torch.no_grad()
+def adapt_many(
+    learner: MetaLearner,
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    steps: int | None = None,
+    lr: float | None = None,
+) -> Adaptation:
+    """``adapt`` for a stack of independent support sets ``[R, S, ...]``, as one vmapped computation."""
+    steps = _resolve(learner, steps)
+
+    def one(meta_params, buffers, x, y):
+        return _adapt_one(learner, steps, lr, meta_params, buffers, x, y)
+
+    adapted, stats, before, after = vmap(one, in_dims=(None, None, 0, 0))(
+        learner.meta_params(), learner.buffers_dict(), support_x, support_y
+    )
+    return Adaptation(adapted, stats, before, after)
+
+
+@torch.no_grad()
+def predict(
+    learner: MetaLearner, adaptation: Adaptation, query_x: torch.Tensor, transductive: bool = False
+) -> torch.Tensor:
+    """Outputs (logits or regression values) for ``query_x`` with adapted parameters."""
+    stats = None if transductive or not has_batchnorm(learner.model) else adaptation.norm_stats
+    return _predict_one(learner, learner.meta_params(), learner.buffers_dict(), adaptation.params, stats, query_x)
+
+
+@torch.no_grad()
+def predict_many(
+    learner: MetaLearner, adaptation: Adaptation, query_x: torch.Tensor, transductive: bool = False
+) -> torch.Tensor:
+    """``predict`` for stacked adaptations ``[R, ...]`` and queries ``[R, Q, ...]``: one forward pass."""
+    use_stats = not transductive and has_batchnorm(learner.model)
+
+    def one(meta_params, buffers, adapted, stats, x):
+        return _predict_one(learner, meta_params, buffers, adapted, stats if use_stats else None, x)
+
+    stats = adaptation.norm_stats if use_stats else {}
+    return vmap(one, in_dims=(None, None, 0, 0, 0))(
+        learner.meta_params(), learner.buffers_dict(), adaptation.params, stats, query_x
+    )

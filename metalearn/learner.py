@@ -1,0 +1,436 @@
+"""The meta-learning algorithms, as pure functions of parameter dicts.
+
+One task's objective is a pure function of ``(meta_params, buffers, support_x,
+support_y, query_x, query_y)``: the inner loop adapts a copy of the model
+parameters on the support set with ``torch.func.grad``, the query loss at the
+adapted parameters is the meta-objective. The variants are small differences
+in that function:
+
+==========  =================================================================
+maml        second order: the meta-gradient flows through the inner gradients
+fomaml      inner gradients are constants (taken at detached parameters)
+reptile     no query gradient: the meta-"gradient" is ``theta - theta'``
+metasgd     a learned learning rate per parameter element
+anil        only the head adapts; the body is shared
+tamaml      a task encoder maps the mean support feature to per-tensor lr scales
+mamlpp      MAML++: multi-step loss, learned per-layer per-step learning rates,
+            derivative-order annealing (first order for the first iterations)
+==========  =================================================================
+
+``metalearn.batching`` runs the per-task function over a meta-batch (a loop,
+``vmap`` or chunks of it); :class:`MetaLearner` is the small object a training
+loop talks to::
+
+    learner = MetaLearner(Conv4(out_features=5), MetaConfig("maml", inner_lr=0.4))
+    optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    for iteration in range(1000):
+        batch = source.sample(32, generator, ways=5, shots=1, queries=15)
+        result = learner.meta_step(batch, optimizer, iteration=iteration)
+        print(result.loss, result.accuracy)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+from torch.func import functional_call, grad_and_value
+
+from metalearn.models import convert_batchnorm, head_module_name, head_parameter_names, norm_statistics
+
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "tamaml", "mamlpp")
+TASK_TYPES = ("classification", "regression")
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass
+class MetaConfig:
+    """Everything that defines a meta-learning algorithm (not the optimiser).
+
+    ``None`` means "what the algorithm normally uses" and is resolved in
+    ``__post_init__``: e.g. ``first_order`` is True for fomaml and reptile,
+    ``multi_step_loss`` and ``learn_step_lrs`` are True for mamlpp.
+    """
+
+    algorithm: str = "maml"
+    task_type: str = "classification"
+    inner_steps: int = 1
+    inner_lr: float = 0.01
+    first_order: bool | None = None
+    # MAML++ options (usable with maml/anil/metasgd too where they make sense)
+    multi_step_loss: bool | None = None
+    multi_step_loss_iterations: int = 500
+    learn_step_lrs: bool | None = None
+    first_order_iterations: int = 0
+    # Task-Adaptive MAML
+    encoder_hidden: int = 64
+    # Outer loop
+    grad_clip: float | None = None
+    # Recompute the inner loop in the backward pass instead of storing it
+    checkpoint_inner: bool = False
+    # How a meta-batch is batched: auto | loop | vmap | chunked:<n>
+    strategy: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        if self.task_type not in TASK_TYPES:
+            raise ValueError(f"task_type must be one of {TASK_TYPES}, got {self.task_type!r}")
+        if self.inner_steps < 0:
+            raise ValueError("inner_steps must be >= 0")
+        if self.algorithm != "reptile" and self.inner_steps < 1:
+            raise ValueError(f"{self.algorithm} needs at least one inner step")
+        if not (self.inner_lr > 0 and math.isfinite(self.inner_lr)):
+            raise ValueError("inner_lr must be a positive finite number")
+        if self.first_order is None:
+            self.first_order = self.algorithm in ("fomaml", "reptile")
+        if self.multi_step_loss is None:
+            self.multi_step_loss = self.algorithm == "mamlpp"
+        if self.learn_step_lrs is None:
+            self.learn_step_lrs = self.algorithm == "mamlpp"
+        if self.algorithm == "reptile" and (self.multi_step_loss or self.learn_step_lrs):
+            raise ValueError("reptile has no query loss: multi_step_loss and learn_step_lrs do not apply")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StepResult:
+    """What one meta-step measured (means over the meta-batch)."""
+
+    loss: float
+    accuracy: float | None
+    grads: Params = field(repr=False)
+
+
+def multi_step_loss_weights(steps: int, iteration: int, anneal_iterations: int) -> torch.Tensor:
+    """MAML++ importance of the query loss after each inner step.
+
+    Starts uniform and moves linearly to (almost) all weight on the final step
+    over ``anneal_iterations`` (Antoniou et al., 2019).
+    """
+    weights = torch.full((steps,), 1.0 / steps)
+    if steps == 1:
+        return weights
+    decay = iteration / (steps * max(anneal_iterations, 1))
+    floor = 0.03 / steps
+    weights[:-1] = torch.clamp(weights[:-1] - decay, min=floor)
+    weights[-1] = min(1.0 / steps + decay * (steps - 1), 1.0 - (steps - 1) * floor)
+    return weights
+
+
+def _escape(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def loss_function(task_type: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return F.cross_entropy if task_type == "classification" else F.mse_loss
+
+
+def accuracy_of(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return (outputs.argmax(dim=-1) == labels).float().mean()
+
+
+class MetaLearner(nn.Module):
+    """A model plus the extra meta-parameters its algorithm learns.
+
+    ``learner.parameters()`` is what the meta-optimiser updates: the model's
+    initialisation, and per algorithm the learned inner learning rates
+    (``lrs``) or the task encoder. ``nn.BatchNorm`` layers are replaced by the
+    per-batch :class:`metalearn.models.BatchNorm` (running statistics have no
+    meaning when every task adapts its own parameters).
+    """
+
+    def __init__(self, model: nn.Module, config: MetaConfig | None = None):
+        super().__init__()
+        self.config = config or MetaConfig()
+        self.model = convert_batchnorm(model)
+        trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        self.adapt_names = head_parameter_names(model) if self.config.algorithm == "anil" else trainable
+        # Models that expose body/head with forward = head(body(x)) let ANIL
+        # compute the body once per task instead of once per inner step.
+        self._head_only = (
+            self.config.algorithm == "anil"
+            and isinstance(getattr(model, "body", None), nn.Module)
+            and head_module_name(model) == "head"
+        )
+        cfg = self.config
+        params = dict(model.named_parameters())
+        if cfg.algorithm == "metasgd":
+            self.lrs = nn.ParameterDict(
+                {_escape(n): nn.Parameter(torch.full_like(params[n], cfg.inner_lr)) for n in self.adapt_names}
+            )
+        elif cfg.learn_step_lrs:
+            self.lrs = nn.ParameterDict(
+                {_escape(n): nn.Parameter(torch.full((cfg.inner_steps,), cfg.inner_lr)) for n in self.adapt_names}
+            )
+        if cfg.algorithm == "tamaml":
+            head = model.get_submodule(head_module_name(model))
+            if not isinstance(head, nn.Linear):
+                raise ValueError("tamaml needs the model's head to be an nn.Linear (its input is the task embedding)")
+            self.task_encoder = nn.Sequential(
+                nn.Linear(head.in_features, cfg.encoder_hidden),
+                nn.ReLU(),
+                nn.Linear(cfg.encoder_hidden, len(self.adapt_names)),
+            )
+            # Small last layer: scales start near 1 (2 * sigmoid(0)) yet every
+            # encoder weight gets a gradient from the first step.
+            nn.init.normal_(self.task_encoder[2].weight, std=1e-2)
+            nn.init.zeros_(self.task_encoder[2].bias)
+        self._loss = loss_function(cfg.task_type)
+
+    # ------------------------------------------------------------------
+    # Parameter dicts
+    # ------------------------------------------------------------------
+    def meta_params(self) -> Params:
+        """Detached copies of every meta-parameter, keyed like ``named_parameters``."""
+        return {name: p.detach() for name, p in self.named_parameters()}
+
+    def buffers_dict(self) -> Params:
+        return dict(self.model.named_buffers())
+
+    @staticmethod
+    def model_params(meta_params: Params) -> Params:
+        return {name[len("model.") :]: p for name, p in meta_params.items() if name.startswith("model.")}
+
+    # ------------------------------------------------------------------
+    # Forward passes
+    # ------------------------------------------------------------------
+    def forward_with(self, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, (params, buffers), (x,))
+
+    def body_features(self, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
+        """The input of the head for ``x``: the task embedding and ANIL's fixed features."""
+        head = self.model.get_submodule(head_module_name(self.model))
+        captured: list[torch.Tensor] = []
+        handle = head.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0]))
+        try:
+            self.forward_with(params, buffers, x)
+        finally:
+            handle.remove()
+        return captured[0].flatten(1)
+
+    def _head_forward(self, head_params: Params, features: torch.Tensor) -> torch.Tensor:
+        prefix = "head."
+        return functional_call(self.model.head, {n[len(prefix) :]: p for n, p in head_params.items()}, (features,))
+
+    def _task_forward(self, params: Params, buffers: Params, x: torch.Tensor) -> Callable[[Params], torch.Tensor]:
+        """Forward of one task's inputs ``x`` as a function of the adapted parameters."""
+        frozen = {n: p for n, p in params.items() if n not in self.adapt_names}
+        if self._head_only:
+            features = self.body_features(params, buffers, x)
+            return lambda fast: self._head_forward(fast, features)
+        return lambda fast: self.forward_with({**frozen, **fast}, buffers, x)
+
+    # ------------------------------------------------------------------
+    # Inner loop
+    # ------------------------------------------------------------------
+    def _lr_scales(self, meta_params: Params, params: Params, buffers: Params, support_x: torch.Tensor):
+        if self.config.algorithm != "tamaml":
+            return None
+        embedding = self.body_features(params, buffers, support_x).mean(0).detach()
+        encoder = {n[len("task_encoder.") :]: p for n, p in meta_params.items() if n.startswith("task_encoder.")}
+        return 2.0 * torch.sigmoid(functional_call(self.task_encoder, encoder, (embedding,)))
+
+    def _step_lr(self, meta_params: Params, name: str, step: int, override: float | None):
+        if override is not None:
+            return override
+        cfg = self.config
+        if cfg.algorithm == "metasgd":
+            return meta_params["lrs." + _escape(name)]
+        if cfg.learn_step_lrs:
+            per_step = meta_params["lrs." + _escape(name)]
+            return per_step[min(step, per_step.shape[0] - 1)]
+        return cfg.inner_lr
+
+    def inner_loop(
+        self,
+        meta_params: Params,
+        buffers: Params,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        *,
+        steps: int,
+        create_graph: bool,
+        lr_override: float | None = None,
+        use_autograd: bool = False,
+    ) -> tuple[list[Params], list[torch.Tensor]]:
+        """Adapt on the support set; returns the adapted parameters after each step and the support losses.
+
+        ``create_graph=False`` takes every inner gradient at detached
+        parameters (first order: no second-order graph is built).
+        ``use_autograd`` differentiates with the autograd engine instead of
+        ``torch.func``, so that ``config.checkpoint_inner`` can recompute each
+        step in the backward pass (``torch.func`` does not support
+        checkpointing).
+        """
+        params = self.model_params(meta_params)
+        forward = self._task_forward(params, buffers, support_x)
+        scales = self._lr_scales(meta_params, params, buffers, support_x)
+        differentiate = autograd_differentiate if use_autograd else _func_differentiate
+        names = list(self.adapt_names)
+
+        def one_step(step: int, *fast_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            fast = dict(zip(names, fast_values))
+            grads, loss = differentiate(lambda p: self._loss(forward(p), support_y), fast, create_graph)
+            updated = []
+            for index, name in enumerate(names):
+                lr = self._step_lr(meta_params, name, step, lr_override)
+                if scales is not None:
+                    lr = lr * scales[index]
+                updated.append(fast[name] - lr * grads[name])
+            return (*updated, loss)
+
+        checkpointed = use_autograd and self.config.checkpoint_inner and create_graph
+        fast_values = tuple(params[n] for n in names)
+        trajectory, losses = [], []
+        for step in range(steps):
+            if checkpointed:
+                out = torch.utils.checkpoint.checkpoint(one_step, step, *fast_values, use_reentrant=False)
+            else:
+                out = one_step(step, *fast_values)
+            fast_values, loss = out[:-1], out[-1]
+            trajectory.append(dict(zip(names, fast_values)))
+            losses.append(loss)
+        return trajectory, losses
+
+    # ------------------------------------------------------------------
+    # Per-task objectives (pure; run per task by metalearn.batching)
+    # ------------------------------------------------------------------
+    def task_gradient_fn(self, iteration: int = 0, use_autograd: bool = False):
+        """``f(meta_params, buffers, sx, sy, qx, qy) -> (grads, (loss, accuracy))`` for one task."""
+        cfg = self.config
+        if cfg.algorithm == "reptile":
+            return self._reptile_task
+        first_order = cfg.first_order or iteration < cfg.first_order_iterations
+        weights = (
+            multi_step_loss_weights(cfg.inner_steps, iteration, cfg.multi_step_loss_iterations)
+            if cfg.multi_step_loss
+            else None
+        )
+
+        def objective(meta_params, buffers, support_x, support_y, query_x, query_y):
+            trajectory, _ = self.inner_loop(
+                meta_params,
+                buffers,
+                support_x,
+                support_y,
+                steps=cfg.inner_steps,
+                create_graph=not first_order,
+                use_autograd=use_autograd,
+            )
+            forward = self._task_forward(self.model_params(meta_params), buffers, query_x)
+            if weights is None:
+                outputs = forward(trajectory[-1])
+                loss = self._loss(outputs, query_y)
+            else:
+                per_step = [forward(fast) for fast in trajectory]
+                outputs = per_step[-1]
+                losses = torch.stack([self._loss(out, query_y) for out in per_step])
+                loss = (weights.to(losses) * losses).sum()
+            metrics = (self._loss(outputs, query_y).detach(), self._accuracy(outputs, query_y))
+            return loss, metrics
+
+        if not use_autograd:
+            with_value = grad_and_value(objective, has_aux=True)
+
+            def func_gradient(*args):
+                grads, (_, metrics) = with_value(*args)
+                return grads, metrics
+
+            return func_gradient
+
+        def autograd_gradient(meta_params, *task):
+            leaves = {n: p.detach().requires_grad_() for n, p in meta_params.items()}
+            loss, metrics = objective(leaves, *task)
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            return _fill_missing(dict(zip(leaves, grads)), leaves), metrics
+
+        return autograd_gradient
+
+    def _reptile_task(self, meta_params, buffers, support_x, support_y, query_x, query_y):
+        cfg = self.config
+        trajectory, _ = self.inner_loop(
+            meta_params, buffers, support_x, support_y, steps=cfg.inner_steps, create_graph=False
+        )
+        params = self.model_params(meta_params)
+        adapted = trajectory[-1] if trajectory else {n: params[n] for n in self.adapt_names}
+        # theta - theta': an optimiser step of size epsilon on this moves theta
+        # to theta + epsilon * (theta' - theta), Reptile's update.
+        grads = {n: torch.zeros_like(p) for n, p in meta_params.items()}
+        for name in self.adapt_names:
+            grads["model." + name] = (params[name] - adapted[name]).detach()
+        outputs = self._task_forward(params, buffers, query_x)(adapted)
+        metrics = (self._loss(outputs, query_y).detach(), self._accuracy(outputs, query_y))
+        return grads, metrics
+
+    def _accuracy(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.config.task_type != "classification":
+            return torch.zeros((), device=outputs.device)
+        return accuracy_of(outputs, labels).detach()
+
+    # ------------------------------------------------------------------
+    # The training-loop surface
+    # ------------------------------------------------------------------
+    def meta_gradient(self, batch, iteration: int = 0, strategy: str | None = None) -> StepResult:
+        """Mean meta-gradient over the tasks of ``batch`` (a ``TaskBatch``), without touching ``.grad``."""
+        from metalearn.batching import run_meta_batch
+
+        strategy = strategy or self.config.strategy
+        return run_meta_batch(self, batch, iteration=iteration, strategy=strategy)
+
+    def meta_step(self, batch, optimizer: torch.optim.Optimizer, iteration: int = 0, reduce_grads=None) -> StepResult:
+        """Compute the meta-gradient, clip it if configured, and take one optimiser step.
+
+        ``reduce_grads`` (e.g. an all-reduce across processes) is applied to
+        the gradients before clipping.
+        """
+        result = self.meta_gradient(batch, iteration=iteration)
+        named = dict(self.named_parameters())
+        for name, grad in result.grads.items():
+            named[name].grad = grad.to(named[name].dtype)
+        if reduce_grads is not None:
+            reduce_grads([p for p in self.parameters() if p.grad is not None])
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return result
+
+
+def _func_differentiate(loss_of: Callable[[Params], torch.Tensor], fast: Params, create_graph: bool):
+    if not create_graph:
+        fast = {n: p.detach() for n, p in fast.items()}
+    return grad_and_value(loss_of)(fast)
+
+
+def autograd_differentiate(loss_of: Callable[[Params], torch.Tensor], fast: Params, create_graph: bool):
+    """The autograd-engine way to differentiate the support loss (used with activation checkpointing)."""
+    if not create_graph:
+        fast = {n: p.detach().requires_grad_() for n, p in fast.items()}
+    loss = loss_of(fast)
+    grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)
+    return dict(zip(fast, grads)), loss.detach()
+
+
+def _fill_missing(grads: dict, reference: Params) -> Params:
+    return {n: (g if g is not None else torch.zeros_like(reference[n])) for n, g in grads.items()}
+
+
+__all__ = [
+    "ALGORITHMS",
+    "MetaConfig",
+    "MetaLearner",
+    "StepResult",
+    "multi_step_loss_weights",
+    "accuracy_of",
+    "loss_function",
+    "norm_statistics",
+]

@@ -1,0 +1,234 @@
+"""Reference architectures and the BatchNorm that meta-learning needs.
+
+Every model here is a plain ``torch.nn.Module``; the algorithms never call a
+hand-written functional forward, they run the module through
+``torch.func.functional_call`` with a dict of (possibly adapted) parameters.
+
+Both reference models are split into a ``body`` (feature extractor) and a
+``head`` (the last linear layer): ANIL adapts only the head and the
+Task-Adaptive variant embeds a task by the mean body feature of its support
+set. Any other module works too: the head is then its last ``nn.Linear``.
+
+Models are rebuilt from a small JSON-able spec, which is what checkpoints
+store::
+
+    model = build_model({"arch": "conv4", "in_channels": 1, "image_size": 28,
+                         "channels": 64, "out_features": 5})
+    assert build_model(model.spec).spec == model.spec
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+# --------------------------------------------------------------------------
+# BatchNorm with per-batch statistics
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class _NormStatistics:
+    """What BatchNorm layers do with their statistics inside ``norm_statistics``."""
+
+    record: bool
+    stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+_NORM_MODE: ContextVar[_NormStatistics | None] = ContextVar("metalearn_norm_mode", default=None)
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm over the current batch, without running statistics.
+
+    MAML normalises with the statistics of the batch being processed
+    (``track_running_stats=False``). This layer is written from mean/var ops
+    rather than ``F.batch_norm`` because the latter gives a wrong second-order
+    meta-gradient when differentiated outside ``vmap`` (torch 2.13), and mean/var
+    ops are exact under every transform.
+
+    At test time the statistics can be recorded on the support set and reused
+    for the queries (see :func:`norm_statistics`), so a query's prediction does
+    not depend on the other queries that come with it.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        mode = _NORM_MODE.get()
+        if mode is not None and not mode.record:
+            mean, var = mode.stats[self]
+        else:
+            dims = [0] + list(range(2, x.dim()))
+            mean = x.mean(dims, keepdim=True)
+            var = (x - mean).pow(2).mean(dims, keepdim=True)
+            if mode is not None:
+                mode.stats[self] = (mean, var)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+@contextlib.contextmanager
+def norm_statistics(
+    model: nn.Module, stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Record BatchNorm statistics (``stats=None``) or normalise with given ones.
+
+    Recording yields a dict filled, when the block exits, with ``{layer name:
+    (mean, var)}`` of every :class:`BatchNorm` the forward passed through::
+
+        with norm_statistics(model) as stats:
+            model(support_x)
+        with norm_statistics(model, stats):
+            model(query_x)          # normalised with the support statistics
+    """
+    names = {module: name for name, module in model.named_modules() if isinstance(module, BatchNorm)}
+    if stats is None:
+        mode = _NormStatistics(record=True)
+        recorded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        token = _NORM_MODE.set(mode)
+        try:
+            yield recorded
+        finally:
+            _NORM_MODE.reset(token)
+        recorded.update({names[module]: value for module, value in mode.stats.items() if module in names})
+    else:
+        by_module = {module: stats[name] for module, name in names.items() if name in stats}
+        missing = [name for name in names.values() if name not in stats]
+        if missing:
+            raise ValueError(f"no BatchNorm statistics for layers {missing}")
+        token = _NORM_MODE.set(_NormStatistics(record=False, stats=by_module))
+        try:
+            yield dict(stats)
+        finally:
+            _NORM_MODE.reset(token)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, BatchNorm) for m in model.modules())
+
+
+def convert_batchnorm(model: nn.Module) -> nn.Module:
+    """Replace ``nn.BatchNorm1d/2d/3d`` layers by :class:`BatchNorm`, in place.
+
+    Running statistics have no meaning when every task adapts its own
+    parameters, so meta-learning normalises per batch; affine weights are kept.
+    """
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            replacement = BatchNorm(child.num_features, eps=child.eps)
+            if child.affine:
+                with torch.no_grad():
+                    replacement.weight.copy_(child.weight)
+                    replacement.bias.copy_(child.bias)
+            else:
+                replacement.weight.requires_grad_(False)
+                replacement.bias.requires_grad_(False)
+            setattr(model, name, replacement.to(next(child.buffers(), torch.empty(0)).device))
+        else:
+            convert_batchnorm(child)
+    return model
+
+
+# --------------------------------------------------------------------------
+# Reference architectures
+# --------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU network, e.g. 1-40-40-1 for sinusoid regression."""
+
+    def __init__(self, in_features: int = 1, hidden: tuple[int, ...] | list[int] = (40, 40), out_features: int = 1):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            width = size
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, out_features)
+        self.spec = {"arch": "mlp", "in_features": in_features, "hidden": list(hidden), "out_features": out_features}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class Conv4(nn.Module):
+    """The 4-block convolutional network of the MAML paper.
+
+    Each block: 3x3 convolution, per-batch BatchNorm, ReLU, 2x2 max-pool; then a
+    linear head on the flattened features (64 features for 28x28 inputs).
+    """
+
+    def __init__(self, in_channels: int = 1, out_features: int = 5, channels: int = 64, image_size: int = 28):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        width, size = in_channels, image_size
+        for _ in range(4):
+            blocks += [
+                nn.Conv2d(width, channels, 3, padding=1),
+                BatchNorm(channels),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
+            width, size = channels, size // 2
+        if size < 1:
+            raise ValueError(f"image_size {image_size} is too small for 4 pooling blocks")
+        blocks.append(nn.Flatten())
+        self.body = nn.Sequential(*blocks)
+        self.head = nn.Linear(channels * size * size, out_features)
+        self.spec = {
+            "arch": "conv4",
+            "in_channels": in_channels,
+            "image_size": image_size,
+            "channels": channels,
+            "out_features": out_features,
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+_ARCHITECTURES = {"mlp": MLP, "conv4": Conv4}
+
+
+def build_model(spec: dict) -> nn.Module:
+    """Rebuild a reference model from its JSON-able ``spec``."""
+    if not isinstance(spec, dict) or "arch" not in spec:
+        raise ValueError(f"model spec must be a dict with an 'arch' key, got {spec!r}")
+    kwargs = dict(spec)
+    arch = kwargs.pop("arch")
+    if arch not in _ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {sorted(_ARCHITECTURES)}")
+    try:
+        return _ARCHITECTURES[arch](**kwargs)
+    except TypeError as error:
+        raise ValueError(f"bad model spec {spec!r}: {error}") from None
+
+
+def head_module_name(model: nn.Module) -> str:
+    """Name of the module ANIL adapts: ``head`` if the model has one, else its last Linear."""
+    if isinstance(getattr(model, "head", None), nn.Module):
+        return "head"
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ValueError("model has neither a 'head' attribute nor an nn.Linear layer to use as head")
+    return linears[-1]
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    prefix = head_module_name(model) + "."
+    return [name for name, _ in model.named_parameters() if name.startswith(prefix)]
