@@ -1,0 +1,221 @@
+"""Self-describing checkpoints: one safetensors file, its manifest in the header.
+
+A checkpoint file holds every meta-parameter of a :class:`MetaLearner` (the
+model's initialisation, learned learning rates, the task encoder) as
+safetensors tensors, and a JSON manifest in the safetensors metadata under
+``"metalearn"``: format version, algorithm and its config, model spec, task
+type, input shape, ``n_way``, the inner steps and learning rate to use at
+test time, preprocessing, training config, validation metrics, library
+version and a content hash. The service rebuilds the learner from the file
+alone::
+
+    save_checkpoint("runs/x/best.safetensors", learner, input_shape=(1, 28, 28), n_way=5)
+    checkpoint = load_checkpoint("runs/x/best.safetensors")
+    checkpoint.learner, checkpoint.manifest["inner"]["steps"]
+
+Loading never unpickles (safetensors holds raw tensors; the manifest is JSON).
+Writes are atomic: a temporary file in the same directory, fsync, rename.
+Extra tensors and JSON (the trainer's optimiser and RNG state) can ride along
+under ``state`` so a run resumes from the same file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
+
+import metalearn
+from metalearn.learner import MetaConfig, MetaLearner
+from metalearn.models import build_model
+
+FORMAT_VERSION = 1
+MANIFEST_KEY = "metalearn"
+STATE_PREFIX = "state/"
+SUFFIX = ".safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    manifest: dict
+    learner: MetaLearner
+    state_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+
+def content_hash(tensors: dict[str, torch.Tensor], manifest: dict) -> str:
+    """sha256 over the manifest (without its hash) and every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    body = {k: v for k, v in manifest.items() if k != "content_hash"}
+    digest.update(json.dumps(body, sort_keys=True).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return "sha256:" + digest.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` so that ``path`` is either the old file or the whole new one, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def build_manifest(
+    learner: MetaLearner,
+    *,
+    input_shape: tuple[int, ...] | list[int],
+    n_way: int | None = None,
+    preprocessing: dict | None = None,
+    training: dict | None = None,
+    metrics: dict | None = None,
+    inner_steps: int | None = None,
+    inner_lr: float | None = None,
+) -> dict:
+    spec = getattr(learner.model, "spec", None)
+    if spec is None:
+        raise CheckpointError("the model has no 'spec' (only metalearn.models architectures can be checkpointed)")
+    config = learner.config
+    return {
+        "format_version": FORMAT_VERSION,
+        "library_version": metalearn.__version__,
+        "algorithm": config.algorithm,
+        "meta_config": config.to_dict(),
+        "model_spec": spec,
+        "task_type": config.task_type,
+        "input_shape": list(input_shape),
+        "n_way": n_way,
+        "inner": {
+            "steps": int(inner_steps if inner_steps is not None else config.inner_steps),
+            "lr": float(inner_lr if inner_lr is not None else config.inner_lr),
+        },
+        "preprocessing": preprocessing,
+        "training": training or {},
+        "metrics": metrics or {},
+    }
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    learner: MetaLearner,
+    *,
+    state_tensors: dict[str, torch.Tensor] | None = None,
+    **manifest_fields: Any,
+) -> dict:
+    """Write ``learner`` (and optional resume ``state_tensors``) to ``path`` atomically; returns the manifest.
+
+    ``manifest_fields`` are those of :func:`build_manifest` (``input_shape``
+    required) plus ``state`` (JSON-able resume state, e.g. iteration).
+    """
+    state = manifest_fields.pop("state", None)
+    manifest = build_manifest(learner, **manifest_fields)
+    if state is not None:
+        manifest["state"] = state
+    tensors = {name: p.detach().cpu().contiguous() for name, p in learner.state_dict().items()}
+    for name, tensor in (state_tensors or {}).items():
+        tensors[STATE_PREFIX + name] = tensor.detach().cpu().contiguous()
+    manifest["content_hash"] = content_hash(tensors, manifest)
+    data = save_bytes(tensors, metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True)})
+    atomic_write_bytes(path, data)
+    return manifest
+
+
+def _parse_header(path: Path, raw: bytes) -> dict:
+    if len(raw) < 8:
+        raise CheckpointError(f"{path}: file is truncated ({len(raw)} bytes), not a checkpoint")
+    header_size = int.from_bytes(raw[:8], "little")
+    if header_size <= 0 or 8 + header_size > len(raw):
+        raise CheckpointError(f"{path}: not a safetensors checkpoint, or truncated (header of {header_size} bytes)")
+    try:
+        header = json.loads(raw[8 : 8 + header_size])
+        manifest = json.loads(header["__metadata__"][MANIFEST_KEY])
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"{path}: no metalearn manifest in the safetensors header") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path}: the manifest is not a JSON object")
+    return manifest
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of a checkpoint, checked for format and hash (the weights are read but not built)."""
+    return _read(Path(path))[0]
+
+
+def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    raw = path.read_bytes()
+    manifest = _parse_header(path, raw)
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version!r} is not supported by metalearn "
+            f"{metalearn.__version__} (expected {FORMAT_VERSION})"
+        )
+    try:
+        tensors = load_bytes(raw)
+    except (SafetensorError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: corrupt or truncated tensor data ({error})") from None
+    expected = manifest.get("content_hash")
+    if expected != content_hash(tensors, manifest):
+        raise CheckpointError(f"{path}: content hash mismatch, the file is corrupt or was modified")
+    return manifest, tensors
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild the learner a checkpoint describes, with its weights, on ``device``."""
+    path = Path(path)
+    manifest, tensors = _read(path)
+    try:
+        config = MetaConfig(**manifest["meta_config"])
+        learner = MetaLearner(build_model(manifest["model_spec"]), config)
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: incompatible manifest ({error})") from None
+    weights = {n: t for n, t in tensors.items() if not n.startswith(STATE_PREFIX)}
+    state = {n[len(STATE_PREFIX) :]: t for n, t in tensors.items() if n.startswith(STATE_PREFIX)}
+    expected = learner.state_dict()
+    if set(weights) != set(expected) or any(weights[n].shape != expected[n].shape for n in expected):
+        missing = sorted(set(expected) - set(weights))
+        unexpected = sorted(set(weights) - set(expected))
+        raise CheckpointError(
+            f"{path}: weights do not match the model the manifest describes "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    learner.load_state_dict(weights)
+    learner.to(device)
+    learner.eval()
+    return Checkpoint(path=path, manifest=manifest, learner=learner, state_tensors=state)
