@@ -3,9 +3,9 @@
 Strategies, all giving the same result (tests check it to 1e-5):
 
 ``loop``
-    One task at a time: each task's graph is freed before the next. The
-    reference, the fallback for unequal shapes, and the only strategy that
-    supports ``checkpoint_inner``.
+    One task at a time with the autograd engine: each task's graph is freed
+    before the next. The reference, the fallback for unequal shapes, and the
+    only strategy that supports ``checkpoint_inner``.
 ``vmap``
     ``torch.func.vmap`` over the task dimension. Each task is differentiated
     *inside* the vmap (``vmap(grad(f))``), which keeps second-order gradients
@@ -80,7 +80,9 @@ def run_meta_batch(learner: MetaLearner, batch, iteration: int = 0, strategy: st
     buffers = learner.buffers_dict()
     count = len(tasks[0])
     if kind == "loop":
-        per_task = learner.task_gradient_fn(iteration, use_autograd=learner.config.checkpoint_inner)
+        # The autograd engine, not torch.func: per task, functorch's wrapping
+        # costs ~3x on small models, and only autograd can checkpoint.
+        per_task = learner.task_gradient_fn(iteration, use_autograd=True)
 
         def task_fn(meta_params, buffers, *chunk_tasks):
             grads, (loss, accuracy) = per_task(meta_params, buffers, *(t[0] for t in chunk_tasks))

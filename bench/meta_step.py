@@ -1,0 +1,180 @@
+"""One meta-training step: metalearn's batching strategies against the textbook per-task loop.
+
+Workloads (issue 2):
+  W1  sinusoid MLP 1-40-40-1, meta-batch 25, K=10 (10 queries), 1 inner step
+  W2  Omniglot-shaped 5-way 1-shot, Conv4-64, meta-batch 32, 15 queries/class, 1 step
+  W3  Omniglot-shaped 20-way 1-shot, Conv4-64, meta-batch 16, 5 queries/class, 5 steps
+
+The baseline is the per-task loop of a textbook: a hand-written functional
+forward (F.conv2d, F.batch_norm, ...), ``torch.autograd.grad(create_graph=True)``
+in the inner loop, one ``backward`` per task. The candidate is
+``MetaLearner.meta_gradient`` with the strategy ``auto`` picks (or
+``--strategies``). Every measurement runs in a fresh subprocess (peak memory =
+peak RSS growth over the set-up), candidates interleaved, medians reported:
+
+    python bench/meta_step.py                      # all workloads, both orders
+    python bench/meta_step.py --workloads W1 --orders second --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+WORKLOADS = {
+    "W1": dict(kind="mlp", tasks=25, ways=1, shots=10, queries=10, steps=1, lr=0.01),
+    "W2": dict(kind="conv", tasks=32, ways=5, shots=1, queries=15, steps=1, lr=0.4),
+    "W3": dict(kind="conv", tasks=16, ways=20, shots=1, queries=5, steps=5, lr=0.1),
+}
+
+
+def make_batch(w: dict, generator: torch.Generator):
+    from metalearn.data.tasks import TaskBatch
+
+    t = w["tasks"]
+    if w["kind"] == "mlp":
+        sx = torch.rand(t, w["shots"], 1, generator=generator) * 10 - 5
+        qx = torch.rand(t, w["queries"], 1, generator=generator) * 10 - 5
+        return TaskBatch(sx, torch.sin(sx), qx, torch.sin(qx))
+    ways = w["ways"]
+    sx = torch.rand(t, ways * w["shots"], 1, 28, 28, generator=generator)
+    qx = torch.rand(t, ways * w["queries"], 1, 28, 28, generator=generator)
+    sy = torch.arange(ways).repeat_interleave(w["shots"]).expand(t, -1).clone()
+    qy = torch.arange(ways).repeat_interleave(w["queries"]).expand(t, -1).clone()
+    return TaskBatch(sx, sy, qx, qy)
+
+
+# ---------------------------------------------------------------------------
+# The textbook baseline: hand-written functional forward, per-task loop
+# ---------------------------------------------------------------------------
+
+
+def textbook_forward(kind: str, params: dict, x: torch.Tensor) -> torch.Tensor:
+    if kind == "mlp":
+        x = F.relu(F.linear(x, params["body.0.weight"], params["body.0.bias"]))
+        x = F.relu(F.linear(x, params["body.2.weight"], params["body.2.bias"]))
+        return F.linear(x, params["head.weight"], params["head.bias"])
+    for block in range(4):
+        conv, norm = f"body.{4 * block}", f"body.{4 * block + 1}"
+        x = F.conv2d(x, params[conv + ".weight"], params[conv + ".bias"], padding=1)
+        x = F.batch_norm(x, None, None, params[norm + ".weight"], params[norm + ".bias"], training=True)
+        x = F.max_pool2d(F.relu(x), 2)
+    return F.linear(x.flatten(1), params["head.weight"], params["head.bias"])
+
+
+def textbook_step(model, batch, w: dict, first_order: bool) -> None:
+    kind = w["kind"]
+    loss_fn = F.mse_loss if kind == "mlp" else F.cross_entropy
+    params = dict(model.named_parameters())
+    for i in range(len(batch)):
+        sx, sy, qx, qy = batch.task(i)
+        fast = dict(params)
+        for _ in range(w["steps"]):
+            loss = loss_fn(textbook_forward(kind, fast, sx), sy)
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
+            fast = {n: p - w["lr"] * g for (n, p), g in zip(fast.items(), grads)}
+        (loss_fn(textbook_forward(kind, fast, qx), qy) / len(batch)).backward()
+
+
+# ---------------------------------------------------------------------------
+# One measurement (child process)
+# ---------------------------------------------------------------------------
+
+
+def build(w: dict):
+    from metalearn import Conv4, MLP
+
+    torch.manual_seed(0)
+    return MLP(1, (40, 40), 1) if w["kind"] == "mlp" else Conv4(out_features=w["ways"], channels=64)
+
+
+def measure(workload: str, impl: str, order: str, steps: int) -> dict:
+    from metalearn import MetaConfig, MetaLearner
+    from metalearn.batching import choose_strategy
+
+    w = WORKLOADS[workload]
+    first_order = order == "first"
+    batch = make_batch(w, torch.Generator().manual_seed(0))
+    model = build(w)
+    task_type = "regression" if w["kind"] == "mlp" else "classification"
+    learner = MetaLearner(
+        model, MetaConfig("maml", task_type=task_type, inner_steps=w["steps"], inner_lr=w["lr"], first_order=first_order)
+    )
+    strategy = choose_strategy(learner, batch) if impl == "auto" else impl
+
+    def step():
+        if impl == "textbook":
+            textbook_step(model, batch, w, first_order)
+            model.zero_grad(set_to_none=True)
+        else:
+            learner.meta_gradient(batch, strategy=strategy)
+
+    step()  # warm-up (allocator, kernels)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    elapsed = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "steps_per_s": steps / elapsed,
+        "peak_rss_mb": peak / 1024,
+        "growth_mb": (peak - base) / 1024,
+        "strategy": strategy if impl != "textbook" else "textbook",
+    }
+
+
+def run_child(workload: str, impl: str, order: str, steps: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", workload, impl, order, str(steps)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default="W1,W2,W3")
+    parser.add_argument("--orders", default="second,first")
+    parser.add_argument("--strategies", default="auto", help="comma-separated: auto, loop, vmap, chunked:N")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (fresh process each)")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        workload, impl, order, steps = args.child
+        print(json.dumps(measure(workload, impl, order, int(steps))))
+        return
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {args.reps} interleaved runs")
+    header = f"{'workload':8} {'order':6} {'implementation':16} {'steps/s':>9} {'peak RSS MB':>12} {'ratio':>7}"
+    print(header)
+    print("-" * len(header))
+    for workload in args.workloads.split(","):
+        w = WORKLOADS[workload]
+        steps = 20 if w["kind"] == "mlp" else 2
+        for order in args.orders.split(","):
+            impls = ["textbook"] + args.strategies.split(",")
+            results: dict[str, list[dict]] = {impl: [] for impl in impls}
+            for _ in range(args.reps):
+                for impl in impls:
+                    results[impl].append(run_child(workload, impl, order, steps))
+            base = statistics.median(r["steps_per_s"] for r in results["textbook"])
+            for impl in impls:
+                speed = statistics.median(r["steps_per_s"] for r in results[impl])
+                memory = statistics.median(r["peak_rss_mb"] for r in results[impl])
+                label = impl if impl != "auto" else f"auto={results[impl][0]['strategy']}"
+                print(f"{workload:8} {order:6} {label:16} {speed:9.3f} {memory:12.0f} {speed / base:6.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
