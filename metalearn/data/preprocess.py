@@ -1,0 +1,141 @@
+"""Image preprocessing shared by the dataset loaders and the inference service.
+
+Training data and uploaded images must go through *exactly* the same steps,
+otherwise a model adapted on uploads sees a different input distribution than
+it was meta-trained on. So there is one function, :func:`preprocess_images`,
+driven by a JSON-able ``preprocessing`` dict that every image source exposes
+(``source.preprocessing``) and that a checkpoint can store::
+
+    prep = source.preprocessing        # e.g. OMNIGLOT_PREPROCESSING
+    x = preprocess_images([png_bytes_1, png_bytes_2], prep)   # [2, 1, 28, 28]
+
+Steps, in order: decode (PIL) -> apply EXIF orientation -> flatten any alpha
+channel onto white -> grayscale ("L") -> resize to ``size`` (``[height,
+width]``) with ``resample`` -> scale to [0, 1] -> optionally invert
+(so dark strokes on light paper become 1.0 on 0.0).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from typing import Any, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+ImageInput = Union[bytes, bytearray, memoryview, Image.Image, str, os.PathLike]
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "box": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "hamming": Image.Resampling.HAMMING,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+# LANCZOS is what the original MAML code used to shrink Omniglot's 105x105
+# drawings to 28x28 (Pillow's filters antialias when downsampling).
+OMNIGLOT_PREPROCESSING: dict[str, Any] = {
+    "kind": "image",
+    "size": [28, 28],
+    "grayscale": True,
+    "alpha": "composite_white",
+    "invert": True,
+    "scale": "0-1",
+    "resample": "lanczos",
+}
+
+
+def image_preprocessing(
+    size: int | Sequence[int] = 28, invert: bool = True, resample: str = "lanczos"
+) -> dict[str, Any]:
+    """Build (and validate) a preprocessing dict, e.g. ``image_preprocessing(32, invert=False)``."""
+    if isinstance(size, int):
+        size = [size, size]
+    prep = dict(OMNIGLOT_PREPROCESSING, size=[int(s) for s in size], invert=bool(invert), resample=resample)
+    _validate(prep)
+    return prep
+
+
+def _validate(prep: dict[str, Any]) -> tuple[tuple[int, int], bool, Image.Resampling]:
+    if prep.get("kind") != "image":
+        raise ValueError(
+            f"preprocess_images needs an image preprocessing dict (kind='image'), got kind={prep.get('kind')!r}"
+        )
+    size = prep.get("size")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
+        raise ValueError(f"preprocessing 'size' must be [height, width] positive ints, got {size!r}")
+    if prep.get("grayscale", True) is not True or prep.get("scale", "0-1") != "0-1":
+        raise ValueError(f"only grayscale images scaled to 0-1 are supported, got {prep!r}")
+    if prep.get("alpha", "composite_white") != "composite_white":
+        raise ValueError(f"unsupported alpha handling {prep.get('alpha')!r}")
+    resample = prep.get("resample", "lanczos")
+    if resample not in _RESAMPLE:
+        raise ValueError(f"unknown resample {resample!r}; expected one of {sorted(_RESAMPLE)}")
+    return (size[0], size[1]), bool(prep.get("invert", True)), _RESAMPLE[resample]
+
+
+def _open(item: ImageInput) -> Image.Image:
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        img = Image.open(io.BytesIO(item))
+    elif isinstance(item, (str, os.PathLike)):
+        img = Image.open(item)
+    else:
+        raise TypeError(f"expected image bytes, a PIL image or a path, got {type(item).__name__}")
+    img.load()  # decode now, so errors surface here with the item's name
+    return img
+
+
+def _to_gray(img: Image.Image) -> Image.Image:
+    img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # A drawing exported from an HTML canvas is typically black strokes on
+        # a *transparent* background; a plain convert("L") would turn the
+        # transparent (0,0,0,0) pixels black and erase the drawing.
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("L")
+
+
+def preprocess_images(
+    images: Sequence[ImageInput],
+    preprocessing: dict[str, Any] | None = None,
+    *,
+    names: Sequence[str] | None = None,
+) -> Tensor:
+    """Decode and normalise images exactly as the training data was.
+
+    ``images``: PNG/JPEG/... bytes (e.g. base64-decoded uploads), PIL images or
+    file paths. ``preprocessing``: a source's ``preprocessing`` dict (default:
+    :data:`OMNIGLOT_PREPROCESSING`). ``names`` label the items in error messages.
+
+    Returns float32 ``[N, 1, height, width]`` in [0, 1]. Raises ``ValueError``
+    naming the offending item if one cannot be decoded.
+
+    Example::
+
+        x = preprocess_images([base64.b64decode(s) for s in uploads], model_card["preprocessing"])
+    """
+    prep = OMNIGLOT_PREPROCESSING if preprocessing is None else preprocessing
+    (height, width), invert, resample = _validate(prep)
+    out = np.empty((len(images), 1, height, width), dtype=np.float32)
+    for i, item in enumerate(images):
+        label = names[i] if names is not None else f"image #{i}"
+        try:
+            img = _to_gray(_open(item))
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise ValueError(f"{label}: cannot decode image ({e})") from e
+        # PIL sizes are (width, height).
+        img = img.resize((width, height), resample)
+        out[i, 0] = np.asarray(img, dtype=np.float32) / 255.0
+    if invert:
+        np.subtract(1.0, out, out=out)
+    return torch.from_numpy(out)
