@@ -14,6 +14,9 @@ peak RSS growth over the set-up), candidates interleaved, medians reported:
 
     python bench/meta_step.py                      # all workloads, both orders
     python bench/meta_step.py --workloads W1 --orders second --reps 5
+    python bench/meta_step.py --device cuda --workloads W2     # on a GPU machine
+
+"speed" and "memory" are ratios to the textbook loop measured in the same run.
 """
 
 from __future__ import annotations
@@ -96,14 +99,14 @@ def build(w: dict):
     return MLP(1, (40, 40), 1) if w["kind"] == "mlp" else Conv4(out_features=w["ways"], channels=64)
 
 
-def measure(workload: str, impl: str, order: str, steps: int) -> dict:
+def measure(workload: str, impl: str, order: str, steps: int, device: str = "cpu") -> dict:
     from metalearn import MetaConfig, MetaLearner
     from metalearn.batching import choose_strategy
 
     w = WORKLOADS[workload]
     first_order = order == "first"
-    batch = make_batch(w, torch.Generator().manual_seed(0))
-    model = build(w)
+    batch = make_batch(w, torch.Generator().manual_seed(0)).to(device)
+    model = build(w).to(device)
     task_type = "regression" if w["kind"] == "mlp" else "classification"
     learner = MetaLearner(
         model, MetaConfig("maml", task_type=task_type, inner_steps=w["steps"], inner_lr=w["lr"], first_order=first_order)
@@ -117,24 +120,29 @@ def measure(workload: str, impl: str, order: str, steps: int) -> dict:
         else:
             learner.meta_gradient(batch, strategy=strategy)
 
+    cuda = device.startswith("cuda")
     step()  # warm-up (allocator, kernels)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    if cuda:
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {
-        "steps_per_s": steps / elapsed,
-        "peak_rss_mb": peak / 1024,
-        "growth_mb": (peak - base) / 1024,
-        "strategy": strategy if impl != "textbook" else "textbook",
-    }
+    # CPU: peak resident memory of this fresh process; GPU: peak allocated device memory.
+    peak_mb = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    return {"steps_per_s": steps / elapsed, "peak_mb": peak_mb, "strategy": strategy if impl != "textbook" else "textbook"}
 
 
-def run_child(workload: str, impl: str, order: str, steps: int) -> dict:
+def run_child(workload: str, impl: str, order: str, steps: int, device: str) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--child", workload, impl, order, str(steps)],
+        [sys.executable, __file__, "--child", workload, impl, order, str(steps), device],
         check=True,
         capture_output=True,
         text=True,
@@ -148,15 +156,18 @@ def main() -> None:
     parser.add_argument("--orders", default="second,first")
     parser.add_argument("--strategies", default="auto", help="comma-separated: auto, loop, vmap, chunked:N")
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (fresh process each)")
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        workload, impl, order, steps = args.child
-        print(json.dumps(measure(workload, impl, order, int(steps))))
+        workload, impl, order, steps, device = args.child
+        print(json.dumps(measure(workload, impl, order, int(steps), device)))
         return
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {args.reps} interleaved runs")
-    header = f"{'workload':8} {'order':6} {'implementation':16} {'steps/s':>9} {'peak RSS MB':>12} {'ratio':>7}"
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; medians of {args.reps} interleaved runs, each in a fresh process")
+    memory_label = "peak GPU MB" if args.device.startswith("cuda") else "peak RSS MB"
+    header = f"{'workload':8} {'order':6} {'implementation':16} {'steps/s':>9} {memory_label:>12} {'speed':>7} {'memory':>7}"
     print(header)
     print("-" * len(header))
     for workload in args.workloads.split(","):
@@ -167,13 +178,18 @@ def main() -> None:
             results: dict[str, list[dict]] = {impl: [] for impl in impls}
             for _ in range(args.reps):
                 for impl in impls:
-                    results[impl].append(run_child(workload, impl, order, steps))
-            base = statistics.median(r["steps_per_s"] for r in results["textbook"])
+                    results[impl].append(run_child(workload, impl, order, steps, args.device))
+            base_speed = statistics.median(r["steps_per_s"] for r in results["textbook"])
+            base_memory = statistics.median(r["peak_mb"] for r in results["textbook"])
             for impl in impls:
                 speed = statistics.median(r["steps_per_s"] for r in results[impl])
-                memory = statistics.median(r["peak_rss_mb"] for r in results[impl])
+                memory = statistics.median(r["peak_mb"] for r in results[impl])
                 label = impl if impl != "auto" else f"auto={results[impl][0]['strategy']}"
-                print(f"{workload:8} {order:6} {label:16} {speed:9.3f} {memory:12.0f} {speed / base:6.2f}x", flush=True)
+                print(
+                    f"{workload:8} {order:6} {label:16} {speed:9.3f} {memory:12.0f}"
+                    f" {speed / base_speed:6.2f}x {memory / base_memory:6.2f}x",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

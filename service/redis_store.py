@@ -1,0 +1,344 @@
+"""A session store in Redis, shared by every replica of the service.
+
+Select it with ``METALEARN_SESSION_BACKEND=redis`` and ``METALEARN_REDIS_URL``
+(see :func:`make_session_store`). Every replica pointed at the same Redis sees
+the same sessions: adapt on one, predict on another.
+
+Layout (``P`` is the key prefix, ``metalearn:`` by default)::
+
+    P s:<id>       hash   t = safetensors bytes of the session tensors
+                          m = JSON metadata (model, owner, created, expires, meta)
+                          o = owner ("" for none), n = tensor bytes
+                          expires with the session (PEXPIRE: Redis enforces the TTL)
+    P lru          zset   id -> use tick (least recently used first)
+    P exp          zset   id -> expiry, Redis server time in ms
+    P size         hash   id -> tensor bytes
+    P bytes        string running total of the live sessions' tensor bytes
+    P tick         string monotonic counter that orders uses
+    P evictions    string sessions evicted for the byte budget (shared by replicas)
+    P expirations  string sessions that reached their TTL (shared by replicas)
+
+Every operation is one Lua script, so the bookkeeping stays consistent with
+many replicas writing at once: a script first sweeps the sessions whose TTL
+has passed (by Redis's own clock; Redis has already dropped or will drop the
+session hash itself), then does its work; ``put`` evicts least recently used
+sessions until the new one fits the byte budget.
+
+No pickle anywhere: tensors travel as safetensors bytes, everything else as
+JSON. Every Redis failure (refused connection, timeout, loading, OOM, ...) is
+raised as :class:`~service.sessions.SessionStoreUnavailable` so the service
+answers ``503``; sockets have short timeouts so a dead Redis never hangs a
+request, and the connection pool reconnects on the next call once Redis is
+back, with no restart of the service.
+
+The scripts touch keys derived from the prefix inside Lua (eviction needs the
+victims' keys), which standalone Redis and Sentinel accept; Redis Cluster
+would need every key in one hash slot (a ``{tag}`` prefix) and is untested.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from typing import Any
+
+import redis
+import torch
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from service.sessions import Session, SessionStore, SessionStoreUnavailable, StoreStats
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "metalearn:"
+DEFAULT_BUDGET = 512 * 1024 * 1024
+
+# Shared Lua: sweep sessions whose expiry (server time) has passed.
+# KEYS[1] lru, KEYS[2] exp, KEYS[3] size, KEYS[4] bytes, KEYS[5] tick,
+# KEYS[6] evictions, KEYS[7] expirations; ARGV[1] prefix.
+_LUA_COMMON = r"""
+local lru, exp, size, total, tick, evictions, expirations = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local prefix = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local function forget(id)
+  local n = tonumber(redis.call('HGET', size, id) or '0')
+  redis.call('ZREM', lru, id)
+  redis.call('ZREM', exp, id)
+  redis.call('HDEL', size, id)
+  if n > 0 then redis.call('DECRBY', total, n) end
+  redis.call('DEL', prefix .. 's:' .. id)
+end
+
+local function sweep()
+  local ids = redis.call('ZRANGEBYSCORE', exp, '-inf', now, 'LIMIT', 0, 1000)
+  for _, id in ipairs(ids) do
+    forget(id)
+    redis.call('INCR', expirations)
+  end
+end
+sweep()
+"""
+
+# ARGV: prefix, id, tensors, meta json, owner, nbytes, ttl_ms, budget
+_LUA_PUT = _LUA_COMMON + r"""
+local id, blob, meta, owner = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local nbytes, ttl, budget = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+if redis.call('HEXISTS', size, id) == 1 then forget(id) end
+local evicted = 0
+-- a session larger than the whole budget evicts everything and is stored alone
+-- (as the in-memory store does)
+while redis.call('ZCARD', lru) > 0 and tonumber(redis.call('GET', total) or '0') + nbytes > budget do
+  local victim = redis.call('ZPOPMIN', lru)
+  forget(victim[1])
+  redis.call('INCR', evictions)
+  evicted = evicted + 1
+end
+if redis.call('ZCARD', lru) == 0 then
+  -- nothing else is live: resynchronise the byte count (it drifts only if keys were removed by hand)
+  redis.call('SET', total, 0)
+end
+local key = prefix .. 's:' .. id
+redis.call('HSET', key, 't', blob, 'm', meta, 'o', owner, 'n', nbytes)
+redis.call('PEXPIRE', key, ttl)
+redis.call('ZADD', lru, redis.call('INCR', tick), id)
+redis.call('ZADD', exp, now + ttl, id)
+redis.call('HSET', size, id, nbytes)
+redis.call('INCRBY', total, nbytes)
+return {1, evicted}
+"""
+
+# ARGV: prefix, id, owner -> nil | {tensors, meta json}
+_LUA_GET = _LUA_COMMON + r"""
+local id, owner = ARGV[2], ARGV[3]
+local key = prefix .. 's:' .. id
+local v = redis.call('HMGET', key, 't', 'm', 'o')
+if not v[1] then
+  if redis.call('HEXISTS', size, id) == 1 then
+    -- Redis expired the hash before our sweep saw it
+    forget(id)
+    redis.call('INCR', expirations)
+  end
+  return false
+end
+if v[3] ~= owner then return false end
+redis.call('ZADD', lru, redis.call('INCR', tick), id)
+return {v[1], v[2]}
+"""
+
+# ARGV: prefix, id, owner -> 1 | 0
+_LUA_DELETE = _LUA_COMMON + r"""
+local id, owner = ARGV[2], ARGV[3]
+local key = prefix .. 's:' .. id
+local o = redis.call('HGET', key, 'o')
+if not o then
+  if redis.call('HEXISTS', size, id) == 1 then
+    forget(id)
+    redis.call('INCR', expirations)
+  end
+  return 0
+end
+if o ~= owner then return 0 end
+forget(id)
+return 1
+"""
+
+# ARGV: prefix -> {live sessions, live bytes, evictions, expirations}
+_LUA_STATS = _LUA_COMMON + r"""
+return {redis.call('ZCARD', lru), tonumber(redis.call('GET', total) or '0'),
+        tonumber(redis.call('GET', evictions) or '0'), tonumber(redis.call('GET', expirations) or '0')}
+"""
+
+
+def _owner_field(owner: str | None) -> str:
+    # Owners are hashed API keys (never empty); "" stands for "no key configured".
+    return owner or ""
+
+
+def encode_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
+    """Session tensors as safetensors bytes (CPU, contiguous, no shared storage)."""
+    return st_save({name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()})
+
+
+def decode_tensors(blob: bytes, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    tensors = st_load(blob)
+    if device is not None and torch.device(device).type != "cpu":
+        tensors = {name: t.to(device) for name, t in tensors.items()}
+    return tensors
+
+
+class RedisSessionStore(SessionStore):
+    """Sessions in Redis: TTL enforced by Redis, LRU eviction under a byte budget, owner checks.
+
+    ``budget_bytes`` counts the tensor bytes of all live sessions of this prefix,
+    across every replica; ``put`` evicts least recently used sessions until the
+    new one fits (one larger than the whole budget is stored alone, as the
+    in-memory store does). ``device`` is where :meth:`get` puts the tensors
+    (``None``: CPU; the engine moves them to the model's device). ``socket_timeout``
+    bounds every Redis call (connect and read).
+    """
+
+    @classmethod
+    def from_settings(cls, settings: Any, device: str | torch.device | None = None) -> "RedisSessionStore":
+        """The store ``METALEARN_SESSION_BACKEND=redis`` selects: ``METALEARN_REDIS_URL``, budget ``METALEARN_CACHE_BYTES``."""
+        return cls(
+            settings.redis_url,
+            int(_setting(settings, "cache_bytes", default=DEFAULT_BUDGET) or DEFAULT_BUDGET),
+            _setting(settings, "redis_prefix", default=DEFAULT_PREFIX),
+            device=device,
+            socket_timeout=float(_setting(settings, "redis_timeout_s", default=0.5)),
+        )
+
+    def __init__(
+        self,
+        url: str,
+        budget_bytes: int,
+        prefix: str = DEFAULT_PREFIX,
+        *,
+        device: str | torch.device | None = None,
+        socket_timeout: float = 0.5,
+        client: redis.Redis | None = None,
+    ) -> None:
+        if budget_bytes < 0:
+            raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
+        self.url = url
+        self.budget_bytes = int(budget_bytes)
+        self.prefix = prefix
+        self.device = device
+        self._client = client or redis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            # one immediate retry: a pooled connection that Redis dropped (restart) is
+            # replaced on the spot; with Redis down both tries fail fast
+            retry=Retry(NoBackoff(), 1),
+            health_check_interval=10,
+            max_connections=64,
+        )
+        self._keys = [prefix + k for k in ("lru", "exp", "size", "bytes", "tick", "evictions", "expirations")]
+        self._put = self._client.register_script(_LUA_PUT)
+        self._get = self._client.register_script(_LUA_GET)
+        self._delete = self._client.register_script(_LUA_DELETE)
+        self._stats = self._client.register_script(_LUA_STATS)
+
+    def __repr__(self) -> str:
+        return f"RedisSessionStore(url={_redact(self.url)!r}, budget_bytes={self.budget_bytes}, prefix={self.prefix!r})"
+
+    def _call(self, script, *args: Any):
+        try:
+            return script(keys=self._keys, args=[self.prefix, *args])
+        except redis.exceptions.RedisError as e:
+            raise SessionStoreUnavailable(f"session store unavailable (Redis at {_redact(self.url)}): {e}") from e
+        except OSError as e:  # socket errors that escape redis-py's wrapping
+            raise SessionStoreUnavailable(f"session store unavailable (Redis at {_redact(self.url)}): {e}") from e
+
+    # SessionStore -------------------------------------------------------------------
+
+    def put(self, session: Session) -> None:
+        blob = encode_tensors(session.tensors)
+        nbytes = session.nbytes
+        meta = json.dumps(
+            {
+                "model": session.model,
+                "owner": session.owner,
+                "created": session.created,
+                "expires": session.expires,
+                "meta": session.meta,
+            }
+        )
+        ttl_ms = max(1, math.ceil((session.expires - time.time()) * 1000))
+        _, evicted = self._call(
+            self._put, session.id, blob, meta, _owner_field(session.owner), nbytes, ttl_ms, self.budget_bytes
+        )
+        if evicted:
+            log.debug("evicted %d session(s) to fit %s", evicted, session.id)
+
+    def get(self, session_id: str, owner: str | None) -> Session | None:
+        found = self._call(self._get, session_id, _owner_field(owner))
+        if not found:
+            return None
+        blob, meta = found
+        m = json.loads(meta)
+        return Session(
+            id=session_id,
+            model=m["model"],
+            owner=m["owner"],
+            created=m["created"],
+            expires=m["expires"],
+            tensors=decode_tensors(blob, self.device),
+            meta=m.get("meta") or {},
+        )
+
+    def delete(self, session_id: str, owner: str | None) -> bool:
+        return bool(self._call(self._delete, session_id, _owner_field(owner)))
+
+    def stats(self) -> StoreStats:
+        live, nbytes, evictions, expirations = self._call(self._stats)
+        return StoreStats(
+            live_sessions=int(live), live_bytes=int(nbytes), evictions=int(evictions), expirations=int(expirations)
+        )
+
+    def ping(self) -> bool:
+        """True when Redis answers (for readiness checks); never raises."""
+        try:
+            return bool(self._client.ping())
+        except (redis.exceptions.RedisError, OSError):
+            return False
+
+    def clear(self) -> None:
+        """Drop every session and counter under this prefix (tests, admin)."""
+        try:
+            for key in self._client.scan_iter(match=self.prefix + "*", count=1000):
+                self._client.delete(key)
+        except redis.exceptions.RedisError as e:
+            raise SessionStoreUnavailable(str(e)) from e
+
+    def close(self) -> None:
+        try:
+            self._client.close()
+        except Exception:  # pragma: no cover - best effort
+            pass
+
+
+def _redact(url: str) -> str:
+    """The URL without its password."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password:
+            netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
+            return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        pass
+    return url
+
+
+def _setting(settings: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        if hasattr(settings, name):
+            return getattr(settings, name)
+    return default
+
+
+def make_session_store(settings: Any, device: str | torch.device | None = None) -> SessionStore:
+    """The session store the settings ask for: ``memory`` (default) or ``redis``.
+
+    ``settings`` is ``service.settings.Settings`` (``session_backend``,
+    ``redis_url``, ``cache_bytes`` from ``METALEARN_SESSION_BACKEND``,
+    ``METALEARN_REDIS_URL``, ``METALEARN_CACHE_BYTES``).
+    """
+    backend = str(_setting(settings, "session_backend", default="memory")).lower()
+    if backend == "redis":
+        return RedisSessionStore.from_settings(settings, device=device)
+    if backend == "memory":
+        from service.sessions import MemorySessionStore
+
+        return MemorySessionStore(int(_setting(settings, "cache_bytes", default=DEFAULT_BUDGET)))
+    raise ValueError(f"unknown session backend {backend!r} (expected 'memory' or 'redis')")

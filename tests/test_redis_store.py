@@ -1,0 +1,397 @@
+"""The Redis session store against a real ``redis-server`` on loopback.
+
+The fixture starts ``redis-server`` on a free 127.0.0.1 port in a temporary
+directory (no persistence) and skips only when ``redis-server`` is not
+installed (``apt-get install redis-server``; ``.ci/run`` installs it).
+Tests only ever talk to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+redis = pytest.importorskip("redis")
+
+from service.redis_store import RedisSessionStore, decode_tensors, encode_tensors  # noqa: E402
+from service.sessions import Session, SessionStoreUnavailable, new_session_id  # noqa: E402
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A throwaway ``redis-server`` on 127.0.0.1 that can be stopped and restarted on the same port."""
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        assert REDIS_SERVER, "redis-server not installed"
+        self.log = open(self.workdir / "redis.log", "ab")
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir), "--protected-mode", "yes"],
+            cwd=self.workdir, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {(self.workdir / 'redis.log').read_text()[-2000:]}")
+            try:
+                if client.ping():
+                    break
+            except redis.exceptions.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not answer PING")
+            time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+        if getattr(self, "log", None):
+            self.log.close()
+            self.log = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server); the Redis store tests need it")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def store(redis_server, request):
+    prefix = f"test:{request.node.name}:{os.getpid()}:"
+    s = RedisSessionStore(redis_server.url, budget_bytes=10_000, prefix=prefix)
+    s.clear()
+    yield s
+    if redis_server.proc is not None:
+        s.clear()
+    s.close()
+
+
+def make_session(owner: str | None = "alice", ttl: float = 60.0, nbytes: int = 1000, model: str = "m", seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    n = nbytes // 4
+    tensors = {"head.weight": torch.randn(n - n // 5, generator=g), "head.bias": torch.randn(n // 5, generator=g)}
+    now = time.time()
+    return Session(new_session_id(), model, owner, now, now + ttl, tensors, {"steps": 3, "loss": [1.5, 0.25]})
+
+
+def test_round_trip(store):
+    s = make_session()
+    s.tensors["bn.running_mean"] = torch.arange(6, dtype=torch.float64).reshape(2, 3)
+    s.tensors["codes"] = torch.tensor([1, 2, 3], dtype=torch.int64)
+    store.put(s)
+    got = store.get(s.id, "alice")
+    assert got is not None
+    assert (got.id, got.model, got.owner, got.meta) == (s.id, s.model, s.owner, s.meta)
+    assert got.created == pytest.approx(s.created) and got.expires == pytest.approx(s.expires)
+    assert set(got.tensors) == set(s.tensors)
+    for name, t in s.tensors.items():
+        assert got.tensors[name].dtype == t.dtype and got.tensors[name].shape == t.shape
+        assert torch.equal(got.tensors[name], t)
+    assert got.nbytes == s.nbytes
+    assert store.stats().live_sessions == 1 and store.stats().live_bytes == s.nbytes
+    assert store.delete(s.id, "alice") is True
+    assert store.get(s.id, "alice") is None
+    assert store.delete(s.id, "alice") is False
+    assert store.stats().live_sessions == 0 and store.stats().live_bytes == 0
+
+
+def test_no_pickle_in_redis(store, redis_server):
+    """What is stored is safetensors bytes and JSON, nothing a pickle loader would read."""
+    s = make_session()
+    store.put(s)
+    client = redis.Redis.from_url(redis_server.url)
+    fields = client.hgetall(store.prefix + "s:" + s.id)
+    assert set(fields) == {b"t", b"m", b"o", b"n"}
+    import json
+
+    meta = json.loads(fields[b"m"])
+    assert meta["model"] == "m" and meta["meta"] == {"steps": 3, "loss": [1.5, 0.25]}
+    header_len = int.from_bytes(fields[b"t"][:8], "little")
+    header = json.loads(fields[b"t"][8 : 8 + header_len])
+    assert set(header) >= {"head.weight", "head.bias"}
+    assert not fields[b"t"].startswith(b"\x80")  # pickle protocol marker
+    client.close()
+
+
+def test_empty_and_odd_tensors_encode():
+    tensors = {"a": torch.zeros(0), "b": torch.ones(3, 4).t(), "c": torch.tensor(2.5, dtype=torch.bfloat16)}
+    back = decode_tensors(encode_tensors(tensors))
+    for k, t in tensors.items():
+        assert torch.equal(back[k], t)
+
+
+def test_ttl_expiry_enforced_by_redis(store, redis_server):
+    s = make_session(ttl=1.0)
+    keep = make_session(ttl=60)
+    store.put(s)
+    store.put(keep)
+    client = redis.Redis.from_url(redis_server.url)
+    pttl = client.pttl(store.prefix + "s:" + s.id)
+    assert 0 < pttl <= 1000
+    assert store.get(s.id, "alice") is not None
+    time.sleep(1.2)
+    # Redis itself dropped the key: no client-side clock involved
+    assert client.exists(store.prefix + "s:" + s.id) == 0 or client.pttl(store.prefix + "s:" + s.id) < 0
+    assert store.get(s.id, "alice") is None
+    st = store.stats()
+    assert st.expirations == 1 and st.live_sessions == 1 and st.live_bytes == keep.nbytes
+    assert store.get(keep.id, "alice") is not None
+    client.close()
+
+
+def test_expired_sessions_are_swept_without_a_get(store):
+    for _ in range(3):
+        store.put(make_session(ttl=1.0))
+    assert store.stats().live_sessions == 3
+    time.sleep(1.2)
+    st = store.stats()
+    assert (st.live_sessions, st.live_bytes, st.expirations) == (0, 0, 3)
+
+
+def test_byte_budget_lru_eviction(store):
+    # budget 10_000 bytes, sessions of 3_000: three fit, the fourth evicts the least recently used
+    a, b, c, d = (make_session(nbytes=3000, seed=i) for i in range(4))
+    for s in (a, b, c):
+        store.put(s)
+    assert store.stats().live_bytes == 9000
+    assert store.get(a.id, "alice") is not None  # a is now the most recently used; b the least
+    store.put(d)
+    assert store.get(b.id, "alice") is None
+    assert all(store.get(s.id, "alice") is not None for s in (a, c, d))
+    st = store.stats()
+    assert (st.live_sessions, st.live_bytes, st.evictions, st.expirations) == (3, 9000, 1, 0)
+    big = make_session(nbytes=8000, seed=9)
+    store.put(big)  # needs 8000: evicts a, c, d in LRU order (a, c, d were used in that order)
+    assert store.get(big.id, "alice") is not None
+    st = store.stats()
+    assert (st.live_sessions, st.live_bytes, st.evictions) == (1, 8000, 4)
+
+
+def test_session_larger_than_budget_is_stored_alone(store):
+    """As the in-memory store does: everything else is evicted, the big one kept."""
+    keep = [make_session(nbytes=2000, seed=i) for i in range(2)]
+    for s in keep:
+        store.put(s)
+    big = make_session(nbytes=20_000)
+    store.put(big)
+    assert all(store.get(s.id, "alice") is None for s in keep)
+    assert store.get(big.id, "alice") is not None
+    st = store.stats()
+    assert (st.live_sessions, st.live_bytes, st.evictions) == (1, 20_000, 2)
+    small = make_session(nbytes=1000, seed=5)
+    store.put(small)  # the big one goes
+    assert store.get(big.id, "alice") is None and store.get(small.id, "alice") is not None
+    assert store.stats().live_bytes == 1000
+
+
+def test_key_isolation(store):
+    s = make_session(owner="alice")
+    store.put(s)
+    assert store.get(s.id, "bob") is None
+    assert store.get(s.id, None) is None
+    assert store.delete(s.id, "bob") is False
+    assert store.get(s.id, "alice") is not None
+    anon = make_session(owner=None)
+    store.put(anon)
+    assert store.get(anon.id, None) is not None
+    assert store.get(anon.id, "alice") is None
+    assert store.delete(anon.id, "alice") is False
+    assert store.delete(anon.id, None) is True
+
+
+def test_stats_shared_between_store_instances(store, redis_server):
+    other = RedisSessionStore(redis_server.url, budget_bytes=10_000, prefix=store.prefix)
+    try:
+        s = make_session(nbytes=6000)
+        store.put(s)
+        got = other.get(s.id, "alice")
+        assert got is not None and torch.equal(got.tensors["head.weight"], s.tensors["head.weight"])
+        other.put(make_session(nbytes=6000, seed=1))  # evicts s, counted once for everyone
+        assert store.stats() == other.stats()
+        assert store.stats().evictions == 1
+        assert store.get(s.id, "alice") is None
+    finally:
+        other.close()
+
+
+def test_prefixes_are_isolated(store, redis_server):
+    other = RedisSessionStore(redis_server.url, budget_bytes=10_000, prefix=store.prefix + "other:")
+    try:
+        s = make_session()
+        store.put(s)
+        assert other.get(s.id, "alice") is None
+        assert other.stats().live_sessions == 0
+    finally:
+        other.clear()
+        other.close()
+
+
+def test_concurrent_puts_keep_the_budget(store, redis_server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    stores = [RedisSessionStore(redis_server.url, budget_bytes=10_000, prefix=store.prefix) for _ in range(4)]
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: stores[i % 4].put(make_session(nbytes=1000, seed=i)), range(64)))
+        st = store.stats()
+        assert st.live_bytes <= 10_000 and st.live_sessions == 10 and st.evictions == 54
+        assert st.live_bytes == 10_000
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_unavailable_fast_and_recovers(tmp_path):
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path / "r")
+    server.start()
+    st = RedisSessionStore(server.url, budget_bytes=10_000, prefix="fault:")
+    try:
+        s = make_session()
+        st.put(s)
+        server.stop()
+        for call in (lambda: st.get(s.id, "alice"), lambda: st.put(make_session()), st.stats,
+                     lambda: st.delete(s.id, "alice")):
+            t0 = time.monotonic()
+            with pytest.raises(SessionStoreUnavailable):
+                call()
+            assert time.monotonic() - t0 < 2.0
+        assert st.ping() is False
+        server.start()  # same port, empty (no persistence)
+        assert st.get(s.id, "alice") is None
+        s2 = make_session()
+        st.put(s2)
+        assert st.get(s2.id, "alice") is not None
+        assert st.ping() is True
+    finally:
+        st.close()
+        server.stop()
+
+
+def test_hung_redis_times_out(tmp_path):
+    """A Redis that accepts connections but never answers (SIGSTOP) fails within the socket timeout."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path / "r")
+    server.start()
+    st = RedisSessionStore(server.url, budget_bytes=10_000, prefix="hang:", socket_timeout=0.3)
+    try:
+        st.put(make_session())
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(SessionStoreUnavailable):
+            st.stats()
+        assert time.monotonic() - t0 < 2.0
+        os.kill(server.proc.pid, signal.SIGCONT)
+        time.sleep(0.1)
+        assert st.stats().live_sessions == 1
+    finally:
+        if server.proc is not None:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        st.close()
+        server.stop()
+
+
+def test_byte_count_resynchronises_when_keys_vanish(store, redis_server):
+    """Keys removed behind the store's back (FLUSHDB of the sessions, say) do not leak budget forever."""
+    s = make_session(nbytes=4000)
+    store.put(s)
+    client = redis.Redis.from_url(redis_server.url)
+    client.delete(store.prefix + "lru", store.prefix + "exp", store.prefix + "size", store.prefix + "s:" + s.id)
+    client.close()
+    assert store.stats().live_bytes == 4000  # the orphaned count
+    store.put(make_session(nbytes=1000, seed=1))
+    assert store.stats().live_bytes == 1000 and store.stats().live_sessions == 1
+
+
+def test_loading_error_is_unavailable(store, monkeypatch):
+    """Any Redis error (here BusyLoadingError) becomes SessionStoreUnavailable."""
+
+    def boom(*a, **k):
+        raise redis.exceptions.BusyLoadingError("Redis is loading the dataset in memory")
+
+    monkeypatch.setattr(store._client, "evalsha", boom)
+    monkeypatch.setattr(store._client, "eval", boom)
+    with pytest.raises(SessionStoreUnavailable, match="loading"):
+        store.stats()
+
+
+def test_make_session_store_selects_backend(redis_server, monkeypatch):
+    from service.redis_store import make_session_store
+    from service.sessions import MemorySessionStore
+    from service.settings import Settings
+
+    monkeypatch.setenv("METALEARN_SESSION_BACKEND", "redis")
+    monkeypatch.setenv("METALEARN_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("METALEARN_CACHE_BYTES", "12345")
+    settings = Settings()
+    for st in (make_session_store(settings), RedisSessionStore.from_settings(settings)):
+        try:
+            assert isinstance(st, RedisSessionStore) and st.budget_bytes == 12345
+            assert st.stats().live_sessions >= 0
+        finally:
+            st.close()
+    monkeypatch.setenv("METALEARN_SESSION_BACKEND", "memory")
+    assert isinstance(make_session_store(Settings()), MemorySessionStore)
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="unknown session backend"):
+        make_session_store(SimpleNamespace(session_backend="memcached"))
+
+
+def test_app_builds_the_redis_store(redis_server, monkeypatch):
+    """service.app picks the Redis store from METALEARN_SESSION_BACKEND / METALEARN_REDIS_URL."""
+    app_module = pytest.importorskip("service.app")
+    from service.settings import Settings
+
+    monkeypatch.setenv("METALEARN_SESSION_BACKEND", "redis")
+    monkeypatch.setenv("METALEARN_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("METALEARN_CACHE_BYTES", "4096")
+    store = app_module.create_store(Settings())
+    try:
+        assert isinstance(store, RedisSessionStore) and store.budget_bytes == 4096
+    finally:
+        store.close()

@@ -1,0 +1,278 @@
+"""Two service replicas sharing sessions through one Redis, and what happens when Redis goes away.
+
+Real processes on loopback only: one ``redis-server`` on 127.0.0.1 (skipped
+when not installed) and two ``metalearn serve`` processes (the command the
+container runs) on two 127.0.0.1 ports, both with
+``METALEARN_SESSION_BACKEND=redis`` and the same ``METALEARN_REDIS_URL``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("redis")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared redis-server helper, however pytest imports
+from test_redis_store import REDIS_SERVER, RedisServer, free_port  # noqa: E402
+
+from metalearn import MLP, Conv4, MetaConfig, MetaLearner  # noqa: E402
+from metalearn.checkpoint import save_checkpoint  # noqa: E402
+
+KEY_A, KEY_B = "replica-test-key-a", "replica-test-key-b"
+A_HEADERS = {"Authorization": f"Bearer {KEY_A}"}
+B_HEADERS = {"Authorization": f"Bearer {KEY_B}"}
+
+
+def metalearn_command() -> list[str]:
+    exe = shutil.which("metalearn") or str(Path(sys.executable).parent / "metalearn")
+    return [exe] if Path(exe).exists() else [sys.executable, "-c", "import sys; from metalearn.cli import main; sys.exit(main())"]
+
+
+class Replica:
+    def __init__(self, model_dir: Path, redis_url: str, logdir: Path, name: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ)
+        env.update(
+            METALEARN_SESSION_BACKEND="redis",
+            METALEARN_REDIS_URL=redis_url,
+            METALEARN_API_KEYS=f"{KEY_A},{KEY_B}",
+            METALEARN_DEVICE="cpu",
+            METALEARN_THREADS="1",
+            METALEARN_MAX_WAIT_MS="0",
+            OMP_NUM_THREADS="1",
+        )
+        self.log_path = logdir / f"{name}.log"
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [*metalearn_command(), "serve", "--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port)],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=logdir,
+        )
+        self.client = httpx.Client(base_url=self.url, timeout=30.0)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"replica exited ({self.proc.returncode}):\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if self.client.get("/readyz").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"replica not ready after {timeout}s:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    conv = MetaLearner(Conv4(1, 5, channels=8, image_size=28), MetaConfig("maml", inner_steps=2, inner_lr=0.4))
+    save_checkpoint(directory / "tiny.safetensors", conv, input_shape=(1, 28, 28), n_way=5)
+    sine = MetaLearner(MLP(1, (40, 40), 1), MetaConfig("maml", "regression", inner_steps=3, inner_lr=0.01))
+    save_checkpoint(directory / "sine.safetensors", sine, input_shape=(1,))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server); the replica tests need it")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    # resume a paused server so it can stop
+    if server.proc is not None and server.proc.poll() is None:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def replicas(model_dir, redis_server, tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("replicas")
+    pair = [Replica(model_dir, redis_server.url, logdir, name) for name in ("a", "b")]
+    try:
+        for replica in pair:
+            replica.wait_ready()
+        yield pair
+    finally:
+        for replica in pair:
+            replica.stop()
+
+
+def support_images(seed=0, shots=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(5 * shots, 1, 28, 28, generator=g)
+    return {"x": x.tolist(), "y": list(range(5)) * shots}
+
+
+def query_images(seed=1, n=4):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 28, 28, generator=g).tolist()
+
+
+def sine_support():
+    xs = [-4.0, -2.5, -1.0, 0.5, 2.0, 3.5]
+    return {"x": [[v] for v in xs], "y": [[2.0 * torch.sin(torch.tensor(v - 0.3)).item()] for v in xs]}
+
+
+def adapt(replica: Replica, model="tiny", support=None, headers=A_HEADERS, **extra):
+    body = {"support": support or support_images(), **extra}
+    return replica.client.post(f"/v1/models/{model}/adapt", json=body, headers=headers)
+
+
+def assert_problem(response, status: int, *words: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["status"] == status and body["title"] and body["detail"] and body["type"]
+    for word in words:
+        assert word.lower() in (body["title"] + " " + body["detail"]).lower(), body
+    return body
+
+
+def test_adapt_on_one_predict_on_the_other(replicas):
+    a, b = replicas
+    created = adapt(a)
+    assert created.status_code == 201, created.text
+    session_id = created.json()["session_id"]
+    query = {"x": query_images()}
+    on_b = b.client.post(f"/v1/sessions/{session_id}/predict", json=query, headers=A_HEADERS)
+    on_a = a.client.post(f"/v1/sessions/{session_id}/predict", json=query, headers=A_HEADERS)
+    assert on_b.status_code == 200 and on_a.status_code == 200, (on_a.text, on_b.text)
+    assert on_b.json()["predictions"] == on_a.json()["predictions"]
+    assert on_b.json()["probabilities"] == on_a.json()["probabilities"]
+    # the same as adapting and predicting in one stateless call
+    stateless = b.client.post("/v1/models/tiny/predict", json={"support": support_images(), "query": query}, headers=A_HEADERS)
+    assert stateless.status_code == 200, stateless.text
+    assert stateless.json()["predictions"] == on_a.json()["predictions"]
+    assert torch.allclose(torch.tensor(stateless.json()["probabilities"]), torch.tensor(on_a.json()["probabilities"]), atol=1e-6)
+    info_a = a.client.get(f"/v1/sessions/{session_id}", headers=A_HEADERS).json()
+    info_b = b.client.get(f"/v1/sessions/{session_id}", headers=A_HEADERS).json()
+    assert info_a == info_b and info_a["model"] == "tiny" and info_a["size_bytes"] > 0
+
+
+def test_regression_session_shared(replicas):
+    a, b = replicas
+    created = adapt(b, "sine", sine_support())
+    assert created.status_code == 201, created.text
+    session_id = created.json()["session_id"]
+    query = {"x": [[-3.0], [0.0], [1.5]]}
+    p_a = a.client.post(f"/v1/sessions/{session_id}/predict", json=query, headers=A_HEADERS)
+    p_b = b.client.post(f"/v1/sessions/{session_id}/predict", json=query, headers=A_HEADERS)
+    assert p_a.status_code == p_b.status_code == 200
+    assert p_a.json()["predictions"] == p_b.json()["predictions"]
+
+
+def test_delete_on_one_is_gone_on_the_other(replicas):
+    a, b = replicas
+    session_id = adapt(a).json()["session_id"]
+    assert b.client.get(f"/v1/sessions/{session_id}", headers=A_HEADERS).status_code == 200
+    assert b.client.delete(f"/v1/sessions/{session_id}", headers=A_HEADERS).status_code == 204
+    assert_problem(a.client.get(f"/v1/sessions/{session_id}", headers=A_HEADERS), 404)
+    assert_problem(a.client.post(f"/v1/sessions/{session_id}/predict", json={"x": query_images()}, headers=A_HEADERS), 404)
+    assert_problem(a.client.delete(f"/v1/sessions/{session_id}", headers=A_HEADERS), 404)
+
+
+def test_key_isolation_across_replicas(replicas):
+    a, b = replicas
+    session_id = adapt(a, headers=A_HEADERS).json()["session_id"]
+    assert_problem(b.client.get(f"/v1/sessions/{session_id}", headers=B_HEADERS), 404)
+    assert_problem(b.client.post(f"/v1/sessions/{session_id}/predict", json={"x": query_images()}, headers=B_HEADERS), 404)
+    assert_problem(b.client.delete(f"/v1/sessions/{session_id}", headers=B_HEADERS), 404)
+    assert b.client.get(f"/v1/sessions/{session_id}", headers=A_HEADERS).status_code == 200
+
+
+def metric(replica: Replica, name: str) -> float:
+    text = replica.client.get("/metrics").text
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics:\n{text[:3000]}")
+
+
+def test_session_metrics_are_shared(replicas):
+    a, b = replicas
+    adapt(a)
+    assert metric(a, "metalearn_sessions_live") == metric(b, "metalearn_sessions_live") >= 1
+    assert metric(a, "metalearn_sessions_bytes") == metric(b, "metalearn_sessions_bytes") > 0
+
+
+def test_hung_redis_answers_503_quickly(replicas, redis_server):
+    """A Redis that stops answering (SIGSTOP) costs a request about the socket timeout, not a hang."""
+    a, b = replicas
+    session_id = adapt(a).json()["session_id"]
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        assert_problem(b.client.post(f"/v1/sessions/{session_id}/predict", json={"x": query_images()}, headers=A_HEADERS), 503, "session store")
+        assert time.monotonic() - t0 < 5.0
+        assert b.client.get("/healthz").status_code == 200
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    time.sleep(0.2)
+    assert b.client.post(f"/v1/sessions/{session_id}/predict", json={"x": query_images()}, headers=A_HEADERS).status_code == 200
+
+
+def test_redis_down_then_back(replicas, redis_server):
+    """Redis stopped: session calls 503 (problem body), stateless predict and /healthz fine; Redis back: sessions work, no restart."""
+    a, b = replicas
+    old = adapt(a).json()["session_id"]
+    redis_server.stop()
+    try:
+        query = {"x": query_images()}
+        for replica in (a, b):
+            t0 = time.monotonic()
+            body = assert_problem(adapt(replica), 503, "session store")
+            assert "stateless" in body["detail"]
+            assert time.monotonic() - t0 < 5.0
+            assert_problem(replica.client.post(f"/v1/sessions/{old}/predict", json=query, headers=A_HEADERS), 503)
+            assert_problem(replica.client.get(f"/v1/sessions/{old}", headers=A_HEADERS), 503)
+            assert_problem(replica.client.delete(f"/v1/sessions/{old}", headers=A_HEADERS), 503)
+            response = adapt(replica)
+            assert response.headers.get("retry-after")
+            stateless = replica.client.post(
+                "/v1/models/tiny/predict", json={"support": support_images(), "query": query}, headers=A_HEADERS
+            )
+            assert stateless.status_code == 200, stateless.text
+            assert len(stateless.json()["predictions"]) == 4
+            assert replica.client.get("/healthz").status_code == 200
+            assert replica.client.get("/v1/models", headers=A_HEADERS).status_code == 200
+            metrics = replica.client.get("/metrics")
+            assert metrics.status_code == 200
+            assert metric(replica, "metalearn_session_store_up") == 0
+            assert replica.proc.poll() is None
+    finally:
+        redis_server.start()  # same port, empty: no persistence
+    # no restart of the replicas: the next calls reconnect
+    for replica, other in ((a, b), (b, a)):
+        created = adapt(replica)
+        assert created.status_code == 201, created.text
+        session_id = created.json()["session_id"]
+        predicted = other.client.post(f"/v1/sessions/{session_id}/predict", json={"x": query_images()}, headers=A_HEADERS)
+        assert predicted.status_code == 200, predicted.text
+        assert metric(replica, "metalearn_session_store_up") == 1
+    # the old session lived only in the Redis that was stopped
+    assert_problem(b.client.get(f"/v1/sessions/{old}", headers=A_HEADERS), 404)
