@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # --------------------------------------------------------------------------
@@ -47,10 +48,11 @@ class BatchNorm(nn.Module):
     """BatchNorm over the current batch, without running statistics.
 
     MAML normalises with the statistics of the batch being processed
-    (``track_running_stats=False``). This layer is written from mean/var ops
-    rather than ``F.batch_norm`` because the latter gives a wrong second-order
-    meta-gradient when differentiated outside ``vmap`` (torch 2.13), and mean/var
-    ops are exact under every transform.
+    (``track_running_stats=False``). Training uses ``F.batch_norm``: its fused
+    kernel is about twice as fast in the second-order backward as the same
+    layer written from mean/var ops, and it is exact here because every
+    strategy differentiates *inside* ``vmap`` (the torch 2.13 error appears
+    only when a second-order gradient is taken outside it).
 
     At test time the statistics can be recorded on the support set and reused
     for the queries (see :func:`norm_statistics`), so a query's prediction does
@@ -65,16 +67,17 @@ class BatchNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = [1, -1] + [1] * (x.dim() - 2)
         mode = _NORM_MODE.get()
-        if mode is not None and not mode.record:
-            mean, var = mode.stats[self]
-        else:
+        if mode is None:
+            return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        if mode.record:
             dims = [0] + list(range(2, x.dim()))
             mean = x.mean(dims, keepdim=True)
             var = (x - mean).pow(2).mean(dims, keepdim=True)
-            if mode is not None:
-                mode.stats[self] = (mean, var)
+            mode.stats[self] = (mean, var)
+        else:
+            mean, var = mode.stats[self]
         return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
 
     def extra_repr(self) -> str:
@@ -171,6 +174,8 @@ class Conv4(nn.Module):
 
     Each block: 3x3 convolution, per-batch BatchNorm, ReLU, 2x2 max-pool; then a
     linear head on the flattened features (64 features for 28x28 inputs).
+    The max-pool runs before the ReLU: the same function (ReLU is monotone, so
+    it commutes with max), with the ReLU and its backward on a 4x smaller tensor.
     """
 
     def __init__(self, in_channels: int = 1, out_features: int = 5, channels: int = 64, image_size: int = 28):
@@ -181,8 +186,8 @@ class Conv4(nn.Module):
             blocks += [
                 nn.Conv2d(width, channels, 3, padding=1),
                 BatchNorm(channels),
-                nn.ReLU(),
                 nn.MaxPool2d(2),
+                nn.ReLU(),
             ]
             width, size = channels, size // 2
         if size < 1:

@@ -76,3 +76,83 @@ class SessionStore(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
+
+
+class MemorySessionStore(SessionStore):
+    """In-process store: LRU order, per-session TTL and a byte budget.
+
+    ``put`` evicts least recently used sessions until the new one fits in
+    ``max_bytes`` (a session larger than the whole budget is still stored, alone).
+    Expired sessions are dropped lazily (on access and on every ``put``/``stats``)
+    and counted as expirations; budget evictions are counted separately.
+    Thread-safe.
+    """
+
+    def __init__(self, max_bytes: int = 512 * 1024 * 1024, clock=time.time):
+        import threading
+        from collections import OrderedDict
+
+        self.max_bytes = int(max_bytes)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._bytes = 0
+        self.evictions = 0
+        self.expirations = 0
+
+    def _drop(self, session_id: str) -> Session:
+        session = self._sessions.pop(session_id)
+        self._bytes -= session.nbytes
+        return session
+
+    def _sweep(self, now: float) -> None:
+        for session_id in [s.id for s in self._sessions.values() if s.expired(now)]:
+            self._drop(session_id)
+            self.expirations += 1
+
+    def put(self, session: Session) -> None:
+        with self._lock:
+            now = self._clock()
+            self._sweep(now)
+            if session.id in self._sessions:
+                self._drop(session.id)
+            size = session.nbytes
+            while self._sessions and self._bytes + size > self.max_bytes:
+                oldest = next(iter(self._sessions))
+                self._drop(oldest)
+                self.evictions += 1
+            self._sessions[session.id] = session
+            self._bytes += size
+
+    def get(self, session_id: str, owner: str | None) -> Session | None:
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None:
+                return None
+            if session.expired(self._clock()):
+                self._drop(session_id)
+                self.expirations += 1
+                return None
+            if session.owner != owner:
+                return None
+            self._sessions.move_to_end(session_id)
+            return session
+
+    def delete(self, session_id: str, owner: str | None) -> bool:
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None:
+                return False
+            if session.expired(self._clock()):
+                self._drop(session_id)
+                self.expirations += 1
+                return False
+            if session.owner != owner:
+                return False
+            self._drop(session_id)
+            return True
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            self._sweep(self._clock())
+            return StoreStats(len(self._sessions), self._bytes, self.evictions, self.expirations)

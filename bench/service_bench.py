@@ -1,0 +1,404 @@
+"""Service throughput and latency against the straightforward implementation (bounded, loopback only).
+
+    python bench/service_bench.py                    # full: MAML + ANIL, stateless + session, c = 1 8 16 32
+    python bench/service_bench.py --quick            # shorter levels
+    python bench/service_bench.py --models anil --concurrency 1,16 --duration 4
+
+Workload: 5-way 1-shot Omniglot requests (the bundled Omniglot sample; random
+images if it cannot be loaded), Conv4-64, 10 inner steps, 5 query images,
+tensors sent as base64 float32. For each model (MAML: every parameter adapts;
+ANIL: only the head) it measures, at each concurrency (closed loop: each
+client sends its next request when the previous answer arrives):
+
+- ``stateless``: ``POST /v1/models/{name}/predict`` (adapt + predict),
+- ``session``:   ``POST /v1/sessions/{id}/predict`` (5 queries, adapted earlier),
+
+against the **baseline**, a server defined in this file: a plain ``async def``
+handler that adapts one request at a time with the textbook per-task loop
+(copy the parameters; per inner step a full forward, ``torch.autograd.grad``
+w.r.t. the adapted parameters, an SGD update; then a forward on the queries).
+It also prints the useful GFLOP/s achieved (FLOPs of one request's
+computation, counted with ``torch.utils.flop_counter``, times throughput) next
+to the machine's ``torch.mm`` GFLOP/s measured in the same run.
+
+Both servers run as uvicorn subprocesses on 127.0.0.1 with the same torch thread
+count (``--threads``); the load generator is a small asyncio HTTP/1.1 client.
+"""
+
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WAYS, SHOTS, QUERIES, STEPS, LR = 5, 1, 5, 10, 0.4
+
+
+# ---------------------------------------------------------------------------
+# The baseline server: one request at a time, textbook inner loop
+# ---------------------------------------------------------------------------
+def baseline_app(model_dir: str):
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from fastapi import FastAPI, Request
+    from torch.func import functional_call
+
+    from metalearn.checkpoint import load_checkpoint
+
+    models = {p.stem: load_checkpoint(p).learner for p in Path(model_dir).glob("*.safetensors")}
+    sessions: dict[str, dict] = {}
+    app = FastAPI()
+
+    def tensor(spec):
+        array = np.frombuffer(base64.b64decode(spec["base64"]), dtype=spec["dtype"]).reshape(spec["shape"])
+        return torch.from_numpy(array.copy())
+
+    def adapt(learner, sx, sy, steps, lr):
+        params = {n: p.detach() for n, p in learner.model.named_parameters()}
+        fast = {n: params[n].clone().requires_grad_() for n in learner.adapt_names}
+        for _ in range(steps):
+            out = functional_call(learner.model, {**params, **fast}, (sx,))
+            loss = F.cross_entropy(out, sy)
+            grads = torch.autograd.grad(loss, list(fast.values()))
+            fast = {n: (p - lr * g).detach().requires_grad_() for (n, p), g in zip(fast.items(), grads)}
+        return {**params, **{n: p.detach() for n, p in fast.items()}}
+
+    def forward(learner, params, x):
+        with torch.no_grad():
+            return torch.softmax(functional_call(learner.model, params, (x,)), -1)
+
+    @app.post("/v1/models/{name}/predict")
+    async def predict(name: str, request: Request):
+        body = await request.json()
+        learner = models[name]
+        sx, sy, qx = tensor(body["support"]["x"]), tensor(body["support"]["y"]).long(), tensor(body["query"]["x"])
+        params = adapt(learner, sx, sy, body.get("inner_steps", STEPS), body.get("inner_lr", LR))
+        probabilities = forward(learner, params, qx)
+        return {"predictions": probabilities.argmax(-1).tolist(), "probabilities": probabilities.tolist()}
+
+    @app.post("/v1/models/{name}/adapt", status_code=201)
+    async def adapt_route(name: str, request: Request):
+        body = await request.json()
+        learner = models[name]
+        sx, sy = tensor(body["support"]["x"]), tensor(body["support"]["y"]).long()
+        session_id = os.urandom(16).hex()
+        sessions[session_id] = {"model": name, "params": adapt(learner, sx, sy, body.get("inner_steps", STEPS), body.get("inner_lr", LR))}
+        return {"session_id": session_id}
+
+    @app.post("/v1/sessions/{session_id}/predict")
+    async def session_predict(session_id: str, request: Request):
+        body = await request.json()
+        session = sessions[session_id]
+        probabilities = forward(models[session["model"]], session["params"], tensor(body["x"]))
+        return {"predictions": probabilities.argmax(-1).tolist(), "probabilities": probabilities.tolist()}
+
+    @app.get("/readyz")
+    async def ready():
+        return {"status": "ready"}
+
+    return app
+
+
+# ---------------------------------------------------------------------------
+# Setup: checkpoints, requests, servers
+# ---------------------------------------------------------------------------
+def make_checkpoints(model_dir: Path) -> None:
+    import torch
+
+    from metalearn import Conv4, MetaConfig, MetaLearner
+    from metalearn.checkpoint import save_checkpoint
+    from metalearn.data.preprocess import OMNIGLOT_PREPROCESSING
+
+    for algorithm in ("maml", "anil"):
+        torch.manual_seed(0)
+        learner = MetaLearner(Conv4(out_features=WAYS, channels=64), MetaConfig(algorithm, inner_steps=STEPS, inner_lr=LR))
+        save_checkpoint(model_dir / f"{algorithm}.safetensors", learner, input_shape=(1, 28, 28), n_way=WAYS, preprocessing=OMNIGLOT_PREPROCESSING)
+
+
+def make_tasks(count: int):
+    import torch
+
+    try:
+        from metalearn.data import load_omniglot
+
+        source = load_omniglot()
+        batch = source.sample(count, torch.Generator().manual_seed(0), ways=WAYS, shots=SHOTS, queries=1)
+        origin = "Omniglot (bundled sample)"
+    except Exception as error:  # noqa: BLE001
+        from metalearn.data.tasks import TaskBatch
+
+        g = torch.Generator().manual_seed(0)
+        batch = TaskBatch(torch.rand(count, WAYS, 1, 28, 28, generator=g), torch.arange(WAYS).repeat(count, 1),
+                          torch.rand(count, WAYS, 1, 28, 28, generator=g), torch.arange(WAYS).repeat(count, 1))
+        origin = f"random images ({error})"
+    return batch, origin
+
+
+def encode(t, dtype="float32") -> dict:
+    array = t.numpy().astype(dtype)
+    return {"dtype": dtype, "shape": list(array.shape), "base64": base64.b64encode(array.tobytes()).decode()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(kind: str, model_dir: Path, threads: int, log_dir: Path, max_batch: int):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METALEARN_")}
+    env.update(OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    if kind == "service":
+        env.update(METALEARN_MODEL_DIR=str(model_dir), METALEARN_THREADS=str(threads), METALEARN_DEVICE="cpu",
+                   METALEARN_MAX_BATCH_SIZE=str(max_batch), METALEARN_QUEUE_SIZE="1024")
+        command = [sys.executable, "-m", "uvicorn", "service.app:app"]
+    else:
+        command = [sys.executable, str(Path(__file__).resolve()), "--baseline-server", str(model_dir), "--threads", str(threads)]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"] if kind == "service" else ["--port", str(port)]
+    log = open(log_dir / f"{kind}.log", "wb")
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    import httpx
+
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{kind} server exited: {(log_dir / f'{kind}.log').read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return process, port
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    process.kill()
+    raise RuntimeError(f"{kind} server did not start")
+
+
+# ---------------------------------------------------------------------------
+# Load generator: a minimal keep-alive HTTP/1.1 client (cheap, so the 2 cores go to the servers)
+# ---------------------------------------------------------------------------
+class Connection:
+    def __init__(self, port: int):
+        self.port = port
+
+    async def open(self):
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        self.writer.write(head + body)
+        await self.writer.drain()
+        status_line = await self.reader.readline()
+        status = int(status_line.split()[1])
+        length = 0
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        payload = await self.reader.readexactly(length)
+        return status, payload
+
+    def close(self):
+        self.writer.close()
+
+
+async def run_level(port: int, requests: list[tuple[str, bytes]], concurrency: int, duration: float, warmup: float, cap: float = 90.0) -> dict:
+    """Closed loop: ``concurrency`` clients, each sending its next request when the answer arrives.
+
+    Requests *completed* after the warm-up count. New requests start until
+    ``warmup + duration`` has passed and at least ``2 * concurrency`` answers were
+    measured (so slow levels still measure something), within ``cap`` seconds.
+    """
+    done: list[tuple[float, float]] = []
+    errors = 0
+    start = time.perf_counter()
+    measure_from = start + warmup
+
+    def keep_going() -> bool:
+        now = time.perf_counter()
+        if now - start > cap:
+            return False
+        measured = sum(1 for _, t1 in done if t1 >= measure_from)
+        return now < measure_from + duration or measured < 2 * concurrency
+
+    async def worker(index: int):
+        nonlocal errors
+        connection = Connection(port)
+        await connection.open()
+        i = index
+        try:
+            while keep_going():
+                path, body = requests[i % len(requests)]
+                i += concurrency
+                t0 = time.perf_counter()
+                status, _ = await connection.post(path, body)
+                if status >= 300:
+                    errors += 1
+                else:
+                    done.append((t0, time.perf_counter()))
+        finally:
+            connection.close()
+
+    await asyncio.gather(*[worker(i) for i in range(concurrency)])
+    measured = sorted(t1 - t0 for t0, t1 in done if t1 >= measure_from)
+    if not measured:
+        return {"throughput": 0.0, "p50_ms": float("nan"), "p99_ms": float("nan"), "n": 0, "errors": errors}
+    window = max(t1 for _, t1 in done) - measure_from
+    return {
+        "throughput": len(measured) / max(window, 1e-9),
+        "p50_ms": 1000 * measured[len(measured) // 2],
+        "p99_ms": 1000 * measured[min(len(measured) - 1, int(len(measured) * 0.99))],
+        "n": len(measured),
+        "errors": errors,
+    }
+
+
+def build_requests(batch, model: str, port: int, mode: str, count: int) -> list[tuple[str, bytes]]:
+    import httpx
+
+    out = []
+    for i in range(count):
+        sx, sy, qx = batch.support_x[i], batch.support_y[i], batch.query_x[i]
+        support = {"x": encode(sx), "y": encode(sy, "int64")}
+        if mode == "stateless":
+            body = {"support": support, "query": {"x": encode(qx)}, "inner_steps": STEPS, "inner_lr": LR}
+            out.append((f"/v1/models/{model}/predict", json.dumps(body).encode()))
+        else:
+            created = httpx.post(f"http://127.0.0.1:{port}/v1/models/{model}/adapt", json={"support": support, "inner_steps": STEPS, "inner_lr": LR}, timeout=120)
+            created.raise_for_status()
+            sid = created.json()["session_id"]
+            out.append((f"/v1/sessions/{sid}/predict", json.dumps({"x": encode(qx)}).encode()))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# FLOPs and the machine's matmul rate
+# ---------------------------------------------------------------------------
+def request_flops(model_dir: Path, batch) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from metalearn.adaptation import adapt, predict
+    from metalearn.checkpoint import load_checkpoint
+
+    out = {}
+    for name in ("maml", "anil"):
+        learner = load_checkpoint(model_dir / f"{name}.safetensors").learner
+        sx, sy, qx = batch.support_x[0], batch.support_y[0], batch.query_x[0]
+        with FlopCounterMode(display=False) as counter:
+            adaptation = adapt(learner, sx, sy, steps=STEPS, lr=LR)
+            predict(learner, adaptation, qx)
+        with FlopCounterMode(display=False) as session_counter:
+            predict(learner, adaptation, qx)
+        out[name] = {"stateless": counter.get_total_flops(), "session": session_counter.get_total_flops()}
+    return out
+
+
+def matmul_gflops(threads: int, seconds: float = 2.0) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * 1024**3 * count / (time.perf_counter() - start) / 1e9
+
+
+# ---------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="maml,anil")
+    parser.add_argument("--modes", default="stateless,session")
+    parser.add_argument("--concurrency", default="1,8,16,32")
+    parser.add_argument("--duration", type=float, default=6.0, help="measured seconds per level")
+    parser.add_argument("--warmup", type=float, default=1.5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each server (1: the service default on 2 cores leaves a core to HTTP)")
+    parser.add_argument("--max-batch", type=int, default=0, help="service max batch size (0 = its auto default)")
+    parser.add_argument("--quick", action="store_true", help="3 s levels")
+    parser.add_argument("--servers", default="service,baseline")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--baseline-server", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.baseline_server:
+        import torch
+        import uvicorn
+
+        torch.set_num_threads(args.threads)
+        uvicorn.run(baseline_app(args.baseline_server), host="127.0.0.1", port=args.port, log_level="warning")
+        return
+
+    if args.quick:
+        args.duration, args.warmup = 3.0, 1.0
+    levels = [int(c) for c in args.concurrency.split(",")]
+    models, modes, servers = args.models.split(","), args.modes.split(","), args.servers.split(",")
+    work = Path(tempfile.mkdtemp(prefix="service_bench_"))
+    model_dir = work / "models"
+    model_dir.mkdir()
+    make_checkpoints(model_dir)
+    batch, origin = make_tasks(max(levels) * 2)
+    print(f"# {WAYS}-way {SHOTS}-shot, {QUERIES} queries, Conv4-64, {STEPS} inner steps; tasks: {origin}")
+    print(f"# cores: {os.cpu_count()}, server torch threads: {args.threads}, load average: {os.getloadavg()}")
+    mm = matmul_gflops(args.threads)
+    flops = request_flops(model_dir, batch)
+    print(f"# torch.mm 1024^3 ({args.threads} threads): {mm:.1f} GFLOP/s")
+    for name, f in flops.items():
+        print(f"# FLOPs per request ({name}): adapt+predict {f['stateless'] / 1e9:.3f} GFLOP, session predict {f['session'] / 1e9:.4f} GFLOP")
+
+    results = []
+    for server in servers:
+        process, port = start_server(server, model_dir, args.threads, work, args.max_batch)
+        try:
+            for model in models:
+                for mode in modes:
+                    requests = build_requests(batch, model, port, mode, max(levels))
+                    for concurrency in levels:
+                        r = asyncio.run(run_level(port, requests, concurrency, args.duration, args.warmup))
+                        r.update(server=server, model=model, mode=mode, concurrency=concurrency)
+                        r["gflops"] = r["throughput"] * flops[model][mode] / 1e9
+                        results.append(r)
+                        print(f"{server:9s} {model:5s} {mode:9s} c={concurrency:<3d} {r['throughput']:8.1f} req/s  p50 {r['p50_ms']:8.1f} ms  "
+                              f"p99 {r['p99_ms']:8.1f} ms  {r['gflops']:6.1f} GFLOP/s  (n={r['n']}, errors={r['errors']})", flush=True)
+        finally:
+            process.terminate()
+            process.wait(15)
+
+    def find(server, model, mode, c):
+        return next((r for r in results if (r["server"], r["model"], r["mode"], r["concurrency"]) == (server, model, mode, c)), None)
+
+    print("\n# summary (service vs baseline)")
+    for model in models:
+        for c in levels:
+            s, b = find("service", model, "stateless", c), find("baseline", model, "stateless", c)
+            if s and b and b["throughput"]:
+                print(f"{model} stateless c={c}: {s['throughput'] / b['throughput']:.1f}x throughput, p50 {s['p50_ms']:.0f} vs {b['p50_ms']:.0f} ms")
+        s1, ss = find("service", model, "stateless", levels[0]), find("service", model, "session", levels[0])
+        if s1 and ss and ss["p50_ms"]:
+            print(f"{model} session predict vs adapt-and-predict (c={levels[0]} p50): {s1['p50_ms'] / ss['p50_ms']:.1f}x faster")
+    print(f"# matmul peak in this run: {mm:.1f} GFLOP/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"matmul_gflops": mm, "flops": flops, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

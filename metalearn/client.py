@@ -1,0 +1,174 @@
+"""A small HTTP client for the adaptation service.
+
+    from metalearn.client import Client
+
+    client = Client("http://127.0.0.1:8000", api_key="secret")
+    session = client.adapt("omniglot", support_x, support_y)     # numpy or torch
+    labels = session.predict(query_x)                             # numpy class indices
+    session.probabilities                                          # of the last predict (classification)
+    out = client.predict("omniglot", support_x, support_y, query_x)   # stateless; a Prediction
+    session.delete()
+
+Tensors travel as ``{"dtype", "shape", "base64"}`` (raw little-endian float32)
+by default, ``encoding="json"`` sends nested lists. Every error answer raises
+:class:`ServiceError` carrying the RFC 9457 problem document.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+
+
+class ServiceError(Exception):
+    """An error answer: ``status``, ``title``, ``detail`` and the whole ``problem`` document."""
+
+    def __init__(self, status: int, problem: dict):
+        self.status = status
+        self.problem = problem
+        self.title = problem.get("title", "")
+        self.detail = problem.get("detail", "")
+        self.retry_after = None
+        super().__init__(f"{status} {self.title}: {self.detail}")
+
+
+def _as_numpy(value: Any, dtype=None) -> np.ndarray:
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value)
+    return array.astype(dtype) if dtype is not None else array
+
+
+def encode_tensor(value: Any, encoding: str = "base64", dtype=np.float32) -> Any:
+    array = np.ascontiguousarray(_as_numpy(value, dtype))
+    if encoding == "json":
+        return array.tolist()
+    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    return {"dtype": np.dtype(dtype).name, "shape": list(array.shape), "base64": base64.b64encode(little.tobytes()).decode("ascii")}
+
+
+def encode_images(images: list[bytes]) -> dict:
+    """``x`` for image models from encoded picture files (PNG, JPEG, ...)."""
+    return {"images": [base64.b64encode(bytes(b)).decode("ascii") for b in images]}
+
+
+@dataclass
+class Prediction:
+    predictions: np.ndarray
+    probabilities: np.ndarray | None
+    raw: dict = field(repr=False)
+
+
+class RemoteSession:
+    """An adapted session on the service."""
+
+    def __init__(self, client: "Client", info: dict):
+        self.client = client
+        self.info = info
+        self.id: str = info["session_id"]
+        self.model: str = info["model"]
+        self.probabilities: np.ndarray | None = None
+
+    def predict(self, x: Any, transductive: bool = False) -> np.ndarray:
+        """Predictions (class indices or values) for ``x``; class probabilities land in ``self.probabilities``."""
+        body = {"x": self.client._x(x), "transductive": transductive}
+        result = self.client._prediction(self.client._request("POST", f"/v1/sessions/{self.id}/predict", json=body))
+        self.probabilities = result.probabilities
+        return result.predictions
+
+    def predict_full(self, x: Any, transductive: bool = False) -> Prediction:
+        body = {"x": self.client._x(x), "transductive": transductive}
+        return self.client._prediction(self.client._request("POST", f"/v1/sessions/{self.id}/predict", json=body))
+
+    def describe(self) -> dict:
+        return self.client._request("GET", f"/v1/sessions/{self.id}")
+
+    def delete(self) -> None:
+        self.client._request("DELETE", f"/v1/sessions/{self.id}")
+
+    def __repr__(self) -> str:
+        return f"RemoteSession(id={self.id[:8]}..., model={self.model!r})"
+
+
+class Client:
+    def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 60.0, encoding: str = "base64", transport: httpx.BaseTransport | None = None):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.encoding = encoding
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+
+    # -- plumbing -------------------------------------------------------
+    def _x(self, x: Any) -> Any:
+        if isinstance(x, dict):  # already encoded, e.g. encode_images(...)
+            return x
+        return encode_tensor(x, self.encoding)
+
+    def _y(self, y: Any) -> Any:
+        array = _as_numpy(y)
+        if np.issubdtype(array.dtype, np.integer):
+            return array.astype(np.int64).tolist() if self.encoding == "json" else encode_tensor(array, self.encoding, np.int64)
+        return encode_tensor(array, self.encoding, np.float32)
+
+    def _request(self, method: str, path: str, **kwargs) -> Any:
+        response = self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                problem = response.json()
+            except ValueError:
+                problem = {"title": response.reason_phrase, "detail": response.text[:500]}
+            error = ServiceError(response.status_code, problem if isinstance(problem, dict) else {"detail": str(problem)})
+            error.retry_after = response.headers.get("Retry-After")
+            raise error
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+
+    @staticmethod
+    def _prediction(body: dict) -> Prediction:
+        probabilities = body.get("probabilities")
+        return Prediction(
+            predictions=np.asarray(body["predictions"]),
+            probabilities=None if probabilities is None else np.asarray(probabilities, dtype=np.float32),
+            raw=body,
+        )
+
+    # -- API ------------------------------------------------------------
+    def health(self) -> dict:
+        return self._request("GET", "/healthz")
+
+    def models(self) -> list[dict]:
+        return self._request("GET", "/v1/models")["models"]
+
+    def model(self, name: str) -> dict:
+        return self._request("GET", f"/v1/models/{name}")
+
+    def adapt(self, model: str, x: Any, y: Any, *, inner_steps: int | None = None, inner_lr: float | None = None, ttl_s: int | None = None) -> RemoteSession:
+        body: dict = {"support": {"x": self._x(x), "y": self._y(y)}}
+        for key, value in (("inner_steps", inner_steps), ("inner_lr", inner_lr), ("ttl_s", ttl_s)):
+            if value is not None:
+                body[key] = value
+        return RemoteSession(self, self._request("POST", f"/v1/models/{model}/adapt", json=body))
+
+    def session(self, session_id: str, model: str = "") -> RemoteSession:
+        return RemoteSession(self, {"session_id": session_id, "model": model})
+
+    def predict(self, model: str, support_x: Any, support_y: Any, query_x: Any, *, inner_steps: int | None = None, inner_lr: float | None = None, transductive: bool = False) -> Prediction:
+        """Stateless adapt-and-predict: nothing is kept on the service."""
+        body: dict = {"support": {"x": self._x(support_x), "y": self._y(support_y)}, "query": {"x": self._x(query_x)}, "transductive": transductive}
+        if inner_steps is not None:
+            body["inner_steps"] = inner_steps
+        if inner_lr is not None:
+            body["inner_lr"] = inner_lr
+        return self._prediction(self._request("POST", f"/v1/models/{model}/predict", json=body))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

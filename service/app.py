@@ -1,0 +1,220 @@
+"""The FastAPI application: ``create_app(settings)``, and ``app`` for ``uvicorn service.app:app``.
+
+    uvicorn service.app:app --host 0.0.0.0 --port 8000      # settings from METALEARN_* env vars
+    metalearn serve --model-dir runs/ --port 8000           # the same, via service.server.serve
+
+The app loads every model of ``settings.model_dir`` at start (lifespan), runs
+adaptation in one worker thread that owns the device (``service.engine``),
+keeps sessions in the configured store, and answers every error as an RFC 9457
+problem document.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+import metalearn
+from service import problems
+from service.engine import Engine, EngineStopped, JobTimeout, QueueFull
+from service.problems import Problem, problem_response
+from service.registry import ModelRegistry
+from service.routes import health, metrics, models, sessions
+from service.sessions import MemorySessionStore, SessionStore, SessionStoreUnavailable
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+DESCRIPTION = """
+Adapt a meta-learned model to a few labelled examples (a *support set*) and predict.
+
+* `POST /v1/models/{name}/adapt` adapts and keeps a **session**; `POST /v1/sessions/{id}/predict` then predicts cheaply.
+* `POST /v1/models/{name}/predict` adapts and predicts in one call, keeping nothing.
+* Tensors are nested lists, `{"dtype", "shape", "base64"}` (raw little-endian bytes) or, for image models, `{"images": [base64 PNG/JPEG]}`.
+* Errors are `application/problem+json` (RFC 9457). With API keys configured, send `Authorization: Bearer KEY` or `X-API-Key: KEY`.
+"""
+
+
+def create_store(settings: Settings) -> SessionStore:
+    """The session store the settings select (``memory`` or ``redis``)."""
+    if settings.session_backend == "redis":
+        from service.redis_store import RedisSessionStore  # provided by the Redis store module
+
+        if hasattr(RedisSessionStore, "from_settings"):
+            return RedisSessionStore.from_settings(settings)
+        return RedisSessionStore(settings.redis_url)
+    return MemorySessionStore(max_bytes=settings.cache_bytes)
+
+
+def _example_tensor(shape: list[int], seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    data = torch.rand(shape, generator=generator, dtype=torch.float32)
+    return {"dtype": "float32", "shape": list(shape), "base64": base64.b64encode(data.numpy().tobytes()).decode()}
+
+
+def model_examples(model) -> dict:
+    """A working support set, query and session-predict body for ``model``."""
+    shape = list(model.input_shape)
+    if model.task_type == "classification":
+        n = model.n_way
+        support = {"x": _example_tensor([n, *shape], 0), "y": list(range(n))}
+        query = {"x": _example_tensor([2, *shape], 1)}
+    else:
+        if shape == [1]:
+            xs = [-4.0, -2.0, 0.0, 2.0, 4.0]
+            support = {"x": [[v] for v in xs], "y": [round(math.sin(v), 4) for v in xs]}
+            query = {"x": [[-1.0], [1.0], [3.0]]}
+        else:
+            support = {"x": _example_tensor([5, *shape], 0), "y": [[0.0] * model.out_features for _ in range(5)]}
+            query = {"x": _example_tensor([2, *shape], 1)}
+    return {"support": support, "query": query}
+
+
+def _install_openapi(app: FastAPI) -> None:
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        registry: ModelRegistry | None = getattr(app.state, "registry", None)
+        loaded = [registry.get(n) for n in registry.names()] if registry else []
+        for path, item in schema.get("paths", {}).items():
+            for method, operation in item.items():
+                for parameter in operation.get("parameters", []):
+                    if parameter.get("name") == "name" and loaded:
+                        parameter["example"] = loaded[0].name
+                        parameter["schema"]["enum"] = [m.name for m in loaded]
+                    elif parameter.get("name") == "session_id":
+                        parameter["example"] = "use-the-session_id-returned-by-adapt"
+                body = operation.get("requestBody", {}).get("content", {}).get("application/json")
+                if body is None or not loaded:
+                    continue
+                examples = {}
+                for model in loaded:
+                    ex = model_examples(model)
+                    if path.endswith("/adapt"):
+                        value = {"support": ex["support"], "ttl_s": min(600, app.state.settings.max_session_ttl_s)}
+                    elif path.startswith("/v1/models") and path.endswith("/predict"):
+                        value = {"support": ex["support"], "query": ex["query"]}
+                    else:
+                        value = {"x": ex["query"]["x"]}
+                    examples[model.name] = {"summary": f"{model.name} ({model.task_type}, input {list(model.input_shape)})", "value": value}
+                body["examples"] = examples
+        schema.setdefault("servers", [{"url": "/"}])
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        device = settings.resolved_device()
+        torch.set_num_threads(settings.resolved_threads())
+        app.state.registry = ModelRegistry.load(settings.model_dir, device)
+        app.state.metrics.models.set(len(app.state.registry.models))
+        app.openapi_schema = None
+        app.state.engine.start()
+        log.info("serving %d model(s) on %s: %s", len(app.state.registry.models), device, ", ".join(app.state.registry.names()))
+        try:
+            yield
+        finally:
+            app.state.engine.stop()
+            try:
+                app.state.store.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing the session store failed")
+
+    app = FastAPI(
+        title="metalearn adaptation service",
+        version=metalearn.__version__,
+        description=DESCRIPTION,
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.owners = settings.owner_hashes()
+    app.state.registry = ModelRegistry()
+    app.state.metrics = metrics.ServiceMetrics(app.state)
+    app.state.store = create_store(settings)
+    app.state.engine = Engine(
+        max_batch_size=settings.resolved_max_batch_size(),
+        max_wait_ms=settings.max_wait_ms,
+        queue_size=settings.queue_size,
+        request_timeout_s=settings.request_timeout_s,
+        threads=settings.resolved_threads(),
+        metrics=app.state.metrics,
+    )
+
+    problems.install(app)
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(request: Request, exc: QueueFull):
+        request.app.state.metrics.rejected.inc()
+        problem = Problem(503, "Overloaded", str(exc), headers={"Retry-After": str(exc.retry_after)})
+        return problem_response(problem, request.url.path)
+
+    @app.exception_handler(JobTimeout)
+    async def _timeout(request: Request, exc: JobTimeout):
+        request.app.state.metrics.timeouts.inc()
+        problem = Problem(503, "Timed out", str(exc), headers={"Retry-After": "1"})
+        return problem_response(problem, request.url.path)
+
+    @app.exception_handler(EngineStopped)
+    async def _stopped(request: Request, exc: EngineStopped):
+        return problem_response(Problem(503, "Not ready", str(exc), headers={"Retry-After": "1"}), request.url.path)
+
+    @app.exception_handler(SessionStoreUnavailable)
+    async def _store_down(request: Request, exc: SessionStoreUnavailable):
+        detail = f"the session store is unavailable ({exc}); stateless /v1/models/{{name}}/predict still works"
+        return problem_response(Problem(503, "Session store unavailable", detail, headers={"Retry-After": "5"}), request.url.path)
+
+    app.include_router(health.router)
+    app.include_router(models.router)
+    app.include_router(sessions.router)
+    app.include_router(metrics.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url="/static/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger-ui.css",
+            swagger_favicon_url="/static/favicon.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} - ReDoc",
+            redoc_js_url="/static/redoc.standalone.js",
+            redoc_favicon_url="/static/favicon.png",
+            with_google_fonts=False,
+        )
+
+    _install_openapi(app)
+    # Outermost first: metrics see every answer, including 413s from the size limit.
+    app.add_middleware(problems.BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(metrics.RequestMetrics, metrics=app.state.metrics)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,428 @@
+"""The worker that owns the device: a bounded queue, micro-batching, timeouts.
+
+Routes never run torch on the event loop. They build a job (an adaptation,
+optionally followed by a prediction on queries, or a prediction with a stored
+session) and ``await engine.submit(job)``. One worker thread takes jobs from a
+bounded queue and runs *compatible* jobs together:
+
+- adaptations for the same model with the same support/query shapes, inner
+  steps, learning rate and BatchNorm mode are stacked and run as one batched
+  adaptation (``metalearn.adaptation.adapt_many``/``predict_many``, or a loop
+  where that is faster for the model on this device, see :func:`choose_strategy`);
+- session predictions for different sessions of one model with the same query
+  shape become one ``predict_many`` forward pass with per-session parameters.
+
+Under concurrency a batch waits at most ``max_wait_ms`` for company (jobs that
+arrive while the worker is busy batch naturally; a lone client is never delayed). When ``queue_size`` jobs are pending,
+``submit`` raises :class:`QueueFull` (the route answers 503 + Retry-After); a
+job not finished within ``request_timeout_s`` raises :class:`JobTimeout`
+(cancelled if it had not started).
+
+Every prediction depends only on its own request: BatchNorm layers use the
+support-set statistics (or, with ``transductive``, the statistics of the
+request's own query batch), never statistics across the micro-batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from metalearn.adaptation import Adaptation, adapt, adapt_many, predict, predict_many
+
+log = logging.getLogger("service.engine")
+
+PARAM, MEAN, VAR = "param:", "mean:", "var:"
+
+
+class QueueFull(Exception):
+    """More than ``queue_size`` jobs pending."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the request queue is full; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class JobTimeout(Exception):
+    """The job did not finish within the request timeout."""
+
+
+class EngineStopped(Exception):
+    """The worker is not running."""
+
+
+def session_tensors(adaptation: Adaptation, index: int | None = None) -> dict[str, torch.Tensor]:
+    """Flatten an adaptation (or one entry of a stacked one) into the session store's ``{name: tensor}``."""
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return (t if index is None else t[index]).detach().clone()
+
+    out = {PARAM + n: pick(t) for n, t in adaptation.params.items()}
+    for layer, (mean, var) in adaptation.norm_stats.items():
+        out[MEAN + layer] = pick(mean)
+        out[VAR + layer] = pick(var)
+    return out
+
+
+def adaptation_from_tensors(tensors: dict[str, torch.Tensor]) -> Adaptation:
+    params = {n[len(PARAM):]: t for n, t in tensors.items() if n.startswith(PARAM)}
+    stats = {n[len(MEAN):]: (t, tensors[VAR + n[len(MEAN):]]) for n, t in tensors.items() if n.startswith(MEAN)}
+    return Adaptation(params, stats, torch.zeros(()), torch.zeros(()))
+
+
+@dataclass
+class Job:
+    """One request's work. ``kind`` is ``adapt`` (with optional ``query_x``) or ``predict``."""
+
+    kind: str
+    model: Any  # service.registry.LoadedModel
+    support_x: torch.Tensor | None = None
+    support_y: torch.Tensor | None = None
+    steps: int = 0
+    lr: float | None = None  # None: the model's own (possibly learned) learning rate
+    query_x: torch.Tensor | None = None
+    transductive: bool = False
+    session: dict[str, torch.Tensor] | None = None
+    keep_session: bool = True
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    enqueued: float = 0.0
+
+    def key(self) -> tuple:
+        def shape(t):
+            return None if t is None else (tuple(t.shape), t.dtype)
+
+        if self.kind == "adapt":
+            return ("adapt", self.model.name, shape(self.support_x), shape(self.support_y), self.steps, self.lr, shape(self.query_x), self.transductive, self.keep_session)
+        signature = tuple(sorted((n, tuple(t.shape)) for n, t in self.session.items()))
+        return ("predict", self.model.name, shape(self.query_x), self.transductive, signature)
+
+
+def choose_strategy(learner, device: str) -> str:
+    """``vmap`` (one batched computation) or ``loop`` (one request after another) for stacked adaptations.
+
+    On a GPU, and for models whose adaptation does not touch convolution
+    weights (ANIL's head-only adaptation, fully connected models), vmap wins:
+    shared weights fold the request dimension into the batch. Adapting
+    convolution weights per request on the CPU turns vmap's convolutions into
+    grouped convolutions, slower there than a loop.
+    """
+    if device.startswith("cuda") or getattr(learner, "_head_only", False):
+        return "vmap"
+    adapted = set(learner.adapt_names)
+    for name, module in learner.model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd) and any(f"{name}.{p}" in adapted for p, _ in module.named_parameters(recurse=False)):
+            return "loop"
+    return "vmap"
+
+
+def _stack(adaptations: list[Adaptation]) -> Adaptation:
+    params = {n: torch.stack([a.params[n] for a in adaptations]) for n in adaptations[0].params}
+    stats = {
+        n: (torch.stack([a.norm_stats[n][0] for a in adaptations]), torch.stack([a.norm_stats[n][1] for a in adaptations]))
+        for n in adaptations[0].norm_stats
+    }
+    before = torch.stack([a.support_loss_before for a in adaptations])
+    after = torch.stack([a.support_loss_after for a in adaptations])
+    return Adaptation(params, stats, before, after)
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 1.0,
+        queue_size: int = 256,
+        request_timeout_s: float = 30.0,
+        threads: int = 0,
+        metrics: Any = None,
+        strategy: str = "auto",
+    ):
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.queue_size = queue_size
+        self.request_timeout_s = request_timeout_s
+        self.threads = threads
+        self.metrics = metrics
+        self.strategy = strategy
+        self._pending: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._last_batch_size = 1
+        self.batches = 0
+        self.jobs_done = 0
+
+    # ------------------------------------------------------------------
+    # Lifecycle
+    # ------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="metalearn-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            for job in self._pending:
+                job.future.cancel()
+            self._pending.clear()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def depth(self) -> int:
+        return len(self._pending)
+
+    # ------------------------------------------------------------------
+    # Submission (event loop side)
+    # ------------------------------------------------------------------
+    def submit_nowait(self, job: Job) -> concurrent.futures.Future:
+        with self._cond:
+            if not self.running:
+                raise EngineStopped("the adaptation worker is not running")
+            if len(self._pending) >= self.queue_size:
+                # Retry-After: a rough time to drain what is queued.
+                raise QueueFull(max(1, int(self.request_timeout_s // 10) or 1))
+            job.enqueued = time.perf_counter()
+            self._pending.append(job)
+            depth = len(self._pending)
+            self._cond.notify()
+        if self.metrics is not None:
+            self.metrics.queue_depth(depth)
+        return job.future
+
+    async def submit(self, job: Job, timeout: float | None = None) -> Any:
+        future = self.submit_nowait(job)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout or self.request_timeout_s)
+        except asyncio.TimeoutError:
+            future.cancel()
+            raise JobTimeout(f"the request did not finish within {timeout or self.request_timeout_s:g} s") from None
+
+    # ------------------------------------------------------------------
+    # Worker
+    # ------------------------------------------------------------------
+    def _take_compatible(self, key: tuple, batch: list[Job]) -> None:
+        if len(batch) >= self.max_batch_size or not self._pending:
+            return
+        keep: deque[Job] = deque()
+        while self._pending:
+            job = self._pending.popleft()
+            if len(batch) < self.max_batch_size and job.key() == key:
+                batch.append(job)
+            else:
+                keep.append(job)
+        self._pending = keep
+
+    def _next_batch(self) -> list[Job] | None:
+        with self._cond:
+            while not self._pending and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            first = self._pending.popleft()
+            key = first.key()
+            batch = [first]
+            self._take_compatible(key, batch)
+            # Wait for company only under concurrency (the last batch had several
+            # jobs): a lone client pays no batching delay.
+            if self.max_wait > 0 and len(batch) < self.max_batch_size and self._last_batch_size > 1:
+                deadline = time.perf_counter() + self.max_wait
+                while len(batch) < self.max_batch_size:
+                    remaining = deadline - time.perf_counter()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                    if self._stopping:
+                        break
+                    self._take_compatible(key, batch)
+            depth = len(self._pending)
+            self._last_batch_size = len(batch)
+        if self.metrics is not None:
+            self.metrics.queue_depth(depth)
+        return batch
+
+    def _run(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
+            self._execute(batch)
+
+    def _execute(self, batch: list[Job]) -> None:
+        kind = batch[0].kind
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                results = self._compute(batch)
+        except Exception as error:  # noqa: BLE001 - isolate the failing request
+            if len(batch) > 1:
+                log.warning("batch of %d %s jobs failed (%s); running them one by one", len(batch), kind, error)
+                for job in batch:
+                    self._execute_single(job)
+                return
+            log.exception("%s job for model %s failed", kind, batch[0].model.name)
+            batch[0].future.set_exception(error)
+            return
+        elapsed = time.perf_counter() - start
+        for job, result in zip(batch, results):
+            result["compute_seconds"] = elapsed
+            result["batch_size"] = len(batch)
+            job.future.set_result(result)
+        self.batches += 1
+        self.jobs_done += len(batch)
+        if self.metrics is not None:
+            self.metrics.batch(kind, batch[0].model.name, len(batch), elapsed)
+
+    def _execute_single(self, job: Job) -> None:
+        start = time.perf_counter()
+        try:
+            with torch.no_grad():
+                result = self._compute([job])[0]
+        except Exception as error:  # noqa: BLE001
+            log.exception("%s job for model %s failed", job.kind, job.model.name)
+            job.future.set_exception(error)
+            return
+        result["compute_seconds"] = time.perf_counter() - start
+        result["batch_size"] = 1
+        job.future.set_result(result)
+        if self.metrics is not None:
+            self.metrics.batch(job.kind, job.model.name, 1, result["compute_seconds"])
+
+    # ------------------------------------------------------------------
+    # The computations
+    # ------------------------------------------------------------------
+    def _compute(self, batch: list[Job]) -> list[dict]:
+        if batch[0].kind == "adapt":
+            return self._adapt(batch)
+        return self._predict(batch)
+
+    def _strategy(self, model) -> str:
+        if self.strategy != "auto":
+            return self.strategy
+        cached = getattr(model, "_engine_strategy", None)
+        if cached is None:
+            cached = choose_strategy(model.learner, model.device)
+            model._engine_strategy = cached
+        return cached
+
+    def _fast(self, model, count: int):
+        """The fast batched kernel for this model and batch size, or None (see service.fastpath).
+
+        Both kernels beat the generic path even for a single request on the CPU
+        (measured: Conv4-64, 10 steps, one request: 0.30 s against 0.65 s for
+        ``adapt`` + ``predict``); results agree with them to float rounding.
+        """
+        if self.strategy != "auto":
+            return None
+        if not hasattr(model, "_engine_fast"):
+            from service import fastpath
+
+            model._engine_fast = fastpath.fast_kernel(model.learner)
+        return model._engine_fast
+
+    def _adapt(self, batch: list[Job]) -> list[dict]:
+        model = batch[0].model
+        learner, device = model.learner, model.device
+        first = batch[0]
+        count = len(batch)
+        sx = torch.stack([j.support_x for j in batch]).to(device, non_blocking=True)
+        sy = torch.stack([j.support_y for j in batch]).to(device, non_blocking=True)
+        qx = None if first.query_x is None else torch.stack([j.query_x for j in batch]).to(device, non_blocking=True)
+        strategy = self._strategy(model)
+        fast = self._fast(model, count)
+        if fast is not None:
+            stacked = fast.adapt(sx, sy, first.steps, first.lr)
+            outputs = None if qx is None else fast.predict(stacked, qx, transductive=first.transductive)
+        elif count == 1 or strategy == "loop":
+            adaptations = [adapt(learner, sx[i], sy[i], steps=first.steps, lr=first.lr) for i in range(count)]
+            outputs = None
+            if qx is not None:
+                outputs = torch.stack([predict(learner, a, qx[i], transductive=first.transductive) for i, a in enumerate(adaptations)])
+            stacked = _stack(adaptations)
+        else:
+            stacked = adapt_many(learner, sx, sy, steps=first.steps, lr=first.lr)
+            outputs = None if qx is None else predict_many(learner, stacked, qx, transductive=first.transductive)
+        before = stacked.support_loss_before.float().cpu().tolist()
+        after = stacked.support_loss_after.float().cpu().tolist()
+        finite = torch.ones(count, dtype=torch.bool, device=stacked.support_loss_after.device)
+        for tensor in stacked.params.values():
+            finite &= torch.isfinite(tensor.reshape(count, -1)).all(1)
+        if outputs is not None:
+            finite &= torch.isfinite(outputs.reshape(count, -1)).all(1)
+        finite = finite.cpu().tolist()
+        results = []
+        decoded = None if outputs is None else self._decode_outputs(model, outputs)
+        for i in range(count):
+            if not (finite[i] and math.isfinite(before[i]) and math.isfinite(after[i])):
+                results.append({"diverged": True, "support_loss_before": before[i], "support_loss_after": after[i]})
+                continue
+            result: dict = {"support_loss_before": before[i], "support_loss_after": after[i]}
+            if first.keep_session:
+                result["tensors"] = session_tensors(stacked, i)
+            if decoded is not None:
+                result.update({k: v[i] for k, v in decoded.items()})
+            results.append(result)
+        return results
+
+    def _predict(self, batch: list[Job]) -> list[dict]:
+        model = batch[0].model
+        learner, device = model.learner, model.device
+        first = batch[0]
+        qx = torch.stack([j.query_x for j in batch]).to(device, non_blocking=True)
+        fast = self._fast(model, len(batch))
+        if fast is not None:
+            stacked = {n: torch.stack([j.session[n].to(device) for j in batch]) for n in first.session}
+            outputs = fast.predict(adaptation_from_tensors(stacked), qx, transductive=first.transductive)
+        elif len(batch) == 1:
+            adaptation = adaptation_from_tensors({n: t.to(device) for n, t in first.session.items()})
+            outputs = predict(learner, adaptation, qx[0], transductive=first.transductive).unsqueeze(0)
+        else:
+            names = list(first.session)
+            stacked = {n: torch.stack([j.session[n].to(device) for j in batch]) for n in names}
+            outputs = predict_many(learner, adaptation_from_tensors(stacked), qx, transductive=first.transductive)
+        finite = torch.isfinite(outputs.reshape(len(batch), -1)).all(1).cpu().tolist()
+        decoded = self._decode_outputs(model, outputs)
+        return [{k: v[i] for k, v in decoded.items()} if finite[i] else {"diverged": True} for i in range(len(batch))]
+
+    @staticmethod
+    def _decode_outputs(model, outputs: torch.Tensor) -> dict[str, list]:
+        """``outputs`` [R, N, out] -> per request lists (classification: predictions + probabilities)."""
+        outputs = outputs.float()
+        if model.task_type == "classification":
+            logits = outputs[..., : model.n_way]
+            probabilities = torch.softmax(logits, dim=-1)
+            return {
+                "predictions": probabilities.argmax(-1).cpu().tolist(),
+                "probabilities": probabilities.cpu().tolist(),
+            }
+        values = outputs.cpu()
+        if values.shape[-1] == 1:
+            values = values.squeeze(-1)
+        return {"predictions": values.tolist()}
+
+
+Callback = Callable[..., None]

@@ -1,0 +1,187 @@
+"""RFC 9457 problem details: every error the service answers is ``application/problem+json``.
+
+``raise Problem(422, "Bad tensor", "support.x: expected rank 4 ...")`` anywhere in
+a route gives::
+
+    {"type": "https://metalearn.dev/problems/bad-tensor", "title": "Bad tensor",
+     "status": 422, "detail": "support.x: expected rank 4 ...", "instance": "/v1/models/m/adapt"}
+
+:func:`install` adds handlers for request validation errors, HTTP errors (404,
+405, ...), and a last-resort handler so even an unexpected exception is a JSON
+problem; :class:`BodySizeLimit` answers ``413`` for bodies over the limit,
+counting the bytes as they arrive (a lying or missing Content-Length does not help).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("service")
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+TYPE_BASE = "https://metalearn.dev/problems/"
+
+
+class Problem(Exception):
+    """An error answered as a problem document."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        *,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ):
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.type = type or TYPE_BASE + re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self, instance: str | None = None) -> dict:
+        body = {"type": self.type, "title": self.title, "status": self.status, "detail": self.detail}
+        if instance:
+            body["instance"] = instance
+        body.update(self.extra)
+        return body
+
+
+def bad_input(detail: str, title: str = "Invalid input") -> Problem:
+    return Problem(422, title, detail)
+
+
+def not_found(what: str, name: str) -> Problem:
+    return Problem(404, f"Unknown {what}", f"no {what} {name!r}")
+
+
+def problem_response(problem: Problem, instance: str | None = None) -> JSONResponse:
+    return JSONResponse(problem.body(instance), status_code=problem.status, headers=problem.headers, media_type=PROBLEM_MEDIA_TYPE)
+
+
+_STATUS_TITLES = {
+    400: "Bad request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    406: "Not acceptable",
+    413: "Request body too large",
+    415: "Unsupported media type",
+    422: "Invalid input",
+    429: "Too many requests",
+    503: "Service unavailable",
+}
+
+
+def _loc(loc) -> str:
+    return ".".join(str(part) for part in loc if part != "body") or "body"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem):
+        return problem_response(exc, request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            problem = Problem(400, "Malformed JSON", "the request body is not valid JSON")
+            return problem_response(problem, request.url.path)
+        parts, simple = [], []
+        for e in errors[:20]:
+            where = _loc(e.get("loc", ()))
+            parts.append(f"{where}: {e.get('msg')}")
+            simple.append({"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg")), "type": str(e.get("type"))})
+        problem = Problem(422, "Invalid request", "; ".join(parts) or "invalid request", errors=simple)
+        return problem_response(problem, request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        title = _STATUS_TITLES.get(exc.status_code, "Error")
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"no route {request.url.path!r}"
+        problem = Problem(exc.status_code, title, detail, headers=dict(exc.headers or {}))
+        return problem_response(problem, request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        problem = Problem(500, "Internal error", f"unexpected {type(exc).__name__}; the service keeps running")
+        return problem_response(problem, request.url.path)
+
+
+class _TooLarge(StarletteHTTPException):
+    """Raised from ``receive`` when the body grows past the limit (an HTTPException, so FastAPI re-raises it)."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__(413, f"the request body exceeds the limit of {max_bytes} bytes")
+
+
+class BodySizeLimit:
+    """ASGI middleware: ``413`` when a request body exceeds ``max_bytes``."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _reject(self, scope, send) -> None:
+        problem = Problem(413, "Request body too large", f"the request body exceeds the limit of {self.max_bytes} bytes")
+        body = json.dumps(problem.body(scope.get("path"))).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", PROBLEM_MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode()), (b"connection", b"close")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > self.max_bytes:
+                    return await self._reject(scope, send)
+        received = 0
+        started = False
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _TooLarge(self.max_bytes)
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._reject(scope, send)

@@ -1,0 +1,171 @@
+"""The models the service serves, loaded from a model directory at start.
+
+Every ``*.safetensors`` file directly in the directory is a model named after
+the file (``omniglot.safetensors`` -> ``omniglot``), and every sub-directory
+holding a ``best.safetensors`` (the output of ``metalearn train --out DIR``) is
+a model named after the directory. A file that cannot be loaded is logged and
+skipped. Loading never unpickles (see :mod:`metalearn.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from metalearn.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from metalearn.learner import MetaLearner
+
+log = logging.getLogger("service.registry")
+
+RUN_CHECKPOINT = "best.safetensors"
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    checkpoint: Checkpoint
+    device: str
+    input_shape: tuple[int, ...]
+    task_type: str
+    n_way: int | None
+    out_features: int
+    inner_steps: int
+    inner_lr: float
+    adapted_names: list[str] = field(default_factory=list)
+
+    @property
+    def learner(self) -> MetaLearner:
+        return self.checkpoint.learner
+
+    @property
+    def manifest(self) -> dict:
+        return self.checkpoint.manifest
+
+    @property
+    def preprocessing(self) -> dict | None:
+        prep = self.manifest.get("preprocessing")
+        return prep if isinstance(prep, dict) and prep.get("kind") == "image" else None
+
+    @property
+    def version(self) -> str:
+        digest = str(self.manifest.get("content_hash", "")).split(":")[-1]
+        return digest[:12] or "unknown"
+
+    def info(self) -> dict:
+        manifest = self.manifest
+        return {
+            "name": self.name,
+            "version": self.version,
+            "algorithm": manifest.get("algorithm"),
+            "task_type": self.task_type,
+            "input_shape": list(self.input_shape),
+            "n_way": self.n_way,
+            "output_size": self.out_features,
+            "inner_steps": self.inner_steps,
+            "inner_lr": self.inner_lr,
+            "adapted_parameters": list(self.adapted_names),
+            "accepts_images": self.preprocessing is not None,
+            "preprocessing": manifest.get("preprocessing"),
+            "metrics": manifest.get("metrics") or {},
+            "training": manifest.get("training") or {},
+            "model_spec": manifest.get("model_spec"),
+            "library_version": manifest.get("library_version"),
+            "device": self.device,
+        }
+
+
+def _output_size(learner: MetaLearner, input_shape: tuple[int, ...], device: str) -> int:
+    head = getattr(learner.model, "head", None)
+    if isinstance(head, torch.nn.Linear):
+        return int(head.out_features)
+    with torch.no_grad():
+        out = learner.model(torch.zeros((2, *input_shape), device=device))
+    return int(out.shape[-1])
+
+
+def load_model(name: str, path: Path, device: str) -> LoadedModel:
+    checkpoint = load_checkpoint(path, device)
+    manifest = checkpoint.manifest
+    try:
+        input_shape = tuple(int(s) for s in manifest["input_shape"])
+        task_type = manifest["task_type"]
+        inner = manifest.get("inner") or {}
+        steps = int(inner.get("steps", checkpoint.learner.config.inner_steps))
+        lr = float(inner.get("lr", checkpoint.learner.config.inner_lr))
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: incomplete manifest ({error})") from None
+    if not input_shape or any(s < 1 for s in input_shape):
+        raise CheckpointError(f"{path}: bad input_shape {input_shape}")
+    if not math.isfinite(lr) or lr <= 0 or steps < 0:
+        raise CheckpointError(f"{path}: bad inner steps/lr {steps}/{lr}")
+    out_features = _output_size(checkpoint.learner, input_shape, device)
+    n_way = manifest.get("n_way")
+    if task_type == "classification":
+        n_way = int(n_way) if n_way else out_features
+        if n_way < 2 or n_way > out_features:
+            raise CheckpointError(f"{path}: n_way {n_way} does not fit the model's {out_features} outputs")
+    else:
+        n_way = None
+    for p in checkpoint.learner.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(
+        name=name,
+        checkpoint=checkpoint,
+        device=device,
+        input_shape=input_shape,
+        task_type=task_type,
+        n_way=n_way,
+        out_features=out_features,
+        inner_steps=steps,
+        inner_lr=lr,
+        adapted_names=list(checkpoint.learner.adapt_names),
+    )
+
+
+def discover(model_dir: str | Path) -> list[tuple[str, Path]]:
+    """``(name, checkpoint path)`` of every model in ``model_dir``, sorted by name."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_file() and entry.suffix == ".safetensors" and not entry.name.startswith("."):
+            found.append((entry.stem, entry))
+        elif entry.is_dir() and (entry / RUN_CHECKPOINT).is_file():
+            found.append((entry.name, entry / RUN_CHECKPOINT))
+    return found
+
+
+class ModelRegistry:
+    def __init__(self, models: dict[str, LoadedModel] | None = None, errors: dict[str, str] | None = None):
+        self.models = models or {}
+        self.errors = errors or {}
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str = "cpu") -> "ModelRegistry":
+        models: dict[str, LoadedModel] = {}
+        errors: dict[str, str] = {}
+        if not Path(model_dir).is_dir():
+            log.warning("model directory %s does not exist: serving no models", model_dir)
+        for name, path in discover(model_dir):
+            if name in models:
+                log.warning("skipping %s: a model named %r is already loaded from %s", path, name, models[name].checkpoint.path)
+                errors[str(path)] = f"duplicate model name {name!r}"
+                continue
+            try:
+                models[name] = load_model(name, path, device)
+                log.info("loaded model %r from %s (%s, %s)", name, path, models[name].manifest.get("algorithm"), device)
+            except (CheckpointError, ValueError, RuntimeError, OSError) as error:
+                log.error("skipping checkpoint %s: %s", path, error)
+                errors[str(path)] = str(error)
+        return cls(models, errors)
+
+    def get(self, name: str) -> LoadedModel | None:
+        return self.models.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self.models)

@@ -1,0 +1,128 @@
+"""``GET /metrics``: Prometheus text format, from a registry private to each app.
+
+Request counts and latencies per route template and status, adaptation and
+prediction batch latency and sizes, queue depth, and the session store's live
+sessions, bytes, evictions and expirations (read from the store at scrape time).
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+router = APIRouter(tags=["metrics"])
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class _StoreCollector:
+    def __init__(self, app_state):
+        self.app_state = app_state
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        store = getattr(self.app_state, "store", None)
+        if store is None:
+            return
+        try:
+            stats = store.stats()
+        except Exception:  # noqa: BLE001 - an unreachable store must not break /metrics
+            up = GaugeMetricFamily("metalearn_session_store_up", "1 when the session store answers")
+            up.add_metric([], 0)
+            yield up
+            return
+        up = GaugeMetricFamily("metalearn_session_store_up", "1 when the session store answers")
+        up.add_metric([], 1)
+        yield up
+        live = GaugeMetricFamily("metalearn_sessions_live", "Sessions currently stored")
+        live.add_metric([], stats.live_sessions)
+        yield live
+        size = GaugeMetricFamily("metalearn_sessions_bytes", "Bytes of adapted parameters currently stored")
+        size.add_metric([], stats.live_bytes)
+        yield size
+        evictions = CounterMetricFamily("metalearn_session_evictions", "Sessions evicted to honour the byte budget")
+        evictions.add_metric([], stats.evictions)
+        yield evictions
+        expirations = CounterMetricFamily("metalearn_session_expirations", "Sessions dropped because their TTL passed")
+        expirations.add_metric([], stats.expirations)
+        yield expirations
+
+
+class ServiceMetrics:
+    def __init__(self, app_state=None):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("metalearn_http_requests", "HTTP requests by route, method and status", ["route", "method", "status"], registry=r)
+        self.latency = Histogram(
+            "metalearn_http_request_duration_seconds", "HTTP request latency by route, method and status", ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.compute = Histogram(
+            "metalearn_engine_batch_seconds", "Time of one batched computation on the device (kind = adapt | predict)", ["kind", "model"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.adaptation = Histogram(
+            "metalearn_adaptation_seconds", "Adaptation latency as a request sees it: queue wait plus batched compute", ["model"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram("metalearn_engine_batch_size", "Requests per batched computation", ["kind"], buckets=BATCH_BUCKETS, registry=r)
+        self.queue = Gauge("metalearn_engine_queue_depth", "Jobs waiting for the worker", registry=r)
+        self.rejected = Counter("metalearn_engine_rejected", "Jobs refused because the queue was full", registry=r)
+        self.timeouts = Counter("metalearn_engine_timeouts", "Jobs that exceeded the request timeout", registry=r)
+        self.models = Gauge("metalearn_models_loaded", "Models being served", registry=r)
+        if app_state is not None:
+            r.register(_StoreCollector(app_state))
+
+    # Engine callbacks (called from the worker thread)
+    def queue_depth(self, depth: int) -> None:
+        self.queue.set(depth)
+
+    def batch(self, kind: str, model: str, size: int, seconds: float) -> None:
+        self.compute.labels(kind, model).observe(seconds)
+        self.batch_size.labels(kind).observe(size)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestMetrics:
+    """ASGI middleware counting requests per route template and status."""
+
+    def __init__(self, app, metrics: ServiceMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def tracking_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            labels = (template, scope.get("method", ""), str(status["code"]))
+            self.metrics.requests.labels(*labels).inc()
+            self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"example": "metalearn_http_requests_total{method=\"GET\",route=\"/healthz\",status=\"200\"} 3.0\n"}}}},
+)
+def metrics(request: Request) -> Response:
+    """Request counts/latencies per route and status, batch sizes and latencies, queue depth, sessions."""
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,155 @@
+"""``/v1/models``: what is served, adaptation (creating a session) and stateless adapt-and-predict."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+from fastapi import APIRouter, Body, Depends, Request, Response
+
+from service.engine import Job
+from service.problems import Problem
+from service.routes.deps import check_inner, get_model, maybe_offload, owner, store_call, uses_images
+from service.routes.schemas import AdaptRequest, AdaptResponse, ModelInfo, ModelList, PredictRequest, PredictResponse, Timing
+from service.sessions import Session, new_session_id
+from service.tensors import decode_inputs, decode_labels, decode_targets
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+PROBLEM = {"content": {"application/problem+json": {}}, "description": "Problem details (RFC 9457)"}
+ERRORS = {400: PROBLEM, 401: PROBLEM, 404: PROBLEM, 413: PROBLEM, 422: PROBLEM, 503: PROBLEM}
+
+
+def iso(t: float) -> str:
+    return datetime.fromtimestamp(t, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def decode_support(model, support, settings):
+    x = decode_inputs(support.x, "support.x", model.input_shape, model.preprocessing, settings.max_support)
+    if model.task_type == "classification":
+        y = decode_labels(support.y, "support.y", x.shape[0], model.n_way)
+    else:
+        y = decode_targets(support.y, "support.y", x.shape[0], model.out_features)
+    return x, y
+
+
+def engine_lr(model, requested: float | None, resolved: float) -> float | None:
+    """The lr the engine passes on: None keeps a learned learning rate (Meta-SGD, MAML++) when the request sets none."""
+    cfg = model.learner.config
+    if requested is None and (cfg.algorithm == "metasgd" or cfg.learn_step_lrs):
+        return None
+    return resolved
+
+
+def check_finite(result: dict) -> dict:
+    """A diverged adaptation (non-finite parameters or outputs) is the request's settings' fault: 422, not a 500."""
+    if result.get("diverged"):
+        raise Problem(
+            422,
+            "Adaptation diverged",
+            "adaptation produced non-finite parameters or outputs "
+            f"(support loss {result.get('support_loss_before')} -> {result.get('support_loss_after')}); "
+            "use a smaller inner_lr or fewer inner_steps",
+        )
+    return result
+
+
+def timing(result: dict, started: float) -> Timing:
+    return Timing(
+        total_ms=(time.perf_counter() - started) * 1000.0,
+        compute_ms=result["compute_seconds"] * 1000.0,
+        batch_size=result["batch_size"],
+    )
+
+
+@router.get("", summary="List the models", response_model=ModelList, responses=ERRORS)
+def list_models(request: Request, _owner: str | None = Depends(owner)) -> dict:
+    registry = request.app.state.registry
+    return {"models": [registry.get(n).info() for n in registry.names()]}
+
+
+@router.get("/{name}", summary="Describe a model", response_model=ModelInfo, responses=ERRORS)
+def describe_model(request: Request, name: str, _owner: str | None = Depends(owner)) -> dict:
+    return get_model(request, name).info()
+
+
+@router.post("/{name}/adapt", summary="Adapt to a support set (creates a session)", status_code=201, response_model=AdaptResponse, responses=ERRORS)
+async def adapt_model(request: Request, response: Response, name: str, body: AdaptRequest = Body(...), caller: str | None = Depends(owner)) -> AdaptResponse:
+    """Adapts the model to the support set and keeps the adapted parameters in a session for later predictions."""
+    state = request.app.state
+    settings = state.settings
+    model = get_model(request, name)
+    steps, lr = check_inner(settings, body.inner_steps, body.inner_lr, model)
+    ttl = settings.session_ttl_s if body.ttl_s is None else body.ttl_s
+    if not 1 <= ttl <= settings.max_session_ttl_s:
+        raise Problem(422, "Invalid ttl_s", f"ttl_s must be in [1, {settings.max_session_ttl_s}], got {ttl}")
+    x, y = await maybe_offload(uses_images(body.support.x), decode_support, model, body.support, settings)
+    started = time.perf_counter()
+    result = check_finite(await state.engine.submit(Job("adapt", model, support_x=x, support_y=y, steps=steps, lr=engine_lr(model, body.inner_lr, lr), keep_session=True)))
+    state.metrics.adaptation.labels(model.name).observe(time.perf_counter() - started)
+    created = time.time()
+    session = Session(
+        id=new_session_id(),
+        model=model.name,
+        owner=caller,
+        created=created,
+        expires=created + ttl,
+        tensors=result["tensors"],
+        meta={
+            "model_version": model.version,
+            "inner_steps": steps,
+            "inner_lr": lr,
+            "support_size": int(x.shape[0]),
+            "support_loss_before": result["support_loss_before"],
+            "support_loss_after": result["support_loss_after"],
+        },
+    )
+    await store_call(request, state.store.put, session)
+    response.headers["Location"] = f"/v1/sessions/{session.id}"
+    return AdaptResponse(
+        session_id=session.id,
+        model=model.name,
+        model_version=model.version,
+        created=created,
+        expires=session.expires,
+        expires_at=iso(session.expires),
+        ttl_s=ttl,
+        inner_steps=steps,
+        inner_lr=lr,
+        support_loss_before=result["support_loss_before"],
+        support_loss_after=result["support_loss_after"],
+        adaptation_ms=result["compute_seconds"] * 1000.0,
+        session_bytes=session.nbytes,
+        timing=timing(result, started),
+    )
+
+
+@router.post("/{name}/predict", summary="Adapt and predict in one call (no session)", response_model=PredictResponse, response_model_exclude_none=True, responses=ERRORS)
+async def predict_stateless(request: Request, name: str, body: PredictRequest = Body(...), _owner: str | None = Depends(owner)) -> PredictResponse:
+    """Adapts to the support set, predicts the queries, and keeps nothing."""
+    state = request.app.state
+    settings = state.settings
+    model = get_model(request, name)
+    steps, lr = check_inner(settings, body.inner_steps, body.inner_lr, model)
+
+    def decode():
+        sx, sy = decode_support(model, body.support, settings)
+        qx = decode_inputs(body.query.x, "query.x", model.input_shape, model.preprocessing, settings.max_query)
+        return sx, sy, qx
+
+    offload = uses_images(body.support.x) or uses_images(body.query.x)
+    sx, sy, qx = await maybe_offload(offload, decode)
+    started = time.perf_counter()
+    job = Job("adapt", model, support_x=sx, support_y=sy, steps=steps, lr=engine_lr(model, body.inner_lr, lr), query_x=qx, transductive=body.transductive, keep_session=False)
+    result = check_finite(await state.engine.submit(job))
+    state.metrics.adaptation.labels(model.name).observe(time.perf_counter() - started)
+    return PredictResponse(
+        model=model.name,
+        predictions=result["predictions"],
+        probabilities=result.get("probabilities"),
+        support_loss_before=result["support_loss_before"],
+        support_loss_after=result["support_loss_after"],
+        inner_steps=steps,
+        inner_lr=lr,
+        timing=timing(result, started),
+    )

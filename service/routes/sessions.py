@@ -1,0 +1,65 @@
+"""``/v1/sessions``: predictions with stored adapted parameters, inspection, deletion."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Body, Depends, Request, Response
+
+from service.engine import Job
+from service.problems import Problem
+from service.routes.deps import maybe_offload, owner, store_call, uses_images
+from service.routes.models import ERRORS, check_finite, iso, timing
+from service.routes.schemas import PredictResponse, SessionInfo, SessionPredictRequest
+from service.tensors import decode_inputs
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+
+
+async def _session(request: Request, session_id: str, caller: str | None):
+    session = await store_call(request, request.app.state.store.get, session_id, caller)
+    if session is None:
+        raise Problem(404, "Unknown session", "no such session: it never existed, expired, was evicted or deleted")
+    return session
+
+
+@router.post("/{session_id}/predict", summary="Predict with an adapted session", response_model=PredictResponse, response_model_exclude_none=True, responses=ERRORS)
+async def predict_session(request: Request, session_id: str, body: SessionPredictRequest = Body(...), caller: str | None = Depends(owner)) -> PredictResponse:
+    """Predicts with the parameters a previous ``adapt`` stored (cheap: no adaptation)."""
+    state = request.app.state
+    session = await _session(request, session_id, caller)
+    model = state.registry.get(session.model)
+    if model is None or session.meta.get("model_version") not in (None, model.version):
+        raise Problem(404, "Unknown session", f"the session's model {session.model!r} is no longer served in that version; adapt again")
+    x = await maybe_offload(uses_images(body.x), decode_inputs, body.x, "x", model.input_shape, model.preprocessing, state.settings.max_query)
+    started = time.perf_counter()
+    result = check_finite(await state.engine.submit(Job("predict", model, query_x=x, session=session.tensors, transductive=body.transductive)))
+    return PredictResponse(
+        model=model.name,
+        predictions=result["predictions"],
+        probabilities=result.get("probabilities"),
+        session_id=session.id,
+        timing=timing(result, started),
+    )
+
+
+@router.get("/{session_id}", summary="Describe a session", response_model=SessionInfo, responses=ERRORS)
+async def describe_session(request: Request, session_id: str, caller: str | None = Depends(owner)) -> SessionInfo:
+    session = await _session(request, session_id, caller)
+    return SessionInfo(
+        session_id=session.id,
+        model=session.model,
+        created=session.created,
+        expires=session.expires,
+        expires_at=iso(session.expires),
+        size_bytes=session.nbytes,
+        meta=session.meta,
+    )
+
+
+@router.delete("/{session_id}", summary="Delete a session", status_code=204, response_class=Response, responses=ERRORS)
+async def delete_session(request: Request, session_id: str, caller: str | None = Depends(owner)) -> Response:
+    deleted = await store_call(request, request.app.state.store.delete, session_id, caller)
+    if not deleted:
+        raise Problem(404, "Unknown session", "no such session: it never existed, expired, was evicted or deleted")
+    return Response(status_code=204)

@@ -1,0 +1,25 @@
+"""``serve(model_dir, host, port, **settings)``: run the service with uvicorn (what ``metalearn serve`` calls)."""
+
+from __future__ import annotations
+
+import logging
+
+from service.settings import Settings
+
+
+def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, **settings_overrides) -> None:
+    """Serve the models of ``model_dir`` on ``host:port`` until interrupted.
+
+    ``settings_overrides`` are :class:`service.settings.Settings` fields (e.g.
+    ``device="cuda"``, ``api_keys="k1,k2"``, ``max_batch_size=64``); the others
+    come from ``METALEARN_*`` environment variables. ``log_level`` is passed to uvicorn.
+    """
+    import uvicorn
+
+    from service.app import create_app
+
+    log_level = settings_overrides.pop("log_level", "info")
+    settings = Settings(model_dir=str(model_dir), **settings_overrides)
+    logging.basicConfig(level=getattr(logging, str(log_level).upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)

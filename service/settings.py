@@ -1,0 +1,95 @@
+"""Service settings: one pydantic-settings class, read from ``METALEARN_*`` environment variables.
+
+Every field below is an environment variable named ``METALEARN_`` + the field
+name in upper case, e.g. ``METALEARN_MODEL_DIR=runs METALEARN_DEVICE=cuda``.
+A ``.env`` file in the working directory is read too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="METALEARN_", env_file=".env", extra="ignore", protected_namespaces=())
+
+    # Models
+    model_dir: str = Field("models", description="Directory of checkpoints (*.safetensors) and run directories (DIR/best.safetensors).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run; auto = cuda when available.")
+
+    # Engine
+    max_batch_size: int = Field(0, ge=0, description="Most requests run together as one batched computation (0 = auto: 8 on the CPU, where bigger batches spill the caches, 64 on a GPU).")
+    max_wait_ms: float = Field(1.0, ge=0, description="How long the worker waits for more requests to fill a batch.")
+    queue_size: int = Field(256, ge=1, description="Pending requests beyond this are answered 503 with Retry-After.")
+    request_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline for adaptation/prediction (503 when exceeded).")
+    threads: int = Field(0, ge=0, description="torch intra-op threads of the worker (0 = auto: one less than the CPU cores, at least 1, leaving a core to the HTTP event loop).")
+
+    # Limits
+    max_support: int = Field(512, ge=1, description="Most support examples in one request.")
+    max_query: int = Field(1024, ge=1, description="Most query examples in one request.")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Request bodies over this are answered 413.")
+    max_inner_steps: int = Field(100, ge=0, description="Largest inner_steps a request may ask for.")
+    min_inner_lr: float = Field(1e-6, gt=0, description="Smallest inner_lr a request may ask for.")
+    max_inner_lr: float = Field(10.0, gt=0, description="Largest inner_lr a request may ask for.")
+
+    # Sessions
+    session_ttl_s: int = Field(3600, ge=1, description="Session lifetime when the request gives no ttl_s.")
+    max_session_ttl_s: int = Field(86400, ge=1, description="Largest ttl_s a request may ask for.")
+    cache_bytes: int = Field(512 * 1024 * 1024, ge=0, description="Byte budget of the in-memory session store (LRU eviction beyond).")
+    session_backend: Literal["memory", "redis"] = Field("memory", description="memory (per process) or redis (shared between replicas).")
+    redis_url: str = Field("redis://localhost:6379/0", description="Redis URL when session_backend=redis.")
+
+    # Security
+    api_keys: str = Field("", description="Comma-separated API keys; when set every /v1 call needs one (Authorization: Bearer KEY or X-API-Key).")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys_as_text(cls, value):
+        if isinstance(value, (list, tuple, set)):
+            return ",".join(str(v) for v in value)
+        return value
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.min_inner_lr > self.max_inner_lr:
+            raise ValueError("min_inner_lr must be <= max_inner_lr")
+        if self.session_ttl_s > self.max_session_ttl_s:
+            raise ValueError("session_ttl_s must be <= max_session_ttl_s")
+        return self
+
+    def key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    def owner_hashes(self) -> dict[str, str]:
+        """API key -> owner id stored with sessions (a hash, so keys never sit in the store)."""
+        return {key: hash_key(key) for key in self.key_list()}
+
+    def resolved_threads(self) -> int:
+        if self.threads:
+            return self.threads
+        import os
+
+        return max(1, (os.cpu_count() or 2) - 1)
+
+    def resolved_max_batch_size(self) -> int:
+        if self.max_batch_size:
+            return self.max_batch_size
+        return 64 if self.resolved_device().startswith("cuda") else 8
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(("metalearn-owner:" + key).encode()).hexdigest()[:32]
+
+
+ENV_PREFIX = "METALEARN_"

@@ -1,0 +1,182 @@
+"""Request tensors: decoding and validation against a model.
+
+A tensor in a request body is one of:
+
+- nested JSON lists, e.g. ``[[0.1], [0.5]]`` for two inputs of shape ``[1]``;
+- ``{"dtype": "float32", "shape": [2, 1], "base64": "..."}``: raw little-endian
+  bytes (``dtype`` one of float32, float64, uint8, int32, int64; uint8/int values
+  are cast to float32 unchanged);
+- for image models, ``{"images": ["<base64 PNG or JPEG>", ...]}``: decoded and
+  preprocessed exactly as the model's training data (the checkpoint's
+  ``preprocessing``: resize, grayscale, inversion, scaling).
+
+Every problem is raised as a 422 :class:`service.problems.Problem` naming the
+field (``support.x``) and what is wrong.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+from typing import Any, Literal, Union
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.problems import Problem
+
+DTYPES = {"float32": "<f4", "float64": "<f8", "uint8": "u1", "int32": "<i4", "int64": "<i8"}
+MAX_IMAGE_SIDE = 4096
+
+
+class EncodedTensor(BaseModel):
+    """Raw little-endian tensor bytes, base64-encoded."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"dtype": "float32", "shape": [1, 1], "base64": "AAAAAA=="}]})
+    dtype: Literal["float32", "float64", "uint8", "int32", "int64"]
+    shape: list[int] = Field(..., max_length=8)
+    base64: str
+
+
+class ImageList(BaseModel):
+    """Encoded pictures (PNG, JPEG, ...), preprocessed as the model's training data."""
+
+    model_config = ConfigDict(extra="forbid")
+    images: list[str] = Field(..., description="base64-encoded image files")
+
+
+TensorInput = Union[list[Any], EncodedTensor, ImageList]
+
+
+def invalid(detail: str, title: str = "Invalid tensor") -> Problem:
+    return Problem(422, title, detail)
+
+
+def _from_lists(value: list, where: str, dtype: torch.dtype) -> torch.Tensor:
+    try:
+        return torch.tensor(value, dtype=dtype)
+    except (ValueError, TypeError, RuntimeError, OverflowError) as error:
+        message = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise invalid(f"{where}: not a rectangular array of numbers ({message})") from None
+
+
+def _from_base64(value: EncodedTensor, where: str) -> torch.Tensor:
+    shape = value.shape
+    if any(s < 0 for s in shape):
+        raise invalid(f"{where}: negative dimension in shape {shape}")
+    try:
+        raw = base64.b64decode(value.base64, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid(f"{where}: malformed base64 data") from None
+    itemsize = np.dtype(DTYPES[value.dtype]).itemsize
+    count = math.prod(shape)
+    if count * itemsize != len(raw):
+        raise invalid(
+            f"{where}: {len(raw)} bytes do not match shape {shape} of {value.dtype} "
+            f"({count} x {itemsize} = {count * itemsize} bytes expected)"
+        )
+    array = np.frombuffer(raw, dtype=DTYPES[value.dtype]).reshape(shape)
+    return torch.from_numpy(array.copy())
+
+
+def _from_images(value: ImageList, where: str, preprocessing: dict | None) -> torch.Tensor:
+    if preprocessing is None:
+        raise invalid(f"{where}: this model takes tensors, not images (its checkpoint records no image preprocessing)")
+    if not value.images:
+        raise invalid(f"{where}: empty image list", title="Empty input")
+    from PIL import Image, UnidentifiedImageError
+
+    from metalearn.data.preprocess import preprocess_images
+
+    blobs = []
+    for i, text in enumerate(value.images):
+        try:
+            blob = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise invalid(f"{where}.images[{i}]: malformed base64 data") from None
+        try:
+            with Image.open(io.BytesIO(blob)) as img:
+                width, height = img.size
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            raise invalid(f"{where}.images[{i}]: not a decodable image (PNG, JPEG, ...)") from None
+        if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
+            raise invalid(f"{where}.images[{i}]: image of {width}x{height} pixels exceeds {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}")
+        blobs.append(blob)
+    try:
+        return preprocess_images(blobs, preprocessing, names=[f"{where}.images[{i}]" for i in range(len(blobs))])
+    except (ValueError, TypeError, OSError, Image.DecompressionBombError) as error:
+        raise invalid(str(error)[:300]) from None
+
+
+def decode_inputs(value: Any, where: str, input_shape: tuple[int, ...], preprocessing: dict | None, max_count: int) -> torch.Tensor:
+    """A float32 tensor ``[N, *input_shape]`` with ``1 <= N <= max_count`` and finite values."""
+    if isinstance(value, ImageList):
+        tensor = _from_images(value, where, preprocessing)
+    elif isinstance(value, EncodedTensor):
+        tensor = _from_base64(value, where)
+    elif isinstance(value, list):
+        tensor = _from_lists(value, where, torch.float32)
+    else:
+        raise invalid(f"{where}: expected nested lists, {{dtype, shape, base64}} or {{images}}")
+    expected = (len(input_shape) + 1, list(input_shape))
+    if tensor.dim() != expected[0] or list(tensor.shape[1:]) != expected[1]:
+        raise invalid(
+            f"{where}: expected shape [N, {', '.join(map(str, input_shape))}] (rank {expected[0]}) for this model, "
+            f"got {list(tensor.shape)} (rank {tensor.dim()})",
+            title="Wrong tensor shape",
+        )
+    count = tensor.shape[0]
+    if count == 0:
+        raise invalid(f"{where}: no examples (N = 0)", title="Empty input")
+    if count > max_count:
+        raise Problem(422, "Too many examples", f"{where}: {count} examples, the limit is {max_count}")
+    tensor = tensor.to(torch.float32)
+    if not torch.isfinite(tensor).all():
+        raise invalid(f"{where}: contains NaN or infinite values", title="Non-finite values")
+    return tensor.contiguous()
+
+
+def decode_labels(value: Any, where: str, count: int, n_way: int) -> torch.Tensor:
+    """Class indices ``[count]`` (int64) in ``[0, n_way)`` covering every class."""
+    if isinstance(value, EncodedTensor):
+        tensor = _from_base64(value, where)
+    elif isinstance(value, list):
+        tensor = _from_lists(value, where, torch.float64)
+    else:
+        raise invalid(f"{where}: expected a list of class indices or {{dtype, shape, base64}}")
+    if tensor.dim() != 1:
+        raise invalid(f"{where}: expected a flat list of {count} class indices, got shape {list(tensor.shape)}", title="Wrong tensor shape")
+    if tensor.shape[0] != count:
+        raise invalid(f"{where}: {tensor.shape[0]} labels for {count} inputs", title="Wrong tensor shape")
+    as_float = tensor.to(torch.float64)
+    if not torch.isfinite(as_float).all() or not torch.equal(as_float, as_float.round()):
+        raise invalid(f"{where}: labels must be integer class indices", title="Invalid labels")
+    if (as_float < 0).any() or (as_float >= n_way).any():
+        bad = as_float[(as_float < 0) | (as_float >= n_way)][0].item()
+        raise invalid(f"{where}: label {bad:g} is outside [0, {n_way}) for this {n_way}-way model", title="Invalid labels")
+    labels = as_float.to(torch.int64)
+    missing = sorted(set(range(n_way)) - set(labels.tolist()))
+    if missing:
+        raise invalid(f"{where}: class(es) {missing} have no support example; every one of the {n_way} classes needs at least one", title="Invalid labels")
+    return labels
+
+
+def decode_targets(value: Any, where: str, count: int, out_features: int) -> torch.Tensor:
+    """Regression targets ``[count, out_features]`` (``[count]`` accepted when out_features is 1)."""
+    if isinstance(value, EncodedTensor):
+        tensor = _from_base64(value, where)
+    elif isinstance(value, list):
+        tensor = _from_lists(value, where, torch.float32)
+    else:
+        raise invalid(f"{where}: expected nested lists of targets or {{dtype, shape, base64}}")
+    tensor = tensor.to(torch.float32)
+    if tensor.dim() == 1 and out_features == 1:
+        tensor = tensor.unsqueeze(1)
+    if tensor.dim() != 2 or tensor.shape[1] != out_features or tensor.shape[0] != count:
+        raise invalid(f"{where}: expected targets of shape [{count}, {out_features}], got {list(tensor.shape)}", title="Wrong tensor shape")
+    if not torch.isfinite(tensor).all():
+        raise invalid(f"{where}: contains NaN or infinite values", title="Non-finite values")
+    return tensor.contiguous()

@@ -1,0 +1,64 @@
+"""metalearn.client against a real server: numpy/torch in, numpy out, problems raised as ServiceError."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from metalearn.adaptation import adapt, predict
+from metalearn.checkpoint import load_checkpoint
+from metalearn.client import Client, ServiceError
+from test_service_helpers import ServerProcess, image_tasks, make_model_dir, sine_tasks
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    model_dir = make_model_dir(tmp_path_factory.mktemp("client_models"))
+    proc = ServerProcess(model_dir, tmp_path_factory.mktemp("log") / "client.log", api_keys="k1")
+    try:
+        yield proc.wait_ready(), model_dir
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("encoding", ["base64", "json"])
+def test_client_flow_numpy_and_torch(served, encoding):
+    server, model_dir = served
+    task = image_tasks(tasks=1, queries=2, seed=4)
+    sx, sy, qx = task.support_x[0], task.support_y[0], task.query_x[0]
+    learner = load_checkpoint(model_dir / "conv_maml.safetensors").learner
+    reference = torch.softmax(predict(learner, adapt(learner, sx, sy), qx), -1).numpy()
+    with Client(server.url, api_key="k1", encoding=encoding) as client:
+        assert {m["name"] for m in client.models()} == {"anil_run", "conv_maml", "sine"}
+        session = client.adapt("conv_maml", sx.numpy(), sy.numpy())  # numpy in
+        labels = session.predict(qx)  # torch in
+        assert isinstance(labels, np.ndarray) and labels.tolist() == reference.argmax(-1).tolist()
+        np.testing.assert_allclose(session.probabilities, reference, atol=1e-5)
+        assert session.describe()["model"] == "conv_maml"
+        out = client.predict("conv_maml", sx, sy, qx)
+        np.testing.assert_allclose(out.probabilities, reference, atol=1e-5)
+        session.delete()
+        with pytest.raises(ServiceError) as error:
+            session.predict(qx)
+        assert error.value.status == 404 and error.value.problem["title"] == "Unknown session"
+
+
+def test_client_regression_and_errors(served):
+    server, model_dir = served
+    task = sine_tasks(tasks=1, seed=2)
+    sx, sy, qx = task.support_x[0], task.support_y[0], task.query_x[0]
+    learner = load_checkpoint(model_dir / "sine.safetensors").learner
+    reference = predict(learner, adapt(learner, sx, sy), qx).squeeze(1).numpy()
+    with Client(server.url, api_key="k1") as client:
+        values = client.adapt("sine", sx, sy.numpy().astype(np.float64)).predict(qx.numpy())
+        np.testing.assert_allclose(values, reference, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ServiceError) as error:
+            client.adapt("sine", np.zeros((3, 2)), np.zeros(3))
+        assert error.value.status == 422 and "shape" in error.value.detail
+        with pytest.raises(ServiceError) as error:
+            client.adapt("nope", sx, sy)
+        assert error.value.status == 404
+    with Client(server.url) as anonymous, pytest.raises(ServiceError) as error:
+        anonymous.models()
+    assert error.value.status == 401

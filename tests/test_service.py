@@ -1,0 +1,454 @@
+"""The adaptation service against a real uvicorn process on loopback, serving checkpoints trained here."""
+
+from __future__ import annotations
+
+import base64
+import os
+import io
+import json
+import math
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from metalearn.adaptation import adapt, predict
+from metalearn.checkpoint import load_checkpoint
+from metalearn.data.preprocess import preprocess_images
+from test_service_helpers import ServerProcess, image_tasks, make_model_dir, sine_tasks
+
+KEYS = {"alice": "alice-key-0123456789", "bob": "bob-key-9876543210"}
+ALICE = {"X-API-Key": KEYS["alice"]}
+BOB = {"Authorization": f"Bearer {KEYS['bob']}"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    proc = ServerProcess(
+        model_dir, tmp_path_factory.mktemp("log") / "server.log",
+        api_keys=",".join(KEYS.values()), max_body_bytes=1_000_000, max_support=64, max_query=64, max_inner_steps=20,
+    )
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def small_server(model_dir, tmp_path_factory):
+    """No keys; a session budget of two sine sessions (7044 bytes each)."""
+    proc = ServerProcess(model_dir, tmp_path_factory.mktemp("log") / "small.log", cache_bytes=15000, max_session_ttl_s=60, session_ttl_s=30)
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers=ALICE, timeout=60) as client:
+        yield client
+
+
+def b64(t: torch.Tensor, dtype="float32") -> dict:
+    array = t.detach().numpy().astype(dtype)
+    return {"dtype": dtype, "shape": list(array.shape), "base64": base64.b64encode(array.tobytes()).decode()}
+
+
+def offline(model_dir, name, sx, sy, qx, transductive=False):
+    path = model_dir / (f"{name}.safetensors" if name != "anil_run" else "anil_run/best.safetensors")
+    learner = load_checkpoint(path).learner
+    adaptation = adapt(learner, sx, sy)
+    return predict(learner, adaptation, qx, transductive=transductive), adaptation
+
+
+def assert_problem(response, status, *fragments):
+    assert response.status_code == status, (response.status_code, response.text[:500])
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["status"] == status and body["title"] and body["type"] and isinstance(body["detail"], str)
+    for fragment in fragments:
+        assert fragment.lower() in (body["title"] + " " + body["detail"]).lower(), body
+    return body
+
+
+# ---------------------------------------------------------------------------
+# Health, models, loading
+# ---------------------------------------------------------------------------
+def test_health_ready_and_models(server, http):
+    assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(server.url + "/readyz").json()
+    assert ready["models"] == ["anil_run", "conv_maml", "sine"]  # broken.safetensors skipped, run dir named after the dir
+    assert any("broken" in path for path in ready["skipped"])
+    models = {m["name"]: m for m in http.get("/v1/models").json()["models"]}
+    assert models["conv_maml"]["task_type"] == "classification" and models["conv_maml"]["n_way"] == 5
+    assert models["conv_maml"]["input_shape"] == [1, 28, 28] and models["conv_maml"]["algorithm"] == "maml"
+    assert models["sine"]["task_type"] == "regression" and models["sine"]["inner_steps"] == 3
+    assert models["anil_run"]["adapted_parameters"] == ["head.weight", "head.bias"]
+    assert models["sine"]["metrics"] == {"val_loss": 1.0} and models["sine"]["device"] == "cpu"
+    assert http.get("/v1/models/sine").json()["version"] == models["sine"]["version"]
+
+
+# ---------------------------------------------------------------------------
+# Full flows, equal to offline adaptation
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["conv_maml", "anil_run"])
+def test_classification_flow_matches_offline(http, model_dir, name):
+    task = image_tasks(tasks=1, queries=3, seed=7)
+    sx, sy, qx = task.support_x[0], task.support_y[0], task.query_x[0]
+    reference, adaptation = offline(model_dir, name, sx, sy, qx)
+    ref_probs = torch.softmax(reference, -1).numpy()
+
+    created = http.post(f"/v1/models/{name}/adapt", json={"support": {"x": b64(sx), "y": sy.tolist()}, "ttl_s": 120})
+    assert created.status_code == 201, created.text
+    body = created.json()
+    assert created.headers["location"] == f"/v1/sessions/{body['session_id']}"
+    assert len(body["session_id"]) >= 40 and body["ttl_s"] == 120
+    assert body["support_loss_before"] == pytest.approx(float(adaptation.support_loss_before), rel=1e-4, abs=1e-5)
+    assert body["support_loss_after"] == pytest.approx(float(adaptation.support_loss_after), rel=1e-4, abs=1e-5)
+    assert body["session_bytes"] == adaptation.nbytes()
+    sid = body["session_id"]
+
+    answer = http.post(f"/v1/sessions/{sid}/predict", json={"x": qx.tolist()}).json()
+    np.testing.assert_allclose(answer["probabilities"], ref_probs, atol=1e-5)
+    assert answer["predictions"] == ref_probs.argmax(-1).tolist()
+
+    stateless = http.post(f"/v1/models/{name}/predict", json={"support": {"x": b64(sx), "y": b64(sy, "int64")}, "query": {"x": b64(qx)}}).json()
+    np.testing.assert_allclose(stateless["probabilities"], ref_probs, atol=1e-5)
+    assert "session_id" not in stateless
+
+    info = http.get(f"/v1/sessions/{sid}").json()
+    assert info["model"] == name and info["size_bytes"] == adaptation.nbytes() and info["expires"] > time.time()
+    assert http.delete(f"/v1/sessions/{sid}").status_code == 204
+    assert_problem(http.get(f"/v1/sessions/{sid}"), 404)
+    assert_problem(http.post(f"/v1/sessions/{sid}/predict", json={"x": qx.tolist()}), 404)
+
+
+def test_anil_session_keeps_only_the_head(http):
+    task = image_tasks(tasks=1, seed=3)
+    body = http.post("/v1/models/anil_run/adapt", json={"support": {"x": b64(task.support_x[0]), "y": task.support_y[0].tolist()}}).json()
+    head = (8 * 5 + 5) * 4  # channels=8 -> 8 features x 5 classes + 5 biases, float32
+    norm_stats = 4 * 2 * 8 * 4  # 4 BatchNorm layers x (mean, var) x 8 channels, float32
+    assert body["session_bytes"] == head + norm_stats
+
+
+def test_regression_flow_matches_offline(http, model_dir):
+    task = sine_tasks(tasks=1, shots=10, queries=7, seed=5)
+    sx, sy, qx = task.support_x[0], task.support_y[0], task.query_x[0]
+    reference, _ = offline(model_dir, "sine", sx, sy, qx)
+    created = http.post("/v1/models/sine/adapt", json={"support": {"x": sx.tolist(), "y": sy.squeeze(1).tolist()}})
+    assert created.status_code == 201, created.text
+    answer = http.post(f"/v1/sessions/{created.json()['session_id']}/predict", json={"x": qx.tolist()}).json()
+    np.testing.assert_allclose(answer["predictions"], reference.squeeze(1).numpy(), rtol=1e-5, atol=1e-5)
+    assert "probabilities" not in answer
+    stateless = http.post("/v1/models/sine/predict", json={"support": {"x": b64(sx), "y": b64(sy)}, "query": {"x": qx.tolist()}, "inner_steps": 5, "inner_lr": 0.02}).json()
+    learner = load_checkpoint(model_dir / "sine.safetensors").learner
+    expected = predict(learner, adapt(learner, sx, sy, steps=5, lr=0.02), qx)
+    np.testing.assert_allclose(stateless["predictions"], expected.squeeze(1).numpy(), rtol=1e-5, atol=1e-5)
+    assert stateless["inner_steps"] == 5 and stateless["inner_lr"] == 0.02
+
+
+def png(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_image_upload_is_preprocessed_like_training(http, model_dir):
+    rng = np.random.default_rng(0)
+    pictures = [rng.integers(0, 256, size=(105, 105), dtype=np.uint8) for _ in range(7)]
+    encoded = [png(p) for p in pictures]
+    prep = json.loads(json.dumps(load_checkpoint(model_dir / "conv_maml.safetensors").manifest["preprocessing"]))
+    x = preprocess_images([base64.b64decode(e) for e in encoded], prep)
+    sx, qx, sy = x[:5], x[5:], torch.arange(5)
+    reference, _ = offline(model_dir, "conv_maml", sx, sy, qx)
+    answer = http.post("/v1/models/conv_maml/predict", json={"support": {"x": {"images": encoded[:5]}, "y": [0, 1, 2, 3, 4]}, "query": {"x": {"images": encoded[5:]}}})
+    assert answer.status_code == 200, answer.text
+    np.testing.assert_allclose(answer.json()["probabilities"], torch.softmax(reference, -1).numpy(), atol=1e-5)
+
+
+def test_query_alone_or_among_50_gets_the_same_probabilities(http, model_dir):
+    task = image_tasks(tasks=1, queries=11, seed=9)  # 55 queries
+    sx, sy, qx = task.support_x[0], task.support_y[0], task.query_x[0]
+    sid = http.post("/v1/models/conv_maml/adapt", json={"support": {"x": b64(sx), "y": sy.tolist()}}).json()["session_id"]
+    alone = http.post(f"/v1/sessions/{sid}/predict", json={"x": b64(qx[:1])}).json()["probabilities"][0]
+    among = http.post(f"/v1/sessions/{sid}/predict", json={"x": b64(qx[:51])}).json()["probabilities"][0]
+    np.testing.assert_allclose(alone, among, atol=1e-6)
+    stateless_alone = http.post("/v1/models/conv_maml/predict", json={"support": {"x": b64(sx), "y": sy.tolist()}, "query": {"x": b64(qx[:1])}}).json()
+    np.testing.assert_allclose(stateless_alone["probabilities"][0], alone, atol=1e-5)
+    # transductive: query-batch statistics, as MAML's own evaluation does
+    trans = http.post(f"/v1/sessions/{sid}/predict", json={"x": b64(qx[:51]), "transductive": True}).json()["probabilities"]
+    reference, _ = offline(model_dir, "conv_maml", sx, sy, qx[:51], transductive=True)
+    np.testing.assert_allclose(trans, torch.softmax(reference, -1).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["conv_maml", "anil_run"])
+def test_concurrent_requests_are_batched_and_correct(server, model_dir, name):
+    """8 concurrent adapt-and-predicts, then 8 concurrent session predictions: each equals its own offline computation."""
+    import asyncio
+
+    tasks = image_tasks(tasks=8, queries=1, seed=11)
+
+    def support(i):
+        return {"x": b64(tasks.support_x[i]), "y": tasks.support_y[i].tolist()}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, headers=ALICE, timeout=60) as client:
+            stateless = await asyncio.gather(*[
+                client.post(f"/v1/models/{name}/predict", json={"support": support(i), "query": {"x": b64(tasks.query_x[i])}}) for i in range(8)
+            ])
+            created = await asyncio.gather(*[client.post(f"/v1/models/{name}/adapt", json={"support": support(i)}) for i in range(8)])
+            sessions = await asyncio.gather(*[
+                client.post(f"/v1/sessions/{c.json()['session_id']}/predict", json={"x": b64(tasks.query_x[i])}) for i, c in enumerate(created)
+            ])
+            return [r.json() for r in stateless], [r.json() for r in sessions]
+
+    stateless, sessions = asyncio.run(run())
+    for i in range(8):
+        reference, _ = offline(model_dir, name, tasks.support_x[i], tasks.support_y[i], tasks.query_x[i])
+        expected = torch.softmax(reference, -1).numpy()
+        np.testing.assert_allclose(stateless[i]["probabilities"], expected, atol=1e-5)
+        np.testing.assert_allclose(sessions[i]["probabilities"], expected, atol=1e-5)
+    assert all(a["timing"]["batch_size"] >= 1 for a in stateless + sessions)
+
+
+# ---------------------------------------------------------------------------
+# Keys
+# ---------------------------------------------------------------------------
+def test_api_keys_isolate_sessions(server, http):
+    task = sine_tasks(tasks=1)
+    sid = http.post("/v1/models/sine/adapt", json={"support": {"x": task.support_x[0].tolist(), "y": task.support_y[0].tolist()}}).json()["session_id"]
+    with httpx.Client(base_url=server.url, headers=BOB, timeout=30) as bob:
+        assert_problem(bob.get(f"/v1/sessions/{sid}"), 404)
+        assert_problem(bob.post(f"/v1/sessions/{sid}/predict", json={"x": [[0.0]]}), 404)
+        assert_problem(bob.delete(f"/v1/sessions/{sid}"), 404)
+        assert bob.get("/v1/models").status_code == 200
+    assert_problem(httpx.get(server.url + f"/v1/sessions/{sid}"), 401, "API key")
+    assert_problem(httpx.get(server.url + "/v1/models", headers={"X-API-Key": "wrong"}), 401)
+    assert http.get(f"/v1/sessions/{sid}").status_code == 200  # still alive for its owner
+    assert http.post(f"/v1/sessions/{sid}/predict", json={"x": [[0.0]]}).status_code == 200
+
+
+# ---------------------------------------------------------------------------
+# Bad input: always a 4xx problem, the service keeps serving
+# ---------------------------------------------------------------------------
+IMG = image_tasks(tasks=1, seed=1)
+SX, SY = IMG.support_x[0], IMG.support_y[0].tolist()
+
+
+def support(x=None, y=None):
+    return {"x": b64(SX) if x is None else x, "y": SY if y is None else y}
+
+
+NAN = torch.full((5, 1, 28, 28), float("nan"))
+BAD_CASES = {
+    "wrong rank": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x=b64(SX[:, 0]))}, 422, "rank"),
+    "wrong shape": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x=b64(torch.rand(5, 1, 20, 20)))}, 422, "shape"),
+    "non-finite": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x=b64(NAN))}, 422, "NaN"),
+    "label out of range": ("POST", "/v1/models/conv_maml/adapt", {"support": support(y=[0, 1, 2, 3, 5])}, 422, "outside [0, 5)"),
+    "negative label": ("POST", "/v1/models/conv_maml/adapt", {"support": support(y=[0, 1, 2, 3, -1])}, 422, "outside"),
+    "fractional label": ("POST", "/v1/models/conv_maml/adapt", {"support": support(y=[0, 1, 2, 3, 3.5])}, 422, "integer"),
+    "class missing": ("POST", "/v1/models/conv_maml/adapt", {"support": support(y=[0, 1, 2, 3, 3])}, 422, "[4]"),
+    "label count": ("POST", "/v1/models/conv_maml/adapt", {"support": support(y=[0, 1, 2, 3])}, 422, "4 labels for 5"),
+    "empty support": ("POST", "/v1/models/sine/adapt", {"support": {"x": [], "y": []}}, 422, "shape"),
+    "empty support b64": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x=b64(torch.zeros(0, 1, 28, 28)))}, 422, "no examples"),
+    "oversized support": ("POST", "/v1/models/sine/adapt", {"support": {"x": [[0.1]] * 65, "y": [0.0] * 65}}, 422, "limit is 64"),
+    "oversized query": ("POST", "/v1/models/sine/predict", {"support": {"x": [[0.1]], "y": [0.0]}, "query": {"x": [[0.1]] * 65}}, 422, "limit is 64"),
+    "empty query": ("POST", "/v1/models/sine/predict", {"support": {"x": [[0.1]], "y": [0.0]}, "query": {"x": []}}, 422, None),
+    "ragged lists": ("POST", "/v1/models/sine/adapt", {"support": {"x": [[0.1], [0.2, 0.3]], "y": [0.0, 1.0]}}, 422, "rectangular"),
+    "strings": ("POST", "/v1/models/sine/adapt", {"support": {"x": [["a"]], "y": [0.0]}}, 422, None),
+    "inner_steps too many": ("POST", "/v1/models/sine/adapt", {"support": {"x": [[0.1]], "y": [0.0]}, "inner_steps": 21}, 422, "inner_steps"),
+    "inner_steps negative": ("POST", "/v1/models/sine/adapt", {"support": {"x": [[0.1]], "y": [0.0]}, "inner_steps": -1}, 422, "inner_steps"),
+    "inner_lr too big": ("POST", "/v1/models/sine/adapt", {"support": {"x": [[0.1]], "y": [0.0]}, "inner_lr": 1000.0}, 422, "inner_lr"),
+    "inner_lr zero": ("POST", "/v1/models/sine/adapt", {"support": {"x": [[0.1]], "y": [0.0]}, "inner_lr": 0}, 422, "inner_lr"),
+    "diverging adaptation": ("POST", "/v1/models/sine/predict", {"support": {"x": [[1.0]], "y": [1e30]}, "query": {"x": [[1.0]]}, "inner_lr": 10.0, "inner_steps": 20}, 422, "diverged"),
+    "ttl too long": ("POST", "/v1/models/sine/adapt", {"support": {"x": [[0.1]], "y": [0.0]}, "ttl_s": 10**9}, 422, "ttl_s"),
+    "unknown model": ("POST", "/v1/models/nope/adapt", {"support": {"x": [[0.1]], "y": [0.0]}}, 404, "nope"),
+    "unknown model get": ("GET", "/v1/models/nope", None, 404, "nope"),
+    "unknown session": ("POST", "/v1/sessions/not-a-session/predict", {"x": [[0.1]]}, 404, "session"),
+    "unknown session get": ("GET", "/v1/sessions/not-a-session", None, 404, None),
+    "unknown session delete": ("DELETE", "/v1/sessions/not-a-session", None, 404, None),
+    "malformed base64": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"dtype": "float32", "shape": [5, 1, 28, 28], "base64": "***"})}, 422, "base64"),
+    "byte count mismatch": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"dtype": "float32", "shape": [5, 1, 28, 28], "base64": base64.b64encode(b"\0" * 100).decode()})}, 422, "do not match"),
+    "unknown dtype": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"dtype": "complex64", "shape": [1], "base64": ""})}, 422, None),
+    "malformed image": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"images": [base64.b64encode(b"not a png").decode()] * 5})}, 422, "image"),
+    "images for a tensor model": ("POST", "/v1/models/sine/adapt", {"support": {"x": {"images": [png(np.zeros((4, 4), np.uint8))]}, "y": [0.0]}}, 422, "not images"),
+    "extra field": ("POST", "/v1/models/sine/adapt", {"support": {"x": [[0.1]], "y": [0.0]}, "bogus": 1}, 422, "bogus"),
+    "missing support": ("POST", "/v1/models/sine/adapt", {}, 422, "support"),
+    "wrong method": ("PUT", "/v1/models/sine", None, 405, None),
+    "unknown route": ("GET", "/v2/nothing", None, 404, None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES), ids=list(BAD_CASES))
+def test_bad_input_is_a_4xx_problem(server, http, case):
+    method, path, body, status, fragment = BAD_CASES[case]
+    response = http.request(method, path, json=body)
+    assert_problem(response, status, *([fragment] if fragment else []))
+    assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+def test_malformed_json_and_body_limit(server, http):
+    assert_problem(http.post("/v1/models/sine/adapt", content=b"{not json", headers={"content-type": "application/json"}), 400, "JSON")
+    big = {"support": {"x": [[0.123456789]] * 60000, "y": [0.0] * 60000}}  # > 1 MB
+    assert_problem(http.post("/v1/models/sine/adapt", json=big), 413, "limit")
+
+    def chunks():  # no Content-Length: the limit counts streamed bytes
+        yield b'{"support": {"x": ['
+        for _ in range(200):
+            yield b"[0.5]," * 2000
+        yield b"[0.5]], \"y\": [0]}}"
+
+    assert_problem(http.post("/v1/models/sine/adapt", content=chunks(), headers={"content-type": "application/json"}), 413)
+    assert httpx.get(server.url + "/healthz").status_code == 200
+    assert server.alive()
+
+
+# ---------------------------------------------------------------------------
+# Expiry, LRU eviction, metrics
+# ---------------------------------------------------------------------------
+def test_session_expiry_and_lru_eviction(small_server):
+    task = sine_tasks(tasks=1)
+    body = {"support": {"x": task.support_x[0].tolist(), "y": task.support_y[0].tolist()}}
+    with httpx.Client(base_url=small_server.url, timeout=30) as c:
+        short = c.post("/v1/models/sine/adapt", json={**body, "ttl_s": 1}).json()["session_id"]
+        assert c.get(f"/v1/sessions/{short}").status_code == 200
+        time.sleep(1.3)
+        assert_problem(c.get(f"/v1/sessions/{short}"), 404)
+
+        a = c.post("/v1/models/sine/adapt", json=body).json()["session_id"]
+        b = c.post("/v1/models/sine/adapt", json=body).json()["session_id"]
+        assert c.post(f"/v1/sessions/{a}/predict", json={"x": [[1.0]]}).status_code == 200  # a is now the most recent
+        new = c.post("/v1/models/sine/adapt", json=body).json()["session_id"]  # budget: two sessions -> b evicted
+        assert c.get(f"/v1/sessions/{a}").status_code == 200
+        assert c.get(f"/v1/sessions/{new}").status_code == 200
+        assert_problem(c.get(f"/v1/sessions/{b}"), 404)
+
+        text = c.get("/metrics").text
+        assert "metalearn_session_evictions_total 1.0" in text
+        assert "metalearn_session_expirations_total 1.0" in text
+        assert "metalearn_sessions_live 2.0" in text
+        assert "metalearn_sessions_bytes 14088.0" in text
+
+
+def test_metrics_exposition(server, http):
+    http.get("/v1/models")
+    text = httpx.get(server.url + "/metrics").text
+    for name in [
+        'metalearn_http_requests_total{method="GET",route="/v1/models",status="200"}',
+        "metalearn_http_request_duration_seconds_bucket",
+        'route="/v1/models/{name}/adapt"',
+        'status="422"',
+        "metalearn_adaptation_seconds_bucket",
+        "metalearn_engine_batch_seconds_bucket",
+        "metalearn_engine_batch_size_bucket",
+        "metalearn_engine_queue_depth",
+        "metalearn_sessions_live",
+        "metalearn_sessions_bytes",
+        "metalearn_session_evictions_total",
+        "metalearn_session_expirations_total",
+    ]:
+        assert name in text, name
+
+
+# ---------------------------------------------------------------------------
+# OpenAPI: every endpoint documented with a working example
+# ---------------------------------------------------------------------------
+def test_every_openapi_example_works(small_server):
+    spec = httpx.get(small_server.url + "/openapi.json").json()
+    with httpx.Client(base_url=small_server.url, timeout=60) as c:
+        session_id = None
+        order = sorted(spec["paths"].items(), key=lambda item: "sessions" in item[0])  # adapt before session routes
+        for path, item in order:
+            for method, operation in item.items():
+                examples = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("examples")
+                params = {p["name"]: p.get("example") for p in operation.get("parameters", [])}
+                assert all(v is not None for v in params.values()), (path, params)
+                bodies = list(examples.values()) if examples else [None]
+                for example in bodies:
+                    if "session_id" in params:
+                        model = example["summary"].split(" ")[0] if example else "sine"
+                        created = c.post(f"/v1/models/{model}/adapt", json=spec["paths"]["/v1/models/{name}/adapt"]["post"]["requestBody"]["content"]["application/json"]["examples"][model]["value"])
+                        assert created.status_code == 201, created.text
+                        session_id = created.json()["session_id"]
+                        params["session_id"] = session_id
+                    if "name" in params and example:
+                        params["name"] = example["summary"].split(" ")[0]
+                    url = path.format(**params)
+                    response = c.request(method.upper(), url, json=example["value"] if example else None)
+                    assert response.status_code < 300, (method, url, response.status_code, response.text[:300])
+
+
+# ---------------------------------------------------------------------------
+# Property-based: schemathesis against /openapi.json, never a server error
+# ---------------------------------------------------------------------------
+import schemathesis  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+
+def test_api_never_answers_a_server_error(small_server):
+    """Every operation, with its examples and hypothesis-generated requests (valid and not): no 5xx, server alive."""
+    api = schemathesis.openapi.from_url(small_server.url + "/openapi.json")
+    operations = [result.ok() for result in api.get_all_operations()]
+    assert len(operations) == 10
+    failures = []
+    for operation in operations:
+
+        @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
+        @given(case=operation.as_strategy())
+        def check(case):
+            response = case.call(base_url=small_server.url, timeout=60)
+            if response.status_code >= 500 and response.status_code != 503:
+                failures.append((case.method, case.formatted_path, response.status_code, response.text[:300]))
+
+        check()
+    assert not failures, failures
+    assert small_server.alive() and httpx.get(small_server.url + "/healthz").status_code == 200
+
+
+# ---------------------------------------------------------------------------
+# /docs renders offline in headless Chromium
+# ---------------------------------------------------------------------------
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _chromium(url: str, tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        # No network: every host but loopback fails to resolve.
+        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+        "--virtual-time-budget=15000", "--window-size=1280,2400",
+    ]
+    return subprocess.run([CHROMIUM, *flags, *extra, url], capture_output=True, timeout=120, text=True)
+
+
+import subprocess  # noqa: E402
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian package 'chromium' not installed (/usr/bin/chromium absent)")
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_render_offline_in_headless_chromium(small_server, tmp_path, page):
+    html = httpx.get(small_server.url + page).text
+    assert "cdn" not in html.lower() and "googleapis" not in html  # only self-hosted assets
+    dom = _chromium(small_server.url + page, tmp_path, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    text = dom.stdout.replace("\u200b", "").replace("<wbr>", "")
+    for path in ["/v1/models/{name}/adapt", "/v1/models/{name}/predict", "/v1/sessions/{session_id}/predict", "/v1/sessions/{session_id}", "/v1/models", "/healthz", "/metrics"]:
+        assert path in text, (page, path)
+    shot = tmp_path / "docs.png"
+    result = _chromium(small_server.url + page, tmp_path, f"--screenshot={shot}")
+    assert result.returncode == 0 and shot.exists() and shot.stat().st_size > 10_000, result.stderr[-2000:]
+    with Image.open(shot) as image:
+        assert image.size[0] == 1280
+        colors = image.convert("L").getcolors(maxcolors=1 << 16)
+        assert colors is None or len(colors) > 10  # not a blank page

@@ -1,0 +1,141 @@
+"""In-process units of the service: session store, engine queue/timeout, settings, tensor decoding."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from service.engine import Engine, Job, JobTimeout, QueueFull
+from service.problems import Problem
+from service.sessions import MemorySessionStore, Session, SessionStoreUnavailable
+from service.settings import Settings
+from service.tensors import EncodedTensor, decode_inputs, decode_labels
+
+
+def session(sid, nbytes=400, ttl=60.0, owner=None, now=1000.0):
+    return Session(sid, "m", owner, now, now + ttl, {"param:w": torch.zeros(nbytes // 4)})
+
+
+def test_memory_store_lru_ttl_budget_owner():
+    clock = [1000.0]
+    store = MemorySessionStore(max_bytes=1000, clock=lambda: clock[0])
+    store.put(session("a"))
+    store.put(session("b"))
+    assert store.get("a", None) is not None  # a most recent
+    store.put(session("c"))  # 1200 > 1000: evict b
+    assert store.get("b", None) is None and store.get("a", None) and store.get("c", None)
+    assert store.stats().evictions == 1 and store.stats().live_bytes == 800
+    store.put(session("d", ttl=5))
+    clock[0] += 10
+    assert store.get("d", None) is None
+    assert store.stats().expirations >= 1
+    store.put(session("e", owner="alice", now=clock[0]))
+    assert store.get("e", "bob") is None and not store.delete("e", "bob")
+    assert store.get("e", "alice") is not None and store.delete("e", "alice")
+    huge = session("huge", nbytes=4000, now=clock[0])
+    store.put(huge)  # larger than the budget: stored alone
+    assert store.stats().live_sessions == 1
+
+
+def test_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("METALEARN_MODEL_DIR", "/tmp/models")
+    monkeypatch.setenv("METALEARN_API_KEYS", "a, b")
+    monkeypatch.setenv("METALEARN_MAX_BATCH_SIZE", "8")
+    monkeypatch.setenv("METALEARN_SESSION_BACKEND", "redis")
+    settings = Settings()
+    assert settings.model_dir == "/tmp/models" and settings.key_list() == ["a", "b"] and settings.max_batch_size == 8
+    assert settings.session_backend == "redis"
+    assert Settings(device="cpu").resolved_max_batch_size() == 8
+    with pytest.raises(ValueError):
+        Settings(device="tpu")
+
+
+def test_tensor_decoding_errors():
+    with pytest.raises(Problem, match="rank"):
+        decode_inputs([[1.0, 2.0]], "x", (1, 2, 2), None, 10)
+    with pytest.raises(Problem, match="bytes do not match"):
+        decode_inputs(EncodedTensor(dtype="float32", shape=[1, 2], base64="AAAA"), "x", (2,), None, 10)
+    with pytest.raises(Problem, match="negative"):
+        decode_inputs(EncodedTensor(dtype="float32", shape=[-1, 2], base64=""), "x", (2,), None, 10)
+    assert decode_inputs(EncodedTensor(dtype="uint8", shape=[1, 2], base64="AQI="), "x", (2,), None, 10).tolist() == [[1.0, 2.0]]
+    assert decode_labels([1, 0, 1], "y", 3, 2).dtype == torch.int64
+
+
+class BlockingEngine(Engine):
+    """An engine whose computation waits for a test's signal."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.release = threading.Event()
+
+    def _compute(self, batch):
+        self.release.wait(10)
+        return [{"predictions": [len(batch)]} for _ in batch]
+
+
+def fake_job():
+    model = SimpleNamespace(name="m")
+    return Job("predict", model, query_x=torch.zeros(1, 1), session={"param:w": torch.zeros(1)})
+
+
+def test_engine_queue_full_and_timeout():
+    engine = BlockingEngine(queue_size=2, max_batch_size=4, max_wait_ms=0, request_timeout_s=0.3)
+    engine.start()
+    try:
+        async def scenario():
+            first = asyncio.ensure_future(engine.submit(fake_job()))
+            await asyncio.sleep(0.1)  # the worker took it and blocks
+            waiting = [asyncio.ensure_future(engine.submit(fake_job())) for _ in range(2)]
+            await asyncio.sleep(0.05)
+            with pytest.raises(QueueFull) as full:
+                await engine.submit(fake_job())
+            assert full.value.retry_after >= 1
+            with pytest.raises(JobTimeout):
+                await first
+            engine.release.set()
+            results = await asyncio.gather(*waiting, return_exceptions=True)
+            return results
+
+        results = asyncio.run(scenario())
+        assert all(isinstance(r, (JobTimeout, dict)) for r in results)
+        # the worker is still alive and batches what is queued together
+        engine.release.set()
+        async def later():
+            return await asyncio.gather(*[engine.submit(fake_job(), timeout=5) for _ in range(2)])
+        assert all(r["batch_size"] >= 1 for r in asyncio.run(later()))
+        assert engine.running
+    finally:
+        engine.release.set()
+        engine.stop()
+
+
+def test_queue_full_and_store_down_are_503_problems(tmp_path):
+    from service.app import create_app
+
+    app = create_app(Settings(model_dir=str(tmp_path), queue_size=1))
+
+    class DownStore(MemorySessionStore):
+        def get(self, session_id, owner):
+            raise SessionStoreUnavailable("redis://nowhere: connection refused")
+
+    with TestClient(app) as client:
+        app.state.store = DownStore()
+        response = client.get("/v1/sessions/abc")
+        assert response.status_code == 503 and response.json()["title"] == "Session store unavailable"
+        assert "Retry-After" in response.headers
+        assert client.get("/readyz").status_code == 503  # no models in an empty dir
+        assert client.get("/healthz").status_code == 200
+
+        def full(job):
+            raise QueueFull(3)
+
+        app.state.engine.submit_nowait = full
+        app.state.registry.models["x"] = None  # not reached: unknown model first
+        response = client.post("/v1/models/x/predict", json={})
+        assert response.status_code in (404, 422, 503)
