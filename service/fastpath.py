@@ -39,7 +39,7 @@ def max_pool2(h: torch.Tensor) -> torch.Tensor:
 
 
 def _blocks(model: nn.Module):
-    """``[(conv, conv_name, bn, bn_name)]`` if ``model.body`` is conv -> BatchNorm -> ReLU -> MaxPool2d(2) blocks + Flatten."""
+    """``[(conv, conv_name, bn, bn_name)]`` if ``model.body`` is conv -> BatchNorm -> ReLU/MaxPool2d(2) blocks + Flatten."""
     body = getattr(model, "body", None)
     if not isinstance(body, nn.Sequential) or not isinstance(getattr(model, "head", None), nn.Linear):
         return None
@@ -51,7 +51,9 @@ def _blocks(model: nn.Module):
         return None
     blocks = []
     for i in range(0, len(layers), 4):
-        (cn, conv), (bn_name, bn), (_, relu), (_, pool) = layers[i : i + 4]
+        (cn, conv), (bn_name, bn), (_, third), (_, fourth) = layers[i : i + 4]
+        # ReLU and max-pool commute (ReLU is monotone): accept either order.
+        relu, pool = (third, fourth) if isinstance(third, nn.ReLU) else (fourth, third)
         if not (isinstance(conv, nn.Conv2d) and conv.groups == 1 and isinstance(bn, BatchNorm) and isinstance(relu, nn.ReLU)):
             return None
         if not (isinstance(pool, nn.MaxPool2d) and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2)) and pool.padding in (0, (0, 0))):

@@ -22,6 +22,15 @@ from metalearn import (
 from metalearn.data.tasks import TaskBatch
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: a second intra-op thread only adds synchronisation (and stalls on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def regression_batch(tasks=4, shots=5, queries=6, dtype=torch.float32, seed=0) -> TaskBatch:
     g = torch.Generator().manual_seed(seed)
     amplitude = torch.rand(tasks, 1, 1, generator=g, dtype=dtype) * 4 + 0.5

@@ -1,0 +1,418 @@
+"""The ``metalearn`` command: ``train``, ``eval``, ``info``, ``demo`` and ``serve``.
+
+::
+
+    metalearn train --task sinusoid --algorithm reptile --out runs/sine-reptile
+    metalearn train --config omniglot-20way --out runs/o20 --iterations 300
+    metalearn train --config omniglot-20way --out runs/o20 --resume
+    torchrun --nproc_per_node 2 -m metalearn.cli train --config omniglot-20way --out runs/o20-ddp
+    metalearn eval runs/o20 --episodes 400 --inner-steps 10 --json
+    metalearn info runs/o20/best.safetensors
+    metalearn demo                       # train small demo models if needed, then serve them
+    metalearn serve --model-dir models --port 8000
+
+Errors (missing files, corrupt checkpoints, bad settings) end with a one-line
+message on stderr and exit status 2 (1 for an interrupted run), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from metalearn.learner import ALGORITHMS
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """A command-line problem reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad flags in one line (no usage block) and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    import yaml
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().replace("-", "_"), parsed
+
+
+# Train flags that map 1:1 onto TrainConfig fields.
+_TRAIN_FIELDS = (
+    "task", "algorithm", "ways", "shots", "queries", "meta_batch", "inner_steps", "inner_lr", "meta_lr",
+    "iterations", "seed", "device", "out", "threads", "time_budget", "val_interval", "val_episodes",
+    "eval_inner_steps",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="metalearn", description="Meta-learning (MAML and friends): train, evaluate, serve.")
+    from metalearn import __version__
+
+    parser.add_argument("--version", action="version", version=f"metalearn {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    train = commands.add_parser("train", help="meta-train a model and write a run directory",
+                                description="Meta-train; flags override the config file, which overrides the "
+                                            "defaults for the (task, algorithm) pair.")
+    train.add_argument("--config", help="a config name (see metalearn/configs) or a YAML file")
+    train.add_argument("--task", help="sinusoid, omniglot, or a folder/.zip/.npz of your data")
+    train.add_argument("--algorithm", choices=ALGORITHMS)
+    train.add_argument("--ways", type=_positive_int)
+    train.add_argument("--shots", type=_positive_int)
+    train.add_argument("--queries", type=_positive_int)
+    train.add_argument("--meta-batch", type=_positive_int)
+    train.add_argument("--inner-steps", type=_non_negative_int)
+    train.add_argument("--inner-lr", type=_positive_float)
+    train.add_argument("--meta-lr", type=_positive_float)
+    train.add_argument("--iterations", type=_positive_int)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    train.add_argument("--out", help="run directory (default runs/<task>-<algorithm>)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from last.safetensors")
+    train.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    train.add_argument("--time-budget", type=_positive_float, help="stop (and save) after this many seconds")
+    train.add_argument("--val-interval", type=_positive_int)
+    train.add_argument("--val-episodes", type=_positive_int)
+    train.add_argument("--eval-inner-steps", type=_non_negative_int, help="inner steps at test time")
+    train.add_argument("--channels", type=_positive_int, help="Conv4 width (default 64)")
+    train.add_argument("--set", dest="settings", action="append", type=_setting, default=[], metavar="KEY=VALUE",
+                       help="any other TrainConfig field, e.g. --set lr_schedule=cosine (repeatable)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint on held-out tasks")
+    evaluate.add_argument("path", help="a checkpoint file, or a run directory (its best checkpoint)")
+    evaluate.add_argument("--task", help="task source (default: the one the checkpoint was trained on)")
+    evaluate.add_argument("--split", choices=("train", "val", "test", "all"),
+                          help="class split to draw tasks from (default: val of the training task, else all)")
+    evaluate.add_argument("--ways", type=_positive_int)
+    evaluate.add_argument("--shots", type=_positive_int)
+    evaluate.add_argument("--queries", type=_positive_int)
+    evaluate.add_argument("--inner-steps", type=_non_negative_int)
+    evaluate.add_argument("--inner-lr", type=_positive_float)
+    evaluate.add_argument("--episodes", type=_positive_int, default=400)
+    evaluate.add_argument("--seed", type=int)
+    group = evaluate.add_mutually_exclusive_group()
+    group.add_argument("--within-group", dest="within_group", action="store_true", default=None,
+                       help="all classes of a task from one group/alphabet (default for image tasks)")
+    group.add_argument("--across-groups", dest="within_group", action="store_false")
+    evaluate.add_argument("--transductive", action="store_true", help="normalise queries with query-batch statistics")
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    evaluate.add_argument("--threads", type=_positive_int)
+    evaluate.add_argument("--json", action="store_true", help="print the result as one JSON line")
+
+    info = commands.add_parser("info", help="print a checkpoint's manifest")
+    info.add_argument("path", help="a checkpoint file or a run directory")
+    info.add_argument("--json", action="store_true", help="the manifest as JSON only")
+
+    demo = commands.add_parser("demo", help="train small demo models (if there are none) and serve them")
+    demo.add_argument("--model-dir", default="models")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--no-serve", action="store_true", help="only make the demo models")
+    demo.add_argument("--threads", type=_positive_int)
+
+    serve = commands.add_parser("serve", help="serve the models of a directory over HTTP")
+    serve.add_argument("--model-dir", default="models")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    return parser
+
+
+# ----------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------
+
+
+def checkpoint_path(path: str) -> Path:
+    """A checkpoint file, or a run directory's best (else last) checkpoint."""
+    from metalearn.checkpoint import CheckpointError
+    from metalearn.train import BEST, LAST
+
+    p = Path(path)
+    if p.is_dir():
+        for name in (BEST, LAST):
+            if (p / name).is_file():
+                return p / name
+        raise CheckpointError(f"{p}: run directory without {BEST} or {LAST}")
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    return p
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from metalearn.train import Trainer, resolve_config
+
+    overrides = {name: getattr(args, name) for name in _TRAIN_FIELDS}
+    if args.no_progress:
+        overrides["progress"] = False
+    settings = dict(args.settings)
+    if args.channels:
+        settings.setdefault("model", {})
+        settings["model"] = {**(settings["model"] or {}), "channels": args.channels}
+    overrides.update(settings)
+    if args.resume:
+        if not args.out:
+            raise UsageError("metalearn train: --resume needs --out (the run directory to continue)")
+        from metalearn.train import TrainConfig
+
+        config = TrainConfig(out=args.out)
+        trainer = Trainer(config, resume=True, resume_overrides={k: v for k, v in overrides.items() if v is not None})
+    else:
+        config = resolve_config(args.config, overrides)
+        trainer = Trainer(config)
+    summary = trainer.run()
+    if not trainer.context.is_main:
+        return 0
+    best = summary.get("best") or {}
+    if summary["interrupted"]:
+        print(f"interrupted at iteration {summary['iterations']}; continue with: metalearn train --out "
+              f"{summary['out']} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    line = f"done: {summary['iterations']} iterations in {summary['wall_seconds']:.1f}s -> {summary['out']}"
+    if best.get("metric"):
+        line += f"; best {best['metric']} {best['mean']:.4f} +- {best['ci95']:.4f} at iteration {best['iteration']}"
+    print(line)
+    return 0
+
+
+def eval_settings(manifest: dict, args: argparse.Namespace) -> tuple[Any, dict]:
+    """The held-out task source and the evaluate() arguments for a checkpoint and the eval flags."""
+    from metalearn.evaluate import EVAL_SEED
+    from metalearn.train import TrainConfig, load_source
+
+    training = manifest.get("training") or {}
+    saved = training.get("config")
+    config = TrainConfig()
+    if saved:
+        config.update({k: v for k, v in saved.items() if k in {f for f in TrainConfig.__dataclass_fields__}})
+    elif not args.task:
+        raise UsageError("metalearn eval: the checkpoint does not say what it was trained on; pass --task")
+    same_task = not args.task or args.task == config.task
+    if args.task:
+        config.task = args.task
+    classification = manifest.get("task_type") == "classification"
+    n_way = manifest.get("n_way")
+    ways = args.ways or config.val_ways or n_way or config.ways
+    if classification and n_way and ways > n_way:
+        raise UsageError(f"metalearn eval: --ways {ways} is more than the model's {n_way} outputs")
+    shots = args.shots or config.val_shots or config.shots
+    queries = args.queries or (config.val_queries if same_task else None) or config.queries
+    config.ways, config.shots, config.queries = ways, shots, queries
+    if not same_task:
+        config.rotations = False
+    source = load_source(config)
+    if manifest.get("task_type") != source.task_type:
+        raise UsageError(
+            f"metalearn eval: the checkpoint is a {manifest.get('task_type')} model but task "
+            f"{config.task!r} is {source.task_type}"
+        )
+    if list(source.input_shape) != list(manifest.get("input_shape", [])):
+        raise UsageError(
+            f"metalearn eval: task inputs have shape {list(source.input_shape)}, the model expects "
+            f"{manifest.get('input_shape')}"
+        )
+    split = args.split or ("val" if same_task and config.val_fraction > 0 else "all")
+    source = source.split(split)
+    inner = manifest.get("inner") or {}
+    kwargs = dict(
+        episodes=args.episodes,
+        shots=shots,
+        queries=queries,
+        inner_steps=args.inner_steps if args.inner_steps is not None else inner.get("steps"),
+        inner_lr=args.inner_lr if args.inner_lr is not None else config.eval_inner_lr,
+        transductive=args.transductive,
+        seed=args.seed if args.seed is not None else EVAL_SEED,
+    )
+    if classification:
+        kwargs["ways"] = ways
+        within = config.val_within_group if args.within_group is None else args.within_group
+        if within:
+            try:
+                source.sample(1, None, ways=ways, shots=shots, queries=queries, within_group=True)
+            except ValueError as error:
+                if args.within_group:
+                    raise UsageError(f"metalearn eval: --within-group: {error}") from None
+                within = False
+        kwargs["within_group"] = within
+    return source, kwargs
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from metalearn.checkpoint import load_checkpoint
+    from metalearn.evaluate import evaluate
+    from metalearn.train import resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = checkpoint_path(args.path)
+    checkpoint = load_checkpoint(path, device=resolve_device(args.device))
+    source, kwargs = eval_settings(checkpoint.manifest, args)
+    result = evaluate(checkpoint.learner, source, **kwargs)
+    record = {**result.to_dict(), "checkpoint": str(path), "split": getattr(source, "split_name", None)}
+    if not args.json:
+        print(f"{path}: {result.describe()}")
+    print(json.dumps(record) if args.json else f"{result.metric}: {result.mean:.4f} +- {result.ci95:.4f}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from metalearn.checkpoint import read_manifest
+
+    path = checkpoint_path(args.path)
+    manifest = read_manifest(path)
+    if args.json:
+        print(json.dumps(manifest, indent=2, sort_keys=True))
+        return 0
+    shown = {k: v for k, v in manifest.items() if k != "state"}
+    print(f"# {path}")
+    print(json.dumps(shown, indent=2, sort_keys=True))
+    if "state" in manifest:
+        print(f"# resume state: iteration {manifest['state'].get('iteration')}")
+    return 0
+
+
+def _serve(model_dir: str, host: str, port: int, **settings: Any) -> None:
+    try:
+        from service.server import serve
+    except ImportError as error:
+        raise UsageError(f"the service is not available ({error}); install metalearn with its service extras") from None
+    serve(model_dir=model_dir, host=host, port=port, **settings)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if not Path(args.model_dir).is_dir():
+        raise UsageError(f"metalearn serve: model directory {args.model_dir} does not exist")
+    settings = {"device": args.device} if args.device else {}
+    _serve(args.model_dir, args.host, args.port, **settings)
+    return 0
+
+
+# Small, quick demo models: a sinusoid MAML regressor and an Omniglot 5-way classifier.
+DEMO_MODELS = {
+    "sinusoid-maml": {"config": "sinusoid-maml", "overrides": {"iterations": 3000, "val_interval": 1000,
+                                                                 "val_episodes": 200}},
+    "omniglot-5way": {"config": "omniglot-5way", "overrides": {"iterations": 300, "val_interval": 150,
+                                                                 "val_episodes": 100, "model": {"channels": 32},
+                                                                 "meta_batch": 8, "queries": 5}},
+}
+
+
+def make_demo_models(model_dir: str | Path, threads: int | None = None) -> list[Path]:
+    """Train the demo models into ``model_dir`` (one run directory each) unless it already has models."""
+    from metalearn.train import BEST, Trainer, resolve_config
+
+    root = Path(model_dir)
+    existing = sorted(root.glob("*.safetensors")) + sorted(root.glob(f"*/{BEST}")) if root.is_dir() else []
+    if existing:
+        print(f"{root}: {len(existing)} model(s) already there, not training demo models", file=sys.stderr)
+        return existing
+    made = []
+    for name, recipe in DEMO_MODELS.items():
+        out = root / name
+        overrides = {**recipe["overrides"], "out": str(out), "threads": threads}
+        resume = (out / "last.safetensors").exists()
+        print(f"training demo model {name} -> {out}", file=sys.stderr)
+        if resume:
+            trainer = Trainer(resolve_config(recipe["config"], overrides), resume=True)
+        else:
+            trainer = Trainer(resolve_config(recipe["config"], overrides))
+        trainer.run()
+        made.append(out / BEST)
+    return made
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    make_demo_models(args.model_dir, threads=args.threads)
+    if args.no_serve:
+        return 0
+    _serve(args.model_dir, args.host, args.port)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo, "serve": cmd_serve}
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip() or error.__class__.__name__
+    return " ".join(text.split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    from metalearn.checkpoint import CheckpointError
+
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UsageError as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    except CheckpointError as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    except (ValueError, TypeError, RuntimeError, OSError) as error:
+        if os.environ.get("METALEARN_DEBUG"):
+            raise
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

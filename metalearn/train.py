@@ -1,0 +1,797 @@
+"""The offline meta-trainer behind ``metalearn train``.
+
+::
+
+    from metalearn.train import Trainer, default_config
+
+    config = default_config("sinusoid", "reptile")      # what works for the pair
+    config.out = "runs/sine-reptile"
+    summary = Trainer(config).run()
+
+A run directory holds ``last.safetensors`` (saved every ``save_interval``
+iterations, at every validation, at the end and on Ctrl-C/SIGTERM, with the
+optimiser state and iteration needed to resume), ``best.safetensors`` (the
+best validation score so far), ``metrics.jsonl`` and ``curves.png``.
+Checkpoints are written atomically by :func:`metalearn.checkpoint.save_checkpoint`,
+so a run killed at any moment (even ``kill -9``) resumes with
+``Trainer(config, resume=True)`` / ``metalearn train --resume`` from its last
+checkpoint and, on the CPU, ends in bit-for-bit the same state as an
+uninterrupted run: the tasks of iteration ``i`` come from a generator seeded
+by ``(seed, rank, i)``, and the optimiser state travels in the checkpoint.
+
+Under ``torchrun`` every rank samples its own ``meta_batch / world_size``
+tasks and the meta-gradients are averaged (see :mod:`metalearn.distributed`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metalearn import distributed
+from metalearn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from metalearn.evaluate import EVAL_SEED, EvalResult, better, evaluate
+from metalearn.learner import ALGORITHMS, MetaConfig, MetaLearner
+from metalearn.models import build_model
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+LAST, BEST = "last.safetensors", "best.safetensors"
+METRICS, PLOT = "metrics.jsonl", "curves.png"
+
+# Settings that may change when a run is resumed; everything else must match.
+RESUMABLE_CHANGES = {
+    "iterations",
+    "device",
+    "out",
+    "val_interval",
+    "val_episodes",
+    "save_interval",
+    "log_interval",
+    "threads",
+    "progress",
+    "time_budget",
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (a plain dataclass; YAML configs set its fields)."""
+
+    task: str = "sinusoid"  # sinusoid | omniglot | path to a folder, .zip or .npz
+    algorithm: str = "maml"
+    # Task shape
+    ways: int = 5
+    shots: int = 10
+    queries: int = 10
+    # Meta-optimisation
+    meta_batch: int = 25  # tasks per meta-step, over all processes
+    inner_steps: int = 1
+    inner_lr: float = 0.01
+    meta_lr: float = 1e-3
+    optimizer: str = "adam"  # adam | sgd (plain SGD: Reptile's outer step)
+    lr_schedule: str = "constant"  # constant | cosine | linear (decay to min_lr_fraction * meta_lr)
+    min_lr_fraction: float = 0.0
+    iterations: int = 10000
+    time_budget: float | None = None  # seconds; stop (and save) when training has used this much wall time
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out: str | None = None
+    # Model: overrides of the default spec (e.g. {"channels": 32} or {"hidden": [64, 64]})
+    model: dict = field(default_factory=dict)
+    # MetaConfig extras (None = the algorithm's default)
+    first_order: bool | None = None
+    first_order_iterations: int = 0
+    multi_step_loss: bool | None = None
+    multi_step_loss_iterations: int = 500
+    learn_step_lrs: bool | None = None
+    encoder_hidden: int = 64
+    grad_clip: float | None = None
+    strategy: str = "auto"
+    checkpoint_inner: bool = False
+    # Data (image tasks)
+    rotations: bool = False
+    rotate_heldout: bool = True
+    split_by: str = "character"
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    split_seed: int = 0
+    within_group: bool = False  # training tasks from one group (alphabet) each
+    # Validation and test-time adaptation
+    val_interval: int = 500
+    val_episodes: int = 200
+    val_ways: int | None = None  # default: ways
+    val_shots: int | None = None  # default: shots
+    val_queries: int | None = None  # default: queries (images: 1 per class, Lake et al.)
+    val_within_group: bool = True  # classification: all classes of a task from one group
+    eval_inner_steps: int | None = None  # inner steps at test time (default: inner_steps)
+    eval_inner_lr: float | None = None  # inner lr at test time (default: trained/learned lr)
+    transductive: bool = False  # BatchNorm statistics of the query batch at validation
+    # Bookkeeping
+    save_interval: int = 100
+    log_interval: int = 10
+    threads: int | None = None
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def update(self, values: dict[str, Any], where: str = "config") -> TrainConfig:
+        """Set fields from a mapping; unknown keys are an error naming ``where``."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)}")
+        for key, value in values.items():
+            if key == "model" and value is not None and not isinstance(value, dict):
+                raise ValueError(f"{where}: 'model' must be a mapping of model spec overrides")
+            setattr(self, key, value if key != "model" else dict(value or {}))
+        return self
+
+    def validate(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        for name in ("ways", "shots", "meta_batch", "iterations", "val_interval", "val_episodes", "save_interval", "log_interval"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.queries < 1:
+            raise ValueError(f"queries must be >= 1, got {self.queries}")
+        if not (self.meta_lr > 0 and math.isfinite(self.meta_lr)):
+            raise ValueError(f"meta_lr must be a positive number, got {self.meta_lr}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.lr_schedule not in ("constant", "cosine", "linear"):
+            raise ValueError(f"lr_schedule must be constant, cosine or linear, got {self.lr_schedule!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        self.meta_config()  # MetaConfig checks the algorithm settings
+
+    def meta_config(self, task_type: str = "classification") -> MetaConfig:
+        return MetaConfig(
+            algorithm=self.algorithm,
+            task_type=task_type,
+            inner_steps=self.inner_steps,
+            inner_lr=self.inner_lr,
+            first_order=self.first_order,
+            multi_step_loss=self.multi_step_loss,
+            multi_step_loss_iterations=self.multi_step_loss_iterations,
+            learn_step_lrs=self.learn_step_lrs,
+            first_order_iterations=self.first_order_iterations,
+            encoder_hidden=self.encoder_hidden,
+            grad_clip=self.grad_clip,
+            checkpoint_inner=self.checkpoint_inner,
+            strategy=self.strategy,
+        )
+
+
+# ----------------------------------------------------------------------
+# Defaults per (task, algorithm) and config files
+# ----------------------------------------------------------------------
+
+# Sinusoid: the MAML paper (K=10, meta-batch 25, one inner step of 0.01, Adam
+# 1e-3, 10 steps at test time), with what each variant needs on top.
+_SINUSOID = {
+    "maml": {},
+    "fomaml": {},
+    # Meta-SGD learns per-parameter lrs for exactly one step: more steps at
+    # test time with them overshoot.
+    "metasgd": {"eval_inner_steps": 1},
+    "tamaml": {},
+    # Only the 40->1 head adapts: it needs more and larger steps.
+    "anil": {"inner_steps": 5, "inner_lr": 0.05},
+    # Several inner steps, and Reptile's outer update: plain SGD towards the
+    # mean adapted weights.
+    "reptile": {"inner_steps": 10, "inner_lr": 0.02, "optimizer": "sgd", "meta_lr": 0.5, "lr_schedule": "linear"},
+    # MAML++: several steps with learned per-step lrs and the multi-step loss.
+    "mamlpp": {"inner_steps": 5, "multi_step_loss_iterations": 2000},
+}
+
+_OMNIGLOT_5WAY = {
+    "maml": {},
+    "fomaml": {},
+    "metasgd": {},
+    "tamaml": {},
+    "anil": {"inner_steps": 5},
+    "reptile": {"inner_steps": 5, "inner_lr": 0.1, "optimizer": "sgd", "meta_lr": 0.5, "lr_schedule": "linear"},
+    "mamlpp": {"inner_steps": 3, "inner_lr": 0.1, "first_order_iterations": 100},
+}
+
+_OMNIGLOT_20WAY = {
+    "maml": {},
+    "fomaml": {},
+    "metasgd": {},
+    "tamaml": {},
+    "anil": {},
+    "reptile": {"inner_steps": 10, "optimizer": "sgd", "meta_lr": 0.5, "lr_schedule": "linear"},
+    "mamlpp": {"first_order_iterations": 100},
+}
+
+
+def task_kind(task: str) -> str:
+    return task if task in ("sinusoid", "omniglot") else "path"
+
+
+def default_config(task: str = "sinusoid", algorithm: str = "maml", ways: int | None = None) -> TrainConfig:
+    """What works for a (task, algorithm) pair; every field can still be overridden."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    kind = task_kind(task)
+    config = TrainConfig(task=task, algorithm=algorithm)
+    if kind == "sinusoid":
+        config.update(
+            dict(ways=1, shots=10, queries=10, meta_batch=25, inner_steps=1, inner_lr=0.01, meta_lr=1e-3,
+                 iterations=15000, val_interval=1000, val_episodes=500, val_queries=100, eval_inner_steps=10, save_interval=500,
+                 log_interval=50, threads=1)
+        )
+        config.update(_SINUSOID[algorithm])
+        return config
+    ways = ways or 5
+    if ways >= 10:
+        # Omniglot 20-way 1-shot (the setting the learn2learn reference ran on a CPU).
+        config.update(
+            dict(ways=ways, shots=1, queries=5, meta_batch=4, inner_steps=5, inner_lr=0.1, meta_lr=1e-3,
+                 iterations=600, val_interval=100, val_episodes=200, val_queries=1, eval_inner_steps=10,
+                 save_interval=10, log_interval=5)
+        )
+        config.update(_OMNIGLOT_20WAY[algorithm])
+    else:
+        # Omniglot 5-way 1-shot (MAML paper: one step of 0.4; three at test time).
+        config.update(
+            dict(ways=ways, shots=1, queries=15, meta_batch=16, inner_steps=1, inner_lr=0.4, meta_lr=1e-3,
+                 iterations=2000, val_interval=250, val_episodes=200, val_queries=1, eval_inner_steps=3,
+                 save_interval=50, log_interval=10)
+        )
+        config.update(_OMNIGLOT_5WAY[algorithm])
+    if kind == "omniglot":
+        # Rotations make new training classes (MAML paper). Validation holds
+        # out one whole alphabet (split_seed 0: Korean, 40 characters) without
+        # rotations, so that it is the judged protocol: 20-way 1-shot within
+        # an alphabet never seen in training.
+        config.update(dict(rotations=True, split_by="group", val_fraction=0.125, rotate_heldout=False))
+    else:
+        config.queries = min(config.queries, 5)
+    return config
+
+
+def find_config(name: str) -> Path:
+    """A config file by path, or by name from ``metalearn/configs`` (``omniglot-20way``)."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {name} not found")
+        return path
+    candidate = CONFIG_DIR / f"{name}.yaml"
+    if not candidate.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise FileNotFoundError(f"no config named {name!r} (known: {known})")
+    return candidate
+
+
+def read_config_file(name: str) -> dict:
+    import yaml
+
+    path = find_config(name)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a config must be a mapping of settings")
+    values.pop("description", None)
+    return values
+
+
+def resolve_config(config_file: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults for the (task, algorithm) pair <- config file <- overrides (command-line flags)."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    file_values = read_config_file(config_file) if config_file else {}
+    task = overrides.get("task", file_values.get("task", "sinusoid"))
+    algorithm = overrides.get("algorithm", file_values.get("algorithm", "maml"))
+    ways = overrides.get("ways", file_values.get("ways"))
+    config = default_config(task, algorithm, ways=ways)
+    config.update(file_values, where=str(config_file))
+    config.update(overrides, where="command line")
+    config.validate()
+    return config
+
+
+# ----------------------------------------------------------------------
+# Pieces of a run
+# ----------------------------------------------------------------------
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: no CUDA GPU is available")
+        if name == "cuda":
+            name = f"cuda:{local_rank % torch.cuda.device_count()}"
+    return torch.device(name)
+
+
+def load_source(config: TrainConfig):
+    """The task source of a config (Omniglot, sinusoid or the user's data)."""
+    from metalearn.data import load_task_source
+
+    if task_kind(config.task) == "sinusoid":
+        return load_task_source("sinusoid", shots=config.shots, queries=config.queries)
+    options = dict(
+        ways=config.ways,
+        shots=config.shots,
+        queries=config.queries,
+        rotations=config.rotations,
+        rotate_heldout=config.rotate_heldout,
+        split_by=config.split_by,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        split_seed=config.split_seed,
+    )
+    return load_task_source(config.task, **options)
+
+
+def build_learner(config: TrainConfig, source) -> MetaLearner:
+    shape = tuple(source.input_shape)
+    if source.task_type == "regression":
+        spec = {"arch": "mlp", "in_features": shape[0], "hidden": [40, 40], "out_features": 1}
+    elif len(shape) == 3:
+        spec = {"arch": "conv4", "in_channels": shape[0], "image_size": shape[-1], "channels": 64,
+                "out_features": config.ways}
+        if shape[-1] != shape[-2]:
+            raise ValueError(f"conv4 needs square images, got input shape {shape}")
+    else:
+        spec = {"arch": "mlp", "in_features": int(math.prod(shape)), "hidden": [256, 128], "out_features": config.ways}
+    spec.update(config.model)
+    spec["arch"] = spec.get("arch", "mlp")
+    return MetaLearner(build_model(spec), config.meta_config(source.task_type))
+
+
+def task_generator(seed: int, rank: int, iteration: int) -> torch.Generator:
+    """The generator the tasks of one iteration on one rank come from (resume needs no sampler state)."""
+    digest = hashlib.sha256(f"metalearn:{seed}:{rank}:{iteration}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def make_optimizer(config: TrainConfig, learner: MetaLearner) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(learner.parameters(), lr=config.meta_lr)
+    return torch.optim.Adam(learner.parameters(), lr=config.meta_lr)
+
+
+def learning_rate(config: TrainConfig, iteration: int) -> float:
+    progress = min(iteration / max(config.iterations, 1), 1.0)
+    low = config.meta_lr * config.min_lr_fraction
+    if config.lr_schedule == "cosine":
+        return low + 0.5 * (config.meta_lr - low) * (1 + math.cos(math.pi * progress))
+    if config.lr_schedule == "linear":
+        return config.meta_lr + (low - config.meta_lr) * progress
+    return config.meta_lr
+
+
+def optimizer_to_state(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An optimiser's state as JSON plus named tensors (no pickle)."""
+    state_dict = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for index, values in state_dict["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim/{index}/{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return {"param_groups": state_dict["param_groups"], "scalars": scalars}, tensors
+
+
+def optimizer_from_state(optimizer: torch.optim.Optimizer, saved: dict, tensors: dict[str, torch.Tensor]) -> None:
+    current = optimizer.state_dict()
+    groups = []
+    for mine, theirs in zip(current["param_groups"], saved["param_groups"]):
+        group = dict(mine)
+        for key, value in theirs.items():
+            group[key] = tuple(value) if isinstance(mine.get(key), tuple) else value
+        groups.append(group)
+    state: dict[int, dict] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("optim/"):
+            _, index, key = name.split("/", 2)
+            state.setdefault(int(index), {})[key] = tensor.clone()
+    for index, values in saved.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+class _StopRequest:
+    """Ctrl-C / SIGTERM set a flag the loop checks between iterations; a second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------
+
+
+class Trainer:
+    """Runs (or resumes) one meta-training run; see the module docstring."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False, resume_overrides: dict | None = None):
+        config.validate()
+        if config.out is None:
+            config.out = str(Path("runs") / f"{Path(config.task).stem}-{config.algorithm}")
+        self.out = Path(config.out)
+        self.resume = resume
+        self.context = distributed.from_environment()
+        if resume:
+            config = self._resumed_config(config, resume_overrides or {})
+        elif (self.out / LAST).exists():
+            raise FileExistsError(
+                f"{self.out} already holds a run ({LAST}); pass --resume to continue it or choose another --out"
+            )
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.device, self.context.local_rank)
+        if config.meta_batch % self.context.world_size:
+            raise ValueError(
+                f"meta_batch {config.meta_batch} is not divisible by the {self.context.world_size} processes"
+            )
+        self.local_batch = config.meta_batch // self.context.world_size
+
+        source = load_source(config)
+        self.source = source
+        self.task_type = source.task_type
+        self.train_source = source.split("train")
+        self.val_source = self._validation_source(source)
+        self.val_kwargs = self._validation_kwargs()
+
+        torch.manual_seed(config.seed)
+        self.learner = build_learner(config, source).to(self.device)
+        self.optimizer = make_optimizer(config, self.learner)
+        self.iteration = 0
+        self.best: dict | None = None
+        self.elapsed = 0.0
+        self.last_val: dict | None = None
+        if resume:
+            self._load_state()
+
+    # -- setup ------------------------------------------------------------
+
+    def _resumed_config(self, config: TrainConfig, overrides: dict) -> TrainConfig:
+        path = self.out / LAST
+        if not path.exists():
+            raise FileNotFoundError(f"--resume: {path} does not exist (nothing to resume)")
+        from metalearn.checkpoint import read_manifest
+
+        saved = TrainConfig().update(read_manifest(path).get("training", {}).get("config", {}), where=str(path))
+        for key, value in overrides.items():
+            if value is None or key == "resume":
+                continue
+            if key in RESUMABLE_CHANGES:
+                setattr(saved, key, value)
+            elif getattr(saved, key) != value:
+                raise ValueError(
+                    f"--resume: cannot change {key!r} of an existing run ({getattr(saved, key)!r} -> {value!r})"
+                )
+        saved.out = str(self.out)
+        saved.validate()
+        return saved
+
+    def _validation_source(self, source):
+        if self.task_type == "regression":
+            return source
+        if self.config.val_fraction <= 0:
+            return None
+        return source.split("val")
+
+    def _validation_kwargs(self) -> dict:
+        c = self.config
+        kwargs = dict(
+            shots=c.val_shots or c.shots,
+            queries=c.val_queries or c.queries,
+            inner_steps=self.eval_inner_steps,
+            inner_lr=c.eval_inner_lr,
+            transductive=c.transductive,
+            episodes=c.val_episodes,
+        )
+        if self.task_type == "classification":
+            kwargs["ways"] = c.val_ways or c.ways
+            kwargs["within_group"] = c.val_within_group
+            if self.val_source is not None and c.val_within_group:
+                try:
+                    self.val_source.sample(1, torch.Generator().manual_seed(0), ways=kwargs["ways"],
+                                           shots=kwargs["shots"], queries=kwargs["queries"], within_group=True)
+                except ValueError as error:
+                    print(f"note: validating across groups ({error})", file=sys.stderr)
+                    kwargs["within_group"] = False
+        return kwargs
+
+    @property
+    def eval_inner_steps(self) -> int:
+        c = self.config
+        return c.eval_inner_steps if c.eval_inner_steps is not None else c.inner_steps
+
+    # -- checkpoints -------------------------------------------------------
+
+    def _manifest_fields(self, metrics: dict | None) -> dict:
+        c = self.config
+        return dict(
+            input_shape=tuple(self.source.input_shape),
+            n_way=c.ways if self.task_type == "classification" else None,
+            preprocessing=self.source.preprocessing,
+            training={
+                "config": c.to_dict(),
+                "iterations_done": self.iteration,
+                "world_size": self.context.world_size,
+                "wall_seconds": round(self.elapsed, 3),
+                "validation": {k: v for k, v in self.val_kwargs.items() if k not in ("inner_steps", "inner_lr")},
+            },
+            metrics=metrics or {},
+            inner_steps=self.eval_inner_steps,
+            inner_lr=c.eval_inner_lr,
+        )
+
+    def save(self, name: str, metrics: dict | None = None) -> None:
+        state, tensors = optimizer_to_state(self.optimizer)
+        tensors["rng/torch"] = torch.get_rng_state()
+        resume_state = {
+            "iteration": self.iteration,
+            "best": self.best,
+            "last_val": self.last_val,
+            "elapsed": self.elapsed,
+            "optimizer": state,
+            "seed": self.config.seed,
+            "world_size": self.context.world_size,
+        }
+        save_checkpoint(self.out / name, self.learner, state_tensors=tensors, state=resume_state,
+                        **self._manifest_fields(metrics))
+
+    def _load_state(self) -> None:
+        path = self.out / LAST
+        checkpoint = load_checkpoint(path, device=self.device)
+        state = checkpoint.manifest.get("state")
+        if not state or "optimizer" not in state:
+            raise CheckpointError(f"{path}: has no training state to resume from")
+        try:
+            self.learner.load_state_dict(checkpoint.learner.state_dict())
+        except RuntimeError as error:
+            raise CheckpointError(f"{path}: does not match this run's model ({error})") from None
+        tensors = {k: v.to(self.device) for k, v in checkpoint.state_tensors.items() if k.startswith("optim/")}
+        optimizer_from_state(self.optimizer, state["optimizer"], tensors)
+        if "rng/torch" in checkpoint.state_tensors:
+            torch.set_rng_state(checkpoint.state_tensors["rng/torch"])
+        self.iteration = int(state["iteration"])
+        self.best = state.get("best")
+        self.last_val = state.get("last_val")
+        self.elapsed = float(state.get("elapsed", 0.0))
+        if self.context.is_main:
+            self._truncate_metrics(self.iteration)
+
+    def _truncate_metrics(self, iteration: int) -> None:
+        """Drop log lines written after the checkpoint we resume from (they will be written again)."""
+        path = self.out / METRICS
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by kill -9
+            if record.get("iteration", 0) <= iteration:
+                kept.append(line)
+        path.write_text("".join(k + "\n" for k in kept))
+
+    # -- logging -------------------------------------------------------------
+
+    def _log(self, record: dict) -> None:
+        with open(self.out / METRICS, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def validate(self) -> EvalResult | None:
+        if self.val_source is None:
+            return None
+        return evaluate(self.learner, self.val_source, seed=EVAL_SEED, **self.val_kwargs)
+
+    # -- the loop ------------------------------------------------------------
+
+    def run(self) -> dict:
+        """Train to ``config.iterations`` (or the time budget); returns a summary dict."""
+        context = distributed.setup(self.device)
+        try:
+            return self._run(context)
+        finally:
+            distributed.teardown(context)
+
+    def _run(self, context: distributed.Context) -> dict:
+        c = self.config
+        main = context.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if not self.resume:
+            distributed.broadcast_parameters(self.learner, context)
+        reduce = distributed.gradient_reducer(context)
+        bar = None
+        if main and c.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=c.iterations, initial=self.iteration, desc=f"{c.algorithm} {Path(c.task).stem}",
+                       dynamic_ncols=True, file=sys.stderr, unit="it")
+        interrupted = False
+        window = {"loss": 0.0, "accuracy": 0.0, "count": 0, "start": time.perf_counter()}
+        started = time.perf_counter() - self.elapsed
+        if main and self.iteration == 0 and not (self.out / METRICS).exists():
+            (self.out / METRICS).touch()
+        with _StopRequest() as stop:
+            while self.iteration < c.iterations:
+                i = self.iteration
+                lr = learning_rate(c, i)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                generator = task_generator(c.seed, context.rank, i)
+                batch = self.train_source.sample(self.local_batch, generator, within_group=c.within_group)
+                result = self.learner.meta_step(batch.to(self.device), self.optimizer, iteration=i, reduce_grads=reduce)
+                accuracy = result.accuracy if result.accuracy is not None else float("nan")
+                budget_over = c.time_budget is not None and time.perf_counter() - started >= c.time_budget
+                loss, accuracy, stop_any = distributed.average_scalars(
+                    [result.loss, accuracy, float(stop.requested or budget_over)], context, self.device
+                )
+                self.iteration = i + 1
+                self.elapsed = time.perf_counter() - started
+                window["loss"] += loss
+                window["accuracy"] += accuracy
+                window["count"] += 1
+                done = self.iteration == c.iterations
+                if main and (self.iteration % c.log_interval == 0 or done or stop_any):
+                    seconds = time.perf_counter() - window["start"]
+                    n = window["count"]
+                    record = {"kind": "train", "iteration": self.iteration, "loss": window["loss"] / n,
+                              "lr": lr, "steps_per_s": n / max(seconds, 1e-9), "elapsed": round(self.elapsed, 3)}
+                    if self.task_type == "classification":
+                        record["accuracy"] = window["accuracy"] / n
+                    self._log(record)
+                    if bar is not None:
+                        postfix = {"loss": f"{record['loss']:.4f}"}
+                        if "accuracy" in record:
+                            postfix["acc"] = f"{record['accuracy']:.3f}"
+                        postfix["steps/s"] = f"{record['steps_per_s']:.2f}"
+                        if self.last_val:
+                            postfix["val"] = f"{self.last_val['mean']:.4f}"
+                        bar.set_postfix(postfix, refresh=False)
+                    window = {"loss": 0.0, "accuracy": 0.0, "count": 0, "start": time.perf_counter()}
+                if bar is not None:
+                    bar.update(1)
+                if stop_any:
+                    interrupted = not budget_over or stop.requested
+                    break
+                if self.iteration % c.val_interval == 0 or done:
+                    if main:
+                        self._validate_and_save(done)
+                elif self.iteration % c.save_interval == 0 and main:
+                    self.save(LAST, metrics=self.last_val)
+            if main and (interrupted or self.iteration < c.iterations or not (self.out / LAST).exists()):
+                # Stopped early (Ctrl-C, SIGTERM or time budget): validate unless
+                # interrupted, then save where we are.
+                if not interrupted:
+                    self._validate_and_save(True)
+                else:
+                    self.save(LAST, metrics=self.last_val)
+        if bar is not None:
+            bar.close()
+        distributed.barrier(context)
+        summary = {
+            "out": str(self.out),
+            "iterations": self.iteration,
+            "interrupted": interrupted,
+            "wall_seconds": round(self.elapsed, 2),
+            "best": self.best,
+            "last": self.last_val,
+        }
+        if main:
+            self._plot()
+        return summary
+
+    def _validate_and_save(self, final: bool) -> None:
+        result = self.validate()
+        metrics = None
+        if result is not None:
+            metrics = {**result.to_dict(), "iteration": self.iteration}
+            self.last_val = metrics
+            self._log({"kind": "val", **metrics})
+            if better(result.metric, result.mean, self.best["mean"] if self.best else None):
+                self.best = metrics
+                self.save(BEST, metrics=metrics)
+        elif final:
+            # No validation split: the final weights are the best we have.
+            self.best = {"iteration": self.iteration}
+            self.save(BEST, metrics={})
+        self.save(LAST, metrics=metrics)
+        self._plot()
+
+    def _plot(self) -> None:
+        try:
+            plot_metrics(self.out / METRICS, self.out / PLOT)
+        except Exception as error:  # a plot must never kill a training run
+            print(f"note: could not draw {PLOT}: {error}", file=sys.stderr)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> None:
+    """Learning curves (training loss/accuracy, validation metric with its 95% CI) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [r for r in records if r.get("kind") == "train"]
+    val = [r for r in records if r.get("kind") == "val"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        its = [r["iteration"] for r in train]
+        axes[0].plot(its, [r["loss"] for r in train], label="query loss (train)")
+        if "accuracy" in train[0]:
+            twin = axes[0].twinx()
+            twin.plot(its, [r["accuracy"] for r in train], color="tab:orange", alpha=0.7, label="accuracy (train)")
+            twin.set_ylabel("accuracy")
+            twin.legend(loc="upper right")
+        axes[0].set_xlabel("iteration")
+        axes[0].set_ylabel("loss")
+        axes[0].legend(loc="upper left")
+        axes[0].set_title("meta-training")
+    if val:
+        its = [r["iteration"] for r in val]
+        means = [r["mean"] for r in val]
+        ci = [r["ci95"] for r in val]
+        axes[1].errorbar(its, means, yerr=ci, marker="o", capsize=3)
+        axes[1].set_xlabel("iteration")
+        axes[1].set_ylabel(val[-1]["metric"])
+        axes[1].set_title(f"validation ({val[-1]['episodes']} tasks, 95% CI)")
+        if val[-1]["metric"] == "mse":
+            axes[1].set_yscale("log")
+    fig.tight_layout()
+    tmp = Path(png_path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(png_path)
+
+
+__all__ = ["TrainConfig", "Trainer", "default_config", "resolve_config", "find_config", "load_source", "build_learner",
+           "plot_metrics", "task_generator"]

@@ -1,0 +1,170 @@
+"""Checkpoint round trips and refusal of corrupt, truncated and incompatible files."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from metalearn import MLP, Conv4, MetaConfig, MetaLearner, adapt, predict
+from metalearn.checkpoint import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
+from metalearn.cli import main
+from metalearn.train import optimizer_from_state, optimizer_to_state
+
+
+def _conv_learner(algorithm: str = "mamlpp") -> MetaLearner:
+    torch.manual_seed(0)
+    return MetaLearner(Conv4(out_features=5, channels=4), MetaConfig(algorithm, inner_steps=2, inner_lr=0.3))
+
+
+def _images(n: int = 10, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 28, 28, generator=g), torch.arange(n) % 5
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "mamlpp", "tamaml"])
+def test_round_trip_is_bit_identical(tmp_path, algorithm):
+    learner = _conv_learner(algorithm)
+    # Move away from the initialisation so that every tensor matters.
+    with torch.no_grad():
+        for p in learner.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = tmp_path / "model.safetensors"
+    manifest = save_checkpoint(path, learner, input_shape=(1, 28, 28), n_way=5, inner_steps=3,
+                               preprocessing={"kind": "image"}, training={"config": {"seed": 1}},
+                               metrics={"metric": "accuracy", "mean": 0.5})
+    loaded = load_checkpoint(path)
+    assert loaded.manifest == manifest
+    assert loaded.manifest["inner"] == {"steps": 3, "lr": 0.3}
+    x, y = _images()
+    learner.eval()
+    with torch.no_grad():
+        assert torch.equal(learner.model(x), loaded.learner.model(x))
+    a1, a2 = adapt(learner, x, y, steps=3), adapt(loaded.learner, x, y, steps=3)
+    assert torch.equal(predict(learner, a1, x), predict(loaded.learner, a2, x))
+    for name, tensor in learner.state_dict().items():
+        assert torch.equal(tensor, loaded.learner.state_dict()[name]), name
+
+
+def test_optimizer_state_round_trip_continues_identically(tmp_path):
+    torch.manual_seed(0)
+    learner = MetaLearner(MLP(), MetaConfig("maml", task_type="regression"))
+    optimizer = torch.optim.Adam(learner.parameters(), lr=1e-2)
+    x = torch.randn(8, 1)
+
+    def step(model, opt):
+        loss = model.model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step(learner, optimizer)
+    state, tensors = optimizer_to_state(optimizer)
+    json.dumps(state)  # the non-tensor part is plain JSON
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, learner, state_tensors=tensors, state={"optimizer": state}, input_shape=(1,))
+
+    loaded = load_checkpoint(path)
+    twin = loaded.learner.train()
+    twin_optimizer = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    optimizer_from_state(twin_optimizer, loaded.manifest["state"]["optimizer"], loaded.state_tensors)
+    step(learner, optimizer)
+    step(twin, twin_optimizer)
+    for (name, a), b in zip(learner.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), name
+
+
+@pytest.fixture
+def checkpoint_file(tmp_path):
+    path = tmp_path / "good.safetensors"
+    save_checkpoint(path, _conv_learner("maml"), input_shape=(1, 28, 28), n_way=5)
+    return path
+
+
+def _expect_error(path, *fragments):
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert str(path) in message
+    for fragment in fragments:
+        assert fragment in message
+    assert "\n" not in message
+    return message
+
+
+def test_truncated_checkpoint_is_refused(checkpoint_file):
+    data = checkpoint_file.read_bytes()
+    for size in (0, 5, 100, len(data) // 2, len(data) - 1):
+        checkpoint_file.write_bytes(data[:size])
+        _expect_error(checkpoint_file)
+
+
+def test_flipped_byte_is_refused(checkpoint_file):
+    data = bytearray(checkpoint_file.read_bytes())
+    data[-10] ^= 0xFF
+    checkpoint_file.write_bytes(bytes(data))
+    _expect_error(checkpoint_file, "hash mismatch")
+
+
+def test_garbage_and_pickle_files_are_refused(tmp_path):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    _expect_error(garbage)
+    pickled = tmp_path / "pickled.safetensors"
+    torch.save({"weight": torch.zeros(3)}, pickled)
+    _expect_error(pickled)
+    _expect_error(tmp_path / "missing.safetensors", "no such file")
+
+
+def _rewrite_manifest(path, change):
+    data = path.read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + size])
+    manifest = json.loads(header["__metadata__"]["metalearn"])
+    change(manifest)
+    header["__metadata__"]["metalearn"] = json.dumps(manifest)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + size :])
+
+
+def test_incompatible_checkpoints_are_refused(checkpoint_file, tmp_path):
+    future = tmp_path / "future.safetensors"
+    future.write_bytes(checkpoint_file.read_bytes())
+    _rewrite_manifest(future, lambda m: m.update(format_version=99))
+    _expect_error(future, "format version")
+
+    edited = tmp_path / "edited.safetensors"
+    edited.write_bytes(checkpoint_file.read_bytes())
+    _rewrite_manifest(edited, lambda m: m["model_spec"].update(channels=8))
+    _expect_error(edited, "hash mismatch")
+
+    # A consistent file whose manifest describes another model than its weights.
+    other = tmp_path / "other.safetensors"
+    learner = _conv_learner("maml")
+    save_checkpoint(other, learner, input_shape=(1, 28, 28), n_way=5)
+    from metalearn.checkpoint import _read, atomic_write_bytes, content_hash
+    from safetensors.torch import save as save_bytes
+
+    manifest, tensors = _read(other)
+    manifest["model_spec"]["channels"] = 8
+    manifest["content_hash"] = content_hash(tensors, manifest)
+    atomic_write_bytes(other, save_bytes(dict(tensors), metadata={"metalearn": json.dumps(manifest)}))
+    _expect_error(other, "do not match")
+
+
+def test_cli_reports_bad_checkpoints_in_one_line(checkpoint_file, capsys):
+    data = checkpoint_file.read_bytes()
+    checkpoint_file.write_bytes(data[: len(data) // 3])
+    for command in (["info", str(checkpoint_file)], ["eval", str(checkpoint_file), "--episodes", "2"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(checkpoint_file) in err and "Traceback" not in err
+
+
+def test_read_manifest_of_good_file(checkpoint_file):
+    manifest = read_manifest(checkpoint_file)
+    assert manifest["input_shape"] == [1, 28, 28] and manifest["n_way"] == 5

@@ -1,0 +1,126 @@
+"""``metalearn`` end to end on tiny budgets, and its error paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from metalearn.checkpoint import read_manifest
+from metalearn.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def test_sinusoid_train_eval_info(tmp_path, capsys):
+    out = tmp_path / "sine"
+    code, stdout, err = run(capsys, "train", "--task", "sinusoid", "--algorithm", "fomaml", "--iterations", "30",
+                            "--meta-batch", "5", "--val-interval", "15", "--val-episodes", "10", "--out", str(out),
+                            "--set", "model={hidden: [16, 16]}")
+    assert code == 0, err
+    assert "best mse" in stdout
+    assert "steps/s" in err  # the progress bar
+    code, stdout, err = run(capsys, "eval", str(out), "--episodes", "20", "--shots", "5", "--inner-steps", "3",
+                            "--json")
+    assert code == 0, err
+    result = last_json(stdout)
+    assert result["metric"] == "mse" and result["episodes"] == 20 and result["ci95"] >= 0
+    assert result["inner_steps"] == 3 and result["shots"] == 5
+    assert result["checkpoint"].endswith("best.safetensors")
+    code, stdout, _ = run(capsys, "info", str(out / "last.safetensors"), "--json")
+    manifest = json.loads(stdout)
+    assert manifest["algorithm"] == "fomaml" and manifest["state"]["iteration"] == 30
+
+
+def test_omniglot_tiny_conv(tmp_path, capsys):
+    out = tmp_path / "omni"
+    code, stdout, err = run(capsys, "train", "--task", "omniglot", "--algorithm", "maml", "--ways", "5",
+                            "--shots", "1", "--queries", "2", "--meta-batch", "2", "--inner-steps", "1",
+                            "--iterations", "3", "--channels", "8", "--val-interval", "3", "--val-episodes", "4",
+                            "--out", str(out), "--no-progress")
+    assert code == 0, err
+    manifest = read_manifest(out / "best.safetensors")
+    assert manifest["n_way"] == 5 and manifest["input_shape"] == [1, 28, 28]
+    assert manifest["model_spec"]["channels"] == 8
+    assert manifest["preprocessing"]["kind"] == "image" and manifest["preprocessing"]["invert"] is True
+    assert manifest["inner"]["steps"] == 3  # the 5-way default: 3 steps at test time
+    assert manifest["training"]["validation"]["within_group"] is True
+    code, stdout, err = run(capsys, "eval", str(out), "--episodes", "6", "--json")
+    assert code == 0, err
+    result = last_json(stdout)
+    assert result["metric"] == "accuracy" and 0 <= result["mean"] <= 1
+    assert (result["ways"], result["within_group"], result["split"]) == (5, True, "val")
+    code, stdout, err = run(capsys, "eval", str(out), "--ways", "9")
+    assert code == 2 and "more than the model's 5 outputs" in err
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["eval", "/no/such/checkpoint.safetensors"], "no such file"),
+        (["info", "/no/such/dir"], "no such file"),
+        (["train", "--algorithm", "nope"], "invalid choice"),
+        (["train", "--iterations", "0"], "must be >= 1"),
+        (["train", "--config", "no-such-config"], "no config named"),
+        (["train", "--task", "/no/such/data.zip", "--iterations", "1"], "no such file"),
+        (["train", "--resume"], "--resume needs --out"),
+        (["bogus"], "invalid choice"),
+        ([], "required"),
+    ],
+)
+def test_errors_are_one_line(capsys, tmp_path, args, fragment):
+    code, _, err = run(capsys, *[a.replace("OUT", str(tmp_path)) for a in args])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], err
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint at all")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "metalearn.cli", "eval", str(bad), "--json"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert str(bad) in done.stderr
+
+
+def test_serve_and_demo_call_the_service(monkeypatch, tmp_path, capsys):
+    calls = []
+    import types
+
+    fake = types.ModuleType("service.server")
+    fake.serve = lambda model_dir, host="127.0.0.1", port=8000, **kw: calls.append((model_dir, host, port))
+    monkeypatch.setitem(sys.modules, "service.server", fake)
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "x.safetensors").write_bytes(b"")  # demo does not retrain when models exist
+    assert main(["serve", "--model-dir", str(models), "--port", "8123"]) == 0
+    assert main(["demo", "--model-dir", str(models), "--host", "0.0.0.0", "--port", "8124"]) == 0
+    assert calls == [(str(models), "127.0.0.1", 8123), (str(models), "0.0.0.0", 8124)]
+    code, _, err = run(capsys, "serve", "--model-dir", str(tmp_path / "missing"))
+    assert code == 2 and "does not exist" in err

@@ -1,0 +1,206 @@
+"""The trainer: configs, run directories, manifests, and resuming after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from metalearn.checkpoint import load_checkpoint, read_manifest
+from metalearn.evaluate import mean_ci95
+from metalearn.learner import ALGORITHMS
+from metalearn.train import (
+    CONFIG_DIR,
+    TrainConfig,
+    Trainer,
+    default_config,
+    learning_rate,
+    resolve_config,
+    task_generator,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_sine(out, **changes) -> TrainConfig:
+    config = default_config("sinusoid", changes.pop("algorithm", "maml"))
+    config.update(dict(out=str(out), iterations=40, val_interval=20, val_episodes=20, save_interval=10,
+                       log_interval=5, progress=False, model={"hidden": [16, 16]}))
+    return config.update(changes)
+
+
+@pytest.mark.parametrize("task", ["sinusoid", "omniglot"])
+def test_defaults_exist_for_every_algorithm(task):
+    for algorithm in ALGORITHMS:
+        config = default_config(task, algorithm, ways=20 if task == "omniglot" else None)
+        config.validate()
+        assert config.algorithm == algorithm
+    assert default_config("sinusoid", "maml").inner_lr == 0.01
+    assert default_config("sinusoid", "maml").meta_batch == 25
+    assert default_config("sinusoid", "reptile").inner_steps > 1
+
+
+def test_ready_configs_load_and_validate():
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    for required in ["omniglot-5way", "omniglot-20way", "omniglot-20way-best"] + [f"sinusoid-{a}" for a in ALGORITHMS]:
+        assert required in names
+    for name in names:
+        config = resolve_config(name)
+        assert config.algorithm in ALGORITHMS
+
+
+def test_flags_override_config_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("task: sinusoid\nalgorithm: fomaml\ninner_lr: 0.05\niterations: 7\n")
+    config = resolve_config(str(path), {"iterations": 9, "meta_lr": None})
+    assert (config.algorithm, config.inner_lr, config.iterations) == ("fomaml", 0.05, 9)
+    path.write_text("bogus_key: 1\n")
+    with pytest.raises(ValueError, match="bogus_key"):
+        resolve_config(str(path))
+    with pytest.raises(FileNotFoundError, match="no config named"):
+        resolve_config("no-such-config")
+
+
+def test_task_generators_differ_by_rank_and_iteration():
+    draw = lambda *a: torch.rand(4, generator=task_generator(*a))  # noqa: E731
+    assert torch.equal(draw(0, 0, 5), draw(0, 0, 5))
+    assert not torch.equal(draw(0, 0, 5), draw(0, 1, 5))
+    assert not torch.equal(draw(0, 0, 5), draw(0, 0, 6))
+
+
+def test_learning_rate_schedules():
+    config = TrainConfig(meta_lr=1.0, iterations=100, lr_schedule="cosine", min_lr_fraction=0.1)
+    assert learning_rate(config, 0) == pytest.approx(1.0)
+    assert learning_rate(config, 100) == pytest.approx(0.1)
+    config.lr_schedule = "linear"
+    assert learning_rate(config, 50) == pytest.approx(0.55)
+
+
+def test_mean_ci95():
+    mean, ci, std = mean_ci95(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert mean == 2.5 and std == pytest.approx(1.2910, abs=1e-4)
+    assert ci == pytest.approx(1.96 * 1.2910 / 2, abs=1e-4)
+
+
+def test_run_directory_and_manifest(tmp_path):
+    out = tmp_path / "run"
+    summary = Trainer(tiny_sine(out)).run()
+    assert summary["iterations"] == 40 and not summary["interrupted"]
+    for name in ("best.safetensors", "last.safetensors", "metrics.jsonl", "curves.png"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if r["kind"] == "val"] == [20, 40]
+    assert all("loss" in r and "steps_per_s" in r for r in records if r["kind"] == "train")
+    manifest = read_manifest(out / "best.safetensors")
+    assert manifest["input_shape"] == [1] and manifest["task_type"] == "regression"
+    assert manifest["inner"] == {"steps": 10, "lr": 0.01}  # the test-time steps, not the training step
+    assert manifest["training"]["config"]["algorithm"] == "maml"
+    assert manifest["metrics"]["metric"] == "mse" and manifest["metrics"]["episodes"] == 20
+    assert manifest["state"]["iteration"] == manifest["metrics"]["iteration"]
+    last = load_checkpoint(out / "last.safetensors")
+    assert last.manifest["state"]["iteration"] == 40
+    assert any(name.startswith("optim/") for name in last.state_tensors)
+    with pytest.raises(FileExistsError):
+        Trainer(tiny_sine(out))
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    out = tmp_path / "run"
+    Trainer(tiny_sine(out, iterations=10)).run()
+    with pytest.raises(ValueError, match="cannot change 'inner_lr'"):
+        Trainer(TrainConfig(out=str(out)), resume=True, resume_overrides={"inner_lr": 0.5})
+    with pytest.raises(FileNotFoundError):
+        Trainer(TrainConfig(out=str(tmp_path / "none")), resume=True)
+    # More iterations is allowed, and continues from where it stopped.
+    trainer = Trainer(TrainConfig(out=str(out)), resume=True, resume_overrides={"iterations": 15})
+    assert trainer.iteration == 10
+    assert trainer.run()["iterations"] == 15
+
+
+ITERATIONS = 150
+
+
+def _train_command(out: Path) -> list[str]:
+    return ["train", "--task", "sinusoid", "--algorithm", "maml", "--iterations", str(ITERATIONS), "--out", str(out),
+            "--no-progress", "--meta-batch", "10", "--val-interval", "60", "--val-episodes", "10",
+            "--set", "save_interval=5", "--set", "model={hidden: [16, 16]}", "--threads", "1"]
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "metalearn.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _interrupt(out: Path, process: subprocess.Popen, at_least: int, sig: int, timeout: float = 90) -> str:
+    """Send ``sig`` once ``last.safetensors`` has reached ``at_least`` iterations; returns stderr."""
+    deadline = time.time() + timeout
+    try:
+        while True:
+            assert time.time() < deadline, "no checkpoint appeared"
+            assert process.poll() is None, "training finished before it could be interrupted"
+            try:
+                if read_manifest(out / "last.safetensors")["state"]["iteration"] >= at_least:
+                    break
+            except Exception:
+                pass
+            time.sleep(0.02)
+        process.send_signal(sig)
+        return process.communicate(timeout=60)[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _final_state(out: Path) -> dict[str, torch.Tensor]:
+    checkpoint = load_checkpoint(out / "last.safetensors")
+    assert checkpoint.manifest["state"]["iteration"] == ITERATIONS
+    optim = {k: v for k, v in checkpoint.state_tensors.items() if k.startswith("optim/")}
+    return {**checkpoint.learner.state_dict(), **optim}
+
+
+def test_killed_and_interrupted_run_resumes_to_the_same_final_state(tmp_path, capsys):
+    from metalearn.cli import main
+
+    out = tmp_path / "interrupted"
+    # kill -9 at some point after iteration 20...
+    process = _start(_train_command(out))
+    _interrupt(out, process, 20, signal.SIGKILL)
+    assert process.returncode == -signal.SIGKILL
+    killed_at = read_manifest(out / "last.safetensors")["state"]["iteration"]
+    assert 20 <= killed_at < ITERATIONS
+    # ...resume, and Ctrl-C that one: it saves where it is and exits 130...
+    process = _start(_train_command(out) + ["--resume"])
+    err = _interrupt(out, process, killed_at + 15, signal.SIGINT)
+    assert process.returncode == 130 and "--resume" in err and "Traceback" not in err
+    stopped_at = read_manifest(out / "last.safetensors")["state"]["iteration"]
+    assert killed_at < stopped_at < ITERATIONS
+    # ...and resume again to the end.
+    assert main(_train_command(out) + ["--resume"]) == 0
+    straight = tmp_path / "straight"
+    assert main(_train_command(straight)) == 0
+    capsys.readouterr()
+
+    a, b = _final_state(out), _final_state(straight)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # The log has no duplicated iterations after the resumes.
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    iterations = [r["iteration"] for r in records if r["kind"] == "train"]
+    assert iterations == sorted(set(iterations)) and iterations[-1] == ITERATIONS
