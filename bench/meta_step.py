@@ -144,7 +144,7 @@ def measure(workload: str, impl: str, order: str, steps: int, device: str = "cpu
         "steps_per_s": steps / elapsed,
         "peak_mb": peak_mb,
         # What a step needs beyond the process's steady state (code, model, data): CPU only.
-        "step_mb": peak_mb if cuda else peak_mb - steady_mb,
+        "step_mb": peak_mb if cuda else max(peak_mb - steady_mb, 0.0),
         "strategy": strategy if impl != "textbook" else "textbook",
     }
 
@@ -206,9 +206,11 @@ def main() -> None:
                 peak = statistics.median(r["peak_mb"] for r in results[impl])
                 memory = statistics.median(r["step_mb"] for r in results[impl])
                 label = impl if impl != "auto" else f"auto={results[impl][0]['strategy']}"
+                # Below 1 MB the step needs no memory worth a ratio (tiny models).
+                memory_ratio = f"{memory / base_memory:6.2f}x" if base_memory >= 1 else "    n/a"
                 print(
                     f"{workload:8} {order:6} {label:16} {speed:9.3f} {peak:12.0f} {memory:8.0f}"
-                    f" {speed / base_speed:6.2f}x {memory / max(base_memory, 1e-9):6.2f}x",
+                    f" {speed / base_speed:6.2f}x {memory_ratio}",
                     flush=True,
                 )
 
