@@ -246,9 +246,14 @@ def test_checkpointed_inner_loop_gives_the_same_gradient():
     torch.manual_seed(0)
     learner = MetaLearner(Conv4(out_features=3, channels=4, image_size=16), MetaConfig("maml", inner_steps=3, inner_lr=0.1))
     batch = image_batch()
+    calls = []
+    learner.model.head.register_forward_hook(lambda *args: calls.append(1))
     plain = learner.meta_gradient(batch, strategy="loop").grads
+    plain_calls, calls[:] = len(calls), []
     learner.config.checkpoint_inner = True
     checkpointed = learner.meta_gradient(batch, strategy="loop").grads
+    # Recompute instead of store: the inner steps' forwards run again in the backward pass.
+    assert len(calls) > plain_calls
     for name in plain:
         assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
     with pytest.raises(ValueError, match="loop"):
