@@ -111,16 +111,26 @@ def _from_images(value: ImageList, where: str, preprocessing: dict | None) -> to
         raise invalid(str(error)[:300]) from None
 
 
+def _tensor_from(value: Any, where: str, list_dtype: torch.dtype, expected: str) -> torch.Tensor:
+    """A tensor from either wire form: nested lists or ``{dtype, shape, base64}``."""
+    if isinstance(value, EncodedTensor):
+        return _from_base64(value, where)
+    if isinstance(value, list):
+        return _from_lists(value, where, list_dtype)
+    raise invalid(f"{where}: expected {expected}")
+
+
+def _check_finite(tensor: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise invalid(f"{where}: contains NaN or infinite values", title="Non-finite values")
+
+
 def decode_inputs(value: Any, where: str, input_shape: tuple[int, ...], preprocessing: dict | None, max_count: int) -> torch.Tensor:
     """A float32 tensor ``[N, *input_shape]`` with ``1 <= N <= max_count`` and finite values."""
     if isinstance(value, ImageList):
         tensor = _from_images(value, where, preprocessing)
-    elif isinstance(value, EncodedTensor):
-        tensor = _from_base64(value, where)
-    elif isinstance(value, list):
-        tensor = _from_lists(value, where, torch.float32)
     else:
-        raise invalid(f"{where}: expected nested lists, {{dtype, shape, base64}} or {{images}}")
+        tensor = _tensor_from(value, where, torch.float32, "nested lists, {dtype, shape, base64} or {images}")
     expected = (len(input_shape) + 1, list(input_shape))
     if tensor.dim() != expected[0] or list(tensor.shape[1:]) != expected[1]:
         raise invalid(
@@ -134,19 +144,13 @@ def decode_inputs(value: Any, where: str, input_shape: tuple[int, ...], preproce
     if count > max_count:
         raise Problem(422, "Too many examples", f"{where}: {count} examples, the limit is {max_count}")
     tensor = tensor.to(torch.float32)
-    if not torch.isfinite(tensor).all():
-        raise invalid(f"{where}: contains NaN or infinite values", title="Non-finite values")
+    _check_finite(tensor, where)
     return tensor.contiguous()
 
 
 def decode_labels(value: Any, where: str, count: int, n_way: int) -> torch.Tensor:
     """Class indices ``[count]`` (int64) in ``[0, n_way)`` covering every class."""
-    if isinstance(value, EncodedTensor):
-        tensor = _from_base64(value, where)
-    elif isinstance(value, list):
-        tensor = _from_lists(value, where, torch.float64)
-    else:
-        raise invalid(f"{where}: expected a list of class indices or {{dtype, shape, base64}}")
+    tensor = _tensor_from(value, where, torch.float64, "a list of class indices or {dtype, shape, base64}")
     if tensor.dim() != 1:
         raise invalid(f"{where}: expected a flat list of {count} class indices, got shape {list(tensor.shape)}", title="Wrong tensor shape")
     if tensor.shape[0] != count:
@@ -166,17 +170,11 @@ def decode_labels(value: Any, where: str, count: int, n_way: int) -> torch.Tenso
 
 def decode_targets(value: Any, where: str, count: int, out_features: int) -> torch.Tensor:
     """Regression targets ``[count, out_features]`` (``[count]`` accepted when out_features is 1)."""
-    if isinstance(value, EncodedTensor):
-        tensor = _from_base64(value, where)
-    elif isinstance(value, list):
-        tensor = _from_lists(value, where, torch.float32)
-    else:
-        raise invalid(f"{where}: expected nested lists of targets or {{dtype, shape, base64}}")
+    tensor = _tensor_from(value, where, torch.float32, "nested lists of targets or {dtype, shape, base64}")
     tensor = tensor.to(torch.float32)
     if tensor.dim() == 1 and out_features == 1:
         tensor = tensor.unsqueeze(1)
     if tensor.dim() != 2 or tensor.shape[1] != out_features or tensor.shape[0] != count:
         raise invalid(f"{where}: expected targets of shape [{count}, {out_features}], got {list(tensor.shape)}", title="Wrong tensor shape")
-    if not torch.isfinite(tensor).all():
-        raise invalid(f"{where}: contains NaN or infinite values", title="Non-finite values")
+    _check_finite(tensor, where)
     return tensor.contiguous()
