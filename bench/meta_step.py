@@ -113,7 +113,7 @@ def measure(workload: str, impl: str, order: str, steps: int, device: str = "cpu
     learner = MetaLearner(
         model, MetaConfig("maml", task_type=task_type, inner_steps=w["steps"], inner_lr=w["lr"], first_order=first_order)
     )
-    strategy = choose_strategy(learner, batch) if impl == "auto" else impl
+    strategy = choose_strategy(learner, device) if impl == "auto" else impl
 
     def step():
         if impl == "textbook":

@@ -29,21 +29,29 @@ from metalearn.learner import MetaLearner, StepResult
 STRATEGIES = ("auto", "loop", "vmap", "chunked:<n>")
 
 
-def choose_strategy(learner: MetaLearner, batch) -> str:
-    """The fastest strategy measured for this kind of workload (see bench/meta_step.py).
+def choose_strategy(learner: MetaLearner, device: str | torch.device, training: bool = True) -> str:
+    """``vmap`` or ``loop`` for a stack of tasks (training) or of adaptation requests (the service).
 
-    On the CPU, vmap turns convolutions into grouped convolutions and keeps
-    every task's activations alive at once, so convolutional models run as a
-    loop; small fully connected models gain several-fold from vmap. On a GPU
+    Measured (bench/meta_step.py, bench/service_bench.py): on the CPU, vmap
+    turns a convolution whose weights differ per task into a grouped
+    convolution and keeps every task's activations alive, so such models run
+    as a loop; fully connected models gain several-fold from vmap. In
+    training, every conv weight gets a per-task gradient inside the vmap, so
+    any convolution means a loop; at test time only adapted conv weights do
+    (ANIL's head-only adaptation folds the requests into one batch). On a GPU
     vmap wins for both.
     """
-    if learner.config.checkpoint_inner:
+    if training and learner.config.checkpoint_inner:
         return "loop"
-    device = next(learner.parameters()).device
-    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in learner.model.modules())
-    if device.type == "cuda" or not has_conv:
+    if torch.device(device).type == "cuda":
         return "vmap"
-    return "loop"
+    adapted = set(learner.adapt_names)
+    for name, module in learner.model.named_modules():
+        if not isinstance(module, nn.modules.conv._ConvNd):
+            continue
+        if training or any(f"{name}.{p}" in adapted for p, _ in module.named_parameters(recurse=False)):
+            return "loop"
+    return "vmap"
 
 
 def _parse(strategy: str) -> tuple[str, int]:
@@ -72,7 +80,7 @@ def run_meta_batch(learner: MetaLearner, batch, iteration: int = 0, strategy: st
     else:
         tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
     if strategy == "auto":
-        strategy = choose_strategy(learner, batch)
+        strategy = choose_strategy(learner, next(learner.parameters()).device)
     kind, chunk = _parse(strategy)
     if learner.config.checkpoint_inner and kind != "loop":
         raise ValueError("checkpoint_inner needs the 'loop' strategy (torch.func transforms cannot checkpoint)")

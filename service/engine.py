@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
 from metalearn.adaptation import Adaptation, adapt, adapt_many, predict, predict_many
+from metalearn.batching import choose_strategy
 
 log = logging.getLogger("service.engine")
 
@@ -105,24 +105,6 @@ class Job:
             return ("adapt", self.model.name, shape(self.support_x), shape(self.support_y), self.steps, self.lr, shape(self.query_x), self.transductive, self.keep_session)
         signature = tuple(sorted((n, tuple(t.shape)) for n, t in self.session.items()))
         return ("predict", self.model.name, shape(self.query_x), self.transductive, signature)
-
-
-def choose_strategy(learner, device: str) -> str:
-    """``vmap`` (one batched computation) or ``loop`` (one request after another) for stacked adaptations.
-
-    On a GPU, and for models whose adaptation does not touch convolution
-    weights (ANIL's head-only adaptation, fully connected models), vmap wins:
-    shared weights fold the request dimension into the batch. Adapting
-    convolution weights per request on the CPU turns vmap's convolutions into
-    grouped convolutions, slower there than a loop.
-    """
-    if device.startswith("cuda") or getattr(learner, "_head_only", False):
-        return "vmap"
-    adapted = set(learner.adapt_names)
-    for name, module in learner.model.named_modules():
-        if isinstance(module, nn.modules.conv._ConvNd) and any(f"{name}.{p}" in adapted for p, _ in module.named_parameters(recurse=False)):
-            return "loop"
-    return "vmap"
 
 
 def _stack(adaptations: list[Adaptation]) -> Adaptation:
@@ -325,7 +307,7 @@ class Engine:
             return self.strategy
         cached = getattr(model, "_engine_strategy", None)
         if cached is None:
-            cached = choose_strategy(model.learner, model.device)
+            cached = choose_strategy(model.learner, model.device, training=False)
             model._engine_strategy = cached
         return cached
 
