@@ -71,6 +71,7 @@ class RedisServer:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused (SIGSTOP) server cannot act on SIGTERM
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(10)
@@ -90,7 +91,7 @@ class RedisServer:
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory):
     if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server); the Redis store tests need it")
+        pytest.skip("redis-server is not installed (apt-get install redis-server); the Redis tests need it")
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     yield server

@@ -23,7 +23,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("redis")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared redis-server helper, however pytest imports
-from test_redis_store import REDIS_SERVER, RedisServer, free_port  # noqa: E402
+from test_redis_store import free_port, redis_server  # noqa: E402,F401 (redis_server: the shared fixture)
 
 from metalearn import MLP, Conv4, MetaConfig, MetaLearner  # noqa: E402
 from metalearn.checkpoint import save_checkpoint  # noqa: E402
@@ -94,19 +94,6 @@ def model_dir(tmp_path_factory) -> Path:
     sine = MetaLearner(MLP(1, (40, 40), 1), MetaConfig("maml", "regression", inner_steps=3, inner_lr=0.01))
     save_checkpoint(directory / "sine.safetensors", sine, input_shape=(1,))
     return directory
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server); the replica tests need it")
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    # resume a paused server so it can stop
-    if server.proc is not None and server.proc.poll() is None:
-        os.kill(server.proc.pid, signal.SIGCONT)
-    server.stop()
 
 
 @pytest.fixture(scope="module")
