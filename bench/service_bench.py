@@ -257,14 +257,23 @@ async def run_level(port: int, requests: list[tuple[str, bytes]], concurrency: i
     await asyncio.gather(*[worker(i) for i in range(concurrency)])
     measured = sorted(t1 - t0 for t0, t1 in done if t1 >= measure_from)
     if not measured:
-        return {"throughput": 0.0, "p50_ms": float("nan"), "p99_ms": float("nan"), "n": 0, "errors": errors}
+        return {"throughput": 0.0, "latencies": [], "errors": errors}
     window = max(t1 for _, t1 in done) - measure_from
+    return {"throughput": len(measured) / max(window, 1e-9), "latencies": measured, "errors": errors}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Repetitions of one level: the median throughput, latency percentiles over all measured requests."""
+    latencies = sorted(t for r in runs for t in r["latencies"])
+    if not latencies:
+        return {"throughput": 0.0, "p50_ms": float("nan"), "p99_ms": float("nan"), "n": 0, "errors": sum(r["errors"] for r in runs)}
     return {
-        "throughput": len(measured) / max(window, 1e-9),
-        "p50_ms": 1000 * measured[len(measured) // 2],
-        "p99_ms": 1000 * measured[min(len(measured) - 1, int(len(measured) * 0.99))],
-        "n": len(measured),
-        "errors": errors,
+        "throughput": statistics.median(r["throughput"] for r in runs),
+        "throughputs": [round(r["throughput"], 2) for r in runs],
+        "p50_ms": 1000 * latencies[len(latencies) // 2],
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        "n": len(latencies),
+        "errors": sum(r["errors"] for r in runs),
     }
 
 
@@ -333,6 +342,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each server (1: the service default on 2 cores leaves a core to HTTP)")
     parser.add_argument("--max-batch", type=int, default=0, help="service max batch size (0 = its auto default)")
+    parser.add_argument("--reps", type=int, default=2, help="alternating repetitions of each level per server")
     parser.add_argument("--quick", action="store_true", help="3 s levels")
     parser.add_argument("--servers", default="service,baseline")
     parser.add_argument("--json", help="write the results here")
@@ -365,21 +375,31 @@ def main() -> None:
     for name, f in flops.items():
         print(f"# FLOPs per request ({name}): adapt+predict {f['stateless'] / 1e9:.3f} GFLOP, session predict {f['session'] / 1e9:.4f} GFLOP")
 
-    results = []
-    for server in servers:
-        process, port = start_server(server, model_dir, args.threads, work, args.max_batch)
-        try:
-            for model in models:
-                for mode in modes:
-                    requests = build_requests(batch, model, port, mode, max(levels))
-                    for concurrency in levels:
-                        r = asyncio.run(run_level(port, requests, concurrency, args.duration, args.warmup))
+    # Both servers run side by side (only one is loaded at a time) and each level alternates
+    # between them, --reps times: a machine whose speed drifts affects both alike.
+    processes, ports = [], {}
+    try:
+        for server in servers:
+            process, ports[server] = start_server(server, model_dir, args.threads, work, args.max_batch)
+            processes.append(process)
+        results = []
+        for model in models:
+            for mode in modes:
+                requests = {server: build_requests(batch, model, ports[server], mode, max(levels)) for server in servers}
+                for concurrency in levels:
+                    runs: dict[str, list[dict]] = {server: [] for server in servers}
+                    for rep in range(args.reps):
+                        for server in servers if rep % 2 == 0 else servers[::-1]:
+                            runs[server].append(asyncio.run(run_level(ports[server], requests[server], concurrency, args.duration, args.warmup)))
+                    for server in servers:
+                        r = summarise(runs[server])
                         r.update(server=server, model=model, mode=mode, concurrency=concurrency)
                         r["gflops"] = r["throughput"] * flops[model][mode] / 1e9
                         results.append(r)
                         print(f"{server:9s} {model:5s} {mode:9s} c={concurrency:<3d} {r['throughput']:8.1f} req/s  p50 {r['p50_ms']:8.1f} ms  "
-                              f"p99 {r['p99_ms']:8.1f} ms  {r['gflops']:6.1f} GFLOP/s  (n={r['n']}, errors={r['errors']})", flush=True)
-        finally:
+                              f"p99 {r['p99_ms']:8.1f} ms  {r['gflops']:6.1f} GFLOP/s  (n={r['n']}, errors={r['errors']}, runs {r.get('throughputs')})", flush=True)
+    finally:
+        for process in processes:
             process.terminate()
             process.wait(15)
 

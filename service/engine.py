@@ -314,9 +314,8 @@ class Engine:
     def _fast(self, model, count: int):
         """The fast batched kernel for this model and batch size, or None (see service.fastpath).
 
-        Both kernels beat the generic path even for a single request on the CPU
-        (measured: Conv4-64, 10 steps, one request: 0.30 s against 0.65 s for
-        ``adapt`` + ``predict``); results agree with them to float rounding.
+        Both kernels beat the generic path even for a single request on the CPU;
+        results agree with it to float rounding (tests/test_fastpath.py).
         """
         if self.strategy != "auto":
             return None

@@ -12,9 +12,12 @@ compare them), and sessions have the same tensors (head parameters and the
 per-layer ``(mean, var)`` in the shape ``BatchNorm`` records).
 
 :class:`FastFull` does the same for MAML-family models that adapt every
-parameter: per-request convolution weights run as one grouped convolution (or
-im2col + batched matmul for one input channel), the inner loop is first order
-(test-time adaptation needs no second-order graph).
+parameter: per-request convolution weights run as one grouped convolution, the
+inner loop is first order (test-time adaptation needs no second-order graph).
+
+Both run the first block (a conv with few input channels at full resolution,
+the memory-bound part on a CPU) as one fused computation with a hand-written
+backward; see the comment above ``_first_block``.
 
 Anything else (other algorithms, learned learning rates, other architectures)
 goes through the generic ``adapt_many``/``predict_many``.
@@ -64,6 +67,154 @@ def _blocks(model: nn.Module):
     return blocks
 
 
+# ---------------------------------------------------------------------------
+# The first block (few input channels, full resolution), without full-resolution passes
+# ---------------------------------------------------------------------------
+# On the CPU the first block is memory-bound: its output has 64 channels at full
+# resolution, and the generic path reads or writes that tensor a dozen times per
+# step (conv bias, BatchNorm forward and backward, max-pool and its backward, layout
+# copies). Three identities remove all but two of those passes:
+#   * BatchNorm with batch statistics cancels the conv bias exactly (its gradient is 0);
+#   * the statistics of y = W cols are quadratic forms of the small Gram matrix of
+#     the unfolded input: mean = W m / n, E[y^2] = W G W^T / n;
+#   * max-pool commutes with BatchNorm's per-channel affine map once sign(gamma) is
+#     folded into the conv weights, so normalisation runs on the pooled tensor.
+# The backward is then a few small products (Gram terms) plus one pooled-size
+# product for the max-pool winners, instead of a full-resolution gradient.
+
+
+def _first_block_applies(conv: nn.Conv2d, height: int, width: int) -> bool:
+    """The fused first block needs a stride-1 conv with few inputs per output (the Gram matrix is K x K)
+    and an even output size (every pixel belongs to one pooling window)."""
+    k = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    if conv.stride != (1, 1) or k > 32 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return False
+    out_h = height + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1)
+    out_w = width + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1)
+    return out_h % 2 == 0 and out_w % 2 == 0 and out_h > 0 and out_w > 0
+
+
+def _window_cols(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int, int]:
+    """im2col of ``x`` [R, N, C, H, W] as ``cols`` [R, K, 4, N * H'/2 * W'/2], with the columns grouped by
+    position in their 2x2 pooling window (row-major), so pooling compares contiguous blocks.
+    Returns cols and the pooled size."""
+    R, N = x.shape[:2]
+    cols = F.unfold(x.flatten(0, 1), conv.kernel_size, dilation=conv.dilation, padding=conv.padding)
+    K = cols.shape[1]
+    out_h = x.shape[3] + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1)
+    pooled_h, pooled_w = out_h // 2, cols.shape[2] // out_h // 2
+    grid = cols.view(R, N, K, pooled_h, 2, pooled_w, 2).permute(0, 2, 4, 6, 1, 3, 5)
+    return grid.reshape(R, K, 4, N * pooled_h * pooled_w), pooled_h, pooled_w
+
+
+def _max_pool_windows(y: torch.Tensor) -> torch.Tensor:
+    """Max over dim 2 of ``y`` [R, C, 4, M] (the four elements of each 2x2 window)."""
+    v00, v01, v10, v11 = y.unbind(2)
+    return torch.maximum(torch.maximum(v00, v01), torch.maximum(v10, v11))
+
+
+def _gram_statistics(cols: torch.Tensor, signed_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per request and channel, mean and variance of ``y = signed_weight @ cols`` over all columns,
+    from the K x K Gram matrix of ``cols`` (float64: E[y^2] - mean^2 cancels). Also returns the Gram matrix
+    and column sums (the backward reuses them)."""
+    cols64 = cols.flatten(2).double()
+    count = cols64.shape[2]
+    gram = torch.bmm(cols64, cols64.transpose(1, 2))
+    sums = cols64.sum(2)
+    w64 = signed_weight.double()
+    mean = torch.bmm(w64, sums.unsqueeze(-1)).squeeze(-1) / count
+    var = ((torch.bmm(w64, gram) * w64).sum(2) / count - mean * mean).clamp_min(0)
+    dtype = cols.dtype
+    return mean.to(dtype), var.to(dtype), gram.to(dtype), sums.to(dtype)
+
+
+def _float_mask(compare, a: torch.Tensor, b) -> torch.Tensor:
+    """``compare(a, b)`` as 0.0/1.0 in ``a``'s dtype: on the CPU, writing a comparison straight into a float
+    tensor is several times faster than a bool tensor and a cast (measured, torch 2.13)."""
+    out = torch.empty_like(a)
+    return compare(a, b, out=out)
+
+
+class _FirstBlockBatchStats(torch.autograd.Function):
+    """ReLU(max-pool(BatchNorm(conv))) with batch statistics per request.
+
+    Inputs: ``cols`` [R, K, 4, M] (no gradient, see ``_window_cols``), ``signed_weight`` =
+    sign(gamma) * W as [R, C, K], ``abs_gamma`` and ``beta`` [R, C]. Outputs the block
+    [R, C, M] and the statistics of the (bias-free, signed) conv output. First order only:
+    this serves test-time adaptation.
+    """
+
+    @staticmethod
+    def forward(ctx, cols, signed_weight, abs_gamma, beta, eps: float):
+        R, K, _, M = cols.shape
+        y = torch.bmm(signed_weight, cols.view(R, K, 4 * M)).view(R, -1, 4, M)
+        mean, var, gram, sums = _gram_statistics(cols, signed_weight)
+        inv_std = torch.rsqrt(var + eps)
+        pooled = _max_pool_windows(y)
+        scale = abs_gamma * inv_std
+        out = torch.addcmul((beta - mean * scale).unsqueeze(-1), pooled, scale.unsqueeze(-1)).clamp_min_(0)
+        ctx.save_for_backward(cols, y, pooled, out, signed_weight, abs_gamma, inv_std, mean, gram, sums)
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        cols, y, pooled, out, signed_weight, abs_gamma, inv_std, mean, gram, sums = ctx.saved_tensors
+        count = cols.shape[2] * cols.shape[3]
+        grad = grad_out * _float_mask(torch.gt, out, 0)  # through the ReLU
+        grad_beta = grad.sum(2)
+        grad_dot_pooled = torch.linalg.vecdot(grad, pooled)
+        grad_abs_gamma = inv_std * (grad_dot_pooled - mean * grad_beta)
+        # BatchNorm's backward is g_y = scatter(a * g) + c1 + c2 * y; its sums over the
+        # (sparse) full-resolution gradient are taken on the pooled tensor, and
+        # sum(y * cols) = W G, so only the scatter term touches per-pixel data.
+        a = abs_gamma * inv_std
+        c2 = -(abs_gamma * grad_abs_gamma / count) * inv_std * inv_std
+        c1 = -(abs_gamma * grad_beta / count) * inv_std - c2 * mean
+        grad_weight = c1.unsqueeze(-1) * sums.unsqueeze(1) + c2.unsqueeze(-1) * torch.bmm(signed_weight, gram)
+        # The scatter term: each window's gradient goes to exactly one element holding its
+        # max, the first in row-major order as F.max_pool2d's index. Windows tie often
+        # (blank background, solid strokes), between equal patches, so only the "exactly one" matters.
+        remaining = grad * a.unsqueeze(-1)
+        for element in range(3):
+            taken = remaining * _float_mask(torch.eq, y[:, :, element], pooled)
+            grad_weight.baddbmm_(taken, cols[:, :, element].transpose(1, 2))
+            remaining = remaining - taken
+        grad_weight.baddbmm_(remaining, cols[:, :, 3].transpose(1, 2))
+        return None, grad_weight, grad_abs_gamma, grad_beta, None
+
+
+def _first_block(x: torch.Tensor, P: dict, conv: nn.Conv2d, conv_name: str, bn: BatchNorm, bn_name: str, stats: dict | None, record: bool, recorded: dict) -> torch.Tensor:
+    """The first block for R requests: ``x`` [R, N, C, H, W] -> ReLU(max-pool(BatchNorm(conv(x)))) as [R, N, C', H/2, W/2].
+
+    Same function as the module's block; see the comment above for why it is written this way.
+    """
+    R, N = x.shape[:2]
+    cols, pooled_h, pooled_w = _window_cols(x, conv)
+    weight = P[conv_name + ".weight"].flatten(2)  # [R, C', K]
+    gamma, beta = P[bn_name + ".weight"], P[bn_name + ".bias"]
+    bias = P.get(conv_name + ".bias")
+    bias = torch.zeros_like(gamma) if bias is None else bias
+    sign = torch.where(gamma < 0, -1.0, 1.0).to(gamma.dtype)
+    signed_weight = weight * sign.unsqueeze(-1)
+    if stats is None:
+        out, mean, var = _FirstBlockBatchStats.apply(cols, signed_weight, gamma.abs(), beta, bn.eps)
+        if record:
+            # BatchNorm records the statistics of the conv output with its bias and sign.
+            recorded[bn_name] = ((sign * mean + bias).view(R, 1, -1, 1, 1), var.view(R, 1, -1, 1, 1))
+    else:
+        recorded_mean, recorded_var = (t.reshape(R, -1) for t in stats[bn_name])
+        y = torch.bmm(signed_weight, cols.flatten(2)).view(R, -1, *cols.shape[2:])
+        mean = sign * (recorded_mean - bias)
+        scale = gamma.abs() * torch.rsqrt(recorded_var + bn.eps)
+        out = torch.addcmul((beta - mean * scale).unsqueeze(-1), _max_pool_windows(y), scale.unsqueeze(-1)).clamp_min_(0)
+    return out.view(R, -1, N, pooled_h, pooled_w)
+
+
+# ---------------------------------------------------------------------------
+# ANIL: the body once per micro-batch, the head in closed form
+# ---------------------------------------------------------------------------
 def supports(learner) -> bool:
     cfg = learner.config
     return (
@@ -88,9 +239,16 @@ class FastAnil:
     def body(self, x: torch.Tensor, stats: dict | None = None, record: bool = False):
         """Features ``[R, N, F]`` of ``x`` ``[R, N, C, H, W]``; BatchNorm with per-request batch statistics, or ``stats``."""
         R, N = x.shape[:2]
-        h = x.reshape(R * N, *x.shape[2:])
         recorded = {}
-        for conv, conv_name, bn, bn_name in self.blocks:
+        blocks = self.blocks
+        if _first_block_applies(blocks[0][0], x.shape[-2], x.shape[-1]):
+            shared = {n: p.expand(R, *p.shape) for n, p in self.params.items()}
+            h = _first_block(x, shared, *blocks[0], stats, record, recorded)  # [R, C, N, H, W]
+            h = h.transpose(1, 2).flatten(0, 1)
+            blocks = blocks[1:]
+        else:
+            h = x.reshape(R * N, *x.shape[2:])
+        for conv, conv_name, bn, bn_name in blocks:
             h = F.conv2d(h, self.params[conv_name + ".weight"], self.params.get(conv_name + ".bias"), conv.stride, conv.padding, conv.dilation)
             hr = h.unflatten(0, (R, N))
             if stats is None:
@@ -135,6 +293,9 @@ class FastAnil:
         return self.head(adaptation.params["head.weight"], adaptation.params["head.bias"], features)
 
 
+# ---------------------------------------------------------------------------
+# MAML family: every parameter adapts, per-request weights as grouped convolutions
+# ---------------------------------------------------------------------------
 def supports_full(learner) -> bool:
     """MAML-family models that adapt every parameter of a conv-block model with a fixed SGD learning rate."""
     cfg = learner.config
@@ -151,29 +312,26 @@ def supports_full(learner) -> bool:
 def _conv_grouped(h: torch.Tensor, R: int, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d) -> torch.Tensor:
     """Per-request convolution in the layout ``[N, R*C, H, W]`` (request r owns channels r*C..(r+1)*C-1).
 
-    ``weight`` [R, O, C, k, k] -> output [N, R*O, H', W']. One grouped convolution
-    (groups = R); for one input channel, im2col + a batched matmul (faster there).
+    ``weight`` [R, O, C, k, k] -> output [N, R*O, H', W']: one grouped convolution (groups = R).
     """
-    N, RC, H, W = h.shape
-    C, O = RC // R, weight.shape[1]
-    if C == 1:
-        cols = F.unfold(h.reshape(N * R, 1, H, W), conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
-        Ho = (H + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
-        Wo = (W + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) // conv.stride[1] + 1
-        # cols [N*R, K, L] -> [N, R, K, L]; out[n, r] = weight[r] @ cols[n, r]
-        out = torch.matmul(weight.reshape(1, R, O, -1), cols.view(N, R, cols.shape[1], cols.shape[2]))
-        if bias is not None:
-            out = out + bias.view(1, R, O, 1)
-        return out.view(N, R * O, Ho, Wo)
-    return F.conv2d(h, weight.reshape(R * O, C, *weight.shape[3:]), None if bias is None else bias.reshape(R * O), conv.stride, conv.padding, conv.dilation, R)
+    O = weight.shape[1]
+    return F.conv2d(h, weight.flatten(0, 1), None if bias is None else bias.reshape(R * O), conv.stride, conv.padding, conv.dilation, R)
+
+
+def _grouped_layout(h: torch.Tensor) -> torch.Tensor:
+    """[R, C, N, H, W] -> [N, R*C, H, W] in channels-last memory (what the grouped convolutions run fastest on)."""
+    R, C, N, H, W = h.shape
+    return h.permute(2, 3, 4, 0, 1).contiguous().view(N, H, W, R * C).permute(0, 3, 1, 2)
 
 
 class FastFull:
     """Batched first-order adaptation of every parameter, one computation for the whole micro-batch.
 
-    Activations live in the layout ``[N, R*C, H, W]``: per-request convolutions are
-    one grouped convolution, and per-request BatchNorm over (N, H, W) is exactly
-    the fused ``F.batch_norm`` kernel (forward and backward) on that tensor.
+    Activations live in the layout ``[N, R*C, H, W]`` (channels-last in memory):
+    per-request convolutions are one grouped convolution, and per-request
+    BatchNorm over (N, H, W) is exactly the fused ``F.batch_norm`` kernel
+    (forward and backward) on that tensor. The first block, when it has few
+    input channels, runs fused (see ``_FirstBlockBatchStats``).
     """
 
     head_only = False
@@ -187,9 +345,15 @@ class FastFull:
     def forward(self, P: dict, x: torch.Tensor, stats: dict | None = None, record: bool = False):
         R, N = x.shape[:2]
         recorded = {}
-        h = x.transpose(0, 1).reshape(N, R * x.shape[2], *x.shape[3:])
-        for conv, conv_name, bn, bn_name in self.blocks:
+        blocks = self.blocks
+        if _first_block_applies(blocks[0][0], x.shape[-2], x.shape[-1]):
+            h = _grouped_layout(_first_block(x, P, *blocks[0], stats, record, recorded))
+            blocks = blocks[1:]
+        else:
+            h = x.transpose(0, 1).reshape(N, R * x.shape[2], *x.shape[3:]).contiguous(memory_format=torch.channels_last)
+        for conv, conv_name, bn, bn_name in blocks:
             h = _conv_grouped(h, R, P[conv_name + ".weight"], P.get(conv_name + ".bias"), conv)
+            h = h.contiguous(memory_format=torch.channels_last)
             C = h.shape[1] // R
             weight, bias = P[bn_name + ".weight"].reshape(R * C), P[bn_name + ".bias"].reshape(R * C)
             if stats is None:
@@ -201,7 +365,7 @@ class FastFull:
                 mean, var = stats[bn_name]
                 h = F.batch_norm(h, mean.reshape(R * C), var.reshape(R * C), weight, bias, False, 0.0, bn.eps)
             # max-pool and ReLU commute (ReLU is monotonic): pooling first leaves ReLU a quarter of the work.
-            h = torch.relu(F.max_pool2d(h.contiguous(memory_format=torch.channels_last), 2))
+            h = torch.relu(F.max_pool2d(h, 2))
         features = h.contiguous().view(N, R, -1).transpose(0, 1)
         logits = torch.baddbmm(P["head.bias"].unsqueeze(1), features, P["head.weight"].transpose(1, 2))
         return logits, recorded
@@ -219,7 +383,8 @@ class FastFull:
             with torch.enable_grad():
                 leaves = {n: p.requires_grad_() for n, p in fast.items()}
                 loss = self._losses(self.forward(leaves, support_x)[0], support_y)
-                grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
+                # The first block's conv bias is cancelled by BatchNorm: unused, zero gradient.
+                grads = torch.autograd.grad(loss.sum(), list(leaves.values()), allow_unused=True, materialize_grads=True)
             losses.append(loss.detach())
             with torch.no_grad():
                 fast = {n: p.detach() - lr * g for (n, p), g in zip(leaves.items(), grads)}
