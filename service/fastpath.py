@@ -83,14 +83,18 @@ def _blocks(model: nn.Module):
 # product for the max-pool winners, instead of a full-resolution gradient.
 
 
+def _conv_output_size(conv: nn.Conv2d, height: int, width: int) -> tuple[int, int]:
+    """Output size of a stride-1 ``conv`` on ``height`` x ``width`` inputs."""
+    return tuple(size + 2 * pad - dil * (k - 1) for size, pad, dil, k in zip((height, width), conv.padding, conv.dilation, conv.kernel_size))
+
+
 def _first_block_applies(conv: nn.Conv2d, height: int, width: int) -> bool:
     """The fused first block needs a stride-1 conv with few inputs per output (the Gram matrix is K x K)
     and an even output size (every pixel belongs to one pooling window)."""
     k = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
     if conv.stride != (1, 1) or k > 32 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return False
-    out_h = height + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1)
-    out_w = width + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1)
+    out_h, out_w = _conv_output_size(conv, height, width)
     return out_h % 2 == 0 and out_w % 2 == 0 and out_h > 0 and out_w > 0
 
 
@@ -101,8 +105,8 @@ def _window_cols(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int, i
     R, N = x.shape[:2]
     cols = F.unfold(x.flatten(0, 1), conv.kernel_size, dilation=conv.dilation, padding=conv.padding)
     K = cols.shape[1]
-    out_h = x.shape[3] + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1)
-    pooled_h, pooled_w = out_h // 2, cols.shape[2] // out_h // 2
+    out_h, out_w = _conv_output_size(conv, x.shape[3], x.shape[4])
+    pooled_h, pooled_w = out_h // 2, out_w // 2
     grid = cols.view(R, N, K, pooled_h, 2, pooled_w, 2).permute(0, 2, 4, 6, 1, 3, 5)
     return grid.reshape(R, K, 4, N * pooled_h * pooled_w), pooled_h, pooled_w
 
@@ -242,7 +246,9 @@ class FastAnil:
         recorded = {}
         blocks = self.blocks
         if _first_block_applies(blocks[0][0], x.shape[-2], x.shape[-1]):
-            shared = {n: p.expand(R, *p.shape) for n, p in self.params.items()}
+            _, conv_name, _, bn_name = blocks[0]
+            first = [conv_name + ".weight", conv_name + ".bias", bn_name + ".weight", bn_name + ".bias"]
+            shared = {n: self.params[n].expand(R, *self.params[n].shape) for n in first if n in self.params}
             h = _first_block(x, shared, *blocks[0], stats, record, recorded)  # [R, C, N, H, W]
             h = h.transpose(1, 2).flatten(0, 1)
             blocks = blocks[1:]

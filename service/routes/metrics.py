@@ -41,18 +41,15 @@ class _StoreCollector:
         up = GaugeMetricFamily("metalearn_session_store_up", "1 when the session store answers")
         up.add_metric([], 1)
         yield up
-        live = GaugeMetricFamily("metalearn_sessions_live", "Sessions currently stored")
-        live.add_metric([], stats.live_sessions)
-        yield live
-        size = GaugeMetricFamily("metalearn_sessions_bytes", "Bytes of adapted parameters currently stored")
-        size.add_metric([], stats.live_bytes)
-        yield size
-        evictions = CounterMetricFamily("metalearn_session_evictions", "Sessions evicted to honour the byte budget")
-        evictions.add_metric([], stats.evictions)
-        yield evictions
-        expirations = CounterMetricFamily("metalearn_session_expirations", "Sessions dropped because their TTL passed")
-        expirations.add_metric([], stats.expirations)
-        yield expirations
+        for family, name, help_text, value in (
+            (GaugeMetricFamily, "metalearn_sessions_live", "Sessions currently stored", stats.live_sessions),
+            (GaugeMetricFamily, "metalearn_sessions_bytes", "Bytes of adapted parameters currently stored", stats.live_bytes),
+            (CounterMetricFamily, "metalearn_session_evictions", "Sessions evicted to honour the byte budget", stats.evictions),
+            (CounterMetricFamily, "metalearn_session_expirations", "Sessions dropped because their TTL passed", stats.expirations),
+        ):
+            metric = family(name, help_text)
+            metric.add_metric([], value)
+            yield metric
 
 
 class ServiceMetrics:
