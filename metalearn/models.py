@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metalearn.first_block import first_block, fuses
+
 # --------------------------------------------------------------------------
 # BatchNorm with per-batch statistics
 # --------------------------------------------------------------------------
@@ -204,6 +206,12 @@ class Conv4(nn.Module):
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, norm = self.body[0], self.body[1]
+        if _NORM_MODE.get() is None and x.device.type == "cpu" and x.dim() == 4 and not x.requires_grad and fuses(conv, *x.shape[-2:]):
+            # The same function as the modules below, several times faster on the CPU
+            # (see metalearn/first_block.py); BatchNorm's recording modes take the plain path.
+            h, _, _ = first_block(x, conv, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps)
+            return self.head(self.body[4:](h.transpose(0, 1)))
         return self.head(self.body(x))
 
 

@@ -16,8 +16,8 @@ parameter: per-request convolution weights run as one grouped convolution, the
 inner loop is first order (test-time adaptation needs no second-order graph).
 
 Both run the first block (a conv with few input channels at full resolution,
-the memory-bound part on a CPU) as one fused computation with a hand-written
-backward; see the comment above ``_first_block``.
+the memory-bound part on a CPU) as one fused computation, the same one
+``Conv4`` uses in training (``metalearn/first_block.py``).
 
 Anything else (other algorithms, learned learning rates, other architectures)
 goes through the generic ``adapt_many``/``predict_many``.
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metalearn.adaptation import Adaptation
+from metalearn.first_block import first_block, fuses
 from metalearn.models import BatchNorm
 
 
@@ -67,153 +68,18 @@ def _blocks(model: nn.Module):
     return blocks
 
 
-# ---------------------------------------------------------------------------
-# The first block (few input channels, full resolution), without full-resolution passes
-# ---------------------------------------------------------------------------
-# On the CPU the first block is memory-bound: its output has 64 channels at full
-# resolution, and the generic path reads or writes that tensor a dozen times per
-# step (conv bias, BatchNorm forward and backward, max-pool and its backward, layout
-# copies). Three identities remove all but two of those passes:
-#   * BatchNorm with batch statistics cancels the conv bias exactly (its gradient is 0);
-#   * the statistics of y = W cols are quadratic forms of the small Gram matrix of
-#     the unfolded input: mean = W m / n, E[y^2] = W G W^T / n;
-#   * max-pool commutes with BatchNorm's per-channel affine map once sign(gamma) is
-#     folded into the conv weights, so normalisation runs on the pooled tensor.
-# The backward is then a few small products (Gram terms) plus one pooled-size
-# product for the max-pool winners, instead of a full-resolution gradient.
-
-
-def _conv_output_size(conv: nn.Conv2d, height: int, width: int) -> tuple[int, int]:
-    """Output size of a stride-1 ``conv`` on ``height`` x ``width`` inputs."""
-    return tuple(size + 2 * pad - dil * (k - 1) for size, pad, dil, k in zip((height, width), conv.padding, conv.dilation, conv.kernel_size))
-
-
-def _first_block_applies(conv: nn.Conv2d, height: int, width: int) -> bool:
-    """The fused first block needs a stride-1 conv with few inputs per output (the Gram matrix is K x K)
-    and an even output size (every pixel belongs to one pooling window)."""
-    k = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-    if conv.stride != (1, 1) or k > 32 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        return False
-    out_h, out_w = _conv_output_size(conv, height, width)
-    return out_h % 2 == 0 and out_w % 2 == 0 and out_h > 0 and out_w > 0
-
-
-def _window_cols(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int, int]:
-    """im2col of ``x`` [R, N, C, H, W] as ``cols`` [R, K, 4, N * H'/2 * W'/2], with the columns grouped by
-    position in their 2x2 pooling window (row-major), so pooling compares contiguous blocks.
-    Returns cols and the pooled size."""
-    R, N = x.shape[:2]
-    cols = F.unfold(x.flatten(0, 1), conv.kernel_size, dilation=conv.dilation, padding=conv.padding)
-    K = cols.shape[1]
-    out_h, out_w = _conv_output_size(conv, x.shape[3], x.shape[4])
-    pooled_h, pooled_w = out_h // 2, out_w // 2
-    grid = cols.view(R, N, K, pooled_h, 2, pooled_w, 2).permute(0, 2, 4, 6, 1, 3, 5)
-    return grid.reshape(R, K, 4, N * pooled_h * pooled_w), pooled_h, pooled_w
-
-
-def _max_pool_windows(y: torch.Tensor) -> torch.Tensor:
-    """Max over dim 2 of ``y`` [R, C, 4, M] (the four elements of each 2x2 window)."""
-    v00, v01, v10, v11 = y.unbind(2)
-    return torch.maximum(torch.maximum(v00, v01), torch.maximum(v10, v11))
-
-
-def _gram_statistics(cols: torch.Tensor, signed_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per request and channel, mean and variance of ``y = signed_weight @ cols`` over all columns,
-    from the K x K Gram matrix of ``cols`` (float64: E[y^2] - mean^2 cancels). Also returns the Gram matrix
-    and column sums (the backward reuses them)."""
-    cols64 = cols.flatten(2).double()
-    count = cols64.shape[2]
-    gram = torch.bmm(cols64, cols64.transpose(1, 2))
-    sums = cols64.sum(2)
-    w64 = signed_weight.double()
-    mean = torch.bmm(w64, sums.unsqueeze(-1)).squeeze(-1) / count
-    var = ((torch.bmm(w64, gram) * w64).sum(2) / count - mean * mean).clamp_min(0)
-    dtype = cols.dtype
-    return mean.to(dtype), var.to(dtype), gram.to(dtype), sums.to(dtype)
-
-
-def _float_mask(compare, a: torch.Tensor, b) -> torch.Tensor:
-    """``compare(a, b)`` as 0.0/1.0 in ``a``'s dtype: on the CPU, writing a comparison straight into a float
-    tensor is several times faster than a bool tensor and a cast (measured, torch 2.13)."""
-    out = torch.empty_like(a)
-    return compare(a, b, out=out)
-
-
-class _FirstBlockBatchStats(torch.autograd.Function):
-    """ReLU(max-pool(BatchNorm(conv))) with batch statistics per request.
-
-    Inputs: ``cols`` [R, K, 4, M] (no gradient, see ``_window_cols``), ``signed_weight`` =
-    sign(gamma) * W as [R, C, K], ``abs_gamma`` and ``beta`` [R, C]. Outputs the block
-    [R, C, M] and the statistics of the (bias-free, signed) conv output. First order only:
-    this serves test-time adaptation.
-    """
-
-    @staticmethod
-    def forward(ctx, cols, signed_weight, abs_gamma, beta, eps: float):
-        R, K, _, M = cols.shape
-        y = torch.bmm(signed_weight, cols.view(R, K, 4 * M)).view(R, -1, 4, M)
-        mean, var, gram, sums = _gram_statistics(cols, signed_weight)
-        inv_std = torch.rsqrt(var + eps)
-        pooled = _max_pool_windows(y)
-        scale = abs_gamma * inv_std
-        out = torch.addcmul((beta - mean * scale).unsqueeze(-1), pooled, scale.unsqueeze(-1)).clamp_min_(0)
-        ctx.save_for_backward(cols, y, pooled, out, signed_weight, abs_gamma, inv_std, mean, gram, sums)
-        ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, _grad_mean, _grad_var):
-        cols, y, pooled, out, signed_weight, abs_gamma, inv_std, mean, gram, sums = ctx.saved_tensors
-        count = cols.shape[2] * cols.shape[3]
-        grad = grad_out * _float_mask(torch.gt, out, 0)  # through the ReLU
-        grad_beta = grad.sum(2)
-        grad_dot_pooled = torch.linalg.vecdot(grad, pooled)
-        grad_abs_gamma = inv_std * (grad_dot_pooled - mean * grad_beta)
-        # BatchNorm's backward is g_y = scatter(a * g) + c1 + c2 * y; its sums over the
-        # (sparse) full-resolution gradient are taken on the pooled tensor, and
-        # sum(y * cols) = W G, so only the scatter term touches per-pixel data.
-        a = abs_gamma * inv_std
-        c2 = -(abs_gamma * grad_abs_gamma / count) * inv_std * inv_std
-        c1 = -(abs_gamma * grad_beta / count) * inv_std - c2 * mean
-        grad_weight = c1.unsqueeze(-1) * sums.unsqueeze(1) + c2.unsqueeze(-1) * torch.bmm(signed_weight, gram)
-        # The scatter term: each window's gradient goes to exactly one element holding its
-        # max, the first in row-major order as F.max_pool2d's index. Windows tie often
-        # (blank background, solid strokes), between equal patches, so only the "exactly one" matters.
-        remaining = grad * a.unsqueeze(-1)
-        for element in range(3):
-            taken = remaining * _float_mask(torch.eq, y[:, :, element], pooled)
-            grad_weight.baddbmm_(taken, cols[:, :, element].transpose(1, 2))
-            remaining = remaining - taken
-        grad_weight.baddbmm_(remaining, cols[:, :, 3].transpose(1, 2))
-        return None, grad_weight, grad_abs_gamma, grad_beta, None
-
-
 def _first_block(x: torch.Tensor, P: dict, conv: nn.Conv2d, conv_name: str, bn: BatchNorm, bn_name: str, stats: dict | None, record: bool, recorded: dict) -> torch.Tensor:
-    """The first block for R requests: ``x`` [R, N, C, H, W] -> ReLU(max-pool(BatchNorm(conv(x)))) as [R, N, C', H/2, W/2].
+    """The first block for R requests, fused (metalearn/first_block.py): ``x`` [R, N, C, H, W] -> [R, C', N, H/2, W/2].
 
-    Same function as the module's block; see the comment above for why it is written this way.
+    BatchNorm statistics are kept per request as ``[R, 1, C', 1, 1]`` (what ``BatchNorm`` records, stacked).
     """
-    R, N = x.shape[:2]
-    cols, pooled_h, pooled_w = _window_cols(x, conv)
-    weight = P[conv_name + ".weight"].flatten(2)  # [R, C', K]
-    gamma, beta = P[bn_name + ".weight"], P[bn_name + ".bias"]
-    bias = P.get(conv_name + ".bias")
-    bias = torch.zeros_like(gamma) if bias is None else bias
-    sign = torch.where(gamma < 0, -1.0, 1.0).to(gamma.dtype)
-    signed_weight = weight * sign.unsqueeze(-1)
-    if stats is None:
-        out, mean, var = _FirstBlockBatchStats.apply(cols, signed_weight, gamma.abs(), beta, bn.eps)
-        if record:
-            # BatchNorm records the statistics of the conv output with its bias and sign.
-            recorded[bn_name] = ((sign * mean + bias).view(R, 1, -1, 1, 1), var.view(R, 1, -1, 1, 1))
-    else:
-        recorded_mean, recorded_var = (t.reshape(R, -1) for t in stats[bn_name])
-        y = torch.bmm(signed_weight, cols.flatten(2)).view(R, -1, *cols.shape[2:])
-        mean = sign * (recorded_mean - bias)
-        scale = gamma.abs() * torch.rsqrt(recorded_var + bn.eps)
-        out = torch.addcmul((beta - mean * scale).unsqueeze(-1), _max_pool_windows(y), scale.unsqueeze(-1)).clamp_min_(0)
-    return out.view(R, -1, N, pooled_h, pooled_w)
+    R = x.shape[0]
+    given = None if stats is None else tuple(t.reshape(R, -1) for t in stats[bn_name])
+    weight, bias = P[conv_name + ".weight"], P.get(conv_name + ".bias")
+    out, mean, var = first_block(x, conv, weight, bias, P[bn_name + ".weight"], P[bn_name + ".bias"], bn.eps, given)
+    if record:
+        recorded[bn_name] = (mean.view(R, 1, -1, 1, 1), var.view(R, 1, -1, 1, 1))
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -245,7 +111,7 @@ class FastAnil:
         R, N = x.shape[:2]
         recorded = {}
         blocks = self.blocks
-        if _first_block_applies(blocks[0][0], x.shape[-2], x.shape[-1]):
+        if fuses(blocks[0][0], x.shape[-2], x.shape[-1]):
             _, conv_name, _, bn_name = blocks[0]
             first = [conv_name + ".weight", conv_name + ".bias", bn_name + ".weight", bn_name + ".bias"]
             shared = {n: self.params[n].expand(R, *self.params[n].shape) for n in first if n in self.params}
@@ -337,7 +203,7 @@ class FastFull:
     per-request convolutions are one grouped convolution, and per-request
     BatchNorm over (N, H, W) is exactly the fused ``F.batch_norm`` kernel
     (forward and backward) on that tensor. The first block, when it has few
-    input channels, runs fused (see ``_FirstBlockBatchStats``).
+    input channels, runs fused (``metalearn.first_block``).
     """
 
     head_only = False
@@ -352,7 +218,7 @@ class FastFull:
         R, N = x.shape[:2]
         recorded = {}
         blocks = self.blocks
-        if _first_block_applies(blocks[0][0], x.shape[-2], x.shape[-1]):
+        if fuses(blocks[0][0], x.shape[-2], x.shape[-1]):
             h = _grouped_layout(_first_block(x, P, *blocks[0], stats, record, recorded))
             blocks = blocks[1:]
         else:

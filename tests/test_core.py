@@ -191,8 +191,15 @@ def test_metasgd_and_tamaml_meta_parameters_get_gradients():
         grads = learner.meta_gradient(image_batch()).grads
         extra = {n: g for n, g in grads.items() if n.startswith(prefix)}
         assert extra, algorithm
+        largest = max(g.abs().max() for g in extra.values())
         for name, g in extra.items():
-            assert torch.isfinite(g).all() and g.abs().sum() > 0, (algorithm, name)
+            assert torch.isfinite(g).all(), (algorithm, name)
+            if name.endswith("__bias") and ".body__" in name and name.split("__")[1] in ("0", "4", "8", "12"):
+                # A conv bias just before batch-statistics BatchNorm is cancelled by it: its inner
+                # gradient, hence its learning rate's meta-gradient, is zero up to rounding.
+                assert g.abs().max() <= 1e-5 * largest, (algorithm, name)
+            else:
+                assert g.abs().sum() > 0, (algorithm, name)
 
 
 def test_anil_leaves_body_untouched_in_inner_loop():

@@ -1,0 +1,160 @@
+"""conv -> batch-statistics BatchNorm -> 2x2 max-pool -> ReLU, fused, for a conv with few input channels.
+
+On the CPU the first block of a Conv4-style network is memory-bound: its
+output has 64 channels at full resolution, and the plain modules read or write
+that tensor a dozen times per forward and backward (conv bias, BatchNorm
+forward and backward, the max-pool kernel, which is slow on NCHW tensors, its
+zero-filled backward). Three identities remove most of those passes:
+
+* BatchNorm with batch statistics cancels the conv bias exactly;
+* the statistics of ``y = W cols`` (``cols``: the unfolded input, K = in_channels
+  * kh * kw rows) are quadratic forms of the small K x K Gram matrix of
+  ``cols``: ``mean = W m / n``, ``E[y^2] = W G W^T / n``;
+* max-pool commutes with BatchNorm's per-channel affine map once sign(gamma)
+  is folded into the conv weights, so normalisation runs on the pooled tensor.
+
+What is left at full resolution is one small matrix product (K is 9 for a
+grey-scale 3x3 conv) and the pooling, done on columns grouped by their
+position in the 2x2 window so the four candidates are contiguous blocks. The
+result is differentiable to any order (the meta-gradient of second-order MAML
+goes through it): the only hand-written backward is the max-pool's, whose
+gradient is linear in the incoming gradient and built from ordinary ops.
+
+Used by :class:`metalearn.models.Conv4` in training and test-time adaptation
+on the CPU, and by the service's batched kernels (``service/fastpath.py``),
+with any number of leading batch dimensions (one set of weights per entry).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_output_size(conv: nn.Conv2d, height: int, width: int) -> tuple[int, int]:
+    """Output size of a stride-1 ``conv`` on ``height`` x ``width`` inputs."""
+    return tuple(size + 2 * pad - dil * (k - 1) for size, pad, dil, k in zip((height, width), conv.padding, conv.dilation, conv.kernel_size))
+
+
+def fuses(conv: nn.Conv2d, height: int, width: int) -> bool:
+    """Whether the fused block applies: a stride-1 conv with few inputs per output (the Gram matrix is
+    K x K) and an even output size (every pixel belongs to exactly one pooling window)."""
+    k = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    if conv.stride != (1, 1) or conv.groups != 1 or k > 32 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return False
+    out_h, out_w = conv_output_size(conv, height, width)
+    return out_h % 2 == 0 and out_w % 2 == 0 and out_h > 0 and out_w > 0
+
+
+def window_columns(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int, int]:
+    """im2col of ``x`` ``[..., N, C, H, W]`` as ``[..., K, 4, N * H'/2 * W'/2]``, the columns grouped by
+    their position in the 2x2 pooling window (row-major, as ``F.max_pool2d`` scans it).
+    Returns the columns and the pooled height and width."""
+    lead, (N, C, H, W) = x.shape[:-4], x.shape[-4:]
+    cols = F.unfold(x.reshape(-1, C, H, W), conv.kernel_size, dilation=conv.dilation, padding=conv.padding)
+    K = cols.shape[1]
+    out_h, out_w = conv_output_size(conv, H, W)
+    pooled_h, pooled_w = out_h // 2, out_w // 2
+    d = len(lead)
+    grid = cols.view(*lead, N, K, pooled_h, 2, pooled_w, 2)
+    grid = grid.permute(*range(d), d + 1, d + 3, d + 5, d, d + 2, d + 4)
+    return grid.reshape(*lead, K, 4, N * pooled_h * pooled_w), pooled_h, pooled_w
+
+
+def _float_mask(compare, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``compare(a, b)`` as 0.0/1.0 in ``a``'s dtype."""
+    return compare(a, b).to(a.dtype)
+
+
+class _PooledProduct(torch.autograd.Function):
+    """``max`` over the four window elements of ``weight @ cols``: weight ``[..., C, K]``, cols
+    ``[..., K, 4, M]`` -> ``[..., C, M]`` (and the unpooled product, not differentiable).
+
+    The gradient goes to one element per window, the first maximum in row-major
+    order (``F.max_pool2d``'s choice; blank backgrounds tie a lot). ``cols`` is
+    input data and gets no gradient.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(weight, cols):
+        product = (weight @ cols.flatten(-2)).unflatten(-1, (4, -1))  # [..., C, 4, M]
+        a, b, c, d = product.unbind(-2)
+        return torch.maximum(torch.maximum(a, b), torch.maximum(c, d)), product
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        ctx.mark_non_differentiable(outputs[1])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(inputs[1], outputs[0], outputs[1])
+
+    @staticmethod
+    def backward(ctx, grad_pooled, _grad_product):
+        if grad_pooled is None:
+            return None, None
+        cols, pooled, product = ctx.saved_tensors
+        # Written with ordinary ops: linear in grad_pooled with constant masks, so
+        # autograd differentiates it again (second-order MAML).
+        remaining = grad_pooled
+        grad_weight = None
+        for element in range(4):
+            if element < 3:
+                taken = remaining * _float_mask(torch.eq, product[..., element, :], pooled)
+                remaining = remaining - taken
+            else:
+                taken = remaining
+            term = taken @ cols[..., element, :].transpose(-1, -2)
+            grad_weight = term if grad_weight is None else grad_weight + term
+        return grad_weight, None
+
+
+def _gram_statistics(cols: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (biased) variance over all columns of ``weight @ cols``, per channel ``[..., C]``, from the
+    Gram matrix of ``cols``; in float64 because ``E[y^2] - mean^2`` cancels."""
+    cols64 = cols.flatten(-2).double()
+    count = cols64.shape[-1]
+    gram = cols64 @ cols64.transpose(-1, -2)
+    sums = cols64.sum(-1, keepdim=True)
+    w64 = weight.double()
+    mean = (w64 @ sums).squeeze(-1) / count
+    var = (((w64 @ gram) * w64).sum(-1) / count - mean * mean).clamp_min(0)
+    return mean.to(weight.dtype), var.to(weight.dtype)
+
+
+def first_block(
+    x: torch.Tensor,
+    conv: nn.Conv2d,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    eps: float,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ReLU(max-pool(BatchNorm(conv(x)))) for ``x`` ``[..., N, C_in, H, W]`` -> ``[..., C, N, H'/2, W'/2]``.
+
+    ``weight`` ``[..., C, C_in, kh, kw]``, ``bias``/``gamma``/``beta`` ``[..., C]``, one set per
+    leading index (``conv`` gives padding and dilation; check :func:`fuses` first).
+    BatchNorm uses the statistics of the batch, or ``stats`` = (mean, var) of the
+    conv output ``[..., C]``. Returns the block's output and the (mean, var) it
+    normalised with, as ``BatchNorm`` records them.
+    """
+    cols, pooled_h, pooled_w = window_columns(x, conv)
+    sign = torch.where(gamma < 0, -1.0, 1.0).to(gamma.dtype)  # a constant: no gradient flows through it
+    signed_weight = weight.flatten(-3) * sign.unsqueeze(-1)
+    pooled, _ = _PooledProduct.apply(signed_weight, cols)  # max over each window of sign * (W cols)
+    bias = torch.zeros_like(gamma) if bias is None else bias
+    if stats is None:
+        signed_mean, var = _gram_statistics(cols, signed_weight)
+        mean = sign * signed_mean + bias
+    else:
+        mean, var = stats
+    # sign * (mean - bias) is signed_mean again; written this way the bias stays in the graph
+    # with its true gradient, exactly zero.
+    center = sign * (mean - bias)
+    scale = gamma * sign * torch.rsqrt(var + eps)
+    out = torch.addcmul((beta - center * scale).unsqueeze(-1), pooled, scale.unsqueeze(-1)).relu()
+    N = x.shape[-4]
+    return out.unflatten(-1, (N, pooled_h, pooled_w)), mean, var
