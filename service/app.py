@@ -158,6 +158,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         queue_size=settings.queue_size,
         request_timeout_s=settings.request_timeout_s,
         threads=settings.resolved_threads(),
+        workers=settings.resolved_workers(),
         metrics=app.state.metrics,
     )
 

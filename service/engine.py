@@ -2,8 +2,10 @@
 
 Routes never run torch on the event loop. They build a job (an adaptation,
 optionally followed by a prediction on queries, or a prediction with a stored
-session) and ``await engine.submit(job)``. One worker thread takes jobs from a
-bounded queue and runs *compatible* jobs together:
+session) and ``await engine.submit(job)``. Worker threads (one on a GPU, which
+it owns; on a CPU as many as the cores allow at ``threads`` torch threads each:
+a micro-batch of small convolutions does not scale across threads, separate
+batches do) take jobs from one bounded queue and run *compatible* jobs together:
 
 - adaptations for the same model with the same support/query shapes, inner
   steps, learning rate and BatchNorm mode are stacked and run as one batched
@@ -127,20 +129,24 @@ class Engine:
         queue_size: int = 256,
         request_timeout_s: float = 30.0,
         threads: int = 0,
+        workers: int = 1,
         metrics: Any = None,
         strategy: str = "auto",
     ):
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.queue_size = queue_size
         self.request_timeout_s = request_timeout_s
         self.threads = threads
+        self.workers = workers
         self.metrics = metrics
         self.strategy = strategy
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._last_batch_size = 1
         self.batches = 0
         self.jobs_done = 0
@@ -149,11 +155,14 @@ class Engine:
     # Lifecycle
     # ------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is not None:
+        if self._threads:
             return
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="metalearn-engine", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"metalearn-engine-{i}", daemon=True) for i in range(self.workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
@@ -162,13 +171,14 @@ class Engine:
                 job.future.cancel()
             self._pending.clear()
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self._thread = None
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._threads = []
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return any(thread.is_alive() for thread in self._threads) and not self._stopping
 
     def depth(self) -> int:
         return len(self._pending)

@@ -26,7 +26,8 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(1.0, ge=0, description="How long the worker waits for more requests to fill a batch.")
     queue_size: int = Field(256, ge=1, description="Pending requests beyond this are answered 503 with Retry-After.")
     request_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline for adaptation/prediction (503 when exceeded).")
-    threads: int = Field(0, ge=0, description="torch intra-op threads of the worker (0 = auto: one less than the CPU cores, at least 1, leaving a core to the HTTP event loop).")
+    threads: int = Field(0, ge=0, description="torch intra-op threads of each worker (0 = auto: one less than the CPU cores, at least 1, leaving a core to the HTTP event loop).")
+    workers: int = Field(0, ge=0, description="Worker threads running micro-batches side by side (0 = auto: 1 on a GPU; on the CPU the cores divided by threads, at least 1).")
 
     # Limits
     max_support: int = Field(512, ge=1, description="Most support examples in one request.")
@@ -74,6 +75,15 @@ class Settings(BaseSettings):
         import os
 
         return max(1, (os.cpu_count() or 2) - 1)
+
+    def resolved_workers(self) -> int:
+        if self.workers:
+            return self.workers
+        if self.resolved_device().startswith("cuda"):
+            return 1  # one worker owns the GPU; its batches are big enough to fill it
+        import os
+
+        return max(1, (os.cpu_count() or 1) // self.resolved_threads())
 
     def resolved_max_batch_size(self) -> int:
         if self.max_batch_size:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from types import SimpleNamespace
@@ -113,6 +114,37 @@ def test_engine_queue_full_and_timeout():
     finally:
         engine.release.set()
         engine.stop()
+
+
+class BarrierEngine(Engine):
+    """Each batch waits until ``parties`` batches are running at once (or fails after 5 s)."""
+
+    def __init__(self, parties: int, **kw):
+        super().__init__(**kw)
+        self.barrier = threading.Barrier(parties, timeout=5)
+
+    def _compute(self, batch):
+        self.barrier.wait()
+        return [{"predictions": [threading.current_thread().name]} for _ in batch]
+
+
+def test_workers_run_batches_side_by_side():
+    engine = BarrierEngine(2, workers=2, max_batch_size=1, max_wait_ms=0, request_timeout_s=10)
+    engine.start()
+    try:
+        async def two_requests():
+            return await asyncio.gather(*[engine.submit(fake_job()) for _ in range(2)])
+
+        results = asyncio.run(two_requests())  # with one worker the barrier would break: BrokenBarrierError
+        assert {r["predictions"][0] for r in results} == {"metalearn-engine-0", "metalearn-engine-1"}
+        assert engine.running
+    finally:
+        engine.stop()
+    assert not engine.running
+    with pytest.raises(ValueError):
+        Engine(workers=0)
+    assert Settings(device="cpu", threads=1).resolved_workers() == (os.cpu_count() or 1)
+    assert Settings(device="cuda").resolved_workers() == 1 and Settings(workers=3).resolved_workers() == 3
 
 
 def test_queue_full_and_store_down_are_503_problems(tmp_path):
