@@ -9,21 +9,24 @@ The baseline is the per-task loop of a textbook: a hand-written functional
 forward (F.conv2d, F.batch_norm, ...), ``torch.autograd.grad(create_graph=True)``
 in the inner loop, one ``backward`` per task. The candidate is
 ``MetaLearner.meta_gradient`` with the strategy ``auto`` picks (or
-``--strategies``). Every measurement runs in a fresh subprocess (peak memory =
-peak RSS growth over the set-up), candidates interleaved, medians reported:
+``--strategies``). Every measurement runs in a fresh subprocess, candidates
+interleaved, medians reported:
 
     python bench/meta_step.py                      # all workloads, both orders
     python bench/meta_step.py --workloads W1 --orders second --reps 5
     python bench/meta_step.py --device cuda --workloads W2     # on a GPU machine
 
-"step MB" is the peak resident memory beyond the process's steady state after
-a warm-up step (on a GPU: peak allocated memory); "speed" and "memory" are
-ratios to the textbook loop measured in the same run.
+"step MB" is what one step adds to the resident memory of the process (large
+allocations mapped straight from the kernel, the kernel's peak-RSS mark reset
+before the step; on a GPU: peak allocated memory); "peak RSS" is the whole
+process's. "speed" and "memory" are ratios to the textbook loop measured in the
+same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import resource
 import statistics
@@ -124,7 +127,6 @@ def measure(workload: str, impl: str, order: str, steps: int, device: str = "cpu
 
     cuda = device.startswith("cuda")
     step()  # warm-up (allocator, kernels, lazily imported modules)
-    steady_mb = _current_rss_mb()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -134,27 +136,45 @@ def measure(workload: str, impl: str, order: str, steps: int, device: str = "cpu
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    # CPU: peak resident memory of this fresh process; GPU: peak allocated device memory.
-    peak_mb = (
-        torch.cuda.max_memory_allocated() / 2**20
-        if cuda
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )
+    if cuda:
+        peak_mb = step_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # of this fresh process
+        step_mb = _step_rss_mb(step)
     return {
         "steps_per_s": steps / elapsed,
         "peak_mb": peak_mb,
-        # What a step needs beyond the process's steady state (code, model, data): CPU only.
-        "step_mb": peak_mb if cuda else max(peak_mb - steady_mb, 0.0),
+        "step_mb": step_mb,
         "strategy": strategy if impl != "textbook" else "textbook",
     }
 
 
-def _current_rss_mb() -> float:
+def _status_mb(key: str) -> float:
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
-    return 0.0
+    raise KeyError(key)
+
+
+def _step_rss_mb(step) -> float:
+    """What one more step adds to the resident memory of the process, measured after the timed steps.
+
+    glibc keeps freed memory in its heap, so the RSS of later steps depends on
+    what earlier ones left behind; here allocations over 64 KiB (every tensor
+    that matters) are mapped from and returned to the kernel directly, and the
+    kernel's peak-RSS mark (VmHWM) is reset just before the step (Linux).
+    """
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    libc.malloc_trim(0)
+    step()  # once with the new allocator settings, so nothing lazily allocated counts below
+    libc.malloc_trim(0)
+    steady = _status_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # reset VmHWM to the current RSS
+    step()
+    return max(_status_mb("VmHWM") - steady, 0.0)
 
 
 def run_child(workload: str, impl: str, order: str, steps: int, device: str) -> dict:
@@ -208,9 +228,10 @@ def main() -> None:
                 label = impl if impl != "auto" else f"auto={results[impl][0]['strategy']}"
                 # Below 1 MB the step needs no memory worth a ratio (tiny models).
                 memory_ratio = f"{memory / base_memory:6.2f}x" if base_memory >= 1 else "    n/a"
+                runs = " ".join(f"{r['steps_per_s']:.3g}" for r in results[impl])
                 print(
                     f"{workload:8} {order:6} {label:16} {speed:9.3f} {peak:12.0f} {memory:8.0f}"
-                    f" {speed / base_speed:6.2f}x {memory_ratio}",
+                    f" {speed / base_speed:6.2f}x {memory_ratio}   runs: {runs}",
                     flush=True,
                 )
 

@@ -40,7 +40,8 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, help="seconds of training")
     parser.add_argument("--out", help="run directory (default runs/bench-<config>)")
     parser.add_argument("--episodes", type=int, default=400)
-    parser.add_argument("--eval-steps", type=int, default=10)
+    parser.add_argument("--eval-steps", type=lambda text: [int(v) for v in text.split(",")], default=[10, 25],
+                        help="comma-separated inner steps to evaluate with (default 10,25)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int)
@@ -66,13 +67,14 @@ def main() -> None:
                "train_wall_seconds": train_wall, "evaluations": {}}
     for name in (BEST, LAST):
         checkpoint = load_checkpoint(out / name, device=trainer.device)
-        result = evaluate(checkpoint.learner, trainer.val_source, episodes=args.episodes, ways=20, shots=1,
-                          queries=1, inner_steps=args.eval_steps, within_group=True)
         state = checkpoint.manifest.get("state", {})
-        results["evaluations"][name] = {**result.to_dict(), "iteration": state.get("iteration")}
-        print(f"{name} (iteration {state.get('iteration')}): held-out {', '.join(trainer.val_source.groups)} "
-              f"20-way 1-shot within alphabet, {args.eval_steps} steps: {100 * result.mean:.2f}% "
-              f"+- {100 * result.ci95:.2f}% ({result.episodes} trials)", flush=True)
+        for steps in args.eval_steps:
+            result = evaluate(checkpoint.learner, trainer.val_source, episodes=args.episodes, ways=20, shots=1,
+                              queries=1, inner_steps=steps, within_group=True)
+            results["evaluations"][f"{name} {steps} steps"] = {**result.to_dict(), "iteration": state.get("iteration")}
+            print(f"{name} (iteration {state.get('iteration')}): held-out {', '.join(trainer.val_source.groups)} "
+                  f"20-way 1-shot within alphabet, {steps} steps: {100 * result.mean:.2f}% "
+                  f"+- {100 * result.ci95:.2f}% ({result.episodes} trials)", flush=True)
     (out / "bench.json").write_text(json.dumps(results, indent=2))
 
 

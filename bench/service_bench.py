@@ -157,13 +157,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(kind: str, model_dir: Path, threads: int, log_dir: Path, max_batch: int):
+def start_server(kind: str, model_dir: Path, threads: int, log_dir: Path, max_batch: int, workers: int = 0):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("METALEARN_")}
     env.update(OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
     if kind == "service":
         env.update(METALEARN_MODEL_DIR=str(model_dir), METALEARN_THREADS=str(threads), METALEARN_DEVICE="cpu",
-                   METALEARN_MAX_BATCH_SIZE=str(max_batch), METALEARN_QUEUE_SIZE="1024")
+                   METALEARN_MAX_BATCH_SIZE=str(max_batch), METALEARN_QUEUE_SIZE="1024", METALEARN_WORKERS=str(workers))
         command = [sys.executable, "-m", "uvicorn", "service.app:app"]
     else:
         command = [sys.executable, str(Path(__file__).resolve()), "--baseline-server", str(model_dir), "--threads", str(threads)]
@@ -342,6 +342,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each server (1: the service default on 2 cores leaves a core to HTTP)")
     parser.add_argument("--max-batch", type=int, default=0, help="service max batch size (0 = its auto default)")
+    parser.add_argument("--workers", type=int, default=0, help="service worker threads (0 = its auto default)")
     parser.add_argument("--reps", type=int, default=2, help="alternating repetitions of each level per server")
     parser.add_argument("--quick", action="store_true", help="3 s levels")
     parser.add_argument("--servers", default="service,baseline")
@@ -380,7 +381,7 @@ def main() -> None:
     processes, ports = [], {}
     try:
         for server in servers:
-            process, ports[server] = start_server(server, model_dir, args.threads, work, args.max_batch)
+            process, ports[server] = start_server(server, model_dir, args.threads, work, args.max_batch, args.workers)
             processes.append(process)
         results = []
         for model in models:

@@ -178,6 +178,8 @@ class Conv4(nn.Module):
     linear head on the flattened features (64 features for 28x28 inputs).
     The max-pool runs before the ReLU: the same function (ReLU is monotone, so
     it commutes with max), with the ReLU and its backward on a 4x smaller tensor.
+    On the CPU the first block runs fused (``metalearn.first_block``): the same
+    function, differentiable to any order, without most full-resolution passes.
     """
 
     def __init__(self, in_channels: int = 1, out_features: int = 5, channels: int = 64, image_size: int = 28):
