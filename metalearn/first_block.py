@@ -62,11 +62,6 @@ def window_columns(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int,
     return grid.reshape(*lead, K, 4, N * pooled_h * pooled_w), pooled_h, pooled_w
 
 
-def _float_mask(compare, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``compare(a, b)`` as 0.0/1.0 in ``a``'s dtype."""
-    return compare(a, b).to(a.dtype)
-
-
 class _PooledProduct(torch.autograd.Function):
     """``max`` over the four window elements of ``weight @ cols``: weight ``[..., C, K]``, cols
     ``[..., K, 4, M]`` -> ``[..., C, M]`` (and the unpooled product, not differentiable).
@@ -101,7 +96,7 @@ class _PooledProduct(torch.autograd.Function):
         grad_weight = None
         for element in range(4):
             if element < 3:
-                taken = remaining * _float_mask(torch.eq, product[..., element, :], pooled)
+                taken = remaining * torch.eq(product[..., element, :], pooled).to(remaining.dtype)
                 remaining = remaining - taken
             else:
                 taken = remaining
