@@ -130,8 +130,9 @@ def first_block(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ReLU(max-pool(BatchNorm(conv(x)))) for ``x`` ``[..., N, C_in, H, W]`` -> ``[..., C, N, H'/2, W'/2]``.
 
-    ``weight`` ``[..., C, C_in, kh, kw]``, ``bias``/``gamma``/``beta`` ``[..., C]``, one set per
-    leading index (``conv`` gives padding and dilation; check :func:`fuses` first).
+    ``weight`` ``[..., C, C_in, kh, kw]``, ``bias``/``gamma``/``beta`` ``[..., C]``: one set per
+    leading index, or one shared set that broadcasts (``conv`` gives padding and dilation; check
+    :func:`fuses` first).
     BatchNorm uses the statistics of the batch, or ``stats`` = (mean, var) of the
     conv output ``[..., C]``. Returns the block's output and the (mean, var) it
     normalised with, as ``BatchNorm`` records them.

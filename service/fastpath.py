@@ -112,10 +112,8 @@ class FastAnil:
         recorded = {}
         blocks = self.blocks
         if fuses(blocks[0][0], x.shape[-2], x.shape[-1]):
-            _, conv_name, _, bn_name = blocks[0]
-            first = [conv_name + ".weight", conv_name + ".bias", bn_name + ".weight", bn_name + ".bias"]
-            shared = {n: self.params[n].expand(R, *self.params[n].shape) for n in first if n in self.params}
-            h = _first_block(x, shared, *blocks[0], stats, record, recorded)  # [R, C, N, H, W]
+            # Shared weights broadcast over the request dimension.
+            h = _first_block(x, self.params, *blocks[0], stats, record, recorded)  # [R, C, N, H, W]
             h = h.transpose(1, 2).flatten(0, 1)
             blocks = blocks[1:]
         else:
@@ -255,8 +253,7 @@ class FastFull:
             with torch.enable_grad():
                 leaves = {n: p.requires_grad_() for n, p in fast.items()}
                 loss = self._losses(self.forward(leaves, support_x)[0], support_y)
-                # The first block's conv bias is cancelled by BatchNorm: unused, zero gradient.
-                grads = torch.autograd.grad(loss.sum(), list(leaves.values()), allow_unused=True, materialize_grads=True)
+                grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
             losses.append(loss.detach())
             with torch.no_grad():
                 fast = {n: p.detach() - lr * g for (n, p), g in zip(leaves.items(), grads)}
