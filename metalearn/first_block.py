@@ -27,6 +27,8 @@ with any number of leading batch dimensions (one set of weights per entry).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,10 +49,21 @@ def fuses(conv: nn.Conv2d, height: int, width: int) -> bool:
     return out_h % 2 == 0 and out_w % 2 == 0 and out_h > 0 and out_w > 0
 
 
-def window_columns(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int, int]:
-    """im2col of ``x`` ``[..., N, C, H, W]`` as ``[..., K, 4, N * H'/2 * W'/2]``, the columns grouped by
-    their position in the 2x2 pooling window (row-major, as ``F.max_pool2d`` scans it).
-    Returns the columns and the pooled height and width."""
+class WindowColumns(NamedTuple):
+    """The unfolded input of the fused block: ``cols`` ``[..., 4, M, K]`` (2x2 window position, output
+    pixel (image, row, column) of the pooled grid, K = in_channels * kh * kw), the image count and the
+    pooled height and width."""
+
+    cols: torch.Tensor
+    images: int
+    pooled_h: int
+    pooled_w: int
+
+
+def window_columns(x: torch.Tensor, conv: nn.Conv2d) -> WindowColumns:
+    """im2col of ``x`` ``[..., N, C, H, W]``, the columns grouped by their position in the 2x2 pooling
+    window (row-major, as ``F.max_pool2d`` scans it), K innermost: the layout the block's products read
+    fastest. Compute it once when the same input goes through the block several times (an inner loop)."""
     lead, (N, C, H, W) = x.shape[:-4], x.shape[-4:]
     cols = F.unfold(x.reshape(-1, C, H, W), conv.kernel_size, dilation=conv.dilation, padding=conv.padding)
     K = cols.shape[1]
@@ -58,13 +71,14 @@ def window_columns(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int,
     pooled_h, pooled_w = out_h // 2, out_w // 2
     d = len(lead)
     grid = cols.view(*lead, N, K, pooled_h, 2, pooled_w, 2)
-    grid = grid.permute(*range(d), d + 1, d + 3, d + 5, d, d + 2, d + 4)
-    return grid.reshape(*lead, K, 4, N * pooled_h * pooled_w), pooled_h, pooled_w
+    grid = grid.permute(*range(d), d + 3, d + 5, d, d + 2, d + 4, d + 1)
+    return WindowColumns(grid.reshape(*lead, 4, N * pooled_h * pooled_w, K), N, pooled_h, pooled_w)
 
 
 class _PooledProduct(torch.autograd.Function):
-    """``max`` over the four window elements of ``weight @ cols``: weight ``[..., C, K]``, cols
-    ``[..., K, 4, M]`` -> ``[..., C, M]`` (and the unpooled product, not differentiable).
+    """``max`` over the four window positions of the product of ``weight`` ``[..., C, K]`` and ``cols``
+    ``[..., 4, M, K]``: ``[..., C, M]``, or ``[..., M, C]`` with ``channels_last`` (and the unpooled
+    product, not differentiable).
 
     The gradient goes to one element per window, the first maximum in row-major
     order (``F.max_pool2d``'s choice; blank backgrounds tie a lot). ``cols`` is
@@ -74,44 +88,49 @@ class _PooledProduct(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(weight, cols):
-        product = (weight @ cols.flatten(-2)).unflatten(-1, (4, -1))  # [..., C, 4, M]
-        a, b, c, d = product.unbind(-2)
+    def forward(weight, cols, channels_last):
+        flat = cols.flatten(-3, -2)  # [..., 4M, K]
+        if channels_last:
+            product = (flat @ weight.transpose(-1, -2)).unflatten(-2, (4, -1))  # [..., 4, M, C]
+        else:
+            product = (weight @ flat.transpose(-1, -2)).unflatten(-1, (4, -1)).movedim(-2, -3)  # [..., 4, C, M] (a view)
+        a, b, c, d = product.unbind(-3)
         return torch.maximum(torch.maximum(a, b), torch.maximum(c, d)), product
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
         ctx.mark_non_differentiable(outputs[1])
         ctx.set_materialize_grads(False)
+        ctx.channels_last = inputs[2]
         ctx.save_for_backward(inputs[1], outputs[0], outputs[1])
 
     @staticmethod
     def backward(ctx, grad_pooled, _grad_product):
         if grad_pooled is None:
-            return None, None
+            return None, None, None
         cols, pooled, product = ctx.saved_tensors
         # Written with ordinary ops: linear in grad_pooled with constant masks, so
         # autograd differentiates it again (second-order MAML).
-        remaining = grad_pooled
+        remaining = grad_pooled.contiguous()  # it may come permuted (e.g. from a grouped layout): mixed layouts are slow
         grad_weight = None
-        for element in range(4):
-            if element < 3:
-                taken = remaining * torch.eq(product[..., element, :], pooled).to(remaining.dtype)
+        for position in range(4):
+            if position < 3:
+                taken = remaining * (product.select(-3, position) == pooled)  # (torch.where is several times slower)
                 remaining = remaining - taken
             else:
                 taken = remaining
-            term = taken @ cols[..., element, :].transpose(-1, -2)
+            term = (taken.transpose(-1, -2) if ctx.channels_last else taken) @ cols.select(-3, position)  # [..., C, K]
             grad_weight = term if grad_weight is None else grad_weight + term
-        return grad_weight, None
+        return grad_weight, None, None
 
 
 def _gram_statistics(cols: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and (biased) variance over all columns of ``weight @ cols``, per channel ``[..., C]``, from the
-    Gram matrix of ``cols``; in float64 because ``E[y^2] - mean^2`` cancels."""
-    cols64 = cols.flatten(-2).double()
-    count = cols64.shape[-1]
-    gram = cols64 @ cols64.transpose(-1, -2)
-    sums = cols64.sum(-1, keepdim=True)
+    Gram matrix of ``cols`` ``[..., 4, M, K]``; in float64 because ``E[y^2] - mean^2`` cancels."""
+    cols64 = cols.flatten(-3, -2).double()
+    count = cols64.shape[-2]
+    gram = cols64.transpose(-1, -2) @ cols64
+    sums = cols64.sum(-2).unsqueeze(-1)
     w64 = weight.double()
     mean = (w64 @ sums).squeeze(-1) / count
     var = (((w64 @ gram) * w64).sum(-1) / count - mean * mean).clamp_min(0)
@@ -119,7 +138,7 @@ def _gram_statistics(cols: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Te
 
 
 def first_block(
-    x: torch.Tensor,
+    x: torch.Tensor | WindowColumns,
     conv: nn.Conv2d,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -127,8 +146,11 @@ def first_block(
     beta: torch.Tensor,
     eps: float,
     stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    channels_last: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ReLU(max-pool(BatchNorm(conv(x)))) for ``x`` ``[..., N, C_in, H, W]`` -> ``[..., C, N, H'/2, W'/2]``.
+    """ReLU(max-pool(BatchNorm(conv(x)))) for ``x`` ``[..., N, C_in, H, W]`` (or its
+    :func:`window_columns`) -> ``[..., C, N, H'/2, W'/2]``, or ``[..., N, H'/2, W'/2, C]`` with
+    ``channels_last`` (the layout channels-last convolutions read; computed directly, not copied).
 
     ``weight`` ``[..., C, C_in, kh, kw]``, ``bias``/``gamma``/``beta`` ``[..., C]``: one set per
     leading index, or one shared set that broadcasts (``conv`` gives padding and dilation; check
@@ -137,13 +159,13 @@ def first_block(
     conv output ``[..., C]``. Returns the block's output and the (mean, var) it
     normalised with, as ``BatchNorm`` records them.
     """
-    cols, pooled_h, pooled_w = window_columns(x, conv)
+    columns = x if isinstance(x, WindowColumns) else window_columns(x, conv)
     sign = torch.where(gamma < 0, -1.0, 1.0).to(gamma.dtype)  # a constant: no gradient flows through it
     signed_weight = weight.flatten(-3) * sign.unsqueeze(-1)
-    pooled, _ = _PooledProduct.apply(signed_weight, cols)  # max over each window of sign * (W cols)
+    pooled, _ = _PooledProduct.apply(signed_weight, columns.cols, channels_last)  # max over each window of sign * (W cols)
     bias = torch.zeros_like(gamma) if bias is None else bias
     if stats is None:
-        signed_mean, var = _gram_statistics(cols, signed_weight)
+        signed_mean, var = _gram_statistics(columns.cols, signed_weight)
         mean = sign * signed_mean + bias
     else:
         mean, var = stats
@@ -151,6 +173,7 @@ def first_block(
     # with its true gradient, exactly zero.
     center = sign * (mean - bias)
     scale = gamma * sign * torch.rsqrt(var + eps)
-    out = torch.addcmul((beta - center * scale).unsqueeze(-1), pooled, scale.unsqueeze(-1)).relu()
-    N = x.shape[-4]
-    return out.unflatten(-1, (N, pooled_h, pooled_w)), mean, var
+    pixel_axis = -2 if channels_last else -1  # where M is in pooled: the per-channel terms broadcast along it
+    out = torch.addcmul((beta - center * scale).unsqueeze(pixel_axis), pooled, scale.unsqueeze(pixel_axis)).relu()
+    grid = (columns.images, columns.pooled_h, columns.pooled_w)
+    return (out.unflatten(-2, grid) if channels_last else out.unflatten(-1, grid)), mean, var

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metalearn.adaptation import Adaptation
-from metalearn.first_block import first_block, fuses
+from metalearn.first_block import WindowColumns, first_block, fuses, window_columns
 from metalearn.models import BatchNorm
 
 
@@ -68,15 +68,16 @@ def _blocks(model: nn.Module):
     return blocks
 
 
-def _first_block(x: torch.Tensor, P: dict, conv: nn.Conv2d, conv_name: str, bn: BatchNorm, bn_name: str, stats: dict | None, record: bool, recorded: dict) -> torch.Tensor:
-    """The first block for R requests, fused (metalearn/first_block.py): ``x`` [R, N, C, H, W] -> [R, C', N, H/2, W/2].
+def _first_block(columns: WindowColumns, P: dict, conv: nn.Conv2d, conv_name: str, bn: BatchNorm, bn_name: str, stats: dict | None, record: bool, recorded: dict, channels_last: bool = False) -> torch.Tensor:
+    """The first block for R requests, fused (metalearn/first_block.py): the window columns of
+    ``x`` [R, N, C, H, W] -> [R, C', N, H/2, W/2] (or [R, N, H/2, W/2, C'] with ``channels_last``).
 
     BatchNorm statistics are kept per request as ``[R, 1, C', 1, 1]`` (what ``BatchNorm`` records, stacked).
     """
-    R = x.shape[0]
+    R = columns.cols.shape[0]
     given = None if stats is None else tuple(t.reshape(R, -1) for t in stats[bn_name])
     weight, bias = P[conv_name + ".weight"], P.get(conv_name + ".bias")
-    out, mean, var = first_block(x, conv, weight, bias, P[bn_name + ".weight"], P[bn_name + ".bias"], bn.eps, given)
+    out, mean, var = first_block(columns, conv, weight, bias, P[bn_name + ".weight"], P[bn_name + ".bias"], bn.eps, given, channels_last)
     if record:
         recorded[bn_name] = (mean.view(R, 1, -1, 1, 1), var.view(R, 1, -1, 1, 1))
     return out
@@ -113,7 +114,7 @@ class FastAnil:
         blocks = self.blocks
         if fuses(blocks[0][0], x.shape[-2], x.shape[-1]):
             # Shared weights broadcast over the request dimension.
-            h = _first_block(x, self.params, *blocks[0], stats, record, recorded)  # [R, C, N, H, W]
+            h = _first_block(window_columns(x, blocks[0][0]), self.params, *blocks[0], stats, record, recorded)  # [R, C, N, H, W]
             h = h.transpose(1, 2).flatten(0, 1)
             blocks = blocks[1:]
         else:
@@ -189,9 +190,20 @@ def _conv_grouped(h: torch.Tensor, R: int, weight: torch.Tensor, bias: torch.Ten
 
 
 def _grouped_layout(h: torch.Tensor) -> torch.Tensor:
-    """[R, C, N, H, W] -> [N, R*C, H, W] in channels-last memory (what the grouped convolutions run fastest on)."""
-    R, C, N, H, W = h.shape
-    return h.permute(2, 3, 4, 0, 1).contiguous().view(N, H, W, R * C).permute(0, 3, 1, 2)
+    """[R, N, H, W, C] -> [N, R*C, H, W] in channels-last memory (what the grouped convolutions run fastest on).
+    Rows of C contiguous values move, so the copy and its backward stream through memory."""
+    R, N, H, W, C = h.shape
+    return h.permute(1, 2, 3, 0, 4).reshape(N, H, W, R * C).permute(0, 3, 1, 2)
+
+
+def _per_request(param: torch.Tensor, R: int) -> torch.Tensor:
+    """``R`` copies of ``param``; a conv weight [O, C, kh, kw] as [R, O, C, kh, kw] in memory [R, O, kh, kw, C],
+    so that flattened to [R*O, C, kh, kw] it is channels-last: the layout the grouped convolutions take
+    (otherwise converted on every call). The SGD updates keep it."""
+    if param.dim() != 4:
+        return param.expand(R, *param.shape).clone()
+    O, C, kh, kw = param.shape
+    return torch.empty(R, O, kh, kw, C, dtype=param.dtype, device=param.device).permute(0, 1, 4, 2, 3).copy_(param)
 
 
 class FastFull:
@@ -212,14 +224,21 @@ class FastFull:
         self.names = list(learner.adapt_names)
         self.params = {n: p.detach() for n, p in learner.model.named_parameters()}
 
-    def forward(self, P: dict, x: torch.Tensor, stats: dict | None = None, record: bool = False):
-        R, N = x.shape[:2]
+    def inputs(self, x: torch.Tensor) -> torch.Tensor | WindowColumns:
+        """What :meth:`forward` takes for images ``x`` [R, N, C, H, W]: their window columns when the
+        first block fuses (computed once for all inner steps), else ``x``."""
+        conv = self.blocks[0][0]
+        return window_columns(x, conv) if fuses(conv, x.shape[-2], x.shape[-1]) else x
+
+    def forward(self, P: dict, x: torch.Tensor | WindowColumns, stats: dict | None = None, record: bool = False):
         recorded = {}
         blocks = self.blocks
-        if fuses(blocks[0][0], x.shape[-2], x.shape[-1]):
-            h = _grouped_layout(_first_block(x, P, *blocks[0], stats, record, recorded))
+        if isinstance(x, WindowColumns):
+            R, N = x.cols.shape[0], x.images
+            h = _grouped_layout(_first_block(x, P, *blocks[0], stats, record, recorded, channels_last=True))
             blocks = blocks[1:]
         else:
+            R, N = x.shape[:2]
             h = x.transpose(0, 1).reshape(N, R * x.shape[2], *x.shape[3:]).contiguous(memory_format=torch.channels_last)
         for conv, conv_name, bn, bn_name in blocks:
             h = _conv_grouped(h, R, P[conv_name + ".weight"], P.get(conv_name + ".bias"), conv)
@@ -247,18 +266,19 @@ class FastFull:
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, lr: float | None) -> Adaptation:
         lr = self.learner.config.inner_lr if lr is None else lr
         R = support_x.shape[0]
-        fast = {n: self.params[n].expand(R, *self.params[n].shape).clone() for n in self.names}
+        fast = {n: _per_request(self.params[n], R) for n in self.names}
+        support = self.inputs(support_x)
         losses = []
         for _ in range(steps):
             with torch.enable_grad():
                 leaves = {n: p.requires_grad_() for n, p in fast.items()}
-                loss = self._losses(self.forward(leaves, support_x)[0], support_y)
+                loss = self._losses(self.forward(leaves, support)[0], support_y)
                 grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
             losses.append(loss.detach())
             with torch.no_grad():
                 fast = {n: p.detach() - lr * g for (n, p), g in zip(leaves.items(), grads)}
         with torch.no_grad():
-            logits, stats = self.forward(fast, support_x, record=True)
+            logits, stats = self.forward(fast, support, record=True)
             after = self._losses(logits, support_y)
         before = losses[0] if losses else after
         return Adaptation(fast, stats, before, after)
@@ -266,7 +286,7 @@ class FastFull:
     @torch.no_grad()
     def predict(self, adaptation: Adaptation, query_x: torch.Tensor, transductive: bool = False) -> torch.Tensor:
         P = {**{n: p.expand(query_x.shape[0], *p.shape) for n, p in self.params.items()}, **adaptation.params}
-        return self.forward(P, query_x, stats=None if transductive else adaptation.norm_stats)[0]
+        return self.forward(P, self.inputs(query_x), stats=None if transductive else adaptation.norm_stats)[0]
 
 
 def fast_kernel(learner):

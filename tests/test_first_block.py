@@ -40,18 +40,25 @@ def block_inputs(R: int = 3, channels: int = 6):
     return x, (weight, bias, gamma, beta)
 
 
-def test_forward_statistics_and_gradients_equal_plain_modules_float64():
+def as_nchw(out: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """The block's output [R, C, N, h, w] (or [R, N, h, w, C] channels-last) as [R, N, C, h, w]."""
+    return out.permute(0, 1, 4, 2, 3) if channels_last else out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_forward_statistics_and_gradients_equal_plain_modules_float64(channels_last):
     conv = Conv4(channels=6).body[0]
     x, params = block_inputs()
-    out, mean, var = first_block(x, conv, *params, 1e-5)  # [R, C, N, 14, 14]
+    out, mean, var = first_block(x, conv, *params, 1e-5, channels_last=channels_last)
+    out = as_nchw(out, channels_last)
     upstream = torch.randn(out.shape, dtype=torch.float64)
     grads = torch.autograd.grad((out * upstream).sum(), params)
     assert grads[1].abs().max() == 0  # the conv bias: BatchNorm cancels it exactly
     for r in range(x.shape[0]):
         mine = [t.detach()[r].clone().requires_grad_() for t in params]
         expected = plain_block(x[r], *mine)  # [N, C, 14, 14]
-        torch.testing.assert_close(out[r].transpose(0, 1), expected, rtol=1e-9, atol=1e-9)
-        expected_grads = torch.autograd.grad((expected * upstream[r].transpose(0, 1)).sum(), mine)
+        torch.testing.assert_close(out[r], expected, rtol=1e-9, atol=1e-9)
+        expected_grads = torch.autograd.grad((expected * upstream[r]).sum(), mine)
         for got, want in zip(grads, expected_grads):
             torch.testing.assert_close(got[r], want, rtol=1e-8, atol=1e-9)
         y = F.conv2d(x[r], mine[0].detach(), mine[1].detach(), padding=1)
@@ -59,7 +66,8 @@ def test_forward_statistics_and_gradients_equal_plain_modules_float64():
         torch.testing.assert_close(var[r], y.var((0, 2, 3), correction=0), rtol=1e-9, atol=1e-9)
 
 
-def test_second_order_hessian_vector_products_equal_plain_modules_float64():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_second_order_hessian_vector_products_equal_plain_modules_float64(channels_last):
     """What second-order MAML differentiates: the gradient of (gradient . v)."""
     conv = Conv4(channels=6).body[0]
     x, params = block_inputs(R=1)
@@ -71,7 +79,7 @@ def test_second_order_hessian_vector_products_equal_plain_modules_float64():
         grads = torch.autograd.grad(loss, params, create_graph=True)
         return torch.autograd.grad(sum((g * d).sum() for g, d in zip(grads, directions)), params)
 
-    fused = hvp(lambda *p: first_block(x, conv, *p, 1e-5)[0].transpose(1, 2))
+    fused = hvp(lambda *p: as_nchw(first_block(x, conv, *p, 1e-5, channels_last=channels_last)[0], channels_last))
     plain = hvp(lambda w, b, g, be: plain_block(x[0], w[0], b[0], g[0], be[0]).unsqueeze(0))
     for got, want in zip(fused, plain):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9)
