@@ -27,7 +27,8 @@ with any number of leading batch dimensions (one set of weights per entry).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,8 @@ def fuses(conv: nn.Conv2d, height: int, width: int) -> bool:
     return out_h % 2 == 0 and out_w % 2 == 0 and out_h > 0 and out_w > 0
 
 
-class WindowColumns(NamedTuple):
+@dataclass(frozen=True)
+class WindowColumns:
     """The unfolded input of the fused block: ``cols`` ``[..., 4, M, K]`` (2x2 window position, output
     pixel (image, row, column) of the pooled grid, K = in_channels * kh * kw), the image count and the
     pooled height and width."""
@@ -58,6 +60,13 @@ class WindowColumns(NamedTuple):
     images: int
     pooled_h: int
     pooled_w: int
+
+    @cached_property
+    def moments(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Column count, sums ``[..., K, 1]`` and Gram matrix ``[..., K, K]`` of the columns, in float64
+        (``E[y^2] - mean^2`` cancels); computed once however many weights the columns meet."""
+        cols64 = self.cols.flatten(-3, -2).double()
+        return cols64.shape[-2], cols64.sum(-2).unsqueeze(-1), cols64.transpose(-1, -2) @ cols64
 
 
 def window_columns(x: torch.Tensor, conv: nn.Conv2d) -> WindowColumns:
@@ -124,13 +133,10 @@ class _PooledProduct(torch.autograd.Function):
         return grad_weight, None, None
 
 
-def _gram_statistics(cols: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _gram_statistics(columns: WindowColumns, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and (biased) variance over all columns of ``weight @ cols``, per channel ``[..., C]``, from the
-    Gram matrix of ``cols`` ``[..., 4, M, K]``; in float64 because ``E[y^2] - mean^2`` cancels."""
-    cols64 = cols.flatten(-3, -2).double()
-    count = cols64.shape[-2]
-    gram = cols64.transpose(-1, -2) @ cols64
-    sums = cols64.sum(-2).unsqueeze(-1)
+    columns' Gram matrix (float64)."""
+    count, sums, gram = columns.moments
     w64 = weight.double()
     mean = (w64 @ sums).squeeze(-1) / count
     var = (((w64 @ gram) * w64).sum(-1) / count - mean * mean).clamp_min(0)
@@ -165,7 +171,7 @@ def first_block(
     pooled, _ = _PooledProduct.apply(signed_weight, columns.cols, channels_last)  # max over each window of sign * (W cols)
     bias = torch.zeros_like(gamma) if bias is None else bias
     if stats is None:
-        signed_mean, var = _gram_statistics(columns.cols, signed_weight)
+        signed_mean, var = _gram_statistics(columns, signed_weight)
         mean = sign * signed_mean + bias
     else:
         mean, var = stats

@@ -276,7 +276,7 @@ class FastFull:
                 grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
             losses.append(loss.detach())
             with torch.no_grad():
-                fast = {n: p.detach() - lr * g for (n, p), g in zip(leaves.items(), grads)}
+                fast = {n: torch.add(p.detach(), g, alpha=-lr) for (n, p), g in zip(leaves.items(), grads)}
         with torch.no_grad():
             logits, stats = self.forward(fast, support, record=True)
             after = self._losses(logits, support_y)
