@@ -55,7 +55,7 @@ def _adapt_one(learner: MetaLearner, steps: int, lr: float | None, meta_params, 
     trajectory, losses = learner.inner_loop(
         meta_params, buffers, support_x, support_y, steps=steps, create_graph=False, lr_override=lr
     )
-    adapted = trajectory[-1] if trajectory else {n: params[n] for n in learner.adapt_names}
+    adapted = trajectory[-1] if trajectory else learner.initial_fast(meta_params, buffers, support_x, support_y)
     # One more support forward with the adapted parameters: the loss after
     # adaptation and the BatchNorm statistics queries will be normalised with.
     with norm_statistics(learner.model) as stats:

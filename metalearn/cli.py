@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from metalearn.learner import ALGORITHMS
+from metalearn.learner import ALGORITHMS, HEAD_INITS
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -87,7 +87,7 @@ def _setting(text: str) -> tuple[str, Any]:
 _TRAIN_FIELDS = (
     "task", "algorithm", "ways", "shots", "queries", "meta_batch", "inner_steps", "inner_lr", "meta_lr",
     "iterations", "seed", "device", "out", "threads", "time_budget", "val_interval", "val_episodes",
-    "eval_inner_steps",
+    "eval_inner_steps", "head_init",
 )
 
 
@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--val-interval", type=_positive_int)
     train.add_argument("--val-episodes", type=_positive_int)
     train.add_argument("--eval-inner-steps", type=_non_negative_int, help="inner steps at test time")
+    train.add_argument("--head-init", choices=HEAD_INITS,
+                       help="where the inner loop starts the head: the learned weights, or the support set's class means (Proto-MAML)")
     train.add_argument("--channels", type=_positive_int, help="Conv4 width (default 64)")
     train.add_argument("--set", dest="settings", action="append", type=_setting, default=[], metavar="KEY=VALUE",
                        help="any other TrainConfig field, e.g. --set lr_schedule=cosine (repeatable)")

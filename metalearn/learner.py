@@ -17,6 +17,11 @@ mamlpp      MAML++: multi-step loss, learned per-layer per-step learning rates,
             derivative-order annealing (first order for the first iterations)
 ==========  =================================================================
 
+Every classification variant but reptile can also start the inner loop with
+the head set to the support set's nearest-class-mean classifier instead of the
+learned head (``head_init="prototypes"``: Proto-MAML, Triantafillou et al.,
+2020); the meta-gradient then reaches the body through the class means too.
+
 ``metalearn.batching`` runs the per-task function over a meta-batch (a loop,
 ``vmap`` or chunks of it); :class:`MetaLearner` is the small object a training
 loop talks to::
@@ -45,6 +50,7 @@ from metalearn.models import convert_batchnorm, head_module_name, head_parameter
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "tamaml", "mamlpp")
 TASK_TYPES = ("classification", "regression")
+HEAD_INITS = ("learned", "prototypes")
 
 Params = dict[str, torch.Tensor]
 
@@ -70,6 +76,10 @@ class MetaConfig:
     first_order_iterations: int = 0
     # Task-Adaptive MAML
     encoder_hidden: int = 64
+    # Where the inner loop starts the linear head (classification): "learned" (the meta-learned
+    # weights) or "prototypes" (Proto-MAML: row c = 2 * mean support feature of class c, bias
+    # -|mean|^2, i.e. the nearest-class-mean classifier; the body learns through it)
+    head_init: str = "learned"
     # Outer loop
     grad_clip: float | None = None
     # Recompute the inner loop in the backward pass instead of storing it
@@ -96,6 +106,10 @@ class MetaConfig:
             self.learn_step_lrs = self.algorithm == "mamlpp"
         if self.algorithm == "reptile" and (self.multi_step_loss or self.learn_step_lrs):
             raise ValueError("reptile has no query loss: multi_step_loss and learn_step_lrs do not apply")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
+        if self.head_init == "prototypes" and (self.task_type != "classification" or self.algorithm == "reptile"):
+            raise ValueError("head_init 'prototypes' needs a classification task and an algorithm with a query loss (not reptile)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -184,6 +198,10 @@ class MetaLearner(nn.Module):
             # encoder weight gets a gradient from the first step.
             nn.init.normal_(self.task_encoder[2].weight, std=1e-2)
             nn.init.zeros_(self.task_encoder[2].bias)
+        if cfg.head_init == "prototypes":
+            head_name = head_module_name(model)
+            if not isinstance(model.get_submodule(head_name), nn.Linear) or head_name + ".weight" not in self.adapt_names:
+                raise ValueError("head_init 'prototypes' needs the model's head to be an nn.Linear that adapts")
         self._loss = loss_function(cfg.task_type)
 
     # ------------------------------------------------------------------
@@ -221,17 +239,50 @@ class MetaLearner(nn.Module):
         prefix = "head."
         return functional_call(self.model.head, {n[len(prefix) :]: p for n, p in head_params.items()}, (features,))
 
-    def _task_forward(self, params: Params, buffers: Params, x: torch.Tensor) -> Callable[[Params], torch.Tensor]:
-        """Forward of one task's inputs ``x`` as a function of the adapted parameters."""
+    def _task_forward(
+        self, params: Params, buffers: Params, x: torch.Tensor, features: torch.Tensor | None = None
+    ) -> Callable[[Params], torch.Tensor]:
+        """Forward of one task's inputs ``x`` as a function of the adapted parameters (``features``:
+        ``x``'s body features at ``params``, if already computed)."""
         frozen = {n: p for n, p in params.items() if n not in self.adapt_names}
         if self._head_only:
-            features = self.body_features(params, buffers, x)
+            features = self.body_features(params, buffers, x) if features is None else features
             return lambda fast: self._head_forward(fast, features)
         return lambda fast: self.forward_with({**frozen, **fast}, buffers, x)
 
     # ------------------------------------------------------------------
     # Inner loop
     # ------------------------------------------------------------------
+    def initial_fast(
+        self, meta_params: Params, buffers: Params, support_x: torch.Tensor, support_y: torch.Tensor
+    ) -> Params:
+        """Where the inner loop starts: the meta-learned values of the adapted parameters, with the
+        head set from the support set's class means when ``config.head_init`` is ``prototypes``."""
+        params = self.model_params(meta_params)
+        return self.start_from_features(params, self._support_features(params, buffers, support_x), support_y)
+
+    def _support_features(self, params: Params, buffers: Params, support_x: torch.Tensor) -> torch.Tensor | None:
+        """Body features of the support set when something needs them (ANIL's head-only loop, prototypes)."""
+        if self._head_only or self.config.head_init == "prototypes":
+            return self.body_features(params, buffers, support_x)
+        return None
+
+    def start_from_features(self, params: Params, features: torch.Tensor | None, support_y: torch.Tensor) -> Params:
+        """:meth:`initial_fast` given the support set's body ``features`` (needed for prototypes only)."""
+        fast = {n: params[n] for n in self.adapt_names}
+        if self.config.head_init != "prototypes":
+            return fast
+        head = head_module_name(self.model)
+        ways = fast[head + ".weight"].shape[0]
+        # One-hot by comparison (vmap-friendly); a class absent from the support set gets a zero row.
+        onehot = (support_y.unsqueeze(-1) == torch.arange(ways, device=support_y.device)).to(features.dtype)
+        prototypes = (onehot.transpose(0, 1) @ features) / onehot.sum(0).clamp_min(1).unsqueeze(-1)
+        # logits 2 p.f - |p|^2 rank classes like -|f - p|^2: the nearest class mean
+        fast[head + ".weight"] = 2 * prototypes
+        if head + ".bias" in fast:
+            fast[head + ".bias"] = -(prototypes * prototypes).sum(-1)
+        return fast
+
     def _lr_scales(self, meta_params: Params, params: Params, buffers: Params, support_x: torch.Tensor):
         if self.config.algorithm != "tamaml":
             return None
@@ -239,7 +290,9 @@ class MetaLearner(nn.Module):
         encoder = {n[len("task_encoder.") :]: p for n, p in meta_params.items() if n.startswith("task_encoder.")}
         return 2.0 * torch.sigmoid(functional_call(self.task_encoder, encoder, (embedding,)))
 
-    def _step_lr(self, meta_params: Params, name: str, step: int, override: float | None):
+    def step_lr(self, meta_params: Params, name: str, step: int, override: float | None):
+        """The inner learning rate of parameter ``name`` at ``step``: ``override``, else the learned
+        (Meta-SGD, per-step) or configured one."""
         if override is not None:
             return override
         cfg = self.config
@@ -272,7 +325,8 @@ class MetaLearner(nn.Module):
         checkpointing).
         """
         params = self.model_params(meta_params)
-        forward = self._task_forward(params, buffers, support_x)
+        features = self._support_features(params, buffers, support_x)
+        forward = self._task_forward(params, buffers, support_x, features)
         scales = self._lr_scales(meta_params, params, buffers, support_x)
         differentiate = autograd_differentiate if use_autograd else _func_differentiate
         names = list(self.adapt_names)
@@ -282,14 +336,15 @@ class MetaLearner(nn.Module):
             grads, loss = differentiate(lambda p: self._loss(forward(p), support_y), fast, create_graph)
             updated = []
             for index, name in enumerate(names):
-                lr = self._step_lr(meta_params, name, step, lr_override)
+                lr = self.step_lr(meta_params, name, step, lr_override)
                 if scales is not None:
                     lr = lr * scales[index]
                 updated.append(fast[name] - lr * grads[name])
             return (*updated, loss)
 
         checkpointed = use_autograd and self.config.checkpoint_inner and create_graph
-        fast_values = tuple(params[n] for n in names)
+        start = self.start_from_features(params, features, support_y)
+        fast_values = tuple(start[n] for n in names)
         trajectory, losses = [], []
         for step in range(steps):
             if checkpointed:
@@ -413,7 +468,12 @@ def _func_differentiate(loss_of: Callable[[Params], torch.Tensor], fast: Params,
 
 def autograd_differentiate(loss_of: Callable[[Params], torch.Tensor], fast: Params, create_graph: bool):
     """The autograd-engine way to differentiate the support loss (used with activation checkpointing)."""
-    if not create_graph:
+    if create_graph:
+        # Fresh views make every adapted tensor its own variable: the gradient with respect to one
+        # leaves out paths through the others even when one was computed from another (a head
+        # initialised from the body's class means), as torch.func's grad does.
+        fast = {n: p.view_as(p) for n, p in fast.items()}
+    else:
         fast = {n: p.detach().requires_grad_() for n, p in fast.items()}
     loss = loss_of(fast)
     grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)

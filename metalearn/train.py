@@ -95,6 +95,7 @@ class TrainConfig:
     multi_step_loss_iterations: int = 500
     learn_step_lrs: bool | None = None
     encoder_hidden: int = 64
+    head_init: str = "learned"  # learned | prototypes (Proto-MAML: the head starts as the nearest-class-mean classifier)
     grad_clip: float | None = None
     strategy: str = "auto"
     checkpoint_inner: bool = False
@@ -167,6 +168,7 @@ class TrainConfig:
             learn_step_lrs=self.learn_step_lrs,
             first_order_iterations=self.first_order_iterations,
             encoder_hidden=self.encoder_hidden,
+            head_init=self.head_init,
             grad_clip=self.grad_clip,
             checkpoint_inner=self.checkpoint_inner,
             strategy=self.strategy,

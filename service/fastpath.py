@@ -91,7 +91,6 @@ def supports(learner) -> bool:
     return (
         cfg.algorithm == "anil"
         and cfg.task_type == "classification"
-        and not cfg.learn_step_lrs
         and getattr(learner, "_head_only", False)
         and _blocks(learner.model) is not None
         and set(learner.adapt_names) == {"head.weight", "head.bias"}
@@ -105,6 +104,7 @@ class FastAnil:
         self.learner = learner
         self.blocks = _blocks(learner.model)
         self.params = {n: p.detach() for n, p in learner.model.named_parameters()}
+        self.meta_params = learner.meta_params()  # with the learned per-step learning rates, if any
 
     @torch.no_grad()
     def body(self, x: torch.Tensor, stats: dict | None = None, record: bool = False):
@@ -139,20 +139,25 @@ class FastAnil:
 
     @torch.no_grad()
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, lr: float | None) -> Adaptation:
-        lr = self.learner.config.inner_lr if lr is None else lr
+        learner = self.learner
         R, N = support_y.shape
         features, stats = self.body(support_x, record=True)
-        weight = self.params["head.weight"].expand(R, -1, -1).clone()
-        bias = self.params["head.bias"].expand(R, -1).clone()
+        if learner.config.head_init == "prototypes":
+            # The learner's own start (class means), per request.
+            start = torch.func.vmap(lambda f, y: learner.start_from_features(self.params, f, y))(features, support_y)
+            weight, bias = start["head.weight"], start["head.bias"]
+        else:
+            weight = self.params["head.weight"].expand(R, -1, -1).clone()
+            bias = self.params["head.bias"].expand(R, -1).clone()
         onehot = F.one_hot(support_y, weight.shape[1]).to(features.dtype)
         losses = []
-        for _ in range(steps):
+        for step in range(steps):
             logits = self.head(weight, bias, features)
             log_probs = torch.log_softmax(logits, -1)
             losses.append(-(log_probs * onehot).sum(-1).mean(-1))
             dlogits = (log_probs.exp() - onehot) / N  # d mean-CE / d logits
-            weight = weight - lr * torch.bmm(dlogits.transpose(1, 2), features)
-            bias = bias - lr * dlogits.sum(1)
+            weight = weight - learner.step_lr(self.meta_params, "head.weight", step, lr) * torch.bmm(dlogits.transpose(1, 2), features)
+            bias = bias - learner.step_lr(self.meta_params, "head.bias", step, lr) * dlogits.sum(1)
         after = -(torch.log_softmax(self.head(weight, bias, features), -1) * onehot).sum(-1).mean(-1)
         before = losses[0] if losses else after
         # BatchNorm records (mean, var) of shape [1, C, 1, 1] per request: stacked [R, 1, C, 1, 1].
@@ -175,6 +180,7 @@ def supports_full(learner) -> bool:
         cfg.algorithm in ("maml", "fomaml", "reptile")
         and cfg.task_type == "classification"
         and not cfg.learn_step_lrs
+        and cfg.head_init == "learned"
         and _blocks(learner.model) is not None
         and set(learner.adapt_names) == names
     )

@@ -124,14 +124,16 @@ def test_maml_several_steps_matches_finite_differences(strategy):
     params = {n: p.detach() for n, p in model.named_parameters()}
     theta = flat(params)
     got = flat({n: learner.meta_gradient(batch, strategy=strategy).grads["model." + n] for n in params})
+    assert_matches_finite_differences(got, theta, lambda v: _reference_query_loss(model, v, params, batch, alpha, steps))
+
+
+def assert_matches_finite_differences(gradient, theta, loss_at, directions=5, eps=1e-6, atol=1e-8):
+    """``gradient . d`` equals the central difference of ``loss_at`` along random directions ``d``."""
     g = torch.Generator().manual_seed(0)
-    eps = 1e-6
-    for _ in range(5):
+    for _ in range(directions):
         direction = torch.randn(theta.shape, generator=g, dtype=theta.dtype)
-        plus = _reference_query_loss(model, theta + eps * direction, params, batch, alpha, steps)
-        minus = _reference_query_loss(model, theta - eps * direction, params, batch, alpha, steps)
-        numeric = (plus - minus) / (2 * eps)
-        assert torch.isclose(got @ direction, numeric, rtol=1e-6, atol=1e-8), (got @ direction, numeric)
+        numeric = (loss_at(theta + eps * direction) - loss_at(theta - eps * direction)) / (2 * eps)
+        assert torch.isclose(gradient @ direction, numeric, rtol=1e-6, atol=atol), (gradient @ direction, numeric)
 
 
 def test_metasgd_learning_rate_gradient_matches_finite_differences():

@@ -12,28 +12,43 @@ from service import fastpath
 from test_first_block import omniglot_like
 
 
-def learner(algorithm: str, size: int = 28, channels: int = 8) -> MetaLearner:
+def learner(algorithm: str, size: int = 28, channels: int = 8, **config) -> MetaLearner:
     torch.manual_seed(0)
     model = Conv4(out_features=5, channels=channels, image_size=size)
     with torch.no_grad():  # negative BatchNorm scales flip max-pool into min-pool: cover them
         model.body[1].weight[::3] *= -1
         model.body[5].weight[1::4] *= -1
-    return MetaLearner(model, MetaConfig(algorithm, inner_steps=4, inner_lr=0.4))
+    meta = MetaLearner(model, MetaConfig(algorithm, inner_steps=4, inner_lr=0.4, **config))
+    if config.get("learn_step_lrs"):
+        with torch.no_grad():  # distinct learned rates per step and per tensor
+            for i, rates in enumerate(meta.lrs.values()):
+                rates.copy_(torch.linspace(0.5, 0.1, rates.shape[0]) * (1 + i))
+    return meta
 
 
-@pytest.mark.parametrize("algorithm, size", [("maml", 28), ("anil", 28), ("maml", 27)])  # 27: odd size, grouped-conv first block
-def test_fast_kernels_equal_generic_adaptation(algorithm, size):
-    meta = learner(algorithm, size)
+@pytest.mark.parametrize(
+    "algorithm, size, config",
+    [
+        ("maml", 28, {}),
+        ("anil", 28, {}),
+        ("anil", 28, {"learn_step_lrs": True}),
+        ("anil", 28, {"learn_step_lrs": True, "head_init": "prototypes"}),  # the ready Omniglot configs' kind
+        ("maml", 27, {}),  # 27: odd size, grouped-conv first block
+    ],
+)
+def test_fast_kernels_equal_generic_adaptation(algorithm, size, config):
+    meta = learner(algorithm, size, **config)
     kernel = fastpath.fast_kernel(meta)
     assert isinstance(kernel, fastpath.FastAnil if algorithm == "anil" else fastpath.FastFull)
     R = 3
     support_x, query_x = omniglot_like(R, 5, size, seed=1), omniglot_like(R, 7, size, seed=2)
     support_y = torch.arange(5).expand(R, 5).clone()
-    batched = kernel.adapt(support_x, support_y, 4, 0.4)
+    lr = None if config.get("learn_step_lrs") else 0.4  # None: the learned per-step rates
+    batched = kernel.adapt(support_x, support_y, 4, lr)
     queries = kernel.predict(batched, query_x)
     transductive = kernel.predict(batched, query_x, transductive=True)
     for r in range(R):
-        single = adapt(meta, support_x[r], support_y[r], steps=4, lr=0.4)
+        single = adapt(meta, support_x[r], support_y[r], steps=4, lr=lr)
         for name, value in single.params.items():
             torch.testing.assert_close(batched.params[name][r], value, rtol=1e-4, atol=1e-5)
         for name, (mean, var) in single.norm_stats.items():
