@@ -262,8 +262,9 @@ class MetaLearner(nn.Module):
         return self.start_from_features(params, self._support_features(params, buffers, support_x), support_y)
 
     def _support_features(self, params: Params, buffers: Params, support_x: torch.Tensor) -> torch.Tensor | None:
-        """Body features of the support set when something needs them (ANIL's head-only loop, prototypes)."""
-        if self._head_only or self.config.head_init == "prototypes":
+        """Body features of the support set when something needs them (ANIL's head-only loop, prototypes,
+        the Task-Adaptive encoder's embedding), computed once for all of them."""
+        if self._head_only or self.config.head_init == "prototypes" or self.config.algorithm == "tamaml":
             return self.body_features(params, buffers, support_x)
         return None
 
@@ -283,10 +284,10 @@ class MetaLearner(nn.Module):
             fast[head + ".bias"] = -(prototypes * prototypes).sum(-1)
         return fast
 
-    def _lr_scales(self, meta_params: Params, params: Params, buffers: Params, support_x: torch.Tensor):
+    def _lr_scales(self, meta_params: Params, features: torch.Tensor | None):
         if self.config.algorithm != "tamaml":
             return None
-        embedding = self.body_features(params, buffers, support_x).mean(0).detach()
+        embedding = features.mean(0).detach()
         encoder = {n[len("task_encoder.") :]: p for n, p in meta_params.items() if n.startswith("task_encoder.")}
         return 2.0 * torch.sigmoid(functional_call(self.task_encoder, encoder, (embedding,)))
 
@@ -327,7 +328,7 @@ class MetaLearner(nn.Module):
         params = self.model_params(meta_params)
         features = self._support_features(params, buffers, support_x)
         forward = self._task_forward(params, buffers, support_x, features)
-        scales = self._lr_scales(meta_params, params, buffers, support_x)
+        scales = self._lr_scales(meta_params, features)
         differentiate = autograd_differentiate if use_autograd else _func_differentiate
         names = list(self.adapt_names)
 

@@ -68,6 +68,13 @@ def _blocks(model: nn.Module):
     return blocks
 
 
+def _inputs(blocks, x: torch.Tensor) -> torch.Tensor | WindowColumns:
+    """What the kernels' forward passes take for images ``x`` [R, N, C, H, W]: their window columns when
+    the first block fuses (so an inner loop computes them once), else ``x``."""
+    conv = blocks[0][0]
+    return window_columns(x, conv) if fuses(conv, x.shape[-2], x.shape[-1]) else x
+
+
 def _first_block(columns: WindowColumns, P: dict, conv: nn.Conv2d, conv_name: str, bn: BatchNorm, bn_name: str, stats: dict | None, record: bool, recorded: dict, channels_last: bool = False) -> torch.Tensor:
     """The first block for R requests, fused (metalearn/first_block.py): the window columns of
     ``x`` [R, N, C, H, W] -> [R, C', N, H/2, W/2] (or [R, N, H/2, W/2, C'] with ``channels_last``).
@@ -103,8 +110,8 @@ class FastAnil:
     def __init__(self, learner):
         self.learner = learner
         self.blocks = _blocks(learner.model)
-        self.params = {n: p.detach() for n, p in learner.model.named_parameters()}
         self.meta_params = learner.meta_params()  # with the learned per-step learning rates, if any
+        self.params = learner.model_params(self.meta_params)
 
     @torch.no_grad()
     def body(self, x: torch.Tensor, stats: dict | None = None, record: bool = False):
@@ -112,9 +119,10 @@ class FastAnil:
         R, N = x.shape[:2]
         recorded = {}
         blocks = self.blocks
-        if fuses(blocks[0][0], x.shape[-2], x.shape[-1]):
+        x = _inputs(blocks, x)
+        if isinstance(x, WindowColumns):
             # Shared weights broadcast over the request dimension.
-            h = _first_block(window_columns(x, blocks[0][0]), self.params, *blocks[0], stats, record, recorded)  # [R, C, N, H, W]
+            h = _first_block(x, self.params, *blocks[0], stats, record, recorded)  # [R, C, N, H, W]
             h = h.transpose(1, 2).flatten(0, 1)
             blocks = blocks[1:]
         else:
@@ -230,12 +238,6 @@ class FastFull:
         self.names = list(learner.adapt_names)
         self.params = {n: p.detach() for n, p in learner.model.named_parameters()}
 
-    def inputs(self, x: torch.Tensor) -> torch.Tensor | WindowColumns:
-        """What :meth:`forward` takes for images ``x`` [R, N, C, H, W]: their window columns when the
-        first block fuses (computed once for all inner steps), else ``x``."""
-        conv = self.blocks[0][0]
-        return window_columns(x, conv) if fuses(conv, x.shape[-2], x.shape[-1]) else x
-
     def forward(self, P: dict, x: torch.Tensor | WindowColumns, stats: dict | None = None, record: bool = False):
         recorded = {}
         blocks = self.blocks
@@ -273,7 +275,7 @@ class FastFull:
         lr = self.learner.config.inner_lr if lr is None else lr
         R = support_x.shape[0]
         fast = {n: _per_request(self.params[n], R) for n in self.names}
-        support = self.inputs(support_x)
+        support = _inputs(self.blocks, support_x)
         losses = []
         for _ in range(steps):
             with torch.enable_grad():
@@ -292,7 +294,7 @@ class FastFull:
     @torch.no_grad()
     def predict(self, adaptation: Adaptation, query_x: torch.Tensor, transductive: bool = False) -> torch.Tensor:
         P = {**{n: p.expand(query_x.shape[0], *p.shape) for n, p in self.params.items()}, **adaptation.params}
-        return self.forward(P, self.inputs(query_x), stats=None if transductive else adaptation.norm_stats)[0]
+        return self.forward(P, _inputs(self.blocks, query_x), stats=None if transductive else adaptation.norm_stats)[0]
 
 
 def fast_kernel(learner):
