@@ -102,6 +102,7 @@ class TrainConfig:
     # Data (image tasks)
     rotations: bool = False
     rotate_heldout: bool = True
+    max_shift: int = 0  # train-split augmentation: random translation of each image by up to this many pixels
     split_by: str = "character"
     val_fraction: float = 0.2
     test_fraction: float = 0.0
@@ -334,6 +335,7 @@ def load_source(config: TrainConfig):
         queries=config.queries,
         rotations=config.rotations,
         rotate_heldout=config.rotate_heldout,
+        max_shift=config.max_shift,
         split_by=config.split_by,
         val_fraction=config.val_fraction,
         test_fraction=config.test_fraction,

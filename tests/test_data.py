@@ -23,6 +23,7 @@ from metalearn.data import (
     load_task_source,
     preprocess_images,
 )
+from metalearn.data.images import random_shift
 
 OMNIGLOT_DIR = Path(__file__).resolve().parents[1] / "metalearn" / "data" / "omniglot"
 
@@ -263,6 +264,38 @@ def test_rotate_heldout_option(omniglot):
     src = omniglot.with_config(rotations=True, rotate_heldout=False)
     assert src.split("train").num_classes == 4 * len(base_names(src.split("train")))
     assert src.split("val").num_classes == len(base_names(src.split("val")))
+
+
+def test_random_shift_matches_padded_crop():
+    x = torch.rand(6, 2, 5, 7)
+    out = random_shift(x, 2, gen(3))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
+    offsets = set()
+    for b in range(len(x)):
+        # Exactly one crop of the padded (random, so nowhere flat) image reproduces each output image.
+        crops = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(out[b], padded[b, :, dy:dy + 5, dx:dx + 7])]
+        assert len(crops) == 1
+        offsets.update(crops)
+    assert len(offsets) > 1  # each image gets its own offset
+    assert torch.equal(random_shift(x, 2, gen(3)), out)  # seeded
+    assert torch.equal(random_shift(x, 0, gen(3)), x)
+
+
+def test_max_shift_augments_train_split_only(omniglot):
+    src = omniglot.with_config(max_shift=2)
+    plain = omniglot.split("train").sample(3, gen(1), ways=5, shots=1, queries=2)
+    shifted = src.split("train").sample(3, gen(1), ways=5, shots=1, queries=2)
+    assert not torch.equal(plain.support_x, shifted.support_x)
+    assert torch.equal(plain.support_y, shifted.support_y)
+    # Same pixels moved, nothing invented: the ink per image is nearly unchanged
+    # (only strokes within 2 px of the border can leave or be replicated).
+    assert torch.allclose(plain.support_x.sum((-1, -2)), shifted.support_x.sum((-1, -2)), rtol=0.1, atol=1.0)
+    assert_batches_equal(
+        omniglot.split("val").sample(3, gen(1), ways=5, shots=1, queries=2),
+        src.split("val").sample(3, gen(1), ways=5, shots=1, queries=2),
+    )
+    with pytest.raises(ValueError, match="max_shift"):
+        ImageTaskConfig(max_shift=-1)
 
 
 def test_split_config_errors():

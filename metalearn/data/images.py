@@ -57,6 +57,7 @@ class ImageTaskConfig:
     queries: int = 15
     rotations: bool = False
     rotate_heldout: bool = True
+    max_shift: int = 0
     split_by: str = "character"
     val_fraction: float = 0.2
     test_fraction: float = 0.0
@@ -75,6 +76,8 @@ class ImageTaskConfig:
                 f"got {self.val_fraction} + {self.test_fraction}"
             )
         _check_task_shape(self.ways, self.shots, self.queries)
+        if self.max_shift < 0:
+            raise ValueError(f"max_shift must be >= 0, got {self.max_shift}")
 
 
 def _check_task_shape(ways: int, shots: int, queries: int) -> None:
@@ -339,7 +342,10 @@ class ImageTasks:
             index = index + (rot * len(self._store.images))[..., None]
         else:
             images = self._store.images
-        x = _as_float(images[index.reshape(-1)]).reshape(t, w, n, *self.input_shape)
+        x = _as_float(images[index.reshape(-1)])
+        if self.config.max_shift and self.split_name == "train":
+            x = random_shift(x, self.config.max_shift, generator)
+        x = x.reshape(t, w, n, *self.input_shape)
 
         labels = torch.arange(w)
         support_y = labels.repeat_interleave(k).expand(t, -1).contiguous()
@@ -407,6 +413,26 @@ def _sample_distinct(counts: Tensor, n: int, generator: torch.Generator | None) 
         out[:, j] = torch.where(taken, hi, r)
     order = torch.rand(c.numel(), n, generator=generator).argsort(dim=1)
     return out.gather(1, order).view(*counts.shape, n)
+
+
+def random_shift(images: Tensor, max_shift: int, generator: torch.Generator | None = None) -> Tensor:
+    """Translate each image of ``[B, ..., H, W]`` by its own random offset in ``[-max_shift, max_shift]``.
+
+    One gather from the edge-replicated padded batch: output pixel (i, j) of
+    image b is padded pixel (i + dy_b, j + dx_b) with dy_b, dx_b in ``[0, 2*max_shift]``.
+    """
+    if images.dim() < 3:
+        raise ValueError(f"random_shift needs images [B, ..., H, W], got shape {tuple(images.shape)}")
+    b, h, w = images.shape[0], images.shape[-2], images.shape[-1]
+    s = max_shift
+    flat = images.reshape(b, -1, h, w)
+    padded = torch.nn.functional.pad(flat, (s, s, s, s), mode="replicate")
+    dy, dx = torch.randint(0, 2 * s + 1, (2, b, 1), generator=generator)
+    rows = (dy + torch.arange(h))[:, None, :, None]  # [B, 1, H, 1]
+    cols = (dx + torch.arange(w))[:, None, None, :]  # [B, 1, 1, W]
+    batch = torch.arange(b)[:, None, None, None]
+    channel = torch.arange(flat.shape[1])[None, :, None, None]
+    return padded[batch, channel, rows, cols].reshape(images.shape)
 
 
 def _as_float(x: Tensor) -> Tensor:

@@ -64,7 +64,7 @@ def load_task_source(task: PathLike | Sequence[PathLike], **options: Any) -> Sin
     - sinusoid: fields of :class:`SinusoidConfig` (``shots``, ``queries``,
       ``amplitude_range``, ...); ``ways`` is accepted and ignored.
     - images/npz: fields of :class:`ImageTaskConfig` (``ways``, ``shots``,
-      ``queries``, ``rotations``, ``rotate_heldout``, ``split_by``,
+      ``queries``, ``rotations``, ``rotate_heldout``, ``max_shift``, ``split_by``,
       ``val_fraction``, ``test_fraction``, ``split_seed``); for folders/zips
       (and omniglot) also ``image_size`` (28), ``invert`` (True), ``resample``
       ("lanczos"), and for folders/zips ``layout`` ("auto"|"grouped"|"flat").
