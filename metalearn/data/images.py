@@ -201,6 +201,7 @@ class ImageTasks:
         base = splits[split]
         rotate = config.rotations and (split in ("train", "all") or config.rotate_heldout)
         self._rotates = rotate
+        self._shift = config.max_shift if split == "train" else 0  # augmentation: training tasks only
         if rotate:
             _check_rotatable(self.input_shape, name)
             store.rotated_images()  # build now, not inside the first training step
@@ -343,8 +344,8 @@ class ImageTasks:
         else:
             images = self._store.images
         x = _as_float(images[index.reshape(-1)])
-        if self.config.max_shift and self.split_name == "train":
-            x = random_shift(x, self.config.max_shift, generator)
+        if self._shift:
+            x = random_shift(x, self._shift, generator)
         x = x.reshape(t, w, n, *self.input_shape)
 
         labels = torch.arange(w)
