@@ -212,7 +212,8 @@ def main() -> None:
     print("-" * len(header))
     for workload in args.workloads.split(","):
         w = WORKLOADS[workload]
-        steps = 20 if w["kind"] == "mlp" else 2
+        # Conv steps take seconds on the CPU, milliseconds on a GPU (where 2 would time launch jitter).
+        steps = 20 if w["kind"] == "mlp" or args.device.startswith("cuda") else 2
         for order in args.orders.split(","):
             impls = ["textbook"] + args.strategies.split(",")
             results: dict[str, list[dict]] = {impl: [] for impl in impls}

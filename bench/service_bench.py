@@ -3,6 +3,7 @@
     python bench/service_bench.py                    # full: MAML + ANIL, stateless + session, c = 1 8 16 32
     python bench/service_bench.py --quick            # shorter levels
     python bench/service_bench.py --models anil --concurrency 1,16 --duration 4
+    python bench/service_bench.py --device cuda --concurrency 1,8,32,64 --reps 1   # on a GPU machine
 
 Workload: 5-way 1-shot Omniglot requests (the bundled Omniglot sample; random
 images if it cannot be loaded), Conv4-64, 10 inner steps, 5 query images,
@@ -48,7 +49,7 @@ WAYS, SHOTS, QUERIES, STEPS, LR = 5, 1, 5, 10, 0.4
 # ---------------------------------------------------------------------------
 # The baseline server: one request at a time, textbook inner loop
 # ---------------------------------------------------------------------------
-def baseline_app(model_dir: str):
+def baseline_app(model_dir: str, device: str = "cpu"):
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -57,13 +58,13 @@ def baseline_app(model_dir: str):
 
     from metalearn.checkpoint import load_checkpoint
 
-    models = {p.stem: load_checkpoint(p).learner for p in Path(model_dir).glob("*.safetensors")}
+    models = {p.stem: load_checkpoint(p).learner.to(device) for p in Path(model_dir).glob("*.safetensors")}
     sessions: dict[str, dict] = {}
     app = FastAPI()
 
     def tensor(spec):
         array = np.frombuffer(base64.b64decode(spec["base64"]), dtype=spec["dtype"]).reshape(spec["shape"])
-        return torch.from_numpy(array.copy())
+        return torch.from_numpy(array.copy()).to(device)
 
     def adapt(learner, sx, sy, steps, lr):
         params = {n: p.detach() for n, p in learner.model.named_parameters()}
@@ -157,16 +158,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(kind: str, model_dir: Path, threads: int, log_dir: Path, max_batch: int, workers: int = 0):
+def start_server(kind: str, model_dir: Path, threads: int, log_dir: Path, max_batch: int, workers: int = 0, device: str = "cpu"):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("METALEARN_")}
-    env.update(OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    # ROOT first; an inherited PYTHONPATH stays (a GPU image may carry the service's packages there)
+    env.update(OMP_NUM_THREADS=str(threads), PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     if kind == "service":
-        env.update(METALEARN_MODEL_DIR=str(model_dir), METALEARN_THREADS=str(threads), METALEARN_DEVICE="cpu",
+        env.update(METALEARN_MODEL_DIR=str(model_dir), METALEARN_THREADS=str(threads), METALEARN_DEVICE=device,
                    METALEARN_MAX_BATCH_SIZE=str(max_batch), METALEARN_QUEUE_SIZE="1024", METALEARN_WORKERS=str(workers))
         command = [sys.executable, "-m", "uvicorn", "service.app:app"]
     else:
-        command = [sys.executable, str(Path(__file__).resolve()), "--baseline-server", str(model_dir), "--threads", str(threads)]
+        command = [sys.executable, str(Path(__file__).resolve()), "--baseline-server", str(model_dir), "--threads", str(threads), "--device", device]
     command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"] if kind == "service" else ["--port", str(port)]
     log = open(log_dir / f"{kind}.log", "wb")
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -318,18 +320,23 @@ def request_flops(model_dir: Path, batch) -> dict:
     return out
 
 
-def matmul_gflops(threads: int, seconds: float = 2.0) -> float:
+def matmul_gflops(threads: int, seconds: float = 2.0, device: str = "cpu") -> float:
+    """float32 ``torch.mm`` rate: 1024^3 on the CPU (the servers' thread count), 8192^3 on a GPU."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    size = 8192 if device.startswith("cuda") else 1024
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for _ in range(3):
         a @ b
+    sync()
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
         count += 1
-    return 2 * 1024**3 * count / (time.perf_counter() - start) / 1e9
+        sync()
+    return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
 
 
 # ---------------------------------------------------------------------------
@@ -347,6 +354,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 s levels")
     parser.add_argument("--servers", default="service,baseline")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where both servers (and the matmul reference) run")
     parser.add_argument("--baseline-server", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -356,7 +364,7 @@ def main() -> None:
         import uvicorn
 
         torch.set_num_threads(args.threads)
-        uvicorn.run(baseline_app(args.baseline_server), host="127.0.0.1", port=args.port, log_level="warning")
+        uvicorn.run(baseline_app(args.baseline_server, args.device), host="127.0.0.1", port=args.port, log_level="warning")
         return
 
     if args.quick:
@@ -370,9 +378,13 @@ def main() -> None:
     batch, origin = make_tasks(max(levels) * 2)
     print(f"# {WAYS}-way {SHOTS}-shot, {QUERIES} queries, Conv4-64, {STEPS} inner steps; tasks: {origin}")
     print(f"# cores: {os.cpu_count()}, server torch threads: {args.threads}, load average: {os.getloadavg()}")
-    mm = matmul_gflops(args.threads)
+    if args.device.startswith("cuda"):
+        import torch
+
+        print(f"# device: {torch.cuda.get_device_name()} (torch {torch.__version__}); TF32 as each server's defaults leave it")
+    mm = matmul_gflops(args.threads, device=args.device)
     flops = request_flops(model_dir, batch)
-    print(f"# torch.mm 1024^3 ({args.threads} threads): {mm:.1f} GFLOP/s")
+    print(f"# torch.mm float32 on {args.device} ({args.threads} threads): {mm:.1f} GFLOP/s")
     for name, f in flops.items():
         print(f"# FLOPs per request ({name}): adapt+predict {f['stateless'] / 1e9:.3f} GFLOP, session predict {f['session'] / 1e9:.4f} GFLOP")
 
@@ -381,7 +393,7 @@ def main() -> None:
     processes, ports = [], {}
     try:
         for server in servers:
-            process, ports[server] = start_server(server, model_dir, args.threads, work, args.max_batch, args.workers)
+            process, ports[server] = start_server(server, model_dir, args.threads, work, args.max_batch, args.workers, args.device)
             processes.append(process)
         results = []
         for model in models:

@@ -33,7 +33,7 @@ if [[ "${1:-}" == "--prepare-wheels" ]]; then
     # Pure-Python (or manylinux) wheels of what the service needs beyond torch/numpy.
     mkdir -p "$WHEELS_DIR"
     grep -qx "/$WHEELS_DIR/" .git/info/exclude 2>/dev/null || echo "/$WHEELS_DIR/" >> .git/info/exclude
-    exec "$PY" -m pip download --no-deps --only-binary=:all: --python-version "$PY_TAG" --implementation cp \
+    exec "$PY" -m pip download --only-binary=:all: --python-version "$PY_TAG" --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d "$WHEELS_DIR" fastapi starlette uvicorn pydantic pydantic-core pydantic-settings python-dotenv \
         annotated-types typing-inspection typing-extensions redis python-multipart
@@ -127,7 +127,7 @@ mapfile -t CUDA_TESTS < <(grep -l "mark.cuda" tests/test_*.py 2>/dev/null)
 if ((${#CUDA_TESTS[@]} == 0)); then
     fail_step cuda-tests "no test file has tests marked cuda"
 else
-    step cuda-tests 200 "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider --junitxml="$OUTDIR/cuda-tests.xml" "${CUDA_TESTS[@]}"
+    step cuda-tests 180 "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider --junitxml="$OUTDIR/cuda-tests.xml" "${CUDA_TESTS[@]}"
 fi
 
 # 3. the trainer on the GPU: a short Omniglot MAML run
@@ -143,7 +143,7 @@ if [[ ! -f bench/meta_step.py ]]; then
 elif ! supports bench/meta_step.py --device; then
     fail_step meta-step "bench/meta_step.py has no --device flag: it cannot run on the GPU"
 else
-    step meta-step 120 "$PY" bench/meta_step.py --device cuda --workloads W1,W2,W3 --orders second --reps 1
+    step meta-step 150 "$PY" bench/meta_step.py --device cuda --workloads W1,W2,W3 --orders second --reps 1 --strategies auto,chunked:8
 fi
 
 # 5. the service benchmark on the GPU (adaptations/s up to concurrency 64)
@@ -152,7 +152,7 @@ if [[ ! -f bench/service_bench.py ]]; then
 else
     export METALEARN_DEVICE=cuda # the service follows it even where the bench has no --device flag
     args=(--models "maml,anil" --modes "stateless,session" --concurrency "1,8,32,64" --duration 3 --warmup 1
-          --threads 4 --max-batch 64 --json "$OUTDIR/service_bench.json")
+          --reps 1 --threads 4 --max-batch 64 --json "$OUTDIR/service_bench.json")
     if supports bench/service_bench.py --device; then
         args=(--device cuda "${args[@]}")
     else
