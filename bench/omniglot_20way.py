@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=400)
     parser.add_argument("--eval-steps", type=lambda text: [int(v) for v in text.split(",")], default=[10, 25],
                         help="comma-separated inner steps to evaluate with (default 10,25)")
+    parser.add_argument("--support-shift", type=int,
+                        help="shifted support views at test time (default: what each checkpoint records)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int)
@@ -68,12 +70,14 @@ def main() -> None:
     for name in (BEST, LAST):
         checkpoint = load_checkpoint(out / name, device=trainer.device)
         state = checkpoint.manifest.get("state", {})
+        shift = args.support_shift if args.support_shift is not None else int(checkpoint.manifest["inner"].get("support_shift", 0))
         for steps in args.eval_steps:
             result = evaluate(checkpoint.learner, trainer.val_source, episodes=args.episodes, ways=20, shots=1,
-                              queries=1, inner_steps=steps, within_group=True)
-            results["evaluations"][f"{name} {steps} steps"] = {**result.to_dict(), "iteration": state.get("iteration")}
+                              queries=1, inner_steps=steps, within_group=True, support_shift=shift)
+            results["evaluations"][f"{name} {steps} steps" + (f" shift {shift}" if shift else "")] = {**result.to_dict(), "iteration": state.get("iteration")}
+            views = f", support shifted by {shift} px" if shift else ""
             print(f"{name} (iteration {state.get('iteration')}): held-out {', '.join(trainer.val_source.groups)} "
-                  f"20-way 1-shot within alphabet, {steps} steps: {100 * result.mean:.2f}% "
+                  f"20-way 1-shot within alphabet, {steps} steps{views}: {100 * result.mean:.2f}% "
                   f"+- {100 * result.ci95:.2f}% ({result.episodes} trials)", flush=True)
     (out / "bench.json").write_text(json.dumps(results, indent=2))
 

@@ -16,6 +16,12 @@ statistics recorded on the support set with the adapted parameters, so a
 query's prediction does not depend on which other queries come with it.
 ``transductive=True`` uses the statistics of the query batch, as MAML's own
 evaluation does.
+
+Image models may augment the support set at test time: with
+``support_shift=s`` every support image also enters shifted by ``s`` pixels
+down, up, right and left (edge-replicated), so a 1-shot class is adapted to
+from five views of its example (on held-out Omniglot 20-way 1-shot, +0.8
+points for the best config with ``s=2``; see the README).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import vmap
 
+from metalearn.data.images import SHIFTED_VIEWS, shifted_views
 from metalearn.learner import MetaLearner, Params
 from metalearn.models import has_batchnorm, norm_statistics
 
@@ -80,6 +87,21 @@ def _resolve(learner: MetaLearner, steps: int | None) -> int:
     return steps
 
 
+def augment_support(
+    support_x: torch.Tensor, support_y: torch.Tensor, support_shift: int, stacked: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The support set ``[S, *input]`` (``[R, S, *input]`` if ``stacked``) with ``support_shift``-pixel
+    shifted views of every image added (``metalearn.data.images.shifted_views``), labels repeated."""
+    if not support_shift:
+        return support_x, support_y
+    dim = 1 if stacked else 0
+    if support_x.dim() < dim + 3:
+        raise ValueError(f"support_shift needs image inputs [..., H, W]; got support_x of shape {tuple(support_x.shape)}")
+    repeats = [1] * support_y.dim()
+    repeats[dim] = SHIFTED_VIEWS
+    return shifted_views(support_x, support_shift, dim), support_y.repeat(*repeats)
+
+
 @torch.no_grad()
 def adapt(
     learner: MetaLearner,
@@ -87,13 +109,16 @@ def adapt(
     support_y: torch.Tensor,
     steps: int | None = None,
     lr: float | None = None,
+    support_shift: int = 0,
 ) -> Adaptation:
     """Adapt to one support set. ``steps``/``lr`` override the trained defaults.
 
     ``lr`` replaces the base (or learned) inner learning rate; Task-Adaptive
-    scales still apply on top of it.
+    scales still apply on top of it. ``support_shift`` > 0 adds shifted views
+    of every support image (:func:`augment_support`).
     """
     steps = _resolve(learner, steps)
+    support_x, support_y = augment_support(support_x, support_y, support_shift)
     adapted, stats, before, after = _adapt_one(
         learner, steps, lr, learner.meta_params(), learner.buffers_dict(), support_x, support_y
     )
@@ -107,9 +132,11 @@ def adapt_many(
     support_y: torch.Tensor,
     steps: int | None = None,
     lr: float | None = None,
+    support_shift: int = 0,
 ) -> Adaptation:
     """``adapt`` for a stack of independent support sets ``[R, S, ...]``, as one vmapped computation."""
     steps = _resolve(learner, steps)
+    support_x, support_y = augment_support(support_x, support_y, support_shift, stacked=True)
 
     def one(meta_params, buffers, x, y):
         return _adapt_one(learner, steps, lr, meta_params, buffers, x, y)

@@ -103,6 +103,7 @@ def build_manifest(
     metrics: dict | None = None,
     inner_steps: int | None = None,
     inner_lr: float | None = None,
+    support_shift: int = 0,
 ) -> dict:
     spec = getattr(learner.model, "spec", None)
     if spec is None:
@@ -120,6 +121,7 @@ def build_manifest(
         "inner": {
             "steps": int(inner_steps if inner_steps is not None else config.inner_steps),
             "lr": float(inner_lr if inner_lr is not None else config.inner_lr),
+            "support_shift": int(support_shift),  # test-time support augmentation (adapt(..., support_shift))
         },
         "preprocessing": preprocessing,
         "training": training or {},

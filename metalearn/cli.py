@@ -87,7 +87,7 @@ def _setting(text: str) -> tuple[str, Any]:
 _TRAIN_FIELDS = (
     "task", "algorithm", "ways", "shots", "queries", "meta_batch", "inner_steps", "inner_lr", "meta_lr",
     "iterations", "seed", "device", "out", "threads", "time_budget", "val_interval", "val_episodes",
-    "eval_inner_steps", "head_init",
+    "eval_inner_steps", "eval_support_shift", "head_init",
 )
 
 
@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--val-interval", type=_positive_int)
     train.add_argument("--val-episodes", type=_positive_int)
     train.add_argument("--eval-inner-steps", type=_non_negative_int, help="inner steps at test time")
+    train.add_argument("--eval-support-shift", type=_non_negative_int,
+                       help="images: at test time also adapt on the support shifted by this many pixels (4 extra views)")
     train.add_argument("--head-init", choices=HEAD_INITS,
                        help="where the inner loop starts the head: the learned weights, or the support set's class means (Proto-MAML)")
     train.add_argument("--channels", type=_positive_int, help="Conv4 width (default 64)")
@@ -139,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--queries", type=_positive_int)
     evaluate.add_argument("--inner-steps", type=_non_negative_int)
     evaluate.add_argument("--inner-lr", type=_positive_float)
+    evaluate.add_argument("--support-shift", type=_non_negative_int,
+                          help="shifted support views at test time (default: the checkpoint's; 0 turns them off)")
     evaluate.add_argument("--episodes", type=_positive_int, default=400)
     evaluate.add_argument("--seed", type=int)
     group = evaluate.add_mutually_exclusive_group()
@@ -272,8 +276,13 @@ def eval_settings(manifest: dict, args: argparse.Namespace) -> tuple[Any, dict]:
         inner_steps=args.inner_steps if args.inner_steps is not None else inner.get("steps"),
         inner_lr=args.inner_lr if args.inner_lr is not None else config.eval_inner_lr,
         transductive=args.transductive,
+        support_shift=args.support_shift if args.support_shift is not None else int(inner.get("support_shift", 0)),
         seed=args.seed if args.seed is not None else EVAL_SEED,
     )
+    shape = list(source.input_shape)
+    if kwargs["support_shift"] and (len(shape) < 2 or kwargs["support_shift"] >= min(shape[-2:])):
+        raise UsageError(f"metalearn eval: a support shift of {kwargs['support_shift']} px needs image inputs "
+                         f"larger than that; the task's inputs have shape {shape}")
     if classification:
         kwargs["ways"] = ways
         within = config.val_within_group if args.within_group is None else args.within_group

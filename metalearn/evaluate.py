@@ -50,6 +50,7 @@ class EvalResult:
     transductive: bool
     seed: int
     seconds: float
+    support_shift: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,9 +58,10 @@ class EvalResult:
     def describe(self) -> str:
         shape = f"{self.ways}-way {self.shots}-shot" if self.ways else f"K={self.shots}"
         where = ", within one group" if self.within_group else ""
+        views = f", support shifted by {self.support_shift} px" if self.support_shift else ""
         return (
             f"{self.metric} {self.mean:.4f} +- {self.ci95:.4f} (95% CI, {self.episodes} episodes, {shape}"
-            f"{where}, {self.inner_steps} inner steps)"
+            f"{where}, {self.inner_steps} inner steps{views})"
         )
 
 
@@ -103,14 +105,16 @@ def evaluate(
     inner_lr: float | None = None,
     within_group: bool = False,
     transductive: bool = False,
+    support_shift: int = 0,
     seed: int = EVAL_SEED,
     chunk: int | None = None,
 ) -> EvalResult:
     """Adapt to ``episodes`` held-out tasks of ``source`` and score the queries.
 
     ``inner_steps``/``inner_lr`` default to the learner's training values
-    (``inner_lr=None`` keeps learned learning rates). Per-task scores are
-    averaged; ``ci95`` is 1.96 standard errors.
+    (``inner_lr=None`` keeps learned learning rates); ``support_shift`` adds
+    shifted views of the support images (``metalearn.adaptation.augment_support``).
+    Per-task scores are averaged; ``ci95`` is 1.96 standard errors.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
@@ -128,7 +132,9 @@ def evaluate(
     try:
         for batch in _chunks(source, episodes, seed, chunk, **kwargs):
             batch = batch.to(device)
-            adaptation = adapt_many(learner, batch.support_x, batch.support_y, steps=steps, lr=inner_lr)
+            adaptation = adapt_many(
+                learner, batch.support_x, batch.support_y, steps=steps, lr=inner_lr, support_shift=support_shift
+            )
             outputs = predict_many(learner, adaptation, batch.query_x, transductive=transductive)
             if classification:
                 scores.append((outputs.argmax(-1) == batch.query_y).float().mean(-1).cpu())
@@ -154,6 +160,7 @@ def evaluate(
         transductive=transductive,
         seed=seed,
         seconds=time.perf_counter() - started,
+        support_shift=support_shift,
     )
 
 

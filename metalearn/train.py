@@ -117,6 +117,7 @@ class TrainConfig:
     val_within_group: bool = True  # classification: all classes of a task from one group
     eval_inner_steps: int | None = None  # inner steps at test time (default: inner_steps)
     eval_inner_lr: float | None = None  # inner lr at test time (default: trained/learned lr)
+    eval_support_shift: int = 0  # images: adapt at test time also on the support shifted by this many pixels
     transductive: bool = False  # BatchNorm statistics of the query batch at validation
     # Bookkeeping
     save_interval: int = 100
@@ -147,6 +148,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.queries < 1:
             raise ValueError(f"queries must be >= 1, got {self.queries}")
+        if int(self.eval_support_shift) < 0:
+            raise ValueError(f"eval_support_shift must be >= 0, got {self.eval_support_shift}")
         if not (self.meta_lr > 0 and math.isfinite(self.meta_lr)):
             raise ValueError(f"meta_lr must be a positive number, got {self.meta_lr}")
         if self.optimizer not in ("adam", "sgd"):
@@ -473,6 +476,8 @@ class Trainer:
         source = load_source(config)
         self.source = source
         self.task_type = source.task_type
+        if config.eval_support_shift and len(source.input_shape) < 2:
+            raise ValueError(f"eval_support_shift needs image inputs [..., H, W]; task {config.task!r} has inputs of shape {list(source.input_shape)}")
         self.train_source = source.split("train")
         self.val_source = self._validation_source(source)
         self.val_kwargs = self._validation_kwargs()
@@ -524,6 +529,7 @@ class Trainer:
             inner_steps=self.eval_inner_steps,
             inner_lr=c.eval_inner_lr,
             transductive=c.transductive,
+            support_shift=c.eval_support_shift,
             episodes=c.val_episodes,
         )
         if self.task_type == "classification":
@@ -556,11 +562,12 @@ class Trainer:
                 "iterations_done": self.iteration,
                 "world_size": self.context.world_size,
                 "wall_seconds": round(self.elapsed, 3),
-                "validation": {k: v for k, v in self.val_kwargs.items() if k not in ("inner_steps", "inner_lr")},
+                "validation": {k: v for k, v in self.val_kwargs.items() if k not in ("inner_steps", "inner_lr", "support_shift")},
             },
             metrics=metrics or {},
             inner_steps=self.eval_inner_steps,
             inner_lr=c.eval_inner_lr,
+            support_shift=c.eval_support_shift,
         )
 
     def save(self, name: str, metrics: dict | None = None) -> None:

@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import torch
 
-from metalearn.adaptation import Adaptation, adapt, adapt_many, predict, predict_many
+from metalearn.adaptation import Adaptation, adapt, adapt_many, augment_support, predict, predict_many
 from metalearn.batching import choose_strategy
 
 log = logging.getLogger("service.engine")
@@ -342,6 +342,8 @@ class Engine:
         count = len(batch)
         sx = torch.stack([j.support_x for j in batch]).to(device, non_blocking=True)
         sy = torch.stack([j.support_y for j in batch]).to(device, non_blocking=True)
+        # Every path below (fast kernels included) adapts to the augmented support set.
+        sx, sy = augment_support(sx, sy, model.support_shift, stacked=True)
         qx = None if first.query_x is None else torch.stack([j.query_x for j in batch]).to(device, non_blocking=True)
         strategy = self._strategy(model)
         fast = self._fast(model, count)

@@ -36,6 +36,7 @@ class LoadedModel:
     inner_steps: int
     inner_lr: float
     adapted_names: list[str] = field(default_factory=list)
+    support_shift: int = 0  # test-time support augmentation (metalearn.adaptation.augment_support)
 
     @property
     def learner(self) -> MetaLearner:
@@ -67,6 +68,7 @@ class LoadedModel:
             "output_size": self.out_features,
             "inner_steps": self.inner_steps,
             "inner_lr": self.inner_lr,
+            "support_shift": self.support_shift,
             "adapted_parameters": list(self.adapted_names),
             "accepts_images": self.preprocessing is not None,
             "preprocessing": manifest.get("preprocessing"),
@@ -96,12 +98,15 @@ def load_model(name: str, path: Path, device: str) -> LoadedModel:
         inner = manifest.get("inner") or {}
         steps = int(inner.get("steps", checkpoint.learner.config.inner_steps))
         lr = float(inner.get("lr", checkpoint.learner.config.inner_lr))
+        support_shift = int(inner.get("support_shift", 0))
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: incomplete manifest ({error})") from None
     if not input_shape or any(s < 1 for s in input_shape):
         raise CheckpointError(f"{path}: bad input_shape {input_shape}")
     if not math.isfinite(lr) or lr <= 0 or steps < 0:
         raise CheckpointError(f"{path}: bad inner steps/lr {steps}/{lr}")
+    if support_shift and (len(input_shape) < 2 or not 0 < support_shift < min(input_shape[-2:])):
+        raise CheckpointError(f"{path}: bad support_shift {support_shift} for inputs of shape {list(input_shape)}")
     out_features = _output_size(checkpoint.learner, input_shape, device)
     n_way = manifest.get("n_way")
     if task_type == "classification":
@@ -123,6 +128,7 @@ def load_model(name: str, path: Path, device: str) -> LoadedModel:
         inner_steps=steps,
         inner_lr=lr,
         adapted_names=list(checkpoint.learner.adapt_names),
+        support_shift=support_shift,
     )
 
 

@@ -77,6 +77,25 @@ def test_omniglot_tiny_conv(tmp_path, capsys):
     assert code == 2 and "more than the model's 5 outputs" in err
 
 
+def test_support_shift_is_recorded_and_used_by_eval(tmp_path, capsys):
+    out = tmp_path / "omni"
+    code, _, err = run(capsys, "train", "--task", "omniglot", "--algorithm", "anil", "--ways", "5", "--shots", "1",
+                       "--queries", "1", "--meta-batch", "1", "--inner-steps", "1", "--iterations", "2",
+                       "--channels", "8", "--val-interval", "2", "--val-episodes", "3", "--eval-support-shift", "2",
+                       "--out", str(out), "--no-progress")
+    assert code == 0, err
+    assert read_manifest(out / "best.safetensors")["inner"]["support_shift"] == 2
+    code, stdout, err = run(capsys, "eval", str(out), "--episodes", "4", "--json")
+    assert code == 0, err
+    shifted = last_json(stdout)
+    assert shifted["support_shift"] == 2
+    code, stdout, err = run(capsys, "eval", str(out), "--episodes", "4", "--support-shift", "0", "--json")
+    assert code == 0, err
+    assert last_json(stdout)["support_shift"] == 0
+    code, _, err = run(capsys, "eval", str(out), "--episodes", "4", "--support-shift", "28")
+    assert code == 2 and "needs image inputs larger than that" in err
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [
@@ -87,6 +106,7 @@ def test_omniglot_tiny_conv(tmp_path, capsys):
         (["train", "--config", "no-such-config"], "no config named"),
         (["train", "--task", "/no/such/data.zip", "--iterations", "1"], "no such file"),
         (["train", "--resume"], "--resume needs --out"),
+        (["train", "--task", "sinusoid", "--eval-support-shift", "1", "--iterations", "1"], "needs image inputs"),
         (["bogus"], "invalid choice"),
         ([], "required"),
     ],

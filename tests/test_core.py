@@ -355,6 +355,27 @@ def test_adapt_many_equals_adapt(algorithm):
         assert torch.allclose(predict(learner, one, batch.query_x[i]), outputs[i], atol=1e-4)
 
 
+@pytest.mark.parametrize("algorithm", ["maml", "anil"])
+def test_support_shift_adapts_on_the_shifted_views(algorithm):
+    from metalearn.data.images import shifted_views
+
+    torch.manual_seed(0)
+    learner = MetaLearner(Conv4(out_features=3, channels=4, image_size=16), MetaConfig(algorithm, inner_steps=2, inner_lr=0.2))
+    batch = image_batch(tasks=2, shots=1)
+    sx, sy = batch.support_x[0], batch.support_y[0]
+    shifted = adapt(learner, sx, sy, support_shift=1)
+    by_hand = adapt(learner, shifted_views(sx, 1), sy.repeat(5))
+    plain = adapt(learner, sx, sy)
+    for name in plain.params:
+        assert torch.equal(shifted.params[name], by_hand.params[name])
+    assert any(not torch.allclose(shifted.params[n], plain.params[n]) for n in plain.params)
+    many = adapt_many(learner, batch.support_x, batch.support_y, support_shift=1)
+    for name in plain.params:
+        assert torch.allclose(many.params[name][0], shifted.params[name], atol=1e-5)
+    with pytest.raises(ValueError, match="needs image inputs"):
+        adapt(MetaLearner(tiny_mlp(torch.float32), MetaConfig("maml", "regression")), torch.zeros(5, 1), torch.zeros(5, 1), support_shift=1)
+
+
 def test_adaptation_lowers_support_loss_and_builds_no_graph():
     torch.manual_seed(0)
     learner = MetaLearner(Conv4(out_features=3, channels=4, image_size=16), MetaConfig("maml", inner_lr=0.3))

@@ -23,7 +23,7 @@ from metalearn.data import (
     load_task_source,
     preprocess_images,
 )
-from metalearn.data.images import random_shift
+from metalearn.data.images import random_shift, shifted_views
 
 OMNIGLOT_DIR = Path(__file__).resolve().parents[1] / "metalearn" / "data" / "omniglot"
 
@@ -279,6 +279,22 @@ def test_random_shift_matches_padded_crop():
     assert len(offsets) > 1  # each image gets its own offset
     assert torch.equal(random_shift(x, 2, gen(3)), out)  # seeded
     assert torch.equal(random_shift(x, 0, gen(3)), x)
+
+
+def test_shifted_views_are_the_four_axis_shifts():
+    x = torch.rand(3, 4, 2, 6, 7)  # [R, S, C, H, W]
+    views = shifted_views(x, 2, dim=1)
+    assert views.shape == (3, 20, 2, 6, 7)
+    down, up, right, left = (views[:, 4 * k : 4 * (k + 1)] for k in range(1, 5))
+    assert torch.equal(views[:, :4], x)
+    assert torch.equal(down[..., 2:, :], x[..., :-2, :]) and torch.equal(down[..., :2, :], x[..., :1, :].expand_as(down[..., :2, :]))
+    assert torch.equal(up[..., :-2, :], x[..., 2:, :]) and torch.equal(up[..., -2:, :], x[..., -1:, :].expand_as(up[..., -2:, :]))
+    assert torch.equal(right[..., 2:], x[..., :-2]) and torch.equal(right[..., :2], x[..., :1].expand_as(right[..., :2]))
+    assert torch.equal(left[..., :-2], x[..., 2:]) and torch.equal(left[..., -2:], x[..., -1:].expand_as(left[..., -2:]))
+    assert torch.equal(shifted_views(x, 0), x)
+    for bad in (-1, 6):
+        with pytest.raises(ValueError, match="shift must be in"):
+            shifted_views(x, bad)
 
 
 def test_max_shift_augments_train_split_only(omniglot):

@@ -171,3 +171,45 @@ def test_queue_full_and_store_down_are_503_problems(tmp_path):
         app.state.registry.models["x"] = None  # not reached: unknown model first
         response = client.post("/v1/models/x/predict", json={})
         assert response.status_code in (404, 422, 503)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "anil"])
+def test_engine_adapts_on_the_shifted_support_the_checkpoint_records(tmp_path, algorithm):
+    """A checkpoint with test-time support augmentation: every engine path (here the fast MAML and ANIL
+    kernels, micro-batched) adapts exactly as ``adapt(..., support_shift=...)`` does in process."""
+    from metalearn import MLP, Conv4, MetaConfig, MetaLearner, adapt, predict
+    from metalearn.checkpoint import save_checkpoint
+    from metalearn.data.preprocess import OMNIGLOT_PREPROCESSING
+    from service.registry import ModelRegistry
+    from test_service_helpers import image_tasks
+
+    torch.manual_seed(0)
+    learner = MetaLearner(Conv4(out_features=5, channels=8), MetaConfig(algorithm, inner_steps=2, inner_lr=0.4))
+    save_checkpoint(tmp_path / "shifted.safetensors", learner, input_shape=(1, 28, 28), n_way=5,
+                    preprocessing=OMNIGLOT_PREPROCESSING, support_shift=2)
+    sine = MetaLearner(MLP(1, (8,), 1), MetaConfig("maml", task_type="regression"))
+    save_checkpoint(tmp_path / "sine_shifted.safetensors", sine, input_shape=(1,), support_shift=1)
+    registry = ModelRegistry.load(tmp_path, "cpu")
+    assert "sine_shifted" not in registry.models  # a shift needs image inputs: skipped, with the reason
+    assert any("support_shift" in error for error in registry.errors.values())
+    model = registry.get("shifted")
+    assert model.support_shift == 2 and model.info()["support_shift"] == 2
+
+    tasks = image_tasks(tasks=3, queries=2, seed=3)
+    engine = Engine(max_batch_size=4, max_wait_ms=50.0)
+    engine.start()
+    try:
+        jobs = [Job("adapt", model, support_x=tasks.support_x[i], support_y=tasks.support_y[i], steps=2, lr=0.4,
+                    query_x=tasks.query_x[i], keep_session=True) for i in range(3)]
+        results = [future.result(timeout=60) for future in [engine.submit_nowait(job) for job in jobs]]
+    finally:
+        engine.stop()
+    for i, result in enumerate(results):
+        shifted = adapt(model.learner, tasks.support_x[i], tasks.support_y[i], steps=2, lr=0.4, support_shift=2)
+        plain = adapt(model.learner, tasks.support_x[i], tasks.support_y[i], steps=2, lr=0.4)
+        expected = torch.softmax(predict(model.learner, shifted, tasks.query_x[i]), -1)
+        torch.testing.assert_close(torch.tensor(result["probabilities"]), expected, atol=1e-5, rtol=1e-4)
+        assert result["support_loss_after"] == pytest.approx(float(shifted.support_loss_after), rel=1e-4, abs=1e-5)
+        # the option changes the adaptation (so the comparison above can fail)
+        unshifted = torch.softmax(predict(model.learner, plain, tasks.query_x[i]), -1)
+        assert (unshifted - expected).abs().max() > 1e-4

@@ -1,10 +1,10 @@
 """One MAML request (Conv4-64, 10 steps, 5-way 1-shot, 5 queries) in process: the textbook loop vs metalearn.
 
-    python bench/experiments/request_profile.py cuda    # or cpu
+    python bench/experiments/request_profile.py cuda    # or: cpu [threads]
 
 Medians of 15 interleaved calls of: the textbook per-task loop (the service
-bench's baseline), ``adapt`` + ``predict``, ``adapt_many`` with one request and
-with 64 stacked; on cuda also a torch.profiler table of one call of the first
+bench's baseline), ``adapt`` + ``predict``, the service's fast kernel and
+``adapt_many`` with one request (and with 64 stacked, on cuda); on cuda also a torch.profiler table of one call of the first
 two (CPU vs GPU time: a request on a GPU is launch-bound).
 """
 import statistics, sys, time
@@ -39,7 +39,25 @@ def many(r):
         return predict_many(learner, a, qx.expand(r, -1, -1, -1, -1)).tolist()
     return f
 
-cands = {"textbook": textbook, "adapt": ours, "adapt_many R=1": many(1), "adapt_many R=64": many(64)}
+from service.fastpath import fast_kernel
+
+kernel = fast_kernel(learner)
+
+
+def fast(r):
+    def f():
+        a = kernel.adapt(sx.expand(r, -1, -1, -1, -1), sy.expand(r, -1), 10, 0.4)
+        return kernel.predict(a, qx.expand(r, -1, -1, -1, -1), transductive=False).tolist()
+    return f
+
+
+threads = int(sys.argv[2]) if len(sys.argv) > 2 else torch.get_num_threads()
+torch.set_num_threads(threads)
+print(f"{dev}, {threads} torch threads, fast kernel: {type(kernel).__name__}")
+cands = {"textbook": textbook, "adapt": ours, "fastpath R=1": fast(1), "adapt_many R=1": many(1), "adapt_many R=64": many(64), "fastpath R=64": fast(64)}
+if dev == "cpu":  # 64 stacked requests take seconds on a CPU
+    for k in ("adapt_many R=64", "fastpath R=64"):
+        cands.pop(k)
 for f in cands.values():
     f(); f()
 times = {k: [] for k in cands}

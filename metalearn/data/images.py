@@ -416,6 +416,14 @@ def _sample_distinct(counts: Tensor, n: int, generator: torch.Generator | None) 
     return out.gather(1, order).view(*counts.shape, n)
 
 
+def _replicate_pad(images: Tensor, shift: int) -> Tensor:
+    """``images`` ``[..., H, W]`` padded by ``shift`` pixels on every side, edge-replicated: a shifted image's
+    uncovered border repeats its edge (Omniglot's background is 0, a user's photo keeps its own)."""
+    h, w = images.shape[-2:]
+    padded = torch.nn.functional.pad(images.reshape(1, -1, h, w), (shift,) * 4, mode="replicate")
+    return padded.reshape(*images.shape[:-2], h + 2 * shift, w + 2 * shift)
+
+
 def random_shift(images: Tensor, max_shift: int, generator: torch.Generator | None = None) -> Tensor:
     """Translate each image of ``[B, ..., H, W]`` by its own random offset in ``[-max_shift, max_shift]``.
 
@@ -426,14 +434,34 @@ def random_shift(images: Tensor, max_shift: int, generator: torch.Generator | No
         raise ValueError(f"random_shift needs images [B, ..., H, W], got shape {tuple(images.shape)}")
     b, h, w = images.shape[0], images.shape[-2], images.shape[-1]
     s = max_shift
-    flat = images.reshape(b, -1, h, w)
-    padded = torch.nn.functional.pad(flat, (s, s, s, s), mode="replicate")
+    padded = _replicate_pad(images.reshape(b, -1, h, w), s)
     dy, dx = torch.randint(0, 2 * s + 1, (2, b, 1), generator=generator)
     rows = (dy + torch.arange(h))[:, None, :, None]  # [B, 1, H, 1]
     cols = (dx + torch.arange(w))[:, None, None, :]  # [B, 1, 1, W]
     batch = torch.arange(b)[:, None, None, None]
-    channel = torch.arange(flat.shape[1])[None, :, None, None]
+    channel = torch.arange(padded.shape[1])[None, :, None, None]
     return padded[batch, channel, rows, cols].reshape(images.shape)
+
+
+SHIFTED_VIEWS = 5  # the original and four shifts: down, up, right, left
+
+
+def shifted_views(images: Tensor, shift: int, dim: int = 0) -> Tensor:
+    """``images`` ``[..., H, W]`` and four copies shifted by ``shift`` pixels (down, up, right, left,
+    edge-replicated), concatenated along ``dim``: ``SHIFTED_VIEWS`` times as many entries there.
+
+    Test-time support augmentation: a 1-shot class is adapted to from five
+    views of its one example (``adapt(..., support_shift=...)``).
+    """
+    h, w = images.shape[-2:]
+    if shift < 0 or shift >= min(h, w):
+        raise ValueError(f"shift must be in [0, {min(h, w) - 1}] for {h}x{w} images, got {shift}")
+    if shift == 0:
+        return images
+    padded = _replicate_pad(images, shift)
+    offsets = ((0, 0), (-shift, 0), (shift, 0), (0, -shift), (0, shift))  # padded origin (s, s) = no shift
+    views = [padded[..., shift + dy : shift + dy + h, shift + dx : shift + dx + w] for dy, dx in offsets]
+    return torch.cat(views, dim)
 
 
 def _as_float(x: Tensor) -> Tensor:
