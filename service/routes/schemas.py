@@ -105,6 +105,7 @@ class ModelInfo(BaseModel):
     n_way: Optional[int]
     inner_steps: int
     inner_lr: float
+    support_shift: int = 0  # > 0: adaptation also sees each support image shifted by this many pixels (4 views)
     metrics: dict
     device: str
 
