@@ -87,6 +87,15 @@ def _resolve(learner: MetaLearner, steps: int | None) -> int:
     return steps
 
 
+def check_support_shift(support_shift: int, input_shape) -> None:
+    """Raise ``ValueError`` unless ``support_shift`` fits inputs of ``input_shape`` (images ``[..., H, W]``
+    larger than the shift); 0 fits anything. What training, ``metalearn eval`` and the service check up front."""
+    shape = list(input_shape)
+    if support_shift < 0 or (support_shift and (len(shape) < 2 or support_shift >= min(shape[-2:]))):
+        raise ValueError(f"a support shift of {support_shift} px needs image inputs [..., H, W] larger than that; "
+                         f"the inputs have shape {shape}")
+
+
 def augment_support(
     support_x: torch.Tensor, support_y: torch.Tensor, support_shift: int, stacked: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -233,6 +233,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def eval_settings(manifest: dict, args: argparse.Namespace) -> tuple[Any, dict]:
     """The held-out task source and the evaluate() arguments for a checkpoint and the eval flags."""
     from metalearn.evaluate import EVAL_SEED
+    from metalearn.adaptation import check_support_shift
     from metalearn.train import TrainConfig, load_source
 
     training = manifest.get("training") or {}
@@ -279,10 +280,10 @@ def eval_settings(manifest: dict, args: argparse.Namespace) -> tuple[Any, dict]:
         support_shift=args.support_shift if args.support_shift is not None else int(inner.get("support_shift", 0)),
         seed=args.seed if args.seed is not None else EVAL_SEED,
     )
-    shape = list(source.input_shape)
-    if kwargs["support_shift"] and (len(shape) < 2 or kwargs["support_shift"] >= min(shape[-2:])):
-        raise UsageError(f"metalearn eval: a support shift of {kwargs['support_shift']} px needs image inputs "
-                         f"larger than that; the task's inputs have shape {shape}")
+    try:
+        check_support_shift(kwargs["support_shift"], source.input_shape)
+    except ValueError as error:
+        raise UsageError(f"metalearn eval: {error}") from None
     if classification:
         kwargs["ways"] = ways
         within = config.val_within_group if args.within_group is None else args.within_group

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from metalearn import distributed
+from metalearn.adaptation import check_support_shift
 from metalearn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metalearn.evaluate import EVAL_SEED, EvalResult, better, evaluate
 from metalearn.learner import ALGORITHMS, MetaConfig, MetaLearner
@@ -476,8 +477,7 @@ class Trainer:
         source = load_source(config)
         self.source = source
         self.task_type = source.task_type
-        if config.eval_support_shift and len(source.input_shape) < 2:
-            raise ValueError(f"eval_support_shift needs image inputs [..., H, W]; task {config.task!r} has inputs of shape {list(source.input_shape)}")
+        check_support_shift(config.eval_support_shift, source.input_shape)
         self.train_source = source.split("train")
         self.val_source = self._validation_source(source)
         self.val_kwargs = self._validation_kwargs()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from metalearn.adaptation import check_support_shift
 from metalearn.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from metalearn.learner import MetaLearner
 
@@ -105,8 +106,10 @@ def load_model(name: str, path: Path, device: str) -> LoadedModel:
         raise CheckpointError(f"{path}: bad input_shape {input_shape}")
     if not math.isfinite(lr) or lr <= 0 or steps < 0:
         raise CheckpointError(f"{path}: bad inner steps/lr {steps}/{lr}")
-    if support_shift and (len(input_shape) < 2 or not 0 < support_shift < min(input_shape[-2:])):
-        raise CheckpointError(f"{path}: bad support_shift {support_shift} for inputs of shape {list(input_shape)}")
+    try:
+        check_support_shift(support_shift, input_shape)
+    except ValueError as error:
+        raise CheckpointError(f"{path}: bad support_shift: {error}") from None
     out_features = _output_size(checkpoint.learner, input_shape, device)
     n_way = manifest.get("n_way")
     if task_type == "classification":

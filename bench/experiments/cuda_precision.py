@@ -42,7 +42,6 @@ def run(dtype, steps, fused, algorithm="maml", seed=0):
     print(f"{str(dtype):14s} steps={steps} cpu_path={'fused' if fused else 'plain'} {algorithm:6s} seed={seed}: max|param diff|={dp:.2e} max|output diff|={dq:.2e}", flush=True)
 
 
-import contextlib
 def show_flags(tag):
     b = torch.backends
     extra = {k: getattr(b, k).fp32_precision for k in ("cudnn",) if hasattr(getattr(b, k), "fp32_precision")}
