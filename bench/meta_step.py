@@ -9,7 +9,11 @@ The baseline is the per-task loop of a textbook: a hand-written functional
 forward (F.conv2d, F.batch_norm, ...), ``torch.autograd.grad(create_graph=True)``
 in the inner loop, one ``backward`` per task. The candidate is
 ``MetaLearner.meta_gradient`` with the strategy ``auto`` picks (or
-``--strategies``). Every measurement runs in a fresh subprocess, candidates
+``--strategies``), in a process that keeps freed memory for reuse as
+``metalearn train`` does (``metalearn.keep_freed_memory``). On the CPU the
+textbook loop also runs once more with that same allocator setting
+("textbook+keep"), so the part of the speed-up that any loop gets from the
+allocator is visible. Every measurement runs in a fresh subprocess, candidates
 interleaved, medians reported:
 
     python bench/meta_step.py                      # all workloads, both orders
@@ -110,6 +114,10 @@ def measure(workload: str, impl: str, order: str, steps: int, device: str = "cpu
 
     w = WORKLOADS[workload]
     first_order = order == "first"
+    if device == "cpu" and impl != "textbook":
+        from metalearn import keep_freed_memory
+
+        keep_freed_memory()
     batch = make_batch(w, torch.Generator().manual_seed(0)).to(device)
     model = build(w).to(device)
     task_type = "regression" if w["kind"] == "mlp" else "classification"
@@ -119,7 +127,7 @@ def measure(workload: str, impl: str, order: str, steps: int, device: str = "cpu
     strategy = choose_strategy(learner, device) if impl == "auto" else impl
 
     def step():
-        if impl == "textbook":
+        if impl.startswith("textbook"):
             textbook_step(model, batch, w, first_order)
             model.zero_grad(set_to_none=True)
         else:
@@ -145,7 +153,7 @@ def measure(workload: str, impl: str, order: str, steps: int, device: str = "cpu
         "steps_per_s": steps / elapsed,
         "peak_mb": peak_mb,
         "step_mb": step_mb,
-        "strategy": strategy if impl != "textbook" else "textbook",
+        "strategy": impl if impl.startswith("textbook") else strategy,
     }
 
 
@@ -206,7 +214,7 @@ def main() -> None:
     memory_label = "peak GPU MB" if args.device.startswith("cuda") else "peak RSS MB"
     header = (
         f"{'workload':8} {'order':6} {'implementation':16} {'steps/s':>9} {memory_label:>12}"
-        f" {'step MB':>8} {'speed':>7} {'memory':>7}"
+        f" {'step MB':>8} {'speed':>7} {'memory':>7} {'vs keep':>7}"
     )
     print(header)
     print("-" * len(header))
@@ -215,13 +223,15 @@ def main() -> None:
         # Conv steps take seconds on the CPU, milliseconds on a GPU (where 2 would time launch jitter).
         steps = 20 if w["kind"] == "mlp" or args.device.startswith("cuda") else 2
         for order in args.orders.split(","):
-            impls = ["textbook"] + args.strategies.split(",")
+            impls = ["textbook"] + (["textbook+keep"] if args.device == "cpu" else []) + args.strategies.split(",")
             results: dict[str, list[dict]] = {impl: [] for impl in impls}
             for _ in range(args.reps):
                 for impl in impls:
                     results[impl].append(run_child(workload, impl, order, steps, args.device))
             base_speed = statistics.median(r["steps_per_s"] for r in results["textbook"])
             base_memory = statistics.median(r["step_mb"] for r in results["textbook"])
+            # Like for like: the textbook loop with the same allocator setting as ours.
+            keep_speed = statistics.median(r["steps_per_s"] for r in results["textbook+keep"]) if "textbook+keep" in results else None
             for impl in impls:
                 speed = statistics.median(r["steps_per_s"] for r in results[impl])
                 peak = statistics.median(r["peak_mb"] for r in results[impl])
@@ -230,9 +240,10 @@ def main() -> None:
                 # Below 1 MB the step needs no memory worth a ratio (tiny models).
                 memory_ratio = f"{memory / base_memory:6.2f}x" if base_memory >= 1 else "    n/a"
                 runs = " ".join(f"{r['steps_per_s']:.3g}" for r in results[impl])
+                like_for_like = f"{speed / keep_speed:6.2f}x" if keep_speed else "    n/a"
                 print(
                     f"{workload:8} {order:6} {label:16} {speed:9.3f} {peak:12.0f} {memory:8.0f}"
-                    f" {speed / base_speed:6.2f}x {memory_ratio}   runs: {runs}",
+                    f" {speed / base_speed:6.2f}x {memory_ratio} {like_for_like}   runs: {runs}",
                     flush=True,
                 )
 

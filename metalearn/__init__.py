@@ -6,6 +6,7 @@ The public surface::
 """
 
 from metalearn.adaptation import Adaptation, adapt, adapt_many, predict, predict_many
+from metalearn.allocator import keep_freed_memory
 from metalearn.learner import ALGORITHMS, MetaConfig, MetaLearner, StepResult
 from metalearn.models import MLP, BatchNorm, Conv4, build_model, convert_batchnorm, norm_statistics
 
@@ -33,6 +34,7 @@ __all__ = [
     "build_model",
     "convert_batchnorm",
     "default_device",
+    "keep_freed_memory",
     "norm_statistics",
     "predict",
     "predict_many",

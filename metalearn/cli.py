@@ -301,6 +301,7 @@ def eval_settings(manifest: dict, args: argparse.Namespace) -> tuple[Any, dict]:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from metalearn.allocator import keep_freed_memory
     from metalearn.checkpoint import load_checkpoint
     from metalearn.evaluate import evaluate
     from metalearn.train import resolve_device
@@ -308,7 +309,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     path = checkpoint_path(args.path)
-    checkpoint = load_checkpoint(path, device=resolve_device(args.device))
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()
+    checkpoint = load_checkpoint(path, device=device)
     source, kwargs = eval_settings(checkpoint.manifest, args)
     result = evaluate(checkpoint.learner, source, **kwargs)
     record = {**result.to_dict(), "checkpoint": str(path), "split": getattr(source, "split_name", None)}

@@ -84,6 +84,19 @@ def window_columns(x: torch.Tensor, conv: nn.Conv2d) -> WindowColumns:
     return WindowColumns(grid.reshape(*lead, 4, N * pooled_h * pooled_w, K), N, pooled_h, pooled_w)
 
 
+def _winners(candidate: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """1.0 where ``candidate`` is the window's maximum, else 0.0, in ``pooled``'s dtype.
+
+    The comparison writes straight into a float tensor: a bool mask would be
+    converted on every multiplication (a third of the max-pool backward;
+    ``torch.where`` is slower still). ``vmap`` has no rule for ``out=``, so under
+    a ``torch.func`` transform the mask is converted. A fresh tensor each call: the
+    multiplication saves it for the double backward."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(pooled):
+        return (candidate == pooled).to(pooled.dtype)
+    return torch.eq(candidate, pooled, out=torch.empty_like(pooled))
+
+
 class _PooledProduct(torch.autograd.Function):
     """``max`` over the four window positions of the product of ``weight`` ``[..., C, K]`` and ``cols``
     ``[..., 4, M, K]``: ``[..., C, M]``, or ``[..., M, C]`` with ``channels_last`` (and the unpooled
@@ -124,7 +137,7 @@ class _PooledProduct(torch.autograd.Function):
         grad_weight = None
         for position in range(4):
             if position < 3:
-                taken = remaining * (product.select(-3, position) == pooled)  # (torch.where is several times slower)
+                taken = remaining * _winners(product.select(-3, position), pooled)
                 remaining = remaining - taken
             else:
                 taken = remaining
