@@ -25,7 +25,6 @@ glibc's malloc options (``GLIBC_TUNABLES`` with ``glibc.malloc``, or
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 
@@ -48,6 +47,14 @@ def _explicit_setting() -> bool:
     return "glibc.malloc." in tunables or any(os.environ.get(name) for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
 
 
+def is_glibc() -> bool:
+    """Whether this process runs on glibc (musl and others have no ``mallopt`` with these parameters)."""
+    try:
+        return hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
+    except OSError:
+        return False
+
+
 def keep_freed_memory() -> bool:
     """Set glibc's mmap and trim thresholds so freed tensor memory is reused without page faults.
 
@@ -61,13 +68,11 @@ def keep_freed_memory() -> bool:
     if _explicit_setting():
         log.debug("malloc options come from the environment; leaving them alone")
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-        mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-        libc.gnu_get_libc_version  # glibc only: musl and others have no mallopt with these parameters
-    except (OSError, AttributeError):
+    if not is_glibc():
         return False
-    # mmap threshold first: setting either one turns off glibc's dynamic adjustment of both.
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    # Both or neither: setting one turns off glibc's dynamic adjustment of the other (the trim
+    # threshold alone made a W2 step take 1.4 million page faults).
     _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _applied

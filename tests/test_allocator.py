@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import ctypes.util
 import os
 import subprocess
 import sys
 
 import pytest
+
+from metalearn.allocator import is_glibc
 
 # Each round writes six 16 MB tensors and frees them, as a training step does with its activations.
 SCRIPT = """
@@ -24,7 +25,7 @@ rounds(5)
 print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
 """
 
-glibc_only = pytest.mark.skipif(not sys.platform.startswith("linux") or "libc.so.6" not in (ctypes.util.find_library("c") or ""), reason="glibc's mallopt")
+glibc_only = pytest.mark.skipif(not is_glibc(), reason="glibc's mallopt")
 
 
 def faults_per_round(mode: str, **env: str) -> tuple[str, float]:
