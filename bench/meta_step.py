@@ -114,10 +114,10 @@ def measure(workload: str, impl: str, order: str, steps: int, device: str = "cpu
 
     w = WORKLOADS[workload]
     first_order = order == "first"
-    if device == "cpu" and impl != "textbook":
+    if impl != "textbook":
         from metalearn import keep_freed_memory
 
-        keep_freed_memory()
+        keep_freed_memory(device)
     batch = make_batch(w, torch.Generator().manual_seed(0)).to(device)
     model = build(w).to(device)
     task_type = "regression" if w["kind"] == "mlp" else "classification"

@@ -11,7 +11,7 @@ more peak memory. The price is that the process keeps its peak heap instead of
 shrinking after it (freed memory is reused, not leaked).
 
 ``metalearn train``, ``metalearn eval`` and the service call
-:func:`keep_freed_memory` when they compute on the CPU; call it once yourself
+:func:`keep_freed_memory` with their device; call it once yourself
 in your own training loop::
 
     import metalearn
@@ -27,6 +27,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+
+import torch
 
 log = logging.getLogger("metalearn.allocator")
 
@@ -55,13 +57,17 @@ def is_glibc() -> bool:
         return False
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory(device: str | torch.device = "cpu") -> bool:
     """Set glibc's mmap and trim thresholds so freed tensor memory is reused without page faults.
 
-    Idempotent; returns whether the settings are in effect (False on non-glibc
-    systems or when the environment sets malloc options itself).
+    ``device``: where the caller computes; only CPU tensors come from ``malloc``, so
+    for any other device this does nothing. Idempotent; returns whether the
+    settings are in effect (False on non-glibc systems, for other devices, or when
+    the environment sets malloc options itself).
     """
     global _applied
+    if torch.device(device).type != "cpu":
+        return False
     if _applied is not None:
         return _applied
     _applied = False

@@ -310,8 +310,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     path = checkpoint_path(args.path)
     device = resolve_device(args.device)
-    if device.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(device)
     checkpoint = load_checkpoint(path, device=device)
     source, kwargs = eval_settings(checkpoint.manifest, args)
     result = evaluate(checkpoint.learner, source, **kwargs)

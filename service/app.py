@@ -125,8 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         device = settings.resolved_device()
         torch.set_num_threads(settings.resolved_threads())
-        if device == "cpu":
-            metalearn.keep_freed_memory()  # adaptations re-faulted their freed tensor memory on every request
+        metalearn.keep_freed_memory(device)  # on the CPU, adaptations re-faulted their freed tensor memory on every request
         app.state.registry = ModelRegistry.load(settings.model_dir, device)
         app.state.metrics.models.set(len(app.state.registry.models))
         app.openapi_schema = None

@@ -55,3 +55,9 @@ def test_an_explicit_environment_setting_wins():
     assert applied == "False"
     applied, _ = faults_per_round("keep", MALLOC_MMAP_THRESHOLD_="131072")
     assert applied == "False"
+
+
+def test_other_devices_leave_the_allocator_alone():
+    script = "import metalearn; print(metalearn.keep_freed_memory('cuda'), metalearn.allocator._applied)"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == ["False", "None"]
