@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import logging
 import math
 import threading
@@ -147,6 +148,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._threads: list[threading.Thread] = []
+        self._local = threading.local()  # per worker: its own copies of the learners (see _learner)
         self._last_batch_size = 1
         self.batches = 0
         self.jobs_done = 0
@@ -335,9 +337,27 @@ class Engine:
             model._engine_fast = fastpath.fast_kernel(model.learner)
         return model._engine_fast
 
+    def _learner(self, model):
+        """The learner this worker runs the generic path with: with several workers, its own copy.
+
+        ``functional_call`` swaps the given tensors into the module for the length of a
+        call, and ANIL's feature capture hooks the module's head: two workers computing
+        with one module at once would read each other's parameters and could leave one's
+        adapted parameters in the model. The fast kernels never touch the module.
+        """
+        learner = model.learner
+        if self.workers == 1:
+            return learner
+        replicas = self._local.__dict__.setdefault("replicas", {})
+        original, replica = replicas.get(id(learner), (None, None))
+        if original is not learner:  # keyed by id, so a new model at a recycled id gets a new copy
+            replica = copy.deepcopy(learner)
+            replicas[id(learner)] = (learner, replica)
+        return replica
+
     def _adapt(self, batch: list[Job]) -> list[dict]:
         model = batch[0].model
-        learner, device = model.learner, model.device
+        learner, device = self._learner(model), model.device
         first = batch[0]
         count = len(batch)
         sx = torch.stack([j.support_x for j in batch]).to(device, non_blocking=True)
@@ -383,7 +403,7 @@ class Engine:
 
     def _predict(self, batch: list[Job]) -> list[dict]:
         model = batch[0].model
-        learner, device = model.learner, model.device
+        learner, device = self._learner(model), model.device
         first = batch[0]
         qx = torch.stack([j.query_x for j in batch]).to(device, non_blocking=True)
         fast = self._fast(model, len(batch))

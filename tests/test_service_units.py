@@ -147,6 +147,42 @@ def test_workers_run_batches_side_by_side():
     assert Settings(device="cuda").resolved_workers() == 1 and Settings(workers=3).resolved_workers() == 3
 
 
+def test_workers_adapting_one_model_at_once_do_not_share_its_module():
+    """``functional_call`` swaps the given tensors into the module for the length of a call (and
+    ANIL's feature capture hooks it), so two workers adapting the same model at once through the
+    generic path would compute with each other's parameters and could leave adapted ones in the
+    model. Each worker must get exactly what a lone sequential adaptation gets, and the model stay put."""
+    from metalearn import MLP, MetaConfig, MetaLearner
+    from metalearn.adaptation import adapt, predict
+
+    torch.manual_seed(0)
+    learner = MetaLearner(MLP(1, [40, 40], 1), MetaConfig("maml", task_type="regression", inner_steps=20, inner_lr=0.02))
+    model = SimpleNamespace(name="sine", learner=learner, device="cpu", support_shift=0, task_type="regression", n_way=None)
+    original = {n: p.detach().clone() for n, p in learner.named_parameters()}
+    generator = torch.Generator().manual_seed(1)
+    tasks = []
+    for i in range(24):
+        x = torch.rand(10, 1, generator=generator) * 10 - 5
+        tasks.append((x, torch.sin(x + i) * (1 + i / 10), torch.linspace(-5, 5, 7).unsqueeze(1)))
+    expected = [predict(learner, adapt(learner, x, y, steps=20), qx).squeeze(-1) for x, y, qx in tasks]
+
+    engine = Engine(workers=2, threads=1, max_batch_size=1, max_wait_ms=0, request_timeout_s=60)
+    engine.start()
+    try:
+        async def all_at_once():
+            jobs = [Job("adapt", model, support_x=x, support_y=y, steps=20, query_x=qx, keep_session=False) for x, y, qx in tasks]
+            return await asyncio.gather(*[engine.submit(job) for job in jobs])
+
+        results = asyncio.run(all_at_once())
+    finally:
+        engine.stop()
+    assert engine.batches == len(tasks)
+    for result, want in zip(results, expected):
+        torch.testing.assert_close(torch.tensor(result["predictions"]), want, rtol=1e-5, atol=1e-5)
+    for name, p in learner.named_parameters():
+        assert torch.equal(p.detach(), original[name]), f"{name} changed"
+
+
 def test_queue_full_and_store_down_are_503_problems(tmp_path):
     from service.app import create_app
 
