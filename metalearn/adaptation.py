@@ -11,6 +11,11 @@ Both have batched forms over several independent requests of the same shape
 (``adapt_many`` / ``predict_many``), which the service uses to run concurrent
 requests as one computation.
 
+One learner computes in one thread at a time: ``functional_call`` swaps the
+adapted tensors into its module for the length of a call. Threads that adapt
+concurrently each need their own ``copy.deepcopy(learner)`` (the service's
+workers keep one each).
+
 BatchNorm at prediction time: by default queries are normalised with
 statistics recorded on the support set with the adapted parameters, so a
 query's prediction does not depend on which other queries come with it.
