@@ -286,8 +286,9 @@ class Engine:
             result["compute_seconds"] = elapsed
             result["batch_size"] = len(batch)
             job.future.set_result(result)
-        self.batches += 1
-        self.jobs_done += len(batch)
+        with self._cond:  # several workers count
+            self.batches += 1
+            self.jobs_done += len(batch)
         if self.metrics is not None:
             self.metrics.batch(kind, batch[0].model.name, len(batch), elapsed)
 
