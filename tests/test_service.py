@@ -220,6 +220,36 @@ def test_concurrent_requests_are_batched_and_correct(server, model_dir, name):
     assert all(a["timing"]["batch_size"] >= 1 for a in stateless + sessions)
 
 
+def test_concurrent_requests_on_the_generic_path_are_correct(server, model_dir):
+    """The regression model runs through the generic adapt/predict (functional_call on a module),
+    on two CPU workers at once: 12 concurrent adapt-and-predicts and session predictions each equal
+    their own offline computation (workers sharing one module got each other's parameters, or a 500)."""
+    import asyncio
+
+    tasks = sine_tasks(tasks=12, seed=5)
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, headers=ALICE, timeout=60) as client:
+            supports = [{"x": tasks.support_x[i].tolist(), "y": tasks.support_y[i].tolist()} for i in range(12)]
+            stateless = await asyncio.gather(*[
+                client.post("/v1/models/sine/predict", json={"support": supports[i], "query": {"x": tasks.query_x[i].tolist()}}) for i in range(12)
+            ])
+            created = await asyncio.gather(*[client.post("/v1/models/sine/adapt", json={"support": supports[i]}) for i in range(12)])
+            sessions = await asyncio.gather(*[
+                client.post(f"/v1/sessions/{c.json()['session_id']}/predict", json={"x": tasks.query_x[i].tolist()}) for i, c in enumerate(created)
+            ])
+            return stateless, created, sessions
+
+    stateless, created, sessions = asyncio.run(run())
+    for response in stateless + created + sessions:
+        assert response.status_code in (200, 201), response.text[:300]
+    for i in range(12):
+        reference, _ = offline(model_dir, "sine", tasks.support_x[i], tasks.support_y[i], tasks.query_x[i])
+        expected = reference.squeeze(-1).numpy()
+        np.testing.assert_allclose(stateless[i].json()["predictions"], expected, atol=1e-4)
+        np.testing.assert_allclose(sessions[i].json()["predictions"], expected, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------
 # Keys
 # ---------------------------------------------------------------------------
