@@ -14,6 +14,9 @@ batches do) take jobs from one bounded queue and run *compatible* jobs together:
 - session predictions for different sessions of one model with the same query
   shape become one ``predict_many`` forward pass with per-session parameters.
 
+Workers never compute with one module at once: the generic path runs on each
+worker's own copy of the learner (see :meth:`Engine._learner`).
+
 Under concurrency a batch waits at most ``max_wait_ms`` for company (jobs that
 arrive while the worker is busy batch naturally; a lone client is never delayed). When ``queue_size`` jobs are pending,
 ``submit`` raises :class:`QueueFull` (the route answers 503 + Retry-After); a
