@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     queue_size: int = Field(256, ge=1, description="Pending requests beyond this are answered 503 with Retry-After.")
     request_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline for adaptation/prediction (503 when exceeded).")
     threads: int = Field(0, ge=0, description="torch intra-op threads of each worker (0 = auto: one less than the CPU cores, at least 1, leaving a core to the HTTP event loop).")
-    workers: int = Field(0, ge=0, description="Worker threads running micro-batches side by side (0 = auto: 1 on a GPU; on the CPU the cores divided by threads, at least 1).")
+    workers: int = Field(0, ge=0, description="Worker threads running micro-batches side by side (0 = auto: 1 on a GPU; on the CPU the cores divided by threads, at least 1). With more than one, each keeps its own copy of a model that takes the generic path.")
 
     # Limits
     max_support: int = Field(512, ge=1, description="Most support examples in one request.")
