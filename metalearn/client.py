@@ -11,12 +11,15 @@
 
 Tensors travel as ``{"dtype", "shape", "base64"}`` (raw little-endian float32)
 by default, ``encoding="json"`` sends nested lists. Every error answer raises
-:class:`ServiceError` carrying the RFC 9457 problem document.
+:class:`ServiceError` carrying the RFC 9457 problem document. A ``503`` (queue
+full, session store down) is retried up to ``retries`` times after the
+``Retry-After`` the service sends (capped at ``max_retry_wait`` seconds).
 """
 
 from __future__ import annotations
 
 import base64
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +57,13 @@ def encode_tensor(value: Any, encoding: str = "base64", dtype=np.float32) -> Any
 def encode_images(images: list[bytes]) -> dict:
     """``x`` for image models from encoded picture files (PNG, JPEG, ...)."""
     return {"images": [base64.b64encode(bytes(b)).decode("ascii") for b in images]}
+
+
+def _seconds(retry_after: str | None, default: float) -> float:
+    try:
+        return max(0.0, float(retry_after))
+    except (TypeError, ValueError):  # absent, or an HTTP date
+        return default
 
 
 @dataclass
@@ -95,9 +105,21 @@ class RemoteSession:
 
 
 class Client:
-    def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 60.0, encoding: str = "base64", transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        encoding: str = "base64",
+        retries: int = 2,
+        max_retry_wait: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.encoding = encoding
+        self.retries = retries
+        self.max_retry_wait = max_retry_wait
         self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
 
     # -- plumbing -------------------------------------------------------
@@ -114,6 +136,12 @@ class Client:
 
     def _request(self, method: str, path: str, **kwargs) -> Any:
         response = self._http.request(method, path, **kwargs)
+        for attempt in range(self.retries):
+            if response.status_code != 503:
+                break
+            # 503 means "not now" (queue full, session store down): wait as the service says.
+            time.sleep(min(_seconds(response.headers.get("Retry-After"), default=2.0**attempt), self.max_retry_wait))
+            response = self._http.request(method, path, **kwargs)
         if response.status_code >= 400:
             try:
                 problem = response.json()

@@ -62,3 +62,22 @@ def test_client_regression_and_errors(served):
     with Client(server.url) as anonymous, pytest.raises(ServiceError) as error:
         anonymous.models()
     assert error.value.status == 401
+
+
+def test_client_retries_503_after_retry_after():
+    import httpx
+
+    answers = [httpx.Response(503, headers={"Retry-After": "0"}, json={"title": "Service busy", "detail": "queue full", "status": 503})] * 2
+    answers.append(httpx.Response(200, json={"status": "ok"}))
+    calls = []
+
+    def handler(request):
+        calls.append(request.url.path)
+        return answers[len(calls) - 1]
+
+    with Client("http://service", transport=httpx.MockTransport(handler)) as client:
+        assert client.health() == {"status": "ok"} and len(calls) == 3
+    calls.clear()
+    with Client("http://service", retries=1, transport=httpx.MockTransport(handler)) as client, pytest.raises(ServiceError) as error:
+        client.health()
+    assert len(calls) == 2 and error.value.status == 503 and error.value.retry_after == "0" and error.value.detail == "queue full"
