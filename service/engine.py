@@ -352,16 +352,15 @@ class Engine:
         learner = model.learner
         if self.workers == 1:
             return learner
-        replicas = self._local.__dict__.setdefault("replicas", {})
-        original, replica = replicas.get(id(learner), (None, None))
-        if original is not learner:  # keyed by id, so a new model at a recycled id gets a new copy
-            replica = copy.deepcopy(learner)
-            replicas[id(learner)] = (learner, replica)
-        return replica
+        if not hasattr(self._local, "replicas"):
+            self._local.replicas = {}  # original learner -> this worker's copy
+        if learner not in self._local.replicas:
+            self._local.replicas[learner] = copy.deepcopy(learner)
+        return self._local.replicas[learner]
 
     def _adapt(self, batch: list[Job]) -> list[dict]:
         model = batch[0].model
-        learner, device = self._learner(model), model.device
+        device = model.device
         first = batch[0]
         count = len(batch)
         sx = torch.stack([j.support_x for j in batch]).to(device, non_blocking=True)
@@ -371,6 +370,7 @@ class Engine:
         qx = None if first.query_x is None else torch.stack([j.query_x for j in batch]).to(device, non_blocking=True)
         strategy = self._strategy(model)
         fast = self._fast(model, count)
+        learner = self._learner(model) if fast is None else None  # the fast kernels need no copy
         if fast is not None:
             stacked = fast.adapt(sx, sy, first.steps, first.lr)
             outputs = None if qx is None else fast.predict(stacked, qx, transductive=first.transductive)
@@ -407,10 +407,11 @@ class Engine:
 
     def _predict(self, batch: list[Job]) -> list[dict]:
         model = batch[0].model
-        learner, device = self._learner(model), model.device
+        device = model.device
         first = batch[0]
         qx = torch.stack([j.query_x for j in batch]).to(device, non_blocking=True)
         fast = self._fast(model, len(batch))
+        learner = self._learner(model) if fast is None else None
         if fast is not None:
             stacked = {n: torch.stack([j.session[n].to(device) for j in batch]) for n in first.session}
             outputs = fast.predict(adaptation_from_tensors(stacked), qx, transductive=first.transductive)
