@@ -163,13 +163,15 @@ def start_server(kind: str, model_dir: Path, threads: int, log_dir: Path, max_ba
     env = {k: v for k, v in os.environ.items() if not k.startswith("METALEARN_")}
     # ROOT first; an inherited PYTHONPATH stays (a GPU image may carry the service's packages there)
     env.update(OMP_NUM_THREADS=str(threads), PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    if kind == "service":
+    if kind in ("service", "service-eager"):
         env.update(METALEARN_MODEL_DIR=str(model_dir), METALEARN_THREADS=str(threads), METALEARN_DEVICE=device,
                    METALEARN_MAX_BATCH_SIZE=str(max_batch), METALEARN_QUEUE_SIZE="1024", METALEARN_WORKERS=str(workers))
+        if kind == "service-eager":  # the service without CUDA graphs (the same on a CPU)
+            env.update(METALEARN_CUDA_GRAPHS="0")
         command = [sys.executable, "-m", "uvicorn", "service.app:app"]
     else:
         command = [sys.executable, str(Path(__file__).resolve()), "--baseline-server", str(model_dir), "--threads", str(threads), "--device", device]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"] if kind == "service" else ["--port", str(port)]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"] if kind != "baseline" else ["--port", str(port)]
     log = open(log_dir / f"{kind}.log", "wb")
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
@@ -352,7 +354,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="service worker threads (0 = its auto default)")
     parser.add_argument("--reps", type=int, default=2, help="alternating repetitions of each level per server")
     parser.add_argument("--quick", action="store_true", help="3 s levels")
-    parser.add_argument("--servers", default="service,baseline")
+    parser.add_argument("--servers", default="service,baseline", help="any of service, baseline and service-eager (the service with METALEARN_CUDA_GRAPHS=0)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where both servers (and the matmul reference) run")
     parser.add_argument("--baseline-server", help=argparse.SUPPRESS)
@@ -425,6 +427,12 @@ def main() -> None:
             s, b = find("service", model, "stateless", c), find("baseline", model, "stateless", c)
             if s and b and b["throughput"]:
                 print(f"{model} stateless c={c}: {s['throughput'] / b['throughput']:.1f}x throughput, p50 {s['p50_ms']:.0f} vs {b['p50_ms']:.0f} ms")
+        for mode in modes:
+            for c in levels:
+                s, e = find("service", model, mode, c), find("service-eager", model, mode, c)
+                if s and e and e["throughput"]:
+                    print(f"{model} {mode} c={c}: with CUDA graphs {s['throughput'] / e['throughput']:.1f}x the throughput "
+                          f"without, p50 {s['p50_ms']:.1f} vs {e['p50_ms']:.1f} ms")
         s1, ss = find("service", model, "stateless", levels[0]), find("service", model, "session", levels[0])
         if s1 and ss and ss["p50_ms"]:
             print(f"{model} session predict vs adapt-and-predict (c={levels[0]} p50): {s1['p50_ms'] / ss['p50_ms']:.1f}x faster")

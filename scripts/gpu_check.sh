@@ -14,13 +14,16 @@
 #   GPU_CHECK_BUDGET_S  total seconds (default 450)
 #   GPU_CHECK_OUT       where logs and JSON results go (default: $OUT if set, else /tmp/gpu_check)
 #   WHEELS_DIR          wheels to install first, if the directory exists (default: .whl)
+#   GPU_CHECK_SKIP      comma-separated steps to leave out (e.g. meta-step,train-smoke)
 #
 # Steps:
 #   1. the GPU and torch's view of it (fails at once without CUDA)
 #   2. pytest -m cuda on every test file that has CUDA tests (tests/test_cuda.py ...)
 #   3. a short `metalearn train` on the GPU (the trainer's device path, iterations/s)
 #   4. bench/meta_step.py --device cuda       (meta-gradient strategies on the GPU)
-#   5. bench/service_bench.py --device cuda   (throughput/latency, concurrency up to 64)
+#   5. bench/engine_graphs.py                 (the engine with and without CUDA graphs, in process)
+#   6. bench/service_bench.py --device cuda   (throughput/latency, concurrency up to 64; the service
+#                                              with CUDA graphs, without them, and the baseline)
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
@@ -58,6 +61,10 @@ say() { echo "$*" | tee -a "$LOG"; }
 step() {
     local name=$1 max=$2
     shift 2
+    if [[ ",${GPU_CHECK_SKIP:-}," == *",$name,"* ]]; then
+        say "== $name: skipped (GPU_CHECK_SKIP)"
+        return 0
+    fi
     local left=$((BUDGET - (SECONDS - START)))
     local limit=$((max < left ? max : left))
     if ((limit < 10)); then
@@ -146,20 +153,16 @@ else
     step meta-step 150 "$PY" bench/meta_step.py --device cuda --workloads W1,W2,W3 --orders second --reps 1 --strategies auto,chunked:8
 fi
 
-# 5. the service benchmark on the GPU (adaptations/s up to concurrency 64)
+# 5. the engine with and without CUDA graphs, in process
+step engine-graphs 120 "$PY" bench/engine_graphs.py --rows 1,8,64 --reps 9
+
+# 6. the service benchmark on the GPU (adaptations/s up to concurrency 64)
 if [[ ! -f bench/service_bench.py ]]; then
     fail_step service-bench "bench/service_bench.py is missing"
 else
-    export METALEARN_DEVICE=cuda # the service follows it even where the bench has no --device flag
-    args=(--models "maml,anil" --modes "stateless,session" --concurrency "1,8,32,64" --duration 3 --warmup 1
-          --reps 1 --threads 4 --max-batch 64 --json "$OUTDIR/service_bench.json")
-    if supports bench/service_bench.py --device; then
-        args=(--device cuda "${args[@]}")
-    else
-        say "NOTE: bench/service_bench.py has no --device flag: the service runs on cuda through METALEARN_DEVICE, the baseline is skipped"
-        args+=(--servers service)
-    fi
-    step service-bench 200 "$PY" bench/service_bench.py "${args[@]}"
+    step service-bench 240 "$PY" bench/service_bench.py --device cuda --models maml,anil --modes stateless,session \
+        --concurrency 1,8,64 --duration 2 --warmup 1 --reps 1 --threads 4 --max-batch 64 \
+        --servers service,service-eager,baseline --json "$OUTDIR/service_bench.json"
 fi
 rm -rf "$TRAIN_OUT"
 

@@ -161,6 +161,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         threads=settings.resolved_threads(),
         workers=settings.resolved_workers(),
         metrics=app.state.metrics,
+        cuda_graphs=settings.cuda_graphs,
     )
 
     problems.install(app)

@@ -17,6 +17,11 @@ batches do) take jobs from one bounded queue and run *compatible* jobs together:
 Workers never compute with one module at once: the generic path runs on each
 worker's own copy of the learner (see :meth:`Engine._learner`).
 
+On a GPU each batch's tensor work (adaptation, prediction, the finiteness
+checks) is replayed from a CUDA graph per shape, the batch padded to a power
+of two (``service.cuda_graphs``): a request is a thousand small kernels, and
+launching them costs more than running them.
+
 Under concurrency a batch waits at most ``max_wait_ms`` for company (jobs that
 arrive while the worker is busy batch naturally; a lone client is never delayed). When ``queue_size`` jobs are pending,
 ``submit`` raises :class:`QueueFull` (the route answers 503 + Retry-After); a
@@ -45,6 +50,7 @@ import torch
 
 from metalearn.adaptation import Adaptation, adapt, adapt_many, augment_support, predict, predict_many
 from metalearn.batching import choose_strategy
+from service.cuda_graphs import GraphCache, bucket, pad_rows
 
 log = logging.getLogger("service.engine")
 
@@ -124,6 +130,15 @@ def _stack(adaptations: list[Adaptation]) -> Adaptation:
     return Adaptation(params, stats, before, after)
 
 
+def _finite_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """[R] bool: row r of every tensor (stacked over requests) is all finite."""
+    rows = tensors[0].shape[0]
+    finite = torch.ones(rows, dtype=torch.bool, device=tensors[0].device)
+    for tensor in tensors:
+        finite &= torch.isfinite(tensor.reshape(rows, -1)).all(1)
+    return finite
+
+
 class Engine:
     def __init__(
         self,
@@ -136,6 +151,7 @@ class Engine:
         workers: int = 1,
         metrics: Any = None,
         strategy: str = "auto",
+        cuda_graphs: int = 16,
     ):
         if workers < 1:
             raise ValueError("workers must be >= 1")
@@ -147,6 +163,7 @@ class Engine:
         self.workers = workers
         self.metrics = metrics
         self.strategy = strategy
+        self.cuda_graphs = cuda_graphs  # graphs kept per worker on a GPU; 0 = none (service.cuda_graphs)
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -358,41 +375,46 @@ class Engine:
             self._local.replicas[learner] = copy.deepcopy(learner)
         return self._local.replicas[learner]
 
+    def _graphs(self, device) -> GraphCache | None:
+        """This worker's CUDA graph cache when ``device`` is a GPU and graphs are on (see service.cuda_graphs)."""
+        if not self.cuda_graphs or torch.device(device).type != "cuda":
+            return None
+        if not hasattr(self._local, "graphs"):
+            self._local.graphs = GraphCache(capacity=self.cuda_graphs)
+        return self._local.graphs
+
+    def _graphed(self, batch: list[Job], compute: Callable, inputs: list[torch.Tensor], rows: int):
+        """``compute(*inputs)``, replayed from a CUDA graph on a GPU (inputs padded to ``rows``)."""
+        model = batch[0].model
+        graphs = self._graphs(model.device)
+        if graphs is None:
+            return compute(*inputs)
+        inputs = tuple(pad_rows(t, rows) for t in inputs)
+        return graphs.run((id(model), rows) + batch[0].key(), compute, inputs, owner=model)
+
+    def _rows(self, batch: list[Job]) -> int:
+        """How many rows the batch computes: padded to a CUDA graph bucket on a GPU, else the batch itself."""
+        count = len(batch)
+        if self._graphs(batch[0].model.device) is None:
+            return count
+        return bucket(count, max(count, self.max_batch_size))
+
     def _adapt(self, batch: list[Job]) -> list[dict]:
         model = batch[0].model
         device = model.device
         first = batch[0]
         count = len(batch)
-        sx = torch.stack([j.support_x for j in batch]).to(device, non_blocking=True)
-        sy = torch.stack([j.support_y for j in batch]).to(device, non_blocking=True)
-        # Every path below (fast kernels included) adapts to the augmented support set.
-        sx, sy = augment_support(sx, sy, model.support_shift, stacked=True)
-        qx = None if first.query_x is None else torch.stack([j.query_x for j in batch]).to(device, non_blocking=True)
-        strategy = self._strategy(model)
-        fast = self._fast(model, count)
-        learner = self._learner(model) if fast is None else None  # the fast kernels need no copy
-        if fast is not None:
-            stacked = fast.adapt(sx, sy, first.steps, first.lr)
-            outputs = None if qx is None else fast.predict(stacked, qx, transductive=first.transductive)
-        elif count == 1 or strategy == "loop":
-            adaptations = [adapt(learner, sx[i], sy[i], steps=first.steps, lr=first.lr) for i in range(count)]
-            outputs = None
-            if qx is not None:
-                outputs = torch.stack([predict(learner, a, qx[i], transductive=first.transductive) for i, a in enumerate(adaptations)])
-            stacked = _stack(adaptations)
-        else:
-            stacked = adapt_many(learner, sx, sy, steps=first.steps, lr=first.lr)
-            outputs = None if qx is None else predict_many(learner, stacked, qx, transductive=first.transductive)
-        before = stacked.support_loss_before.float().cpu().tolist()
-        after = stacked.support_loss_after.float().cpu().tolist()
-        finite = torch.ones(count, dtype=torch.bool, device=stacked.support_loss_after.device)
-        for tensor in stacked.params.values():
-            finite &= torch.isfinite(tensor.reshape(count, -1)).all(1)
-        if outputs is not None:
-            finite &= torch.isfinite(outputs.reshape(count, -1)).all(1)
-        finite = finite.cpu().tolist()
+        rows = self._rows(batch)
+        inputs = [torch.stack([j.support_x for j in batch]), torch.stack([j.support_y for j in batch])]
+        if first.query_x is not None:
+            inputs.append(torch.stack([j.query_x for j in batch]))
+        inputs = [t.to(device, non_blocking=True) for t in inputs]
+        stacked, outputs, finite = self._graphed(batch, self._adapt_kernel(model, first, rows), inputs, rows)
+        before = stacked.support_loss_before[:count].float().cpu().tolist()
+        after = stacked.support_loss_after[:count].float().cpu().tolist()
+        finite = finite[:count].cpu().tolist()
         results = []
-        decoded = None if outputs is None else self._decode_outputs(model, outputs)
+        decoded = None if outputs is None else self._decode_outputs(model, outputs[:count])
         for i in range(count):
             if not (finite[i] and math.isfinite(before[i]) and math.isfinite(after[i])):
                 results.append({"diverged": True, "support_loss_before": before[i], "support_loss_after": after[i]})
@@ -405,26 +427,62 @@ class Engine:
             results.append(result)
         return results
 
+    def _adapt_kernel(self, model, first: Job, rows: int) -> Callable:
+        """``compute(support_x, support_y[, query_x])`` for ``rows`` stacked requests like ``first``:
+        -> (stacked Adaptation, outputs or None, per-row all-finite mask). Only tensor work (graphable)."""
+        steps, lr, transductive, shift = first.steps, first.lr, first.transductive, model.support_shift
+        strategy = self._strategy(model)
+        fast = self._fast(model, rows)
+        learner = self._learner(model) if fast is None else None  # the fast kernels need no copy
+
+        def compute(sx, sy, qx=None):
+            # Every path below (fast kernels included) adapts to the augmented support set.
+            sx, sy = augment_support(sx, sy, shift, stacked=True)
+            if fast is not None:
+                stacked = fast.adapt(sx, sy, steps, lr)
+                outputs = None if qx is None else fast.predict(stacked, qx, transductive=transductive)
+            elif rows == 1 or strategy == "loop":
+                adaptations = [adapt(learner, sx[i], sy[i], steps=steps, lr=lr) for i in range(rows)]
+                outputs = None
+                if qx is not None:
+                    outputs = torch.stack([predict(learner, a, qx[i], transductive=transductive) for i, a in enumerate(adaptations)])
+                stacked = _stack(adaptations)
+            else:
+                stacked = adapt_many(learner, sx, sy, steps=steps, lr=lr)
+                outputs = None if qx is None else predict_many(learner, stacked, qx, transductive=transductive)
+            tensors = [*stacked.params.values(), stacked.support_loss_before, stacked.support_loss_after]
+            return stacked, outputs, _finite_rows(tensors + ([] if outputs is None else [outputs]))
+
+        return compute
+
     def _predict(self, batch: list[Job]) -> list[dict]:
         model = batch[0].model
         device = model.device
         first = batch[0]
-        qx = torch.stack([j.query_x for j in batch]).to(device, non_blocking=True)
-        fast = self._fast(model, len(batch))
+        count = len(batch)
+        rows = self._rows(batch)
+        names = sorted(first.session)
+        inputs = [torch.stack([j.query_x for j in batch]).to(device, non_blocking=True)]
+        inputs += [torch.stack([j.session[n].to(device) for j in batch]) for n in names]
+        fast = self._fast(model, rows)
         learner = self._learner(model) if fast is None else None
-        if fast is not None:
-            stacked = {n: torch.stack([j.session[n].to(device) for j in batch]) for n in first.session}
-            outputs = fast.predict(adaptation_from_tensors(stacked), qx, transductive=first.transductive)
-        elif len(batch) == 1:
-            adaptation = adaptation_from_tensors({n: t.to(device) for n, t in first.session.items()})
-            outputs = predict(learner, adaptation, qx[0], transductive=first.transductive).unsqueeze(0)
-        else:
-            names = list(first.session)
-            stacked = {n: torch.stack([j.session[n].to(device) for j in batch]) for n in names}
-            outputs = predict_many(learner, adaptation_from_tensors(stacked), qx, transductive=first.transductive)
-        finite = torch.isfinite(outputs.reshape(len(batch), -1)).all(1).cpu().tolist()
-        decoded = self._decode_outputs(model, outputs)
-        return [{k: v[i] for k, v in decoded.items()} if finite[i] else {"diverged": True} for i in range(len(batch))]
+        transductive = first.transductive
+
+        def compute(qx, *session):
+            tensors = dict(zip(names, session))
+            if fast is not None:
+                outputs = fast.predict(adaptation_from_tensors(tensors), qx, transductive=transductive)
+            elif rows == 1:
+                adaptation = adaptation_from_tensors({n: t[0] for n, t in tensors.items()})
+                outputs = predict(learner, adaptation, qx[0], transductive=transductive).unsqueeze(0)
+            else:
+                outputs = predict_many(learner, adaptation_from_tensors(tensors), qx, transductive=transductive)
+            return outputs, _finite_rows([outputs])
+
+        outputs, finite = self._graphed(batch, compute, inputs, rows)
+        finite = finite[:count].cpu().tolist()
+        decoded = self._decode_outputs(model, outputs[:count])
+        return [{k: v[i] for k, v in decoded.items()} if finite[i] else {"diverged": True} for i in range(count)]
 
     @staticmethod
     def _decode_outputs(model, outputs: torch.Tensor) -> dict[str, list]:

@@ -1,0 +1,236 @@
+"""CUDA graphs in the engine (service.cuda_graphs).
+
+On the CPU, a stand-in for the graph (``RecordedGraph``: replay recomputes the
+captured function on the static inputs) checks the cache's bookkeeping and the
+engine's graphed path (padding, keys, static inputs and outputs) against its
+eager path. The tests marked ``cuda`` capture and replay real graphs
+(``scripts/gpu_check.sh`` runs them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from service import cuda_graphs
+from service.cuda_graphs import GraphCache, bucket, pad_rows
+
+
+class RecordedGraph:
+    """What a captured graph does, without a GPU: replay recomputes ``fn`` on the static inputs into the static outputs."""
+
+    def __init__(self, fn, inputs):
+        self.fn, self.inputs = fn, inputs
+        self.outputs = fn(*inputs)
+
+    def replay(self):
+        for static, fresh in zip(self.outputs, self.fn(*self.inputs)):
+            static.copy_(fresh)
+
+
+def _flat(outputs) -> list[torch.Tensor]:
+    """The tensors of a result nested in tuples, lists, dicts and dataclasses, in a fixed order."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, dict):
+        return [t for key in sorted(outputs) for t in _flat(outputs[key])]
+    if isinstance(outputs, (tuple, list)):
+        return [t for item in outputs for t in _flat(item)]
+    if dataclasses.is_dataclass(outputs):
+        return _flat([getattr(outputs, f.name) for f in dataclasses.fields(outputs)])
+    return []
+
+
+class RecordedCapture:
+    """``GraphCache._capture`` without CUDA: a RecordedGraph whose replay refreshes the static outputs in place."""
+
+    def __init__(self):
+        self.captured = []
+
+    def __call__(self, cache, fn, inputs, owner):
+        self.captured.append(fn)
+        static = tuple(t.clone() for t in inputs)
+        outputs = fn(*static)
+        graph = RecordedGraph(lambda *args: _flat(fn(*args)), static)
+        graph.outputs = _flat(outputs)
+        cache.captures += 1
+        return cuda_graphs._Graph(graph, static, outputs, owner)
+
+
+@pytest.fixture
+def captures(monkeypatch):
+    """Replace the CUDA capture with RecordedGraph; yields the list of captured functions."""
+    recorder = RecordedCapture()
+    monkeypatch.setattr(GraphCache, "_capture", lambda self, fn, inputs, owner: recorder(self, fn, inputs, owner))
+    return recorder.captured
+
+
+def affine(x, y):
+    return (x * 2 + y, (x - y).sum(1))
+
+
+def test_cache_runs_eagerly_then_captures_then_replays_with_new_inputs(captures):
+    cache = GraphCache(capacity=4, capture_after=2)
+    seen = []
+    for step in range(4):
+        x, y = torch.randn(3, 2), torch.randn(3, 2)
+        out = cache.run(("adapt", 3), affine, (x, y))
+        expected = affine(x, y)
+        torch.testing.assert_close(out[0], expected[0])
+        torch.testing.assert_close(out[1], expected[1])
+        seen.append(out)
+    assert len(captures) == 1 and cache.captures == 1
+    assert cache.replays == 3  # the capture's own first run, then two replays
+    # replays hand back the graph's static outputs, refreshed in place
+    assert seen[2] is seen[3] and seen[0] is not seen[1]
+
+
+def test_cache_drops_the_least_recently_used_graph(captures):
+    cache = GraphCache(capacity=2, capture_after=1)
+    x = torch.ones(2, 2)
+    for key in ("a", "b", "a", "c"):
+        cache.run((key,), affine, (x, x))
+    assert len(cache) == 2 and len(captures) == 3
+    cache.run(("a",), affine, (x, x))  # still held: replayed, not captured again
+    assert len(captures) == 3
+    cache.run(("b",), affine, (x, x))  # dropped: captured anew
+    assert len(captures) == 4
+
+
+def test_a_failed_capture_runs_that_key_eagerly_from_then_on(monkeypatch):
+    attempts = []
+
+    def failing(self, fn, inputs, owner):
+        attempts.append(fn)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(GraphCache, "_capture", failing)
+    cache = GraphCache(capture_after=1)
+    for _ in range(3):
+        x = torch.randn(4, 2)
+        out = cache.run(("k",), affine, (x, x))
+        torch.testing.assert_close(out[0], x * 3)
+    assert len(attempts) == 1 and cache.failures == 1 and len(cache) == 0
+
+
+def test_bucket_and_padding():
+    assert [bucket(n, 64) for n in (1, 2, 3, 5, 33, 64)] == [1, 2, 4, 8, 64, 64]
+    assert bucket(40, 48) == 48 and bucket(7, 7) == 7
+    x = torch.arange(6.0).view(3, 2)
+    padded = pad_rows(x, 4)
+    assert padded.shape == (4, 2) and torch.equal(padded[:3], x) and torch.equal(padded[3], x[0])
+    assert pad_rows(x, 3) is x
+    with pytest.raises(ValueError):
+        GraphCache(capacity=0)
+
+
+# ---------------------------------------------------------------------------
+# The engine's graphed path equals its eager path (CPU stand-in, and real graphs on a GPU)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from metalearn import MLP, Conv4, MetaConfig, MetaLearner
+    from metalearn.checkpoint import save_checkpoint
+
+    directory = tmp_path_factory.mktemp("models")
+    for algorithm in ("maml", "anil", "metasgd"):  # the fast full, fast head-only and generic paths
+        torch.manual_seed(0)
+        learner = MetaLearner(Conv4(1, 5, channels=8, image_size=28), MetaConfig(algorithm, inner_steps=3, inner_lr=0.4))
+        save_checkpoint(directory / f"conv-{algorithm}.safetensors", learner, input_shape=(1, 28, 28), n_way=5)
+    torch.manual_seed(0)
+    sine = MetaLearner(MLP(1, (40, 40), 1), MetaConfig("maml", "regression", inner_steps=2, inner_lr=0.01))
+    save_checkpoint(directory / "sine.safetensors", sine, input_shape=(1,))
+    return directory
+
+
+def _jobs(model, rows: int, seed: int, kind: str, sessions=None):
+    from service.engine import Job
+
+    g = torch.Generator().manual_seed(seed)
+    jobs = []
+    for i in range(rows):
+        if model.task_type == "regression":
+            support_x, query_x = torch.rand(5, 1, generator=g) * 10 - 5, torch.rand(7, 1, generator=g) * 10 - 5
+            support_y = torch.sin(support_x + seed + i)
+        else:
+            support_x, query_x = torch.randn(5, 1, 28, 28, generator=g), torch.randn(6, 1, 28, 28, generator=g)
+            support_y = torch.arange(5)
+        if kind == "predict":
+            jobs.append(Job("predict", model, query_x=query_x, session=sessions[i]))
+        else:
+            jobs.append(Job("adapt", model, support_x=support_x, support_y=support_y, steps=3, lr=None,
+                            query_x=query_x, keep_session=True))
+    return jobs
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+@pytest.mark.parametrize("name", ["conv-maml", "conv-anil", "conv-metasgd", "sine"])
+def test_engine_graphed_results_equal_eager(model_dir, name, device, monkeypatch):
+    """Adapt-and-predict and session predicts in batches of 1 and of 3 (padded to 4): each shape runs
+    eagerly, is captured, then replayed with new requests; every result equals the eager engine's,
+    and the session tensors handed out are copies that later replays leave alone."""
+    from service.engine import Engine
+    from service.registry import ModelRegistry
+
+    if device == "cpu":  # the graphed path with the stand-in graph
+        monkeypatch.setattr(GraphCache, "_capture", lambda self, fn, inputs, owner: RecordedCapture()(self, fn, inputs, owner))
+        real = Engine._graphs
+        monkeypatch.setattr(Engine, "_graphs", lambda self, dev: real(self, "cuda") if self.cuda_graphs else None)
+    else:
+        # Reproducible kernels: otherwise cuDNN may pick other algorithms for other shapes, and TF32
+        # rounding, amplified by the inner steps, exceeds any fixed tolerance.
+        for flag, value in (("deterministic", True), ("benchmark", False), ("allow_tf32", False)):
+            monkeypatch.setattr(torch.backends.cudnn, flag, value)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    model = ModelRegistry.load(model_dir, device).get(name)
+    graphed, eager = Engine(cuda_graphs=8, max_batch_size=8), Engine(cuda_graphs=0, max_batch_size=8)
+    if device == "cuda":
+        # The comparison runs the same padded shapes eagerly: a cache that never captures.
+        eager = Engine(cuda_graphs=8, max_batch_size=8)
+        eager._graphs(device).capture_after = 10**9
+    key = "probabilities" if model.task_type == "classification" else "predictions"
+    for rows in (1, 3):
+        for round_ in range(4):
+            jobs = _jobs(model, rows, round_, "adapt")
+            got, want = graphed._compute(jobs), eager._compute(jobs)
+            assert len(got) == rows
+            for g, w in zip(got, want):
+                torch.testing.assert_close(torch.tensor(g[key]), torch.tensor(w[key]), atol=1e-5, rtol=1e-4)
+                assert g["support_loss_after"] == pytest.approx(w["support_loss_after"], rel=1e-4, abs=1e-6)
+                assert set(g["tensors"]) == set(w["tensors"])
+                for n in w["tensors"]:
+                    torch.testing.assert_close(g["tensors"][n], w["tensors"][n], atol=1e-5, rtol=1e-4)
+            kept = {n: t.clone() for n, t in got[0]["tensors"].items()}
+            sessions = [w["tensors"] for w in want]
+            predicted = _jobs(model, rows, round_ + 10, "predict", sessions)
+            for g, w in zip(graphed._compute(predicted), eager._compute(predicted)):
+                torch.testing.assert_close(torch.tensor(g[key]), torch.tensor(w[key]), atol=1e-5, rtol=1e-4)
+            graphed._compute(_jobs(model, rows, round_ + 20, "adapt"))
+            for n, t in kept.items():  # a session's tensors are its own, not the graph's outputs
+                assert torch.equal(got[0]["tensors"][n], t)
+    cache = graphed._graphs(device)
+    assert cache.failures == 0
+    assert cache.captures == 4  # (adapt, predict) x (1, 4 rows)
+    assert cache.replays >= 4 * 4
+    assert device == "cuda" or eager._graphs(device) is None
+    assert device == "cpu" or eager._graphs(device).captures == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_capture_failure_runs_eagerly_on_cuda():
+    """A computation that synchronises with the CPU cannot be captured: it runs eagerly, and CUDA keeps working."""
+    cache = GraphCache(capture_after=1)
+    x = torch.ones(3, device="cuda")
+    out = cache.run(("syncs",), lambda t: t * float(t.sum()), (x,))
+    torch.testing.assert_close(out, x * 3)
+    assert cache.failures == 1 and len(cache) == 0
+    for value in (1.0, 2.0):
+        t = torch.full((3,), value, device="cuda")
+        torch.testing.assert_close(cache.run(("pure",), lambda t: t * 2, (t,)), t * 2)
+    assert cache.captures == 1 and len(cache) == 1
