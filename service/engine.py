@@ -168,7 +168,8 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._threads: list[threading.Thread] = []
-        self._local = threading.local()  # per worker: its own copies of the learners (see _learner)
+        self._local = threading.local()  # per worker: its own copies of the learners (see _learner), its graphs
+        self._graph_caches: list[GraphCache] = []
         self._last_batch_size = 1
         self.batches = 0
         self.jobs_done = 0
@@ -381,7 +382,20 @@ class Engine:
             return None
         if not hasattr(self._local, "graphs"):
             self._local.graphs = GraphCache(capacity=self.cuda_graphs)
+            with self._cond:
+                self._graph_caches.append(self._local.graphs)
         return self._local.graphs
+
+    def graph_stats(self) -> dict[str, int]:
+        """CUDA graphs over all workers: held, captures, replays, failures (all 0 off a GPU)."""
+        with self._cond:
+            caches = list(self._graph_caches)
+        return {
+            "held": sum(len(c) for c in caches),
+            "captures": sum(c.captures for c in caches),
+            "replays": sum(c.replays for c in caches),
+            "failures": sum(c.failures for c in caches),
+        }
 
     def _graphed(self, batch: list[Job], compute: Callable, inputs: list[torch.Tensor], rows: int):
         """``compute(*inputs)``, replayed from a CUDA graph on a GPU (inputs padded to ``rows``)."""

@@ -233,24 +233,35 @@ def test_engine_on_cuda_equals_cpu(model_dir, name):
         engine = Engine(max_batch_size=8, max_wait_ms=20.0)
         engine.start()
         try:
-            jobs = []
-            for seed in range(8):
-                batch = image_batch(tasks=1, seed=seed)
-                jobs.append(Job("adapt", model, support_x=batch.support_x[0], support_y=batch.support_y[0],
-                                steps=5, lr=0.4, query_x=batch.query_x[0], keep_session=True))
-            futures = [engine.submit_nowait(job) for job in jobs]
-            adapted = [f.result(timeout=120) for f in futures]
-            # session predictions from CPU copies of the session tensors (what the Redis store returns)
-            predicted = []
-            for seed, result in enumerate(adapted):
-                session = {n: t.cpu() for n, t in result["tensors"].items()}
-                query = image_batch(tasks=1, seed=seed).query_x[0]
-                predicted.append(engine.submit_nowait(Job("predict", model, query_x=query, session=session)))
-            predicted = [f.result(timeout=120) for f in predicted]
+            # Three rounds of the same requests: on the GPU the worker captures CUDA graphs of the
+            # batch shapes it sees twice and replays them; every round must give the same answers.
+            rounds = []
+            for _ in range(3):
+                jobs = []
+                for seed in range(8):
+                    batch = image_batch(tasks=1, seed=seed)
+                    jobs.append(Job("adapt", model, support_x=batch.support_x[0], support_y=batch.support_y[0],
+                                    steps=5, lr=0.4, query_x=batch.query_x[0], keep_session=True))
+                futures = [engine.submit_nowait(job) for job in jobs]
+                adapted = [f.result(timeout=120) for f in futures]
+                # session predictions from CPU copies of the session tensors (what the Redis store returns)
+                predicted = []
+                for seed, result in enumerate(adapted):
+                    session = {n: t.cpu() for n, t in result["tensors"].items()}
+                    query = image_batch(tasks=1, seed=seed).query_x[0]
+                    predicted.append(engine.submit_nowait(Job("predict", model, query_x=query, session=session)))
+                rounds.append((adapted, [f.result(timeout=120) for f in predicted]))
         finally:
             engine.stop()
+        adapted, predicted = rounds[0]
+        for later_adapted, later_predicted in rounds[1:]:
+            for r_first, r_later in zip(adapted + predicted, later_adapted + later_predicted):
+                close(torch.tensor(r_later["probabilities"]), torch.tensor(r_first["probabilities"]), atol=1e-4, rtol=1e-3)
         if device == "cuda":
             assert all(t.device.type == "cuda" for t in adapted[0]["tensors"].values())
+            assert engine.graph_stats()["replays"] > 0 and engine.graph_stats()["failures"] == 0
+        else:
+            assert engine.graph_stats() == {"held": 0, "captures": 0, "replays": 0, "failures": 0}
         results[device] = (adapted, predicted)
     for (a_cpu, p_cpu), (a_gpu, p_gpu) in [(results["cpu"], results["cuda"])]:
         for r_cpu, r_gpu in zip(a_cpu + p_cpu, a_gpu + p_gpu):

@@ -371,6 +371,10 @@ def test_session_expiry_and_lru_eviction(small_server):
 
 def test_metrics_exposition(server, http):
     http.get("/v1/models")
+    # an adaptation and a 422 of its own, so the test also runs alone
+    ok = http.post("/v1/models/sine/predict", json={"support": {"x": [[0.0], [1.0]], "y": [0.0, 0.5]}, "query": {"x": [[0.5]]}})
+    assert ok.status_code == 200, ok.text
+    assert http.post("/v1/models/sine/adapt", json={"support": {"x": [[1.0]]}}).status_code == 422
     text = httpx.get(server.url + "/metrics").text
     for name in [
         'metalearn_http_requests_total{method="GET",route="/v1/models",status="200"}',
@@ -385,6 +389,9 @@ def test_metrics_exposition(server, http):
         "metalearn_sessions_bytes",
         "metalearn_session_evictions_total",
         "metalearn_session_expirations_total",
+        "metalearn_cuda_graphs 0.0",  # a CPU server holds none
+        "metalearn_cuda_graph_replays_total 0.0",
+        "metalearn_cuda_graph_capture_failures_total 0.0",
     ]:
         assert name in text, name
 

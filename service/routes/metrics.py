@@ -20,7 +20,9 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-class _StoreCollector:
+class _StateCollector:
+    """Values read at scrape time: the session store's, and the engine's CUDA graphs."""
+
     def __init__(self, app_state):
         self.app_state = app_state
 
@@ -28,6 +30,18 @@ class _StoreCollector:
         return []
 
     def collect(self):
+        engine = getattr(self.app_state, "engine", None)
+        if engine is not None:
+            graphs = engine.graph_stats()
+            for family, name, help_text, value in (
+                (GaugeMetricFamily, "metalearn_cuda_graphs", "CUDA graphs held by the engine's workers (GPU only)", graphs["held"]),
+                (CounterMetricFamily, "metalearn_cuda_graph_captures", "CUDA graphs captured", graphs["captures"]),
+                (CounterMetricFamily, "metalearn_cuda_graph_replays", "Batches replayed from a CUDA graph", graphs["replays"]),
+                (CounterMetricFamily, "metalearn_cuda_graph_capture_failures", "Shapes that could not be captured (run eagerly)", graphs["failures"]),
+            ):
+                metric = family(name, help_text)
+                metric.add_metric([], value)
+                yield metric
         store = getattr(self.app_state, "store", None)
         if store is None:
             return
@@ -72,7 +86,7 @@ class ServiceMetrics:
         self.timeouts = Counter("metalearn_engine_timeouts", "Jobs that exceeded the request timeout", registry=r)
         self.models = Gauge("metalearn_models_loaded", "Models being served", registry=r)
         if app_state is not None:
-            r.register(_StoreCollector(app_state))
+            r.register(_StateCollector(app_state))
 
     # Engine callbacks (called from the worker thread)
     def queue_depth(self, depth: int) -> None:
