@@ -101,6 +101,8 @@ def main() -> None:
                 print(f"{algorithm:8} {mode:8} {rows:3d} {eager:9.2f} {graphs:9.2f} {eager / graphs:5.1f}x {graphs / rows:10.2f} {diff:9.1e}", flush=True)
     cache = engines["graphs"]._graphs(args.device)
     if cache is not None:
+        print(f"GPU memory: {torch.cuda.memory_reserved() / 2**20:.0f} MB reserved, {torch.cuda.max_memory_allocated() / 2**20:.0f} MB "
+              f"peak allocated (eager and graphed engines together; each graph keeps its own memory pool)")
         print(f"graphs: {cache.captures} captured, {cache.replays} replays, {cache.failures} failed captures")
 
 

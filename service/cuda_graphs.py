@@ -24,6 +24,11 @@ other's results, so the padding changes nothing).
 Outputs are the graph's static tensors: valid until the next call of the same
 key, so a caller copies what it keeps before the next call (the engine's one
 worker per GPU consumes a batch's results before it takes the next batch).
+
+One thread per GPU: a capture fails when another thread computes on the GPU
+meanwhile (measured on an H100 with two engine workers:
+``cudaErrorStreamCaptureUnsupported``), so the engine uses graphs only when a
+single worker owns the GPU, its default.
 """
 
 from __future__ import annotations
@@ -133,7 +138,8 @@ class GraphCache:
                 fn(*static)
         torch.cuda.current_stream(static[0].device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: other workers' eager work on other threads may go on during the capture.
+        # thread_local: other threads' GPU calls during the capture (a Redis store copying session tensors
+        # to the host, say) are not refused; should they break the capture, this key runs eagerly instead.
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             outputs = fn(*static)
         self.captures += 1

@@ -17,10 +17,10 @@ batches do) take jobs from one bounded queue and run *compatible* jobs together:
 Workers never compute with one module at once: the generic path runs on each
 worker's own copy of the learner (see :meth:`Engine._learner`).
 
-On a GPU each batch's tensor work (adaptation, prediction, the finiteness
-checks) is replayed from a CUDA graph per shape, the batch padded to a power
-of two (``service.cuda_graphs``): a request is a thousand small kernels, and
-launching them costs more than running them.
+On a GPU with one worker (the default) each batch's tensor work (adaptation,
+prediction, the finiteness checks) is replayed from a CUDA graph per shape,
+the batch padded to a power of two (``service.cuda_graphs``): a request is a
+thousand small kernels, and launching them costs more than running them.
 
 Under concurrency a batch waits at most ``max_wait_ms`` for company (jobs that
 arrive while the worker is busy batch naturally; a lone client is never delayed). When ``queue_size`` jobs are pending,
@@ -377,8 +377,9 @@ class Engine:
         return self._local.replicas[learner]
 
     def _graphs(self, device) -> GraphCache | None:
-        """This worker's CUDA graph cache when ``device`` is a GPU and graphs are on (see service.cuda_graphs)."""
-        if not self.cuda_graphs or torch.device(device).type != "cuda":
+        """This worker's CUDA graph cache when ``device`` is a GPU, graphs are on and this is the only worker
+        (a capture fails while another thread computes on the GPU; see service.cuda_graphs)."""
+        if not self.cuda_graphs or self.workers > 1 or torch.device(device).type != "cuda":
             return None
         if not hasattr(self._local, "graphs"):
             self._local.graphs = GraphCache(capacity=self.cuda_graphs)

@@ -234,3 +234,47 @@ def test_graph_capture_failure_runs_eagerly_on_cuda():
         t = torch.full((3,), value, device="cuda")
         torch.testing.assert_close(cache.run(("pure",), lambda t: t * 2, (t,)), t * 2)
     assert cache.captures == 1 and len(cache) == 1
+
+
+def test_graphs_only_with_one_worker_per_gpu():
+    """A capture fails while another thread computes on the GPU (two workers on an H100:
+    cudaErrorStreamCaptureUnsupported), so several workers run without graphs."""
+    from service.engine import Engine
+
+    assert isinstance(Engine(workers=1)._graphs("cuda"), GraphCache)
+    assert Engine(workers=2)._graphs("cuda") is None
+    assert Engine(workers=1, cuda_graphs=0)._graphs("cuda") is None
+    assert Engine(workers=1)._graphs("cpu") is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_two_workers_on_one_gpu_run_eagerly_and_correctly(model_dir, monkeypatch):
+    """METALEARN_WORKERS=2 on a GPU: no graphs (see above), and concurrent requests on the three
+    engine paths get what a lone eager engine computes."""
+    import asyncio
+
+    from service.engine import Engine
+    from service.registry import ModelRegistry
+
+    for flag, value in (("deterministic", True), ("benchmark", False)):
+        monkeypatch.setattr(torch.backends.cudnn, flag, value)
+    registry = ModelRegistry.load(model_dir, "cuda")
+    models = [registry.get(name) for name in ("conv-maml", "conv-anil", "conv-metasgd")]
+    requests = [(model, seed) for seed in range(6) for model in models]
+    reference = Engine(cuda_graphs=0, max_batch_size=1)
+    want = [reference._compute(_jobs(model, 1, seed, "adapt"))[0]["probabilities"] for model, seed in requests]
+
+    engine = Engine(workers=2, max_batch_size=1, max_wait_ms=0, request_timeout_s=120)
+    engine.start()
+    try:
+        async def all_at_once():
+            return await asyncio.gather(*[engine.submit(_jobs(model, 1, seed, "adapt")[0]) for model, seed in requests])
+
+        rounds = [asyncio.run(all_at_once()) for _ in range(3)]
+    finally:
+        engine.stop()
+    assert engine.graph_stats() == {"held": 0, "captures": 0, "replays": 0, "failures": 0}
+    for results in rounds:
+        for result, expected in zip(results, want):
+            torch.testing.assert_close(torch.tensor(result["probabilities"]), torch.tensor(expected), atol=1e-5, rtol=1e-4)
