@@ -128,3 +128,25 @@ def test_conv4_meta_gradients_equal_the_plain_modules(algorithm, strategy, monke
     scale = max(g.abs().max() for g in plain.grads.values())
     for name, grad in plain.grads.items():
         torch.testing.assert_close(fused.grads[name], grad, rtol=0, atol=1e-12 * scale)
+
+
+def test_conv4_runs_channels_last_after_the_fused_block(monkeypatch):
+    """Outside torch.func transforms the blocks after the fused one run channels-last (BatchNorm on the
+    [N*H*W, C] view); the output equals the plain NCHW modules'. (The meta-gradient test above covers
+    the backward passes, to second order.)"""
+    seen = []
+    real = metalearn.models._channels_last
+    monkeypatch.setattr(metalearn.models, "_channels_last", lambda x: seen.append(real(x)) or seen[-1])
+    torch.manual_seed(0)
+    model = Conv4(out_features=5, channels=6).double()
+    x = torch.rand(10, 1, 28, 28, dtype=torch.float64)
+    fused = model(x)
+    assert seen == [True, True, True]  # the three BatchNorms after the first block
+    seen.clear()
+    batched = torch.func.vmap(model)(x.unsqueeze(0))  # fused too, but NCHW inside a transform
+    assert seen == [False] * 3
+    torch.testing.assert_close(batched[0], fused, rtol=0, atol=1e-12)
+    monkeypatch.setattr(metalearn.models, "fuses", lambda *args: False)
+    seen.clear()
+    torch.testing.assert_close(fused, model(x), rtol=0, atol=1e-12)
+    assert seen == [False] * 4
