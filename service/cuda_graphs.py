@@ -113,7 +113,7 @@ class GraphCache:
         except Exception as error:  # noqa: BLE001 - any capture problem means: run this key eagerly
             self.failures += 1
             self._remember(self._failed, key, None)
-            log.warning("CUDA graph capture failed for %s (%s: %s); running it without a graph", key[:2], type(error).__name__, error)
+            log.warning("CUDA graph capture failed for %s (%s: %s); running it without a graph", key, type(error).__name__, error)
             return fn(*inputs)
         self._graphs[key] = entry
         while len(self._graphs) > self.capacity:

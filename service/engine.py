@@ -479,9 +479,17 @@ class Engine:
         names = sorted(first.session)
         inputs = [torch.stack([j.query_x for j in batch]).to(device, non_blocking=True)]
         inputs += [torch.stack([j.session[n].to(device) for j in batch]) for n in names]
+        outputs, finite = self._graphed(batch, self._predict_kernel(model, first, names, rows), inputs, rows)
+        finite = finite[:count].cpu().tolist()
+        decoded = self._decode_outputs(model, outputs[:count])
+        return [{k: v[i] for k, v in decoded.items()} if finite[i] else {"diverged": True} for i in range(count)]
+
+    def _predict_kernel(self, model, first: Job, names: list[str], rows: int) -> Callable:
+        """``compute(query_x, *session tensors in names' order)`` for ``rows`` stacked session predictions
+        like ``first``: -> (outputs, per-row all-finite mask). Only tensor work (graphable)."""
+        transductive = first.transductive
         fast = self._fast(model, rows)
         learner = self._learner(model) if fast is None else None
-        transductive = first.transductive
 
         def compute(qx, *session):
             tensors = dict(zip(names, session))
@@ -494,10 +502,7 @@ class Engine:
                 outputs = predict_many(learner, adaptation_from_tensors(tensors), qx, transductive=transductive)
             return outputs, _finite_rows([outputs])
 
-        outputs, finite = self._graphed(batch, compute, inputs, rows)
-        finite = finite[:count].cpu().tolist()
-        decoded = self._decode_outputs(model, outputs[:count])
-        return [{k: v[i] for k, v in decoded.items()} if finite[i] else {"diverged": True} for i in range(count)]
+        return compute
 
     @staticmethod
     def _decode_outputs(model, outputs: torch.Tensor) -> dict[str, list]:
