@@ -84,6 +84,11 @@ def window_columns(x: torch.Tensor, conv: nn.Conv2d) -> WindowColumns:
     return WindowColumns(grid.reshape(*lead, 4, N * pooled_h * pooled_w, K), N, pooled_h, pooled_w)
 
 
+def transformed(t: torch.Tensor) -> bool:
+    """Whether ``t`` is inside a torch.func transform (vmap, grad), where ``out=`` and layout queries fail."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def _winners(candidate: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
     """1.0 where ``candidate`` is the window's maximum, else 0.0, in ``pooled``'s dtype.
 
@@ -92,7 +97,7 @@ def _winners(candidate: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
     ``torch.where`` is slower still). ``vmap`` has no rule for ``out=``, so under
     a ``torch.func`` transform the mask is converted. A fresh tensor each call: the
     multiplication saves it for the double backward."""
-    if torch._C._functorch.is_functorch_wrapped_tensor(pooled):
+    if transformed(pooled):
         return (candidate == pooled).to(pooled.dtype)
     return torch.eq(candidate, pooled, out=torch.empty_like(pooled))
 

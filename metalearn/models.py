@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalearn.first_block import first_block, fuses
+from metalearn.first_block import first_block, fuses, transformed
 
 # --------------------------------------------------------------------------
 # BatchNorm with per-batch statistics
@@ -46,14 +46,12 @@ class _NormStatistics:
 _NORM_MODE: ContextVar[_NormStatistics | None] = ContextVar("metalearn_norm_mode", default=None)
 
 
-def _wrapped(t: torch.Tensor) -> bool:
-    """Whether ``t`` is inside a torch.func transform (vmap or grad), where layouts cannot be queried."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
-
-
 def _channels_last(x: torch.Tensor) -> bool:
-    """A plain 4-D tensor stored channels-last (and not also NCHW-contiguous)."""
-    return x.dim() == 4 and not _wrapped(x) and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    """A plain 4-D CPU tensor stored channels-last (and not also NCHW-contiguous)."""
+    return (
+        x.dim() == 4 and x.device.type == "cpu" and not transformed(x)
+        and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    )
 
 
 class BatchNorm(nn.Module):
@@ -233,7 +231,7 @@ class Conv4(nn.Module):
             # Channels-last from there on (outside torch.func transforms): on the CPU the
             # 64-channel convolutions run faster in it and F.max_pool2d's NCHW kernel is ~15x
             # slower than its channels-last one; a Conv4 meta-step gains 7-16%.
-            channels_last = not (_wrapped(x) or _wrapped(conv.weight))
+            channels_last = not (transformed(x) or transformed(conv.weight))
             h, _, _ = first_block(x, conv, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps, channels_last=channels_last)
             return self.head(self.body[4:](h.permute(0, 3, 1, 2) if channels_last else h.transpose(0, 1)))
         return self.head(self.body(x))
