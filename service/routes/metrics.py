@@ -20,6 +20,14 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
+def _unlabelled(rows):
+    """Metric families of one unlabelled value each, from ``(family, name, help, value)`` rows."""
+    for family, name, help_text, value in rows:
+        metric = family(name, help_text)
+        metric.add_metric([], value)
+        yield metric
+
+
 class _StateCollector:
     """Values read at scrape time: the session store's, and the engine's CUDA graphs."""
 
@@ -33,37 +41,28 @@ class _StateCollector:
         engine = getattr(self.app_state, "engine", None)
         if engine is not None:
             graphs = engine.graph_stats()
-            for family, name, help_text, value in (
+            yield from _unlabelled((
                 (GaugeMetricFamily, "metalearn_cuda_graphs", "CUDA graphs held by the engine's workers (GPU only)", graphs["held"]),
                 (CounterMetricFamily, "metalearn_cuda_graph_captures", "CUDA graphs captured", graphs["captures"]),
                 (CounterMetricFamily, "metalearn_cuda_graph_replays", "Batches replayed from a CUDA graph", graphs["replays"]),
                 (CounterMetricFamily, "metalearn_cuda_graph_capture_failures", "Shapes that could not be captured (run eagerly)", graphs["failures"]),
-            ):
-                metric = family(name, help_text)
-                metric.add_metric([], value)
-                yield metric
+            ))
         store = getattr(self.app_state, "store", None)
         if store is None:
             return
+        up = (GaugeMetricFamily, "metalearn_session_store_up", "1 when the session store answers")
         try:
             stats = store.stats()
         except Exception:  # noqa: BLE001 - an unreachable store must not break /metrics
-            up = GaugeMetricFamily("metalearn_session_store_up", "1 when the session store answers")
-            up.add_metric([], 0)
-            yield up
+            yield from _unlabelled([(*up, 0)])
             return
-        up = GaugeMetricFamily("metalearn_session_store_up", "1 when the session store answers")
-        up.add_metric([], 1)
-        yield up
-        for family, name, help_text, value in (
+        yield from _unlabelled((
+            (*up, 1),
             (GaugeMetricFamily, "metalearn_sessions_live", "Sessions currently stored", stats.live_sessions),
             (GaugeMetricFamily, "metalearn_sessions_bytes", "Bytes of adapted parameters currently stored", stats.live_bytes),
             (CounterMetricFamily, "metalearn_session_evictions", "Sessions evicted to honour the byte budget", stats.evictions),
             (CounterMetricFamily, "metalearn_session_expirations", "Sessions dropped because their TTL passed", stats.expirations),
-        ):
-            metric = family(name, help_text)
-            metric.add_metric([], value)
-            yield metric
+        ))
 
 
 class ServiceMetrics:
