@@ -379,7 +379,7 @@ class Engine:
     def _graphs(self, device) -> GraphCache | None:
         """This worker's CUDA graph cache when ``device`` is a GPU, graphs are on and this is the only worker
         (a capture fails while another thread computes on the GPU; see service.cuda_graphs)."""
-        if not self.cuda_graphs or self.workers > 1 or torch.device(device).type != "cuda":
+        if not self.cuda_graphs or self.workers > 1 or not str(device).startswith("cuda"):
             return None
         if not hasattr(self._local, "graphs"):
             self._local.graphs = GraphCache(capacity=self.cuda_graphs)
@@ -398,33 +398,30 @@ class Engine:
             "failures": sum(c.failures for c in caches),
         }
 
-    def _graphed(self, batch: list[Job], compute: Callable, inputs: list[torch.Tensor], rows: int):
-        """``compute(*inputs)``, replayed from a CUDA graph on a GPU (inputs padded to ``rows``)."""
-        model = batch[0].model
-        graphs = self._graphs(model.device)
+    def _rows(self, graphs: GraphCache | None, count: int) -> int:
+        """How many rows a batch of ``count`` computes: padded to a graph bucket with graphs, else ``count``."""
+        return count if graphs is None else bucket(count, max(count, self.max_batch_size))
+
+    def _graphed(self, graphs: GraphCache | None, batch: list[Job], compute: Callable, inputs: list[torch.Tensor], rows: int):
+        """``compute(*inputs)``, replayed from a CUDA graph when there are graphs (inputs padded to ``rows``)."""
         if graphs is None:
             return compute(*inputs)
+        model = batch[0].model
         inputs = tuple(pad_rows(t, rows) for t in inputs)
         return graphs.run((id(model), rows) + batch[0].key(), compute, inputs, owner=model)
-
-    def _rows(self, batch: list[Job]) -> int:
-        """How many rows the batch computes: padded to a CUDA graph bucket on a GPU, else the batch itself."""
-        count = len(batch)
-        if self._graphs(batch[0].model.device) is None:
-            return count
-        return bucket(count, max(count, self.max_batch_size))
 
     def _adapt(self, batch: list[Job]) -> list[dict]:
         model = batch[0].model
         device = model.device
         first = batch[0]
         count = len(batch)
-        rows = self._rows(batch)
+        graphs = self._graphs(device)
+        rows = self._rows(graphs, count)
         inputs = [torch.stack([j.support_x for j in batch]), torch.stack([j.support_y for j in batch])]
         if first.query_x is not None:
             inputs.append(torch.stack([j.query_x for j in batch]))
         inputs = [t.to(device, non_blocking=True) for t in inputs]
-        stacked, outputs, finite = self._graphed(batch, self._adapt_kernel(model, first, rows), inputs, rows)
+        stacked, outputs, finite = self._graphed(graphs, batch, self._adapt_kernel(model, first, rows), inputs, rows)
         before = stacked.support_loss_before[:count].float().cpu().tolist()
         after = stacked.support_loss_after[:count].float().cpu().tolist()
         finite = finite[:count].cpu().tolist()
@@ -475,11 +472,12 @@ class Engine:
         device = model.device
         first = batch[0]
         count = len(batch)
-        rows = self._rows(batch)
+        graphs = self._graphs(device)
+        rows = self._rows(graphs, count)
         names = sorted(first.session)
         inputs = [torch.stack([j.query_x for j in batch]).to(device, non_blocking=True)]
         inputs += [torch.stack([j.session[n].to(device) for j in batch]) for n in names]
-        outputs, finite = self._graphed(batch, self._predict_kernel(model, first, names, rows), inputs, rows)
+        outputs, finite = self._graphed(graphs, batch, self._predict_kernel(model, first, names, rows), inputs, rows)
         finite = finite[:count].cpu().tolist()
         decoded = self._decode_outputs(model, outputs[:count])
         return [{k: v[i] for k, v in decoded.items()} if finite[i] else {"diverged": True} for i in range(count)]
