@@ -39,7 +39,6 @@ import asyncio
 import concurrent.futures
 import copy
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -163,7 +162,7 @@ class Engine:
         self.workers = workers
         self.metrics = metrics
         self.strategy = strategy
-        self.cuda_graphs = cuda_graphs  # graphs kept per worker on a GPU; 0 = none (service.cuda_graphs)
+        self.cuda_graphs = cuda_graphs  # graphs kept on a GPU with one worker; 0 = none (service.cuda_graphs)
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -345,8 +344,8 @@ class Engine:
             model._engine_strategy = cached
         return cached
 
-    def _fast(self, model, count: int):
-        """The fast batched kernel for this model and batch size, or None (see service.fastpath).
+    def _fast(self, model):
+        """The fast batched kernel for this model, or None (see service.fastpath).
 
         Both kernels beat the generic path even for a single request on the CPU;
         results agree with it to float rounding (tests/test_fastpath.py).
@@ -400,7 +399,7 @@ class Engine:
 
     def _rows(self, graphs: GraphCache | None, count: int) -> int:
         """How many rows a batch of ``count`` computes: padded to a graph bucket with graphs, else ``count``."""
-        return count if graphs is None else bucket(count, max(count, self.max_batch_size))
+        return count if graphs is None else bucket(count, self.max_batch_size)
 
     def _graphed(self, graphs: GraphCache | None, batch: list[Job], compute: Callable, inputs: list[torch.Tensor], rows: int):
         """``compute(*inputs)``, replayed from a CUDA graph when there are graphs (inputs padded to ``rows``)."""
@@ -428,7 +427,7 @@ class Engine:
         results = []
         decoded = None if outputs is None else self._decode_outputs(model, outputs[:count])
         for i in range(count):
-            if not (finite[i] and math.isfinite(before[i]) and math.isfinite(after[i])):
+            if not finite[i]:  # the mask covers the parameters, the outputs and both support losses
                 results.append({"diverged": True, "support_loss_before": before[i], "support_loss_after": after[i]})
                 continue
             result: dict = {"support_loss_before": before[i], "support_loss_after": after[i]}
@@ -444,7 +443,7 @@ class Engine:
         -> (stacked Adaptation, outputs or None, per-row all-finite mask). Only tensor work (graphable)."""
         steps, lr, transductive, shift = first.steps, first.lr, first.transductive, model.support_shift
         strategy = self._strategy(model)
-        fast = self._fast(model, rows)
+        fast = self._fast(model)
         learner = self._learner(model) if fast is None else None  # the fast kernels need no copy
 
         def compute(sx, sy, qx=None):
@@ -486,7 +485,7 @@ class Engine:
         """``compute(query_x, *session tensors in names' order)`` for ``rows`` stacked session predictions
         like ``first``: -> (outputs, per-row all-finite mask). Only tensor work (graphable)."""
         transductive = first.transductive
-        fast = self._fast(model, rows)
+        fast = self._fast(model)
         learner = self._learner(model) if fast is None else None
 
         def compute(qx, *session):
