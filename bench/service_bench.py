@@ -427,6 +427,11 @@ def main() -> None:
             s, b = find("service", model, "stateless", c), find("baseline", model, "stateless", c)
             if s and b and b["throughput"]:
                 print(f"{model} stateless c={c}: {s['throughput'] / b['throughput']:.1f}x throughput, p50 {s['p50_ms']:.0f} vs {b['p50_ms']:.0f} ms")
+            # The issue states its targets against one straightforward service, measured on MAML requests
+            # (3 GFLOP each); against that reference too, when this run measured it.
+            m = find("baseline", "maml", "stateless", c)
+            if model != "maml" and s and m and m["throughput"]:
+                print(f"{model} stateless c={c}: {s['throughput'] / m['throughput']:.1f}x the baseline's MAML throughput ({m['throughput']:.1f} req/s)")
         for mode in modes:
             for c in levels:
                 s, e = find("service", model, mode, c), find("service-eager", model, mode, c)

@@ -146,9 +146,45 @@ class _PooledProduct(torch.autograd.Function):
                 remaining = remaining - taken
             else:
                 taken = remaining
-            term = (taken.transpose(-1, -2) if ctx.channels_last else taken) @ cols.select(-3, position)  # [..., C, K]
+            # [..., C, K] as (cols^T @ taken)^T: MKL runs this orientation about 4x faster (K = 9 is the
+            # product's short side either way).
+            term = (cols.select(-3, position).transpose(-1, -2) @ (taken if ctx.channels_last else taken.transpose(-1, -2))).transpose(-1, -2)
             grad_weight = term if grad_weight is None else grad_weight + term
         return grad_weight, None, None
+
+
+# About 1 MiB of products per chunk: the four window positions' products stay in the cache until
+# pooled (written out whole, they cost a pass through memory and most of the forward's time).
+_CHUNK_VALUES = 1 << 18
+
+
+def _pooled_max(weight: torch.Tensor, cols: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``_PooledProduct``'s pooled output, with no autograd record, computed in cache-sized chunks
+    (lead entries and column rows) so the full product is never written. 2.4x faster (one thread,
+    16 requests of 5 images)."""
+    *lead, _, M, K = cols.shape
+    C = weight.shape[-2]
+    L = 1
+    for size in lead:
+        L *= size
+    cols = cols.reshape(L, 4, M, K)
+    weight = weight.reshape(-1, C, K) if weight.dim() > 2 else weight.unsqueeze(0)
+    weight_t = weight.transpose(-1, -2).contiguous()  # [l, K, C]: a contiguous right factor is faster
+    out = torch.empty(L, M, C, dtype=cols.dtype, device=cols.device) if channels_last else torch.empty(L, C, M, dtype=cols.dtype, device=cols.device)
+    rows = max(1, min(M, _CHUNK_VALUES // (4 * C)))
+    leads = max(1, _CHUNK_VALUES // (4 * C * M))
+    for l0 in range(0, L, leads):
+        w, w_t = (weight, weight_t) if weight.shape[0] == 1 else (weight[l0 : l0 + leads], weight_t[l0 : l0 + leads])
+        for m0 in range(0, M, rows):
+            block = cols[l0 : l0 + leads, :, m0 : m0 + rows]
+            if channels_last:
+                a, b, c, d = (block @ w_t.unsqueeze(1)).unbind(1)  # [l, m, C] each
+                target = out[l0 : l0 + leads, m0 : m0 + rows]
+            else:
+                a, b, c, d = (w.unsqueeze(1) @ block.transpose(-1, -2)).unbind(1)  # [l, C, m] each
+                target = out[l0 : l0 + leads, :, m0 : m0 + rows]
+            torch.maximum(torch.maximum(a, b), torch.maximum(c, d), out=target)
+    return out.view(*lead, *out.shape[1:])
 
 
 def _gram_statistics(columns: WindowColumns, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,7 +222,10 @@ def first_block(
     columns = x if isinstance(x, WindowColumns) else window_columns(x, conv)
     sign = torch.where(gamma < 0, -1.0, 1.0).to(gamma.dtype)  # a constant: no gradient flows through it
     signed_weight = weight.flatten(-3) * sign.unsqueeze(-1)
-    pooled, _ = _PooledProduct.apply(signed_weight, columns.cols, channels_last)  # max over each window of sign * (W cols)
+    if torch.is_grad_enabled() and signed_weight.requires_grad or transformed(columns.cols):
+        pooled, _ = _PooledProduct.apply(signed_weight, columns.cols, channels_last)  # max over each window of sign * (W cols)
+    else:
+        pooled = _pooled_max(signed_weight, columns.cols, channels_last)
     bias = torch.zeros_like(gamma) if bias is None else bias
     if stats is None:
         signed_mean, var = _gram_statistics(columns, signed_weight)

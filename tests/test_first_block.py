@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import metalearn.first_block
 import metalearn.models
 from metalearn import Conv4, MetaConfig, MetaLearner
 from metalearn.batching import run_meta_batch
@@ -84,6 +85,24 @@ def test_second_order_hessian_vector_products_equal_plain_modules_float64(channe
     for got, want in zip(fused, plain):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9)
     assert fused[0].abs().max() > 0 and fused[2].abs().max() > 0
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shared", [False, True], ids=["per-request weights", "shared weights"])
+def test_forward_without_autograd_equals_plain_modules(channels_last, shared, monkeypatch):
+    """With no gradient to record, the block pools in cache-sized chunks (``_pooled_max``): small
+    chunks here, so requests and rows split across several of them."""
+    monkeypatch.setattr(metalearn.first_block, "_CHUNK_VALUES", 4 * 6 * 50)  # 50 rows of one request per chunk
+    conv = Conv4(channels=6).body[0]
+    x, params = block_inputs()
+    if shared:
+        params = tuple(t[0] for t in params)
+    with torch.no_grad():
+        out, _, _ = first_block(x, conv, *params, 1e-5, channels_last=channels_last)
+    out = as_nchw(out, channels_last)
+    for r in range(x.shape[0]):
+        mine = [t[r] if not shared else t for t in params]
+        torch.testing.assert_close(out[r], plain_block(x[r], *[t.detach() for t in mine]), rtol=1e-9, atol=1e-9)
 
 
 def test_given_statistics_normalise_like_batchnorm_with_them():
