@@ -160,8 +160,8 @@ _CHUNK_VALUES = 1 << 18
 
 def _pooled_max(weight: torch.Tensor, cols: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """``_PooledProduct``'s pooled output, with no autograd record, computed in cache-sized chunks
-    (lead entries and column rows) so the full product is never written. 2.4x faster (one thread,
-    16 requests of 5 images)."""
+    (lead entries and column rows) so the full product is never written. One thread, requests of 5
+    images: 1.6x faster for 16 with one weight (ANIL), 1.25x for 8 with their own."""
     *lead, _, M, K = cols.shape
     C = weight.shape[-2]
     L = 1
@@ -174,14 +174,19 @@ def _pooled_max(weight: torch.Tensor, cols: torch.Tensor, channels_last: bool) -
     rows = max(1, min(M, _CHUNK_VALUES // (4 * C)))
     leads = max(1, _CHUNK_VALUES // (4 * C * M))
     for l0 in range(0, L, leads):
-        w, w_t = (weight, weight_t) if weight.shape[0] == 1 else (weight[l0 : l0 + leads], weight_t[l0 : l0 + leads])
+        w_t = weight_t if weight.shape[0] == 1 else weight_t[l0 : l0 + leads]
         for m0 in range(0, M, rows):
             block = cols[l0 : l0 + leads, :, m0 : m0 + rows]
+            l, _, m, _ = block.shape
+            if w_t.shape[0] == 1:  # one weight for the whole chunk: one 2-D product (a broadcast matmul is 3x slower)
+                product = (block.reshape(l * 4 * m, K) @ w_t[0]).view(l, 4, m, C)
+            else:
+                product = (block.reshape(l, 4 * m, K) @ w_t).view(l, 4, m, C)
             if channels_last:
-                a, b, c, d = (block @ w_t.unsqueeze(1)).unbind(1)  # [l, m, C] each
+                a, b, c, d = product.unbind(1)  # [l, m, C] each
                 target = out[l0 : l0 + leads, m0 : m0 + rows]
             else:
-                a, b, c, d = (w.unsqueeze(1) @ block.transpose(-1, -2)).unbind(1)  # [l, C, m] each
+                a, b, c, d = product.transpose(-1, -2).unbind(1)  # [l, C, m] each
                 target = out[l0 : l0 + leads, :, m0 : m0 + rows]
             torch.maximum(torch.maximum(a, b), torch.maximum(c, d), out=target)
     return out.view(*lead, *out.shape[1:])
