@@ -105,6 +105,19 @@ def test_forward_without_autograd_equals_plain_modules(channels_last, shared, mo
         torch.testing.assert_close(out[r], plain_block(x[r], *[t.detach() for t in mine]), rtol=1e-9, atol=1e-9)
 
 
+def test_forward_without_autograd_under_vmap_over_weights_only():
+    """Batched weights with an unbatched input (several adapted models, one query set) take the
+    transform-safe path: the chunked one writes with out=, which vmap cannot batch."""
+    model = Conv4(out_features=5, channels=6).eval()
+    torch.manual_seed(2)
+    stacked = {n: p.detach() + 0.1 * torch.randn(3, *p.shape) for n, p in model.named_parameters()}
+    x = omniglot_like(1, 4)[0]
+    with torch.no_grad():
+        batched = torch.func.vmap(lambda params: torch.func.functional_call(model, params, (x,)))(stacked)
+        one_by_one = torch.stack([torch.func.functional_call(model, {n: t[i] for n, t in stacked.items()}, (x,)) for i in range(3)])
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-5, atol=1e-5)
+
+
 def test_given_statistics_normalise_like_batchnorm_with_them():
     conv = Conv4(channels=6).body[0]
     x, params = block_inputs(R=2)
