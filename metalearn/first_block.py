@@ -227,9 +227,11 @@ def first_block(
     columns = x if isinstance(x, WindowColumns) else window_columns(x, conv)
     sign = torch.where(gamma < 0, -1.0, 1.0).to(gamma.dtype)  # a constant: no gradient flows through it
     signed_weight = weight.flatten(-3) * sign.unsqueeze(-1)
-    # max over each window of sign * (W cols); the chunked loop writes with out=, which torch.func
-    # transforms do not support (weights or inputs may be the batched ones)
-    if torch.is_grad_enabled() and signed_weight.requires_grad or transformed(columns.cols) or transformed(signed_weight):
+    # max over each window of sign * (W cols). Without autograd, on the CPU, in cache-sized chunks;
+    # not inside torch.func transforms (of the weights or the inputs: the chunks are written with
+    # out=, which they do not support), nor on a GPU (many small kernels where one large one runs well).
+    recorded = torch.is_grad_enabled() and signed_weight.requires_grad
+    if recorded or columns.cols.device.type != "cpu" or transformed(columns.cols) or transformed(signed_weight):
         pooled, _ = _PooledProduct.apply(signed_weight, columns.cols, channels_last)
     else:
         pooled = _pooled_max(signed_weight, columns.cols, channels_last)
