@@ -32,6 +32,16 @@ from service.engine import Engine, Job  # noqa: E402
 from service.registry import ModelRegistry  # noqa: E402
 
 
+def demo_registry(algorithms, device: str) -> ModelRegistry:
+    """Untrained Conv4-64 5-way checkpoints, one per algorithm (10 inner steps at lr 0.4), loaded on ``device``."""
+    directory = Path(tempfile.mkdtemp(prefix="engine_graphs_"))
+    for algorithm in algorithms:
+        torch.manual_seed(0)
+        learner = MetaLearner(Conv4(out_features=5, channels=64), MetaConfig(algorithm, inner_steps=10, inner_lr=0.4))
+        save_checkpoint(directory / f"{algorithm}.safetensors", learner, input_shape=(1, 28, 28), n_way=5)
+    return ModelRegistry.load(directory, device)
+
+
 def jobs_for(model, rows: int, mode: str, seed: int, sessions: list[dict] | None = None) -> list[Job]:
     g = torch.Generator().manual_seed(seed)
     jobs = []
@@ -71,12 +81,7 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/engine_graphs.py needs a CUDA GPU (--device cpu for a smoke run)")
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name(0) if args.device == 'cuda' else 'the CPU (smoke run: no graphs)'}")
-    directory = Path(tempfile.mkdtemp(prefix="engine_graphs_"))
-    for algorithm in args.algorithms.split(","):
-        torch.manual_seed(0)
-        learner = MetaLearner(Conv4(out_features=5, channels=64), MetaConfig(algorithm, inner_steps=10, inner_lr=0.4))
-        save_checkpoint(directory / f"{algorithm}.safetensors", learner, input_shape=(1, 28, 28), n_way=5)
-    registry = ModelRegistry.load(directory, args.device)
+    registry = demo_registry(args.algorithms.split(","), args.device)
     engines = {"graphs": Engine(cuda_graphs=16, max_batch_size=64), "eager": Engine(cuda_graphs=0, max_batch_size=64)}
     print(f"{'model':8} {'mode':8} {'R':>3} {'eager ms':>9} {'graphs ms':>9} {'ratio':>6} {'ms/request':>10} {'max |dp|':>9}")
     for algorithm in args.algorithms.split(","):

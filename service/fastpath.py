@@ -271,13 +271,16 @@ class FastFull:
             h = h.contiguous(memory_format=torch.channels_last)
             C = h.shape[1] // R
             weight, bias = P[bn_name + ".weight"].reshape(R * C), P[bn_name + ".bias"].reshape(R * C)
-            if stats is None:
-                if record:
-                    var, mean = _moments(h.permute(0, 2, 3, 1).reshape(-1, R * C), 0)  # h is channels-last: a view
-                    recorded[bn_name] = (mean.view(R, 1, C, 1, 1), var.view(R, 1, C, 1, 1))
+            if stats is None and not record:
                 h = F.batch_norm(h, None, None, weight, bias, True, 0.0, bn.eps)
             else:
-                mean, var = stats[bn_name]
+                if stats is None:
+                    # Record the statistics and normalise with them, as BatchNorm's recording does (one
+                    # pass over h for both; recording is the adaptation's last forward, without autograd).
+                    var, mean = _moments(h.permute(0, 2, 3, 1).reshape(-1, R * C), 0)  # h is channels-last: a view
+                    recorded[bn_name] = (mean.view(R, 1, C, 1, 1), var.view(R, 1, C, 1, 1))
+                else:
+                    mean, var = stats[bn_name]
                 h = F.batch_norm(h, mean.reshape(R * C), var.reshape(R * C), weight, bias, False, 0.0, bn.eps)
             # max-pool and ReLU commute (ReLU is monotonic): pooling first leaves ReLU a quarter of the work.
             h = torch.relu(F.max_pool2d(h, 2))

@@ -170,7 +170,7 @@ def _jobs(model, rows: int, seed: int, kind: str, sessions=None):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
     pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
 @pytest.mark.parametrize("name", ["conv-maml", "conv-anil", "conv-metasgd", "sine"])
-def test_engine_graphed_results_equal_eager(model_dir, name, device, monkeypatch):
+def test_engine_graphed_results_equal_eager(model_dir, name, device, monkeypatch, request):
     """Adapt-and-predict and session predicts in batches of 1 and of 3 (padded to 4): each shape runs
     eagerly, is captured, then replayed with new requests; every result equals the eager engine's,
     and the session tensors handed out are copies that later replays leave alone."""
@@ -178,7 +178,7 @@ def test_engine_graphed_results_equal_eager(model_dir, name, device, monkeypatch
     from service.registry import ModelRegistry
 
     if device == "cpu":  # the graphed path with the stand-in graph
-        monkeypatch.setattr(GraphCache, "_capture", lambda self, fn, inputs, owner: RecordedCapture()(self, fn, inputs, owner))
+        request.getfixturevalue("captures")
         real = Engine._graphs
         monkeypatch.setattr(Engine, "_graphs", lambda self, dev: real(self, "cuda") if self.cuda_graphs else None)
     else:

@@ -9,23 +9,16 @@ and a graph replay, with cuDNN's default algorithms and with
 ``torch.backends.cudnn.deterministic = True``, TF32 on (the default) and off.
 """
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from metalearn import Conv4, MetaConfig, MetaLearner  # noqa: E402
-from metalearn.checkpoint import save_checkpoint  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine_graphs import demo_registry  # noqa: E402
 from service.engine import Engine, Job  # noqa: E402
-from service.registry import ModelRegistry  # noqa: E402
 
-directory = Path(tempfile.mkdtemp())
-for algorithm in ("maml", "metasgd"):
-    torch.manual_seed(0)
-    learner = MetaLearner(Conv4(out_features=5, channels=64), MetaConfig(algorithm, inner_steps=10, inner_lr=0.4))
-    save_checkpoint(directory / f"{algorithm}.safetensors", learner, input_shape=(1, 28, 28), n_way=5)
-registry = ModelRegistry.load(directory, "cuda")
+registry = demo_registry(("maml", "metasgd"), "cuda")
 
 
 def jobs(model, rows):
