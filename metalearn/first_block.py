@@ -166,7 +166,7 @@ def _pooled_max(weight: torch.Tensor, cols: torch.Tensor, channels_last: bool) -
     *lead, _, M, K = cols.shape
     C, L = weight.shape[-2], math.prod(lead)
     cols = cols.reshape(L, 4, M, K)
-    weight = weight.reshape(-1, C, K) if weight.dim() > 2 else weight.unsqueeze(0)
+    weight = weight.reshape(-1, C, K)
     weight_t = weight.transpose(-1, -2).contiguous()  # [l, K, C]: a contiguous right factor is faster
     out = torch.empty(L, M, C, dtype=cols.dtype, device=cols.device) if channels_last else torch.empty(L, C, M, dtype=cols.dtype, device=cols.device)
     rows = max(1, min(M, _CHUNK_VALUES // (4 * C)))

@@ -54,6 +54,13 @@ def _channels_last(x: torch.Tensor) -> bool:
     )
 
 
+def batch_moments(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance of ``x`` over ``dims`` (kept), in two passes: the statistics
+    :class:`BatchNorm` records. On the CPU ``torch.var_mean`` is 5-20x slower for Conv4's shapes."""
+    mean = x.mean(dims, keepdim=True)
+    return mean, (x - mean).square().mean(dims, keepdim=True)
+
+
 class BatchNorm(nn.Module):
     """BatchNorm over the current batch, without running statistics.
 
@@ -89,9 +96,7 @@ class BatchNorm(nn.Module):
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
         shape = [1, -1] + [1] * (x.dim() - 2)
         if mode.record:
-            dims = [0] + list(range(2, x.dim()))
-            mean = x.mean(dims, keepdim=True)
-            var = (x - mean).pow(2).mean(dims, keepdim=True)
+            mean, var = batch_moments(x, [0] + list(range(2, x.dim())))
             mode.stats[self] = (mean, var)
         else:
             mean, var = mode.stats[self]

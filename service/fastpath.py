@@ -31,7 +31,7 @@ from torch import nn
 
 from metalearn.adaptation import Adaptation
 from metalearn.first_block import WindowColumns, first_block, fuses, window_columns
-from metalearn.models import BatchNorm
+from metalearn.models import BatchNorm, batch_moments
 
 
 def max_pool2(h: torch.Tensor) -> torch.Tensor:
@@ -104,21 +104,14 @@ def supports(learner) -> bool:
     )
 
 
-def _moments(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor]:
-    """Biased variance and mean of ``x`` over ``dims`` (kept), in two passes as ``BatchNorm`` records
-    them: on the CPU ``torch.var_mean`` is 5-20x slower for these shapes."""
-    mean = x.mean(dims, keepdim=True)
-    return (x - mean).square().mean(dims, keepdim=True), mean
-
-
 def _request_moments(h: torch.Tensor, R: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Biased variance and mean per request and channel of ``h`` [R*N, C, H, W], as ``[R, 1, C, 1, 1]``.
+    """Mean and biased variance per request and channel of ``h`` [R*N, C, H, W], as ``[R, 1, C, 1, 1]``.
     A channels-last ``h`` is reduced as its [R, N*H*W, C] view (contiguous)."""
     C = h.shape[1]
     if h.is_contiguous(memory_format=torch.channels_last):
-        var, mean = _moments(h.permute(0, 2, 3, 1).reshape(R, -1, C), 1)
-        return var.view(R, 1, C, 1, 1), mean.view(R, 1, C, 1, 1)
-    return _moments(h.unflatten(0, (R, -1)), (1, 3, 4))
+        mean, var = batch_moments(h.permute(0, 2, 3, 1).reshape(R, -1, C), 1)
+        return mean.view(R, 1, C, 1, 1), var.view(R, 1, C, 1, 1)
+    return batch_moments(h.unflatten(0, (R, -1)), (1, 3, 4))
 
 
 class FastAnil:
@@ -149,7 +142,7 @@ class FastAnil:
             h = F.conv2d(h, self.params[conv_name + ".weight"], self.params.get(conv_name + ".bias"), conv.stride, conv.padding, conv.dilation)
             hr = h.unflatten(0, (R, N))
             if stats is None:
-                var, mean = _request_moments(h, R)
+                mean, var = _request_moments(h, R)
                 if record:
                     recorded[bn_name] = (mean, var)
             else:
@@ -277,7 +270,7 @@ class FastFull:
                 if stats is None:
                     # Record the statistics and normalise with them, as BatchNorm's recording does (one
                     # pass over h for both; recording is the adaptation's last forward, without autograd).
-                    var, mean = _moments(h.permute(0, 2, 3, 1).reshape(-1, R * C), 0)  # h is channels-last: a view
+                    mean, var = batch_moments(h.permute(0, 2, 3, 1).reshape(-1, R * C), 0)  # h is channels-last: a view
                     recorded[bn_name] = (mean.view(R, 1, C, 1, 1), var.view(R, 1, C, 1, 1))
                 else:
                     mean, var = stats[bn_name]
