@@ -162,6 +162,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         workers=settings.resolved_workers(),
         metrics=app.state.metrics,
         cuda_graphs=settings.cuda_graphs,
+        cpu_traces=settings.cpu_traces,
     )
 
     problems.install(app)

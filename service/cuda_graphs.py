@@ -77,6 +77,9 @@ class GraphCache:
     parameters' memory).
     """
 
+    what = "CUDA graph capture"  # for the log
+    pads = True  # the engine pads batches to a bucket size (fewer graphs; padding is free on a GPU)
+
     def __init__(self, capacity: int = 16, capture_after: int = 2, warmup: int = 2):
         if capacity < 1 or capture_after < 1:
             raise ValueError("capacity and capture_after must be >= 1")
@@ -97,11 +100,8 @@ class GraphCache:
         entry = self._graphs.get(key)
         if entry is not None:
             self._graphs.move_to_end(key)
-            for static, tensor in zip(entry.inputs, inputs):
-                static.copy_(tensor)
-            entry.graph.replay()
             self.replays += 1
-            return entry.outputs
+            return self._replay(entry, inputs)
         if key in self._failed:
             return fn(*inputs)
         uses = self._uses.pop(key, 0) + 1
@@ -113,13 +113,18 @@ class GraphCache:
         except Exception as error:  # noqa: BLE001 - any capture problem means: run this key eagerly
             self.failures += 1
             self._remember(self._failed, key, None)
-            log.warning("CUDA graph capture failed for %s (%s: %s); running it without a graph", key, type(error).__name__, error)
+            log.warning("%s failed for %s (%s: %s); running it eagerly", self.what, key, type(error).__name__, str(error)[:300])
             return fn(*inputs)
         self._graphs[key] = entry
         while len(self._graphs) > self.capacity:
             self._graphs.popitem(last=False)
-        entry.graph.replay()
         self.replays += 1
+        return self._replay(entry, inputs)
+
+    def _replay(self, entry: _Graph, inputs: tuple[torch.Tensor, ...]) -> Any:
+        for static, tensor in zip(entry.inputs, inputs):
+            static.copy_(tensor)
+        entry.graph.replay()
         return entry.outputs
 
     def _remember(self, table: OrderedDict, key: tuple, value) -> None:

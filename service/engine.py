@@ -20,7 +20,10 @@ worker's own copy of the learner (see :meth:`Engine._learner`).
 On a GPU with one worker (the default) each batch's tensor work (adaptation,
 prediction, the finiteness checks) is replayed from a CUDA graph per shape,
 the batch padded to a power of two (``service.cuda_graphs``): a request is a
-thousand small kernels, and launching them costs more than running them.
+thousand small kernels, and launching them costs more than running them. On
+the CPU, each worker replays TorchScript traces of the fast kernels' computations
+that take no gradients (``service.cpu_traces``): they run without taking the GIL
+between operations, which the HTTP event loop and the other workers need.
 
 Under concurrency a batch waits at most ``max_wait_ms`` for company (jobs that
 arrive while the worker is busy batch naturally; a lone client is never delayed). When ``queue_size`` jobs are pending,
@@ -49,6 +52,7 @@ import torch
 
 from metalearn.adaptation import Adaptation, adapt, adapt_many, augment_support, predict, predict_many
 from metalearn.batching import choose_strategy
+from service.cpu_traces import TraceCache
 from service.cuda_graphs import GraphCache, bucket, pad_rows
 
 log = logging.getLogger("service.engine")
@@ -151,6 +155,7 @@ class Engine:
         metrics: Any = None,
         strategy: str = "auto",
         cuda_graphs: int = 16,
+        cpu_traces: int = 32,
     ):
         if workers < 1:
             raise ValueError("workers must be >= 1")
@@ -163,12 +168,13 @@ class Engine:
         self.metrics = metrics
         self.strategy = strategy
         self.cuda_graphs = cuda_graphs  # graphs kept on a GPU with one worker; 0 = none (service.cuda_graphs)
+        self.cpu_traces = cpu_traces  # traces kept per worker on the CPU; 0 = none (service.cpu_traces)
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._local = threading.local()  # per worker: its own copies of the learners (see _learner), its graphs
-        self._graph_caches: list[GraphCache] = []
+        self._graph_caches: list[GraphCache] = []  # every worker's, CUDA graphs and CPU traces
         self._last_batch_size = 1
         self.batches = 0
         self.jobs_done = 0
@@ -376,20 +382,34 @@ class Engine:
         return self._local.replicas[learner]
 
     def _graphs(self, device) -> GraphCache | None:
-        """This worker's CUDA graph cache when ``device`` is a GPU, graphs are on and this is the only worker
-        (a capture fails while another thread computes on the GPU; see service.cuda_graphs)."""
-        if not self.cuda_graphs or self.workers > 1 or not str(device).startswith("cuda"):
+        """This worker's cache of recorded computations, or None: on a GPU its CUDA graphs, when graphs
+        are on and this is the only worker (a capture fails while another thread computes on the GPU;
+        see service.cuda_graphs); on the CPU its TorchScript traces (service.cpu_traces), when on."""
+        if str(device).startswith("cuda"):
+            if not self.cuda_graphs or self.workers > 1:
+                return None
+            make = lambda: GraphCache(capacity=self.cuda_graphs)  # noqa: E731
+        elif self.cpu_traces:
+            make = lambda: TraceCache(capacity=self.cpu_traces)  # noqa: E731
+        else:
             return None
-        if not hasattr(self._local, "graphs"):
-            self._local.graphs = GraphCache(capacity=self.cuda_graphs)
+        if not hasattr(self._local, "graphs"):  # (a worker serves one device: the registry's)
+            self._local.graphs = make()
             with self._cond:
                 self._graph_caches.append(self._local.graphs)
         return self._local.graphs
 
     def graph_stats(self) -> dict[str, int]:
         """CUDA graphs over all workers: held, captures, replays, failures (all 0 off a GPU)."""
+        return self._cache_stats(lambda cache: not isinstance(cache, TraceCache))
+
+    def trace_stats(self) -> dict[str, int]:
+        """CPU traces over all workers: held, captures, replays, failures."""
+        return self._cache_stats(lambda cache: isinstance(cache, TraceCache))
+
+    def _cache_stats(self, include: Callable[[GraphCache], bool]) -> dict[str, int]:
         with self._cond:
-            caches = list(self._graph_caches)
+            caches = [cache for cache in self._graph_caches if include(cache)]
         return {
             "held": sum(len(c) for c in caches),
             "captures": sum(c.captures for c in caches),
@@ -398,12 +418,13 @@ class Engine:
         }
 
     def _rows(self, graphs: GraphCache | None, count: int) -> int:
-        """How many rows a batch of ``count`` computes: padded to a graph bucket with graphs, else ``count``."""
-        return count if graphs is None else bucket(count, self.max_batch_size)
+        """How many rows a batch of ``count`` computes: padded to a graph bucket with CUDA graphs, else ``count``."""
+        return bucket(count, self.max_batch_size) if graphs is not None and graphs.pads else count
 
-    def _graphed(self, graphs: GraphCache | None, batch: list[Job], compute: Callable, inputs: list[torch.Tensor], rows: int):
-        """``compute(*inputs)``, replayed from a CUDA graph when there are graphs (inputs padded to ``rows``)."""
-        if graphs is None:
+    def _graphed(self, graphs: GraphCache | None, batch: list[Job], compute: Callable, inputs: list[torch.Tensor], rows: int, traceable: bool):
+        """``compute(*inputs)``, replayed from a CUDA graph when there are graphs (inputs padded to ``rows``),
+        or from a CPU trace when there are traces and ``compute`` is ``traceable`` (see service.cpu_traces)."""
+        if graphs is None or (isinstance(graphs, TraceCache) and not traceable):
             return compute(*inputs)
         model = batch[0].model
         inputs = tuple(pad_rows(t, rows) for t in inputs)
@@ -420,7 +441,9 @@ class Engine:
         if first.query_x is not None:
             inputs.append(torch.stack([j.query_x for j in batch]))
         inputs = [t.to(device, non_blocking=True) for t in inputs]
-        stacked, outputs, finite = self._graphed(graphs, batch, self._adapt_kernel(model, first, rows), inputs, rows)
+        fast = self._fast(model)
+        traceable = fast is not None and fast.traceable_adapt
+        stacked, outputs, finite = self._graphed(graphs, batch, self._adapt_kernel(model, first, rows), inputs, rows, traceable)
         before = stacked.support_loss_before[:count].float().cpu().tolist()
         after = stacked.support_loss_after[:count].float().cpu().tolist()
         finite = finite[:count].cpu().tolist()
@@ -476,7 +499,8 @@ class Engine:
         names = sorted(first.session)
         inputs = [torch.stack([j.query_x for j in batch]).to(device, non_blocking=True)]
         inputs += [torch.stack([j.session[n].to(device) for j in batch]) for n in names]
-        outputs, finite = self._graphed(graphs, batch, self._predict_kernel(model, first, names, rows), inputs, rows)
+        traceable = self._fast(model) is not None  # the fast kernels predict with tensor operations only
+        outputs, finite = self._graphed(graphs, batch, self._predict_kernel(model, first, names, rows), inputs, rows, traceable)
         finite = finite[:count].cpu().tolist()
         decoded = self._decode_outputs(model, outputs[:count])
         return [{k: v[i] for k, v in decoded.items()} if finite[i] else {"diverged": True} for i in range(count)]

@@ -116,6 +116,7 @@ def _request_moments(h: torch.Tensor, R: int) -> tuple[torch.Tensor, torch.Tenso
 
 class FastAnil:
     head_only = True
+    traceable_adapt = True  # tensor operations only, no autograd: the engine may replay a trace (service.cpu_traces)
 
     def __init__(self, learner):
         self.learner = learner
@@ -242,6 +243,7 @@ class FastFull:
     """
 
     head_only = False
+    traceable_adapt = False  # the inner loop takes gradients with autograd, which a trace does not record
 
     def __init__(self, learner):
         self.learner = learner

@@ -1,10 +1,11 @@
-"""CUDA graphs in the engine (service.cuda_graphs).
+"""Recorded computations in the engine: CUDA graphs (service.cuda_graphs) and CPU traces (service.cpu_traces).
 
 On the CPU, a stand-in for the graph (``RecordedGraph``: replay recomputes the
 captured function on the static inputs) checks the cache's bookkeeping and the
 engine's graphed path (padding, keys, static inputs and outputs) against its
 eager path. The tests marked ``cuda`` capture and replay real graphs
-(``scripts/gpu_check.sh`` runs them).
+(``scripts/gpu_check.sh`` runs them). The CPU's TorchScript traces are real
+here: replayed with new inputs, they must give what the eager engine computes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from service import cuda_graphs
+from service.cpu_traces import TraceCache
 from service.cuda_graphs import GraphCache, bucket, pad_rows
 
 
@@ -67,24 +69,46 @@ def captures(monkeypatch):
     return recorder.captured
 
 
+@dataclasses.dataclass
+class Pair:
+    left: torch.Tensor
+    right: dict
+
+
+def nested(x, y):
+    """A result in every structure the engine's kernels return, with a non-tensor value inside."""
+    return Pair(x * 2 + y, {"sum": (x - y).sum(1), "none": None}), [x.relu()], 3
+
+
 def affine(x, y):
     return (x * 2 + y, (x - y).sum(1))
 
 
-def test_cache_runs_eagerly_then_captures_then_replays_with_new_inputs(captures):
-    cache = GraphCache(capacity=4, capture_after=2)
+@pytest.mark.parametrize("kind", ["cuda-graph", "cpu-trace"])
+def test_cache_runs_eagerly_then_captures_then_replays_with_new_inputs(kind, request):
+    if kind == "cuda-graph":
+        captured = request.getfixturevalue("captures")
+        cache = GraphCache(capacity=4, capture_after=2)
+    else:
+        cache = TraceCache(capacity=4, capture_after=2)
     seen = []
     for step in range(4):
         x, y = torch.randn(3, 2), torch.randn(3, 2)
-        out = cache.run(("adapt", 3), affine, (x, y))
-        expected = affine(x, y)
-        torch.testing.assert_close(out[0], expected[0])
-        torch.testing.assert_close(out[1], expected[1])
+        out = cache.run(("adapt", 3), nested, (x, y))
+        want = nested(x, y)
+        torch.testing.assert_close(out[0].left, want[0].left)
+        torch.testing.assert_close(out[0].right["sum"], want[0].right["sum"])
+        torch.testing.assert_close(out[1][0], want[1][0])
+        assert out[0].right["none"] is None and out[2] == 3
         seen.append(out)
-    assert len(captures) == 1 and cache.captures == 1
+    assert cache.captures == 1 and cache.failures == 0 and len(cache) == 1
     assert cache.replays == 3  # the capture's own first run, then two replays
-    # replays hand back the graph's static outputs, refreshed in place
-    assert seen[2] is seen[3] and seen[0] is not seen[1]
+    if kind == "cuda-graph":
+        assert len(captured) == 1
+        # replays hand back the graph's static outputs, refreshed in place
+        assert seen[2] is seen[3] and seen[0] is not seen[1]
+    else:
+        assert seen[2][0].left is not seen[3][0].left  # every replay returns new tensors
 
 
 def test_cache_drops_the_least_recently_used_graph(captures):
@@ -158,7 +182,7 @@ def _jobs(model, rows: int, seed: int, kind: str, sessions=None):
             support_y = torch.sin(support_x + seed + i)
         else:
             support_x, query_x = torch.randn(5, 1, 28, 28, generator=g), torch.randn(6, 1, 28, 28, generator=g)
-            support_y = torch.arange(5)
+            support_y = torch.randperm(5, generator=g)  # other labels per request: a trace must not keep them
         if kind == "predict":
             jobs.append(Job("predict", model, query_x=query_x, session=sessions[i]))
         else:
@@ -244,7 +268,8 @@ def test_graphs_only_with_one_worker_per_gpu():
     assert isinstance(Engine(workers=1)._graphs("cuda"), GraphCache)
     assert Engine(workers=2)._graphs("cuda") is None
     assert Engine(workers=1, cuda_graphs=0)._graphs("cuda") is None
-    assert Engine(workers=1)._graphs("cpu") is None
+    assert isinstance(Engine(workers=1)._graphs("cpu"), TraceCache)  # the CPU's traces are per worker
+    assert Engine(workers=1, cpu_traces=0)._graphs("cpu") is None
 
 
 @pytest.mark.cuda
@@ -278,3 +303,84 @@ def test_two_workers_on_one_gpu_run_eagerly_and_correctly(model_dir, monkeypatch
     for results in rounds:
         for result, expected in zip(results, want):
             torch.testing.assert_close(torch.tensor(result["probabilities"]), torch.tensor(expected), atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# CPU traces (service.cpu_traces): real TorchScript traces, replayed with new inputs
+# ---------------------------------------------------------------------------
+def test_flatten_rebuilds_the_structure_from_new_tensors():
+    from service.cpu_traces import flatten
+
+    value = nested(torch.randn(3, 2), torch.randn(3, 2))
+    tensors, rebuild = flatten(value)
+    assert len(tensors) == 3
+    fresh = [t + 1 for t in tensors]
+    rebuilt = rebuild(iter(fresh))
+    assert isinstance(rebuilt, tuple) and isinstance(rebuilt[0], Pair) and isinstance(rebuilt[1], list)
+    assert rebuilt[0].left is fresh[0] and rebuilt[0].right["sum"] is fresh[1] and rebuilt[1][0] is fresh[2]
+    assert rebuilt[0].right["none"] is None and rebuilt[2] == 3
+
+
+def test_a_trace_that_fails_runs_eagerly_from_then_on():
+    def untraceable(x):  # stands for any computation the tracer refuses
+        if torch.jit.is_tracing():
+            raise RuntimeError("Cannot insert a Tensor that requires grad as a constant")
+        return x * 3
+
+    cache = TraceCache(capture_after=1)
+    for _ in range(3):
+        x = torch.randn(4)
+        torch.testing.assert_close(cache.run(("k",), untraceable, (x,)), x * 3)
+    assert cache.failures == 1 and cache.captures == 0 and len(cache) == 0
+
+
+def test_traces_stay_out_of_torchscripts_global_compilation_unit():
+    """``torch.jit.trace`` would keep every trace in one global unit for the life of the process
+    (about 8 MB per ANIL trace): each trace has its own unit, dropped with it."""
+    global_unit = torch.jit._state._python_cu
+    before = len(global_unit.get_functions())
+    cache = TraceCache(capacity=1, capture_after=1)
+    x = torch.randn(3, 2)
+    for key in range(4):
+        cache.run((key,), nested, (x, x))
+    assert cache.captures == 4 and len(cache) == 1
+    assert len(global_unit.get_functions()) == before
+
+
+@pytest.mark.parametrize("name,traced_kinds", [
+    ("conv-anil", {"adapt", "predict"}),  # fast head-only kernel: no autograd anywhere
+    ("conv-maml", {"predict"}),  # fast full kernel: the inner loop uses autograd, so only predictions
+    ("conv-metasgd", set()),  # the generic path (torch.func transforms) runs eagerly
+])
+def test_engine_traced_results_equal_eager_on_the_cpu(model_dir, name, traced_kinds):
+    """Adaptations (with and without queries, transductive or not) and session predictions in batches
+    of 1 and 3: each shape runs eagerly, is traced, then replayed with new requests (other images,
+    other labels); every result equals the eager engine's."""
+    from service.engine import Engine
+    from service.registry import ModelRegistry
+
+    model = ModelRegistry.load(model_dir, "cpu").get(name)
+    traced, eager = Engine(max_batch_size=8), Engine(cpu_traces=0, max_batch_size=8)
+    variants = [{}, {"query_x": None}, {"transductive": True}]
+    for rows in (1, 3):
+        for round_ in range(3):
+            for variant in variants:
+                jobs = [dataclasses.replace(job, **variant) for job in _jobs(model, rows, 100 * round_ + rows, "adapt")]
+                got, want = traced._compute(jobs), eager._compute(jobs)
+                for g, w in zip(got, want):
+                    if variant.get("query_x", 0) is not None:
+                        torch.testing.assert_close(torch.tensor(g["probabilities"]), torch.tensor(w["probabilities"]), atol=1e-6, rtol=1e-5)
+                    assert g["support_loss_after"] == pytest.approx(w["support_loss_after"], rel=1e-5, abs=1e-7)
+                    for n in w["tensors"]:
+                        torch.testing.assert_close(g["tensors"][n], w["tensors"][n], atol=1e-6, rtol=1e-5)
+            sessions = [w["tensors"] for w in want]
+            for transductive in (False, True):
+                predicted = [dataclasses.replace(job, transductive=transductive) for job in _jobs(model, rows, round_ + 7, "predict", sessions)]
+                for g, w in zip(traced._compute(predicted), eager._compute(predicted)):
+                    torch.testing.assert_close(torch.tensor(g["probabilities"]), torch.tensor(w["probabilities"]), atol=1e-6, rtol=1e-5)
+    stats = traced.trace_stats()
+    shapes = {"adapt": 2 * len(variants), "predict": 2 * 2}  # per batch size (1, 3): the variants' shapes
+    assert stats["failures"] == 0
+    assert stats["captures"] == sum(shapes[kind] for kind in traced_kinds)
+    assert stats["replays"] == stats["captures"] * 2  # rounds 2 and 3 (round 1 runs eagerly, then traces)
+    assert eager.trace_stats()["captures"] == 0

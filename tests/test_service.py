@@ -392,6 +392,9 @@ def test_metrics_exposition(server, http):
         "metalearn_cuda_graphs 0.0",  # a CPU server holds none
         "metalearn_cuda_graph_replays_total 0.0",
         "metalearn_cuda_graph_capture_failures_total 0.0",
+        "metalearn_cpu_traces ",  # how many the CPU's workers hold: depends on the tests before
+        "metalearn_cpu_trace_replays_total",
+        "metalearn_cpu_trace_capture_failures_total 0.0",  # every traceable computation traces
     ]:
         assert name in text, name
 

@@ -29,7 +29,7 @@ def _unlabelled(rows):
 
 
 class _StateCollector:
-    """Values read at scrape time: the session store's, and the engine's CUDA graphs."""
+    """Values read at scrape time: the session store's, and the engine's CUDA graphs and CPU traces."""
 
     def __init__(self, app_state):
         self.app_state = app_state
@@ -40,13 +40,14 @@ class _StateCollector:
     def collect(self):
         engine = getattr(self.app_state, "engine", None)
         if engine is not None:
-            graphs = engine.graph_stats()
-            yield from _unlabelled((
-                (GaugeMetricFamily, "metalearn_cuda_graphs", "CUDA graphs held by the engine's workers (GPU only)", graphs["held"]),
-                (CounterMetricFamily, "metalearn_cuda_graph_captures", "CUDA graphs captured", graphs["captures"]),
-                (CounterMetricFamily, "metalearn_cuda_graph_replays", "Batches replayed from a CUDA graph", graphs["replays"]),
-                (CounterMetricFamily, "metalearn_cuda_graph_capture_failures", "Shapes that could not be captured (run eagerly)", graphs["failures"]),
-            ))
+            # The engine's recorded computations: CUDA graphs on a GPU, TorchScript traces on the CPU.
+            for stats, kind, what in ((engine.graph_stats(), "cuda_graph", "CUDA graphs"), (engine.trace_stats(), "cpu_trace", "CPU traces")):
+                yield from _unlabelled((
+                    (GaugeMetricFamily, f"metalearn_{kind}s", f"{what} held by the engine's workers", stats["held"]),
+                    (CounterMetricFamily, f"metalearn_{kind}_captures", f"{what} recorded", stats["captures"]),
+                    (CounterMetricFamily, f"metalearn_{kind}_replays", f"Batches replayed from {what}", stats["replays"]),
+                    (CounterMetricFamily, f"metalearn_{kind}_capture_failures", "Shapes that could not be recorded (run eagerly)", stats["failures"]),
+                ))
         store = getattr(self.app_state, "store", None)
         if store is None:
             return
