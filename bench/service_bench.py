@@ -160,16 +160,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(kind: str, model_dir: Path, threads: int, log_dir: Path, max_batch: int, workers: int = 0, device: str = "cpu"):
+def start_server(kind: str, model_dir: Path, threads: int, log_dir: Path, max_batch: int, workers: int = 0, device: str = "cpu", settings: dict | None = None):
+    """A uvicorn subprocess on a free loopback port; ``settings``: extra METALEARN_* variables for the service."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("METALEARN_")}
     # ROOT first; an inherited PYTHONPATH stays (a GPU image may carry the service's packages there)
     env.update(OMP_NUM_THREADS=str(threads), PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    if kind in ("service", "service-eager"):
+    if kind.startswith("service"):
         env.update(METALEARN_MODEL_DIR=str(model_dir), METALEARN_THREADS=str(threads), METALEARN_DEVICE=device,
                    METALEARN_MAX_BATCH_SIZE=str(max_batch), METALEARN_QUEUE_SIZE="1024", METALEARN_WORKERS=str(workers))
         if kind == "service-eager":  # the service without CUDA graphs (the same on a CPU)
             env.update(METALEARN_CUDA_GRAPHS="0")
+        if kind == "service-untraced":  # the service without CPU traces (the same on a GPU)
+            env.update(METALEARN_CPU_TRACES="0")
+        env.update(settings or {})
         command = [sys.executable, "-m", "uvicorn", "service.app:app"]
     else:
         command = [sys.executable, str(Path(__file__).resolve()), "--baseline-server", str(model_dir), "--threads", str(threads), "--device", device]
@@ -378,7 +382,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="service worker threads (0 = its auto default)")
     parser.add_argument("--reps", type=int, default=2, help="alternating repetitions of each level per server")
     parser.add_argument("--quick", action="store_true", help="3 s levels")
-    parser.add_argument("--servers", default="service,baseline", help="any of service, baseline and service-eager (the service with METALEARN_CUDA_GRAPHS=0)")
+    parser.add_argument("--servers", default="service,baseline", help="any of service, baseline, service-eager (the service with METALEARN_CUDA_GRAPHS=0) and service-untraced (METALEARN_CPU_TRACES=0)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where both servers (and the matmul reference) run")
     parser.add_argument("--baseline-server", help=argparse.SUPPRESS)
@@ -460,10 +464,11 @@ def main() -> None:
                 print(f"{model} stateless c={c}: {s['throughput'] / m['throughput']:.1f}x the baseline's MAML throughput ({m['throughput']:.1f} req/s)")
         for mode in modes:
             for c in levels:
-                s, e = find("service", model, mode, c), find("service-eager", model, mode, c)
-                if s and e and e["throughput"]:
-                    print(f"{model} {mode} c={c}: with CUDA graphs {s['throughput'] / e['throughput']:.1f}x the throughput "
-                          f"without, p50 {s['p50_ms']:.1f} vs {e['p50_ms']:.1f} ms")
+                for other, what in (("service-eager", "CUDA graphs"), ("service-untraced", "CPU traces")):
+                    s, e = find("service", model, mode, c), find(other, model, mode, c)
+                    if s and e and e["throughput"]:
+                        print(f"{model} {mode} c={c}: with {what} {s['throughput'] / e['throughput']:.2f}x the throughput "
+                              f"without, p50 {s['p50_ms']:.2f} vs {e['p50_ms']:.2f} ms")
         s1, ss = find("service", model, "stateless", levels[0]), find("service", model, "session", levels[0])
         if s1 and ss and ss["p50_ms"]:
             print(f"{model} session predict vs adapt-and-predict (c={levels[0]} p50): {s1['p50_ms'] / ss['p50_ms']:.1f}x faster")

@@ -4,14 +4,15 @@ On the CPU an engine worker computes a micro-batch as hundreds of small torch
 calls from Python, and every call releases and retakes the GIL. The HTTP event
 loop runs Python in the same process, and so do the other workers: under load
 a worker waits for the GIL between its calls, with its core idle. Measured on
-the 2-core development machine, ANIL (batches of 8, one torch thread): 1.7 ms
-per request alone, 2.4 ms beside a thread that runs Python 40% of the time;
-behind HTTP at concurrency 16 the workers' batches took twice their CPU time.
+the 2-core development machine (``bench/experiments/cpu_split.py``, ANIL at
+concurrency 16): the workers' batches took 4.65 ms of wall time per request
+for 2.33 ms of CPU time, with the two cores 69% busy.
 
 A trace records the computation's tensor operations once; replaying it runs
 them in TorchScript's interpreter, which holds no GIL between them (and skips
-Python's per-call overhead): the same ANIL batch took 1.5 ms alone and 1.6 ms
-beside that thread, with results equal to the eager run bit for bit.
+Python's per-call overhead), with results equal to the eager run. Traced, the
+same load ran 1.47x the requests per second, and the batches took 2.78 ms of
+wall time per request for 1.91 ms of CPU time.
 
 :class:`TraceCache` keeps traces with the bookkeeping of
 :class:`service.cuda_graphs.GraphCache` (first use of a key eager, the second
@@ -24,7 +25,7 @@ MAML's inner loop takes gradients and runs eagerly).
 
 Each trace lives in its own TorchScript compilation unit, freed when the trace
 is dropped (``torch.jit.trace`` keeps every function in one global unit for
-the life of the process: about 8 MB per ANIL trace, measured).
+the life of the process: several MB per ANIL trace).
 ``torch.jit`` is deprecated in torch 2.x but present in the versions the
 project allows; should it fail, the capture fails and the key runs eagerly
 (counted in ``/metrics``).
