@@ -147,6 +147,34 @@ def test_workers_run_batches_side_by_side():
     assert Settings(device="cuda").resolved_workers() == 1 and Settings(workers=3).resolved_workers() == 3
 
 
+class NamingEngine(Engine):
+    """Answers each job with the name of the worker that ran it."""
+
+    def _compute(self, batch):
+        return [{"predictions": [threading.current_thread().name]} for _ in batch]
+
+
+def test_a_lone_client_is_served_by_the_most_recently_idle_worker():
+    """One request at a time goes to the worker that finished the last one (its caches are warm),
+    not round the workers in turn; under concurrency both still run (above)."""
+    engine = NamingEngine(workers=2, max_batch_size=1, max_wait_ms=0, request_timeout_s=10)
+    engine.start()
+    try:
+        async def one_at_a_time():
+            names = []
+            for _ in range(12):
+                names.append((await engine.submit(fake_job()))["predictions"][0])
+                await asyncio.sleep(0.005)  # both workers are back waiting
+            return names
+
+        names = asyncio.run(one_at_a_time())
+        assert len(set(names[1:])) == 1, names
+    finally:
+        threads = list(engine._threads)
+        engine.stop()
+    assert not any(thread.is_alive() for thread in threads)  # stop wakes the idle workers too
+
+
 def test_workers_adapting_one_model_at_once_do_not_share_its_module():
     """``functional_call`` swaps the given tensors into the module for the length of a call (and
     ANIL's feature capture hooks it), so two workers adapting the same model at once through the

@@ -1,0 +1,88 @@
+"""Where a lone request's time goes: client latency, time in the engine, computation; servers with other settings interleaved.
+
+    python bench/experiments/latency_split.py                                   # MAML session predicts
+    python bench/experiments/latency_split.py --model anil --mode stateless
+    python bench/experiments/latency_split.py --server "" --server METALEARN_WORKERS=1 --server METALEARN_CPU_TRACES=0
+
+Starts one service per ``--server`` (comma-separated NAME=VALUE settings; ""
+for the defaults) as ``bench/service_bench.py`` does, then sends requests one at
+a time, in blocks of 400 that alternate between the servers (``--reps`` blocks
+each), and prints the medians of: the client's latency, the engine's
+``timing.total_ms`` (queue wait, computation and the hand-offs to and from the
+worker) and ``timing.compute_ms`` (the batch computation alone), both from the
+responses. Client minus engine is HTTP and the route's own work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import service_bench as sb  # noqa: E402
+
+
+async def block(port: int, requests: list[tuple[str, bytes]], samples: dict[str, list[float]], count: int = 400, skip: int = 50) -> None:
+    connection = sb.Connection(port)
+    await connection.open()
+    try:
+        for i in range(count):
+            path, body = requests[i % len(requests)]
+            t0 = time.perf_counter()
+            status, payload = await connection.post(path, body)
+            elapsed = time.perf_counter() - t0
+            if status >= 300:
+                raise RuntimeError(f"{path}: HTTP {status}: {payload[:300]!r}")
+            if i >= skip:
+                timing = json.loads(payload)["timing"]
+                samples["client"].append(1000 * elapsed)
+                samples["engine"].append(timing["total_ms"])
+                samples["compute"].append(timing["compute_ms"])
+    finally:
+        connection.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="maml", choices=["maml", "anil"])
+    parser.add_argument("--mode", default="session", choices=["stateless", "session"])
+    parser.add_argument("--server", action="append", help='settings of one server, "NAME=VALUE,..." ("" = defaults; repeatable)')
+    parser.add_argument("--reps", type=int, default=8)
+    args = parser.parse_args()
+    configs = args.server or ["", "METALEARN_WORKERS=1"]
+
+    work = Path(tempfile.mkdtemp(prefix="latency_split_"))
+    model_dir = work / "models"
+    model_dir.mkdir()
+    sb.make_checkpoints(model_dir)
+    batch, origin = sb.make_tasks(2)
+    servers = []
+    try:
+        for config in configs:
+            settings = dict(item.split("=", 1) for item in config.split(",") if item)
+            servers.append(sb.start_server("service", model_dir, 1, work, 0, settings=settings))
+        requests = [sb.build_requests(batch, args.model, port, args.mode, 2) for _, port in servers]
+        samples = [{"client": [], "engine": [], "compute": []} for _ in configs]
+        for rep in range(args.reps):
+            order = range(len(configs)) if rep % 2 == 0 else reversed(range(len(configs)))
+            for i in order:
+                asyncio.run(block(servers[i][1], requests[i], samples[i]))
+    finally:
+        for process, _ in servers:
+            process.terminate()
+            process.wait(15)
+    print(f"# {args.model} {args.mode}, one request at a time; tasks: {origin}")
+    for config, got in zip(configs, samples):
+        medians = {k: statistics.median(v) for k, v in got.items()}
+        print(f"{config or 'defaults':40s} client p50 {medians['client']:.3f} ms  engine {medians['engine']:.3f}  "
+              f"compute {medians['compute']:.3f}  (n={len(got['client'])})")
+
+
+if __name__ == "__main__":
+    main()
