@@ -81,7 +81,7 @@ class TraceCache(GraphCache):
 
     ::
 
-        traces = TraceCache(capacity=32)
+        traces = TraceCache(capacity=24)
         result = traces.run(("adapt", shapes, steps, lr), compute, (support_x, support_y), owner=model)
 
     ``fn`` must compute its result from its tensor arguments with tensor
@@ -93,8 +93,8 @@ class TraceCache(GraphCache):
     what = "TorchScript trace"
     pads = False  # on the CPU a padded row costs as much as a real one
 
-    def __init__(self, capacity: int = 32, capture_after: int = 2, warmup: int = 2):
-        super().__init__(capacity=capacity, capture_after=capture_after, warmup=warmup)
+    def __init__(self, capacity: int = 24, capture_after: int = 2, warmup: int = 2, refill_s: float = 10.0):
+        super().__init__(capacity=capacity, capture_after=capture_after, warmup=warmup, refill_s=refill_s)
 
     def _capture(self, fn, inputs, owner) -> _Trace:
         from torch.jit._trace import _get_trace_graph  # the graph, without torch.jit.trace's global registration

@@ -14,7 +14,9 @@ need a graph); the second captures a graph, and every later use copies its
 inputs into the graph's static input tensors and replays it. Keys whose
 capture fails (a computation that synchronises with the CPU, say) run eagerly
 from then on; the cache holds at most ``capacity`` graphs (least recently used
-dropped).
+dropped), and captures at most ``capacity`` at once, then one per ``refill_s``
+seconds (with more shapes in use than it holds, the rest run eagerly instead of
+being captured again and again).
 
 The engine pads a micro-batch to a power of two (:func:`bucket`) so that
 batch sizes 1..64 need seven graphs per shape, not 64; padded rows repeat a
@@ -80,12 +82,18 @@ class GraphCache:
     what = "CUDA graph capture"  # for the log
     pads = True  # the engine pads batches to a bucket size (fewer graphs; padding is free on a GPU)
 
-    def __init__(self, capacity: int = 16, capture_after: int = 2, warmup: int = 2):
+    def __init__(self, capacity: int = 16, capture_after: int = 2, warmup: int = 2, refill_s: float = 10.0):
         if capacity < 1 or capture_after < 1:
             raise ValueError("capacity and capture_after must be >= 1")
         self.capacity = capacity
         self.capture_after = capture_after
         self.warmup = warmup
+        # A capture budget: ``capacity`` captures at once, then one per ``refill_s`` seconds. With more
+        # shapes in use than the cache holds, least-recently-used eviction would otherwise recapture
+        # on nearly every use (each capture costs a few eager runs); now the others run eagerly.
+        self.refill_s = refill_s
+        self._budget = float(capacity)
+        self._budget_at = time.monotonic()
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._uses: OrderedDict[tuple, int] = OrderedDict()  # keys seen, not (yet) captured; bounded
         self._failed: OrderedDict[tuple, None] = OrderedDict()
@@ -105,7 +113,7 @@ class GraphCache:
         if key in self._failed:
             return fn(*inputs)
         uses = self._uses.pop(key, 0) + 1
-        if uses < self.capture_after:
+        if uses < self.capture_after or not self._spend_budget():
             self._remember(self._uses, key, uses)
             return fn(*inputs)
         try:
@@ -120,6 +128,15 @@ class GraphCache:
             self._graphs.popitem(last=False)
         self.replays += 1
         return self._replay(entry, inputs)
+
+    def _spend_budget(self) -> bool:
+        now = time.monotonic()
+        self._budget = min(float(self.capacity), self._budget + (now - self._budget_at) / self.refill_s)
+        self._budget_at = now
+        if self._budget < 1.0:
+            return False
+        self._budget -= 1.0
+        return True
 
     def _replay(self, entry: _Graph, inputs: tuple[torch.Tensor, ...]) -> Any:
         for static, tensor in zip(entry.inputs, inputs):

@@ -155,7 +155,7 @@ class Engine:
         metrics: Any = None,
         strategy: str = "auto",
         cuda_graphs: int = 16,
-        cpu_traces: int = 32,
+        cpu_traces: int = 24,
     ):
         if workers < 1:
             raise ValueError("workers must be >= 1")

@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     workers: int = Field(0, ge=0, description="Worker threads running micro-batches side by side (0 = auto: 1 on a GPU; on the CPU the cores divided by threads, at least 1). With more than one, each keeps its own copy of a model that takes the generic path.")
 
     cuda_graphs: int = Field(16, ge=0, description="On a GPU with one worker (the default), CUDA graphs kept: a request shape seen twice is captured once and replayed, one launch instead of ~1000 (0 = off; with several workers there are none).")
-    cpu_traces: int = Field(32, ge=0, description="On the CPU, TorchScript traces kept per worker: a request shape seen twice is traced once and replayed without the GIL (ANIL adaptations and every prediction of the fast kernels; 0 = off).")
+    cpu_traces: int = Field(24, ge=0, description="On the CPU, TorchScript traces kept per worker: a request shape seen twice is traced once and replayed without the GIL (ANIL adaptations and every prediction of the fast kernels; 0 = off). A trace holds 1-12 MB (12: an ANIL adaptation of 8 requests, 10 steps).")
 
     # Limits
     max_support: int = Field(512, ge=1, description="Most support examples in one request.")

@@ -112,7 +112,7 @@ def test_cache_runs_eagerly_then_captures_then_replays_with_new_inputs(kind, req
 
 
 def test_cache_drops_the_least_recently_used_graph(captures):
-    cache = GraphCache(capacity=2, capture_after=1)
+    cache = GraphCache(capacity=2, capture_after=1, refill_s=1e-9)  # no capture budget
     x = torch.ones(2, 2)
     for key in ("a", "b", "a", "c"):
         cache.run((key,), affine, (x, x))
@@ -121,6 +121,24 @@ def test_cache_drops_the_least_recently_used_graph(captures):
     assert len(captures) == 3
     cache.run(("b",), affine, (x, x))  # dropped: captured anew
     assert len(captures) == 4
+
+
+def test_more_shapes_than_the_cache_holds_are_not_captured_again_and_again(captures, monkeypatch):
+    """Captures spend a budget (``capacity`` at once, then one per ``refill_s``): three shapes in turn
+    through a cache of two would otherwise be captured on every use, each dropping another."""
+    clock = [1000.0]
+    monkeypatch.setattr(cuda_graphs.time, "monotonic", lambda: clock[0])
+    cache = GraphCache(capacity=2, capture_after=1, refill_s=10.0)
+    x = torch.ones(2, 2)
+    for _ in range(5):
+        for key in ("a", "b", "c"):
+            out = cache.run((key,), affine, (x, x))
+            torch.testing.assert_close(out[0], x * 3)  # eager or replayed, the same result
+    assert cache.captures == 2 and len(captures) == 2 and len(cache) == 2
+    clock[0] += 10.0  # one capture's worth of budget
+    for key in ("a", "b", "c"):
+        cache.run((key,), affine, (x, x))
+    assert cache.captures == 3 and len(cache) == 2
 
 
 def test_a_failed_capture_runs_that_key_eagerly_from_then_on(monkeypatch):
@@ -339,7 +357,7 @@ def test_traces_stay_out_of_torchscripts_global_compilation_unit():
     (about 8 MB per ANIL trace): each trace has its own unit, dropped with it."""
     global_unit = torch.jit._state._python_cu
     before = len(global_unit.get_functions())
-    cache = TraceCache(capacity=1, capture_after=1)
+    cache = TraceCache(capacity=1, capture_after=1, refill_s=1e-9)  # no capture budget
     x = torch.randn(3, 2)
     for key in range(4):
         cache.run((key,), nested, (x, x))
