@@ -108,6 +108,8 @@ class TraceCache(GraphCache):
 
         with warnings.catch_warnings():
             # Shapes read while tracing warn that they become constants: they are part of the key.
+            # (catch_warnings is not thread-safe: two workers tracing at once may leave this filter
+            # in place or drop it early, which only decides whether TracerWarnings are shown.)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             graph, _ = _get_trace_graph(flat, inputs)
         unit = torch._C.CompilationUnit()

@@ -160,7 +160,7 @@ def decode_labels(value: Any, where: str, count: int, n_way: int) -> torch.Tenso
         raise invalid(f"{where}: labels must be integer class indices", title="Invalid labels")
     if (as_float < 0).any() or (as_float >= n_way).any():
         bad = as_float[(as_float < 0) | (as_float >= n_way)][0].item()
-        raise invalid(f"{where}: label {bad:g} is outside [0, {n_way}) for this {n_way}-way model", title="Invalid labels")
+        raise invalid(f"{where}: label {bad:.0f} is outside [0, {n_way}) for this {n_way}-way model", title="Invalid labels")  # an integer
     labels = as_float.to(torch.int64)
     missing = sorted(set(range(n_way)) - set(labels.tolist()))
     if missing:

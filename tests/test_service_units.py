@@ -66,6 +66,8 @@ def test_tensor_decoding_errors():
         decode_inputs(EncodedTensor(dtype="float32", shape=[-1, 2], base64=""), "x", (2,), None, 10)
     assert decode_inputs(EncodedTensor(dtype="uint8", shape=[1, 2], base64="AQI="), "x", (2,), None, 10).tolist() == [[1.0, 2.0]]
     assert decode_labels([1, 0, 1], "y", 3, 2).dtype == torch.int64
+    with pytest.raises(Problem, match=r"label 1180591620717411303424 is outside \[0, 2\)"):  # written as the integer it is
+        decode_labels([0, 1, 2**70], "y", 3, 2)
 
 
 class BlockingEngine(Engine):
