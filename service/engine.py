@@ -46,6 +46,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -403,9 +404,9 @@ class Engine:
         if str(device).startswith("cuda"):
             if not self.cuda_graphs or self.workers > 1:
                 return None
-            make = lambda: GraphCache(capacity=self.cuda_graphs)  # noqa: E731
+            make = partial(GraphCache, capacity=self.cuda_graphs)
         elif self.cpu_traces:
-            make = lambda: TraceCache(capacity=self.cpu_traces)  # noqa: E731
+            make = partial(TraceCache, capacity=self.cpu_traces)
         else:
             return None
         if not hasattr(self._local, "graphs"):  # (a worker serves one device: the registry's)

@@ -243,7 +243,7 @@ class FastFull:
     """
 
     head_only = False
-    traceable_adapt = False  # the inner loop takes gradients with autograd, which a trace does not record
+    traceable_adapt = False  # the inner loop takes gradients with autograd, which the tracer refuses
 
     def __init__(self, learner):
         self.learner = learner

@@ -183,6 +183,9 @@ def model_dir(tmp_path_factory):
         torch.manual_seed(0)
         learner = MetaLearner(Conv4(1, 5, channels=8, image_size=28), MetaConfig(algorithm, inner_steps=3, inner_lr=0.4))
         save_checkpoint(directory / f"conv-{algorithm}.safetensors", learner, input_shape=(1, 28, 28), n_way=5)
+    torch.manual_seed(0)  # ANIL starting from class prototypes: a torch.func.vmap inside the traced computation
+    learner = MetaLearner(Conv4(1, 5, channels=8, image_size=28), MetaConfig("anil", inner_steps=3, inner_lr=0.4, head_init="prototypes"))
+    save_checkpoint(directory / "conv-protoanil.safetensors", learner, input_shape=(1, 28, 28), n_way=5)
     torch.manual_seed(0)
     sine = MetaLearner(MLP(1, (40, 40), 1), MetaConfig("maml", "regression", inner_steps=2, inner_lr=0.01))
     save_checkpoint(directory / "sine.safetensors", sine, input_shape=(1,))
@@ -367,6 +370,7 @@ def test_traces_stay_out_of_torchscripts_global_compilation_unit():
 
 @pytest.mark.parametrize("name,traced_kinds", [
     ("conv-anil", {"adapt", "predict"}),  # fast head-only kernel: no autograd anywhere
+    ("conv-protoanil", {"adapt", "predict"}),
     ("conv-maml", {"predict"}),  # fast full kernel: the inner loop uses autograd, so only predictions
     ("conv-metasgd", set()),  # the generic path (torch.func transforms) runs eagerly
 ])
