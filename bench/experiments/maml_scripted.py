@@ -1,0 +1,116 @@
+"""Could MAML's batched adaptation run without the GIL too? make_fx + TorchScript, measured in process.
+
+    python bench/experiments/maml_scripted.py            # a batch of 8 MAML requests (10 steps, 5 queries)
+    python bench/experiments/maml_scripted.py --rows 1
+
+The service's CPU traces (``service/cpu_traces.py``) cannot hold MAML's inner
+loop: it takes gradients with autograd, and the TorchScript tracer refuses
+("Cannot insert a Tensor that requires grad as a constant"). This experiment
+records the engine's whole MAML computation (forward, autograd's backward and
+the SGD updates, ten steps) as aten operations with
+``torch.fx.experimental.proxy_tensor.make_fx``, points each node at its
+operator's overload packet (``torch.jit.script`` cannot resolve
+``aten.x.default``; tracing the FX graph fails too, on the backward operators'
+``bool[3]`` arguments), scripts it, checks it against the eager computation on
+new requests, then times per request, interleaved: eager and scripted, each
+alone and beside a thread that runs Python 40% of the time (the event loop's
+part, in a loaded server).
+
+Not in the service: the recording takes seconds per shape (printed), and
+``torch.jit.script`` keeps every scripted module in TorchScript's global
+compilation unit for the life of the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from engine_graphs import demo_registry, jobs_for  # noqa: E402
+
+from service.cpu_traces import flatten  # noqa: E402
+from service.engine import Engine  # noqa: E402
+
+
+def python_load(stop: threading.Event) -> None:
+    """Python work 40% of the time (0.6 ms of JSON decoding, 0.9 ms asleep), like a loaded event loop."""
+    blob = json.dumps({"x": "a" * 20000})
+    while not stop.is_set():
+        start = time.perf_counter()
+        while time.perf_counter() - start < 0.0006:
+            json.loads(blob)
+        time.sleep(0.0009)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=8, help="requests per batch")
+    parser.add_argument("--reps", type=int, default=8)
+    args = parser.parse_args()
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    model = demo_registry(["maml"], "cpu").get("maml")
+    engine = Engine(threads=1, cpu_traces=0)
+
+    def batch(seed):
+        jobs = jobs_for(model, args.rows, "stateless", seed)
+        return jobs, tuple(torch.stack([getattr(j, n) for j in jobs]) for n in ("support_x", "support_y", "query_x"))
+
+    jobs, inputs = batch(0)
+    kernel = engine._adapt_kernel(model, jobs[0], args.rows)
+
+    def eager(*tensors):
+        return tuple(flatten(kernel(*tensors))[0])
+
+    with torch.inference_mode(False), torch.no_grad():
+        start = time.perf_counter()
+        recorded = make_fx(eager)(*inputs)
+        made = time.perf_counter()
+        for node in recorded.graph.nodes:
+            if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+                node.target = node.target.overloadpacket
+        recorded.recompile()
+        scripted = torch.jit.script(recorded)
+        print(f"# {args.rows} MAML requests per batch: make_fx {made - start:.1f} s ({len(recorded.graph.nodes)} nodes), "
+              f"torch.jit.script {time.perf_counter() - made:.1f} s")
+        for _ in range(3):  # TorchScript optimises after its first runs
+            scripted(*inputs)
+        for seed in (1, 2):
+            fresh = batch(seed)[1]
+            difference = max((a - b).abs().max().item() for a, b in zip(scripted(*fresh), eager(*fresh)) if a.is_floating_point())
+            print(f"# new requests (seed {seed}): largest difference from eager {difference:.2e}")
+
+        def per_request(fn) -> float:
+            times = []
+            for _ in range(args.reps):
+                t0 = time.perf_counter()
+                fn(*inputs)
+                times.append(time.perf_counter() - t0)
+            return 1000 * statistics.median(times) / args.rows
+
+        for rep in range(2):
+            row = {"eager": per_request(eager), "scripted": per_request(scripted)}
+            stop = threading.Event()
+            load = threading.Thread(target=python_load, args=(stop,))
+            load.start()
+            row["eager, Python 40%"] = per_request(eager)
+            row["scripted, Python 40%"] = per_request(scripted)
+            stop.set()
+            load.join()
+            print("  ".join(f"{name} {ms:.2f}" for name, ms in row.items()), "ms per request")
+
+
+if __name__ == "__main__":
+    main()
