@@ -437,7 +437,7 @@ class Engine:
         """How many rows a batch of ``count`` computes: padded to a graph bucket with CUDA graphs, else ``count``."""
         return bucket(count, self.max_batch_size) if graphs is not None and graphs.pads else count
 
-    def _graphed(self, graphs: GraphCache | None, batch: list[Job], compute: Callable, inputs: list[torch.Tensor], rows: int, traceable: bool):
+    def _graphed(self, graphs: GraphCache | None, batch: list[Job], compute: Callable, traceable: bool, inputs: list[torch.Tensor], rows: int):
         """``compute(*inputs)``, replayed from a CUDA graph when there are graphs (inputs padded to ``rows``),
         or from a CPU trace when there are traces and ``compute`` is ``traceable`` (see service.cpu_traces)."""
         if graphs is None or (isinstance(graphs, TraceCache) and not traceable):
@@ -457,9 +457,7 @@ class Engine:
         if first.query_x is not None:
             inputs.append(torch.stack([j.query_x for j in batch]))
         inputs = [t.to(device, non_blocking=True) for t in inputs]
-        fast = self._fast(model)
-        traceable = fast is not None and fast.traceable_adapt
-        stacked, outputs, finite = self._graphed(graphs, batch, self._adapt_kernel(model, first, rows), inputs, rows, traceable)
+        stacked, outputs, finite = self._graphed(graphs, batch, *self._adapt_kernel(model, first, rows), inputs, rows)
         before = stacked.support_loss_before[:count].float().cpu().tolist()
         after = stacked.support_loss_after[:count].float().cpu().tolist()
         finite = finite[:count].cpu().tolist()
@@ -477,9 +475,10 @@ class Engine:
             results.append(result)
         return results
 
-    def _adapt_kernel(self, model, first: Job, rows: int) -> Callable:
+    def _adapt_kernel(self, model, first: Job, rows: int) -> tuple[Callable, bool]:
         """``compute(support_x, support_y[, query_x])`` for ``rows`` stacked requests like ``first``:
-        -> (stacked Adaptation, outputs or None, per-row all-finite mask). Only tensor work (graphable)."""
+        -> (stacked Adaptation, outputs or None, per-row all-finite mask). Only tensor work (graphable).
+        With it, whether a CPU trace may replay it (tensor operations alone, no autograd)."""
         steps, lr, transductive, shift = first.steps, first.lr, first.transductive, model.support_shift
         strategy = self._strategy(model)
         fast = self._fast(model)
@@ -503,7 +502,7 @@ class Engine:
             tensors = [*stacked.params.values(), stacked.support_loss_before, stacked.support_loss_after]
             return stacked, outputs, _finite_rows(tensors + ([] if outputs is None else [outputs]))
 
-        return compute
+        return compute, fast is not None and fast.traceable_adapt
 
     def _predict(self, batch: list[Job]) -> list[dict]:
         model = batch[0].model
@@ -515,15 +514,15 @@ class Engine:
         names = sorted(first.session)
         inputs = [torch.stack([j.query_x for j in batch]).to(device, non_blocking=True)]
         inputs += [torch.stack([j.session[n].to(device) for j in batch]) for n in names]
-        traceable = self._fast(model) is not None  # the fast kernels predict with tensor operations only
-        outputs, finite = self._graphed(graphs, batch, self._predict_kernel(model, first, names, rows), inputs, rows, traceable)
+        outputs, finite = self._graphed(graphs, batch, *self._predict_kernel(model, first, names, rows), inputs, rows)
         finite = finite[:count].cpu().tolist()
         decoded = self._decode_outputs(model, outputs[:count])
         return [{k: v[i] for k, v in decoded.items()} if finite[i] else {"diverged": True} for i in range(count)]
 
-    def _predict_kernel(self, model, first: Job, names: list[str], rows: int) -> Callable:
+    def _predict_kernel(self, model, first: Job, names: list[str], rows: int) -> tuple[Callable, bool]:
         """``compute(query_x, *session tensors in names' order)`` for ``rows`` stacked session predictions
-        like ``first``: -> (outputs, per-row all-finite mask). Only tensor work (graphable)."""
+        like ``first``: -> (outputs, per-row all-finite mask). Only tensor work (graphable). With it,
+        whether a CPU trace may replay it (the fast kernels predict with tensor operations alone)."""
         transductive = first.transductive
         fast = self._fast(model)
         learner = self._learner(model) if fast is None else None
@@ -539,7 +538,7 @@ class Engine:
                 outputs = predict_many(learner, adaptation_from_tensors(tensors), qx, transductive=transductive)
             return outputs, _finite_rows([outputs])
 
-        return compute
+        return compute, fast is not None
 
     @staticmethod
     def _decode_outputs(model, outputs: torch.Tensor) -> dict[str, list]:

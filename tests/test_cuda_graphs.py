@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from service import cuda_graphs
-from service.cpu_traces import TraceCache
+from service.cpu_traces import TraceCache, flatten
 from service.cuda_graphs import GraphCache, bucket, pad_rows
 
 
@@ -32,19 +32,6 @@ class RecordedGraph:
             static.copy_(fresh)
 
 
-def _flat(outputs) -> list[torch.Tensor]:
-    """The tensors of a result nested in tuples, lists, dicts and dataclasses, in a fixed order."""
-    if isinstance(outputs, torch.Tensor):
-        return [outputs]
-    if isinstance(outputs, dict):
-        return [t for key in sorted(outputs) for t in _flat(outputs[key])]
-    if isinstance(outputs, (tuple, list)):
-        return [t for item in outputs for t in _flat(item)]
-    if dataclasses.is_dataclass(outputs):
-        return _flat([getattr(outputs, f.name) for f in dataclasses.fields(outputs)])
-    return []
-
-
 class RecordedCapture:
     """``GraphCache._capture`` without CUDA: a RecordedGraph whose replay refreshes the static outputs in place."""
 
@@ -55,8 +42,8 @@ class RecordedCapture:
         self.captured.append(fn)
         static = tuple(t.clone() for t in inputs)
         outputs = fn(*static)
-        graph = RecordedGraph(lambda *args: _flat(fn(*args)), static)
-        graph.outputs = _flat(outputs)
+        graph = RecordedGraph(lambda *args: flatten(fn(*args))[0], static)
+        graph.outputs = flatten(outputs)[0]
         cache.captures += 1
         return cuda_graphs._Graph(graph, static, outputs, owner)
 
@@ -330,8 +317,6 @@ def test_two_workers_on_one_gpu_run_eagerly_and_correctly(model_dir, monkeypatch
 # CPU traces (service.cpu_traces): real TorchScript traces, replayed with new inputs
 # ---------------------------------------------------------------------------
 def test_flatten_rebuilds_the_structure_from_new_tensors():
-    from service.cpu_traces import flatten
-
     value = nested(torch.randn(3, 2), torch.randn(3, 2))
     tensors, rebuild = flatten(value)
     assert len(tensors) == 3

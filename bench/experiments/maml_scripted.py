@@ -70,7 +70,7 @@ def main() -> None:
         return jobs, tuple(torch.stack([getattr(j, n) for j in jobs]) for n in ("support_x", "support_y", "query_x"))
 
     jobs, inputs = batch(0)
-    kernel = engine._adapt_kernel(model, jobs[0], args.rows)
+    kernel, _ = engine._adapt_kernel(model, jobs[0], args.rows)
 
     def eager(*tensors):
         return tuple(flatten(kernel(*tensors))[0])
