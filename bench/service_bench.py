@@ -173,6 +173,8 @@ def start_server(kind: str, model_dir: Path, threads: int, log_dir: Path, max_ba
             env.update(METALEARN_CUDA_GRAPHS="0")
         if kind == "service-untraced":  # the service without CPU traces (the same on a GPU)
             env.update(METALEARN_CPU_TRACES="0")
+        if kind == "service-unscripted":  # the service without compiled MAML adaptations (the same on a GPU)
+            env.update(METALEARN_CPU_SCRIPTS="0")
         env.update(settings or {})
         command = [sys.executable, "-m", "uvicorn", "service.app:app"]
     else:
@@ -270,6 +272,23 @@ async def run_level(port: int, requests: list[tuple[str, bytes]], concurrency: i
         return {"throughput": 0.0, "latencies": [], "errors": errors}
     window = max(t1 for _, t1 in done) - measure_from
     return {"throughput": len(measured) / max(window, 1e-9), "latencies": measured, "errors": errors}
+
+
+def warm_up(port: int, requests: list[tuple[str, bytes]], limit_s: float = 180.0) -> float | None:
+    """A few seconds of requests at concurrency 8, then wait while the service compiles (service.cpu_scripts):
+    the seconds waited, or None when nothing was compiling."""
+    import httpx
+
+    asyncio.run(run_level(port, requests, 8, 2.0, 0.0))
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit_s:
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        compiling = next((float(line.split()[1]) for line in metrics.splitlines() if line.startswith("metalearn_cpu_scripts_compiling ")), 0.0)
+        if not compiling:
+            waited = time.perf_counter() - start
+            return waited if waited > 0.5 else None
+        time.sleep(0.5)
+    raise RuntimeError(f"the service on port {port} was still compiling after {limit_s:.0f} s")
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -382,7 +401,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="service worker threads (0 = its auto default)")
     parser.add_argument("--reps", type=int, default=2, help="alternating repetitions of each level per server")
     parser.add_argument("--quick", action="store_true", help="3 s levels")
-    parser.add_argument("--servers", default="service,baseline", help="any of service, baseline, service-eager (the service with METALEARN_CUDA_GRAPHS=0) and service-untraced (METALEARN_CPU_TRACES=0)")
+    parser.add_argument("--servers", default="service,baseline", help="any of service, baseline, service-eager (the service with METALEARN_CUDA_GRAPHS=0) and service-untraced (METALEARN_CPU_TRACES=0), service-unscripted (METALEARN_CPU_SCRIPTS=0)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where both servers (and the matmul reference) run")
     parser.add_argument("--baseline-server", help=argparse.SUPPRESS)
@@ -431,6 +450,11 @@ def main() -> None:
         for model in models:
             for mode in modes:
                 requests = {server: build_requests(batch, model, ports[server], mode, max(levels)) for server in servers}
+                for server in servers:  # steady state: shapes a service compiles in the background are ready
+                    if server.startswith("service"):
+                        waited = warm_up(ports[server], requests[server])
+                        if waited is not None:
+                            print(f"# {server} {model} {mode}: compilations in the background finished {waited:.1f} s after its warm-up requests", flush=True)
                 for concurrency in levels:
                     runs: dict[str, list[dict]] = {server: [] for server in servers}
                     for rep in range(args.reps):
@@ -464,7 +488,7 @@ def main() -> None:
                 print(f"{model} stateless c={c}: {s['throughput'] / m['throughput']:.1f}x the baseline's MAML throughput ({m['throughput']:.1f} req/s)")
         for mode in modes:
             for c in levels:
-                for other, what in (("service-eager", "CUDA graphs"), ("service-untraced", "CPU traces")):
+                for other, what in (("service-eager", "CUDA graphs"), ("service-untraced", "CPU traces"), ("service-unscripted", "CPU scripts")):
                     s, e = find("service", model, mode, c), find(other, model, mode, c)
                     if s and e and e["throughput"]:
                         print(f"{model} {mode} c={c}: with {what} {s['throughput'] / e['throughput']:.2f}x the throughput "

@@ -163,6 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics=app.state.metrics,
         cuda_graphs=settings.cuda_graphs,
         cpu_traces=settings.cpu_traces,
+        cpu_scripts=settings.cpu_scripts,
     )
 
     problems.install(app)

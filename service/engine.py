@@ -53,6 +53,7 @@ import torch
 
 from metalearn.adaptation import Adaptation, adapt, adapt_many, augment_support, predict, predict_many
 from metalearn.batching import choose_strategy
+from service.cpu_scripts import ScriptCache
 from service.cpu_traces import TraceCache
 from service.cuda_graphs import GraphCache, bucket, pad_rows
 
@@ -157,6 +158,7 @@ class Engine:
         strategy: str = "auto",
         cuda_graphs: int = 16,
         cpu_traces: int = 24,
+        cpu_scripts: int = 8,
     ):
         if workers < 1:
             raise ValueError("workers must be >= 1")
@@ -170,6 +172,8 @@ class Engine:
         self.strategy = strategy
         self.cuda_graphs = cuda_graphs  # graphs kept on a GPU with one worker; 0 = none (service.cuda_graphs)
         self.cpu_traces = cpu_traces  # traces kept per worker on the CPU; 0 = none (service.cpu_traces)
+        # Compiled MAML-family adaptations on the CPU, shared by the workers; None = none (service.cpu_scripts)
+        self._scripts = ScriptCache(capacity=cpu_scripts) if cpu_scripts else None
         self._pending: deque[Job] = deque()
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)  # guards the queue; a worker filling a batch waits on it for company
@@ -189,6 +193,8 @@ class Engine:
         if self._threads:
             return
         self._stopping = False
+        if self._scripts is not None:
+            self._scripts.reopen()
         self._threads = [
             threading.Thread(target=self._run, name=f"metalearn-engine-{i}", daemon=True) for i in range(self.workers)
         ]
@@ -205,9 +211,13 @@ class Engine:
             for wake in self._idle:
                 wake.notify()
             self._idle.clear()
+        if self._scripts is not None:
+            self._scripts.close()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        if self._scripts is not None:
+            self._scripts.join(max(0.0, deadline - time.monotonic()))
         self._threads = []
 
     @property
@@ -423,6 +433,13 @@ class Engine:
         """CPU traces over all workers: held, captures, replays, failures."""
         return self._cache_stats(lambda cache: isinstance(cache, TraceCache))
 
+    def script_stats(self) -> dict[str, int]:
+        """Compiled CPU adaptations (shared by the workers): held, compiled, batches replayed, failures, compiling."""
+        if self._scripts is None:
+            return {"held": 0, "captures": 0, "replays": 0, "failures": 0, "pending": 0}
+        s = self._scripts
+        return {"held": len(s), "captures": s.captures, "replays": s.replays, "failures": s.failures, "pending": s.pending()}
+
     def _cache_stats(self, include: Callable[[GraphCache], bool]) -> dict[str, int]:
         with self._cond:
             caches = [cache for cache in self._graph_caches if include(cache)]
@@ -437,12 +454,17 @@ class Engine:
         """How many rows a batch of ``count`` computes: padded to a graph bucket with CUDA graphs, else ``count``."""
         return bucket(count, self.max_batch_size) if graphs is not None and graphs.pads else count
 
-    def _graphed(self, graphs: GraphCache | None, batch: list[Job], compute: Callable, traceable: bool, inputs: list[torch.Tensor], rows: int):
-        """``compute(*inputs)``, replayed from a CUDA graph when there are graphs (inputs padded to ``rows``),
-        or from a CPU trace when there are traces and ``compute`` is ``traceable`` (see service.cpu_traces)."""
-        if graphs is None or (isinstance(graphs, TraceCache) and not traceable):
-            return compute(*inputs)
+    def _graphed(self, graphs: GraphCache | None, batch: list[Job], compute: Callable, replay: str | None, inputs: list[torch.Tensor], rows: int):
+        """``compute(*inputs)``, replayed from a CUDA graph when there are graphs (inputs padded to ``rows``).
+        On the CPU, as the kernel builder's ``replay`` allows: ``"trace"`` from this worker's trace of it
+        (service.cpu_traces), ``"script"`` row by row through a script compiled in the background
+        (service.cpu_scripts), ``None`` eagerly."""
         model = batch[0].model
+        if replay == "script" and self._scripts is not None and str(model.device) == "cpu":
+            # One script per request shape, whatever the batch size: the key leaves out the rows.
+            return self._scripts.run((id(model),) + batch[0].key(), compute, tuple(inputs), owner=model)
+        if graphs is None or (isinstance(graphs, TraceCache) and replay != "trace"):
+            return compute(*inputs)
         inputs = tuple(pad_rows(t, rows) for t in inputs)
         return graphs.run((id(model), rows) + batch[0].key(), compute, inputs, owner=model)
 
@@ -475,10 +497,11 @@ class Engine:
             results.append(result)
         return results
 
-    def _adapt_kernel(self, model, first: Job, rows: int) -> tuple[Callable, bool]:
+    def _adapt_kernel(self, model, first: Job, rows: int) -> tuple[Callable, str | None]:
         """``compute(support_x, support_y[, query_x])`` for ``rows`` stacked requests like ``first``:
         -> (stacked Adaptation, outputs or None, per-row all-finite mask). Only tensor work (graphable).
-        With it, whether a CPU trace may replay it (tensor operations alone, no autograd)."""
+        With it, how the CPU may replay it (see _graphed): the fast kernels compute each row alone, the
+        same way for any number of rows; a trace when they take no gradients, else a script."""
         steps, lr, transductive, shift = first.steps, first.lr, first.transductive, model.support_shift
         strategy = self._strategy(model)
         fast = self._fast(model)
@@ -502,7 +525,9 @@ class Engine:
             tensors = [*stacked.params.values(), stacked.support_loss_before, stacked.support_loss_after]
             return stacked, outputs, _finite_rows(tensors + ([] if outputs is None else [outputs]))
 
-        return compute, fast is not None and fast.traceable_adapt
+        if fast is None:
+            return compute, None
+        return compute, "trace" if fast.traceable_adapt else "script"
 
     def _predict(self, batch: list[Job]) -> list[dict]:
         model = batch[0].model
@@ -519,10 +544,10 @@ class Engine:
         decoded = self._decode_outputs(model, outputs[:count])
         return [{k: v[i] for k, v in decoded.items()} if finite[i] else {"diverged": True} for i in range(count)]
 
-    def _predict_kernel(self, model, first: Job, names: list[str], rows: int) -> tuple[Callable, bool]:
+    def _predict_kernel(self, model, first: Job, names: list[str], rows: int) -> tuple[Callable, str | None]:
         """``compute(query_x, *session tensors in names' order)`` for ``rows`` stacked session predictions
-        like ``first``: -> (outputs, per-row all-finite mask). Only tensor work (graphable). With it,
-        whether a CPU trace may replay it (the fast kernels predict with tensor operations alone)."""
+        like ``first``: -> (outputs, per-row all-finite mask). Only tensor work (graphable). With it, how
+        the CPU may replay it (see _graphed): the fast kernels predict with tensor operations alone."""
         transductive = first.transductive
         fast = self._fast(model)
         learner = self._learner(model) if fast is None else None
@@ -538,7 +563,7 @@ class Engine:
                 outputs = predict_many(learner, adaptation_from_tensors(tensors), qx, transductive=transductive)
             return outputs, _finite_rows([outputs])
 
-        return compute, fast is not None
+        return compute, None if fast is None else "trace"
 
     @staticmethod
     def _decode_outputs(model, outputs: torch.Tensor) -> dict[str, list]:

@@ -243,7 +243,7 @@ class FastFull:
     """
 
     head_only = False
-    traceable_adapt = False  # the inner loop takes gradients with autograd, which the tracer refuses
+    traceable_adapt = False  # the inner loop takes gradients with autograd, which the tracer refuses (service.cpu_scripts compiles it)
 
     def __init__(self, learner):
         self.learner = learner

@@ -1,11 +1,13 @@
-"""Recorded computations in the engine: CUDA graphs (service.cuda_graphs) and CPU traces (service.cpu_traces).
+"""Recorded computations in the engine: CUDA graphs (service.cuda_graphs), CPU traces (service.cpu_traces)
+and CPU scripts (service.cpu_scripts).
 
 On the CPU, a stand-in for the graph (``RecordedGraph``: replay recomputes the
 captured function on the static inputs) checks the cache's bookkeeping and the
 engine's graphed path (padding, keys, static inputs and outputs) against its
 eager path. The tests marked ``cuda`` capture and replay real graphs
-(``scripts/gpu_check.sh`` runs them). The CPU's TorchScript traces are real
-here: replayed with new inputs, they must give what the eager engine computes.
+(``scripts/gpu_check.sh`` runs them). The CPU's TorchScript traces and scripts
+are real here: replayed with new inputs, they must give what the eager engine
+computes.
 """
 
 from __future__ import annotations
@@ -220,7 +222,8 @@ def test_engine_graphed_results_equal_eager(model_dir, name, device, monkeypatch
             monkeypatch.setattr(torch.backends.cudnn, flag, value)
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     model = ModelRegistry.load(model_dir, device).get(name)
-    graphed, eager = Engine(cuda_graphs=8, max_batch_size=8), Engine(cuda_graphs=0, max_batch_size=8)
+    # (cpu_scripts=0: on the CPU the stand-in graphs, not the scripts, must take MAML's adaptations)
+    graphed, eager = Engine(cuda_graphs=8, max_batch_size=8, cpu_scripts=0), Engine(cuda_graphs=0, max_batch_size=8, cpu_scripts=0)
     if device == "cuda":
         # The comparison runs the same padded shapes eagerly: a cache that never captures.
         eager = Engine(cuda_graphs=8, max_batch_size=8)
@@ -367,7 +370,7 @@ def test_engine_traced_results_equal_eager_on_the_cpu(model_dir, name, traced_ki
     from service.registry import ModelRegistry
 
     model = ModelRegistry.load(model_dir, "cpu").get(name)
-    traced, eager = Engine(max_batch_size=8), Engine(cpu_traces=0, max_batch_size=8)
+    traced, eager = Engine(max_batch_size=8, cpu_scripts=0), Engine(cpu_traces=0, cpu_scripts=0, max_batch_size=8)
     variants = [{}, {"query_x": None}, {"transductive": True}]
     for rows in (1, 3):
         for round_ in range(3):
@@ -391,3 +394,100 @@ def test_engine_traced_results_equal_eager_on_the_cpu(model_dir, name, traced_ki
     assert stats["captures"] == sum(shapes[kind] for kind in traced_kinds)
     assert stats["replays"] == stats["captures"] * 2  # rounds 2 and 3 (round 1 runs eagerly, then traces)
     assert eager.trace_stats()["captures"] == 0
+
+
+# ---------------------------------------------------------------------------
+# CPU scripts (service.cpu_scripts): MAML-family adaptations compiled in the background
+# ---------------------------------------------------------------------------
+def test_engine_scripted_adaptations_equal_eager_on_the_cpu(model_dir):
+    """MAML adaptations (with and without queries, transductive or not) in batches of 1 and 3 run
+    eagerly until each shape's third batch queues its compilation; once compiled, new requests (other
+    images, other labels) in batches of 1, 3 and 5 run row by row through the script, also from two
+    threads at once, and every result equals the eager engine's for that request alone (a batch's
+    grouped convolutions round differently from one request's)."""
+    import threading
+
+    from service.engine import Engine
+    from service.registry import ModelRegistry
+
+    model = ModelRegistry.load(model_dir, "cpu").get("conv-maml")
+    scripted, eager = Engine(max_batch_size=8, cpu_traces=0), Engine(max_batch_size=8, cpu_traces=0, cpu_scripts=0)
+    variants = [{}, {"query_x": None}, {"transductive": True}]
+
+    def check(rows: int, seed: int, compiled: bool = True) -> None:
+        for variant in variants:
+            jobs = [dataclasses.replace(job, **variant) for job in _jobs(model, rows, seed, "adapt")]
+            want = [eager._compute([job])[0] for job in jobs] if compiled else eager._compute(jobs)
+            got = scripted._compute(jobs)
+            for g, w in zip(got, want):
+                if variant.get("query_x", 0) is not None:
+                    torch.testing.assert_close(torch.tensor(g["probabilities"]), torch.tensor(w["probabilities"]), atol=1e-6, rtol=1e-5)
+                assert g["support_loss_before"] == pytest.approx(w["support_loss_before"], rel=1e-5, abs=1e-7)
+                assert g["support_loss_after"] == pytest.approx(w["support_loss_after"], rel=1e-5, abs=1e-7)
+                assert g["tensors"].keys() == w["tensors"].keys()
+                for n in w["tensors"]:
+                    torch.testing.assert_close(g["tensors"][n], w["tensors"][n], atol=1e-6, rtol=1e-5)
+
+    try:
+        for seed, rows in enumerate((1, 3, 1)):  # the shape's third batch (any size) queues it
+            check(rows, seed, compiled=False)
+        assert scripted.script_stats()["replays"] == 0
+        assert scripted._scripts.wait(120), "compilation did not finish"
+        stats = scripted.script_stats()
+        assert stats["captures"] == len(variants) and stats["failures"] == 0 and stats["held"] == len(variants)
+        for seed, rows in enumerate((1, 3, 5), start=10):
+            check(rows, seed)
+        errors = []
+
+        def in_a_thread(seed):
+            try:
+                check(3, seed)
+            except Exception as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+
+        threads = [threading.Thread(target=in_a_thread, args=(20 + i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        assert scripted.script_stats()["replays"] == 5 * len(variants)
+        assert eager.script_stats()["captures"] == 0
+    finally:
+        scripted.stop()
+
+
+def test_a_compilation_that_fails_leaves_the_shape_eager(monkeypatch):
+    from service import cpu_scripts
+
+    def refuse(fn, inputs):
+        raise RuntimeError("an operation TorchScript cannot express")
+
+    monkeypatch.setattr(cpu_scripts, "script", refuse)
+    cache = cpu_scripts.ScriptCache(capture_after=1)
+    try:
+        x = torch.randn(2, 3)
+        torch.testing.assert_close(cache.run(("k",), affine, (x, x)), affine(x, x))
+        assert cache.wait(30)
+        for _ in range(3):
+            x = torch.randn(2, 3)
+            torch.testing.assert_close(cache.run(("k",), affine, (x, x)), affine(x, x))
+        assert cache.wait(30)
+        assert cache.failures == 1 and cache.captures == 0 and len(cache) == 0
+    finally:
+        cache.close()
+
+
+def test_a_script_that_disagrees_with_the_eager_run_is_never_used(monkeypatch):
+    from service import cpu_scripts
+
+    real = cpu_scripts.script
+    monkeypatch.setattr(cpu_scripts, "script", lambda fn, inputs: real(lambda *a: affine(*a) + 1e-3, inputs))
+    cache = cpu_scripts.ScriptCache(capture_after=1)
+    try:
+        x = torch.randn(2, 3)
+        cache.run(("k",), affine, (x, x))
+        assert cache.wait(60)
+        assert cache.failures == 1 and len(cache) == 0
+    finally:
+        cache.close()

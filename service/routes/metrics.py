@@ -40,14 +40,18 @@ class _StateCollector:
     def collect(self):
         engine = getattr(self.app_state, "engine", None)
         if engine is not None:
-            # The engine's recorded computations: CUDA graphs on a GPU, TorchScript traces on the CPU.
-            for stats, kind, what in ((engine.graph_stats(), "cuda_graph", "CUDA graphs"), (engine.trace_stats(), "cpu_trace", "CPU traces")):
+            # The engine's recorded computations: CUDA graphs on a GPU, TorchScript traces and scripts on the CPU.
+            scripts = engine.script_stats()
+            caches = ((engine.graph_stats(), "cuda_graph", "CUDA graphs"), (engine.trace_stats(), "cpu_trace", "CPU traces"),
+                      (scripts, "cpu_script", "Compiled CPU adaptations"))
+            for stats, kind, what in caches:
                 yield from _unlabelled((
-                    (GaugeMetricFamily, f"metalearn_{kind}s", f"{what} held by the engine's workers", stats["held"]),
+                    (GaugeMetricFamily, f"metalearn_{kind}s", f"{what} held by the engine", stats["held"]),
                     (CounterMetricFamily, f"metalearn_{kind}_captures", f"{what} recorded", stats["captures"]),
                     (CounterMetricFamily, f"metalearn_{kind}_replays", f"Batches replayed from {what}", stats["replays"]),
                     (CounterMetricFamily, f"metalearn_{kind}_capture_failures", "Shapes that could not be recorded (run eagerly)", stats["failures"]),
                 ))
+            yield from _unlabelled([(GaugeMetricFamily, "metalearn_cpu_scripts_compiling", "Request shapes queued or being compiled", scripts["pending"])])
         store = getattr(self.app_state, "store", None)
         if store is None:
             return

@@ -1,0 +1,233 @@
+"""Compiled MAML-family adaptations on the CPU, recorded on a background thread.
+
+The CPU traces (``service.cpu_traces``) cannot hold an inner loop that takes
+gradients with autograd: the TorchScript tracer refuses it ("Cannot insert a
+Tensor that requires grad as a constant"). So a MAML adaptation runs eagerly:
+about 4000 torch calls from Python per request, each releasing and retaking the
+GIL that the HTTP event loop and the other worker need.
+
+``make_fx`` records the same computation one level down, as the aten operations
+that run, autograd's backward and the SGD updates included. Each operation is
+then pointed at its overload packet (``torch.jit.script`` cannot resolve
+``aten.x.default``; tracing the recorded graph fails on the backward operators'
+``bool[3]`` arguments) and the graph is scripted. Replays equal the eager run
+bit for bit on new requests, hold no GIL between operations and skip Python's
+per-call overhead. Measured in process (``bench/experiments/maml_scripted.py``,
+Conv4-64, 5-way 1-shot, 10 steps, 5 queries, one torch thread):
+
+- one request: 25 ms scripted against 36-38 ms eager;
+- eagerly in a batch of 8: 30-32 ms per request; scripted in a batch of 16:
+  34-35 ms per request (slower than one by one).
+
+So a batch runs its requests one at a time through the script of a single
+request: one compilation per request shape, whatever the batch size.
+
+Recording and scripting take seconds (3.6 s + 1.5 s for the example above),
+far too long for the batch that meets a new shape to wait. :class:`ScriptCache`
+compiles on one background thread, at a lower OS priority, shared by the
+engine's workers; until a shape's script is ready its batches run eagerly, as
+they would without it. A shape is compiled on its ``capture_after``-th batch;
+failures (an operation TorchScript cannot express, a replay that disagrees with
+the eager run) leave it eager, counted in ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import warnings
+import weakref
+from collections import deque
+from typing import Any, Callable
+
+import torch
+
+from service.cpu_traces import _Trace, flatten
+from service.cuda_graphs import GraphCache
+
+log = logging.getLogger("service.cpu_scripts")
+
+# Scripting the recorded graph warns each time: that torch.jit is deprecated (it is present in every torch
+# the project allows; a failure leaves the shape eager) and about an FX-internal annotation.
+warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=DeprecationWarning)
+warnings.filterwarnings("ignore", message=r"The TorchScript type system doesn't support instance-level annotations", category=UserWarning)
+
+
+def script(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> tuple[Callable[..., Any], Callable]:
+    """``fn`` recorded at ``inputs`` with make_fx and scripted: (a function of the inputs returning the
+    tensors of ``fn``'s result in ``flatten``'s order, the function that rebuilds the result from them)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    structure: dict[str, Callable] = {}
+
+    def flat(*args):
+        tensors, structure["rebuild"] = flatten(fn(*args))
+        return tuple(tensors)
+
+    recorded = make_fx(flat)(*inputs)
+    for node in recorded.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            node.target = node.target.overloadpacket
+    recorded.recompile()
+    return torch.jit.script(recorded), structure["rebuild"]
+
+
+def _close_at_exit(cache_ref: weakref.ref) -> None:
+    cache = cache_ref()
+    if cache is not None:
+        cache.close()
+        cache.join(60.0)
+
+
+class ScriptCache(GraphCache):
+    """Runs ``fn(*inputs)`` (inputs stacked over requests) row by row through a script of one row, once compiled.
+
+    ::
+
+        scripts = ScriptCache(capacity=8)
+        result = scripts.run(key, compute, (support_x, support_y, query_x), owner=model)
+        ...
+        scripts.close()
+
+    ``fn`` must compute each row from that row of its inputs alone, with tensor
+    operations only (autograd allowed), every other decision fixed by ``key``,
+    and return tensors whose first dimension is the row, nested as
+    :func:`service.cpu_traces.flatten` allows. One cache serves several threads.
+    """
+
+    what = "TorchScript compilation"
+    pads = False
+
+    def __init__(self, capacity: int = 8, capture_after: int = 3, warmup: int = 2, refill_s: float = 30.0, nice: int = 10):
+        super().__init__(capacity=capacity, capture_after=capture_after, warmup=warmup, refill_s=refill_s)
+        self.nice = nice  # the compiling thread's OS priority, relative to the workers'
+        self._guard = threading.Condition()  # the tables and the compile queue
+        self._queue: deque[tuple] = deque()
+        self._compiling: set[tuple] = set()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def run(self, key: tuple, fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], owner: Any = None) -> Any:
+        with self._guard:
+            entry = self._graphs.get(key)
+            if entry is not None:
+                self._graphs.move_to_end(key)
+                self.replays += 1
+            elif key not in self._failed and key not in self._compiling:
+                uses = self._uses.pop(key, 0) + 1
+                if uses >= self.capture_after and not self._closed and self._spend_budget():
+                    self._compiling.add(key)
+                    # One row, copied: the recording must not keep the batch's tensors (or the caller's) alive.
+                    self._queue.append((key, fn, tuple(t[:1].clone() for t in inputs), owner))
+                    self._start()
+                    self._guard.notify()
+                else:
+                    self._remember(self._uses, key, uses)
+        if entry is None:
+            return fn(*inputs)
+        return self._replay(entry, inputs)
+
+    def _replay(self, entry: _Trace, inputs: tuple[torch.Tensor, ...]) -> Any:
+        rows = [entry.function(*(t[i : i + 1] for t in inputs)) for i in range(inputs[0].shape[0])]
+        columns = rows[0] if len(rows) == 1 else [torch.cat(column) for column in zip(*rows)]
+        return entry.rebuild(iter(columns))
+
+    def pending(self) -> int:
+        """Shapes queued or being compiled."""
+        with self._guard:
+            return len(self._compiling)
+
+    def wait(self, timeout: float) -> bool:
+        """Block until nothing is queued or compiling (tests, warm-up); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._guard:
+            while self._compiling:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._guard.wait(min(remaining, 0.1))
+            return True
+
+    def reopen(self) -> None:
+        """Compile again after :meth:`close` (an engine started again)."""
+        with self._guard:
+            self._closed = False
+
+    def close(self) -> None:
+        """Stop compiling (a compilation under way finishes first, on its daemon thread); scripts held keep working."""
+        with self._guard:
+            self._closed = True
+            self._queue.clear()
+            self._compiling.clear()
+            self._guard.notify_all()
+
+    # ------------------------------------------------------------------
+    # The compiling thread
+    # ------------------------------------------------------------------
+    def _start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._compile_loop, name="metalearn-compile", daemon=True)
+            self._thread.start()
+            # A daemon thread still inside TorchScript's C++ when the interpreter exits aborts the process
+            # ("terminate called without an active exception"): at exit, let it finish what it compiles.
+            atexit.register(_close_at_exit, weakref.ref(self))
+
+    def join(self, timeout: float | None = None) -> None:
+        """After :meth:`close`: wait for the compiling thread to end (a compilation under way finishes first)."""
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _compile_loop(self) -> None:
+        try:  # Linux: a thread's niceness is its own; the workers keep the cores first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+        except (AttributeError, OSError):
+            pass
+        while True:
+            with self._guard:
+                while not self._queue and not self._closed:
+                    self._guard.wait()
+                if self._closed:
+                    return
+                key, fn, inputs, owner = self._queue.popleft()
+            try:
+                with torch.inference_mode(False), torch.no_grad():
+                    entry = self._capture(fn, inputs, owner)
+            except Exception as error:  # noqa: BLE001 - any problem means: this key stays eager
+                with self._guard:
+                    self.failures += 1
+                    self._remember(self._failed, key, None)
+                    self._compiling.discard(key)
+                    self._guard.notify_all()
+                log.warning("%s failed for %s (%s: %s); it keeps running eagerly", self.what, key, type(error).__name__, str(error)[:300])
+                continue
+            with self._guard:
+                if key in self._compiling:  # (not closed meanwhile)
+                    self._compiling.discard(key)
+                    self._graphs[key] = entry
+                    while len(self._graphs) > self.capacity:
+                        self._graphs.popitem(last=False)
+                    self.captures += 1
+                self._guard.notify_all()
+
+    def _capture(self, fn, inputs, owner) -> _Trace:
+        start = time.perf_counter()
+        function, rebuild = script(fn, inputs)
+        expected, _ = flatten(fn(*inputs))
+        for _ in range(self.warmup + 1):  # TorchScript profiles the first runs and optimises the graph after them
+            outputs = function(*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        # A script that disagrees with the eager run, or whose results are not one row each, is never used.
+        if len(outputs) != len(expected):
+            raise RuntimeError(f"the script returns {len(outputs)} tensors, the computation {len(expected)}")
+        for got, want in zip(outputs, expected):
+            if got.shape != want.shape or got.dtype != want.dtype or (got.dim() and got.shape[0] != 1):
+                raise RuntimeError(f"the script returns {tuple(got.shape)} {got.dtype} where the computation returns {tuple(want.shape)} {want.dtype} (one row expected)")
+            same = torch.allclose(got, want, rtol=1e-4, atol=1e-5, equal_nan=True) if got.is_floating_point() else torch.equal(got, want)
+            if not same:
+                raise RuntimeError("the script's result differs from the eager computation's")
+        log.info("compiled a computation in %.1f s (%d held)", time.perf_counter() - start, len(self._graphs) + 1)
+        return _Trace(function, None, rebuild, owner)
