@@ -7,13 +7,14 @@ about 4000 torch calls from Python per request, each releasing and retaking the
 GIL that the HTTP event loop and the other worker need.
 
 ``make_fx`` records the same computation one level down, as the aten operations
-that run, autograd's backward and the SGD updates included. Each operation is
-then pointed at its overload packet (``torch.jit.script`` cannot resolve
-``aten.x.default``; tracing the recorded graph fails on the backward operators'
-``bool[3]`` arguments) and the graph is scripted. Replays equal the eager run
-bit for bit on new requests, hold no GIL between operations and skip Python's
-per-call overhead. Measured in process (``bench/experiments/maml_scripted.py``,
-Conv4-64, 5-way 1-shot, 10 steps, 5 queries, one torch thread):
+that run, autograd's backward and the SGD updates included, and TorchScript
+compiles the recorded graph's Python code (each operation pointed at its
+overload packet: TorchScript cannot resolve ``aten.x.default``; tracing the
+recorded graph instead fails on the backward operators' ``bool[3]``
+arguments). Replays equal the eager run bit for bit on new requests, hold no GIL
+between operations and skip Python's per-call overhead. Measured in process
+(``bench/experiments/maml_scripted.py``, Conv4-64, 5-way 1-shot, 10 steps, 5
+queries, one torch thread):
 
 - one request: 25 ms scripted against 36-38 ms eager;
 - eagerly in a batch of 8: 30-32 ms per request; scripted in a batch of 16:
@@ -22,8 +23,8 @@ Conv4-64, 5-way 1-shot, 10 steps, 5 queries, one torch thread):
 So a batch runs its requests one at a time through the script of a single
 request: one compilation per request shape, whatever the batch size.
 
-Recording and scripting take seconds (3.6 s + 1.5 s for the example above),
-far too long for the batch that meets a new shape to wait. :class:`ScriptCache`
+Recording and compiling take seconds (3.6 s for the example above), far too
+long for the batch that meets a new shape to wait. :class:`ScriptCache`
 compiles on one background thread, at a lower OS priority, shared by the
 engine's workers; until a shape's script is ready its batches run eagerly, as
 they would without it. A shape is compiled on its ``capture_after``-th batch;
@@ -34,11 +35,12 @@ the eager run) leave it eager, counted in ``/metrics``.
 from __future__ import annotations
 
 import atexit
+import builtins
 import logging
 import os
+import re
 import threading
 import time
-import warnings
 import weakref
 from collections import deque
 from typing import Any, Callable
@@ -50,15 +52,18 @@ from service.cuda_graphs import GraphCache
 
 log = logging.getLogger("service.cpu_scripts")
 
-# Scripting the recorded graph warns each time: that torch.jit is deprecated (it is present in every torch
-# the project allows; a failure leaves the shape eager) and about an FX-internal annotation.
-warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=DeprecationWarning)
-warnings.filterwarnings("ignore", message=r"The TorchScript type system doesn't support instance-level annotations", category=UserWarning)
 
 
 def script(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> tuple[Callable[..., Any], Callable]:
-    """``fn`` recorded at ``inputs`` with make_fx and scripted: (a function of the inputs returning the
-    tensors of ``fn``'s result in ``flatten``'s order, the function that rebuilds the result from them)."""
+    """``fn`` recorded at ``inputs`` (distinct tensors: the recording takes one tensor passed twice for
+    one input) with make_fx and compiled by TorchScript: (a function of the inputs
+    returning the tensors of ``fn``'s result in ``flatten``'s order, the function that rebuilds the
+    result from them).
+
+    The function lives in its own compilation unit, freed with it: ``torch.jit.script`` of the
+    recorded module would compile it into TorchScript's global unit, for the life of the process
+    (about 40 MB per MAML adaptation, measured). So the recorded graph's constants become arguments,
+    and its Python code is compiled as a plain function."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     structure: dict[str, Callable] = {}
@@ -68,11 +73,41 @@ def script(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> tuple[Ca
         return tuple(tensors)
 
     recorded = make_fx(flat)(*inputs)
-    for node in recorded.graph.nodes:
-        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-            node.target = node.target.overloadpacket
-    recorded.recompile()
-    return torch.jit.script(recorded), structure["rebuild"]
+    graph = recorded.graph
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    constants = []
+    for node in list(graph.nodes):
+        # The recording keeps every intermediate tensor in its nodes' metadata (230 MB for a Conv4-64
+        # MAML adaptation of 10 steps): drop them now.
+        node.meta.clear()
+        if node.op == "get_attr":  # a tensor the computation read from elsewhere (a model parameter, say)
+            with graph.inserting_after(placeholders[-1]):
+                placeholders.append(graph.placeholder(f"constant_{len(constants)}"))
+            constants.append(getattr(recorded, node.target))
+            node.replace_all_uses_with(placeholders[-1])
+            graph.erase_node(node)
+        elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            node.target = node.target.overloadpacket  # TorchScript resolves aten.x, not aten.x.default
+    code = graph.python_code(root_module="self")
+    source = code.src.replace("def forward(self, ", "def compute(", 1)
+    # FX frees each value after its last use with a trailing "; name = None", which TorchScript's parser
+    # rejects; its interpreter frees values after their last use itself.
+    source = re.sub(r";\s*(\w+\s*=\s*)+None$", "", source, flags=re.MULTILINE)
+    names = dict(code.globals)
+
+    def resolve(name: str) -> Any:
+        return names[name] if name in names else getattr(builtins, name, None)
+
+    unit = torch.jit.CompilationUnit()
+    unit.define(source, rcb=resolve)
+    function = unit.find_function("compute")
+    constants = tuple(constants)
+
+    def compiled(*args):
+        return function(*args, *constants)
+
+    compiled.unit = unit  # (the function keeps its unit alive too)
+    return compiled, structure["rebuild"]
 
 
 def _close_at_exit(cache_ref: weakref.ref) -> None:

@@ -6,20 +6,19 @@
 The service's CPU traces (``service/cpu_traces.py``) cannot hold MAML's inner
 loop: it takes gradients with autograd, and the TorchScript tracer refuses
 ("Cannot insert a Tensor that requires grad as a constant"). This experiment
-records the engine's whole MAML computation (forward, autograd's backward and
-the SGD updates, ten steps) as aten operations with
-``torch.fx.experimental.proxy_tensor.make_fx``, points each node at its
-operator's overload packet (``torch.jit.script`` cannot resolve
-``aten.x.default``; tracing the FX graph fails too, on the backward operators'
-``bool[3]`` arguments), scripts it, checks it against the eager computation on
-new requests, then times per request, interleaved: eager and scripted, each
-alone and beside a thread that runs Python 40% of the time (the event loop's
-part, in a loaded server).
+compiles the engine's whole MAML computation for a batch of ``--rows``
+requests (forward, autograd's backward and the SGD updates, ten steps) as the
+service does (``service.cpu_scripts.script``: recorded as aten operations
+with ``make_fx``, compiled by TorchScript in a compilation unit of its own),
+checks it against the eager computation on new requests, then times per
+request, interleaved: eager and scripted, each alone and beside a thread that
+runs Python 40% of the time (the event loop's part, in a loaded server).
 
-Not in the service: the recording takes seconds per shape (printed), too long
-for the batch that meets a new shape to wait for. (Scripting the same recorded
-graph six more times, dropping each, left the process's memory flat: unlike
-``torch.jit.trace``, it keeps nothing in TorchScript's global unit.)
+It found what the service does with it (``service/cpu_scripts.py``): per
+request, a script of one request is as fast as one of 4 and faster than one
+of 16, so the service compiles one request's computation and runs a batch
+through it row by row; the compilation takes seconds (printed), so the service
+compiles on a background thread.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from engine_graphs import demo_registry, jobs_for  # noqa: E402
 
+from service.cpu_scripts import script  # noqa: E402
 from service.cpu_traces import flatten  # noqa: E402
 from service.engine import Engine  # noqa: E402
 
@@ -58,12 +58,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8, help="requests per batch")
     parser.add_argument("--reps", type=int, default=8)
     args = parser.parse_args()
-    from torch.fx.experimental.proxy_tensor import make_fx
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     model = demo_registry(["maml"], "cpu").get("maml")
-    engine = Engine(threads=1, cpu_traces=0)
+    engine = Engine(threads=1, cpu_traces=0, cpu_scripts=0)
 
     def batch(seed):
         jobs = jobs_for(model, args.rows, "stateless", seed)
@@ -77,15 +76,8 @@ def main() -> None:
 
     with torch.inference_mode(False), torch.no_grad():
         start = time.perf_counter()
-        recorded = make_fx(eager)(*inputs)
-        made = time.perf_counter()
-        for node in recorded.graph.nodes:
-            if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-                node.target = node.target.overloadpacket
-        recorded.recompile()
-        scripted = torch.jit.script(recorded)
-        print(f"# {args.rows} MAML requests per batch: make_fx {made - start:.1f} s ({len(recorded.graph.nodes)} nodes), "
-              f"torch.jit.script {time.perf_counter() - made:.1f} s")
+        scripted, _ = script(kernel, inputs)
+        print(f"# {args.rows} MAML requests per batch: recorded and compiled in {time.perf_counter() - start:.1f} s")
         for _ in range(3):  # TorchScript optimises after its first runs
             scripted(*inputs)
         for seed in (1, 2):

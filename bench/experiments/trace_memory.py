@@ -1,18 +1,23 @@
-"""The service's memory after the benchmark's workload, with CPU traces and without.
+"""The service's memory after the benchmark's workload, with CPU traces and scripts and without.
 
     python bench/experiments/trace_memory.py
+    python bench/experiments/trace_memory.py --server "" --server METALEARN_CPU_SCRIPTS=0
 
-For each setting of ``METALEARN_CPU_TRACES`` (the default, then 0), starts the
-service as ``bench/service_bench.py`` does, sends 2 s of MAML and ANIL
-requests, stateless and session predicts, at concurrency 1, 8, 16 and 32, and
-prints the server's resident memory (``VmRSS``, and its peak ``VmHWM``, from
-``/proc``) at start and at the end, with the traces ``/metrics`` reports.
+For each ``--server`` (comma-separated NAME=VALUE settings, "" for the defaults;
+by default: the defaults, then without scripts, then without traces either),
+starts the service as ``bench/service_bench.py`` does, sends 2 s of MAML and
+ANIL requests, stateless and session predicts, at concurrency 1, 8, 16 and 32,
+waits for background compilations to finish, and prints the server's resident
+memory (``VmRSS``, and its peak ``VmHWM``, from ``/proc``) at start and at the
+end, with the traces and scripts ``/metrics`` reports.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
+import time
 import tempfile
 from pathlib import Path
 
@@ -29,13 +34,18 @@ def memory(pid: int) -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--server", action="append", help='settings of one server, "NAME=VALUE,..." ("" = defaults; repeatable)')
+    args = parser.parse_args()
+    servers = args.server or ["", "METALEARN_CPU_SCRIPTS=0", "METALEARN_CPU_SCRIPTS=0,METALEARN_CPU_TRACES=0"]
     work = Path(tempfile.mkdtemp(prefix="trace_memory_"))
     model_dir = work / "models"
     model_dir.mkdir()
     sb.make_checkpoints(model_dir)
     batch, origin = sb.make_tasks(64)
     print(f"# tasks: {origin}")
-    for settings in ({}, {"METALEARN_CPU_TRACES": "0"}):
+    for server in servers:
+        settings = dict(item.split("=", 1) for item in server.split(",") if item)
         process, port = sb.start_server("service", model_dir, 1, work, 0, settings=settings)
         try:
             start = memory(process.pid)
@@ -44,7 +54,12 @@ def main() -> None:
                     requests = sb.build_requests(batch, model, port, mode, 64)
                     for concurrency in (1, 8, 16, 32):
                         asyncio.run(sb.run_level(port, requests, concurrency, 2.0, 0.5))
-            traces = [line for line in httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines() if line.startswith("metalearn_cpu_trace")]
+            for _ in range(240):  # compilations still under way (service.cpu_scripts)
+                if "metalearn_cpu_scripts_compiling 0.0" in httpx.get(f"http://127.0.0.1:{port}/metrics").text:
+                    break
+                time.sleep(0.5)
+            metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines()
+            traces = [line for line in metrics if line.startswith(("metalearn_cpu_trace", "metalearn_cpu_script")) and not line.endswith("_created")]
             print(f"{settings or 'defaults'}: at start {start}; at the end {memory(process.pid)}")
             print("   " + "; ".join(traces))
         finally:
