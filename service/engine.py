@@ -23,7 +23,9 @@ the batch padded to a power of two (``service.cuda_graphs``): a request is a
 thousand small kernels, and launching them costs more than running them. On
 the CPU, each worker replays TorchScript traces of the fast kernels' computations
 that take no gradients (``service.cpu_traces``): they run without taking the GIL
-between operations, which the HTTP event loop and the other workers need.
+between operations, which the HTTP event loop and the other workers need. The
+fast MAML-family adaptations, which take gradients, are compiled on a
+background thread instead and then run request by request (``service.cpu_scripts``).
 
 Under concurrency a batch waits at most ``max_wait_ms`` for company (jobs that
 arrive while the worker is busy batch naturally; a lone client is never delayed). When ``queue_size`` jobs are pending,
