@@ -163,7 +163,15 @@ class ScriptCache(GraphCache):
                     self._remember(self._uses, key, uses)
         if entry is None:
             return fn(*inputs)
-        return self._replay(entry, inputs)
+        try:
+            return self._replay(entry, inputs)
+        except Exception as error:  # noqa: BLE001 - a script that cannot run these inputs: eager from now on
+            with self._guard:
+                if self._graphs.pop(key, None) is not None:
+                    self.failures += 1
+                    self._remember(self._failed, key, None)
+            log.warning("a compiled computation failed for %s (%s: %s); running it eagerly", key, type(error).__name__, str(error)[:300])
+            return fn(*inputs)
 
     def _replay(self, entry: _Trace, inputs: tuple[torch.Tensor, ...]) -> Any:
         rows = [entry.function(*(t[i : i + 1] for t in inputs)) for i in range(inputs[0].shape[0])]

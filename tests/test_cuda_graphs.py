@@ -513,3 +513,25 @@ def test_scripts_stay_out_of_torchscripts_global_compilation_unit():
     torch.testing.assert_close(got[0].left, want[0].left)
     torch.testing.assert_close(got[0].right["sum"], want[0].right["sum"])
     assert got[2] == 3 and got[0].right["none"] is None
+
+
+def test_a_script_that_fails_to_run_leaves_the_shape_eager():
+    """Inputs the compiled computation cannot take (nothing the engine's keys let through; here a
+    wider row than recorded) are computed eagerly, and the shape stays eager from then on."""
+    from service import cpu_scripts
+
+    def doubled(x, y):  # the recording fixes the shape read here: reshape(1, 3)
+        return (x.reshape(x.shape[0], x.shape[1]) * 2 + y,)
+
+    cache = cpu_scripts.ScriptCache(capture_after=1)
+    try:
+        x = torch.randn(2, 3)
+        cache.run(("k",), doubled, (x, x))
+        assert cache.wait(60) and len(cache) == 1
+        wide = torch.randn(2, 4)
+        torch.testing.assert_close(cache.run(("k",), doubled, (wide, wide)), doubled(wide, wide))
+        assert cache.failures == 1 and len(cache) == 0
+        torch.testing.assert_close(cache.run(("k",), doubled, (x, x)), doubled(x, x))
+        assert cache.replays == 1 and cache.pending() == 0  # (the failed replay) and no new compilation
+    finally:
+        cache.close()
