@@ -30,6 +30,12 @@ engine's workers; until a shape's script is ready its batches run eagerly, as
 they would without it. A shape is compiled on its ``capture_after``-th batch;
 failures (an operation TorchScript cannot express, a replay that disagrees with
 the eager run) leave it eager, counted in ``/metrics``.
+
+While it records, FX's tracer patches ``torch.nn.Module.__call__`` and
+``__getattr__`` process-wide with wrappers that pass straight through for
+anything it does not trace: another thread calling a module meanwhile (the
+engine's generic path) computes the same, a little slower. The fast kernels
+call no modules.
 """
 
 from __future__ import annotations
@@ -53,12 +59,11 @@ from service.cuda_graphs import GraphCache
 log = logging.getLogger("service.cpu_scripts")
 
 
-
 def script(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> tuple[Callable[..., Any], Callable]:
-    """``fn`` recorded at ``inputs`` (distinct tensors: the recording takes one tensor passed twice for
-    one input) with make_fx and compiled by TorchScript: (a function of the inputs
+    """``fn`` recorded at ``inputs`` with make_fx and compiled by TorchScript: (a function of the inputs
     returning the tensors of ``fn``'s result in ``flatten``'s order, the function that rebuilds the
-    result from them).
+    result from them). ``inputs`` must be distinct tensors: the recording takes one tensor passed
+    twice for one input.
 
     The function lives in its own compilation unit, freed with it: ``torch.jit.script`` of the
     recorded module would compile it into TorchScript's global unit, for the life of the process
@@ -104,7 +109,8 @@ def script(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> tuple[Ca
     constants = tuple(constants)
 
     def compiled(*args):
-        return function(*args, *constants)
+        outputs = function(*args, *constants)
+        return outputs if isinstance(outputs, tuple) else (outputs,)
 
     compiled.unit = unit  # (the function keeps its unit alive too)
     return compiled, structure["rebuild"]
@@ -262,12 +268,11 @@ class ScriptCache(GraphCache):
         expected, _ = flatten(fn(*inputs))
         for _ in range(self.warmup + 1):  # TorchScript profiles the first runs and optimises the graph after them
             outputs = function(*inputs)
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         # A script that disagrees with the eager run, or whose results are not one row each, is never used.
         if len(outputs) != len(expected):
             raise RuntimeError(f"the script returns {len(outputs)} tensors, the computation {len(expected)}")
         for got, want in zip(outputs, expected):
-            if got.shape != want.shape or got.dtype != want.dtype or (got.dim() and got.shape[0] != 1):
+            if got.shape != want.shape or got.dtype != want.dtype or got.dim() == 0 or got.shape[0] != 1:
                 raise RuntimeError(f"the script returns {tuple(got.shape)} {got.dtype} where the computation returns {tuple(want.shape)} {want.dtype} (one row expected)")
             same = torch.allclose(got, want, rtol=1e-4, atol=1e-5, equal_nan=True) if got.is_floating_point() else torch.equal(got, want)
             if not same:

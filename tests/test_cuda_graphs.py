@@ -535,3 +535,24 @@ def test_a_script_that_fails_to_run_leaves_the_shape_eager():
         assert cache.replays == 1 and cache.pending() == 0  # (the failed replay) and no new compilation
     finally:
         cache.close()
+
+
+def test_a_computation_whose_results_are_not_rows_is_never_compiled():
+    """Row-by-row replays concatenate each result over the rows: a result without a row dimension
+    (a total over the batch) cannot be rebuilt that way, so the compilation is refused."""
+    from service import cpu_scripts
+
+    def total(x, y):
+        return (x * y).sum(), x + y
+
+    cache = cpu_scripts.ScriptCache(capture_after=1)
+    try:
+        x, y = torch.randn(3, 2), torch.randn(3, 2)
+        cache.run(("k",), total, (x, y))
+        assert cache.wait(60)
+        assert cache.failures == 1 and len(cache) == 0
+        got, want = cache.run(("k",), total, (x, y)), total(x, y)
+        torch.testing.assert_close(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1])
+    finally:
+        cache.close()
