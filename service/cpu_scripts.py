@@ -6,8 +6,9 @@ Tensor that requires grad as a constant"). So a MAML adaptation runs eagerly:
 about 4000 torch calls from Python per request, each releasing and retaking the
 GIL that the HTTP event loop and the other worker need.
 
-``make_fx`` records the same computation one level down, as the aten operations
-that run, autograd's backward and the SGD updates included, and TorchScript
+``make_fx`` records the same computation one level down (on fake tensors: shapes,
+not values), as the aten operations that run, autograd's backward and the SGD
+updates included, and TorchScript
 compiles the recorded graph's Python code (each operation pointed at its
 overload packet: TorchScript cannot resolve ``aten.x.default``; tracing the
 recorded graph instead fails on the backward operators' ``bool[3]``
@@ -23,11 +24,13 @@ queries, one torch thread):
 So a batch runs its requests one at a time through the script of a single
 request: one compilation per request shape, whatever the batch size.
 
-Recording and compiling take seconds (3.6 s for the example above), far too
-long for the batch that meets a new shape to wait. :class:`ScriptCache`
+Recording and compiling take seconds (about 4 s for the example above), far
+too long for the batch that meets a new shape to wait. :class:`ScriptCache`
 compiles on one background thread, at a lower OS priority, shared by the
 engine's workers; until a shape's script is ready its batches run eagerly, as
-they would without it. A shape is compiled on its ``capture_after``-th batch;
+they would without it, at about half their speed while the recording runs
+(it pauses for them: :class:`_Yielding`), and one of them waits about half a
+second for TorchScript's compiler, which holds the GIL. A shape is compiled on its ``capture_after``-th batch;
 failures (an operation TorchScript cannot express, a replay that disagrees with
 the eager run) leave it eager, counted in ``/metrics``.
 
@@ -52,11 +55,32 @@ from collections import deque
 from typing import Any, Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from service.cpu_traces import _Trace, flatten
 from service.cuda_graphs import GraphCache
 
 log = logging.getLogger("service.cpu_scripts")
+
+
+class _Yielding(TorchDispatchMode):
+    """Passes every operation on, and pauses ``pause_s`` after each ``run_s`` of recording.
+
+    The recording is Python that holds the GIL, and a worker computing eagerly meanwhile needs the
+    GIL back after each of its thousands of operations: measured in process, a MAML request that
+    takes 37 ms alone took 0.7-1.5 s while a recording ran, and 80 ms with these pauses (the
+    recording takes about twice as long)."""
+
+    def __init__(self, run_s: float = 0.002, pause_s: float = 0.002):
+        super().__init__()
+        self.run_s, self.pause_s = run_s, pause_s
+        self.since = time.perf_counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if time.perf_counter() - self.since > self.run_s:
+            time.sleep(self.pause_s)  # (releases the GIL)
+            self.since = time.perf_counter()
+        return func(*args, **(kwargs or {}))
 
 
 def script(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> tuple[Callable[..., Any], Callable]:
@@ -74,17 +98,19 @@ def script(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> tuple[Ca
     structure: dict[str, Callable] = {}
 
     def flat(*args):
-        tensors, structure["rebuild"] = flatten(fn(*args))
+        with _Yielding():
+            tensors, structure["rebuild"] = flatten(fn(*args))
         return tuple(tensors)
 
-    recorded = make_fx(flat)(*inputs)
+    # Fake tensors: the recording computes shapes, not values (faster, and no memory for the
+    # intermediates), and a computation that reads a value to decide something fails to record instead
+    # of fixing that decision. The model's tensors, read from fn's closure, are real: constants.
+    recorded = make_fx(flat, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
     graph = recorded.graph
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     constants = []
     for node in list(graph.nodes):
-        # The recording keeps every intermediate tensor in its nodes' metadata (230 MB for a Conv4-64
-        # MAML adaptation of 10 steps): drop them now.
-        node.meta.clear()
+        node.meta.clear()  # (fake tensors, stack traces: nothing the compilation needs)
         if node.op == "get_attr":  # a tensor the computation read from elsewhere (a model parameter, say)
             with graph.inserting_after(placeholders[-1]):
                 placeholders.append(graph.placeholder(f"constant_{len(constants)}"))
