@@ -156,6 +156,38 @@ def test_regression_flow_matches_offline(http, model_dir):
     assert stateless["inner_steps"] == 5 and stateless["inner_lr"] == 0.02
 
 
+def test_compiled_adaptations_match_offline(server, http, model_dir):
+    """A MAML request shape seen in three batches is compiled in the background (service.cpu_scripts);
+    afterwards its requests run through the compilation, and their answers still equal offline
+    adaptation's (should an earlier test have compiled this shape, the first requests replay it too)."""
+
+    def script_metrics() -> dict[str, float]:
+        lines = httpx.get(server.url + "/metrics").text.splitlines()
+        return {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith("metalearn_cpu_script")}
+
+    def ask(seed: int, queries: int):
+        task = image_tasks(tasks=1, queries=queries, seed=seed)
+        sx, sy, qx = task.support_x[0], task.support_y[0], task.query_x[0]
+        answer = http.post("/v1/models/conv_maml/predict", json={"support": {"x": b64(sx), "y": b64(sy, "int64")}, "query": {"x": b64(qx)}})
+        assert answer.status_code == 200, answer.text
+        reference, _ = offline(model_dir, "conv_maml", sx, sy, qx)
+        np.testing.assert_allclose(answer.json()["probabilities"], torch.softmax(reference, -1).numpy(), atol=1e-5)
+
+    before = script_metrics()
+    for seed in range(3):  # one request at a time: three batches of the shape with 2 queries per class
+        ask(100 + seed, 2)
+    deadline = time.time() + 120
+    while script_metrics()["metalearn_cpu_scripts_compiling"] and time.time() < deadline:
+        time.sleep(0.2)
+    after_compiling = script_metrics()
+    assert after_compiling["metalearn_cpu_scripts_compiling"] == 0
+    assert after_compiling["metalearn_cpu_script_capture_failures_total"] == before["metalearn_cpu_script_capture_failures_total"]
+    assert after_compiling["metalearn_cpu_scripts"] >= 1
+    for seed in range(3):
+        ask(200 + seed, 2)
+    assert script_metrics()["metalearn_cpu_script_replays_total"] - after_compiling["metalearn_cpu_script_replays_total"] == 3
+
+
 def png(array: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
