@@ -177,7 +177,9 @@ class ScriptCache(GraphCache):
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def run(self, key: tuple, fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], owner: Any = None) -> Any:
+    def run(self, key: tuple, fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], owner: Any = None, record: Callable[..., Any] | None = None) -> Any:
+        """``fn(*inputs)``; ``record``: what the compiling thread records instead of ``fn`` (the same
+        computation, without state another thread uses meanwhile)."""
         with self._guard:
             entry = self._graphs.get(key)
             if entry is not None:
@@ -188,7 +190,7 @@ class ScriptCache(GraphCache):
                 if uses >= self.capture_after and not self._closed and self._spend_budget():
                     self._compiling.add(key)
                     # One row, copied: the recording must not keep the batch's tensors (or the caller's) alive.
-                    self._queue.append((key, fn, tuple(t[:1].clone() for t in inputs), owner))
+                    self._queue.append((key, record or fn, tuple(t[:1].clone() for t in inputs), owner))
                     self._start()
                     self._guard.notify()
                 else:

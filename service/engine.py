@@ -24,8 +24,9 @@ thousand small kernels, and launching them costs more than running them. On
 the CPU, each worker replays TorchScript traces of the fast kernels' computations
 that take no gradients (``service.cpu_traces``): they run without taking the GIL
 between operations, which the HTTP event loop and the other workers need. The
-fast MAML-family adaptations, which take gradients, are compiled on a
-background thread instead and then run request by request (``service.cpu_scripts``).
+other adaptations (MAML-family fast kernels, which take gradients, and the
+generic path) are compiled on a background thread instead and then run request
+by request (``service.cpu_scripts``).
 
 Under concurrency a batch waits at most ``max_wait_ms`` for company (jobs that
 arrive while the worker is busy batch naturally; a lone client is never delayed). When ``queue_size`` jobs are pending,
@@ -409,6 +410,14 @@ class Engine:
             self._local.replicas[learner] = copy.deepcopy(learner)
         return self._local.replicas[learner]
 
+    def _compile_learner(self, model):
+        """A copy of the model's learner for the compiling thread alone (see service.cpu_scripts)."""
+        if not hasattr(model, "_engine_compile_learner"):
+            with self._cond:  # (two workers may ask at once)
+                if not hasattr(model, "_engine_compile_learner"):
+                    model._engine_compile_learner = copy.deepcopy(model.learner)
+        return model._engine_compile_learner
+
     def _graphs(self, device) -> GraphCache | None:
         """This worker's cache of recorded computations, or None: on a GPU its CUDA graphs, when graphs
         are on and this is the only worker (a capture fails while another thread computes on the GPU;
@@ -456,15 +465,15 @@ class Engine:
         """How many rows a batch of ``count`` computes: padded to a graph bucket with CUDA graphs, else ``count``."""
         return bucket(count, self.max_batch_size) if graphs is not None and graphs.pads else count
 
-    def _graphed(self, graphs: GraphCache | None, batch: list[Job], compute: Callable, replay: str | None, inputs: list[torch.Tensor], rows: int):
+    def _graphed(self, graphs: GraphCache | None, batch: list[Job], compute: Callable, replay: str | None, inputs: list[torch.Tensor], rows: int, record: Callable | None = None):
         """``compute(*inputs)``, replayed from a CUDA graph when there are graphs (inputs padded to ``rows``).
         On the CPU, as the kernel builder's ``replay`` allows: ``"trace"`` from this worker's trace of it
         (service.cpu_traces), ``"script"`` row by row through a script compiled in the background
-        (service.cpu_scripts), ``None`` eagerly."""
+        (service.cpu_scripts) from ``record`` (default ``compute``), ``None`` eagerly."""
         model = batch[0].model
         if replay == "script" and self._scripts is not None and str(model.device) == "cpu":
             # One script per request shape, whatever the batch size: the key leaves out the rows.
-            return self._scripts.run((id(model),) + batch[0].key(), compute, tuple(inputs), owner=model)
+            return self._scripts.run((id(model),) + batch[0].key(), compute, tuple(inputs), owner=model, record=record)
         if graphs is None or (isinstance(graphs, TraceCache) and replay != "trace"):
             return compute(*inputs)
         inputs = tuple(pad_rows(t, rows) for t in inputs)
@@ -481,7 +490,13 @@ class Engine:
         if first.query_x is not None:
             inputs.append(torch.stack([j.query_x for j in batch]))
         inputs = [t.to(device, non_blocking=True) for t in inputs]
-        stacked, outputs, finite = self._graphed(graphs, batch, *self._adapt_kernel(model, first, rows), inputs, rows)
+        compute, replay = self._adapt_kernel(model, first, rows)
+        record = None
+        if replay == "script" and self._fast(model) is None:
+            # The generic path sets per-call state on its modules (BatchNorm's statistics modes, ANIL's
+            # feature hooks): the compiling thread records one request on a copy of its own.
+            record = self._adapt_kernel(model, first, 1, learner=self._compile_learner(model))[0]
+        stacked, outputs, finite = self._graphed(graphs, batch, compute, replay, inputs, rows, record)
         before = stacked.support_loss_before[:count].float().cpu().tolist()
         after = stacked.support_loss_after[:count].float().cpu().tolist()
         finite = finite[:count].cpu().tolist()
@@ -499,15 +514,17 @@ class Engine:
             results.append(result)
         return results
 
-    def _adapt_kernel(self, model, first: Job, rows: int) -> tuple[Callable, str | None]:
+    def _adapt_kernel(self, model, first: Job, rows: int, learner=None) -> tuple[Callable, str | None]:
         """``compute(support_x, support_y[, query_x])`` for ``rows`` stacked requests like ``first``:
         -> (stacked Adaptation, outputs or None, per-row all-finite mask). Only tensor work (graphable).
-        With it, how the CPU may replay it (see _graphed): the fast kernels compute each row alone, the
-        same way for any number of rows; a trace when they take no gradients, else a script."""
+        With it, how the CPU may replay it (see _graphed): every path computes each row alone; the fast
+        kernels the same way for any number of rows, and a trace when they take no gradients; the rest
+        through a script. ``learner``: the generic path's learner (default: this worker's)."""
         steps, lr, transductive, shift = first.steps, first.lr, first.transductive, model.support_shift
         strategy = self._strategy(model)
         fast = self._fast(model)
-        learner = self._learner(model) if fast is None else None  # the fast kernels need no copy
+        if fast is None and learner is None:
+            learner = self._learner(model)  # (the fast kernels need no copy)
 
         def compute(sx, sy, qx=None):
             # Every path below (fast kernels included) adapts to the augmented support set.
@@ -527,9 +544,7 @@ class Engine:
             tensors = [*stacked.params.values(), stacked.support_loss_before, stacked.support_loss_after]
             return stacked, outputs, _finite_rows(tensors + ([] if outputs is None else [outputs]))
 
-        if fast is None:
-            return compute, None
-        return compute, "trace" if fast.traceable_adapt else "script"
+        return compute, "trace" if fast is not None and fast.traceable_adapt else "script"
 
     def _predict(self, batch: list[Job]) -> list[dict]:
         model = batch[0].model

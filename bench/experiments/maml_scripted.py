@@ -1,15 +1,17 @@
-"""Could MAML's batched adaptation run without the GIL too? make_fx + TorchScript, measured in process.
+"""Could MAML's adaptation run without the GIL too? make_fx + TorchScript against eager, in process.
 
-    python bench/experiments/maml_scripted.py            # a batch of 8 MAML requests (10 steps, 5 queries)
+    python bench/experiments/maml_scripted.py                      # a batch of 8 MAML requests (Conv4-64, 10 steps, 5 queries)
     python bench/experiments/maml_scripted.py --rows 1
+    python bench/experiments/maml_scripted.py --model metasgd      # Conv4-64 Meta-SGD: the engine's generic path
+    python bench/experiments/maml_scripted.py --model sine --rows 1   # MAML on a 1-40-40-1 MLP, 10 shots (generic, regression)
 
 The service's CPU traces (``service/cpu_traces.py``) cannot hold MAML's inner
 loop: it takes gradients with autograd, and the TorchScript tracer refuses
 ("Cannot insert a Tensor that requires grad as a constant"). This experiment
-compiles the engine's whole MAML computation for a batch of ``--rows``
-requests (forward, autograd's backward and the SGD updates, ten steps) as the
-service does (``service.cpu_scripts.script``: recorded as aten operations
-with ``make_fx``, compiled by TorchScript in a compilation unit of its own),
+compiles the engine's whole adaptation for a batch of ``--rows`` requests
+(forward, autograd's backward and the SGD updates, ten steps) as the service
+does (``service.cpu_scripts.script``: recorded as aten operations with
+``make_fx``, compiled by TorchScript in a compilation unit of its own),
 checks it against the eager computation on new requests, then times per
 request, interleaved: eager and scripted, each alone and beside a thread that
 runs Python 40% of the time (the event loop's part, in a loaded server).
@@ -27,6 +29,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -40,7 +43,7 @@ from engine_graphs import demo_registry, jobs_for  # noqa: E402
 
 from service.cpu_scripts import script  # noqa: E402
 from service.cpu_traces import flatten  # noqa: E402
-from service.engine import Engine  # noqa: E402
+from service.engine import Engine, Job  # noqa: E402
 
 
 def python_load(stop: threading.Event) -> None:
@@ -53,19 +56,43 @@ def python_load(stop: threading.Event) -> None:
         time.sleep(0.0009)
 
 
+def sine_model():
+    """MAML on the sinusoid task's MLP (1-40-40-1), 10 inner steps at lr 0.01, as the service loads it."""
+    from metalearn import MLP, MetaConfig, MetaLearner
+    from metalearn.checkpoint import save_checkpoint
+    from service.registry import ModelRegistry
+
+    directory = Path(tempfile.mkdtemp(prefix="maml_scripted_"))
+    torch.manual_seed(0)
+    save_checkpoint(directory / "sine.safetensors", MetaLearner(MLP(1, (40, 40), 1), MetaConfig("maml", "regression", inner_steps=10, inner_lr=0.01)), input_shape=(1,))
+    return ModelRegistry.load(directory, "cpu").get("sine")
+
+
+def sine_jobs(model, rows: int, seed: int) -> list[Job]:
+    """Sinusoid requests: 10 support points, 10 queries."""
+    g = torch.Generator().manual_seed(seed)
+    jobs = []
+    for _ in range(rows):
+        amplitude, phase = 0.1 + 4.9 * torch.rand(1, generator=g), 3.14 * torch.rand(1, generator=g)
+        support_x, query_x = 10 * torch.rand(10, 1, generator=g) - 5, 10 * torch.rand(10, 1, generator=g) - 5
+        jobs.append(Job("adapt", model, support_x=support_x, support_y=amplitude * torch.sin(support_x + phase), steps=10, lr=None, query_x=query_x, keep_session=False))
+    return jobs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=8, help="requests per batch")
     parser.add_argument("--reps", type=int, default=8)
+    parser.add_argument("--model", default="maml", choices=["maml", "metasgd", "sine"])
     args = parser.parse_args()
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    model = demo_registry(["maml"], "cpu").get("maml")
+    model = sine_model() if args.model == "sine" else demo_registry([args.model], "cpu").get(args.model)
     engine = Engine(threads=1, cpu_traces=0, cpu_scripts=0)
 
     def batch(seed):
-        jobs = jobs_for(model, args.rows, "stateless", seed)
+        jobs = sine_jobs(model, args.rows, seed) if args.model == "sine" else jobs_for(model, args.rows, "stateless", seed)
         return jobs, tuple(torch.stack([getattr(j, n) for j in jobs]) for n in ("support_x", "support_y", "query_x"))
 
     jobs, inputs = batch(0)
@@ -77,7 +104,7 @@ def main() -> None:
     with torch.inference_mode(False), torch.no_grad():
         start = time.perf_counter()
         scripted, _ = script(kernel, inputs)
-        print(f"# {args.rows} MAML requests per batch: recorded and compiled in {time.perf_counter() - start:.1f} s")
+        print(f"# {args.rows} {args.model} requests per batch: recorded and compiled in {time.perf_counter() - start:.1f} s")
         for _ in range(3):  # TorchScript optimises after its first runs
             scripted(*inputs)
         for seed in (1, 2):
