@@ -1,10 +1,11 @@
-"""Compiled MAML-family adaptations on the CPU, recorded on a background thread.
+"""Compiled adaptations on the CPU (MAML's kernel, the generic path), recorded on a background thread.
 
 The CPU traces (``service.cpu_traces``) cannot hold an inner loop that takes
 gradients with autograd: the TorchScript tracer refuses it ("Cannot insert a
 Tensor that requires grad as a constant"). So a MAML adaptation runs eagerly:
 about 4000 torch calls from Python per request, each releasing and retaking the
-GIL that the HTTP event loop and the other worker need.
+GIL that the HTTP event loop and the other worker need. So does the engine's
+generic path (any module: Meta-SGD, regression, ...).
 
 ``make_fx`` records the same computation one level down (on fake tensors: shapes,
 not values), as the aten operations that run, autograd's backward and the SGD
@@ -19,7 +20,9 @@ queries, one torch thread):
 
 - one request: 25 ms scripted against 36-38 ms eager;
 - eagerly in a batch of 8: 30-32 ms per request; scripted in a batch of 16:
-  34-35 ms per request (slower than one by one).
+  34-35 ms per request (slower than one by one);
+- the generic path: a Conv4-64 Meta-SGD request 37 ms against 77-81 ms eager,
+  a sinusoid MLP's MAML request 0.48 ms against 4.2 ms eager alone.
 
 So a batch runs its requests one at a time through the script of a single
 request: one compilation per request shape, whatever the batch size.

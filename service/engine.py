@@ -175,7 +175,7 @@ class Engine:
         self.strategy = strategy
         self.cuda_graphs = cuda_graphs  # graphs kept on a GPU with one worker; 0 = none (service.cuda_graphs)
         self.cpu_traces = cpu_traces  # traces kept per worker on the CPU; 0 = none (service.cpu_traces)
-        # Compiled MAML-family adaptations on the CPU, shared by the workers; None = none (service.cpu_scripts)
+        # Compiled adaptations on the CPU (those traces cannot hold), shared by the workers; None = none (service.cpu_scripts)
         self._scripts = ScriptCache(capacity=cpu_scripts) if cpu_scripts else None
         self._pending: deque[Job] = deque()
         self._lock = threading.RLock()
