@@ -22,7 +22,8 @@ queries, one torch thread):
 - eagerly in a batch of 8: 30-32 ms per request; scripted in a batch of 16:
   34-35 ms per request (slower than one by one);
 - the generic path: a Conv4-64 Meta-SGD request 37 ms against 77-81 ms eager,
-  a sinusoid MLP's MAML request 0.48 ms against 4.2 ms eager alone.
+  a sinusoid MLP's MAML request 0.48 ms against 4.2 ms eager alone (the engine
+  compiles the generic path's session predictions too).
 
 So a batch runs its requests one at a time through the script of a single
 request: one compilation per request shape, whatever the batch size.

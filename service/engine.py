@@ -556,18 +556,24 @@ class Engine:
         names = sorted(first.session)
         inputs = [torch.stack([j.query_x for j in batch]).to(device, non_blocking=True)]
         inputs += [torch.stack([j.session[n].to(device) for j in batch]) for n in names]
-        outputs, finite = self._graphed(graphs, batch, *self._predict_kernel(model, first, names, rows), inputs, rows)
+        compute, replay = self._predict_kernel(model, first, names, rows)
+        record = None
+        if replay == "script":  # the generic path: recorded on the compiling thread's own learner (see _adapt)
+            record = self._predict_kernel(model, first, names, 1, learner=self._compile_learner(model))[0]
+        outputs, finite = self._graphed(graphs, batch, compute, replay, inputs, rows, record)
         finite = finite[:count].cpu().tolist()
         decoded = self._decode_outputs(model, outputs[:count])
         return [{k: v[i] for k, v in decoded.items()} if finite[i] else {"diverged": True} for i in range(count)]
 
-    def _predict_kernel(self, model, first: Job, names: list[str], rows: int) -> tuple[Callable, str | None]:
+    def _predict_kernel(self, model, first: Job, names: list[str], rows: int, learner=None) -> tuple[Callable, str | None]:
         """``compute(query_x, *session tensors in names' order)`` for ``rows`` stacked session predictions
         like ``first``: -> (outputs, per-row all-finite mask). Only tensor work (graphable). With it, how
-        the CPU may replay it (see _graphed): the fast kernels predict with tensor operations alone."""
+        the CPU may replay it (see _graphed): the fast kernels' predictions are tensor operations alone
+        (a trace); the generic path's go through a script. ``learner`` as for _adapt_kernel."""
         transductive = first.transductive
         fast = self._fast(model)
-        learner = self._learner(model) if fast is None else None
+        if fast is None and learner is None:
+            learner = self._learner(model)
 
         def compute(qx, *session):
             tensors = dict(zip(names, session))
@@ -580,7 +586,7 @@ class Engine:
                 outputs = predict_many(learner, adaptation_from_tensors(tensors), qx, transductive=transductive)
             return outputs, _finite_rows([outputs])
 
-        return compute, None if fast is None else "trace"
+        return compute, "script" if fast is None else "trace"
 
     @staticmethod
     def _decode_outputs(model, outputs: torch.Tensor) -> dict[str, list]:

@@ -475,6 +475,39 @@ def test_engine_scripted_adaptations_equal_eager_on_the_cpu(model_dir, name):
         scripted.stop()
 
 
+@pytest.mark.parametrize("name", ["conv-metasgd", "sine"])  # the generic path (the fast kernels' are traced)
+def test_engine_scripted_session_predictions_equal_eager_on_the_cpu(model_dir, name):
+    """Session predictions (transductive or not) of the generic path run eagerly until a shape's third
+    batch queues its compilation, then row by row through it; each equals the eager engine's for that
+    request alone."""
+    from service.engine import Engine
+    from service.registry import ModelRegistry
+
+    model = ModelRegistry.load(model_dir, "cpu").get(name)
+    scripted, eager = Engine(max_batch_size=8, cpu_traces=0), Engine(max_batch_size=8, cpu_traces=0, cpu_scripts=0)
+    key = "probabilities" if model.task_type == "classification" else "predictions"
+    sessions = [r["tensors"] for r in eager._compute(_jobs(model, 5, 0, "adapt"))]
+
+    def check(rows: int, seed: int, compiled: bool = True) -> None:
+        for transductive in (False, True):
+            jobs = [dataclasses.replace(job, transductive=transductive) for job in _jobs(model, rows, seed, "predict", sessions[seed % 2:])]
+            want = [eager._compute([job])[0] for job in jobs] if compiled else eager._compute(jobs)
+            for g, w in zip(scripted._compute(jobs), want):
+                torch.testing.assert_close(torch.tensor(g[key]), torch.tensor(w[key]), atol=1e-6, rtol=1e-5)
+
+    try:
+        for seed, rows in enumerate((1, 3, 1)):
+            check(rows, seed, compiled=False)
+        assert scripted._scripts.wait(120), "compilation did not finish"
+        stats = scripted.script_stats()
+        assert stats["captures"] == 2 and stats["failures"] == 0  # (transductive or not)
+        for seed, rows in enumerate((1, 3), start=10):
+            check(rows, seed)
+        assert scripted.script_stats()["replays"] - stats["replays"] == 2 * 2
+    finally:
+        scripted.stop()
+
+
 def test_a_compilation_that_fails_leaves_the_shape_eager(monkeypatch):
     from service import cpu_scripts
 
