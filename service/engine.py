@@ -410,6 +410,10 @@ class Engine:
             self._local.replicas[learner] = copy.deepcopy(learner)
         return self._local.replicas[learner]
 
+    def _scripting(self, model) -> bool:
+        """Whether this model's computations may run through compilations (service.cpu_scripts): on the CPU, when on."""
+        return self._scripts is not None and str(model.device) == "cpu"
+
     def _compile_learner(self, model):
         """A copy of the model's learner for the compiling thread alone (see service.cpu_scripts)."""
         if not hasattr(model, "_engine_compile_learner"):
@@ -471,7 +475,7 @@ class Engine:
         (service.cpu_traces), ``"script"`` row by row through a script compiled in the background
         (service.cpu_scripts) from ``record`` (default ``compute``), ``None`` eagerly."""
         model = batch[0].model
-        if replay == "script" and self._scripts is not None and str(model.device) == "cpu":
+        if replay == "script" and self._scripting(model):
             # One script per request shape, whatever the batch size: the key leaves out the rows.
             return self._scripts.run((id(model),) + batch[0].key(), compute, tuple(inputs), owner=model, record=record)
         if graphs is None or (isinstance(graphs, TraceCache) and replay != "trace"):
@@ -492,7 +496,7 @@ class Engine:
         inputs = [t.to(device, non_blocking=True) for t in inputs]
         compute, replay = self._adapt_kernel(model, first, rows)
         record = None
-        if replay == "script" and self._fast(model) is None:
+        if replay == "script" and self._fast(model) is None and self._scripting(model):
             # The generic path sets per-call state on its modules (BatchNorm's statistics modes, ANIL's
             # feature hooks): the compiling thread records one request on a copy of its own.
             record = self._adapt_kernel(model, first, 1, learner=self._compile_learner(model))[0]
@@ -558,7 +562,7 @@ class Engine:
         inputs += [torch.stack([j.session[n].to(device) for j in batch]) for n in names]
         compute, replay = self._predict_kernel(model, first, names, rows)
         record = None
-        if replay == "script":  # the generic path: recorded on the compiling thread's own learner (see _adapt)
+        if replay == "script" and self._scripting(model):  # the generic path: recorded on the compiling thread's own learner (see _adapt)
             record = self._predict_kernel(model, first, names, 1, learner=self._compile_learner(model))[0]
         outputs, finite = self._graphed(graphs, batch, compute, replay, inputs, rows, record)
         finite = finite[:count].cpu().tolist()

@@ -602,3 +602,15 @@ def test_a_computation_whose_results_are_not_rows_is_never_compiled():
         torch.testing.assert_close(got[1], want[1])
     finally:
         cache.close()
+
+
+def test_compilations_only_on_the_cpu():
+    """A GPU's computations are CUDA graphs (or eager), never compilations: the engine neither compiles
+    for a GPU model nor copies its learner for a compiling thread."""
+    from types import SimpleNamespace
+
+    from service.engine import Engine
+
+    assert Engine()._scripting(SimpleNamespace(device="cpu"))
+    assert not Engine()._scripting(SimpleNamespace(device="cuda:0"))
+    assert not Engine(cpu_scripts=0)._scripting(SimpleNamespace(device="cpu"))
