@@ -181,24 +181,23 @@ class ScriptCache(GraphCache):
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def run(self, key: tuple, fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], owner: Any = None, record: Callable[..., Any] | None = None) -> Any:
-        """``fn(*inputs)``; ``record``: what the compiling thread records instead of ``fn`` (the same
-        computation, without state another thread uses meanwhile)."""
+    def run(self, key: tuple, fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], owner: Any = None,
+            record: Callable[[], Callable[..., Any]] | None = None) -> Any:
+        """``fn(*inputs)``. ``record``: builds what the compiling thread records instead of ``fn`` (the
+        same computation, without state another thread uses meanwhile); called here, and only when
+        this call queues a compilation."""
         with self._guard:
-            entry = self._graphs.get(key)
-            if entry is not None:
-                self._graphs.move_to_end(key)
-                self.replays += 1
-            elif key not in self._failed and key not in self._compiling:
-                uses = self._uses.pop(key, 0) + 1
-                if uses >= self.capture_after and not self._closed and self._spend_budget():
-                    self._compiling.add(key)
-                    # One row, copied: the recording must not keep the batch's tensors (or the caller's) alive.
-                    self._queue.append((key, record or fn, tuple(t[:1].clone() for t in inputs), owner))
-                    self._start()
-                    self._guard.notify()
-                else:
-                    self._remember(self._uses, key, uses)
+            entry, capture = (None, False) if key in self._compiling else self._admit(key)
+            capture = capture and not self._closed
+            if capture:
+                self._compiling.add(key)
+        if capture:
+            # One row, copied: the recording must not keep the batch's tensors (or the caller's) alive.
+            job = (key, record() if record else fn, tuple(t[:1].clone() for t in inputs), owner)
+            with self._guard:
+                self._queue.append(job)
+                self._start()
+                self._guard.notify()
         if entry is None:
             return fn(*inputs)
         try:
@@ -206,9 +205,7 @@ class ScriptCache(GraphCache):
         except Exception as error:  # noqa: BLE001 - a script that cannot run these inputs: eager from now on
             with self._guard:
                 if self._graphs.pop(key, None) is not None:
-                    self.failures += 1
-                    self._remember(self._failed, key, None)
-            log.warning("a compiled computation failed for %s (%s: %s); running it eagerly", key, type(error).__name__, str(error)[:300])
+                    self._fail(key, error)
             return fn(*inputs)
 
     def _replay(self, entry: _Trace, inputs: tuple[torch.Tensor, ...]) -> Any:
@@ -249,12 +246,13 @@ class ScriptCache(GraphCache):
     # The compiling thread
     # ------------------------------------------------------------------
     def _start(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._compile_loop, name="metalearn-compile", daemon=True)
-            self._thread.start()
+        if self._thread is None:
             # A daemon thread still inside TorchScript's C++ when the interpreter exits aborts the process
             # ("terminate called without an active exception"): at exit, let it finish what it compiles.
             atexit.register(_close_at_exit, weakref.ref(self))
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._compile_loop, name="metalearn-compile", daemon=True)
+            self._thread.start()
 
     def join(self, timeout: float | None = None) -> None:
         """After :meth:`close`: wait for the compiling thread to end (a compilation under way finishes first)."""
@@ -276,22 +274,16 @@ class ScriptCache(GraphCache):
                 key, fn, inputs, owner = self._queue.popleft()
             try:
                 with torch.inference_mode(False), torch.no_grad():
-                    entry = self._capture(fn, inputs, owner)
-            except Exception as error:  # noqa: BLE001 - any problem means: this key stays eager
-                with self._guard:
-                    self.failures += 1
-                    self._remember(self._failed, key, None)
-                    self._compiling.discard(key)
-                    self._guard.notify_all()
-                log.warning("%s failed for %s (%s: %s); it keeps running eagerly", self.what, key, type(error).__name__, str(error)[:300])
-                continue
+                    entry, error = self._capture(fn, inputs, owner), None
+            except Exception as failure:  # noqa: BLE001 - any problem means: this key stays eager
+                entry, error = None, failure
             with self._guard:
-                if key in self._compiling:  # (not closed meanwhile)
-                    self._compiling.discard(key)
-                    self._graphs[key] = entry
-                    while len(self._graphs) > self.capacity:
-                        self._graphs.popitem(last=False)
+                if error is not None:
+                    self._fail(key, error)
+                elif key in self._compiling:  # (not closed meanwhile)
+                    self._hold(key, entry)
                     self.captures += 1
+                self._compiling.discard(key)
                 self._guard.notify_all()
 
     def _capture(self, fn, inputs, owner) -> _Trace:

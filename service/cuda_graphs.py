@@ -105,29 +105,46 @@ class GraphCache:
         return len(self._graphs)
 
     def run(self, key: tuple, fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], owner: Any = None) -> Any:
-        entry = self._graphs.get(key)
+        entry, capture = self._admit(key)
         if entry is not None:
-            self._graphs.move_to_end(key)
-            self.replays += 1
             return self._replay(entry, inputs)
-        if key in self._failed:
-            return fn(*inputs)
-        uses = self._uses.pop(key, 0) + 1
-        if uses < self.capture_after or not self._spend_budget():
-            self._remember(self._uses, key, uses)
+        if not capture:
             return fn(*inputs)
         try:
             entry = self._capture(fn, inputs, owner)
         except Exception as error:  # noqa: BLE001 - any capture problem means: run this key eagerly
-            self.failures += 1
-            self._remember(self._failed, key, None)
-            log.warning("%s failed for %s (%s: %s); running it eagerly", self.what, key, type(error).__name__, str(error)[:300])
+            self._fail(key, error)
             return fn(*inputs)
+        self._hold(key, entry)
+        self.replays += 1
+        return self._replay(entry, inputs)
+
+    def _admit(self, key: tuple) -> tuple[Any, bool]:
+        """(the entry to replay for ``key``, or None; whether to capture ``key`` now), counting this use."""
+        entry = self._graphs.get(key)
+        if entry is not None:
+            self._graphs.move_to_end(key)
+            self.replays += 1
+            return entry, False
+        if key in self._failed:
+            return None, False
+        uses = self._uses.pop(key, 0) + 1
+        if uses < self.capture_after or not self._spend_budget():
+            self._remember(self._uses, key, uses)
+            return None, False
+        return None, True
+
+    def _hold(self, key: tuple, entry: Any) -> None:
         self._graphs[key] = entry
         while len(self._graphs) > self.capacity:
             self._graphs.popitem(last=False)
-        self.replays += 1
-        return self._replay(entry, inputs)
+
+    def _fail(self, key: tuple, error: Exception) -> None:
+        """``key`` runs eagerly from now on."""
+        self.failures += 1
+        self._remember(self._failed, key, None)
+        logging.getLogger(type(self).__module__).warning(
+            "%s failed for %s (%s: %s); running it eagerly", self.what, key, type(error).__name__, str(error)[:300])
 
     def _spend_budget(self) -> bool:
         now = time.monotonic()

@@ -414,13 +414,24 @@ class Engine:
         """Whether this model's computations may run through compilations (service.cpu_scripts): on the CPU, when on."""
         return self._scripts is not None and str(model.device) == "cpu"
 
-    def _compile_learner(self, model):
-        """A copy of the model's learner for the compiling thread alone (see service.cpu_scripts)."""
-        if not hasattr(model, "_engine_compile_learner"):
-            with self._cond:  # (two workers may ask at once)
-                if not hasattr(model, "_engine_compile_learner"):
-                    model._engine_compile_learner = copy.deepcopy(model.learner)
-        return model._engine_compile_learner
+    def _recording(self, model, build: Callable[..., tuple[Callable, str | None]]) -> Callable[[], Callable] | None:
+        """What a compilation records (service.cpu_scripts), built only when one is queued: ``build(rows=1,
+        learner=...)`` is a kernel builder. The fast kernels keep no state, so their computation itself
+        (None); the generic path sets per-call state on its modules (BatchNorm's statistics modes,
+        ANIL's feature hooks), so the compiling thread records one request on a learner of its own."""
+        if self._fast(model) is not None:
+            return None
+
+        def record() -> Callable:
+            # Copied here, on the worker that queues the compilation: with one worker the model's
+            # learner is that worker's (with several, every worker computes on a copy of its own).
+            if not hasattr(model, "_engine_compile_learner"):
+                with self._cond:  # (two workers may queue at once)
+                    if not hasattr(model, "_engine_compile_learner"):
+                        model._engine_compile_learner = copy.deepcopy(model.learner)
+            return build(rows=1, learner=model._engine_compile_learner)[0]
+
+        return record
 
     def _graphs(self, device) -> GraphCache | None:
         """This worker's cache of recorded computations, or None: on a GPU its CUDA graphs, when graphs
@@ -473,7 +484,7 @@ class Engine:
         """``compute(*inputs)``, replayed from a CUDA graph when there are graphs (inputs padded to ``rows``).
         On the CPU, as the kernel builder's ``replay`` allows: ``"trace"`` from this worker's trace of it
         (service.cpu_traces), ``"script"`` row by row through a script compiled in the background
-        (service.cpu_scripts) from ``record`` (default ``compute``), ``None`` eagerly."""
+        (service.cpu_scripts; what it records: ``record()`` when given, else ``compute``), ``None`` eagerly."""
         model = batch[0].model
         if replay == "script" and self._scripting(model):
             # One script per request shape, whatever the batch size: the key leaves out the rows.
@@ -495,11 +506,7 @@ class Engine:
             inputs.append(torch.stack([j.query_x for j in batch]))
         inputs = [t.to(device, non_blocking=True) for t in inputs]
         compute, replay = self._adapt_kernel(model, first, rows)
-        record = None
-        if replay == "script" and self._fast(model) is None and self._scripting(model):
-            # The generic path sets per-call state on its modules (BatchNorm's statistics modes, ANIL's
-            # feature hooks): the compiling thread records one request on a copy of its own.
-            record = self._adapt_kernel(model, first, 1, learner=self._compile_learner(model))[0]
+        record = self._recording(model, partial(self._adapt_kernel, model, first))
         stacked, outputs, finite = self._graphed(graphs, batch, compute, replay, inputs, rows, record)
         before = stacked.support_loss_before[:count].float().cpu().tolist()
         after = stacked.support_loss_after[:count].float().cpu().tolist()
@@ -561,9 +568,7 @@ class Engine:
         inputs = [torch.stack([j.query_x for j in batch]).to(device, non_blocking=True)]
         inputs += [torch.stack([j.session[n].to(device) for j in batch]) for n in names]
         compute, replay = self._predict_kernel(model, first, names, rows)
-        record = None
-        if replay == "script" and self._scripting(model):  # the generic path: recorded on the compiling thread's own learner (see _adapt)
-            record = self._predict_kernel(model, first, names, 1, learner=self._compile_learner(model))[0]
+        record = self._recording(model, partial(self._predict_kernel, model, first, names))
         outputs, finite = self._graphed(graphs, batch, compute, replay, inputs, rows, record)
         finite = finite[:count].cpu().tolist()
         decoded = self._decode_outputs(model, outputs[:count])

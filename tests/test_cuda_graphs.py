@@ -605,8 +605,8 @@ def test_a_computation_whose_results_are_not_rows_is_never_compiled():
 
 
 def test_compilations_only_on_the_cpu():
-    """A GPU's computations are CUDA graphs (or eager), never compilations: the engine neither compiles
-    for a GPU model nor copies its learner for a compiling thread."""
+    """A GPU's computations are CUDA graphs (or eager), never compilations (nor, so, a learner copied
+    for a compiling thread)."""
     from types import SimpleNamespace
 
     from service.engine import Engine
@@ -614,3 +614,29 @@ def test_compilations_only_on_the_cpu():
     assert Engine()._scripting(SimpleNamespace(device="cpu"))
     assert not Engine()._scripting(SimpleNamespace(device="cuda:0"))
     assert not Engine(cpu_scripts=0)._scripting(SimpleNamespace(device="cpu"))
+
+
+def test_what_a_compilation_records_is_built_only_when_one_is_queued():
+    """``record`` (the engine's copy of a generic-path learner, say) costs something: it is built once,
+    by the call that queues the compilation, and that is what the compiling thread records."""
+    from service import cpu_scripts
+
+    built, recorded = [], []
+
+    def record():
+        built.append(1)
+        return lambda x, y: recorded.append(1) or affine(x, y)
+
+    cache = cpu_scripts.ScriptCache(capture_after=3)
+    try:
+        x = torch.randn(2, 3)
+        for _ in range(2):
+            cache.run(("k",), affine, (x, x), record=record)
+        assert built == [] and cache.pending() == 0
+        cache.run(("k",), affine, (x, x), record=record)
+        assert built == [1]
+        assert cache.wait(60) and len(cache) == 1 and recorded  # recorded (and checked against) record()'s function
+        torch.testing.assert_close(cache.run(("k",), affine, (x, x), record=record), affine(x, x))
+        assert built == [1] and cache.replays == 1
+    finally:
+        cache.close()

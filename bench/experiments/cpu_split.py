@@ -69,7 +69,7 @@ def main() -> None:
     try:
         requests = sb.build_requests(batch, args.model, port, args.mode, 2 * args.concurrency)
         asyncio.run(sb.run_level(port, requests, args.concurrency, 2.0, 0.5))  # warm up (traces, caches)
-        sb.warm_up(port, requests)  # and wait for background compilations (MAML: service.cpu_scripts)
+        sb.wait_for_compilations(port)  # and the compilations it started (MAML: service.cpu_scripts)
         cpu0, batches0, own0, t0 = thread_cpu(process.pid), batch_seconds(port), os.times(), time.perf_counter()
         result = asyncio.run(sb.run_level(port, requests, args.concurrency, args.duration, 0.0))
         cpu1, batches1, own1, t1 = thread_cpu(process.pid), batch_seconds(port), os.times(), time.perf_counter()

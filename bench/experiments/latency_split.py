@@ -68,6 +68,8 @@ def main() -> None:
             settings = dict(item.split("=", 1) for item in config.split(",") if item)
             servers.append(sb.start_server("service", model_dir, 1, work, 0, settings=settings))
         requests = [sb.build_requests(batch, args.model, port, args.mode, 2) for _, port in servers]
+        for (_, port), sent in zip(servers, requests):  # traces captured, background compilations done
+            sb.warm_up(port, sent)
         samples = [{"client": [], "engine": [], "compute": []} for _ in configs]
         for rep in range(args.reps):
             order = range(len(configs)) if rep % 2 == 0 else reversed(range(len(configs)))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 import tempfile
 from pathlib import Path
 
@@ -54,10 +53,7 @@ def main() -> None:
                     requests = sb.build_requests(batch, model, port, mode, 64)
                     for concurrency in (1, 8, 16, 32):
                         asyncio.run(sb.run_level(port, requests, concurrency, 2.0, 0.5))
-            for _ in range(240):  # compilations still under way (service.cpu_scripts)
-                if "metalearn_cpu_scripts_compiling 0.0" in httpx.get(f"http://127.0.0.1:{port}/metrics").text:
-                    break
-                time.sleep(0.5)
+            sb.wait_for_compilations(port)  # (service.cpu_scripts)
             metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines()
             traces = [line for line in metrics if line.startswith(("metalearn_cpu_trace", "metalearn_cpu_script")) and not line.endswith("_created")]
             print(f"{settings or 'defaults'}: at start {start}; at the end {memory(process.pid)}")
