@@ -414,22 +414,22 @@ class Engine:
         """Whether this model's computations may run through compilations (service.cpu_scripts): on the CPU, when on."""
         return self._scripts is not None and str(model.device) == "cpu"
 
-    def _recording(self, model, build: Callable[..., tuple[Callable, str | None]]) -> Callable[[], Callable] | None:
-        """What a compilation records (service.cpu_scripts), built only when one is queued: ``build(rows=1,
-        learner=...)`` is a kernel builder. The fast kernels keep no state, so their computation itself
-        (None); the generic path sets per-call state on its modules (BatchNorm's statistics modes,
-        ANIL's feature hooks), so the compiling thread records one request on a learner of its own."""
+    def _recording(self, model, build: Callable[..., tuple[Callable, str | None]]) -> Callable[[int], Callable] | None:
+        """What a compilation of ``rows`` requests records (service.cpu_scripts), built only when one is
+        queued: ``build(rows=..., learner=...)`` is a kernel builder. The fast kernels keep no state, so
+        their computation itself (None); the generic path sets per-call state on its modules (BatchNorm's
+        statistics modes, ANIL's feature hooks), so the compiling thread records on a learner of its own."""
         if self._fast(model) is not None:
             return None
 
-        def record() -> Callable:
+        def record(rows: int) -> Callable:
             # Copied here, on the worker that queues the compilation: with one worker the model's
             # learner is that worker's (with several, every worker computes on a copy of its own).
             if not hasattr(model, "_engine_compile_learner"):
                 with self._cond:  # (two workers may queue at once)
                     if not hasattr(model, "_engine_compile_learner"):
                         model._engine_compile_learner = copy.deepcopy(model.learner)
-            return build(rows=1, learner=model._engine_compile_learner)[0]
+            return build(rows=rows, learner=model._engine_compile_learner)[0]
 
         return record
 
@@ -483,11 +483,12 @@ class Engine:
     def _graphed(self, graphs: GraphCache | None, batch: list[Job], compute: Callable, replay: str | None, inputs: list[torch.Tensor], rows: int, record: Callable | None = None):
         """``compute(*inputs)``, replayed from a CUDA graph when there are graphs (inputs padded to ``rows``).
         On the CPU, as the kernel builder's ``replay`` allows: ``"trace"`` from this worker's trace of it
-        (service.cpu_traces), ``"script"`` row by row through a script compiled in the background
-        (service.cpu_scripts; what it records: ``record()`` when given, else ``compute``), ``None`` eagerly."""
+        (service.cpu_traces), ``"script"`` through scripts compiled in the background, row by row (or,
+        for a small model, the whole batch: service.cpu_scripts; what it records: ``record(rows)`` when
+        given, else ``compute``), ``None`` eagerly."""
         model = batch[0].model
         if replay == "script" and self._scripting(model):
-            # One script per request shape, whatever the batch size: the key leaves out the rows.
+            # The key leaves out the rows: the cache compiles a request's computation (and batch sizes itself).
             return self._scripts.run((id(model),) + batch[0].key(), compute, tuple(inputs), owner=model, record=record)
         if graphs is None or (isinstance(graphs, TraceCache) and replay != "trace"):
             return compute(*inputs)

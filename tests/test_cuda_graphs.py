@@ -508,6 +508,80 @@ def test_engine_scripted_session_predictions_equal_eager_on_the_cpu(model_dir, n
         scripted.stop()
 
 
+def test_a_cheap_shape_runs_whole_batches_through_a_script_of_their_size(model_dir, monkeypatch):
+    """A small model's request script runs in well under ``cheap_s``: then a batch of that shape is padded
+    to the next power of two, compiled as a whole on its size's third use, and from then on runs through
+    one call, its results equal to the eager engine's for the same batch; an expensive shape never is."""
+    from service import cpu_scripts
+    from service.engine import Engine
+    from service.registry import ModelRegistry
+
+    model = ModelRegistry.load(model_dir, "cpu").get("sine")
+    scripted, eager = Engine(max_batch_size=8, cpu_traces=0), Engine(max_batch_size=8, cpu_traces=0, cpu_scripts=0)
+    row_by_row = []
+    by_row = cpu_scripts.ScriptCache._by_row
+    monkeypatch.setattr(cpu_scripts.ScriptCache, "_by_row", staticmethod(lambda entry, inputs: row_by_row.append(inputs[0].shape[0]) or by_row(entry, inputs)))
+
+    def check(rows: int, seed: int) -> None:
+        jobs = _jobs(model, rows, seed, "adapt")
+        for g, w in zip(scripted._compute(jobs), eager._compute(jobs)):
+            torch.testing.assert_close(torch.tensor(g["predictions"]), torch.tensor(w["predictions"]), atol=1e-6, rtol=1e-5)
+            for n in w["tensors"]:
+                torch.testing.assert_close(g["tensors"][n], w["tensors"][n], atol=1e-6, rtol=1e-5)
+
+    try:
+        for seed in range(3):  # the request's script
+            check(1, seed)
+        assert scripted._scripts.wait(120)
+        assert scripted.script_stats()["held"] == 1 and len(scripted._scripts._cheap) == 1
+        for seed in range(3, 6):  # batches of 3: row by row meanwhile; the third queues a script of 4 rows
+            check(3, seed)
+        assert row_by_row == [3, 3, 3]
+        assert scripted._scripts.wait(120)
+        stats = scripted.script_stats()
+        assert stats["held"] == 2 and stats["failures"] == 0
+        for seed in range(6, 9):  # batches of 3 and 4: padded to 4, one call each
+            check(3 if seed % 2 else 4, seed)
+        assert row_by_row == [3, 3, 3]
+        check(5, 9)  # another size: row by row until its own script exists
+        assert row_by_row == [3, 3, 3, 5]
+    finally:
+        scripted.stop()
+
+    expensive = Engine(max_batch_size=8, cpu_traces=0)
+    monkeypatch.setattr(cpu_scripts.ScriptCache, "cheap_s", 0.0)
+    try:
+        for seed in range(3):
+            expensive._compute(_jobs(model, 1, seed, "adapt"))
+        assert expensive._scripts.wait(120)
+        for seed in range(3, 7):
+            expensive._compute(_jobs(model, 3, seed, "adapt"))
+        assert expensive._scripts.pending() == 0 and expensive.script_stats()["held"] == 1 and not expensive._scripts._cheap
+        assert row_by_row[4:] == [3, 3, 3, 3]
+    finally:
+        expensive.stop()
+
+
+def test_whole_batch_scripts_never_displace_a_requests_script():
+    """A whole batch's script is held only while the request scripts leave room (its shape runs row by
+    row without it), and is the first dropped when a request's script needs the room."""
+    from service import cpu_scripts
+
+    cache = cpu_scripts.ScriptCache(capacity=2, capture_after=1, refill_s=1e-3)  # (compile budget: no limit)
+    try:
+        one, two = torch.randn(1, 3), torch.randn(2, 3)
+        cache.run(("a",), affine, (one, one))
+        assert cache.wait(60) and ("a",) in cache._cheap
+        cache.run(("a",), affine, (two, two))  # queues the script of two rows
+        assert cache.wait(60) and len(cache) == 2
+        cache.run(("b",), affine, (one, one))  # a request's script: the whole batch's makes room
+        assert cache.wait(60) and set(cache._graphs) == {("a",), ("b",)}
+        torch.testing.assert_close(cache.run(("a",), affine, (two, two)), affine(two, two))
+        assert cache.pending() == 0 and set(cache._graphs) == {("a",), ("b",)}  # no room: row by row
+    finally:
+        cache.close()
+
+
 def test_a_compilation_that_fails_leaves_the_shape_eager(monkeypatch):
     from service import cpu_scripts
 
@@ -570,6 +644,7 @@ def test_a_script_that_fails_to_run_leaves_the_shape_eager():
         return (x.reshape(x.shape[0], x.shape[1]) * 2 + y,)
 
     cache = cpu_scripts.ScriptCache(capture_after=1)
+    cache.cheap_s = 0.0  # row by row only (a cheap shape's whole batches are compiled too: tested below)
     try:
         x = torch.randn(2, 3)
         cache.run(("k",), doubled, (x, x))
@@ -623,8 +698,8 @@ def test_what_a_compilation_records_is_built_only_when_one_is_queued():
 
     built, recorded = [], []
 
-    def record():
-        built.append(1)
+    def record(rows):
+        built.append(rows)
         return lambda x, y: recorded.append(1) or affine(x, y)
 
     cache = cpu_scripts.ScriptCache(capture_after=3)

@@ -3,6 +3,7 @@
     python bench/experiments/cpu_split.py                                  # ANIL stateless, concurrency 16
     python bench/experiments/cpu_split.py --model maml --mode session --concurrency 1
     python bench/experiments/cpu_split.py --setting METALEARN_CPU_TRACES=0 # the service without CPU traces
+    python bench/experiments/cpu_split.py --model sine                     # MAML on the sinusoid MLP (a small model)
 
 Runs the service as ``bench/service_bench.py`` does (same checkpoints, requests
 and load generator), loads it for ``--duration`` seconds and prints, per
@@ -50,9 +51,31 @@ def batch_seconds(port: int) -> float:
     return total
 
 
+def sine_requests(model_dir: Path, count: int) -> tuple[str, list[tuple[str, bytes]]]:
+    """A MAML sinusoid-regression checkpoint (MLP 1-40-40-1, 10 inner steps) in ``model_dir``, and
+    ``count`` stateless requests for it: 10 support points, 10 queries each."""
+    import json
+
+    import torch
+
+    from metalearn import MLP, MetaConfig, MetaLearner
+    from metalearn.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(model_dir / "sine.safetensors", MetaLearner(MLP(1, (40, 40), 1), MetaConfig("maml", "regression", inner_steps=10, inner_lr=0.01)), input_shape=(1,))
+    g = torch.Generator().manual_seed(0)
+    requests = []
+    for _ in range(count):
+        amplitude, phase = 0.1 + 4.9 * torch.rand(1, generator=g), 3.14 * torch.rand(1, generator=g)
+        support_x, query_x = 10 * torch.rand(10, 1, generator=g) - 5, 10 * torch.rand(10, 1, generator=g) - 5
+        body = {"support": {"x": sb.encode(support_x), "y": sb.encode(amplitude * torch.sin(support_x + phase))}, "query": {"x": sb.encode(query_x)}}
+        requests.append(("/v1/models/sine/predict", json.dumps(body).encode()))
+    return "sinusoids", requests
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="anil", choices=["maml", "anil"])
+    parser.add_argument("--model", default="anil", choices=["maml", "anil", "sine"])
     parser.add_argument("--mode", default="stateless", choices=["stateless", "session"])
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--duration", type=float, default=6.0)
@@ -62,14 +85,19 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="cpu_split_"))
     model_dir = work / "models"
     model_dir.mkdir()
-    sb.make_checkpoints(model_dir)
-    batch, origin = sb.make_tasks(2 * args.concurrency)
+    if args.model == "sine":
+        if args.mode != "stateless":
+            parser.error("--model sine: stateless requests only")
+        origin, requests = sine_requests(model_dir, 2 * args.concurrency)
+    else:
+        sb.make_checkpoints(model_dir)
+        batch, origin = sb.make_tasks(2 * args.concurrency)
     settings = dict(item.split("=", 1) for item in args.setting)
     process, port = sb.start_server("service", model_dir, 1, work, 0, settings=settings)
     try:
-        requests = sb.build_requests(batch, args.model, port, args.mode, 2 * args.concurrency)
-        asyncio.run(sb.run_level(port, requests, args.concurrency, 2.0, 0.5))  # warm up (traces, caches)
-        sb.wait_for_compilations(port)  # and the compilations it started (MAML: service.cpu_scripts)
+        if args.model != "sine":
+            requests = sb.build_requests(batch, args.model, port, args.mode, 2 * args.concurrency)
+        sb.warm_up(port, requests, args.concurrency)  # traces, caches, and the compilations they start
         cpu0, batches0, own0, t0 = thread_cpu(process.pid), batch_seconds(port), os.times(), time.perf_counter()
         result = asyncio.run(sb.run_level(port, requests, args.concurrency, args.duration, 0.0))
         cpu1, batches1, own1, t1 = thread_cpu(process.pid), batch_seconds(port), os.times(), time.perf_counter()
