@@ -545,11 +545,23 @@ def test_a_cheap_shape_runs_whole_batches_through_a_script_of_their_size(model_d
         assert row_by_row == [3, 3, 3]
         check(5, 9)  # another size: row by row until its own script exists
         assert row_by_row == [3, 3, 3, 5]
+
+        # Session predictions (the generic path's are compiled too): the same, batches of 3.
+        sessions = [r["tensors"] for r in eager._compute(_jobs(model, 5, 0, "adapt"))]
+        held = scripted.script_stats()["held"]
+        for seed in range(10, 17):  # the request's script, then the batch's
+            jobs = _jobs(model, 3 if seed > 12 else 1, seed, "predict", sessions[seed % 2:])
+            for g, w in zip(scripted._compute(jobs), eager._compute(jobs)):
+                torch.testing.assert_close(torch.tensor(g["predictions"]), torch.tensor(w["predictions"]), atol=1e-6, rtol=1e-5)
+            assert scripted._scripts.wait(120)
+        assert scripted.script_stats()["held"] == held + 2 and scripted.script_stats()["failures"] == 0
+        assert row_by_row == [3, 3, 3, 5, 3, 3, 3]  # the last batch went through the batch's script
     finally:
         scripted.stop()
 
     expensive = Engine(max_batch_size=8, cpu_traces=0)
     monkeypatch.setattr(cpu_scripts.ScriptCache, "cheap_s", 0.0)
+    del row_by_row[:]
     try:
         for seed in range(3):
             expensive._compute(_jobs(model, 1, seed, "adapt"))
@@ -557,7 +569,7 @@ def test_a_cheap_shape_runs_whole_batches_through_a_script_of_their_size(model_d
         for seed in range(3, 7):
             expensive._compute(_jobs(model, 3, seed, "adapt"))
         assert expensive._scripts.pending() == 0 and expensive.script_stats()["held"] == 1 and not expensive._scripts._cheap
-        assert row_by_row[4:] == [3, 3, 3, 3]
+        assert row_by_row == [3, 3, 3, 3]
     finally:
         expensive.stop()
 
