@@ -12,7 +12,8 @@ each), and prints the medians of: the client's latency, the engine's
 worker) and ``timing.compute_ms`` (the batch computation alone), both from the
 responses; and the means of the client's latency and of the route's, as the
 service's middleware measures it (``/metrics``: from the request's arrival in
-the app to its response). Client minus route is the sockets, uvicorn's HTTP
+the app to its response; it counts each block's first 50 requests too, which
+the other columns skip). Client minus route is the sockets, uvicorn's HTTP
 parsing and the load generator; route minus engine, the route's own work
 (body parsing and validation, decoding, the session lookup, the response).
 """
