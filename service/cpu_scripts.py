@@ -62,7 +62,7 @@ import re
 import threading
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Callable
 
 import torch
@@ -196,7 +196,7 @@ class ScriptCache(GraphCache):
     def __init__(self, capacity: int = 8, capture_after: int = 3, warmup: int = 2, refill_s: float = 30.0, nice: int = 10):
         super().__init__(capacity=capacity, capture_after=capture_after, warmup=warmup, refill_s=refill_s)
         self.nice = nice  # the compiling thread's OS priority, relative to the workers'
-        self._cheap: set[tuple] = set()  # row keys whose script ran in under cheap_s
+        self._cheap: OrderedDict[tuple, None] = OrderedDict()  # row keys whose script ran in under cheap_s (bounded)
         self._guard = threading.Condition()  # the tables and the compile queue
         self._queue: deque[tuple] = deque()
         self._compiling: set[tuple] = set()
@@ -263,7 +263,7 @@ class ScriptCache(GraphCache):
             with self._guard:
                 if self._graphs.pop(key, None) is not None:
                     self._fail(key, error)
-                self._cheap.discard(key)  # (a row key's: nor are its batches compiled from now on)
+                self._cheap.pop(key, None)  # (a row key's: nor are its batches compiled from now on)
             return None
 
     @staticmethod
@@ -342,7 +342,7 @@ class ScriptCache(GraphCache):
                     self._hold(key, entry)
                     self.captures += 1
                     if inputs[0].shape[0] == 1 and entry.seconds < self.cheap_s:  # a row's script, cheap
-                        self._cheap.add(key)  # (a few keys per model; kept, as the failed ones are)
+                        self._remember(self._cheap, key, None)
                 self._compiling.discard(key)
                 self._guard.notify_all()
 
