@@ -130,6 +130,30 @@ def make_checkpoints(model_dir: Path) -> None:
         save_checkpoint(model_dir / f"{algorithm}.safetensors", learner, input_shape=(1, 28, 28), n_way=WAYS, preprocessing=OMNIGLOT_PREPROCESSING)
 
 
+def make_sine_checkpoint(model_dir: Path) -> None:
+    """``sine``: MAML on the sinusoid task's MLP (1-40-40-1), 10 inner steps at lr 0.01 (a small model)."""
+    import torch
+
+    from metalearn import MLP, MetaConfig, MetaLearner
+    from metalearn.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(model_dir / "sine.safetensors", MetaLearner(MLP(1, (40, 40), 1), MetaConfig("maml", "regression", inner_steps=10, inner_lr=0.01)), input_shape=(1,))
+
+
+def sine_tasks(count: int, seed: int = 0) -> list[tuple]:
+    """``count`` sinusoid tasks (amplitude 0.1-5, phase 0-pi): (support_x, support_y, query_x), 10 points each."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    tasks = []
+    for _ in range(count):
+        amplitude, phase = 0.1 + 4.9 * torch.rand(1, generator=g), 3.14 * torch.rand(1, generator=g)
+        support_x, query_x = 10 * torch.rand(10, 1, generator=g) - 5, 10 * torch.rand(10, 1, generator=g) - 5
+        tasks.append((support_x, amplitude * torch.sin(support_x + phase), query_x))
+    return tasks
+
+
 def make_tasks(count: int):
     import torch
 
@@ -274,14 +298,22 @@ async def run_level(port: int, requests: list[tuple[str, bytes]], concurrency: i
     return {"throughput": len(measured) / max(window, 1e-9), "latencies": measured, "errors": errors}
 
 
-def wait_for_compilations(port: int, limit_s: float = 180.0) -> float:
-    """Wait while the service compiles in the background (service.cpu_scripts): the seconds waited."""
+def metric_total(port: int, *names: str) -> float:
+    """The sum of the service's ``/metrics`` samples named ``names`` (over all their labels)."""
     import httpx
 
+    total = 0.0
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+        if line.split("{", 1)[0].split(" ", 1)[0] in names:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_for_compilations(port: int, limit_s: float = 180.0) -> float:
+    """Wait while the service compiles in the background (service.cpu_scripts): the seconds waited."""
     start = time.perf_counter()
     while time.perf_counter() - start < limit_s:
-        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        if not next((float(line.split()[1]) for line in metrics.splitlines() if line.startswith("metalearn_cpu_scripts_compiling ")), 0.0):
+        if not metric_total(port, "metalearn_cpu_scripts_compiling"):
             return time.perf_counter() - start
         time.sleep(0.5)
     raise RuntimeError(f"the service on port {port} was still compiling after {limit_s:.0f} s")
@@ -289,10 +321,7 @@ def wait_for_compilations(port: int, limit_s: float = 180.0) -> float:
 
 def compilations(port: int) -> float:
     """Compilations the service has finished, successful or not (``/metrics``)."""
-    import httpx
-
-    names = ("metalearn_cpu_script_captures_total ", "metalearn_cpu_script_capture_failures_total ")
-    return sum(float(line.split()[1]) for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines() if line.startswith(names))
+    return metric_total(port, "metalearn_cpu_script_captures_total", "metalearn_cpu_script_capture_failures_total")
 
 
 def warm_up(port: int, requests: list[tuple[str, bytes]], concurrency: int = 8, rounds: int = 3) -> float | None:

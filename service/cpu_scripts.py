@@ -247,13 +247,10 @@ class ScriptCache(GraphCache):
         with self._guard:
             return sum(not isinstance(k, _Whole) for k in self._graphs) < self.capacity
 
-    def _hold(self, key: tuple, entry: _Script) -> None:
-        """Keep ``entry``; beyond capacity drop the least recently used whole batch's script first (its
-        shape still runs row by row, and recompiles in a second), a request's script only when none is left."""
-        self._graphs[key] = entry
-        while len(self._graphs) > self.capacity:
-            victim = next((k for k in self._graphs if isinstance(k, _Whole)), next(iter(self._graphs)))
-            del self._graphs[victim]
+    def _victim(self) -> tuple:
+        """The least recently used whole batch's script (its shape still runs row by row, and recompiles
+        in a second); a request's script only when none is left."""
+        return next((k for k in self._graphs if isinstance(k, _Whole)), next(iter(self._graphs)))
 
     def _replayed(self, key: tuple, entry: _Script, replay: Callable[[], Any]) -> Any:
         """``replay()``'s tensors, or None when it raises: that script is dropped and ``key`` runs without it."""
@@ -351,8 +348,15 @@ class ScriptCache(GraphCache):
         rows = inputs[0].shape[0]
         function, rebuild = script(fn, inputs)
         expected, _ = flatten(fn(*inputs))
-        for _ in range(self.warmup + 1):  # TorchScript profiles the first runs and optimises the graph after them
+        # TorchScript profiles the first runs and optimises the graph after them. The cost of a run is
+        # the least CPU time of them (of this thread, not wall time: the compiling thread runs at a lower
+        # priority, and waits while the workers are busy): the first ones include that optimisation,
+        # and caches the compilation left cold.
+        seconds = float("inf")
+        for _ in range(self.warmup + 3):
+            cpu = time.thread_time()
             outputs = function(*inputs)
+            seconds = min(seconds, time.thread_time() - cpu)
         # A script that disagrees with the eager run, or whose results are not a row per request, is never used.
         if len(outputs) != len(expected):
             raise RuntimeError(f"the script returns {len(outputs)} tensors, the computation {len(expected)}")
@@ -362,13 +366,5 @@ class ScriptCache(GraphCache):
             same = torch.allclose(got, want, rtol=1e-4, atol=1e-5, equal_nan=True) if got.is_floating_point() else torch.equal(got, want)
             if not same:
                 raise RuntimeError("the script's result differs from the eager computation's")
-        # CPU time of this thread, not wall time: the compiling thread runs at a lower priority, and
-        # waits while the workers are busy. The least of three runs: one may still include
-        # TorchScript's optimisation of the graph, or caches the compilation left cold.
-        seconds = float("inf")
-        for _ in range(3):
-            cpu = time.thread_time()
-            function(*inputs)
-            seconds = min(seconds, time.thread_time() - cpu)
         log.info("compiled a computation of %d row(s) in %.1f s (%d held; a run takes %.2f ms)", rows, time.perf_counter() - start, len(self._graphs) + 1, 1000 * seconds)
         return _Script(function, rebuild, owner, seconds)

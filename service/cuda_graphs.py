@@ -137,7 +137,11 @@ class GraphCache:
     def _hold(self, key: tuple, entry: Any) -> None:
         self._graphs[key] = entry
         while len(self._graphs) > self.capacity:
-            self._graphs.popitem(last=False)
+            del self._graphs[self._victim()]
+
+    def _victim(self) -> tuple:
+        """The key dropped when the cache is over capacity: the least recently used."""
+        return next(iter(self._graphs))
 
     def _fail(self, key: tuple, error: Exception) -> None:
         """``key`` runs eagerly from now on."""

@@ -26,7 +26,7 @@ that take no gradients (``service.cpu_traces``): they run without taking the GIL
 between operations, which the HTTP event loop and the other workers need. The
 other adaptations (MAML-family fast kernels, which take gradients, and the
 generic path) are compiled on a background thread instead and then run request
-by request (``service.cpu_scripts``).
+by request, or a small model's as whole batches (``service.cpu_scripts``).
 
 Under concurrency a batch waits at most ``max_wait_ms`` for company (jobs that
 arrive while the worker is busy batch naturally; a lone client is never delayed). When ``queue_size`` jobs are pending,

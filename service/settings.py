@@ -31,7 +31,7 @@ class Settings(BaseSettings):
 
     cuda_graphs: int = Field(16, ge=0, description="On a GPU with one worker (the default), CUDA graphs kept: a request shape seen twice is captured once and replayed, one launch instead of ~1000 (0 = off; with several workers there are none).")
     cpu_traces: int = Field(24, ge=0, description="On the CPU, TorchScript traces kept per worker: a request shape seen twice is traced once and replayed without the GIL (ANIL adaptations and every prediction of the fast kernels; 0 = off). A trace holds 1-12 MB (12: an ANIL adaptation of 8 requests, 10 steps).")
-    cpu_scripts: int = Field(8, ge=0, description="On the CPU, compiled computations kept (shared by the workers; what the CPU traces do not cover: MAML's adaptations, and the generic path's adaptations and session predictions: Meta-SGD, regression, any module): a request shape seen in 3 batches is recorded and compiled on a background thread (seconds), then every request of that shape runs through it without the GIL (0 = off).")
+    cpu_scripts: int = Field(8, ge=0, description="On the CPU, compiled computations kept (shared by the workers; what the CPU traces do not cover: MAML's adaptations, and the generic path's adaptations and session predictions: Meta-SGD, regression, any module): a request shape seen in 3 batches is recorded and compiled on a background thread (seconds), then every request of that shape runs through it without the GIL (a small model's whole batches too; 0 = off).")
 
     # Limits
     max_support: int = Field(512, ge=1, description="Most support examples in one request.")

@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import service_bench as sb  # noqa: E402
@@ -44,31 +43,17 @@ def thread_cpu(pid: int) -> dict[int, float]:
 
 
 def batch_seconds(port: int) -> float:
-    total = 0.0
-    for line in httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines():
-        if line.startswith("metalearn_engine_batch_seconds_sum"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return sb.metric_total(port, "metalearn_engine_batch_seconds_sum")
 
 
 def sine_requests(model_dir: Path, count: int) -> tuple[str, list[tuple[str, bytes]]]:
-    """A MAML sinusoid-regression checkpoint (MLP 1-40-40-1, 10 inner steps) in ``model_dir``, and
-    ``count`` stateless requests for it: 10 support points, 10 queries each."""
+    """The benchmark's sinusoid checkpoint (``sine``) in ``model_dir``, and ``count`` stateless requests for it."""
     import json
 
-    import torch
-
-    from metalearn import MLP, MetaConfig, MetaLearner
-    from metalearn.checkpoint import save_checkpoint
-
-    torch.manual_seed(0)
-    save_checkpoint(model_dir / "sine.safetensors", MetaLearner(MLP(1, (40, 40), 1), MetaConfig("maml", "regression", inner_steps=10, inner_lr=0.01)), input_shape=(1,))
-    g = torch.Generator().manual_seed(0)
+    sb.make_sine_checkpoint(model_dir)
     requests = []
-    for _ in range(count):
-        amplitude, phase = 0.1 + 4.9 * torch.rand(1, generator=g), 3.14 * torch.rand(1, generator=g)
-        support_x, query_x = 10 * torch.rand(10, 1, generator=g) - 5, 10 * torch.rand(10, 1, generator=g) - 5
-        body = {"support": {"x": sb.encode(support_x), "y": sb.encode(amplitude * torch.sin(support_x + phase))}, "query": {"x": sb.encode(query_x)}}
+    for support_x, support_y, query_x in sb.sine_tasks(count):
+        body = {"support": {"x": sb.encode(support_x), "y": sb.encode(support_y)}, "query": {"x": sb.encode(query_x)}}
         requests.append(("/v1/models/sine/predict", json.dumps(body).encode()))
     return "sinusoids", requests
 

@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import service_bench as sb  # noqa: E402
 from engine_graphs import demo_registry, jobs_for  # noqa: E402
 
 from service.cpu_scripts import script  # noqa: E402
@@ -57,26 +58,17 @@ def python_load(stop: threading.Event) -> None:
 
 
 def sine_model():
-    """MAML on the sinusoid task's MLP (1-40-40-1), 10 inner steps at lr 0.01, as the service loads it."""
-    from metalearn import MLP, MetaConfig, MetaLearner
-    from metalearn.checkpoint import save_checkpoint
+    """The service benchmark's sinusoid model (MAML on a 1-40-40-1 MLP), as the service loads it."""
     from service.registry import ModelRegistry
 
     directory = Path(tempfile.mkdtemp(prefix="maml_scripted_"))
-    torch.manual_seed(0)
-    save_checkpoint(directory / "sine.safetensors", MetaLearner(MLP(1, (40, 40), 1), MetaConfig("maml", "regression", inner_steps=10, inner_lr=0.01)), input_shape=(1,))
+    sb.make_sine_checkpoint(directory)
     return ModelRegistry.load(directory, "cpu").get("sine")
 
 
 def sine_jobs(model, rows: int, seed: int) -> list[Job]:
     """Sinusoid requests: 10 support points, 10 queries."""
-    g = torch.Generator().manual_seed(seed)
-    jobs = []
-    for _ in range(rows):
-        amplitude, phase = 0.1 + 4.9 * torch.rand(1, generator=g), 3.14 * torch.rand(1, generator=g)
-        support_x, query_x = 10 * torch.rand(10, 1, generator=g) - 5, 10 * torch.rand(10, 1, generator=g) - 5
-        jobs.append(Job("adapt", model, support_x=support_x, support_y=amplitude * torch.sin(support_x + phase), steps=10, lr=None, query_x=query_x, keep_session=False))
-    return jobs
+    return [Job("adapt", model, support_x=sx, support_y=sy, steps=10, lr=None, query_x=qx, keep_session=False) for sx, sy, qx in sb.sine_tasks(rows, seed)]
 
 
 def main() -> None:
