@@ -189,9 +189,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         detail = f"the session store is unavailable ({exc}); stateless /v1/models/{{name}}/predict still works"
         return problem_response(Problem(503, "Session store unavailable", detail, headers={"Retry-After": "5"}), request.url.path)
 
-    app.include_router(health.router)
-    app.include_router(models.router)
+    # Routes match in this order: the /v1 ones, the busiest, first.
     app.include_router(sessions.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
     app.include_router(metrics.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

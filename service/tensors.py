@@ -16,13 +16,13 @@ field (``support.x``) and what is wrong.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import io
 import math
 from typing import Any, Literal, Union
 
 import numpy as np
+import pybase64
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -68,7 +68,7 @@ def _from_base64(value: EncodedTensor, where: str) -> torch.Tensor:
     if any(s < 0 for s in shape):
         raise invalid(f"{where}: negative dimension in shape {shape}")
     try:
-        raw = base64.b64decode(value.base64, validate=True)
+        raw = pybase64.b64decode(value.base64, validate=True)
     except (binascii.Error, ValueError):
         raise invalid(f"{where}: malformed base64 data") from None
     itemsize = np.dtype(DTYPES[value.dtype]).itemsize
@@ -94,7 +94,7 @@ def _from_images(value: ImageList, where: str, preprocessing: dict | None) -> to
     blobs = []
     for i, text in enumerate(value.images):
         try:
-            blob = base64.b64decode(text, validate=True)
+            blob = pybase64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise invalid(f"{where}.images[{i}]: malformed base64 data") from None
         try:
@@ -121,7 +121,8 @@ def _tensor_from(value: Any, where: str, list_dtype: torch.dtype, expected: str)
 
 
 def _check_finite(tensor: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(tensor).all():
+    # numpy: a tenth of torch's per-call overhead on a request's few thousand values
+    if not np.isfinite(tensor.numpy()).all():
         raise invalid(f"{where}: contains NaN or infinite values", title="Non-finite values")
 
 

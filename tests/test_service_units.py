@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from service.engine import Engine, Job, JobTimeout, QueueFull
 from service.problems import Problem
+from service.routes.schemas import SessionPredictRequest
 from service.sessions import MemorySessionStore, Session, SessionStoreUnavailable
 from service.settings import Settings
 from service.tensors import EncodedTensor, decode_inputs, decode_labels
@@ -279,3 +280,67 @@ def test_engine_adapts_on_the_shifted_support_the_checkpoint_records(tmp_path, a
         # the option changes the adaptation (so the comparison above can fail)
         unshifted = torch.softmax(predict(model.learner, plain, tasks.query_x[i]), -1)
         assert (unshifted - expected).abs().max() > 1e-4
+
+
+def test_json_route_refuses_parameters_it_would_not_fill():
+    """A JSONRoute fills only what it knows; anything else fails when the route is declared, not per request."""
+    from fastapi import APIRouter, Depends, Header
+
+    from service.routes.json_route import JSONRoute
+
+    router = APIRouter(route_class=JSONRoute)
+
+    def plain(session_id: str) -> dict:
+        return {}
+
+    async def other_dependency(limit: int = Depends(lambda: 3)) -> dict:
+        return {}
+
+    async def header(token: str = Header(...)) -> dict:
+        return {}
+
+    async def two_bodies(a: SessionPredictRequest, b: SessionPredictRequest) -> dict:
+        return {}
+
+    async def typed_path(session_id: int) -> dict:
+        return {}
+
+    for endpoint, path, message in [
+        (plain, "/{session_id}", "async def"),
+        (other_dependency, "/", r"only Depends\(owner\)"),
+        (header, "/", "a JSONRoute takes"),
+        (two_bodies, "/", "one body"),
+        (typed_path, "/{session_id}", "str"),
+    ]:
+        with pytest.raises(TypeError, match=message):
+            router.add_api_route(path, endpoint, methods=["POST"])
+
+
+def test_json_routes_answer_like_fastapi(tmp_path):
+    """The /v1 routes' own request handling: content types, key before body, validation errors, the OpenAPI document."""
+    from service.app import create_app
+
+    app = create_app(Settings(model_dir=str(tmp_path), api_keys="k" * 16))
+    key = {"X-API-Key": "k" * 16}
+    with TestClient(app) as client:
+        # No valid key: 401, whatever the body.
+        response = client.post("/v1/sessions/abc/predict", content=b"{not json")
+        assert response.status_code == 401 and response.headers["content-type"] == "application/problem+json"
+        assert client.post("/v1/sessions/abc/predict", content=b"{}", headers={"Authorization": "Basic " + "k" * 16}).status_code == 401
+        # A declared non-JSON body: 415; no content type: read as JSON.
+        response = client.post("/v1/sessions/abc/predict", content=b"x=1", headers={**key, "content-type": "application/x-www-form-urlencoded"})
+        assert response.status_code == 415 and "application/json" in response.json()["detail"]
+        response = client.post("/v1/sessions/abc/predict", content=b'{"x": [[0.5]]}', headers=key)
+        assert response.status_code == 404 and response.json()["title"] == "Unknown session"
+        assert client.post("/v1/sessions/abc/predict", content=b'{"x": [[0.5]]}', headers={"Authorization": "Bearer " + "k" * 16}).status_code == 404
+        # Not JSON: 400; JSON that does not fit the model: 422 naming the field.
+        assert client.post("/v1/sessions/abc/predict", content=b"{not json", headers={**key, "content-type": "application/json"}).status_code == 400
+        response = client.post("/v1/sessions/abc/predict", json={"x": [[0.5]], "transductive": "maybe"}, headers=key)
+        assert response.status_code == 422 and "transductive" in response.json()["detail"]
+        assert response.json()["errors"][0]["loc"] == ["body", "transductive"]
+        # The OpenAPI document still declares the bodies and both ways to send a key.
+        schema = client.get("/openapi.json").json()
+        operation = schema["paths"]["/v1/sessions/{session_id}/predict"]["post"]
+        assert operation["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/SessionPredictRequest"}
+        assert {name for requirement in operation["security"] for name in requirement} == {"APIKeyHeader", "HTTPBearer"}
+        assert set(schema["components"]["securitySchemes"]) == {"APIKeyHeader", "HTTPBearer"}

@@ -10,14 +10,15 @@ from fastapi import APIRouter, Body, Depends, Request, Response
 from service.engine import Job
 from service.problems import Problem
 from service.routes.deps import check_inner, get_model, maybe_offload, owner, store_call, uses_images
+from service.routes.json_route import JSONRoute
 from service.routes.schemas import AdaptRequest, AdaptResponse, ModelInfo, ModelList, PredictRequest, PredictResponse, Timing
 from service.sessions import Session, new_session_id
 from service.tensors import decode_inputs, decode_labels, decode_targets
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], route_class=JSONRoute)
 
 PROBLEM = {"content": {"application/problem+json": {}}, "description": "Problem details (RFC 9457)"}
-ERRORS = {400: PROBLEM, 401: PROBLEM, 404: PROBLEM, 413: PROBLEM, 422: PROBLEM, 503: PROBLEM}
+ERRORS = {400: PROBLEM, 401: PROBLEM, 404: PROBLEM, 413: PROBLEM, 415: PROBLEM, 422: PROBLEM, 503: PROBLEM}
 
 
 def iso(t: float) -> str:
@@ -63,13 +64,13 @@ def timing(result: dict, started: float) -> Timing:
 
 
 @router.get("", summary="List the models", response_model=ModelList, responses=ERRORS)
-def list_models(request: Request, _owner: str | None = Depends(owner)) -> dict:
+async def list_models(request: Request, _owner: str | None = Depends(owner)) -> dict:
     registry = request.app.state.registry
     return {"models": [registry.get(n).info() for n in registry.names()]}
 
 
 @router.get("/{name}", summary="Describe a model", response_model=ModelInfo, responses=ERRORS)
-def describe_model(request: Request, name: str, _owner: str | None = Depends(owner)) -> dict:
+async def describe_model(request: Request, name: str, _owner: str | None = Depends(owner)) -> dict:
     return get_model(request, name).info()
 
 

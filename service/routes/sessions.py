@@ -9,11 +9,12 @@ from fastapi import APIRouter, Body, Depends, Request, Response
 from service.engine import Job
 from service.problems import Problem
 from service.routes.deps import maybe_offload, owner, store_call, uses_images
+from service.routes.json_route import JSONRoute
 from service.routes.models import ERRORS, check_finite, iso, timing
 from service.routes.schemas import PredictResponse, SessionInfo, SessionPredictRequest
 from service.tensors import decode_inputs
 
-router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"], route_class=JSONRoute)
 
 
 async def _session(request: Request, session_id: str, caller: str | None):
