@@ -55,15 +55,16 @@ def invalid(detail: str, title: str = "Invalid tensor") -> Problem:
     return Problem(422, title, detail)
 
 
-def _from_lists(value: list, where: str, dtype: torch.dtype) -> torch.Tensor:
+def _from_lists(value: list, where: str, dtype: torch.dtype) -> np.ndarray:
+    # torch's parser, not numpy's: numpy would read None as NaN and "1.5" as a number
     try:
-        return torch.tensor(value, dtype=dtype)
+        return torch.tensor(value, dtype=dtype).numpy()
     except (ValueError, TypeError, RuntimeError, OverflowError) as error:
         message = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         raise invalid(f"{where}: not a rectangular array of numbers ({message})") from None
 
 
-def _from_base64(value: EncodedTensor, where: str) -> torch.Tensor:
+def _from_base64(value: EncodedTensor, where: str) -> np.ndarray:
     shape = value.shape
     if any(s < 0 for s in shape):
         raise invalid(f"{where}: negative dimension in shape {shape}")
@@ -78,8 +79,7 @@ def _from_base64(value: EncodedTensor, where: str) -> torch.Tensor:
             f"{where}: {len(raw)} bytes do not match shape {shape} of {value.dtype} "
             f"({count} x {itemsize} = {count * itemsize} bytes expected)"
         )
-    array = np.frombuffer(raw, dtype=DTYPES[value.dtype]).reshape(shape)
-    return torch.from_numpy(array.copy())
+    return np.frombuffer(raw, dtype=DTYPES[value.dtype]).reshape(shape)
 
 
 def _from_images(value: ImageList, where: str, preprocessing: dict | None) -> torch.Tensor:
@@ -111,8 +111,11 @@ def _from_images(value: ImageList, where: str, preprocessing: dict | None) -> to
         raise invalid(str(error)[:300]) from None
 
 
-def _tensor_from(value: Any, where: str, list_dtype: torch.dtype, expected: str) -> torch.Tensor:
-    """A tensor from either wire form: nested lists or ``{dtype, shape, base64}``."""
+def _array_from(value: Any, where: str, list_dtype: torch.dtype, expected: str) -> np.ndarray:
+    """An array from either wire form: nested lists or ``{dtype, shape, base64}``.
+
+    The checks below run in numpy: a request's labels or inputs are small, and on
+    the event loop each torch call costs several times its numpy equivalent."""
     if isinstance(value, EncodedTensor):
         return _from_base64(value, where)
     if isinstance(value, list):
@@ -120,62 +123,67 @@ def _tensor_from(value: Any, where: str, list_dtype: torch.dtype, expected: str)
     raise invalid(f"{where}: expected {expected}")
 
 
-def _check_finite(tensor: torch.Tensor, where: str) -> None:
-    # numpy: a tenth of torch's per-call overhead on a request's few thousand values
-    if not np.isfinite(tensor.numpy()).all():
+def _check_finite(array: np.ndarray, where: str) -> None:
+    if not np.isfinite(array).all():
         raise invalid(f"{where}: contains NaN or infinite values", title="Non-finite values")
+
+
+def _float32_tensor(array: np.ndarray) -> torch.Tensor:
+    """A float32 tensor owning a contiguous copy of ``array`` (a base64 array is a read-only view of the request's bytes)."""
+    return torch.from_numpy(np.array(array, dtype=np.float32, order="C", copy=True))
 
 
 def decode_inputs(value: Any, where: str, input_shape: tuple[int, ...], preprocessing: dict | None, max_count: int) -> torch.Tensor:
     """A float32 tensor ``[N, *input_shape]`` with ``1 <= N <= max_count`` and finite values."""
     if isinstance(value, ImageList):
-        tensor = _from_images(value, where, preprocessing)
+        array = _from_images(value, where, preprocessing).numpy()
     else:
-        tensor = _tensor_from(value, where, torch.float32, "nested lists, {dtype, shape, base64} or {images}")
+        array = _array_from(value, where, torch.float32, "nested lists, {dtype, shape, base64} or {images}")
     expected = (len(input_shape) + 1, list(input_shape))
-    if tensor.dim() != expected[0] or list(tensor.shape[1:]) != expected[1]:
+    if array.ndim != expected[0] or list(array.shape[1:]) != expected[1]:
         raise invalid(
             f"{where}: expected shape [N, {', '.join(map(str, input_shape))}] (rank {expected[0]}) for this model, "
-            f"got {list(tensor.shape)} (rank {tensor.dim()})",
+            f"got {list(array.shape)} (rank {array.ndim})",
             title="Wrong tensor shape",
         )
-    count = tensor.shape[0]
+    count = array.shape[0]
     if count == 0:
         raise invalid(f"{where}: no examples (N = 0)", title="Empty input")
     if count > max_count:
         raise Problem(422, "Too many examples", f"{where}: {count} examples, the limit is {max_count}")
-    tensor = tensor.to(torch.float32)
-    _check_finite(tensor, where)
-    return tensor.contiguous()
+    tensor = _float32_tensor(array)
+    _check_finite(tensor.numpy(), where)  # after the cast: a float64 value beyond float32's range becomes inf
+    return tensor
 
 
 def decode_labels(value: Any, where: str, count: int, n_way: int) -> torch.Tensor:
     """Class indices ``[count]`` (int64) in ``[0, n_way)`` covering every class."""
-    tensor = _tensor_from(value, where, torch.float64, "a list of class indices or {dtype, shape, base64}")
-    if tensor.dim() != 1:
-        raise invalid(f"{where}: expected a flat list of {count} class indices, got shape {list(tensor.shape)}", title="Wrong tensor shape")
-    if tensor.shape[0] != count:
-        raise invalid(f"{where}: {tensor.shape[0]} labels for {count} inputs", title="Wrong tensor shape")
-    as_float = tensor.to(torch.float64)
-    if not torch.isfinite(as_float).all() or not torch.equal(as_float, as_float.round()):
+    array = _array_from(value, where, torch.float64, "a list of class indices or {dtype, shape, base64}")
+    if array.ndim != 1:
+        raise invalid(f"{where}: expected a flat list of {count} class indices, got shape {list(array.shape)}", title="Wrong tensor shape")
+    if array.shape[0] != count:
+        raise invalid(f"{where}: {array.shape[0]} labels for {count} inputs", title="Wrong tensor shape")
+    as_float = array.astype(np.float64)
+    if not np.isfinite(as_float).all() or not np.array_equal(as_float, np.round(as_float)):
         raise invalid(f"{where}: labels must be integer class indices", title="Invalid labels")
-    if (as_float < 0).any() or (as_float >= n_way).any():
-        bad = as_float[(as_float < 0) | (as_float >= n_way)][0].item()
+    outside = (as_float < 0) | (as_float >= n_way)
+    if outside.any():
+        bad = as_float[outside][0]
         raise invalid(f"{where}: label {bad:.0f} is outside [0, {n_way}) for this {n_way}-way model", title="Invalid labels")  # an integer
-    labels = as_float.to(torch.int64)
+    labels = as_float.astype(np.int64)
     missing = sorted(set(range(n_way)) - set(labels.tolist()))
     if missing:
         raise invalid(f"{where}: class(es) {missing} have no support example; every one of the {n_way} classes needs at least one", title="Invalid labels")
-    return labels
+    return torch.from_numpy(labels)
 
 
 def decode_targets(value: Any, where: str, count: int, out_features: int) -> torch.Tensor:
     """Regression targets ``[count, out_features]`` (``[count]`` accepted when out_features is 1)."""
-    tensor = _tensor_from(value, where, torch.float32, "nested lists of targets or {dtype, shape, base64}")
-    tensor = tensor.to(torch.float32)
-    if tensor.dim() == 1 and out_features == 1:
-        tensor = tensor.unsqueeze(1)
-    if tensor.dim() != 2 or tensor.shape[1] != out_features or tensor.shape[0] != count:
-        raise invalid(f"{where}: expected targets of shape [{count}, {out_features}], got {list(tensor.shape)}", title="Wrong tensor shape")
-    _check_finite(tensor, where)
-    return tensor.contiguous()
+    array = _array_from(value, where, torch.float32, "nested lists of targets or {dtype, shape, base64}")
+    if array.ndim == 1 and out_features == 1:
+        array = array[:, None]
+    if array.ndim != 2 or array.shape[1] != out_features or array.shape[0] != count:
+        raise invalid(f"{where}: expected targets of shape [{count}, {out_features}], got {list(array.shape)}", title="Wrong tensor shape")
+    tensor = _float32_tensor(array)
+    _check_finite(tensor.numpy(), where)
+    return tensor
