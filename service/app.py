@@ -12,6 +12,7 @@ problem document.
 from __future__ import annotations
 
 import base64
+import gc
 import logging
 import math
 from contextlib import asynccontextmanager
@@ -130,10 +131,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.metrics.models.set(len(app.state.registry.models))
         app.openapi_schema = None
         app.state.engine.start()
+        # What is loaded by now lives as long as the process. Out of the cyclic garbage collector's
+        # full passes, which otherwise scanned it all every few seconds under load (115 ms each, the
+        # event loop and the workers stalled: ANIL's p99 at concurrency 32 went from 150-164 to 57-68 ms).
+        gc.collect()
+        gc.freeze()
         log.info("serving %d model(s) on %s: %s", len(app.state.registry.models), device, ", ".join(app.state.registry.names()))
         try:
             yield
         finally:
+            gc.unfreeze()  # (the process may go on: tests, an application embedding the service)
             app.state.engine.stop()
             try:
                 app.state.store.close()

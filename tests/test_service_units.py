@@ -344,3 +344,18 @@ def test_json_routes_answer_like_fastapi(tmp_path):
         assert operation["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/SessionPredictRequest"}
         assert {name for requirement in operation["security"] for name in requirement} == {"APIKeyHeader", "HTTPBearer"}
         assert set(schema["components"]["securitySchemes"]) == {"APIKeyHeader", "HTTPBearer"}
+
+
+def test_what_the_service_loads_at_start_is_kept_out_of_full_garbage_collections(tmp_path):
+    """The lifespan freezes what it loaded (a full collection scanned it all: 115 ms pauses under load)
+    and unfreezes it at shutdown."""
+    import gc
+
+    from service.app import create_app
+
+    app = create_app(Settings(model_dir=str(tmp_path)))
+    assert gc.get_freeze_count() == 0
+    with TestClient(app) as client:
+        assert gc.get_freeze_count() > 10_000  # torch, FastAPI, the app: far more objects than that
+        assert client.get("/healthz").status_code == 200
+    assert gc.get_freeze_count() == 0
