@@ -153,6 +153,14 @@ def script(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> tuple[Ca
     return compiled, structure["rebuild"]
 
 
+def load_recorder() -> None:
+    """Record and compile a tiny computation, so that what recording imports and builds on first use
+    (about 120 000 Python objects and 80 MB, in 0.9 s) is in place now: the service then freezes it out
+    of the garbage collector's full passes (``service.app``). Loaded by the first compilation instead,
+    every full collection after it scanned those objects again (50-100 ms pauses)."""
+    script(lambda image, weight: (torch.nn.functional.conv2d(image, weight).relu().sum(),), (torch.rand(1, 1, 4, 4), torch.rand(1, 1, 3, 3)))
+
+
 def _close_at_exit(cache_ref: weakref.ref) -> None:
     cache = cache_ref()
     if cache is not None:

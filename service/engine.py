@@ -56,7 +56,7 @@ import torch
 
 from metalearn.adaptation import Adaptation, adapt, adapt_many, augment_support, predict, predict_many
 from metalearn.batching import choose_strategy
-from service.cpu_scripts import ScriptCache
+from service.cpu_scripts import ScriptCache, load_recorder
 from service.cpu_traces import TraceCache
 from service.cuda_graphs import GraphCache, bucket, pad_rows
 
@@ -192,6 +192,13 @@ class Engine:
     # ------------------------------------------------------------------
     # Lifecycle
     # ------------------------------------------------------------------
+    def load_compiler(self, models) -> None:
+        """Load the recording machinery now if any of ``models`` will have computations compiled
+        (``service.cpu_scripts.load_recorder``): on the CPU with scripts on, every model but ANIL's
+        traced kernel."""
+        if any(self._scripting(m) and not getattr(self._fast(m), "traceable_adapt", False) for m in models):
+            load_recorder()
+
     def start(self) -> None:
         if self._threads:
             return

@@ -727,3 +727,31 @@ def test_what_a_compilation_records_is_built_only_when_one_is_queued():
         assert built == [1] and cache.replays == 1
     finally:
         cache.close()
+
+
+def test_the_recording_machinery_is_loaded_at_start_only_for_models_that_compile(model_dir, monkeypatch):
+    """``Engine.load_compiler``: on the CPU with scripts on, a model that compiles (MAML, the generic
+    path) loads the recorder before the service freezes its start; ANIL's traced kernel alone does not."""
+    from service import engine as engine_module
+    from service.engine import Engine
+    from service.registry import ModelRegistry
+
+    loads = []
+    monkeypatch.setattr(engine_module, "load_recorder", lambda: loads.append(1))
+    registry = ModelRegistry.load(model_dir, "cpu")
+    anil, maml, metasgd = (registry.get(f"conv-{a}") for a in ("anil", "maml", "metasgd"))
+    Engine(cpu_scripts=8).load_compiler([anil])
+    assert loads == []
+    Engine(cpu_scripts=0).load_compiler([anil, maml, metasgd])
+    assert loads == []
+    for compiling in (maml, metasgd):
+        Engine(cpu_scripts=8).load_compiler([anil, compiling])
+    assert loads == [1, 1]
+
+
+def test_load_recorder_runs_and_later_recordings_work():
+    from service.cpu_scripts import load_recorder, script
+
+    load_recorder()  # runs without error; then a real recording reuses the machinery
+    function, rebuild = script(lambda x: (x * 2,), (torch.ones(3),))
+    assert torch.equal(rebuild(iter(function(torch.arange(3.0))))[0], torch.arange(3.0) * 2)
