@@ -333,7 +333,9 @@ def test_json_routes_answer_like_fastapi(tmp_path):
         response = client.post("/v1/sessions/abc/predict", content=b'{"x": [[0.5]]}', headers=key)
         assert response.status_code == 404 and response.json()["title"] == "Unknown session"
         assert client.post("/v1/sessions/abc/predict", content=b'{"x": [[0.5]]}', headers={"Authorization": "Bearer " + "k" * 16}).status_code == 404
-        # Not JSON: 400; JSON that does not fit the model: 422 naming the field.
+        # No body: 422, as FastAPI answers. Not JSON: 400; JSON that does not fit the model: 422 naming the field.
+        response = client.post("/v1/sessions/abc/predict", headers=key)
+        assert response.status_code == 422 and response.json()["detail"] == "body: Field required"
         assert client.post("/v1/sessions/abc/predict", content=b"{not json", headers={**key, "content-type": "application/json"}).status_code == 400
         response = client.post("/v1/sessions/abc/predict", json={"x": [[0.5]], "transductive": "maybe"}, headers=key)
         assert response.status_code == 422 and "transductive" in response.json()["detail"]

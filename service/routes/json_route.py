@@ -60,6 +60,8 @@ async def _read_body(request: Request, model: type[BaseModel]) -> BaseModel:
     if not _is_json(request.headers.get("content-type")):
         raise Problem(415, "Unsupported media type", f"send the body as application/json, not {request.headers['content-type']!r}")
     raw = await request.body()
+    if not raw:  # as FastAPI answers a missing required body
+        raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
     try:
         return model.model_validate_json(raw)
     except ValidationError as error:
