@@ -127,6 +127,15 @@ class Job:
         return ("predict", self.model.name, shape(self.query_x), self.transductive, signature)
 
 
+def _compatible(job: Job, key: tuple) -> bool:
+    """Whether ``job`` can join a batch of ``key``. A job whose key fails cannot: it stays queued and
+    fails alone, as the first job of a batch (``Engine._run``), not taking a batch of others with it."""
+    try:
+        return job.key() == key
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _stack(adaptations: list[Adaptation]) -> Adaptation:
     params = {n: torch.stack([a.params[n] for a in adaptations]) for n in adaptations[0].params}
     stats = {
@@ -277,13 +286,15 @@ class Engine:
         keep: deque[Job] = deque()
         while self._pending:
             job = self._pending.popleft()
-            if len(batch) < self.max_batch_size and job.key() == key:
+            if len(batch) < self.max_batch_size and _compatible(job, key):
                 batch.append(job)
             else:
                 keep.append(job)
         self._pending = keep
 
-    def _next_batch(self) -> list[Job] | None:
+    def _next_batch(self, batch: list[Job]) -> bool:
+        """Fill ``batch`` (empty) with the next job and those that can run with it; False when the engine stops.
+        (Filled in place: should something fail on the way, the caller still knows which jobs it took.)"""
         if not hasattr(self._local, "wake"):
             self._local.wake = threading.Condition(self._lock)  # this worker's own, under the queue's lock
         with self._cond:
@@ -293,10 +304,10 @@ class Engine:
                 if self._local.wake in self._idle:  # woken by something other than a submit
                     self._idle.remove(self._local.wake)
             if self._stopping:
-                return None
+                return False
             first = self._pending.popleft()
+            batch.append(first)
             key = first.key()
-            batch = [first]
             self._take_compatible(key, batch)
             # Wait for company only under concurrency (the last batch had several
             # jobs): a lone client pays no batching delay.
@@ -314,19 +325,24 @@ class Engine:
             self._last_batch_size = len(batch)
         if self.metrics is not None:
             self.metrics.queue_depth(depth)
-        return batch
+        return True
 
     def _run(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
         while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
-            if not batch:
-                continue
-            self._execute(batch)
+            batch: list[Job] = []
+            try:
+                if not self._next_batch(batch):
+                    return
+                running = [job for job in batch if job.future.set_running_or_notify_cancel()]
+                if running:
+                    self._execute(running)
+            except Exception as error:  # noqa: BLE001 - a worker that died would leave every later request waiting
+                log.exception("a worker's loop failed outside a computation; its batch fails and the worker goes on")
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(error)
 
     def _execute(self, batch: list[Job]) -> None:
         kind = batch[0].kind

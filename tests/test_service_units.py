@@ -119,6 +119,67 @@ def test_engine_queue_full_and_timeout():
         engine.stop()
 
 
+class FaultyEngine(Engine):
+    """An engine whose loop fails outside the computation: while forming one batch, then after computing one."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.faults = ["next_batch", "bookkeeping"]
+
+    def _next_batch(self, batch):
+        more = super()._next_batch(batch)
+        if batch and self.faults[:1] == ["next_batch"]:
+            self.faults.pop(0)
+            raise RuntimeError("a bug while forming a batch")
+        return more
+
+    def _compute(self, batch):
+        results = [{"predictions": [1]} for _ in batch]
+        if self.faults[:1] == ["bookkeeping"]:
+            self.faults.pop(0)
+            self.metrics = SimpleNamespace(batch=lambda *a: 1 / 0, queue_depth=lambda depth: None)  # fails after the results are set
+        else:
+            self.metrics = None
+        return results
+
+
+def test_a_failure_outside_a_computation_fails_its_batch_and_the_worker_goes_on():
+    engine = FaultyEngine(max_batch_size=1, max_wait_ms=0, request_timeout_s=5)
+    engine.start()
+    try:
+        async def one():
+            return await engine.submit(fake_job())
+
+        with pytest.raises(RuntimeError, match="forming a batch"):
+            asyncio.run(one())
+        assert asyncio.run(one())["predictions"] == [1]  # its results were set before the bookkeeping failed
+        assert asyncio.run(one())["predictions"] == [1]
+        assert engine.running and engine.faults == []
+    finally:
+        engine.stop()
+
+
+def test_a_job_whose_batch_key_fails_fails_alone():
+    """A malformed job (its batch key raises) queued among good ones: it gets the error, they get results."""
+    engine = FaultyEngine(max_batch_size=8, max_wait_ms=0, request_timeout_s=5)
+    engine.faults = []
+    bad = fake_job()
+    bad.session = {"param:w": "not a tensor"}
+    jobs = [fake_job(), bad, fake_job(), fake_job()]
+
+    for job in jobs:  # queued before the worker starts, so they meet while a batch forms
+        engine._pending.append(job)
+    engine.start()
+    try:
+        results = [job.future.result(timeout=5) if job is not bad else job.future.exception(timeout=5) for job in jobs]
+        assert isinstance(results[1], AttributeError)
+        assert [r["predictions"] for i, r in enumerate(results) if i != 1] == [[1], [1], [1]]
+        assert engine.running
+        assert asyncio.run(engine.submit(fake_job()))["predictions"] == [1]
+    finally:
+        engine.stop()
+
+
 class BarrierEngine(Engine):
     """Each batch waits until ``parties`` batches are running at once (or fails after 5 s)."""
 
