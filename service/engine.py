@@ -113,6 +113,7 @@ class Job:
     query_x: torch.Tensor | None = None
     transductive: bool = False
     session: dict[str, torch.Tensor] | None = None
+    session_batch: dict[str, torch.Tensor] | None = None  # the same as [1, ...] views (Session.batch_of_one), used by a batch of one
     keep_session: bool = True
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     enqueued: float = 0.0
@@ -590,7 +591,10 @@ class Engine:
         rows = self._rows(graphs, count)
         names = sorted(first.session)
         inputs = [torch.stack([j.query_x for j in batch]).to(device, non_blocking=True)]
-        inputs += [torch.stack([j.session[n].to(device) for j in batch]) for n in names]
+        if count == 1 and first.session_batch is not None:
+            inputs += [first.session_batch[n] for n in names]
+        else:
+            inputs += [torch.stack([j.session[n].to(device) for j in batch]) for n in names]
         compute, replay = self._predict_kernel(model, first, names, rows)
         record = self._recording(model, partial(self._predict_kernel, model, first, names))
         outputs, finite = self._graphed(graphs, batch, compute, replay, inputs, rows, record)

@@ -38,6 +38,15 @@ class Session:
     expires: float
     tensors: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)
+    _batch_of_one: tuple[str, dict[str, torch.Tensor]] | None = field(default=None, repr=False, compare=False)
+
+    def batch_of_one(self, device: str | torch.device) -> dict[str, torch.Tensor]:
+        """The tensors as ``[1, ...]`` views on ``device``, made once per session object: a lone
+        prediction hands them to the engine as they are, where stacking a session's 26 tensors
+        took 70 us of a 1.5 ms request (the in-memory store keeps the object between requests)."""
+        if self._batch_of_one is None or self._batch_of_one[0] != str(device):
+            self._batch_of_one = (str(device), {name: t.to(device).unsqueeze(0) for name, t in self.tensors.items()})
+        return self._batch_of_one[1]
 
     @property
     def nbytes(self) -> int:

@@ -755,3 +755,30 @@ def test_load_recorder_runs_and_later_recordings_work():
     load_recorder()  # runs without error; then a real recording reuses the machinery
     function, rebuild = script(lambda x: (x * 2,), (torch.ones(3),))
     assert torch.equal(rebuild(iter(function(torch.arange(3.0))))[0], torch.arange(3.0) * 2)
+
+
+@pytest.mark.parametrize("name", ["conv-maml", "conv-anil", "conv-metasgd", "sine"])
+def test_a_lone_session_predict_with_its_batch_of_one_views_equals_the_stacked_one(model_dir, name):
+    """``Job.session_batch`` (``Session.batch_of_one``: the session's tensors as [1, ...] views, made once)
+    is what a batch of one computes with instead of stacking: the same results, traced, scripted or eager."""
+    from service.engine import Engine
+    from service.registry import ModelRegistry
+    from service.sessions import Session
+
+    model = ModelRegistry.load(model_dir, "cpu").get(name)
+    engine = Engine(max_batch_size=8)
+    session = Session("s", name, None, 0.0, 1e9, engine._compute(_jobs(model, 1, 3, "adapt"))[0]["tensors"])
+    views = session.batch_of_one("cpu")
+    assert views is session.batch_of_one("cpu")  # made once
+    assert all(views[n].shape == (1, *t.shape) and views[n].data_ptr() == t.data_ptr() for n, t in session.tensors.items())
+    for round_ in range(6):  # eager, then traced (the fast kernels) or, once compiled, scripted (the generic path)
+        if round_ == 3:
+            assert engine._scripts.wait(120), "compilation did not finish"
+        job = _jobs(model, 1, 50 + round_, "predict", [session.tensors])[0]
+        with_views = dataclasses.replace(job, session_batch=views)
+        got, want = engine._compute([with_views])[0], engine._compute([job])[0]
+        assert got["predictions"] == want["predictions"]
+        if "probabilities" in want:
+            assert got["probabilities"] == want["probabilities"]
+    replays = engine.script_stats()["replays"] if name in ("conv-metasgd", "sine") else engine.trace_stats()["replays"]
+    assert replays >= 4 and engine.script_stats()["failures"] == 0

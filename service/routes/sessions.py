@@ -34,7 +34,8 @@ async def predict_session(request: Request, session_id: str, body: SessionPredic
         raise Problem(404, "Unknown session", f"the session's model {session.model!r} is no longer served in that version; adapt again")
     x = await maybe_offload(uses_images(body.x), decode_inputs, body.x, "x", model.input_shape, model.preprocessing, state.settings.max_query)
     started = time.perf_counter()
-    result = check_finite(await state.engine.submit(Job("predict", model, query_x=x, session=session.tensors, transductive=body.transductive)))
+    job = Job("predict", model, query_x=x, session=session.tensors, session_batch=session.batch_of_one(model.device), transductive=body.transductive)
+    result = check_finite(await state.engine.submit(job))
     return PredictResponse(
         model=model.name,
         predictions=result["predictions"],
