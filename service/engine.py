@@ -113,7 +113,8 @@ class Job:
     query_x: torch.Tensor | None = None
     transductive: bool = False
     session: dict[str, torch.Tensor] | None = None
-    session_batch: dict[str, torch.Tensor] | None = None  # the same as [1, ...] views (Session.batch_of_one), used by a batch of one
+    # A batch of one takes the session's tensors from this, as [1, ...] views (Session.batch_of_one), instead of stacking them
+    session_batch: Callable[[], dict[str, torch.Tensor]] | None = None
     keep_session: bool = True
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     enqueued: float = 0.0
@@ -592,7 +593,8 @@ class Engine:
         names = sorted(first.session)
         inputs = [torch.stack([j.query_x for j in batch]).to(device, non_blocking=True)]
         if count == 1 and first.session_batch is not None:
-            inputs += [first.session_batch[n] for n in names]
+            views = first.session_batch()
+            inputs += [views[n] for n in names]
         else:
             inputs += [torch.stack([j.session[n].to(device) for j in batch]) for n in names]
         compute, replay = self._predict_kernel(model, first, names, rows)

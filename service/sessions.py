@@ -42,8 +42,9 @@ class Session:
 
     def batch_of_one(self, device: str | torch.device) -> dict[str, torch.Tensor]:
         """The tensors as ``[1, ...]`` views on ``device``, made once per session object: a lone
-        prediction hands them to the engine as they are, where stacking a session's 26 tensors
-        took 70 us of a 1.5 ms request (the in-memory store keeps the object between requests)."""
+        prediction computes with them as they are, where stacking a session's 26 tensors took 70 us
+        of a 1.5 ms request (the in-memory store keeps the object between requests; two workers
+        making them at once make the same views)."""
         if self._batch_of_one is None or self._batch_of_one[0] != str(device):
             self._batch_of_one = (str(device), {name: t.to(device).unsqueeze(0) for name, t in self.tensors.items()})
         return self._batch_of_one[1]

@@ -775,7 +775,7 @@ def test_a_lone_session_predict_with_its_batch_of_one_views_equals_the_stacked_o
         if round_ == 3:
             assert engine._scripts.wait(120), "compilation did not finish"
         job = _jobs(model, 1, 50 + round_, "predict", [session.tensors])[0]
-        with_views = dataclasses.replace(job, session_batch=views)
+        with_views = dataclasses.replace(job, session_batch=lambda: views)
         got, want = engine._compute([with_views])[0], engine._compute([job])[0]
         assert got["predictions"] == want["predictions"]
         if "probabilities" in want:
