@@ -38,7 +38,7 @@ class Session:
     expires: float
     tensors: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)
-    _batch_of_one: tuple[str, dict[str, torch.Tensor]] | None = field(default=None, repr=False, compare=False)
+    _batch_of_one: tuple[str, dict[str, torch.Tensor]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def batch_of_one(self, device: str | torch.device) -> dict[str, torch.Tensor]:
         """The tensors as ``[1, ...]`` views on ``device``, made once per session object: a lone
