@@ -205,9 +205,9 @@ class Engine:
     # ------------------------------------------------------------------
     def load_compiler(self, models) -> None:
         """Load the recording machinery now if any of ``models`` will have computations compiled
-        (``service.cpu_scripts.load_recorder``): on the CPU with scripts on, every model but ANIL's
-        traced kernel."""
-        if any(self._scripting(m) and not getattr(self._fast(m), "traceable_adapt", False) for m in models):
+        (``service.cpu_scripts.load_recorder``): on the CPU with scripts on, any model whose adaptation
+        is compiled (every one but ANIL's traced kernel; a model whose predictions are compiled is one)."""
+        if any(self._scripting(m) and self._adapt_replay(m) == "script" for m in models):
             load_recorder()
 
     def start(self) -> None:
@@ -581,7 +581,13 @@ class Engine:
             tensors = [*stacked.params.values(), stacked.support_loss_before, stacked.support_loss_after]
             return stacked, outputs, _finite_rows(tensors + ([] if outputs is None else [outputs]))
 
-        return compute, "trace" if fast is not None and fast.traceable_adapt else "script"
+        return compute, self._adapt_replay(model)
+
+    def _adapt_replay(self, model) -> str:
+        """How the CPU may replay ``model``'s adaptations (see _graphed): a trace when the fast kernel takes
+        no gradients, else a script."""
+        fast = self._fast(model)
+        return "trace" if fast is not None and fast.traceable_adapt else "script"
 
     def _predict(self, batch: list[Job]) -> list[dict]:
         model = batch[0].model

@@ -123,14 +123,16 @@ def _array_from(value: Any, where: str, list_dtype: torch.dtype, expected: str) 
     raise invalid(f"{where}: expected {expected}")
 
 
-def _check_finite(array: np.ndarray, where: str) -> None:
+def _finite_float32(array: np.ndarray, where: str) -> torch.Tensor:
+    """``array`` as a contiguous float32 tensor of its own, checked for NaN and infinities after the cast
+    (a float64 value beyond float32's range becomes inf). Copied only when it must be: a base64 array
+    is a read-only view of the request's bytes."""
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if not array.flags.writeable:
+        array = array.copy()
     if not np.isfinite(array).all():
         raise invalid(f"{where}: contains NaN or infinite values", title="Non-finite values")
-
-
-def _float32_tensor(array: np.ndarray) -> torch.Tensor:
-    """A float32 tensor owning a contiguous copy of ``array`` (a base64 array is a read-only view of the request's bytes)."""
-    return torch.from_numpy(np.array(array, dtype=np.float32, order="C", copy=True))
+    return torch.from_numpy(array)
 
 
 def decode_inputs(value: Any, where: str, input_shape: tuple[int, ...], preprocessing: dict | None, max_count: int) -> torch.Tensor:
@@ -151,9 +153,7 @@ def decode_inputs(value: Any, where: str, input_shape: tuple[int, ...], preproce
         raise invalid(f"{where}: no examples (N = 0)", title="Empty input")
     if count > max_count:
         raise Problem(422, "Too many examples", f"{where}: {count} examples, the limit is {max_count}")
-    tensor = _float32_tensor(array)
-    _check_finite(tensor.numpy(), where)  # after the cast: a float64 value beyond float32's range becomes inf
-    return tensor
+    return _finite_float32(array, where)
 
 
 def decode_labels(value: Any, where: str, count: int, n_way: int) -> torch.Tensor:
@@ -163,7 +163,7 @@ def decode_labels(value: Any, where: str, count: int, n_way: int) -> torch.Tenso
         raise invalid(f"{where}: expected a flat list of {count} class indices, got shape {list(array.shape)}", title="Wrong tensor shape")
     if array.shape[0] != count:
         raise invalid(f"{where}: {array.shape[0]} labels for {count} inputs", title="Wrong tensor shape")
-    as_float = array.astype(np.float64)
+    as_float = array.astype(np.float64, copy=False)
     if not np.isfinite(as_float).all() or not np.array_equal(as_float, np.round(as_float)):
         raise invalid(f"{where}: labels must be integer class indices", title="Invalid labels")
     outside = (as_float < 0) | (as_float >= n_way)
@@ -184,6 +184,4 @@ def decode_targets(value: Any, where: str, count: int, out_features: int) -> tor
         array = array[:, None]
     if array.ndim != 2 or array.shape[1] != out_features or array.shape[0] != count:
         raise invalid(f"{where}: expected targets of shape [{count}, {out_features}], got {list(array.shape)}", title="Wrong tensor shape")
-    tensor = _float32_tensor(array)
-    _check_finite(tensor.numpy(), where)
-    return tensor
+    return _finite_float32(array, where)

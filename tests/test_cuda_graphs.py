@@ -751,14 +751,6 @@ def test_the_recording_machinery_is_loaded_at_start_only_for_models_that_compile
     assert loads == [1, 1]
 
 
-def test_load_recorder_runs_and_later_recordings_work():
-    from service.cpu_scripts import load_recorder, script
-
-    load_recorder()  # runs without error; then a real recording reuses the machinery
-    function, rebuild = script(lambda x: (x * 2,), (torch.ones(3),))
-    assert torch.equal(rebuild(iter(function(torch.arange(3.0))))[0], torch.arange(3.0) * 2)
-
-
 @pytest.mark.parametrize("name", ["conv-maml", "conv-anil", "conv-metasgd", "sine"])
 def test_a_lone_session_predict_with_its_batch_of_one_views_equals_the_stacked_one(model_dir, name):
     """``Job.session_batch`` (``Session.batch_of_one``: the session's tensors as [1, ...] views, made once)

@@ -45,15 +45,12 @@ from pydantic import BaseModel, ValidationError
 from service.problems import Problem
 from service.routes.deps import caller, owner
 
-JSON_TYPES = ("application/json",)
-
-
 def _is_json(content_type: str | None) -> bool:
     """No content type (curl's ``--data-binary`` without a header) is read as JSON; a declared one must be JSON."""
     if not content_type:
         return True
     media = content_type.split(";", 1)[0].strip().lower()
-    return media in JSON_TYPES or media.endswith("+json")
+    return media == "application/json" or media.endswith("+json")
 
 
 async def _read_body(request: Request, model: type[BaseModel]) -> BaseModel:
