@@ -98,8 +98,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         errors = exc.errors()
-        if any(e.get("type") == "json_invalid" for e in errors):
-            problem = Problem(400, "Malformed JSON", "the request body is not valid JSON")
+        broken = next((e for e in errors if e.get("type") == "json_invalid"), None)
+        if broken is not None:
+            # The parser's own words say where ("... at line 1 column 5") and why (nesting too deep, say).
+            reason = str(broken.get("ctx", {}).get("error") or "").strip()
+            problem = Problem(400, "Malformed JSON", "the request body is not valid JSON" + (f": {reason}" if reason else ""))
             return problem_response(problem, request.url.path)
         parts, simple = [], []
         for e in errors[:20]:

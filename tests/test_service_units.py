@@ -397,7 +397,10 @@ def test_json_routes_answer_like_fastapi(tmp_path):
         # No body: 422, as FastAPI answers. Not JSON: 400; JSON that does not fit the model: 422 naming the field.
         response = client.post("/v1/sessions/abc/predict", headers=key)
         assert response.status_code == 422 and response.json()["detail"] == "body: Field required"
-        assert client.post("/v1/sessions/abc/predict", content=b"{not json", headers={**key, "content-type": "application/json"}).status_code == 400
+        response = client.post("/v1/sessions/abc/predict", content=b"{not json", headers={**key, "content-type": "application/json"})
+        assert response.status_code == 400 and response.json()["detail"].endswith("at line 1 column 2")  # says where it breaks
+        response = client.post("/v1/sessions/abc/predict", content=b"[" * 300 + b"]" * 300, headers=key)
+        assert response.status_code == 400 and "recursion limit exceeded" in response.json()["detail"]  # and why, when too deep
         response = client.post("/v1/sessions/abc/predict", json={"x": [[0.5]], "transductive": "maybe"}, headers=key)
         assert response.status_code == 422 and "transductive" in response.json()["detail"]
         assert response.json()["errors"][0]["loc"] == ["body", "transductive"]
