@@ -3,6 +3,7 @@
     python bench/experiments/latency_split.py                                   # MAML session predicts
     python bench/experiments/latency_split.py --model anil --mode stateless
     python bench/experiments/latency_split.py --server "" --server METALEARN_WORKERS=1 --server METALEARN_CPU_TRACES=0
+    python bench/experiments/latency_split.py --server "" --server CPUS=0      # the second server on core 0 alone
 
 Starts one service per ``--server`` (comma-separated NAME=VALUE settings; ""
 for the defaults) as ``bench/service_bench.py`` does, then sends requests one at
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -86,7 +88,12 @@ def main() -> None:
     try:
         for config in configs:
             settings = dict(item.split("=", 1) for item in config.split(",") if item)
+            cpus = settings.pop("CPUS", None)
             servers.append(sb.start_server("service", model_dir, 1, work, 0, settings=settings))
+            if cpus:  # every thread of the server on these cores (threads it starts later inherit it)
+                pid = servers[-1][0].pid
+                for thread in os.listdir(f"/proc/{pid}/task"):
+                    os.sched_setaffinity(int(thread), {int(cpu) for cpu in cpus.split("+")})
         requests = [sb.build_requests(batch, args.model, port, args.mode, 2) for _, port in servers]
         for (_, port), sent in zip(servers, requests):  # traces captured, background compilations done
             sb.warm_up(port, sent)

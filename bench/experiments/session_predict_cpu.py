@@ -1,4 +1,4 @@
-"""A lone MAML session predict on the CPU, in process: how much an idle core costs, and two ideas that did not pay.
+"""A lone MAML session predict on the CPU, in process: how much an idle core costs, and ideas that did not pay.
 
     python bench/experiments/session_predict_cpu.py
 
@@ -14,6 +14,15 @@ each with one and with two torch threads. It then times the first block's
 window columns (5 images) as ``F.unfold`` does them (``metalearn.first_block``)
 against one strided copy of the padded input, the alternative tried.
 
+Then three ideas measured and not kept: spreading a lone request's 5 queries
+over two idle worker threads (3 + 2 images, handed to sleeping threads and
+gathered as the engine's workers would be: each query's prediction is
+independent of the others'), after the engine's computation for 5, 3 and 2
+images; blocks 3 and 4's convolutions computing only the outputs their
+flooring 2x2 max-pool keeps (the input padded on the top and left only); and
+block 4's convolution (3x3 outputs, pooled to 1x1) as one matrix product of
+the four positions the pool keeps.
+
 In the server, lone session predicts compute in 1.1-1.3 ms
 (``bench/experiments/latency_split.py``); the idle-core rows show where most of
 the difference from the hot in-process time goes.
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +46,7 @@ from engine_graphs import demo_registry, jobs_for  # noqa: E402
 import metalearn  # noqa: E402
 from metalearn.first_block import conv_output_size, window_columns  # noqa: E402
 from service.engine import Engine  # noqa: E402
+from service.sessions import Session  # noqa: E402
 
 
 def median_us(fn, calls: int = 300, sleep_s: float = 0.0, touch: torch.Tensor | None = None) -> float:
@@ -97,6 +108,104 @@ def main() -> None:
         assert torch.equal(strided_columns(x, conv), window_columns(x, conv).cols)
         print(f"# first block's window columns, 5 images: F.unfold {median_us(lambda: window_columns(x, conv)):.0f} us, "
               f"one strided copy {median_us(lambda: strided_columns(x, conv)):.0f} us")
+        split_over_two_threads(model, session)
+        pooled_outputs_only()
+
+
+class SleepingWorker(threading.Thread):
+    """Computes the jobs it is handed, asleep on a condition in between (as the engine's workers wait)."""
+
+    def __init__(self, engine: Engine):
+        super().__init__(daemon=True)
+        self.engine, self.ready, self.work = engine, threading.Condition(), None
+
+    def run(self) -> None:
+        torch.set_num_threads(1)
+        while True:
+            with self.ready:
+                while self.work is None:
+                    self.ready.wait()
+                (jobs, done), self.work = self.work, None
+            with torch.no_grad():
+                self.engine._compute(jobs)
+            done()
+
+    def hand(self, jobs, done) -> None:
+        with self.ready:
+            self.work = (jobs, done)
+            self.ready.notify()
+
+
+def split_over_two_threads(model, session_tensors: dict) -> None:
+    session = Session("s", model.name, None, 0.0, float("inf"), session_tensors)
+
+    def job(first: int, end: int) -> list:
+        (one,) = jobs_for(model, 1, "session", seed=2, sessions=[session_tensors])
+        one.query_x = one.query_x[first:end]
+        one.session_batch = lambda: session.batch_of_one("cpu")
+        return [one]
+
+    computing = Engine(threads=1, cpu_traces=24, cpu_scripts=0)
+    for count in (5, 3, 2):
+        jobs = job(0, count)
+        with torch.no_grad():
+            for _ in range(5):
+                computing._compute(jobs)
+            print(f"# engine computation, {count} queries: {median_us(lambda: computing._compute(jobs)) / 1000:.3f} ms")
+    workers = [SleepingWorker(Engine(threads=1, cpu_traces=24, cpu_scripts=0)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    plans = {"one thread, 5 queries": [job(0, 5)], "two threads, 3 + 2 queries": [job(0, 3), job(3, 5)]}
+
+    def run(parts: list) -> None:
+        finished, left, lock = threading.Event(), [len(parts)], threading.Lock()
+
+        def done() -> None:
+            with lock:
+                left[0] -= 1
+                if not left[0]:
+                    finished.set()
+
+        for worker, jobs in zip(workers, parts):
+            worker.hand(jobs, done)
+        finished.wait()
+
+    times: dict[str, list[float]] = {name: [] for name in plans}
+    for _ in range(20):  # traces
+        for parts in plans.values():
+            run(parts)
+    for _ in range(6):  # interleaved blocks, the threads asleep between requests as between a lone client's
+        for name, parts in plans.items():
+            times[name].append(median_us(lambda: run(parts), calls=200, sleep_s=0.0005))
+    print("# a lone session predict handed to sleeping threads, to the last answer: "
+          + "  ".join(f"{name} {statistics.median(t) / 1000:.3f} ms" for name, t in times.items()))
+
+
+def pooled_outputs_only() -> None:
+    line = []
+    for side in (7, 3):  # blocks 3 and 4 of Conv4 on 28x28 images
+        x = torch.rand(5, 64, side, side).contiguous(memory_format=torch.channels_last)
+        weight = torch.rand(64, 64, 3, 3).contiguous(memory_format=torch.channels_last)
+        bias = torch.rand(64)
+
+        def every_output():
+            return F.max_pool2d(F.conv2d(x, weight, bias, padding=1), 2)
+
+        def pooled_only():  # the pool floors: the last row and column of outputs are never read
+            return F.max_pool2d(F.conv2d(F.pad(x, (1, 0, 1, 0)), weight, bias), 2)
+
+        torch.testing.assert_close(pooled_only(), every_output())
+        line.append(f"{side}x{side}: every output {median_us(every_output):.0f} us, pooled outputs only {median_us(pooled_only):.0f} us")
+    columns_weight = weight.permute(2, 3, 1, 0).reshape(9 * 64, 64).contiguous()
+
+    def as_matmul():  # the four kept positions' windows [4 * 5, 9 * 64] times the weight, then their maximum
+        windows = F.pad(x, (1, 0, 1, 0)).permute(0, 2, 3, 1).unfold(1, 3, 1).unfold(2, 3, 1)  # [5, 2, 2, C, 3, 3]
+        windows = windows.permute(1, 2, 0, 4, 5, 3).reshape(20, 9 * 64)
+        return torch.addmm(bias, windows, columns_weight).view(4, 5, 64).amax(0).view(5, 64, 1, 1)
+
+    torch.testing.assert_close(as_matmul(), F.max_pool2d(F.conv2d(x, weight, bias, padding=1), 2))
+    line.append(f"3x3 as one matrix product {median_us(as_matmul):.0f} us")
+    print("# one thread, 5 images, 64 channels: " + "; ".join(line))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+"""The documentation stays true to the code: every service setting is in the README's table, and every
+relative link in the README and ``docs/`` reaches a file (and, with ``#anchor``, one of its headings)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def anchors(markdown: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation other than ``-`` and ``_`` dropped, spaces to ``-``."""
+    found = set()
+    for line in markdown.read_text().splitlines():
+        heading = re.match(r"#{1,6} (.+)", line)
+        if heading:
+            found.add(re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-"))
+    return found
+
+
+def test_every_setting_is_in_the_readme_table():
+    rows = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `METALEARN_")]
+    documented = set(re.findall(r"`METALEARN_([A-Z0-9_]+)`", "\n".join(rows)))
+    assert documented, "the README's settings table was not found"
+    assert {name.upper() for name in Settings.model_fields} - documented == set()
+    assert documented - {name.upper() for name in Settings.model_fields} == set()  # no row for a setting that is gone
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: p.name)
+def test_relative_links_reach_their_target(document):
+    for target in LINK.findall(document.read_text()):
+        if re.match(r"[a-z]+://", target) or target.startswith("mailto:"):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (document.parent / path).resolve() if path else document
+        assert linked.exists(), f"{document.name}: link to missing {path}"
+        if anchor:
+            assert anchor in anchors(linked), f"{document.name}: no heading #{anchor} in {linked.name}"
