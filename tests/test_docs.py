@@ -3,6 +3,7 @@ relative link in the README and ``docs/`` reaches a file (and, with ``#anchor``,
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -43,3 +44,14 @@ def test_relative_links_reach_their_target(document):
         assert linked.exists(), f"{document.name}: link to missing {path}"
         if anchor:
             assert anchor in anchors(linked), f"{document.name}: no heading #{anchor} in {linked.name}"
+
+
+def test_the_readme_library_example_runs():
+    """The README's first example, as a newcomer pastes it, with 2 meta-steps of 4 tasks instead of 1000 of 32."""
+    example = re.search(r"## The library\n\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    shortened = example.replace("range(1000)", "range(2)").replace(".sample(32,", ".sample(4,")
+    assert shortened.count("range(2)") == 1 and shortened.count(".sample(4,") == 1, "the example changed: update this test"
+    namespace: dict = {}
+    exec(compile(shortened, "README.md", "exec"), namespace)
+    assert namespace["logits"].shape == (75, 5)  # 5-way, 15 queries per class
+    assert math.isfinite(namespace["result"].loss) and 0.0 <= namespace["result"].accuracy <= 1.0
