@@ -69,6 +69,36 @@ def flatten(value: Any) -> tuple[list[torch.Tensor], Rebuild]:
     return [], lambda leaves: value
 
 
+# Operations whose output shape follows from tensor values, not shapes: a graph with one keeps its size reads.
+_VALUE_SHAPED = {
+    "aten::nonzero", "aten::nonzero_numpy", "aten::argwhere", "aten::masked_select", "aten::index", "aten::bincount",
+    "aten::unique", "aten::_unique", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::repeat_interleave",
+}
+
+
+def fixed_shapes(graph: torch._C.Graph) -> torch._C.Graph:
+    """A copy of ``graph`` in which every size read is the size seen while tracing, the shape arithmetic on
+    them folded away: the tracer records ``x.shape[0] * C`` as operations so that a trace generalises to
+    other shapes, which these traces never meet (a trace is replayed only on inputs of the shapes in its
+    key). A third of a Conv4 session predict's operations, 5% of its replay. A graph in which a shape
+    follows from tensor values (``nonzero``, ``one_hot`` of unknown width, ...) is returned unchanged."""
+    fixed = graph.copy()
+    for node in fixed.findAllNodes("aten::size"):
+        tensor, *dim = node.inputs()
+        sizes = tensor.type().sizes() if isinstance(tensor.type(), torch._C.TensorType) else None
+        if sizes is None or None in sizes or (dim and dim[0].toIValue() is None):
+            continue
+        fixed.setInsertPoint(node)
+        node.output().replaceAllUsesWith(fixed.insertConstant(sizes[dim[0].toIValue()] if dim else list(sizes)))
+    fixed.setInsertPoint(fixed.return_node())  # back to the end, where a graph inserts by default
+    torch._C._jit_pass_constant_propagation(fixed)
+    torch._C._jit_pass_dce(fixed)
+    value_shaped = any(fixed.findAllNodes(kind) for kind in _VALUE_SHAPED) or any(
+        not isinstance(node.inputsAt(1).toIValue(), int) or node.inputsAt(1).toIValue() < 0 for node in fixed.findAllNodes("aten::one_hot")
+    )
+    return graph if value_shaped else fixed
+
+
 class _Trace:
     __slots__ = ("function", "unit", "rebuild", "owner")
 
@@ -112,6 +142,7 @@ class TraceCache(GraphCache):
             # in place or drop it early, which only decides whether TracerWarnings are shown.)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             graph, _ = _get_trace_graph(flat, inputs)
+        graph = fixed_shapes(graph)
         unit = torch._C.CompilationUnit()
         function = unit.create_function("compute", graph)
         for _ in range(self.warmup):  # TorchScript profiles the first runs and optimises the graph after them

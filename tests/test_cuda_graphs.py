@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from service import cuda_graphs
-from service.cpu_traces import TraceCache, flatten
+from service.cpu_traces import TraceCache, fixed_shapes, flatten
 from service.cuda_graphs import GraphCache, bucket, pad_rows
 
 
@@ -354,6 +354,50 @@ def test_traces_stay_out_of_torchscripts_global_compilation_unit():
         cache.run((key,), nested, (x, x))
     assert cache.captures == 4 and len(cache) == 1
     assert len(global_unit.get_functions()) == before
+
+
+def _traced_graph(fn, *inputs):
+    from torch.jit._trace import _get_trace_graph
+
+    graph, _ = _get_trace_graph(fn, inputs)
+    return graph
+
+
+def _run(graph, *inputs):
+    unit = torch._C.CompilationUnit()
+    return unit.create_function("compute", graph)(*inputs)
+
+
+def test_a_trace_reads_no_sizes_unless_a_shape_follows_from_values():
+    """The tracer records shape arithmetic (``x.shape[0] * x.shape[1]``) as operations, so that a trace
+    could run on other shapes; the engine replays a trace only on its key's shapes, and ``fixed_shapes``
+    folds that arithmetic to the traced sizes. Where a shape follows from tensor values, nothing changes."""
+    import torch.nn.functional as F
+
+    def shaped(x):
+        rows = x.reshape(x.shape[0] * x.shape[1], -1)
+        return rows.sum(0) / rows.shape[0], F.one_hot(x.argmax(-1), x.shape[-1])
+
+    x = torch.randn(3, 4, 5)
+    graph = _traced_graph(shaped, x)
+    fixed = fixed_shapes(graph)
+    assert graph.findAllNodes("aten::size") and not fixed.findAllNodes("aten::size")  # the original is left as it was
+    assert not any(fixed.findAllNodes(kind) for kind in ("prim::NumToTensor", "aten::Int", "prim::ListConstruct"))  # the arithmetic folded
+    assert len(list(fixed.nodes())) < len(list(graph.nodes()))
+    other = torch.randn(3, 4, 5)  # other values, the traced shape
+    for got, want in zip(_run(fixed, other), shaped(other)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    def value_shaped(x):  # how many elements are positive decides the shape
+        positive = x[x > 0]
+        return positive * positive.shape[0]
+
+    def unknown_width(x):  # one_hot's width is the largest label + 1
+        return F.one_hot(x.argmax(-1)) * x.shape[0]
+
+    for fn in (value_shaped, unknown_width):
+        graph = _traced_graph(fn, x)
+        assert fixed_shapes(graph) is graph
 
 
 @pytest.mark.parametrize("name,traced_kinds", [
