@@ -30,6 +30,22 @@ from metalearn import Conv4, MetaConfig, MetaLearner  # noqa: E402
 from metalearn.checkpoint import save_checkpoint  # noqa: E402
 from service.engine import Engine, Job  # noqa: E402
 from service.registry import ModelRegistry  # noqa: E402
+from service.sessions import Session  # noqa: E402
+
+
+def median_us(fn, calls: int = 300, sleep_s: float = 0.0, touch: torch.Tensor | None = None) -> float:
+    """Median microseconds of ``calls`` calls of ``fn``; each after ``sleep_s`` asleep and ``touch`` (a tensor
+    standing for other work's memory traffic) incremented, when given."""
+    times = []
+    for _ in range(calls):
+        if sleep_s:
+            time.sleep(sleep_s)
+        if touch is not None:
+            touch.add_(1)
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(times)
 
 
 def demo_registry(algorithms, device: str) -> ModelRegistry:
@@ -43,12 +59,16 @@ def demo_registry(algorithms, device: str) -> ModelRegistry:
 
 
 def jobs_for(model, rows: int, mode: str, seed: int, sessions: list[dict] | None = None) -> list[Job]:
+    """``rows`` requests for ``model``: adapt-and-predict (``predict``), adapt and keep (``adapt``), or
+    predictions with ``sessions``' tensors (``session``), each held as the service's store holds it."""
     g = torch.Generator().manual_seed(seed)
+    held = [Session(f"s{i}", model.name, None, 0.0, float("inf"), tensors) for i, tensors in enumerate(sessions or [])]
     jobs = []
     for i in range(rows):
         query = torch.rand(5, 1, 28, 28, generator=g)
         if mode == "session":
-            jobs.append(Job("predict", model, query_x=query, session=sessions[i % len(sessions)]))
+            session = held[i % len(held)]
+            jobs.append(Job("predict", model, query_x=query, session=session.tensors, session_prepared=session.prepared))
         else:
             support = torch.rand(5, 1, 28, 28, generator=g)
             jobs.append(Job("adapt", model, support_x=support, support_y=torch.arange(5), steps=10, lr=None,

@@ -375,7 +375,6 @@ def build_requests(batch, model: str, port: int, mode: str, count: int) -> list[
 # FLOPs and the machine's matmul rate
 # ---------------------------------------------------------------------------
 def request_flops(model_dir: Path, batch) -> dict:
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from metalearn.adaptation import adapt, predict

@@ -190,6 +190,17 @@ def _pooled_max(weight: torch.Tensor, cols: torch.Tensor, channels_last: bool) -
     return out.view(*lead, *out.shape[1:])
 
 
+def pooled_product(weight: torch.Tensor, columns: WindowColumns, channels_last: bool = False) -> torch.Tensor:
+    """The max over each 2x2 window of ``weight`` ``[..., C, K]`` times the columns: ``[..., C, M]``, or
+    ``[..., M, C]`` with ``channels_last``. Without autograd, on the CPU, in cache-sized chunks; not inside
+    torch.func transforms (of the weights or the inputs: the chunks are written with out=, which they do
+    not support), nor on a GPU (many small kernels where one large one runs well)."""
+    recorded = torch.is_grad_enabled() and weight.requires_grad
+    if recorded or columns.cols.device.type != "cpu" or transformed(columns.cols) or transformed(weight):
+        return _PooledProduct.apply(weight, columns.cols, channels_last)[0]
+    return _pooled_max(weight, columns.cols, channels_last)
+
+
 def _gram_statistics(columns: WindowColumns, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and (biased) variance over all columns of ``weight @ cols``, per channel ``[..., C]``, from the
     columns' Gram matrix (float64)."""
@@ -225,14 +236,7 @@ def first_block(
     columns = x if isinstance(x, WindowColumns) else window_columns(x, conv)
     sign = torch.where(gamma < 0, -1.0, 1.0).to(gamma.dtype)  # a constant: no gradient flows through it
     signed_weight = weight.flatten(-3) * sign.unsqueeze(-1)
-    # max over each window of sign * (W cols). Without autograd, on the CPU, in cache-sized chunks;
-    # not inside torch.func transforms (of the weights or the inputs: the chunks are written with
-    # out=, which they do not support), nor on a GPU (many small kernels where one large one runs well).
-    recorded = torch.is_grad_enabled() and signed_weight.requires_grad
-    if recorded or columns.cols.device.type != "cpu" or transformed(columns.cols) or transformed(signed_weight):
-        pooled, _ = _PooledProduct.apply(signed_weight, columns.cols, channels_last)
-    else:
-        pooled = _pooled_max(signed_weight, columns.cols, channels_last)
+    pooled = pooled_product(signed_weight, columns, channels_last)  # max over each window of sign * (W cols)
     bias = torch.zeros_like(gamma) if bias is None else bias
     if stats is None:
         signed_mean, var = _gram_statistics(columns, signed_weight)

@@ -50,7 +50,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import torch
 
@@ -113,8 +113,9 @@ class Job:
     query_x: torch.Tensor | None = None
     transductive: bool = False
     session: dict[str, torch.Tensor] | None = None
-    # A batch of one takes the session's tensors from this, as [1, ...] views (Session.batch_of_one), instead of stacking them
-    session_batch: Callable[[], dict[str, torch.Tensor]] | None = None
+    # Session.prepared: what the worker derives from the session for predictions (views, a kernel's
+    # constants), made once per session object instead of once per request
+    session_prepared: Callable[[Hashable, Callable[[dict], dict]], dict[str, torch.Tensor]] | None = None
     keep_session: bool = True
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     enqueued: float = 0.0
@@ -596,13 +597,11 @@ class Engine:
         count = len(batch)
         graphs = self._graphs(device)
         rows = self._rows(graphs, count)
-        names = sorted(first.session)
+        key, make = self._session_inputs(model, first.transductive)
+        sessions = [make(j.session) if j.session_prepared is None else j.session_prepared(key, make) for j in batch]
+        names = sorted(sessions[0])
         inputs = [torch.stack([j.query_x for j in batch]).to(device, non_blocking=True)]
-        if count == 1 and first.session_batch is not None:
-            views = first.session_batch()
-            inputs += [views[n] for n in names]
-        else:
-            inputs += [torch.stack([j.session[n].to(device) for j in batch]) for n in names]
+        inputs += [sessions[0][n] if count == 1 else torch.cat([s[n] for s in sessions]) for n in names]
         compute, replay = self._predict_kernel(model, first, names, rows)
         record = self._recording(model, partial(self._predict_kernel, model, first, names))
         outputs, finite = self._graphed(graphs, batch, compute, replay, inputs, rows, record)
@@ -610,19 +609,43 @@ class Engine:
         decoded = self._decode_outputs(model, outputs[:count])
         return [{k: v[i] for k, v in decoded.items()} if finite[i] else {"diverged": True} for i in range(count)]
 
+    def _preparing(self, model, transductive: bool):
+        """The fast kernel whose predictions compute with constants it prepares from a session
+        (FastFull.prepare: with the session's BatchNorm statistics, not the queries'), else None."""
+        fast = self._fast(model)
+        return fast if not transductive and hasattr(fast, "prepare") else None
+
+    def _session_inputs(self, model, transductive: bool) -> tuple[Hashable, Callable[[dict], dict]]:
+        """How a prediction's session becomes its inputs, for ``Session.prepared(key, make)``: ``make(tensors)``
+        -> ``{name: [1, ...] tensor}`` on the model's device: views of the session's tensors, or the constants
+        the kernel prepares from them."""
+        device = model.device
+
+        def views(tensors: dict) -> dict:
+            return {name: t.to(device).unsqueeze(0) for name, t in tensors.items()}
+
+        preparing = self._preparing(model, transductive)
+        if preparing is None:
+            return ("views", str(device)), views
+        return ("prepared", str(device)), lambda tensors: preparing.prepare(adaptation_from_tensors(views(tensors)))
+
     def _predict_kernel(self, model, first: Job, names: list[str], rows: int, learner=None) -> tuple[Callable, str | None]:
-        """``compute(query_x, *session tensors in names' order)`` for ``rows`` stacked session predictions
-        like ``first``: -> (outputs, per-row all-finite mask). Only tensor work (graphable). With it, how
-        the CPU may replay it (see _graphed): the fast kernels' predictions are tensor operations alone
-        (a trace); the generic path's go through a script. ``learner`` as for _adapt_kernel."""
+        """``compute(query_x, *session inputs in names' order)`` for ``rows`` stacked session predictions
+        like ``first`` (see _session_inputs): -> (outputs, per-row all-finite mask). Only tensor work
+        (graphable). With it, how the CPU may replay it (see _graphed): the fast kernels' predictions are
+        tensor operations alone (a trace); the generic path's go through a script. ``learner`` as for
+        _adapt_kernel."""
         transductive = first.transductive
         fast = self._fast(model)
+        preparing = self._preparing(model, transductive)
         if fast is None and learner is None:
             learner = self._learner(model)
 
         def compute(qx, *session):
             tensors = dict(zip(names, session))
-            if fast is not None:
+            if preparing is not None:
+                outputs = preparing.predict_prepared(tensors, qx)
+            elif fast is not None:
                 outputs = fast.predict(adaptation_from_tensors(tensors), qx, transductive=transductive)
             elif rows == 1:
                 adaptation = adaptation_from_tensors({n: t[0] for n, t in tensors.items()})

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metalearn.adaptation import Adaptation
-from metalearn.first_block import WindowColumns, first_block, fuses, window_columns
+from metalearn.first_block import WindowColumns, first_block, fuses, pooled_product, window_columns
 from metalearn.models import BatchNorm, batch_moments
 
 
@@ -251,12 +251,14 @@ class FastFull:
         self.names = list(learner.adapt_names)
         self.params = {n: p.detach() for n, p in learner.model.named_parameters()}
 
-    def forward(self, P: dict, x: torch.Tensor | WindowColumns, stats: dict | None = None, record: bool = False):
+    def forward(self, P: dict, x: torch.Tensor | WindowColumns, record: bool = False):
+        """Logits ``[R, N, out]`` with parameters ``P`` (each ``[R, ...]``), BatchNorm on each request's batch
+        statistics (recorded with ``record``, as ``BatchNorm`` does), and the recorded statistics."""
         recorded = {}
         blocks = self.blocks
         if isinstance(x, WindowColumns):
             R, N = x.cols.shape[0], x.images
-            h = _grouped_layout(_first_block(x, P, *blocks[0], stats, record, recorded, channels_last=True))
+            h = _grouped_layout(_first_block(x, P, *blocks[0], None, record, recorded, channels_last=True))
             blocks = blocks[1:]
         else:
             R, N = x.shape[:2]
@@ -266,16 +268,13 @@ class FastFull:
             h = h.contiguous(memory_format=torch.channels_last)
             C = h.shape[1] // R
             weight, bias = P[bn_name + ".weight"].reshape(R * C), P[bn_name + ".bias"].reshape(R * C)
-            if stats is None and not record:
+            if not record:
                 h = F.batch_norm(h, None, None, weight, bias, True, 0.0, bn.eps)
             else:
-                if stats is None:
-                    # Record the statistics and normalise with them, as BatchNorm's recording does (one
-                    # pass over h for both; recording is the adaptation's last forward, without autograd).
-                    mean, var = batch_moments(h.permute(0, 2, 3, 1).reshape(-1, R * C), 0)  # h is channels-last: a view
-                    recorded[bn_name] = (mean.view(R, 1, C, 1, 1), var.view(R, 1, C, 1, 1))
-                else:
-                    mean, var = stats[bn_name]
+                # Record the statistics and normalise with them, as BatchNorm's recording does (one
+                # pass over h for both; recording is the adaptation's last forward, without autograd).
+                mean, var = batch_moments(h.permute(0, 2, 3, 1).reshape(-1, R * C), 0)  # h is channels-last: a view
+                recorded[bn_name] = (mean.view(R, 1, C, 1, 1), var.view(R, 1, C, 1, 1))
                 h = F.batch_norm(h, mean.reshape(R * C), var.reshape(R * C), weight, bias, False, 0.0, bn.eps)
             # max-pool and ReLU commute (ReLU is monotonic): pooling first leaves ReLU a quarter of the work.
             h = torch.relu(F.max_pool2d(h, 2))
@@ -309,8 +308,56 @@ class FastFull:
 
     @torch.no_grad()
     def predict(self, adaptation: Adaptation, query_x: torch.Tensor, transductive: bool = False) -> torch.Tensor:
+        if not transductive:
+            return self.predict_prepared(self.prepare(adaptation), query_x)
         P = {**{n: p.expand(query_x.shape[0], *p.shape) for n, p in self.params.items()}, **adaptation.params}
-        return self.forward(P, _inputs(self.blocks, query_x), stats=None if transductive else adaptation.norm_stats)[0]
+        return self.forward(P, _inputs(self.blocks, query_x))[0]
+
+    @torch.no_grad()
+    def prepare(self, adaptation: Adaptation) -> dict[str, torch.Tensor]:
+        """What predictions with the adaptation's BatchNorm statistics compute with, per request ``[R, ...]``:
+        each block's conv weight, and its conv bias and BatchNorm as one per-channel map
+        ``scale * conv(x, W) + shift`` (``scale = gamma / sqrt(var + eps)``, ``shift = beta + scale * (b - mean)``).
+        The first block's weight carries sign(scale) and its scale is ``|scale|``: max-pool commutes with a
+        positive scale, so the fused block pools first. The engine makes these once per session
+        (``Session.prepared``): made in every prediction, their small operations cost 50 us of a 0.7 ms
+        Conv4 prediction (``bench/experiments/folded_batchnorm.py``)."""
+        R = adaptation.params["head.weight"].shape[0]  # every parameter adapts: each has a request dimension
+        P = {**{n: p.expand(R, *p.shape) for n, p in self.params.items()}, **adaptation.params}
+        prepared = {"head.weight": P["head.weight"], "head.bias": P["head.bias"]}
+        for index, (_, conv_name, bn, bn_name) in enumerate(self.blocks):
+            mean, var = (t.reshape(R, -1) for t in adaptation.norm_stats[bn_name])
+            scale = P[bn_name + ".weight"] * torch.rsqrt(var + bn.eps)
+            bias = P.get(conv_name + ".bias")
+            shift = P[bn_name + ".bias"] + scale * (-mean if bias is None else bias - mean)
+            weight = P[conv_name + ".weight"]
+            if index == 0:
+                sign = torch.where(scale < 0, -1.0, 1.0)
+                weight, scale = (weight * sign[:, :, None, None, None]).contiguous(), scale.abs()
+            prepared.update({conv_name + ".weight": weight, bn_name + ".scale": scale, bn_name + ".shift": shift})
+        return prepared
+
+    @torch.no_grad()
+    def predict_prepared(self, prepared: dict[str, torch.Tensor], query_x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[R, N, out]`` for queries ``[R, N, C, H, W]`` from :meth:`prepare`'s tensors: each block is
+        ``relu(max_pool(scale * conv(h, W) + shift))``, what ``predict`` computes without query statistics."""
+        R, N = query_x.shape[:2]
+        x = _inputs(self.blocks, query_x)
+        blocks = self.blocks
+        if isinstance(x, WindowColumns):
+            _, conv_name, _, bn_name = blocks[0]
+            pooled = pooled_product(prepared[conv_name + ".weight"].flatten(-3), x, channels_last=True)  # [R, M, C]
+            h = torch.addcmul(prepared[bn_name + ".shift"].unsqueeze(1), pooled, prepared[bn_name + ".scale"].unsqueeze(1)).relu_()
+            h = _grouped_layout(h.unflatten(1, (x.images, x.pooled_h, x.pooled_w)))
+            blocks = blocks[1:]
+        else:
+            h = x.transpose(0, 1).reshape(N, R * x.shape[2], *x.shape[3:]).contiguous(memory_format=torch.channels_last)
+        for conv, conv_name, _, bn_name in blocks:
+            h = _conv_grouped(h, R, prepared[conv_name + ".weight"], None, conv)
+            scale, shift = (prepared[bn_name + part].reshape(-1, 1, 1) for part in (".scale", ".shift"))
+            h = torch.relu(F.max_pool2d(torch.addcmul(shift, h, scale), 2))
+        features = h.contiguous().view(N, R, -1).transpose(0, 1)
+        return torch.baddbmm(prepared["head.bias"].unsqueeze(1), features, prepared["head.weight"].transpose(1, 2))
 
 
 def fast_kernel(learner):

@@ -16,6 +16,7 @@ import abc
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Hashable
 
 import torch
 
@@ -38,16 +39,19 @@ class Session:
     expires: float
     tensors: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)
-    _batch_of_one: tuple[str, dict[str, torch.Tensor]] | None = field(default=None, init=False, repr=False, compare=False)
+    _prepared: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def batch_of_one(self, device: str | torch.device) -> dict[str, torch.Tensor]:
-        """The tensors as ``[1, ...]`` views on ``device``, made once per session object: a lone
-        prediction computes with them as they are, where stacking a session's 26 tensors took 70 us
-        of a 1.5 ms request (the in-memory store keeps the object between requests; two workers
-        making them at once make the same views)."""
-        if self._batch_of_one is None or self._batch_of_one[0] != str(device):
-            self._batch_of_one = (str(device), {name: t.to(device).unsqueeze(0) for name, t in self.tensors.items()})
-        return self._batch_of_one[1]
+    def prepared(self, key: Hashable, make: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """``make(self.tensors)``, made once per session object and ``key``: what a worker derives from the
+        session for its predictions (its tensors as ``[1, ...]`` views on a device, or a few KB of constants
+        a kernel computes with: ``Engine._session_inputs``). The in-memory store keeps the object between
+        requests, so this is done once per session where stacking the session's 26 tensors took 70 us of a
+        1.5 ms prediction and preparing a MAML kernel's constants 50 us; two workers making it at once make
+        equal values."""
+        made = self._prepared.get(key)
+        if made is None:
+            made = self._prepared[key] = make(self.tensors)
+        return made
 
     @property
     def nbytes(self) -> int:

@@ -796,27 +796,39 @@ def test_the_recording_machinery_is_loaded_at_start_only_for_models_that_compile
 
 
 @pytest.mark.parametrize("name", ["conv-maml", "conv-anil", "conv-metasgd", "sine"])
-def test_a_lone_session_predict_with_its_batch_of_one_views_equals_the_stacked_one(model_dir, name):
-    """``Job.session_batch`` (``Session.batch_of_one``: the session's tensors as [1, ...] views, made once)
-    is what a batch of one computes with instead of stacking: the same results, traced, scripted or eager."""
+def test_what_a_worker_derives_from_a_session_is_made_once_and_predicts_the_same(model_dir, name):
+    """``Job.session_prepared`` (``Session.prepared``): the session's tensors as [1, ...] views or, for MAML's
+    fast kernel with the session's BatchNorm statistics, its constants (FastFull.prepare), made once per
+    session object. Predictions with them equal a job's that derives them per request, alone (traced,
+    scripted or eager) and in a batch of three sessions, whose rows equal each session's prediction alone."""
     from service.engine import Engine
     from service.registry import ModelRegistry
     from service.sessions import Session
 
     model = ModelRegistry.load(model_dir, "cpu").get(name)
     engine = Engine(max_batch_size=8)
-    session = Session("s", name, None, 0.0, 1e9, engine._compute(_jobs(model, 1, 3, "adapt"))[0]["tensors"])
-    views = session.batch_of_one("cpu")
-    assert views is session.batch_of_one("cpu")  # made once
-    assert all(views[n].shape == (1, *t.shape) and views[n].data_ptr() == t.data_ptr() for n, t in session.tensors.items())
+    adapted = engine._compute(_jobs(model, 3, 3, "adapt"))
+    sessions = [Session(f"s{i}", name, None, 0.0, 1e9, result["tensors"]) for i, result in enumerate(adapted)]
+    for transductive in (False, True):
+        key, make = engine._session_inputs(model, transductive)
+        made = sessions[0].prepared(key, make)
+        assert sessions[0].prepared(key, lambda tensors: pytest.fail("made twice")) is made
+        if name == "conv-maml" and not transductive:  # the kernel's constants: scale and shift per block
+            assert {"body.1.scale", "body.1.shift"} <= set(made) and "body.1.weight" not in made
+        else:  # views of the session's own tensors
+            assert all(made[n].shape == (1, *t.shape) and made[n].data_ptr() == t.data_ptr() for n, t in sessions[0].tensors.items())
     for round_ in range(6):  # eager, then traced (the fast kernels) or, once compiled, scripted (the generic path)
         if round_ == 3:
             assert engine._scripts.wait(120), "compilation did not finish"
-        job = _jobs(model, 1, 50 + round_, "predict", [session.tensors])[0]
-        with_views = dataclasses.replace(job, session_batch=lambda: views)
-        got, want = engine._compute([with_views])[0], engine._compute([job])[0]
-        assert got["predictions"] == want["predictions"]
-        if "probabilities" in want:
-            assert got["probabilities"] == want["probabilities"]
+        for transductive in (False, True):
+            jobs = [dataclasses.replace(job, transductive=transductive) for job in _jobs(model, 3, 50 + round_, "predict", [s.tensors for s in sessions])]
+            prepared = [dataclasses.replace(job, session_prepared=session.prepared) for job, session in zip(jobs, sessions)]
+            alone = [engine._compute([job])[0] for job in prepared]
+            assert alone == [engine._compute([job])[0] for job in jobs]  # made once or per request: the same
+            if transductive:
+                continue  # query statistics: a batch's rows are other requests' queries' business, not checked here
+            for together, single in zip(engine._compute(prepared), alone):
+                values = "probabilities" if "probabilities" in single else "predictions"  # classes, or regression values
+                torch.testing.assert_close(torch.tensor(together[values]), torch.tensor(single[values]), atol=1e-6, rtol=1e-5)
     replays = engine.script_stats()["replays"] if name in ("conv-metasgd", "sine") else engine.trace_stats()["replays"]
     assert replays >= 4 and engine.script_stats()["failures"] == 0

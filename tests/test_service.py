@@ -6,7 +6,6 @@ import base64
 import os
 import io
 import json
-import math
 import time
 
 import httpx

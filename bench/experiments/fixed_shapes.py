@@ -17,27 +17,18 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from engine_graphs import demo_registry, jobs_for  # noqa: E402
+from engine_graphs import demo_registry, jobs_for, median_us  # noqa: E402
 
 import metalearn  # noqa: E402
 from service import cpu_traces  # noqa: E402
 from service.engine import Engine  # noqa: E402
 
-
-def block_median_us(fn, calls: int = 50) -> float:
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(times)
 
 
 def main() -> None:
@@ -74,8 +65,8 @@ def main() -> None:
             before, after = nodes["current"][:2]
             times: dict[str, list[float]] = {"recorded": [], "fixed": []}
             for _ in range(15):
-                times["recorded"].append(block_median_us(lambda: as_recorded._compute(jobs)))
-                times["fixed"].append(block_median_us(lambda: fixed._compute(jobs)))
+                times["recorded"].append(median_us(lambda: as_recorded._compute(jobs), calls=50))
+                times["fixed"].append(median_us(lambda: fixed._compute(jobs), calls=50))
             ratio = statistics.median(a / b for a, b in zip(times["recorded"], times["fixed"]))
             print(f"{label:28s} {before:5d} -> {after:4d} operations  recorded {statistics.median(times['recorded']):7.0f} us  "
                   f"fixed {statistics.median(times['fixed']):7.0f} us  ({ratio:.3f}x)")

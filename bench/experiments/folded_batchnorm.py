@@ -1,28 +1,30 @@
-"""A MAML session predict with each block's BatchNorm folded into its conv, against the fast kernel's prediction.
+"""A MAML session predict's per-session constants: made in every prediction, made once (the service), or BatchNorm folded into the weights.
 
     python bench/experiments/folded_batchnorm.py
 
-With statistics kept in the session, a block's BatchNorm is a per-channel
-affine map ``s * (y - mean) + beta`` with ``s = gamma / sqrt(var + eps)``, so
-``conv -> BatchNorm`` is one conv with weight ``s * W`` and bias
-``s * (b - mean) + beta``; the 2x2 max-pool and the ReLU follow as before
-(the fused first block included: its pooled product takes the folded weight
-directly). This script folds one session's tensors, traces both predictions
-of 5 queries as the engine's CPU traces do (``service/cpu_traces.py``), checks
-they agree, and times them on one thread, with the folding itself (once per
-session).
+With statistics kept in the session, a block's conv bias and BatchNorm are
+one per-channel map ``scale * conv(x, W) + shift`` with
+``scale = gamma / sqrt(var + eps)``. ``FastFull.prepare`` computes these
+constants (a few KB; the first block's weight carries sign(scale)) and
+``FastFull.predict_prepared`` computes with them. Traced as the engine's CPU
+traces are (``service/cpu_traces.py``, sizes fixed), for 5 queries on one
+thread, this times:
 
-Not in the service: a session would need its folded tensors kept beside the
-adapted ones (a second copy of every conv weight, which the session store's
-byte budget would have to count) or refolded per request, for a prediction
-about 10% faster in process.
+- **per prediction**: ``FastFull.predict``, the constants made inside every
+  prediction (what a session predict computed before sessions kept them);
+- **per session**: ``predict_prepared`` on constants made once (the service:
+  ``Session.prepared``);
+- **folded**: the scale folded into each conv's weight and the shift into its
+  bias, so a block is conv -> pool -> ReLU; made once per session, it is a
+  second copy of every conv weight.
+
+and the making itself, once per session, with what each keeps per session.
 """
 
 from __future__ import annotations
 
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -32,33 +34,29 @@ from torch.jit._trace import _get_trace_graph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from engine_graphs import demo_registry, jobs_for  # noqa: E402
+from engine_graphs import demo_registry, jobs_for, median_us  # noqa: E402
 
 import metalearn  # noqa: E402
-from metalearn.first_block import _pooled_max, window_columns  # noqa: E402
+from metalearn.first_block import pooled_product, window_columns  # noqa: E402
+from service.cpu_traces import fixed_shapes  # noqa: E402
 from service.engine import Engine, adaptation_from_tensors  # noqa: E402
-from service.fastpath import _grouped_layout, _inputs  # noqa: E402
+from service.fastpath import _grouped_layout  # noqa: E402
 
 
-def median_us(fn, calls: int = 400) -> float:
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(times)
+
+UNITS = []  # the traces' compilation units, alive as long as their functions run
 
 
 def traced(fn, inputs: tuple):
-    """``fn`` traced into a compilation unit of its own, as service.cpu_traces does, warmed up."""
+    """``fn`` traced into a compilation unit of its own with its sizes fixed, as service.cpu_traces does, warmed up."""
     with warnings.catch_warnings():  # shapes read while tracing become constants, as in the service
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         graph, _ = _get_trace_graph(fn, inputs)
-    unit = torch._C.CompilationUnit()
-    function = unit.create_function("compute", graph)
+    UNITS.append(torch._C.CompilationUnit())
+    function = UNITS[-1].create_function("compute", fixed_shapes(graph))
     for _ in range(3):
         function(*inputs)
-    return function, unit
+    return function
 
 
 def main() -> None:
@@ -72,7 +70,6 @@ def main() -> None:
     adaptation = adaptation_from_tensors({n: t.unsqueeze(0) for n, t in session.items()})  # one request: R = 1
     params = {**{n: p.unsqueeze(0) for n, p in fast.params.items()}, **adaptation.params}
     query_x = jobs_for(model, 1, "session", seed=2, sessions=[session])[0].query_x.unsqueeze(0)
-    param_names, stat_names = list(params), list(adaptation.norm_stats)
 
     def fold(params: dict, stats: dict) -> list[torch.Tensor]:
         folded = []
@@ -86,7 +83,7 @@ def main() -> None:
     def folded_predict(query_x, *folded):
         R, N = query_x.shape[:2]
         columns = window_columns(query_x, fast.blocks[0][0])
-        pooled = _pooled_max(folded[0].flatten(-3), columns.cols, True)  # [R, M, C]
+        pooled = pooled_product(folded[0].flatten(-3), columns, True)  # [R, M, C]
         h = torch.relu(pooled + folded[1].unsqueeze(1)).unflatten(-2, (columns.images, columns.pooled_h, columns.pooled_w))
         h = _grouped_layout(h)
         for k, (conv, *_) in enumerate(fast.blocks[1:], start=1):
@@ -96,25 +93,43 @@ def main() -> None:
         features = h.contiguous().view(N, R, -1).transpose(0, 1)
         return torch.baddbmm(folded[-1].unsqueeze(1), features, folded[-2].transpose(1, 2))
 
-    def kernel_predict(query_x, *tensors):  # what the engine traces for a session predict: FastFull's forward
-        P = dict(zip(param_names, tensors[: len(param_names)]))
-        rest = tensors[len(param_names) :]
-        stats = {name: (rest[2 * i], rest[2 * i + 1]) for i, name in enumerate(stat_names)}
-        return fast.forward(P, _inputs(fast.blocks, query_x), stats=stats)[0]
-
-    tensors = [params[n] for n in param_names] + [t for name in stat_names for t in adaptation.norm_stats[name]]
     with torch.no_grad():
-        folded = fold(params, adaptation.norm_stats)
-        reference, candidate = kernel_predict(query_x, *tensors), folded_predict(query_x, *folded)
-        torch.testing.assert_close(candidate, reference, rtol=1e-5, atol=1e-5)
-        (kernel, _ku), (folding, _fu) = traced(kernel_predict, (query_x, *tensors)), traced(folded_predict, (query_x, *folded))
-        print(f"# MAML Conv4-64 session predict, 5 queries, one thread; largest logit difference {(candidate - reference).abs().max():.1e}")
-        print(f"# trace nodes: fast kernel {len(list(kernel.graph.nodes()))}, folded {len(list(folding.graph.nodes()))}")
-        for _ in range(3):  # interleaved
-            now = median_us(lambda: kernel(query_x, *tensors))
-            then = median_us(lambda: folding(query_x, *folded))
-            once = median_us(lambda: fold(params, adaptation.norm_stats))
-            print(f"fast kernel {now:.0f} us  folded {then:.0f} us ({now / then:.2f}x)  folding, once per session {once:.0f} us")
+        prepared, folded = fast.prepare(adaptation), fold(params, adaptation.norm_stats)
+        names = sorted(prepared)
+
+        def per_prediction(query_x, *session):  # the session's tensors -> constants -> logits, every time
+            return fast.predict(adaptation_from_tensors(dict(zip(session_names, session))), query_x)
+
+        def per_session(query_x, *constants):
+            return fast.predict_prepared(dict(zip(names, constants)), query_x)
+
+        session_names = sorted(session)
+        session_inputs = [session[n].unsqueeze(0) for n in session_names]
+        constants = [prepared[n] for n in names]
+        reference = per_prediction(query_x, *session_inputs)
+        for candidate in (per_session(query_x, *constants), folded_predict(query_x, *folded)):
+            torch.testing.assert_close(candidate, reference, rtol=1e-5, atol=1e-5)
+        candidates = {
+            "per prediction": (traced(per_prediction, (query_x, *session_inputs)), session_inputs),
+            "per session": (traced(per_session, (query_x, *constants)), constants),
+            "folded": (traced(folded_predict, (query_x, *folded)), folded),
+        }
+        shared = {t.data_ptr() for t in session.values()}
+        kept = {  # bytes a session keeps beyond its own tensors
+            "per session": sum(t.numel() * t.element_size() for t in prepared.values() if t.data_ptr() not in shared),
+            "folded": sum(t.numel() * t.element_size() for t in folded if t.data_ptr() not in shared),
+        }
+        print(f"# MAML Conv4-64 session predict, 5 queries, one thread; the session itself {sum(t.numel() * t.element_size() for t in session.values()) // 1024} KB")
+        times: dict[str, list[float]] = {name: [] for name in candidates}
+        for _ in range(5):  # interleaved
+            for name, (function, inputs) in candidates.items():
+                times[name].append(median_us(lambda: function(query_x, *inputs), calls=200))
+        making = {"per session": median_us(lambda: fast.prepare(adaptation)), "folded": median_us(lambda: fold(params, adaptation.norm_stats))}
+        for name, (function, _) in candidates.items():
+            line = f"{name:15s} {statistics.median(times[name]):5.0f} us  ({len(list(function.graph.nodes()))} trace nodes)"
+            if name in making:
+                line += f"; made once per session in {making[name]:.0f} us, keeping {kept[name] / 1024:.1f} KB more"
+            print(line)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from __future__ import annotations
 import statistics
 import sys
 import threading
-import time
 from pathlib import Path
 
 import torch
@@ -41,25 +40,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from engine_graphs import demo_registry, jobs_for  # noqa: E402
+from engine_graphs import demo_registry, jobs_for, median_us  # noqa: E402
 
 import metalearn  # noqa: E402
 from metalearn.first_block import conv_output_size, window_columns  # noqa: E402
 from service.engine import Engine  # noqa: E402
-from service.sessions import Session  # noqa: E402
 
-
-def median_us(fn, calls: int = 300, sleep_s: float = 0.0, touch: torch.Tensor | None = None) -> float:
-    times = []
-    for _ in range(calls):
-        if sleep_s:
-            time.sleep(sleep_s)
-        if touch is not None:
-            touch.add_(1)
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(times)
 
 
 def strided_columns(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
@@ -137,12 +123,9 @@ class SleepingWorker(threading.Thread):
 
 
 def split_over_two_threads(model, session_tensors: dict) -> None:
-    session = Session("s", model.name, None, 0.0, float("inf"), session_tensors)
-
     def job(first: int, end: int) -> list:
         (one,) = jobs_for(model, 1, "session", seed=2, sessions=[session_tensors])
         one.query_x = one.query_x[first:end]
-        one.session_batch = lambda: session.batch_of_one("cpu")
         return [one]
 
     computing = Engine(threads=1, cpu_traces=24, cpu_scripts=0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from functools import partial
 
 from fastapi import APIRouter, Body, Depends, Request, Response
 
@@ -35,8 +34,7 @@ async def predict_session(request: Request, session_id: str, body: SessionPredic
         raise Problem(404, "Unknown session", f"the session's model {session.model!r} is no longer served in that version; adapt again")
     x = await maybe_offload(uses_images(body.x), decode_inputs, body.x, "x", model.input_shape, model.preprocessing, state.settings.max_query)
     started = time.perf_counter()
-    views = partial(session.batch_of_one, model.device)  # made by the worker if the request computes alone
-    job = Job("predict", model, query_x=x, session=session.tensors, session_batch=views, transductive=body.transductive)
+    job = Job("predict", model, query_x=x, session=session.tensors, session_prepared=session.prepared, transductive=body.transductive)
     result = check_finite(await state.engine.submit(job))
     return PredictResponse(
         model=model.name,
