@@ -542,7 +542,8 @@ def main() -> None:
                               f"without, p50 {s['p50_ms']:.2f} vs {e['p50_ms']:.2f} ms")
         s1, ss = find("service", model, "stateless", levels[0]), find("service", model, "session", levels[0])
         if s1 and ss and ss["p50_ms"]:
-            print(f"{model} session predict vs adapt-and-predict (c={levels[0]} p50): {s1['p50_ms'] / ss['p50_ms']:.1f}x faster")
+            print(f"{model} session predict vs adapt-and-predict (c={levels[0]} p50): {s1['p50_ms'] / ss['p50_ms']:.1f}x faster "
+                  f"({ss['p50_ms']:.2f} vs {s1['p50_ms']:.1f} ms)")
     print(f"# in this run, per {args.threads}-thread server worker: torch.mm {mm:.1f} GFLOP/s, conv2d {conv:.1f} GFLOP/s")
     if args.json:
         Path(args.json).write_text(json.dumps({"matmul_gflops": mm, "conv_gflops": conv, "flops": flops, "results": results}, indent=1))

@@ -11,8 +11,9 @@ Python) for a Conv4-64 5-way model, 5 query images, medians of 300 calls:
 - **asleep, 8 MB touched**: and the event loop's work meanwhile evicting caches;
 
 each with one and with two torch threads. It then times the first block's
-window columns (5 images) as ``F.unfold`` does them (``metalearn.first_block``)
-against one strided copy of the padded input, the alternative tried.
+window columns (1 and 16 requests of 5 images) as ``F.unfold`` does them
+(``metalearn.first_block``) against two alternatives tried: one strided copy of
+the padded input, and a convolution with one-hot kernels.
 
 Then three ideas measured and not kept: spreading a lone request's 5 queries
 over two idle worker threads (3 + 2 images, handed to sleeping threads and
@@ -61,6 +62,15 @@ def strided_columns(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
     return view.permute(0, 2, 3, 1, 4, 5, 6, 7, 8).reshape(R, 4, N * P * Q, C * kh * kw)
 
 
+def one_hot_conv_columns(x: torch.Tensor) -> torch.Tensor:
+    """``window_columns(x, conv).cols`` for a 3x3, padding-1 conv of one input channel, ``x`` [R, N, 1, H, W]:
+    a convolution with the 9 one-hot 3x3 kernels (exact: each output is one input times 1), then grouped."""
+    R, N, _, H, W = x.shape
+    columns = F.conv2d(x.reshape(R * N, 1, H, W), torch.eye(9).view(9, 1, 3, 3), padding=1)  # [R*N, 9, H, W]
+    grouped = columns.view(R, N, 9, H // 2, 2, W // 2, 2).permute(0, 4, 6, 1, 3, 5, 2)
+    return grouped.reshape(R, 4, N * (H // 2) * (W // 2), 9)
+
+
 def main() -> None:
     metalearn.keep_freed_memory()  # as the service does
     model = demo_registry(["maml"], "cpu").get("maml")
@@ -90,10 +100,13 @@ def main() -> None:
         torch.set_num_threads(1)
 
         conv = model.learner.model.body[0]
-        x = torch.rand(1, 5, 1, 28, 28)
-        assert torch.equal(strided_columns(x, conv), window_columns(x, conv).cols)
-        print(f"# first block's window columns, 5 images: F.unfold {median_us(lambda: window_columns(x, conv)):.0f} us, "
-              f"one strided copy {median_us(lambda: strided_columns(x, conv)):.0f} us")
+        for requests in (1, 16):
+            x = torch.rand(requests, 5, 1, 28, 28)
+            assert torch.equal(strided_columns(x, conv), window_columns(x, conv).cols)
+            assert torch.equal(one_hot_conv_columns(x), window_columns(x, conv).cols)
+            print(f"# first block's window columns, {requests} x 5 images: F.unfold {median_us(lambda: window_columns(x, conv)):.0f} us, "
+                  f"one strided copy {median_us(lambda: strided_columns(x, conv)):.0f} us, "
+                  f"a convolution with one-hot kernels {median_us(lambda: one_hot_conv_columns(x)):.0f} us")
         split_over_two_threads(model, session)
         pooled_outputs_only()
 
