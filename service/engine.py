@@ -119,8 +119,16 @@ class Job:
     keep_session: bool = True
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     enqueued: float = 0.0
+    _key: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def key(self) -> tuple:
+        """What a batch's jobs share, and what names its trace, graph or compilation. Made once: a worker
+        asks again at every look at the queue (a session's signature sorts its 26 tensors' names)."""
+        if self._key is None:
+            self._key = self._make_key()
+        return self._key
+
+    def _make_key(self) -> tuple:
         def shape(t):
             return None if t is None else (tuple(t.shape), t.dtype)
 
