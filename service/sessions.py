@@ -48,8 +48,8 @@ class Session:
         requests, so this is done once per session where stacking the session's 26 tensors took 70 us of a
         1.5 ms prediction and preparing a MAML kernel's constants 50 us; two workers making it at once make
         equal values. Not counted in ``nbytes``: views share the session's memory, and a Conv4 MAML
-        session's constants are 4 KB, 1% of its 440 KB. A store that rebuilds the object per request
-        (Redis) makes them per request."""
+        session's constants are 4 KB, 1% of its 440 KB. The Redis store keeps the objects of the
+        sessions a replica holds (``RedisSessionStore``); one it rebuilds is prepared again."""
         made = self._prepared.get(key)
         if made is None:
             made = self._prepared[key] = make(self.tensors)

@@ -117,13 +117,15 @@ def make_session(owner: str | None = "alice", ttl: float = 60.0, nbytes: int = 1
     return Session(new_session_id(), model, owner, now, now + ttl, tensors, {"steps": 3, "loss": [1.5, 0.25]})
 
 
-def test_round_trip(store):
+def test_round_trip(store, redis_server):
     s = make_session()
     s.tensors["bn.running_mean"] = torch.arange(6, dtype=torch.float64).reshape(2, 3)
     s.tensors["codes"] = torch.tensor([1, 2, 3], dtype=torch.int64)
     store.put(s)
-    got = store.get(s.id, "alice")
-    assert got is not None
+    replica = RedisSessionStore(redis_server.url, budget_bytes=10_000, prefix=store.prefix)  # decodes what the first stored
+    got = replica.get(s.id, "alice")
+    replica.close()
+    assert got is not None and got is not s
     assert (got.id, got.model, got.owner, got.meta) == (s.id, s.model, s.owner, s.meta)
     assert got.created == pytest.approx(s.created) and got.expires == pytest.approx(s.expires)
     assert set(got.tensors) == set(s.tensors)
@@ -161,6 +163,42 @@ def test_empty_and_odd_tensors_encode():
     back = decode_tensors(encode_tensors(tensors))
     for k, t in tensors.items():
         assert torch.equal(back[k], t)
+
+
+def test_a_replica_holds_its_sessions_decoded_and_redis_still_decides(store, redis_server, monkeypatch):
+    """A session a replica put or got is held decoded: a later get asks Redis for its metadata alone (no
+    tensors fetched or decoded) and returns the same object. Redis still decides: a delete on another
+    replica, the TTL and another owner all answer None; the held bytes stay within their budget."""
+    from service import redis_store
+
+    decoded = []
+    real_decode = redis_store.decode_tensors
+    monkeypatch.setattr(redis_store, "decode_tensors", lambda blob, device=None: decoded.append(len(blob)) or real_decode(blob, device))
+    other = RedisSessionStore(redis_server.url, budget_bytes=10_000, prefix=store.prefix, held_bytes=2_500)
+    try:
+        s = make_session(nbytes=1000)
+        store.put(s)
+        assert store.get(s.id, "alice") is s and decoded == []  # held since its put
+        got = other.get(s.id, "alice")
+        assert decoded == [len(encode_tensors(s.tensors))] and torch.equal(got.tensors["head.bias"], s.tensors["head.bias"])
+        assert other.get(s.id, "alice") is got and len(decoded) == 1  # decoded once, then held
+        assert other.get(s.id, "mallory") is None  # the owner check stays in Redis
+        assert store.delete(s.id, "alice")
+        assert other.get(s.id, "alice") is None  # deleted by another replica: gone here too
+
+        short = make_session(ttl=1.0)
+        other.put(short)
+        assert other.get(short.id, "alice") is short
+        time.sleep(1.2)
+        assert other.get(short.id, "alice") is None  # expired in Redis, held or not
+
+        sessions = [make_session(nbytes=1000, seed=i) for i in range(3)]
+        for session in sessions:
+            other.put(session)
+        assert other._held_total <= 2_500 and list(other._held) == [sessions[1].id, sessions[2].id]  # least recently used dropped
+        assert other.get(sessions[0].id, "alice") is not sessions[0]  # no longer held: fetched and decoded again
+    finally:
+        other.close()
 
 
 def test_ttl_expiry_enforced_by_redis(store, redis_server):
