@@ -229,6 +229,7 @@ class RedisSessionStore(SessionStore):
         self._held: OrderedDict[str, Session] = OrderedDict()  # decoded sessions, least recently used first
         self._held_total = 0
         self._held_lock = threading.Lock()  # the service calls the store from several threads
+        self.held_gets = self.fetched_gets = 0  # gets answered with a held session / by fetching its tensors
         self.prefix = prefix
         self.device = device
         self._client = client or redis.Redis.from_url(
@@ -290,6 +291,8 @@ class RedisSessionStore(SessionStore):
         m = json.loads(meta)
         if held is not None:
             if (held.created, held.owner) == (m["created"], m["owner"]):
+                with self._held_lock:
+                    self.held_gets += 1
                 return held
             self._drop_held(session_id)  # put again under the same id since: fetch what is there now
             return self.get(session_id, owner)
@@ -303,6 +306,8 @@ class RedisSessionStore(SessionStore):
             meta=m.get("meta") or {},
         )
         self._hold(session)
+        with self._held_lock:
+            self.fetched_gets += 1
         return session
 
     def delete(self, session_id: str, owner: str | None) -> bool:
@@ -312,6 +317,11 @@ class RedisSessionStore(SessionStore):
         return deleted
 
     # The sessions this replica holds decoded -------------------------------------------
+    def held_stats(self) -> dict[str, int]:
+        """This replica's held sessions and bytes, and its gets answered with one or by fetching (for /metrics)."""
+        with self._held_lock:
+            return {"sessions": len(self._held), "bytes": self._held_total, "held_gets": self.held_gets, "fetched_gets": self.fetched_gets}
+
     def _take_held(self, session_id: str) -> Session | None:
         with self._held_lock:
             session = self._held.get(session_id)

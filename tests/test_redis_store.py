@@ -182,6 +182,7 @@ def test_a_replica_holds_its_sessions_decoded_and_redis_still_decides(store, red
         got = other.get(s.id, "alice")
         assert decoded == [len(encode_tensors(s.tensors))] and torch.equal(got.tensors["head.bias"], s.tensors["head.bias"])
         assert other.get(s.id, "alice") is got and len(decoded) == 1  # decoded once, then held
+        assert other.held_stats() == {"sessions": 1, "bytes": s.nbytes, "held_gets": 1, "fetched_gets": 1}
         assert other.get(s.id, "mallory") is None  # the owner check stays in Redis
         assert store.delete(s.id, "alice")
         assert other.get(s.id, "alice") is None  # deleted by another replica: gone here too
@@ -429,8 +430,26 @@ def test_app_builds_the_redis_store(redis_server, monkeypatch):
     monkeypatch.setenv("METALEARN_SESSION_BACKEND", "redis")
     monkeypatch.setenv("METALEARN_REDIS_URL", redis_server.url)
     monkeypatch.setenv("METALEARN_CACHE_BYTES", "4096")
+    monkeypatch.setenv("METALEARN_REDIS_HELD_BYTES", "2048")
     store = app_module.create_store(Settings())
     try:
-        assert isinstance(store, RedisSessionStore) and store.budget_bytes == 4096
+        assert isinstance(store, RedisSessionStore) and store.budget_bytes == 4096 and store.held_bytes == 2048
     finally:
         store.close()
+
+
+def test_metrics_report_the_held_sessions(store):
+    """/metrics' collector reads the held sessions and how reads were answered from a store that holds them."""
+    from service.routes.metrics import ServiceMetrics
+
+    class State:
+        pass
+
+    state = State()
+    state.store = store
+    s = make_session()
+    store.put(s)
+    store.get(s.id, "alice")
+    text = ServiceMetrics(state).render().decode()
+    assert "metalearn_sessions_held 1.0" in text and "metalearn_session_held_gets_total 1.0" in text
+    assert "metalearn_session_fetched_gets_total 0.0" in text

@@ -68,6 +68,14 @@ class _StateCollector:
             (CounterMetricFamily, "metalearn_session_evictions", "Sessions evicted to honour the byte budget", stats.evictions),
             (CounterMetricFamily, "metalearn_session_expirations", "Sessions dropped because their TTL passed", stats.expirations),
         ))
+        if hasattr(store, "held_stats"):  # a shared store whose replicas hold sessions decoded (service.redis_store)
+            held = store.held_stats()
+            yield from _unlabelled((
+                (GaugeMetricFamily, "metalearn_sessions_held", "Sessions this replica holds decoded", held["sessions"]),
+                (GaugeMetricFamily, "metalearn_sessions_held_bytes", "Tensor bytes of the sessions this replica holds decoded", held["bytes"]),
+                (CounterMetricFamily, "metalearn_session_held_gets", "Session reads answered with a held session (metadata alone from the store)", held["held_gets"]),
+                (CounterMetricFamily, "metalearn_session_fetched_gets", "Session reads that fetched and decoded the tensors", held["fetched_gets"]),
+            ))
 
 
 class ServiceMetrics:
