@@ -43,7 +43,6 @@ import logging
 import math
 import threading
 import time
-from collections import OrderedDict
 from typing import Any
 
 import redis
@@ -53,7 +52,7 @@ from redis.retry import Retry
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from service.sessions import Session, SessionStore, SessionStoreUnavailable, StoreStats
+from service.sessions import MemorySessionStore, Session, SessionStore, SessionStoreUnavailable, StoreStats
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +186,9 @@ class RedisSessionStore(SessionStore):
     (``None``: CPU; the engine moves them to the model's device). ``socket_timeout``
     bounds every Redis call (connect and read).
 
-    Each replica also holds the sessions it last put or got, decoded, up to
-    ``held_bytes`` of tensors (least recently used dropped). A session holds
+    Each replica also holds the sessions it last put or got, decoded, in a
+    :class:`MemorySessionStore` of ``held_bytes`` (least recently used dropped;
+    0: none). A session holds
     nothing but what its adaptation produced and never changes, so :meth:`get`
     of a held one asks Redis for its metadata alone: Redis still decides whether
     it exists, has expired and belongs to the caller, and counts the use, but
@@ -226,9 +226,8 @@ class RedisSessionStore(SessionStore):
         self.url = url
         self.budget_bytes = int(budget_bytes)
         self.held_bytes = int(held_bytes)
-        self._held: OrderedDict[str, Session] = OrderedDict()  # decoded sessions, least recently used first
-        self._held_total = 0
-        self._held_lock = threading.Lock()  # the service calls the store from several threads
+        self._held = self._new_held()
+        self._counts_lock = threading.Lock()  # the service calls the store from several threads
         self.held_gets = self.fetched_gets = 0  # gets answered with a held session / by fetching its tensors
         self.prefix = prefix
         self.device = device
@@ -279,22 +278,23 @@ class RedisSessionStore(SessionStore):
         )
         if evicted:
             log.debug("evicted %d session(s) to fit %s", evicted, session.id)
-        self._hold(session)
+        if self._held is not None:
+            self._held.put(session)
 
     def get(self, session_id: str, owner: str | None) -> Session | None:
-        held = self._take_held(session_id)
+        held = None if self._held is None else self._held.get(session_id, owner)
         found = self._call(self._get, session_id, _owner_field(owner), "1" if held is not None else "0")
         if not found:
-            self._drop_held(session_id)
+            if held is not None:
+                self._held.delete(session_id, owner)
             return None
         blob, meta = found
         m = json.loads(meta)
         if held is not None:
-            if (held.created, held.owner) == (m["created"], m["owner"]):
-                with self._held_lock:
-                    self.held_gets += 1
+            if held.created == m["created"]:
+                self._count("held_gets")
                 return held
-            self._drop_held(session_id)  # put again under the same id since: fetch what is there now
+            self._held.delete(session_id, owner)  # put again under the same id since: fetch what is there now
             return self.get(session_id, owner)
         session = Session(
             id=session_id,
@@ -305,49 +305,31 @@ class RedisSessionStore(SessionStore):
             tensors=decode_tensors(blob, self.device),
             meta=m.get("meta") or {},
         )
-        self._hold(session)
-        with self._held_lock:
-            self.fetched_gets += 1
+        if self._held is not None:
+            self._held.put(session)
+        self._count("fetched_gets")
         return session
 
     def delete(self, session_id: str, owner: str | None) -> bool:
         deleted = bool(self._call(self._delete, session_id, _owner_field(owner)))
-        if deleted:
-            self._drop_held(session_id)
+        if deleted and self._held is not None:
+            self._held.delete(session_id, owner)
         return deleted
 
     # The sessions this replica holds decoded -------------------------------------------
+    def _new_held(self) -> MemorySessionStore | None:
+        """The held sessions: an in-memory store of ``held_bytes`` (its LRU order, expiry and owner check
+        serve here too), or None for none."""
+        return MemorySessionStore(self.held_bytes) if self.held_bytes else None
+
+    def _count(self, name: str) -> None:
+        with self._counts_lock:
+            setattr(self, name, getattr(self, name) + 1)
+
     def held_stats(self) -> dict[str, int]:
         """This replica's held sessions and bytes, and its gets answered with one or by fetching (for /metrics)."""
-        with self._held_lock:
-            return {"sessions": len(self._held), "bytes": self._held_total, "held_gets": self.held_gets, "fetched_gets": self.fetched_gets}
-
-    def _take_held(self, session_id: str) -> Session | None:
-        with self._held_lock:
-            session = self._held.get(session_id)
-            if session is not None:
-                self._held.move_to_end(session_id)
-            return session
-
-    def _hold(self, session: Session) -> None:
-        with self._held_lock:
-            self._drop_held_locked(session.id)
-            if session.nbytes > self.held_bytes:
-                return
-            self._held[session.id] = session
-            self._held_total += session.nbytes
-            while self._held_total > self.held_bytes:
-                _, oldest = self._held.popitem(last=False)
-                self._held_total -= oldest.nbytes
-
-    def _drop_held(self, session_id: str) -> None:
-        with self._held_lock:
-            self._drop_held_locked(session_id)
-
-    def _drop_held_locked(self, session_id: str) -> None:
-        dropped = self._held.pop(session_id, None)
-        if dropped is not None:
-            self._held_total -= dropped.nbytes
+        held = self._held.stats() if self._held is not None else StoreStats(0, 0, 0, 0)
+        return {"sessions": held.live_sessions, "bytes": held.live_bytes, "held_gets": self.held_gets, "fetched_gets": self.fetched_gets}
 
     def stats(self) -> StoreStats:
         live, nbytes, evictions, expirations = self._call(self._stats)
@@ -364,9 +346,7 @@ class RedisSessionStore(SessionStore):
 
     def clear(self) -> None:
         """Drop every session and counter under this prefix (tests, admin)."""
-        with self._held_lock:
-            self._held.clear()
-            self._held_total = 0
+        self._held = self._new_held()
         try:
             for key in self._client.scan_iter(match=self.prefix + "*", count=1000):
                 self._client.delete(key)

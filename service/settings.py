@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     cache_bytes: int = Field(512 * 1024 * 1024, ge=0, description="Byte budget of the in-memory session store (LRU eviction beyond).")
     session_backend: Literal["memory", "redis"] = Field("memory", description="memory (per process) or redis (shared between replicas).")
     redis_url: str = Field("redis://localhost:6379/0", description="Redis URL when session_backend=redis.")
-    redis_held_bytes: int = Field(64 * 1024 * 1024, ge=0, description="With session_backend=redis: tensor bytes of the sessions each replica keeps decoded (least recently used dropped; 0 = none). A prediction with a held session fetches only its metadata from Redis, which still checks existence, expiry and owner.")
+    redis_held_bytes: int = Field(64 * 1024 * 1024, ge=0, description="With session_backend=redis: tensor bytes of the sessions each replica keeps decoded (least recently used dropped, as in the in-memory store, which also keeps one larger session alone; 0 = none). A prediction with a held session fetches only its metadata from Redis, which still checks existence, expiry and owner.")
 
     # Security
     api_keys: str = Field("", description="Comma-separated API keys; when set every /v1 call needs one (Authorization: Bearer KEY or X-API-Key).")

@@ -196,8 +196,15 @@ def test_a_replica_holds_its_sessions_decoded_and_redis_still_decides(store, red
         sessions = [make_session(nbytes=1000, seed=i) for i in range(3)]
         for session in sessions:
             other.put(session)
-        assert other._held_total <= 2_500 and list(other._held) == [sessions[1].id, sessions[2].id]  # least recently used dropped
-        assert other.get(sessions[0].id, "alice") is not sessions[0]  # no longer held: fetched and decoded again
+        held = other.held_stats()
+        assert (held["sessions"], held["bytes"]) == (2, sessions[1].nbytes + sessions[2].nbytes)  # within 2 500 bytes
+        assert other.get(sessions[2].id, "alice") is sessions[2]  # still held
+        assert other.get(sessions[0].id, "alice") is not sessions[0]  # the least recently used, dropped: fetched and decoded again
+
+        holding_none = RedisSessionStore(redis_server.url, budget_bytes=10_000, prefix=store.prefix, held_bytes=0)
+        first = holding_none.get(sessions[2].id, "alice")
+        assert holding_none.get(sessions[2].id, "alice") is not first and holding_none.held_stats()["sessions"] == 0
+        holding_none.close()
     finally:
         other.close()
 

@@ -68,17 +68,17 @@ def main() -> None:
         session = engine._compute(jobs_for(model, 1, "adapt", seed=1))[0]["tensors"]
     fast = engine._fast(model)
     adaptation = adaptation_from_tensors({n: t.unsqueeze(0) for n, t in session.items()})  # one request: R = 1
-    params = {**{n: p.unsqueeze(0) for n, p in fast.params.items()}, **adaptation.params}
     query_x = jobs_for(model, 1, "session", seed=2, sessions=[session])[0].query_x.unsqueeze(0)
 
-    def fold(params: dict, stats: dict) -> list[torch.Tensor]:
+    def fold(adaptation) -> list[torch.Tensor]:
+        """FastFull.prepare's per-block ``scale * conv(x, W) + shift`` with the scale folded into W (for the
+        first block too: its weight's sign(scale) times |scale| is scale)."""
+        prepared = fast.prepare(adaptation)
         folded = []
-        for _, conv_name, bn, bn_name in fast.blocks:
-            mean, var = (t.reshape(t.shape[0], -1) for t in stats[bn_name])
-            scale = params[bn_name + ".weight"] * torch.rsqrt(var + bn.eps)  # [R, C]
-            bias = params.get(conv_name + ".bias", torch.zeros_like(mean))
-            folded += [params[conv_name + ".weight"] * scale[:, :, None, None, None], (bias - mean) * scale + params[bn_name + ".bias"]]
-        return folded + [params["head.weight"], params["head.bias"]]
+        for _, conv_name, _, bn_name in fast.blocks:
+            scale = prepared[bn_name + ".scale"]
+            folded += [prepared[conv_name + ".weight"] * scale[:, :, None, None, None], prepared[bn_name + ".shift"]]
+        return folded + [prepared["head.weight"], prepared["head.bias"]]
 
     def folded_predict(query_x, *folded):
         R, N = query_x.shape[:2]
@@ -94,7 +94,7 @@ def main() -> None:
         return torch.baddbmm(folded[-1].unsqueeze(1), features, folded[-2].transpose(1, 2))
 
     with torch.no_grad():
-        prepared, folded = fast.prepare(adaptation), fold(params, adaptation.norm_stats)
+        prepared, folded = fast.prepare(adaptation), fold(adaptation)
         names = sorted(prepared)
 
         def per_prediction(query_x, *session):  # the session's tensors -> constants -> logits, every time
@@ -124,7 +124,7 @@ def main() -> None:
         for _ in range(5):  # interleaved
             for name, (function, inputs) in candidates.items():
                 times[name].append(median_us(lambda: function(query_x, *inputs), calls=200))
-        making = {"per session": median_us(lambda: fast.prepare(adaptation)), "folded": median_us(lambda: fold(params, adaptation.norm_stats))}
+        making = {"per session": median_us(lambda: fast.prepare(adaptation)), "folded": median_us(lambda: fold(adaptation))}
         for name, (function, _) in candidates.items():
             line = f"{name:15s} {statistics.median(times[name]):5.0f} us  ({len(list(function.graph.nodes()))} trace nodes)"
             if name in making:
