@@ -17,13 +17,17 @@ inner loop is first order (test-time adaptation needs no second-order graph).
 
 Both run the first block (a conv with few input channels at full resolution,
 the memory-bound part on a CPU) as one fused computation, the same one
-``Conv4`` uses in training (``metalearn/first_block.py``).
+``Conv4`` uses in training (``metalearn/first_block.py``). A MAML session's
+prediction computed alone runs instead on oneDNN's packed convolutions
+(``FastFull.pack``), which win for one request of a few images.
 
 Anything else (other algorithms, learned learning rates, other architectures)
 goes through the generic ``adapt_many``/``predict_many``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -232,6 +236,50 @@ def _per_request(param: torch.Tensor, R: int) -> torch.Tensor:
     return torch.empty(R, O, kh, kw, C, dtype=param.dtype, device=param.device).permute(0, 1, 4, 2, 3).copy_(param)
 
 
+def _packable(conv: nn.Conv2d) -> bool:
+    return conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and conv.groups == 1
+
+
+@functools.cache
+def _packed_conv_relu(padding: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]):
+    """``relu(conv2d(x, W, b))`` for a weight :func:`_pack_weight` made: oneDNN's convolution with the ReLU
+    fused (``mkldnn::_convolution_pointwise``, the op torch's own inference compilation uses), as a
+    TorchScript function so that the engine's traces can record it (the tracer cannot write the op's
+    ``Scalar?[]`` argument; a function's graph can)."""
+    graph = torch._C.parse_ir(f"""graph(%x : Tensor, %w : Tensor, %b : Tensor):
+  %padding : int[] = prim::Constant[value={list(padding)}]()
+  %stride : int[] = prim::Constant[value={list(stride)}]()
+  %dilation : int[] = prim::Constant[value={list(dilation)}]()
+  %groups : int = prim::Constant[value=1]()
+  %attr : str = prim::Constant[value="relu"]()
+  %scalars : Scalar?[] = prim::ListConstruct()
+  %algorithm : NoneType = prim::Constant()
+  %y : Tensor = mkldnn::_convolution_pointwise(%x, %w, %b, %padding, %stride, %dilation, %groups, %attr, %scalars, %algorithm)
+  return (%y)""")
+    return torch._C._create_function_from_graph(f"conv_relu_{'_'.join(map(str, padding + stride + dilation))}", graph)
+
+
+def _pack_weight(weight: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """A conv weight ``[O, C, kh, kw]`` in oneDNN's own blocked layout (an opaque ``mkldnn`` tensor of the same
+    size): an ordinary weight is reordered into it by every call."""
+    dense = weight.contiguous(memory_format=torch.channels_last).to_mkldnn()
+    return torch._C._nn.mkldnn_reorder_conv2d_weight(dense, list(conv.padding), list(conv.stride), list(conv.dilation), 1, None)
+
+
+@functools.cache
+def packed_convolutions() -> bool:
+    """Whether this process runs :func:`_packed_conv_relu` (a CPU build with oneDNN, an op of this torch
+    version): tried once on a tiny convolution against ``F.conv2d``."""
+    try:
+        conv = nn.Conv2d(2, 3, 3, padding=1)
+        x = torch.rand(1, 2, 4, 4)
+        with torch.no_grad():
+            packed = _packed_conv_relu((1, 1), (1, 1), (1, 1))(x, _pack_weight(conv.weight, conv), conv.bias)
+            return torch.allclose(packed, torch.relu(conv(x)), atol=1e-5)
+    except Exception:  # noqa: BLE001 - no oneDNN, or the op changed: the dense path serves
+        return False
+
+
 class FastFull:
     """Batched first-order adaptation of every parameter, one computation for the whole micro-batch.
 
@@ -337,10 +385,44 @@ class FastFull:
             prepared.update({conv_name + ".weight": weight, bn_name + ".scale": scale, bn_name + ".shift": shift})
         return prepared
 
+    def packs(self) -> bool:
+        """Whether :meth:`pack` applies: a model on the CPU whose convolutions oneDNN runs packed."""
+        device = next(iter(self.params.values())).device
+        return device.type == "cpu" and all(_packable(conv) for conv, *_ in self.blocks) and packed_convolutions()
+
+    def pack(self, prepared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """:meth:`prepare`'s tensors for one request (``R = 1``) as oneDNN runs them fastest: each block's
+        ``scale`` folded into its conv weight, packed (:func:`_pack_weight`), and ``shift`` as the conv's
+        bias, so that a block is one convolution with its ReLU fused, then the max-pool. The first block
+        too: for one request of a few images, oneDNN's convolution of its input channel and the pool
+        take 109 us for 5 Omniglot images, where the fused block from window columns takes 183 us (it
+        wins on batches and in training). A lone Conv4-64 session predict computes in 595 against 750 us
+        (``bench/experiments/packed_convolutions.py``), for 200 us of packing once per session predicted
+        alone (``Session.prepared``) and a second copy of the conv weights, 434 KB, which the session
+        store counts. Logits differ from the plain constants' by float rounding (1e-6)."""
+        assert prepared["head.weight"].shape[0] == 1, "pack takes one request's tensors"
+        packed = {"head.weight": prepared["head.weight"], "head.bias": prepared["head.bias"]}
+        for conv, conv_name, _, bn_name in self.blocks:
+            weight = prepared[conv_name + ".weight"][0] * prepared[bn_name + ".scale"][0].view(-1, 1, 1, 1)  # the first block's sign * |scale| too
+            packed[conv_name + ".packed"] = _pack_weight(weight, conv)
+            packed[bn_name + ".shift"] = prepared[bn_name + ".shift"][0].contiguous()
+        return packed
+
+    def _predict_packed(self, packed: dict[str, torch.Tensor], query_x: torch.Tensor) -> torch.Tensor:
+        h = query_x[0].contiguous(memory_format=torch.channels_last)
+        for conv, conv_name, _, bn_name in self.blocks:
+            conv_relu = _packed_conv_relu(tuple(conv.padding), tuple(conv.stride), tuple(conv.dilation))
+            h = F.max_pool2d(conv_relu(h, packed[conv_name + ".packed"], packed[bn_name + ".shift"]), 2)
+        features = h.contiguous().flatten(1).unsqueeze(0)  # [1, N, features] in Flatten's (C, H, W) order
+        return torch.baddbmm(packed["head.bias"].unsqueeze(1), features, packed["head.weight"].transpose(1, 2))
+
     @torch.no_grad()
     def predict_prepared(self, prepared: dict[str, torch.Tensor], query_x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[R, N, out]`` for queries ``[R, N, C, H, W]`` from :meth:`prepare`'s tensors: each block is
-        ``relu(max_pool(scale * conv(h, W) + shift))``, what ``predict`` computes without query statistics."""
+        """Logits ``[R, N, out]`` for queries ``[R, N, C, H, W]`` from :meth:`prepare`'s tensors (or, for one
+        request, :meth:`pack`'s): each block is ``relu(max_pool(scale * conv(h, W) + shift))``, what
+        ``predict`` computes without query statistics."""
+        if self.blocks[0][1] + ".packed" in prepared:
+            return self._predict_packed(prepared, query_x)
         R, N = query_x.shape[:2]
         x = _inputs(self.blocks, query_x)
         blocks = self.blocks

@@ -40,27 +40,50 @@ class Session:
     tensors: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)
     _prepared: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    prepared_bytes: int = field(default=0, init=False, repr=False, compare=False)
+    _on_grow: Callable[[Session, int], None] | None = field(default=None, init=False, repr=False, compare=False)
 
     def prepared(self, key: Hashable, make: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """``make(self.tensors)``, made once per session object and ``key``: what a worker derives from the
-        session for its predictions (its tensors as ``[1, ...]`` views on a device, or a few KB of constants
-        a kernel computes with: ``Engine._session_inputs``). The in-memory store keeps the object between
-        requests, so this is done once per session where stacking the session's 26 tensors took 70 us of a
-        1.5 ms prediction and preparing a MAML kernel's constants 50 us; two workers making it at once make
-        equal values. Not counted in ``nbytes``: views share the session's memory, and a Conv4 MAML
-        session's constants are 4 KB, 1% of its 440 KB. The Redis store keeps the objects of the
-        sessions a replica holds (``RedisSessionStore``); one it rebuilds is prepared again."""
+        session for its predictions (``Engine._session_inputs``: its tensors as ``[1, ...]`` views on a
+        device, a few KB of constants a kernel computes with, or a packed copy of its conv weights). The
+        in-memory store keeps the object between requests, so this is done once per session where stacking
+        the session's 26 tensors took 70 us of a 1.5 ms prediction and packing a MAML session's weights
+        200 us; two workers making it at once make equal values. The memory it takes beyond the session's
+        own tensors is ``prepared_bytes``, which the store holding the session counts in its budget
+        (a Conv4-64 MAML session: 440 KB of tensors, 4 KB of constants, 440 KB packed). The Redis store
+        keeps the objects of the sessions a replica holds (``RedisSessionStore``); one it rebuilds is
+        prepared again."""
         made = self._prepared.get(key)
         if made is None:
             made = self._prepared[key] = make(self.tensors)
+            grown = _bytes_beside(made, self.tensors)
+            self.prepared_bytes += grown
+            if grown and self._on_grow is not None:
+                self._on_grow(self, grown)
         return made
 
     @property
     def nbytes(self) -> int:
+        """The session's own tensors (what its API reports and Redis stores)."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def held_bytes(self) -> int:
+        """What holding the session object costs: its tensors and what was prepared from them."""
+        return self.nbytes + self.prepared_bytes
 
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) >= self.expires
+
+
+def _bytes_beside(made: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> int:
+    """The bytes of ``made``'s tensors that are not views of ``tensors`` (oneDNN's packed tensors have no
+    storage to compare: their elements are counted)."""
+    shared = {t.untyped_storage().data_ptr() for t in tensors.values() if not t.is_mkldnn}
+    return sum(
+        t.numel() * t.element_size() for t in made.values() if t.is_mkldnn or t.untyped_storage().data_ptr() not in shared
+    )
 
 
 @dataclass
@@ -99,6 +122,8 @@ class MemorySessionStore(SessionStore):
 
     ``put`` evicts least recently used sessions until the new one fits in
     ``max_bytes`` (a session larger than the whole budget is still stored, alone).
+    A session counts its ``held_bytes``: what a worker prepares from it later
+    (``Session.prepared``) grows its count and may evict others.
     Expired sessions are dropped lazily (on access and on every ``put``/``stats``)
     and counted as expirations; budget evictions are counted separately.
     Thread-safe.
@@ -112,14 +137,32 @@ class MemorySessionStore(SessionStore):
         self._clock = clock
         self._lock = threading.Lock()
         self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._sizes: dict[str, int] = {}  # as counted: a session's held_bytes may grow before its hook reports it
         self._bytes = 0
         self.evictions = 0
         self.expirations = 0
 
     def _drop(self, session_id: str) -> Session:
         session = self._sessions.pop(session_id)
-        self._bytes -= session.nbytes
+        self._bytes -= self._sizes.pop(session_id)
         return session
+
+    def _evict_for(self, size: int, keep: Session | None = None) -> None:
+        """Drop least recently used sessions (not ``keep``) until ``size`` more bytes fit."""
+        while self._bytes + size > self.max_bytes:
+            oldest = next((s for s in self._sessions.values() if s is not keep), None)
+            if oldest is None:
+                return
+            self._drop(oldest.id)
+            self.evictions += 1
+
+    def _grew(self, session: Session, grown: int) -> None:
+        with self._lock:
+            if self._sessions.get(session.id) is not session:
+                return  # dropped meanwhile, or replaced
+            self._evict_for(grown, keep=session)
+            self._sizes[session.id] += grown
+            self._bytes += grown
 
     def _sweep(self, now: float) -> None:
         for session_id in [s.id for s in self._sessions.values() if s.expired(now)]:
@@ -132,12 +175,11 @@ class MemorySessionStore(SessionStore):
             self._sweep(now)
             if session.id in self._sessions:
                 self._drop(session.id)
-            size = session.nbytes
-            while self._sessions and self._bytes + size > self.max_bytes:
-                oldest = next(iter(self._sessions))
-                self._drop(oldest)
-                self.evictions += 1
+            session._on_grow = self._grew  # before its size is read: growth after it is reported (under this lock)
+            size = session.held_bytes
+            self._evict_for(size)
             self._sessions[session.id] = session
+            self._sizes[session.id] = size
             self._bytes += size
 
     def get(self, session_id: str, owner: str | None) -> Session | None:

@@ -13,6 +13,7 @@ computes.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -795,13 +796,41 @@ def test_the_recording_machinery_is_loaded_at_start_only_for_models_that_compile
     assert loads == [1, 1]
 
 
+def test_lone_maml_session_predicts_without_packed_convolutions_use_the_plain_constants(model_dir, monkeypatch):
+    """Where oneDNN's packed convolution is not available (another build or torch version:
+    ``packed_convolutions()`` is False), a lone MAML session predict computes with FastFull.prepare's
+    constants, and its predictions are the packed path's up to float rounding."""
+    from service import fastpath
+    from service.engine import Engine
+    from service.registry import ModelRegistry
+    from service.sessions import Session
+
+    if not fastpath.packed_convolutions():
+        pytest.skip("no packed convolutions in this torch build")
+    model = ModelRegistry.load(model_dir, "cpu").get("conv-maml")
+    engine = Engine()
+    tensors = engine._compute(_jobs(model, 1, 4, "adapt"))[0]["tensors"]
+    (job,) = _jobs(model, 1, 60, "predict", [tensors])
+    sessions = [Session(f"s{i}", "conv-maml", None, 0.0, 1e9, tensors) for i in range(2)]
+    packed = engine._compute([dataclasses.replace(job, session_prepared=sessions[0].prepared)])[0]
+    monkeypatch.setattr(fastpath, "packed_convolutions", lambda: False)
+    key, make = engine._session_inputs(model, False, lone=True)
+    assert key[0] == "prepared"
+    plain = engine._compute([dataclasses.replace(job, session_prepared=sessions[1].prepared)])[0]
+    assert not any(t.is_mkldnn for t in sessions[1].prepared(key, make).values())
+    assert plain["predictions"] == packed["predictions"]
+    torch.testing.assert_close(torch.tensor(plain["probabilities"]), torch.tensor(packed["probabilities"]), atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["conv-maml", "conv-anil", "conv-metasgd", "sine"])
 def test_what_a_worker_derives_from_a_session_is_made_once_and_predicts_the_same(model_dir, name):
     """``Job.session_prepared`` (``Session.prepared``): the session's tensors as [1, ...] views or, for MAML's
-    fast kernel with the session's BatchNorm statistics, its constants (FastFull.prepare), made once per
-    session object. Predictions with them equal a job's that derives them per request, alone (traced,
-    scripted or eager) and in a batch of three sessions, whose rows equal each session's prediction alone."""
+    fast kernel with the session's BatchNorm statistics, its constants (FastFull.prepare; packed for a
+    prediction computed alone, FastFull.pack), made once per session object. Predictions with them equal a
+    job's that derives them per request, alone (traced, scripted or eager) and in a batch of three sessions
+    (with the plain constants), whose rows equal each session's prediction alone."""
     from service.engine import Engine
+    from service.fastpath import packed_convolutions
     from service.registry import ModelRegistry
     from service.sessions import Session
 
@@ -809,14 +838,22 @@ def test_what_a_worker_derives_from_a_session_is_made_once_and_predicts_the_same
     engine = Engine(max_batch_size=8)
     adapted = engine._compute(_jobs(model, 3, 3, "adapt"))
     sessions = [Session(f"s{i}", name, None, 0.0, 1e9, result["tensors"]) for i, result in enumerate(adapted)]
-    for transductive in (False, True):
-        key, make = engine._session_inputs(model, transductive)
+    for transductive, lone in itertools.product((False, True), (False, True)):
+        key, make = engine._session_inputs(model, transductive, lone)
+        before = sessions[0].prepared_bytes
         made = sessions[0].prepared(key, make)
         assert sessions[0].prepared(key, lambda tensors: pytest.fail("made twice")) is made
-        if name == "conv-maml" and not transductive:  # the kernel's constants: scale and shift per block
+        grown = sessions[0].prepared_bytes - before
+        if name == "conv-maml" and not transductive and lone and packed_convolutions():  # packed weights, scale folded in
+            assert made["body.4.packed"].is_mkldnn and "body.4.weight" not in made and "body.5.scale" not in made
+            weights = sum(t.numel() * 4 for n, t in sessions[0].tensors.items() if n.endswith("weight") and t.dim() == 4)
+            assert weights <= grown <= weights + 4096  # and each block's shift
+        elif name == "conv-maml" and not transductive:  # the kernel's constants: scale and shift per block
             assert {"body.1.scale", "body.1.shift"} <= set(made) and "body.1.weight" not in made
-        else:  # views of the session's own tensors
+            assert 0 < grown < sessions[0].nbytes / 4  # per-channel constants (and the first weight, signed)
+        else:  # views of the session's own tensors: nothing more to hold
             assert all(made[n].shape == (1, *t.shape) and made[n].data_ptr() == t.data_ptr() for n, t in sessions[0].tensors.items())
+            assert grown == 0
     for round_ in range(6):  # eager, then traced (the fast kernels) or, once compiled, scripted (the generic path)
         if round_ == 3:
             assert engine._scripts.wait(120), "compilation did not finish"
@@ -831,4 +868,4 @@ def test_what_a_worker_derives_from_a_session_is_made_once_and_predicts_the_same
                 values = "probabilities" if "probabilities" in single else "predictions"  # classes, or regression values
                 torch.testing.assert_close(torch.tensor(together[values]), torch.tensor(single[values]), atol=1e-6, rtol=1e-5)
     replays = engine.script_stats()["replays"] if name in ("conv-metasgd", "sine") else engine.trace_stats()["replays"]
-    assert replays >= 4 and engine.script_stats()["failures"] == 0
+    assert replays >= 4 and engine.script_stats()["failures"] == 0 and engine.trace_stats()["failures"] == 0

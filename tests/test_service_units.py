@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -43,6 +42,33 @@ def test_memory_store_lru_ttl_budget_owner():
     huge = session("huge", nbytes=4000, now=clock[0])
     store.put(huge)  # larger than the budget: stored alone
     assert store.stats().live_sessions == 1
+
+
+def test_memory_store_counts_what_is_prepared_from_a_session():
+    """``Session.prepared`` beyond views of the session's tensors (a kernel's packed weights) grows the
+    session's count in the store that holds it and may evict others, not itself; growth of a session no
+    longer held is not counted, and dropping a session gives back everything counted for it."""
+    store = MemorySessionStore(max_bytes=1000, clock=lambda: 1000.0)
+    a, b = session("a"), session("b")
+    store.put(a)
+    store.put(b)
+    views = b.prepared("views", lambda tensors: {n: t.unsqueeze(0) for n, t in tensors.items()})
+    assert views["param:w"].data_ptr() == b.tensors["param:w"].data_ptr()
+    assert b.prepared_bytes == 0 and store.stats().live_bytes == 800
+    b.prepared("copy", lambda tensors: {"w2": torch.zeros(75)})  # 300 bytes: 1100 > 1000, a (least recent) goes
+    assert b.prepared_bytes == 300 and b.held_bytes == 700
+    assert store.get("a", None) is None and store.get("b", None) is b
+    assert store.stats().live_bytes == 700 and store.stats().evictions == 1
+    b.prepared("big", lambda tensors: {"w3": torch.zeros(250)})  # alone over the budget: held, alone
+    assert store.get("b", None) is b and store.stats().live_bytes == 1700
+    store.put(a)  # a prepared session put again counts what it holds
+    a.prepared("copy", lambda tensors: {"w2": torch.zeros(25)})
+    assert store.get("b", None) is None and store.stats().live_bytes == 500
+    assert store.delete("a", None) and store.stats().live_bytes == 0
+    a.prepared("late", lambda tensors: {"w4": torch.zeros(25)})  # no longer held: nothing counted
+    assert store.stats().live_bytes == 0 and a.held_bytes == 600
+    store.put(a)
+    assert store.stats().live_bytes == 600
 
 
 def test_settings_from_environment(monkeypatch):
