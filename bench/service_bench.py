@@ -222,6 +222,36 @@ def start_server(kind: str, model_dir: Path, threads: int, log_dir: Path, max_ba
     raise RuntimeError(f"{kind} server did not start")
 
 
+def checkpoint_workspace(prefix: str) -> tuple[Path, Path]:
+    """A new temporary directory and, in it, ``models/`` with the benchmark's checkpoints."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    model_dir = work / "models"
+    model_dir.mkdir()
+    make_checkpoints(model_dir)
+    return work, model_dir
+
+
+def start_configured(configs: list[str], model_dir: Path, log_dir: Path) -> list:
+    """One service per config, "NAME=VALUE,..." ("" = the defaults), as (process, port): METALEARN_*
+    settings or other environment variables; ``CPUS=0+1`` puts every thread of the server on those cores
+    (threads it starts later inherit it)."""
+    servers = []
+    try:
+        for config in configs:
+            settings = dict(item.split("=", 1) for item in config.split(",") if item)
+            cpus = settings.pop("CPUS", None)
+            servers.append(start_server("service", model_dir, 1, log_dir, 0, settings=settings))
+            if cpus:
+                pid = servers[-1][0].pid
+                for thread in os.listdir(f"/proc/{pid}/task"):
+                    os.sched_setaffinity(int(thread), {int(cpu) for cpu in cpus.split("+")})
+    except BaseException:
+        for process, _ in servers:  # those already started
+            process.terminate()
+        raise
+    return servers
+
+
 # ---------------------------------------------------------------------------
 # Load generator: a minimal keep-alive HTTP/1.1 client (cheap, so the 2 cores go to the servers)
 # ---------------------------------------------------------------------------

@@ -173,6 +173,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         cuda_graphs=settings.cuda_graphs,
         cpu_traces=settings.cpu_traces,
         cpu_scripts=settings.cpu_scripts,
+        worker_cpus=settings.resolved_worker_cpus(),
     )
 
     problems.install(app)

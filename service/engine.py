@@ -45,6 +45,7 @@ import asyncio
 import concurrent.futures
 import copy
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -182,6 +183,7 @@ class Engine:
         cuda_graphs: int = 16,
         cpu_traces: int = 24,
         cpu_scripts: int = 8,
+        worker_cpus: list[list[int]] | None = None,
     ):
         if workers < 1:
             raise ValueError("workers must be >= 1")
@@ -195,6 +197,7 @@ class Engine:
         self.strategy = strategy
         self.cuda_graphs = cuda_graphs  # graphs kept on a GPU with one worker; 0 = none (service.cuda_graphs)
         self.cpu_traces = cpu_traces  # traces kept per worker on the CPU; 0 = none (service.cpu_traces)
+        self.worker_cpus = worker_cpus  # the cores each worker runs on (Settings.resolved_worker_cpus); None = anywhere
         # Compiled adaptations on the CPU (those traces cannot hold), shared by the workers; None = none (service.cpu_scripts)
         self._scripts = ScriptCache(capacity=cpu_scripts) if cpu_scripts else None
         self._pending: deque[Job] = deque()
@@ -226,7 +229,7 @@ class Engine:
         if self._scripts is not None:
             self._scripts.reopen()
         self._threads = [
-            threading.Thread(target=self._run, name=f"metalearn-engine-{i}", daemon=True) for i in range(self.workers)
+            threading.Thread(target=self._run, args=(i,), name=f"metalearn-engine-{i}", daemon=True) for i in range(self.workers)
         ]
         for thread in self._threads:
             thread.start()
@@ -338,7 +341,12 @@ class Engine:
             self.metrics.queue_depth(depth)
         return True
 
-    def _run(self) -> None:
+    def _run(self, index: int) -> None:
+        if self.worker_cpus:
+            try:  # this thread, and the torch threads it starts: they inherit it
+                os.sched_setaffinity(0, self.worker_cpus[index % len(self.worker_cpus)])
+            except (OSError, AttributeError) as error:  # not Linux, or cores no longer allowed
+                log.warning("worker %d runs unpinned: %s", index, error)
         if self.threads:
             torch.set_num_threads(self.threads)
         while True:

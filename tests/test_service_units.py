@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -69,6 +70,40 @@ def test_memory_store_counts_what_is_prepared_from_a_session():
     assert store.stats().live_bytes == 0 and a.held_bytes == 600
     store.put(a)
     assert store.stats().live_bytes == 600
+
+
+def test_worker_cores_from_settings(monkeypatch):
+    """``pin_workers``: each worker gets the next ``threads`` of the allowed cores, when they fit; none on
+    a GPU, when off, or when the workers need more cores than allowed."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2, 3, 5, 7}, raising=False)
+    assert Settings(device="cpu", threads=1, workers=2).resolved_worker_cpus() == [[2], [3]]
+    assert Settings(device="cpu", threads=2, workers=2).resolved_worker_cpus() == [[2, 3], [5, 7]]
+    assert Settings(device="cpu", threads=3, workers=2).resolved_worker_cpus() is None
+    assert Settings(device="cpu", threads=1, workers=2, pin_workers=False).resolved_worker_cpus() is None
+    assert Settings(device="cuda", threads=1, workers=1).resolved_worker_cpus() is None
+    monkeypatch.setenv("METALEARN_PIN_WORKERS", "false")
+    assert Settings(device="cpu", threads=1, workers=2).pin_workers is False
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity control on this platform")
+def test_engine_workers_run_on_their_cores():
+    """Each worker thread runs on its ``worker_cpus`` entry (and so do the torch threads it starts); the
+    process's other threads keep every allowed core."""
+    allowed = sorted(os.sched_getaffinity(0))
+    cores = [[allowed[0]], [allowed[-1]]]
+    engine = Engine(workers=2, threads=1, worker_cpus=cores)
+    engine.start()
+    try:
+        def pinned():
+            return [sorted(os.sched_getaffinity(t.native_id)) if t.native_id else None for t in engine._threads]
+
+        deadline = time.monotonic() + 10  # the workers set it first thing
+        while pinned() != cores and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pinned() == cores
+        assert sorted(os.sched_getaffinity(0)) == allowed
+    finally:
+        engine.stop()
 
 
 def test_settings_from_environment(monkeypatch):

@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -79,21 +77,10 @@ def main() -> None:
     args = parser.parse_args()
     configs = args.server or ["", "METALEARN_WORKERS=1"]
 
-    work = Path(tempfile.mkdtemp(prefix="latency_split_"))
-    model_dir = work / "models"
-    model_dir.mkdir()
-    sb.make_checkpoints(model_dir)
+    work, model_dir = sb.checkpoint_workspace("latency_split_")
     batch, origin = sb.make_tasks(2)
-    servers = []
+    servers = sb.start_configured(configs, model_dir, work)
     try:
-        for config in configs:
-            settings = dict(item.split("=", 1) for item in config.split(",") if item)
-            cpus = settings.pop("CPUS", None)
-            servers.append(sb.start_server("service", model_dir, 1, work, 0, settings=settings))
-            if cpus:  # every thread of the server on these cores (threads it starts later inherit it)
-                pid = servers[-1][0].pid
-                for thread in os.listdir(f"/proc/{pid}/task"):
-                    os.sched_setaffinity(int(thread), {int(cpu) for cpu in cpus.split("+")})
         requests = [sb.build_requests(batch, args.model, port, args.mode, 2) for _, port in servers]
         for (_, port), sent in zip(servers, requests):  # traces captured, background compilations done
             sb.warm_up(port, sent)
