@@ -386,9 +386,12 @@ class FastFull:
         return prepared
 
     def packs(self) -> bool:
-        """Whether :meth:`pack` applies: a model on the CPU whose convolutions oneDNN runs packed."""
-        device = next(iter(self.params.values())).device
-        return device.type == "cpu" and all(_packable(conv) for conv, *_ in self.blocks) and packed_convolutions()
+        """Whether :meth:`pack` applies: a float32 model on the CPU whose convolutions oneDNN runs packed."""
+        param = next(iter(self.params.values()))
+        return (
+            param.device.type == "cpu" and param.dtype == torch.float32
+            and all(_packable(conv) for conv, *_ in self.blocks) and packed_convolutions()
+        )
 
     def pack(self, prepared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """:meth:`prepare`'s tensors for one request (``R = 1``) as oneDNN runs them fastest: each block's

@@ -12,6 +12,7 @@ computes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 
@@ -820,6 +821,10 @@ def test_lone_maml_session_predicts_without_packed_convolutions_use_the_plain_co
     assert not any(t.is_mkldnn for t in sessions[1].prepared(key, make).values())
     assert plain["predictions"] == packed["predictions"]
     torch.testing.assert_close(torch.tensor(plain["probabilities"]), torch.tensor(packed["probabilities"]), atol=1e-6, rtol=1e-5)
+    monkeypatch.undo()
+    learner = copy.deepcopy(model.learner)
+    learner.model.double()  # oneDNN packs float32 weights only
+    assert fastpath.FastFull(model.learner).packs() and not fastpath.FastFull(learner).packs()
 
 
 @pytest.mark.parametrize("name", ["conv-maml", "conv-anil", "conv-metasgd", "sine"])
