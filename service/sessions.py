@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
@@ -23,6 +24,9 @@ import torch
 
 class SessionStoreUnavailable(RuntimeError):
     """The store cannot be reached (e.g. Redis is down): session calls answer 503."""
+
+
+_GROWTH = threading.Lock()
 
 
 def new_session_id() -> str:
@@ -58,7 +62,8 @@ class Session:
         if made is None:
             made = self._prepared[key] = make(self.tensors)
             grown = _bytes_beside(made, self.tensors)
-            self.prepared_bytes += grown
+            with _GROWTH:  # two workers may prepare other keys of one session at once
+                self.prepared_bytes += grown
             if grown and self._on_grow is not None:
                 self._on_grow(self, grown)
         return made
@@ -130,7 +135,6 @@ class MemorySessionStore(SessionStore):
     """
 
     def __init__(self, max_bytes: int = 512 * 1024 * 1024, clock=time.time):
-        import threading
         from collections import OrderedDict
 
         self.max_bytes = int(max_bytes)
