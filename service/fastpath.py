@@ -298,6 +298,8 @@ class FastFull:
         self.blocks = _blocks(learner.model)
         self.names = list(learner.adapt_names)
         self.params = {n: p.detach() for n, p in learner.model.named_parameters()}
+        param = next(iter(self.params.values()))  # oneDNN packs float32 CPU weights of plain convolutions
+        self._packable_weights = param.device.type == "cpu" and param.dtype == torch.float32 and all(_packable(c) for c, *_ in self.blocks)
 
     def forward(self, P: dict, x: torch.Tensor | WindowColumns, record: bool = False):
         """Logits ``[R, N, out]`` with parameters ``P`` (each ``[R, ...]``), BatchNorm on each request's batch
@@ -387,11 +389,7 @@ class FastFull:
 
     def packs(self) -> bool:
         """Whether :meth:`pack` applies: a float32 model on the CPU whose convolutions oneDNN runs packed."""
-        param = next(iter(self.params.values()))
-        return (
-            param.device.type == "cpu" and param.dtype == torch.float32
-            and all(_packable(conv) for conv, *_ in self.blocks) and packed_convolutions()
-        )
+        return self._packable_weights and packed_convolutions()
 
     def pack(self, prepared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """:meth:`prepare`'s tensors for one request (``R = 1``) as oneDNN runs them fastest: each block's

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 from pathlib import Path
 
 import httpx
@@ -37,15 +36,11 @@ def main() -> None:
     parser.add_argument("--server", action="append", help='settings of one server, "NAME=VALUE,..." ("" = defaults; repeatable)')
     args = parser.parse_args()
     servers = args.server or ["", "METALEARN_CPU_SCRIPTS=0", "METALEARN_CPU_SCRIPTS=0,METALEARN_CPU_TRACES=0"]
-    work = Path(tempfile.mkdtemp(prefix="trace_memory_"))
-    model_dir = work / "models"
-    model_dir.mkdir()
-    sb.make_checkpoints(model_dir)
+    work, model_dir = sb.checkpoint_workspace("trace_memory_")
     batch, origin = sb.make_tasks(64)
     print(f"# tasks: {origin}")
     for server in servers:
-        settings = dict(item.split("=", 1) for item in server.split(",") if item)
-        process, port = sb.start_server("service", model_dir, 1, work, 0, settings=settings)
+        ((process, port),) = sb.start_configured([server], model_dir, work)
         try:
             start = memory(process.pid)
             for model in ("maml", "anil"):
@@ -56,7 +51,7 @@ def main() -> None:
             sb.wait_for_compilations(port)  # (service.cpu_scripts)
             metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines()
             traces = [line for line in metrics if line.startswith(("metalearn_cpu_trace", "metalearn_cpu_script")) and not line.endswith("_created")]
-            print(f"{settings or 'defaults'}: at start {start}; at the end {memory(process.pid)}")
+            print(f"{server or 'defaults'}: at start {start}; at the end {memory(process.pid)}")
             print("   " + "; ".join(traces))
         finally:
             process.terminate()

@@ -72,7 +72,7 @@ class _StateCollector:
             held = store.held_stats()
             yield from _unlabelled((
                 (GaugeMetricFamily, "metalearn_sessions_held", "Sessions this replica holds decoded", held["sessions"]),
-                (GaugeMetricFamily, "metalearn_sessions_held_bytes", "Tensor bytes of the sessions this replica holds decoded", held["bytes"]),
+                (GaugeMetricFamily, "metalearn_sessions_held_bytes", "Bytes of the sessions this replica holds decoded (their tensors and what workers prepared from them)", held["bytes"]),
                 (CounterMetricFamily, "metalearn_session_held_gets", "Session reads answered with a held session (metadata alone from the store)", held["held_gets"]),
                 (CounterMetricFamily, "metalearn_session_fetched_gets", "Session reads that fetched and decoded the tensors", held["fetched_gets"]),
             ))
