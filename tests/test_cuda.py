@@ -221,6 +221,23 @@ def test_settings_device_auto_resolves_to_cuda(monkeypatch):
     assert Settings(device="cuda").resolved_device() == "cuda"
 
 
+def test_cpu_only_paths_stay_off_on_cuda(model_dir, monkeypatch):
+    """Packed convolutions (oneDNN) and worker pinning are CPU paths: a GPU model's lone session predict
+    computes with the plain constants, and a GPU service pins no worker."""
+    pytest.importorskip("pydantic_settings")
+    from service.engine import Engine
+    from service.fastpath import FastFull
+    from service.registry import ModelRegistry
+    from service.settings import Settings
+
+    model = ModelRegistry.load(model_dir, "cuda").get("conv-maml")
+    assert not FastFull(model.learner).packs()
+    key, _ = Engine()._session_inputs(model, False, lone=True)
+    assert key == ("prepared", "cuda")
+    monkeypatch.delenv("METALEARN_DEVICE", raising=False)
+    assert Settings().resolved_worker_cpus() is None and Settings(device="cuda", pin_workers=True).resolved_worker_cpus() is None
+
+
 @pytest.mark.parametrize("name", ["conv-maml", "conv-anil"])
 def test_engine_on_cuda_equals_cpu(model_dir, name):
     """Batched adapt-and-predict on the GPU (vmap) gives the CPU's predictions; sessions from CPU tensors work."""

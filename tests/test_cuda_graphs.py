@@ -825,6 +825,8 @@ def test_lone_maml_session_predicts_without_packed_convolutions_use_the_plain_co
     learner = copy.deepcopy(model.learner)
     learner.model.double()  # oneDNN packs float32 weights only
     assert fastpath.FastFull(model.learner).packs() and not fastpath.FastFull(learner).packs()
+    learner.model.float().to("meta")  # weights off the CPU (tests/test_cuda.py checks a GPU's)
+    assert not fastpath.FastFull(learner).packs()
 
 
 @pytest.mark.parametrize("name", ["conv-maml", "conv-anil", "conv-metasgd", "sine"])

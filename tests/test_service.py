@@ -400,6 +400,49 @@ def test_session_expiry_and_lru_eviction(small_server):
         assert "metalearn_sessions_bytes 14088.0" in text
 
 
+def test_sigterm_answers_the_requests_in_flight_first(model_dir, tmp_path):
+    """``metalearn serve`` (the Dockerfile's and compose file's command) told to stop, as an orchestrator
+    does with SIGTERM, stops taking connections but answers the adaptations already in flight (within
+    its 10 s grace; compose gives 15 s) before it exits."""
+    import http.client
+    import signal
+    import threading
+
+    proc = ServerProcess(model_dir, tmp_path / "serve.log", cli=True).wait_ready()
+    g = torch.Generator().manual_seed(0)
+    support = {"x": b64(torch.rand(50, 1, 28, 28, generator=g)), "y": [i % 5 for i in range(50)]}
+    body = json.dumps({"support": support, "inner_steps": 40})  # about 0.3 s each here, in batches
+    sent = threading.Barrier(7)
+    answers: list[tuple[int, float]] = []
+
+    def adapt():
+        connection = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=60)
+        connection.request("POST", "/v1/models/conv_maml/adapt", body, {"Content-Type": "application/json"})
+        sent.wait(30)
+        response = connection.getresponse()
+        response.read()
+        answers.append((response.status, time.monotonic()))
+
+    threads = [threading.Thread(target=adapt) for _ in range(6)]
+    try:
+        for thread in threads:
+            thread.start()
+        sent.wait(30)
+        time.sleep(0.1)  # the requests read by the server
+        signalled = time.monotonic()
+        proc.process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(60)
+        exit_code = proc.process.wait(30)
+        log = proc.log()
+    finally:
+        proc.stop()
+    assert [status for status, _ in answers] == [201] * 6, log
+    assert max(at for _, at in answers) > signalled  # some were still computing when the signal came
+    assert exit_code in (0, -signal.SIGTERM), log  # uvicorn re-raises the signal once it has shut down
+    assert "Traceback" not in log and "Cancel" not in log, log
+
+
 def test_metrics_exposition(server, http):
     http.get("/v1/models")
     # an adaptation and a 422 of its own, so the test also runs alone

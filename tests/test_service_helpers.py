@@ -73,9 +73,10 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``uvicorn service.app:app`` in a subprocess on a free loopback port, configured by METALEARN_* env."""
+    """``uvicorn service.app:app`` in a subprocess on a free loopback port, configured by METALEARN_* env;
+    with ``cli``, ``metalearn serve`` (what the Dockerfile and compose file run) instead."""
 
-    def __init__(self, model_dir: Path, log_path: Path, **settings):
+    def __init__(self, model_dir: Path, log_path: Path, cli: bool = False, **settings):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ)
@@ -87,10 +88,11 @@ class ServerProcess:
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-        )
+        if cli:
+            command = ["-m", "metalearn.cli", "serve", "--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port)]
+        else:
+            command = ["-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+        self.process = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 90.0) -> "ServerProcess":
         deadline = time.monotonic() + timeout

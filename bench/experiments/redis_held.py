@@ -12,9 +12,6 @@ calls, and the decoding alone.
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from engine_graphs import demo_registry, jobs_for, median_us  # noqa: E402
+from local_redis import local_redis  # noqa: E402
 
 from service.engine import Engine  # noqa: E402
 from service.redis_store import RedisSessionStore, decode_tensors, encode_tensors  # noqa: E402
@@ -31,27 +29,14 @@ from service.sessions import Session, new_session_id  # noqa: E402
 
 
 def main() -> None:
-    if shutil.which("redis-server") is None:
-        sys.exit("redis-server is not installed (apt-get install redis-server)")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                              stdout=subprocess.DEVNULL)
-    try:
+    with local_redis() as url:
         torch.set_num_threads(1)
         model = demo_registry(["maml"], "cpu").get("maml")
         with torch.no_grad():
             tensors = Engine(threads=1, cpu_traces=0, cpu_scripts=0)._compute(jobs_for(model, 1, "adapt", seed=1))[0]["tensors"]
-        url = f"redis://127.0.0.1:{port}/0"
-        for _ in range(50):
-            try:
-                holding, fetching = RedisSessionStore(url, 1 << 30), RedisSessionStore(url, 1 << 30, held_bytes=0)
-                session = Session(new_session_id(), "maml", None, time.time(), time.time() + 3600, tensors)
-                holding.put(session)
-                break
-            except Exception:  # noqa: BLE001 - redis-server still starting
-                time.sleep(0.1)
+        holding, fetching = RedisSessionStore(url, 1 << 30), RedisSessionStore(url, 1 << 30, held_bytes=0)
+        session = Session(new_session_id(), "maml", None, time.time(), time.time() + 3600, tensors)
+        holding.put(session)
         print(f"# one Conv4-64 MAML session, {session.nbytes // 1024} KB of tensors; RedisSessionStore.get, median of 500 calls")
         for _ in range(3):
             held = median_us(lambda: holding.get(session.id, None), 500)
@@ -59,9 +44,6 @@ def main() -> None:
             print(f"held by the replica {held:.0f} us   fetched and decoded {fetched:.0f} us")
         blob = encode_tensors(tensors)
         print(f"# of which decoding the tensors: {median_us(lambda: decode_tensors(blob), 500):.0f} us")
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 if __name__ == "__main__":
