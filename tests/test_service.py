@@ -411,7 +411,7 @@ def test_sigterm_answers_the_requests_in_flight_first(model_dir, tmp_path):
     proc = ServerProcess(model_dir, tmp_path / "serve.log", cli=True).wait_ready()
     g = torch.Generator().manual_seed(0)
     support = {"x": b64(torch.rand(50, 1, 28, 28, generator=g)), "y": [i % 5 for i in range(50)]}
-    body = json.dumps({"support": support, "inner_steps": 40})  # about 0.3 s each here, in batches
+    body = json.dumps({"support": support, "inner_steps": 40})  # the six take about 2 s here
     sent = threading.Barrier(7)
     answers: list[tuple[int, float]] = []
 
