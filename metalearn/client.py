@@ -28,15 +28,18 @@ import numpy as np
 
 
 class ServiceError(Exception):
-    """An error answer: ``status``, ``title``, ``detail`` and the whole ``problem`` document."""
+    """An error answer: ``status``, ``title``, ``detail``, the whole ``problem`` document, and the
+    ``request_id`` the service gave the request (quote it to the service's operators: it is in their logs)."""
 
-    def __init__(self, status: int, problem: dict):
+    def __init__(self, status: int, problem: dict, request_id: str | None = None):
         self.status = status
         self.problem = problem
         self.title = problem.get("title", "")
         self.detail = problem.get("detail", "")
+        self.request_id = request_id
         self.retry_after = None
-        super().__init__(f"{status} {self.title}: {self.detail}")
+        where = f" (request id {request_id})" if request_id and status >= 500 else ""
+        super().__init__(f"{status} {self.title}: {self.detail}{where}")
 
 
 def _as_numpy(value: Any, dtype=None) -> np.ndarray:
@@ -147,7 +150,8 @@ class Client:
                 problem = response.json()
             except ValueError:
                 problem = {"title": response.reason_phrase, "detail": response.text[:500]}
-            error = ServiceError(response.status_code, problem if isinstance(problem, dict) else {"detail": str(problem)})
+            problem = problem if isinstance(problem, dict) else {"detail": str(problem)}
+            error = ServiceError(response.status_code, problem, response.headers.get("X-Request-ID"))
             error.retry_after = response.headers.get("Retry-After")
             raise error
         if response.status_code == 204 or not response.content:

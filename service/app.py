@@ -30,6 +30,7 @@ from service import problems
 from service.engine import Engine, EngineStopped, JobTimeout, QueueFull
 from service.problems import Problem, problem_response
 from service.registry import ModelRegistry
+from service.request_ids import RequestIds
 from service.routes import health, metrics, models, sessions
 from service.sessions import MemorySessionStore, SessionStore, SessionStoreUnavailable
 from service.settings import Settings
@@ -227,9 +228,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
 
     _install_openapi(app)
-    # Outermost first: metrics see every answer, including 413s from the size limit.
+    # Each added one wraps the ones before: metrics see every answer, including 413s from the size
+    # limit, and every answer carries its request id.
     app.add_middleware(problems.BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(metrics.RequestMetrics, metrics=app.state.metrics)
+    app.add_middleware(RequestIds)
     return app
 
 

@@ -8,7 +8,7 @@ a route gives::
 
 :func:`install` adds handlers for request validation errors, HTTP errors (404,
 405, ...), and a last-resort handler so even an unexpected exception is a JSON
-problem; :class:`BodySizeLimit` answers ``413`` for bodies over the limit,
+problem (with the request's id, ``service.request_ids``); :class:`BodySizeLimit` answers ``413`` for bodies over the limit,
 counting the bytes as they arrive (a lying or missing Content-Length does not help).
 """
 
@@ -23,6 +23,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.request_ids import request_id
 
 log = logging.getLogger("service")
 
@@ -123,8 +125,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        problem = Problem(500, "Internal error", f"unexpected {type(exc).__name__}; the service keeps running")
+        # Answered outside the middleware (Starlette's outermost layer catches it): the id goes in by hand.
+        rid = request_id(request)
+        log.exception("unexpected error on %s %s (request id %s)", request.method, request.url.path, rid)
+        extra = {"request_id": rid, "headers": {"X-Request-ID": rid}} if rid else {}
+        problem = Problem(500, "Internal error", f"unexpected {type(exc).__name__}; the service keeps running", **extra)
         return problem_response(problem, request.url.path)
 
 

@@ -59,6 +59,7 @@ def test_client_regression_and_errors(served):
         with pytest.raises(ServiceError) as error:
             client.adapt("nope", sx, sy)
         assert error.value.status == 404
+        assert len(error.value.request_id) == 24 and error.value.request_id not in str(error.value)  # quoted for 5xx only
     with Client(server.url) as anonymous, pytest.raises(ServiceError) as error:
         anonymous.models()
     assert error.value.status == 401
@@ -81,3 +82,14 @@ def test_client_retries_503_after_retry_after():
     with Client("http://service", retries=1, transport=httpx.MockTransport(handler)) as client, pytest.raises(ServiceError) as error:
         client.health()
     assert len(calls) == 2 and error.value.status == 503 and error.value.retry_after == "0" and error.value.detail == "queue full"
+
+
+def test_client_errors_quote_the_request_id_of_a_server_error():
+    import httpx
+
+    def handler(request):
+        return httpx.Response(500, headers={"X-Request-ID": "4f2a"}, json={"title": "Internal error", "detail": "unexpected KeyError", "status": 500})
+
+    with Client("http://service", transport=httpx.MockTransport(handler)) as client, pytest.raises(ServiceError) as error:
+        client.models()
+    assert error.value.request_id == "4f2a" and str(error.value) == "500 Internal error: unexpected KeyError (request id 4f2a)"

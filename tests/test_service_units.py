@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import threading
 import time
 from types import SimpleNamespace
@@ -361,6 +362,35 @@ def test_queue_full_and_store_down_are_503_problems(tmp_path):
         response = client.post("/v1/models/x/predict", json={})
         assert response.status_code in (404, 422, 503)
 
+
+
+def test_every_answer_carries_a_request_id(tmp_path, caplog):
+    """X-Request-ID on every answer (a valid one the caller sent is echoed), and in a 500's body and log line."""
+    from service.app import create_app
+
+    app = create_app(Settings(model_dir=str(tmp_path), max_body_bytes=1024))
+
+    class BrokenStore(MemorySessionStore):
+        def get(self, session_id, owner):
+            raise RuntimeError("a bug")
+
+    made = re.compile(r"[0-9a-f]{24}")
+    with TestClient(app, raise_server_exceptions=False) as client:
+        first, second = client.get("/healthz"), client.get("/healthz")
+        assert made.fullmatch(first.headers["x-request-id"]) and made.fullmatch(second.headers["x-request-id"])
+        assert first.headers["x-request-id"] != second.headers["x-request-id"]
+        assert client.get("/healthz", headers={"X-Request-ID": "lb-7:trace_0.1"}).headers["x-request-id"] == "lb-7:trace_0.1"
+        for refused in (b"two words", b"x" * 129, "caf\u00e9".encode()):
+            assert made.fullmatch(client.get("/healthz", headers={"X-Request-ID": refused}).headers["x-request-id"])
+        assert made.fullmatch(client.get("/v1/sessions/abc").headers["x-request-id"])  # 404
+        assert made.fullmatch(client.post("/v1/sessions/abc/predict", content=b"{" * 2000).headers["x-request-id"])  # 413
+        app.state.store = BrokenStore()
+        with caplog.at_level("ERROR", logger="service"):
+            response = client.get("/v1/sessions/abc", headers={"X-Request-ID": "support-ticket-42"})
+        assert response.status_code == 500 and response.headers["content-type"] == "application/problem+json"
+        assert response.headers["x-request-id"] == response.json()["request_id"] == "support-ticket-42"
+        assert any("support-ticket-42" in record.getMessage() and record.exc_info for record in caplog.records)
+        assert client.get("/healthz").status_code == 200
 
 @pytest.mark.parametrize("algorithm", ["maml", "anil"])
 def test_engine_adapts_on_the_shifted_support_the_checkpoint_records(tmp_path, algorithm):
