@@ -14,11 +14,21 @@ by default, ``encoding="json"`` sends nested lists. Every error answer raises
 :class:`ServiceError` carrying the RFC 9457 problem document. A ``503`` (queue
 full, session store down) is retried up to ``retries`` times after the
 ``Retry-After`` the service sends (capped at ``max_retry_wait`` seconds).
+
+In an asyncio application (a FastAPI or aiohttp backend, say), :class:`AsyncClient`
+has the same calls, awaited, so that waiting for the service never blocks the event loop:
+
+    async with AsyncClient("http://127.0.0.1:8000", api_key="secret") as client:
+        session = await client.adapt("omniglot", support_x, support_y)
+        labels = await session.predict(query_x)
+        many = await asyncio.gather(*(session.predict_full(x) for x in batches))   # one connection pool
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,38 +86,12 @@ class Prediction:
     raw: dict = field(repr=False)
 
 
-class RemoteSession:
-    """An adapted session on the service."""
+class _Calls:
+    """What both clients share: their settings, how each call's body is written, when a 503 is retried, how an
+    answer is read. A subclass names its ``httpx`` client class and sends the requests (blocking or awaited)."""
 
-    def __init__(self, client: "Client", info: dict):
-        self.client = client
-        self.info = info
-        self.id: str = info["session_id"]
-        self.model: str = info["model"]
-        self.probabilities: np.ndarray | None = None
+    _http_class: type[httpx.Client] | type[httpx.AsyncClient]
 
-    def predict(self, x: Any, transductive: bool = False) -> np.ndarray:
-        """Predictions (class indices or values) for ``x``; class probabilities land in ``self.probabilities``."""
-        body = {"x": self.client._x(x), "transductive": transductive}
-        result = self.client._prediction(self.client._request("POST", f"/v1/sessions/{self.id}/predict", json=body))
-        self.probabilities = result.probabilities
-        return result.predictions
-
-    def predict_full(self, x: Any, transductive: bool = False) -> Prediction:
-        body = {"x": self.client._x(x), "transductive": transductive}
-        return self.client._prediction(self.client._request("POST", f"/v1/sessions/{self.id}/predict", json=body))
-
-    def describe(self) -> dict:
-        return self.client._request("GET", f"/v1/sessions/{self.id}")
-
-    def delete(self) -> None:
-        self.client._request("DELETE", f"/v1/sessions/{self.id}")
-
-    def __repr__(self) -> str:
-        return f"RemoteSession(id={self.id[:8]}..., model={self.model!r})"
-
-
-class Client:
     def __init__(
         self,
         base_url: str,
@@ -117,15 +101,14 @@ class Client:
         encoding: str = "base64",
         retries: int = 2,
         max_retry_wait: float = 10.0,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
     ):
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.encoding = encoding
         self.retries = retries
         self.max_retry_wait = max_retry_wait
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = self._http_class(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
 
-    # -- plumbing -------------------------------------------------------
     def _x(self, x: Any) -> Any:
         if isinstance(x, dict):  # already encoded, e.g. encode_images(...)
             return x
@@ -137,14 +120,29 @@ class Client:
             return array.astype(np.int64).tolist() if self.encoding == "json" else encode_tensor(array, self.encoding, np.int64)
         return encode_tensor(array, self.encoding, np.float32)
 
-    def _request(self, method: str, path: str, **kwargs) -> Any:
-        response = self._http.request(method, path, **kwargs)
-        for attempt in range(self.retries):
-            if response.status_code != 503:
-                break
-            # 503 means "not now" (queue full, session store down): wait as the service says.
-            time.sleep(min(_seconds(response.headers.get("Retry-After"), default=2.0**attempt), self.max_retry_wait))
-            response = self._http.request(method, path, **kwargs)
+    def _adapt_body(self, x: Any, y: Any, inner_steps: int | None, inner_lr: float | None, ttl_s: int | None) -> dict:
+        body: dict = {"support": {"x": self._x(x), "y": self._y(y)}}
+        for key, value in (("inner_steps", inner_steps), ("inner_lr", inner_lr), ("ttl_s", ttl_s)):
+            if value is not None:
+                body[key] = value
+        return body
+
+    def _predict_body(self, support_x: Any, support_y: Any, query_x: Any, inner_steps: int | None, inner_lr: float | None, transductive: bool) -> dict:
+        body = self._adapt_body(support_x, support_y, inner_steps, inner_lr, None)
+        body.update(query={"x": self._x(query_x)}, transductive=transductive)
+        return body
+
+    def _retry_wait(self, response: httpx.Response, attempt: int) -> float | None:
+        """Seconds to wait before sending the request again, or None: the answer stands.
+
+        A 503 means "not now" (queue full, session store down): wait as the service says."""
+        if response.status_code != 503 or attempt >= self.retries:
+            return None
+        return min(_seconds(response.headers.get("Retry-After"), default=2.0**attempt), self.max_retry_wait)
+
+    @staticmethod
+    def _answer(response: httpx.Response) -> Any:
+        """The answer's JSON (None for a 204), or :class:`ServiceError` raised for an error answer."""
         if response.status_code >= 400:
             try:
                 problem = response.json()
@@ -167,7 +165,73 @@ class Client:
             raw=body,
         )
 
-    # -- API ------------------------------------------------------------
+
+class _SessionHandle:
+    def __init__(self, client: "Client | AsyncClient", info: dict):
+        self.client = client
+        self.info = info
+        self.id: str = info["session_id"]
+        self.model: str = info["model"]
+        self.path = f"/v1/sessions/{self.id}"
+        self.probabilities: np.ndarray | None = None
+
+    def _predict_body(self, x: Any, transductive: bool) -> dict:
+        return {"x": self.client._x(x), "transductive": transductive}
+
+    def _keep(self, prediction: Prediction) -> np.ndarray:
+        self.probabilities = prediction.probabilities
+        return prediction.predictions
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(id={self.id[:8]}..., model={self.model!r})"
+
+
+class RemoteSession(_SessionHandle):
+    """An adapted session on the service."""
+
+    def predict(self, x: Any, transductive: bool = False) -> np.ndarray:
+        """Predictions (class indices or values) for ``x``; class probabilities land in ``self.probabilities``."""
+        return self._keep(self.predict_full(x, transductive))
+
+    def predict_full(self, x: Any, transductive: bool = False) -> Prediction:
+        return self.client._prediction(self.client._request("POST", self.path + "/predict", self._predict_body(x, transductive)))
+
+    def describe(self) -> dict:
+        return self.client._request("GET", self.path)
+
+    def delete(self) -> None:
+        self.client._request("DELETE", self.path)
+
+
+class AsyncRemoteSession(_SessionHandle):
+    """:class:`RemoteSession` for :class:`AsyncClient`: the same methods, awaited."""
+
+    async def predict(self, x: Any, transductive: bool = False) -> np.ndarray:
+        return self._keep(await self.predict_full(x, transductive))
+
+    async def predict_full(self, x: Any, transductive: bool = False) -> Prediction:
+        return self.client._prediction(await self.client._request("POST", self.path + "/predict", self._predict_body(x, transductive)))
+
+    async def describe(self) -> dict:
+        return await self.client._request("GET", self.path)
+
+    async def delete(self) -> None:
+        await self.client._request("DELETE", self.path)
+
+
+class Client(_Calls):
+    """The service's API as blocking calls (see the module docstring); ``transport`` is an ``httpx.BaseTransport``."""
+
+    _http_class = httpx.Client
+
+    def _request(self, method: str, path: str, body: dict | None = None) -> Any:
+        for attempt in itertools.count():
+            response = self._http.request(method, path, json=body)
+            wait = self._retry_wait(response, attempt)
+            if wait is None:
+                return self._answer(response)
+            time.sleep(wait)
+
     def health(self) -> dict:
         return self._request("GET", "/healthz")
 
@@ -178,23 +242,15 @@ class Client:
         return self._request("GET", f"/v1/models/{name}")
 
     def adapt(self, model: str, x: Any, y: Any, *, inner_steps: int | None = None, inner_lr: float | None = None, ttl_s: int | None = None) -> RemoteSession:
-        body: dict = {"support": {"x": self._x(x), "y": self._y(y)}}
-        for key, value in (("inner_steps", inner_steps), ("inner_lr", inner_lr), ("ttl_s", ttl_s)):
-            if value is not None:
-                body[key] = value
-        return RemoteSession(self, self._request("POST", f"/v1/models/{model}/adapt", json=body))
+        return RemoteSession(self, self._request("POST", f"/v1/models/{model}/adapt", self._adapt_body(x, y, inner_steps, inner_lr, ttl_s)))
 
     def session(self, session_id: str, model: str = "") -> RemoteSession:
         return RemoteSession(self, {"session_id": session_id, "model": model})
 
     def predict(self, model: str, support_x: Any, support_y: Any, query_x: Any, *, inner_steps: int | None = None, inner_lr: float | None = None, transductive: bool = False) -> Prediction:
         """Stateless adapt-and-predict: nothing is kept on the service."""
-        body: dict = {"support": {"x": self._x(support_x), "y": self._y(support_y)}, "query": {"x": self._x(query_x)}, "transductive": transductive}
-        if inner_steps is not None:
-            body["inner_steps"] = inner_steps
-        if inner_lr is not None:
-            body["inner_lr"] = inner_lr
-        return self._prediction(self._request("POST", f"/v1/models/{model}/predict", json=body))
+        body = self._predict_body(support_x, support_y, query_x, inner_steps, inner_lr, transductive)
+        return self._prediction(self._request("POST", f"/v1/models/{model}/predict", body))
 
     def close(self) -> None:
         self._http.close()
@@ -204,3 +260,47 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class AsyncClient(_Calls):
+    """:class:`Client` for asyncio applications: the same methods and arguments, awaited, on an ``httpx.AsyncClient``
+    (one connection pool for all the coroutines that share it); ``transport`` is an ``httpx.AsyncBaseTransport``."""
+
+    _http_class = httpx.AsyncClient
+
+    async def _request(self, method: str, path: str, body: dict | None = None) -> Any:
+        for attempt in itertools.count():
+            response = await self._http.request(method, path, json=body)
+            wait = self._retry_wait(response, attempt)
+            if wait is None:
+                return self._answer(response)
+            await asyncio.sleep(wait)
+
+    async def health(self) -> dict:
+        return await self._request("GET", "/healthz")
+
+    async def models(self) -> list[dict]:
+        return (await self._request("GET", "/v1/models"))["models"]
+
+    async def model(self, name: str) -> dict:
+        return await self._request("GET", f"/v1/models/{name}")
+
+    async def adapt(self, model: str, x: Any, y: Any, *, inner_steps: int | None = None, inner_lr: float | None = None, ttl_s: int | None = None) -> AsyncRemoteSession:
+        return AsyncRemoteSession(self, await self._request("POST", f"/v1/models/{model}/adapt", self._adapt_body(x, y, inner_steps, inner_lr, ttl_s)))
+
+    def session(self, session_id: str, model: str = "") -> AsyncRemoteSession:
+        return AsyncRemoteSession(self, {"session_id": session_id, "model": model})
+
+    async def predict(self, model: str, support_x: Any, support_y: Any, query_x: Any, *, inner_steps: int | None = None, inner_lr: float | None = None, transductive: bool = False) -> Prediction:
+        """Stateless adapt-and-predict: nothing is kept on the service."""
+        body = self._predict_body(support_x, support_y, query_x, inner_steps, inner_lr, transductive)
+        return self._prediction(await self._request("POST", f"/v1/models/{model}/predict", body))
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()

@@ -1,6 +1,8 @@
-"""metalearn.client against a real server: numpy/torch in, numpy out, problems raised as ServiceError."""
+"""metalearn.client against a real server: numpy/torch in, numpy out, problems raised as ServiceError; blocking and asyncio."""
 
 from __future__ import annotations
+
+import asyncio
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import torch
 
 from metalearn.adaptation import adapt, predict
 from metalearn.checkpoint import load_checkpoint
-from metalearn.client import Client, ServiceError
+from metalearn.client import AsyncClient, Client, ServiceError
 from test_service_helpers import ServerProcess, image_tasks, make_model_dir, sine_tasks
 
 
@@ -93,3 +95,53 @@ def test_client_errors_quote_the_request_id_of_a_server_error():
     with Client("http://service", transport=httpx.MockTransport(handler)) as client, pytest.raises(ServiceError) as error:
         client.models()
     assert error.value.request_id == "4f2a" and str(error.value) == "500 Internal error: unexpected KeyError (request id 4f2a)"
+
+
+def test_async_client_flow_with_concurrent_calls(served):
+    """AsyncClient: the same answers as the offline computation, calls awaited side by side on one connection pool."""
+    server, model_dir = served
+    tasks = image_tasks(tasks=3, queries=2, seed=6)
+    learner = load_checkpoint(model_dir / "conv_maml.safetensors").learner
+    references = [torch.softmax(predict(learner, adapt(learner, tasks.support_x[i], tasks.support_y[i]), tasks.query_x[i]), -1).numpy() for i in range(3)]
+
+    async def flow():
+        async with AsyncClient(server.url, api_key="k1") as client:
+            assert {m["name"] for m in await client.models()} >= {"conv_maml"}
+            sessions = await asyncio.gather(*(client.adapt("conv_maml", tasks.support_x[i], tasks.support_y[i].numpy()) for i in range(3)))
+            labels = await asyncio.gather(*(s.predict(tasks.query_x[i]) for i, s in enumerate(sessions)))
+            stateless = await client.predict("conv_maml", tasks.support_x[0], tasks.support_y[0], tasks.query_x[0])
+            described = await sessions[1].describe()
+            await sessions[2].delete()
+            with pytest.raises(ServiceError) as gone:
+                await sessions[2].predict(tasks.query_x[2])
+            return sessions, labels, stateless, described, gone.value
+
+    sessions, labels, stateless, described, gone = asyncio.run(flow())
+    for session, label, reference in zip(sessions, labels, references):
+        assert isinstance(label, np.ndarray) and label.tolist() == reference.argmax(-1).tolist()
+        np.testing.assert_allclose(session.probabilities, reference, atol=1e-5)
+    np.testing.assert_allclose(stateless.probabilities, references[0], atol=1e-5)
+    assert described["session_id"] == sessions[1].id and described["model"] == "conv_maml"
+    assert gone.status == 404 and gone.problem["title"] == "Unknown session" and len(gone.request_id) == 24
+
+
+def test_async_client_retries_503_after_retry_after():
+    import httpx
+
+    calls = []
+
+    def handler(request):
+        calls.append(request.url.path)
+        if len(calls) <= 2:
+            return httpx.Response(503, headers={"Retry-After": "0"}, json={"title": "Service busy", "detail": "queue full", "status": 503})
+        return httpx.Response(200, json={"models": [{"name": "m"}]})
+
+    async def call(retries):
+        async with AsyncClient("http://service", retries=retries, transport=httpx.MockTransport(handler)) as client:
+            return await client.models()
+
+    assert asyncio.run(call(retries=2)) == [{"name": "m"}] and len(calls) == 3
+    calls.clear()
+    with pytest.raises(ServiceError) as error:
+        asyncio.run(call(retries=1))
+    assert len(calls) == 2 and error.value.status == 503 and error.value.retry_after == "0"
