@@ -3,7 +3,8 @@
     uvicorn service.app:app --host 0.0.0.0 --port 8000      # settings from METALEARN_* env vars
     metalearn serve --model-dir runs/ --port 8000           # the same, via service.server.serve
 
-The app loads every model of ``settings.model_dir`` at start (lifespan), runs
+The app loads every model of ``settings.model_dir`` at start (lifespan; again,
+what changed, on ``SIGHUP``: ``reload_models``), runs
 adaptation in one worker thread that owns the device (``service.engine``),
 keeps sessions in the configured store, and answers every error as an RFC 9457
 problem document.
@@ -11,13 +12,16 @@ problem document.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gc
 import logging
 import math
+import signal
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio
 import torch
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -120,12 +124,59 @@ def _install_openapi(app: FastAPI) -> None:
     app.openapi = openapi
 
 
+async def reload_models(app: FastAPI) -> dict[str, list[str]]:
+    """Load the model directory again and serve what it holds from the next request on (what the service
+    does on ``SIGHUP``): only new and changed checkpoints are loaded, a model whose file is gone is no
+    longer served, and a changed file that fails to load leaves the version already served in place
+    (``ModelRegistry.load`` with the registry being served). Requests already running finish with the
+    model they started with; sessions of a model's earlier version answer 404 from now on. Returns
+    ``ModelRegistry.changes_from``'s changes, which are also logged."""
+    state = app.state
+    async with state.reload_lock:
+        previous = state.registry
+        registry = await anyio.to_thread.run_sync(ModelRegistry.load, state.settings.model_dir, state.device, previous)
+        state.engine.load_compiler(registry.models.values())
+        state.registry = registry
+        state.metrics.models.set(len(registry.models))
+        app.openapi_schema = None  # its examples name the models
+        changes = registry.changes_from(previous)
+        log.info("reloaded the models of %s: %s", state.settings.model_dir, "; ".join(f"{what} {', '.join(names) or '-'}" for what, names in changes.items()))
+        if changes["updated"] or changes["removed"]:
+            # The models replaced go now; what is loaded stays out of full collections, as after start.
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
+        return changes
+
+
+def _reload_in_background(app: FastAPI) -> None:
+    async def reload() -> None:
+        try:
+            await reload_models(app)
+        except Exception:  # noqa: BLE001 - the service goes on with what it served
+            log.exception("reloading the models failed: still serving the models loaded before")
+
+    task = asyncio.ensure_future(reload())
+    app.state.reloads.add(task)
+    task.add_done_callback(app.state.reloads.discard)
+
+
+def _on_signal(signum: int, callback) -> bool:
+    """Call ``callback`` on the event loop when the process gets ``signum``; False where the loop cannot
+    handle signals (not the main thread, as under TestClient; no such signal, as SIGHUP on Windows)."""
+    try:
+        asyncio.get_running_loop().add_signal_handler(signum, callback)
+    except (ValueError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        device = settings.resolved_device()
+        device = app.state.device = settings.resolved_device()
         torch.set_num_threads(settings.resolved_threads())
         metalearn.keep_freed_memory(device)  # on the CPU, adaptations re-faulted their freed tensor memory on every request
         app.state.registry = ModelRegistry.load(settings.model_dir, device)
@@ -140,9 +191,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.collect()
         gc.freeze()
         log.info("serving %d model(s) on %s: %s", len(app.state.registry.models), device, ", ".join(app.state.registry.names()))
+        hangup = hasattr(signal, "SIGHUP") and _on_signal(signal.SIGHUP, lambda: _reload_in_background(app))
         try:
             yield
         finally:
+            if hangup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             gc.unfreeze()  # (the process may go on: tests, an application embedding the service)
             app.state.engine.stop()
             try:
@@ -161,6 +215,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.owners = settings.owner_hashes()
     app.state.registry = ModelRegistry()
+    app.state.device = "cpu"
+    app.state.reload_lock = asyncio.Lock()
+    app.state.reloads = set()  # reloads running in the background (the loop keeps only weak references to tasks)
     app.state.metrics = metrics.ServiceMetrics(app.state)
     app.state.store = create_store(settings)
     app.state.engine = Engine(

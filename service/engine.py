@@ -48,6 +48,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
@@ -447,7 +448,9 @@ class Engine:
         if self.workers == 1:
             return learner
         if not hasattr(self._local, "replicas"):
-            self._local.replicas = {}  # original learner -> this worker's copy
+            # original learner -> this worker's copy, for as long as the original is served or computed
+            # with (a reload replaces models: service.app.reload_models)
+            self._local.replicas = weakref.WeakKeyDictionary()
         if learner not in self._local.replicas:
             self._local.replicas[learner] = copy.deepcopy(learner)
         return self._local.replicas[learner]

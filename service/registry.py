@@ -5,6 +5,13 @@ the file (``omniglot.safetensors`` -> ``omniglot``), and every sub-directory
 holding a ``best.safetensors`` (the output of ``metalearn train --out DIR``) is
 a model named after the directory. A file that cannot be loaded is logged and
 skipped. Loading never unpickles (see :mod:`metalearn.checkpoint`).
+
+Loading again with the registry being served (``ModelRegistry.load(dir, device,
+previous)``, what the service does on ``SIGHUP``) loads only what changed: a
+model whose file is the one it was loaded from stays the same object (and the
+engine's computations recorded for it stay valid), new files are loaded, models
+whose file is gone are dropped, and a changed file that fails to load leaves
+the version already served in place.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ class LoadedModel:
     inner_lr: float
     adapted_names: list[str] = field(default_factory=list)
     support_shift: int = 0  # test-time support augmentation (metalearn.adaptation.augment_support)
+    source: tuple = ()  # the file it was loaded from, as _file_identity says: a reload keeps the model while it is unchanged
 
     @property
     def learner(self) -> MetaLearner:
@@ -149,13 +157,25 @@ def discover(model_dir: str | Path) -> list[tuple[str, Path]]:
     return found
 
 
+def _file_identity(path: Path) -> tuple:
+    """What tells a checkpoint file from its replacement: a rewrite in place changes its size or time, an
+    atomic replacement (how ``metalearn train`` writes) its inode too."""
+    st = path.stat()
+    return (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class ModelRegistry:
     def __init__(self, models: dict[str, LoadedModel] | None = None, errors: dict[str, str] | None = None):
         self.models = models or {}
         self.errors = errors or {}
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str = "cpu") -> "ModelRegistry":
+    def load(cls, model_dir: str | Path, device: str = "cpu", previous: "ModelRegistry | None" = None) -> "ModelRegistry":
+        """The models of ``model_dir``; with ``previous`` (the registry being served), a reload (module docstring)."""
+        if previous is not None and not Path(model_dir).is_dir():
+            # An unmounted volume, say: dropping every model would take the service down.
+            log.error("model directory %s does not exist: still serving the models loaded before", model_dir)
+            return previous
         models: dict[str, LoadedModel] = {}
         errors: dict[str, str] = {}
         if not Path(model_dir).is_dir():
@@ -165,13 +185,35 @@ class ModelRegistry:
                 log.warning("skipping %s: a model named %r is already loaded from %s", path, name, models[name].checkpoint.path)
                 errors[str(path)] = f"duplicate model name {name!r}"
                 continue
+            served = previous.get(name) if previous is not None else None
             try:
+                source = _file_identity(path)
+                if served is not None and served.source == source:
+                    models[name] = served
+                    continue
                 models[name] = load_model(name, path, device)
+                models[name].source = source
                 log.info("loaded model %r from %s (%s, %s)", name, path, models[name].manifest.get("algorithm"), device)
             except (CheckpointError, ValueError, RuntimeError, OSError) as error:
-                log.error("skipping checkpoint %s: %s", path, error)
-                errors[str(path)] = str(error)
+                if served is None:
+                    log.error("skipping checkpoint %s: %s", path, error)
+                    errors[str(path)] = str(error)
+                else:
+                    log.error("keeping model %r version %s: its new checkpoint %s does not load: %s", name, served.version, path, error)
+                    errors[str(path)] = f"{error} (still serving the version loaded before, {served.version})"
+                    models[name] = served
         return cls(models, errors)
+
+    def changes_from(self, previous: "ModelRegistry") -> dict[str, list[str]]:
+        """What a reload did: model names ``added``, ``updated`` (another object: a new version or file),
+        ``removed`` and ``kept``."""
+        before, after = previous.models, self.models
+        return {
+            "added": sorted(after.keys() - before.keys()),
+            "updated": sorted(n for n in after.keys() & before.keys() if after[n] is not before[n]),
+            "removed": sorted(before.keys() - after.keys()),
+            "kept": sorted(n for n in after.keys() & before.keys() if after[n] is before[n]),
+        }
 
     def get(self, name: str) -> LoadedModel | None:
         return self.models.get(name)

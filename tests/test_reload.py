@@ -1,0 +1,127 @@
+"""Reloading the model directory (SIGHUP): only what changed is loaded, sessions of a replaced version are gone,
+a replacement that does not load leaves the served version in place, requests go on being answered."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from metalearn.client import Client, ServiceError
+from service.registry import ModelRegistry
+from test_service_helpers import ServerProcess, image_tasks, make_model_dir, sine_tasks
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("reload_models"))
+
+
+def replace_atomically(source, target):
+    """As ``metalearn train`` writes a checkpoint: a full copy beside it, renamed over it."""
+    partial = target.with_name("." + target.name + ".partial")
+    shutil.copyfile(source, partial)
+    os.replace(partial, target)
+
+
+def wait_for(condition, proc, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline and proc.alive(), proc.log()
+        time.sleep(0.05)
+
+
+def test_a_reload_loads_what_changed_and_keeps_the_rest(trained, tmp_path):
+    model_dir = shutil.copytree(trained, tmp_path / "models")
+    first = ModelRegistry.load(model_dir)
+    assert first.names() == ["anil_run", "conv_maml", "sine"] and "broken" in " ".join(first.errors)
+
+    again = ModelRegistry.load(model_dir, previous=first)
+    assert all(again.get(n) is first.get(n) for n in first.names())  # nothing read again
+    assert again.changes_from(first) == {"added": [], "updated": [], "removed": [], "kept": ["anil_run", "conv_maml", "sine"]}
+
+    replace_atomically(trained / "anil_run" / "best.safetensors", model_dir / "conv_maml.safetensors")
+    shutil.copyfile(trained / "sine.safetensors", model_dir / "sine2.safetensors")
+    shutil.rmtree(model_dir / "anil_run")
+    second = ModelRegistry.load(model_dir, previous=again)
+    assert second.changes_from(again) == {"added": ["sine2"], "updated": ["conv_maml"], "removed": ["anil_run"], "kept": ["sine"]}
+    assert second.get("conv_maml").version == first.get("anil_run").version and second.get("sine") is first.get("sine")
+
+    # A rewrite in place counts as a change too; one that does not load leaves the served version.
+    (model_dir / "sine.safetensors").write_bytes(b"half a checkpoint")
+    third = ModelRegistry.load(model_dir, previous=second)
+    assert third.get("sine") is first.get("sine") and third.changes_from(second)["kept"] == ["conv_maml", "sine", "sine2"]
+    assert "still serving the version loaded before" in third.errors[str(model_dir / "sine.safetensors")]
+    # A model directory gone (an unmounted volume) drops nothing.
+    shutil.rmtree(model_dir)
+    assert ModelRegistry.load(model_dir, previous=third) is third
+
+
+def test_sighup_reloads_the_models_of_a_running_service(trained, tmp_path):
+    model_dir = shutil.copytree(trained, tmp_path / "models")
+    proc = ServerProcess(model_dir, tmp_path / "serve.log", cli=True).wait_ready()
+    images, sines = image_tasks(tasks=1, queries=3, seed=3), sine_tasks(tasks=1, seed=3)
+    answers: list[int] = []
+    stop = threading.Event()
+    try:
+        with Client(proc.url) as client:
+            before = {m["name"]: m["version"] for m in client.models()}
+            replaced = client.adapt("conv_maml", images.support_x[0], images.support_y[0])
+            dropped = client.adapt("sine", sines.support_x[0], sines.support_y[0])
+            kept = client.adapt("anil_run", images.support_x[0], images.support_y[0])
+            expected = kept.predict_full(images.query_x[0]).probabilities
+
+            def predict_all_along():  # a kept model's session, predicted throughout the reload
+                with Client(proc.url, retries=0) as own:
+                    session = own.session(kept.id)
+                    while not stop.is_set():
+                        try:
+                            np.testing.assert_allclose(session.predict_full(images.query_x[0]).probabilities, expected, atol=1e-6)
+                            answers.append(200)
+                        except ServiceError as error:
+                            answers.append(error.status)
+
+            load = threading.Thread(target=predict_all_along)
+            load.start()
+            wait_for(lambda: len(answers) >= 5, proc)
+            replace_atomically(trained / "anil_run" / "best.safetensors", model_dir / "conv_maml.safetensors")
+            (model_dir / "sine.safetensors").unlink()
+            shutil.copyfile(trained / "conv_maml.safetensors", model_dir / "conv_copy.safetensors")
+            proc.process.send_signal(signal.SIGHUP)
+            wait_for(lambda: {m["name"] for m in client.models()} == {"anil_run", "conv_copy", "conv_maml"}, proc)
+            reloaded = len(answers)
+            wait_for(lambda: len(answers) >= reloaded + 5, proc)
+            stop.set()
+            load.join(30)
+
+            after = {m["name"]: m["version"] for m in client.models()}
+            assert after == {"anil_run": before["anil_run"], "conv_maml": before["anil_run"], "conv_copy": before["conv_maml"]}
+            assert client.model("conv_maml")["algorithm"] == "anil"
+            assert "conv_copy" in httpx.get(proc.url + "/openapi.json").text  # the docs' examples name the models served
+            for session in (replaced, dropped):
+                with pytest.raises(ServiceError) as gone:
+                    session.predict(images.query_x[0] if session is replaced else sines.query_x[0])
+                assert gone.value.status == 404
+            assert "no longer served" in str(gone.value)
+            np.testing.assert_allclose(kept.predict_full(images.query_x[0]).probabilities, expected, atol=1e-6)
+            assert client.predict("conv_copy", images.support_x[0], images.support_y[0], images.query_x[0]).probabilities.shape == (15, 5)
+            assert "reloaded the models" in proc.log() and "updated conv_maml" in proc.log()
+
+            # A new file that does not load: the version served stays, /readyz says why.
+            (model_dir / "conv_copy.safetensors").write_bytes(b"not a checkpoint")
+            proc.process.send_signal(signal.SIGHUP)
+            wait_for(lambda: "conv_copy" in " ".join(httpx.get(proc.url + "/readyz").json()["skipped"]), proc)
+            assert client.model("conv_copy")["version"] == before["conv_maml"]
+            assert client.predict("conv_copy", images.support_x[0], images.support_y[0], images.query_x[0]).probabilities.shape == (15, 5)
+        log = proc.log()
+    finally:
+        stop.set()
+        proc.stop()
+    assert answers and set(answers) == {200}, (len(answers), set(answers))
+    assert "Traceback" not in log, log
