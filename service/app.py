@@ -134,9 +134,15 @@ async def reload_models(app: FastAPI) -> dict[str, list[str]]:
     state = app.state
     async with state.reload_lock:
         previous = state.registry
-        registry = await anyio.to_thread.run_sync(ModelRegistry.load, state.settings.model_dir, state.device, previous)
-        state.engine.load_compiler(registry.models.values())
+
+        def load() -> ModelRegistry:
+            registry = ModelRegistry.load(state.settings.model_dir, state.device, previous)
+            state.engine.load_compiler(registry.models.values())  # (may wait for a compilation under way)
+            return registry
+
+        registry = await anyio.to_thread.run_sync(load)
         state.registry = registry
+        state.engine.serve_only(registry.models.values())
         state.metrics.models.set(len(registry.models))
         app.openapi_schema = None  # its examples name the models
         changes = registry.changes_from(previous)

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import atexit
 import builtins
+import functools
 import logging
 import os
 import re
@@ -94,6 +95,11 @@ class _Yielding(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+# make_fx keeps its state in module globals (torch.fx's patcher): two recordings at once in one process,
+# the compiling thread's and load_recorder's on a reload, say, broke one of them ("CURRENT_PATCHER is None").
+_RECORDING = threading.Lock()
+
+
 def script(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> tuple[Callable[..., Any], Callable]:
     """``fn`` recorded at ``inputs`` with make_fx and compiled by TorchScript: (a function of the inputs
     returning the tensors of ``fn``'s result in ``flatten``'s order, the function that rebuilds the
@@ -116,7 +122,8 @@ def script(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> tuple[Ca
     # Fake tensors: the recording computes shapes, not values (faster, and no memory for the
     # intermediates), and a computation that reads a value to decide something fails to record instead
     # of fixing that decision. The model's tensors, read from fn's closure, are real: constants.
-    recorded = make_fx(flat, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
+    with _RECORDING:
+        recorded = make_fx(flat, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
     graph = recorded.graph
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     constants = []
@@ -153,6 +160,7 @@ def script(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> tuple[Ca
     return compiled, structure["rebuild"]
 
 
+@functools.cache  # once per process
 def load_recorder() -> None:
     """Record and compile a tiny computation, so that what recording imports and builds on first use
     (about 120 000 Python objects and 80 MB, in 0.9 s) is in place now: the service then freezes it out
@@ -276,6 +284,20 @@ class ScriptCache(GraphCache):
         rows = [entry.function(*(t[i : i + 1] for t in inputs)) for i in range(inputs[0].shape[0])]
         return list(rows[0]) if len(rows) == 1 else [torch.cat(column) for column in zip(*rows)]
 
+    def forget(self, stale: Callable[[tuple], bool]) -> None:
+        """:meth:`GraphCache.forget` for the compilations held, queued or under way (one under way is not
+        held when it finishes); a whole batch's script goes with its request's key."""
+        def stale_request(key: tuple) -> bool:
+            return stale(key[0] if isinstance(key, _Whole) else key)
+
+        with self._guard:
+            super().forget(stale_request)
+            for key in [k for k in self._cheap if stale_request(k)]:
+                del self._cheap[key]
+            self._queue = deque(job for job in self._queue if not stale_request(job[0]))
+            self._compiling = {key for key in self._compiling if not stale_request(key)}
+            self._guard.notify_all()
+
     def pending(self) -> int:
         """Shapes queued or being compiled."""
         with self._guard:
@@ -328,28 +350,34 @@ class ScriptCache(GraphCache):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
         except (AttributeError, OSError):
             pass
-        while True:
-            with self._guard:
-                while not self._queue and not self._closed:
-                    self._guard.wait()
-                if self._closed:
-                    return
-                key, fn, inputs, owner = self._queue.popleft()
-            try:
-                with torch.inference_mode(False), torch.no_grad():
-                    entry, error = self._capture(fn, inputs, owner), None
-            except Exception as failure:  # noqa: BLE001 - any problem means: this key stays eager
-                entry, error = None, failure
-            with self._guard:
-                if error is not None:
-                    self._fail(key, error)
-                elif key in self._compiling:  # (not closed meanwhile)
-                    self._hold(key, entry)
-                    self.captures += 1
-                    if inputs[0].shape[0] == 1 and entry.seconds < self.cheap_s:  # a row's script, cheap
-                        self._remember(self._cheap, key, None)
-                self._compiling.discard(key)
-                self._guard.notify_all()
+        while self._compile_next():
+            pass
+
+    def _compile_next(self) -> bool:
+        """Wait for the next queued compilation and run it; False once closed. (A call of its own: the thread
+        keeps no reference to the last one's computation and owner while it waits.)"""
+        with self._guard:
+            while not self._queue and not self._closed:
+                self._guard.wait()
+            if self._closed:
+                return False
+            key, fn, inputs, owner = self._queue.popleft()
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                entry, error = self._capture(fn, inputs, owner), None
+        except Exception as failure:  # noqa: BLE001 - any problem means: this key stays eager
+            entry, error = None, failure
+        with self._guard:
+            if error is not None:
+                self._fail(key, error)
+            elif key in self._compiling:  # (not closed meanwhile)
+                self._hold(key, entry)
+                self.captures += 1
+                if inputs[0].shape[0] == 1 and entry.seconds < self.cheap_s:  # a row's script, cheap
+                    self._remember(self._cheap, key, None)
+            self._compiling.discard(key)
+            self._guard.notify_all()
+        return True
 
     def _capture(self, fn, inputs, owner) -> _Script:
         start = time.perf_counter()

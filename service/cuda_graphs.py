@@ -119,6 +119,13 @@ class GraphCache:
         self.replays += 1
         return self._replay(entry, inputs)
 
+    def forget(self, stale: Callable[[tuple], bool]) -> None:
+        """Drop every key ``stale(key)`` says will not come again (a model no longer served), and with its
+        entry the owner the entry keeps alive."""
+        for table in (self._graphs, self._uses, self._failed):
+            for key in [k for k in table if stale(k)]:
+                del table[key]
+
     def _admit(self, key: tuple) -> tuple[Any, bool]:
         """(the entry to replay for ``key``, or None; whether to capture ``key`` now), counting this use."""
         entry = self._graphs.get(key)

@@ -209,6 +209,10 @@ class Engine:
         self._threads: list[threading.Thread] = []
         self._local = threading.local()  # per worker: its own copies of the learners (see _learner), its graphs
         self._graph_caches: list[GraphCache] = []  # every worker's, CUDA graphs and CPU traces
+        # What was recorded for models no longer served: the keys to drop, and how many times models changed
+        # (each worker drops its own recordings, before its next batch, when it sees the count move).
+        self._stale: Callable[[tuple], bool] = lambda key: False
+        self._served_generation = 0
         self._last_batch_size = 1
         self.batches = 0
         self.jobs_done = 0
@@ -222,6 +226,33 @@ class Engine:
         is compiled (every one but ANIL's traced kernel; a model whose predictions are compiled is one)."""
         if any(self._scripting(m) and self._adapt_replay(m) == "script" for m in models):
             load_recorder()
+
+    def serve_only(self, models) -> None:
+        """Forget what was recorded for any model but ``models`` (the ones served after a reload): the
+        compilations now, each worker's traces or CUDA graphs now if it idles, else before its next batch. Each recording keeps
+        its model alive; without this, replaced models stayed in memory until their recordings were evicted.
+        (Every recording's key starts with ``id(model)``; a served model is alive, so its id is its own.)"""
+        served = frozenset(id(model) for model in models)
+
+        def stale(key: tuple) -> bool:
+            return key[0] not in served
+
+        with self._cond:
+            self._stale = stale
+            self._served_generation += 1
+            for wake in self._idle:
+                wake.notify()
+        if self._scripts is not None:
+            self._scripts.forget(stale)
+
+    def _forget_stale(self) -> None:
+        """In a worker: drop its recordings for models no longer served, if models changed since it last looked."""
+        generation = self._served_generation
+        if getattr(self._local, "served_generation", 0) != generation:
+            self._local.served_generation = generation
+            graphs = getattr(self._local, "graphs", None)
+            if graphs is not None:
+                graphs.forget(self._stale)
 
     def start(self) -> None:
         if self._threads:
@@ -314,6 +345,7 @@ class Engine:
             self._local.wake = threading.Condition(self._lock)  # this worker's own, under the queue's lock
         with self._cond:
             while not self._pending and not self._stopping:
+                self._forget_stale()  # (serve_only wakes the idle workers for this)
                 self._idle.append(self._local.wake)
                 self._local.wake.wait()
                 if self._local.wake in self._idle:  # woken by something other than a submit
@@ -350,19 +382,26 @@ class Engine:
                 log.warning("worker %d runs unpinned: %s", index, error)
         if self.threads:
             torch.set_num_threads(self.threads)
-        while True:
-            batch: list[Job] = []
-            try:
-                if not self._next_batch(batch):
-                    return
-                running = [job for job in batch if job.future.set_running_or_notify_cancel()]
-                if running:
-                    self._execute(running)
-            except Exception as error:  # noqa: BLE001 - a worker that died would leave every later request waiting
-                log.exception("a worker's loop failed outside a computation; its batch fails and the worker goes on")
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(error)
+        while self._serve_next_batch():
+            pass
+
+    def _serve_next_batch(self) -> bool:
+        """Wait for the next batch and run it; False when the engine stops. (A call of its own: an idle
+        worker keeps no reference to its last jobs, which would keep their model alive after a reload.)"""
+        batch: list[Job] = []
+        try:
+            if not self._next_batch(batch):
+                return False
+            self._forget_stale()
+            running = [job for job in batch if job.future.set_running_or_notify_cancel()]
+            if running:
+                self._execute(running)
+        except Exception as error:  # noqa: BLE001 - a worker that died would leave every later request waiting
+            log.exception("a worker's loop failed outside a computation; its batch fails and the worker goes on")
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(error)
+        return True
 
     def _execute(self, batch: list[Job]) -> None:
         kind = batch[0].kind

@@ -195,12 +195,15 @@ class ModelRegistry:
                 models[name].source = source
                 log.info("loaded model %r from %s (%s, %s)", name, path, models[name].manifest.get("algorithm"), device)
             except (CheckpointError, ValueError, RuntimeError, OSError) as error:
+                # Logged as text: a log record keeps its arguments, and the exception's traceback holds
+                # this call's models (a handler keeping records, as pytest's does, kept replaced models alive).
+                reason = str(error)
                 if served is None:
-                    log.error("skipping checkpoint %s: %s", path, error)
-                    errors[str(path)] = str(error)
+                    log.error("skipping checkpoint %s: %s", path, reason)
+                    errors[str(path)] = reason
                 else:
-                    log.error("keeping model %r version %s: its new checkpoint %s does not load: %s", name, served.version, path, error)
-                    errors[str(path)] = f"{error} (still serving the version loaded before, {served.version})"
+                    log.error("keeping model %r version %s: its new checkpoint %s does not load: %s", name, served.version, path, reason)
+                    errors[str(path)] = f"{reason} (still serving the version loaded before, {served.version})"
                     models[name] = served
         return cls(models, errors)
 

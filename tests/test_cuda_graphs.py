@@ -876,3 +876,67 @@ def test_what_a_worker_derives_from_a_session_is_made_once_and_predicts_the_same
                 torch.testing.assert_close(torch.tensor(together[values]), torch.tensor(single[values]), atol=1e-6, rtol=1e-5)
     replays = engine.script_stats()["replays"] if name in ("conv-metasgd", "sine") else engine.trace_stats()["replays"]
     assert replays >= 4 and engine.script_stats()["failures"] == 0 and engine.trace_stats()["failures"] == 0
+
+
+class Owner:
+    """A model, as far as the caches care: what an entry keeps alive."""
+
+
+@pytest.mark.parametrize("kind", ["cpu-trace", "cpu-script"])
+def test_forget_drops_the_keys_of_models_no_longer_served_and_the_models(kind):
+    """After a reload (``Engine.serve_only``): the entries whose key names a model no longer served go, and
+    with them the models they kept alive; the others stay."""
+    import gc
+    import weakref
+
+    from service import cpu_scripts
+
+    cache = TraceCache(capacity=4, capture_after=1) if kind == "cpu-trace" else cpu_scripts.ScriptCache(capacity=4, capture_after=1, refill_s=1e-3)
+    kept, replaced = Owner(), Owner()
+    x = torch.randn(1, 3)
+    try:
+        for owner, shape in ((kept, "a"), (replaced, "a"), (replaced, "b")):
+            cache.run((id(owner), shape), affine, (x, x), owner=owner)
+        if kind == "cpu-script":
+            assert cache.wait(60)
+        assert len(cache) == 3
+        gone, stale_id = weakref.ref(replaced), id(replaced)
+        del replaced, owner
+        cache.forget(lambda key: key[0] == stale_id)
+        gc.collect()
+        assert gone() is None and set(cache._graphs) == {(id(kept), "a")}
+        if kind == "cpu-script":
+            assert set(cache._cheap) == {(id(kept), "a")}
+        torch.testing.assert_close(cache.run((id(kept), "a"), affine, (x, x), owner=kept), affine(x, x))
+    finally:
+        if kind == "cpu-script":
+            cache.close()
+
+
+def test_recordings_in_several_threads_at_once_all_succeed():
+    """make_fx keeps its state in torch.fx's module globals: ``script`` records one computation at a time
+    in a process (two at once, the compiling thread's and a reload's ``load_recorder``, broke one of them)."""
+    import threading
+
+    from service.cpu_scripts import script
+
+    def deep(x, w):
+        for _ in range(30):
+            x = torch.nn.functional.conv2d(x, w, padding=1).relu()
+        return (x.sum(),)
+
+    failures = []
+
+    def record():
+        for _ in range(3):
+            try:
+                script(deep, (torch.rand(1, 2, 8, 8), torch.rand(2, 2, 3, 3)))
+            except Exception as error:  # noqa: BLE001 - counted
+                failures.append(repr(error))
+
+    threads = [threading.Thread(target=record) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert failures == []

@@ -3,17 +3,21 @@ a replacement that does not load leaves the served version in place, requests go
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import signal
 import threading
 import time
+import weakref
 
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from metalearn.client import Client, ServiceError
+from service.engine import Engine, Job
 from service.registry import ModelRegistry
 from test_service_helpers import ServerProcess, image_tasks, make_model_dir, sine_tasks
 
@@ -125,3 +129,31 @@ def test_sighup_reloads_the_models_of_a_running_service(trained, tmp_path):
         proc.stop()
     assert answers and set(answers) == {200}, (len(answers), set(answers))
     assert "Traceback" not in log, log
+
+
+def test_a_reload_frees_the_models_it_replaced(trained):
+    """Every recording (a CPU trace, a compilation) keeps its model alive: ``Engine.serve_only`` drops the
+    recordings of models no longer served, idle workers' too, so that a replaced model's memory goes."""
+    registry = ModelRegistry.load(trained)
+    engine = Engine(workers=2, threads=1, cpu_traces=4, cpu_scripts=4)
+    engine.start()
+    try:
+        g = torch.Generator().manual_seed(0)
+        for name in ("conv_maml", "anil_run"):
+            for _ in range(4):  # recorded from the second or third use on
+                job = Job("adapt", registry.get(name), support_x=torch.rand(5, 1, 28, 28, generator=g), support_y=torch.randperm(5, generator=g),
+                          steps=2, query_x=torch.rand(3, 1, 28, 28, generator=g))
+                engine.submit_nowait(job).result(60)
+        assert engine._scripts.wait(60)
+        assert engine.trace_stats()["held"] > 0 and engine.script_stats()["held"] > 0  # ANIL's traced, MAML's compiled
+        replaced = [weakref.ref(registry.get(name)) for name in ("conv_maml", "anil_run")]
+        engine.serve_only([registry.get("sine")])
+        del registry, job
+        deadline = time.monotonic() + 10
+        while any(ref() is not None for ref in replaced) and time.monotonic() < deadline:
+            gc.collect()
+            time.sleep(0.05)
+        assert all(ref() is None for ref in replaced)
+        assert engine.trace_stats()["held"] == 0 and engine.script_stats()["held"] == 0
+    finally:
+        engine.stop()
