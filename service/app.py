@@ -144,6 +144,7 @@ async def reload_models(app: FastAPI) -> dict[str, list[str]]:
         state.registry = registry
         state.engine.serve_only(registry.models.values())
         state.metrics.models.set(len(registry.models))
+        state.metrics.reloads.labels("done").inc()
         app.openapi_schema = None  # its examples name the models
         changes = registry.changes_from(previous)
         log.info("reloaded the models of %s: %s", state.settings.model_dir, "; ".join(f"{what} {', '.join(names) or '-'}" for what, names in changes.items()))
@@ -160,6 +161,7 @@ def _reload_in_background(app: FastAPI) -> None:
         try:
             await reload_models(app)
         except Exception:  # noqa: BLE001 - the service goes on with what it served
+            app.state.metrics.reloads.labels("failed").inc()
             log.exception("reloading the models failed: still serving the models loaded before")
 
     task = asyncio.ensure_future(reload())

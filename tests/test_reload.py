@@ -116,6 +116,7 @@ def test_sighup_reloads_the_models_of_a_running_service(trained, tmp_path):
             np.testing.assert_allclose(kept.predict_full(images.query_x[0]).probabilities, expected, atol=1e-6)
             assert client.predict("conv_copy", images.support_x[0], images.support_y[0], images.query_x[0]).probabilities.shape == (15, 5)
             assert "reloaded the models" in proc.log() and "updated conv_maml" in proc.log()
+            assert 'metalearn_model_reloads_total{outcome="done"} 1.0' in httpx.get(proc.url + "/metrics").text
 
             # A new file that does not load: the version served stays, /readyz says why.
             (model_dir / "conv_copy.safetensors").write_bytes(b"not a checkpoint")

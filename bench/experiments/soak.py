@@ -3,6 +3,7 @@
     python bench/experiments/soak.py                        # 6 minutes, a 16 MiB session budget
     python bench/experiments/soak.py --minutes 20 --server METALEARN_CACHE_BYTES=4194304
     python bench/experiments/soak.py --redis                # sessions in a throwaway redis-server
+    python bench/experiments/soak.py --reload-every 20      # and a new version of both models every 20 s
 
 Starts one service (``bench/service_bench.py``'s checkpoints: Conv4-64 MAML
 and ANIL, 5-way, 10 inner steps) with a small session budget, so that
@@ -26,7 +27,12 @@ of the run (after the first third, which loads the traces and compilations).
 Exits 1 when an answer was unexpected. With ``--redis`` the sessions live in a
 throwaway ``redis-server`` (``bench/local_redis.py``) under the same budget, and
 the replica holds at most ``METALEARN_REDIS_HELD_BYTES`` of them decoded (8
-MiB here, so that held sessions are dropped all the time too).
+MiB here, so that held sessions are dropped all the time too). With
+``--reload-every S``, every S seconds both checkpoints get a new file time and
+the server a ``SIGHUP``: it loads them as new versions (sessions of the old
+ones answer 404, which a session predict may get anyway) while the clients go
+on; the end says how many reloads were sent and how many the server completed
+(``metalearn_model_reloads_total``).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -127,7 +134,20 @@ async def client(port: int, batch, bad: list, sessions: list[str], counts: colle
         connection.close()
 
 
-async def soak(process, port: int, batch, args) -> tuple[collections.Counter, list, list[dict]]:
+async def reload_now_and_then(process, model_dir: Path, every: float, deadline: float) -> int:
+    """Every ``every`` seconds until ``deadline``: new versions of the checkpoints (a new file time), then SIGHUP.
+    The reloads sent."""
+    sent = 0
+    while every > 0 and time.monotonic() + every < deadline:
+        await asyncio.sleep(every)
+        for checkpoint in model_dir.glob("*.safetensors"):
+            os.utime(checkpoint)
+        process.send_signal(signal.SIGHUP)
+        sent += 1
+    return sent
+
+
+async def soak(process, port: int, batch, args, model_dir: Path) -> tuple[collections.Counter, list, list[dict], int]:
     counts: collections.Counter = collections.Counter()
     unexpected: list = []
     sessions: list[str] = []
@@ -151,8 +171,19 @@ async def soak(process, port: int, batch, args) -> tuple[collections.Counter, li
                 return
             await asyncio.sleep(min(args.every, max(0.0, deadline - time.monotonic())))
 
-    await asyncio.gather(clients, sample())
-    return counts, unexpected, samples
+    _, _, reloads = await asyncio.gather(clients, sample(), reload_now_and_then(process, model_dir, args.reload_every, deadline))
+    return counts, unexpected, samples, reloads
+
+
+def reload_outcomes(port: int) -> dict[str, int]:
+    """``metalearn_model_reloads_total`` by outcome (done, failed)."""
+    import httpx
+
+    outcomes = {}
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+        if line.startswith("metalearn_model_reloads_total{"):
+            outcomes[line.split('outcome="', 1)[1].split('"', 1)[0]] = int(float(line.rsplit(" ", 1)[1]))
+    return outcomes
 
 
 def main() -> None:
@@ -162,6 +193,7 @@ def main() -> None:
     parser.add_argument("--every", type=float, default=20.0, help="seconds between samples")
     parser.add_argument("--server", default=f"METALEARN_CACHE_BYTES={16 * 2**20}", help='the service\'s settings, "NAME=VALUE,..."')
     parser.add_argument("--redis", action="store_true", help="sessions in a throwaway redis-server")
+    parser.add_argument("--reload-every", type=float, default=0.0, help="seconds between new model versions and a SIGHUP (0: none)")
     args = parser.parse_args()
     with local_redis() if args.redis else contextlib.nullcontext() as url:
         if url:
@@ -175,8 +207,9 @@ def run(args) -> None:
     [(process, port)] = sb.start_configured([args.server], model_dir, work)
     try:
         print(f"# {args.minutes:g} min, {args.concurrency} clients, settings {args.server or 'defaults'}; tasks: {origin}")
-        counts, unexpected, samples = asyncio.run(soak(process, port, batch, args))
+        counts, unexpected, samples, reloads = asyncio.run(soak(process, port, batch, args, model_dir))
         alive = process.poll() is None
+        reloaded = reload_outcomes(port) if alive else {}
     finally:
         process.terminate()
         process.wait(15)
@@ -188,6 +221,8 @@ def run(args) -> None:
           f"{(last['rss_mb'] - first['rss_mb']) / minutes:+.2f} MB/min), lowest {min(r['rss_mb'] for r in settled):.1f}, "
           f"highest {max(r['rss_mb'] for r in settled):.1f}; threads {first['threads']:.0f} -> {last['threads']:.0f}, "
           f"fds {first['fds']} -> {last['fds']}; server {'alive' if alive else 'DEAD'} at the end")
+    if args.reload_every:
+        print(f"# reloads: {reloads} sent; the server's by outcome: {reloaded}")
     for kind, method, path, status, payload in unexpected[:20]:
         print(f"UNEXPECTED {kind}: {method} {path} -> {status} {payload!r}")
     print(f"# unexpected answers: {len(unexpected)}")

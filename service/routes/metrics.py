@@ -97,6 +97,7 @@ class ServiceMetrics:
         self.rejected = Counter("metalearn_engine_rejected", "Jobs refused because the queue was full", registry=r)
         self.timeouts = Counter("metalearn_engine_timeouts", "Jobs that exceeded the request timeout", registry=r)
         self.models = Gauge("metalearn_models_loaded", "Models being served", registry=r)
+        self.reloads = Counter("metalearn_model_reloads", "Reloads of the model directory (SIGHUP) by outcome (done | failed)", ["outcome"], registry=r)
         if app_state is not None:
             r.register(_StateCollector(app_state))
 
