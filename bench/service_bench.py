@@ -222,6 +222,19 @@ def start_server(kind: str, model_dir: Path, threads: int, log_dir: Path, max_ba
     raise RuntimeError(f"{kind} server did not start")
 
 
+def publish_new_version(path: Path, tag: int) -> None:
+    """Write the checkpoint at ``path`` again as a new version of the same weights (its manifest's metrics
+    say ``published: tag``, so its content hash changes), atomically, as ``metalearn train`` writes one."""
+    from metalearn.checkpoint import load_checkpoint, save_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    manifest, inner = checkpoint.manifest, checkpoint.manifest.get("inner") or {}
+    save_checkpoint(path, checkpoint.learner, input_shape=manifest["input_shape"], n_way=manifest.get("n_way"),
+                    preprocessing=manifest.get("preprocessing"), training=manifest.get("training"),
+                    metrics={**(manifest.get("metrics") or {}), "published": tag}, inner_steps=inner.get("steps"),
+                    inner_lr=inner.get("lr"), support_shift=inner.get("support_shift", 0))
+
+
 def checkpoint_workspace(prefix: str) -> tuple[Path, Path]:
     """A new temporary directory and, in it, ``models/`` with the benchmark's checkpoints."""
     work = Path(tempfile.mkdtemp(prefix=prefix))

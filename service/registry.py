@@ -8,10 +8,11 @@ skipped. Loading never unpickles (see :mod:`metalearn.checkpoint`).
 
 Loading again with the registry being served (``ModelRegistry.load(dir, device,
 previous)``, what the service does on ``SIGHUP``) loads only what changed: a
-model whose file is the one it was loaded from stays the same object (and the
-engine's computations recorded for it stay valid), new files are loaded, models
-whose file is gone are dropped, and a changed file that fails to load leaves
-the version already served in place.
+model whose file is the one it was loaded from, or holds the same checkpoint
+(the same content hash: copied or touched again), stays the same object (and
+the engine's computations recorded for it stay valid), new files are loaded,
+models whose file is gone are dropped, and a changed file that fails to load
+leaves the version already served in place.
 """
 
 from __future__ import annotations
@@ -191,9 +192,14 @@ class ModelRegistry:
                 if served is not None and served.source == source:
                     models[name] = served
                     continue
-                models[name] = load_model(name, path, device)
-                models[name].source = source
-                log.info("loaded model %r from %s (%s, %s)", name, path, models[name].manifest.get("algorithm"), device)
+                loaded = load_model(name, path, device)
+                if served is not None and loaded.manifest.get("content_hash") == served.manifest.get("content_hash"):
+                    served.source = source  # the same checkpoint written again (copied, touched): nothing to change
+                    models[name] = served
+                    continue
+                loaded.source = source
+                models[name] = loaded
+                log.info("loaded model %r from %s (%s, %s)", name, path, loaded.manifest.get("algorithm"), device)
             except (CheckpointError, ValueError, RuntimeError, OSError) as error:
                 # Logged as text: a log record keeps its arguments, and the exception's traceback holds
                 # this call's models (a handler keeping records, as pytest's does, kept replaced models alive).

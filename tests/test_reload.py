@@ -57,10 +57,15 @@ def test_a_reload_loads_what_changed_and_keeps_the_rest(trained, tmp_path):
     assert second.changes_from(again) == {"added": ["sine2"], "updated": ["conv_maml"], "removed": ["anil_run"], "kept": ["sine"]}
     assert second.get("conv_maml").version == first.get("anil_run").version and second.get("sine") is first.get("sine")
 
+    # The same checkpoint written again (a copy, a new file time) changes nothing.
+    replace_atomically(trained / "sine.safetensors", model_dir / "sine.safetensors")
+    os.utime(model_dir / "sine2.safetensors")
+    same = ModelRegistry.load(model_dir, previous=second)
+    assert same.changes_from(second)["kept"] == ["conv_maml", "sine", "sine2"] and same.get("sine") is first.get("sine")
     # A rewrite in place counts as a change too; one that does not load leaves the served version.
     (model_dir / "sine.safetensors").write_bytes(b"half a checkpoint")
-    third = ModelRegistry.load(model_dir, previous=second)
-    assert third.get("sine") is first.get("sine") and third.changes_from(second)["kept"] == ["conv_maml", "sine", "sine2"]
+    third = ModelRegistry.load(model_dir, previous=same)
+    assert third.get("sine") is first.get("sine") and third.changes_from(same)["kept"] == ["conv_maml", "sine", "sine2"]
     assert "still serving the version loaded before" in third.errors[str(model_dir / "sine.safetensors")]
     # A model directory gone (an unmounted volume) drops nothing.
     shutil.rmtree(model_dir)

@@ -6,8 +6,8 @@
 Builds the test suite's model directory (a MAML and an ANIL Conv4, ``--channels`` wide, and a sine
 regressor), runs the service in process (``TestClient``, two workers) and, ``--reloads`` times: sends
 adaptations that keep a session (then predicted and deleted) and stateless ANIL adapt-and-predicts, so
-that the engine records traces and compiles, then touches both image checkpoints (a new file time: the
-next reload loads them as new versions) and reloads (``service.app.reload_models``, what SIGHUP runs).
+that the engine records traces and compiles, then writes both image checkpoints again as new versions
+(``service_bench.publish_new_version``) and reloads (``service.app.reload_models``, what SIGHUP runs).
 Every ``--every`` reloads it prints how many of the model versions replaced so far are still alive (weak
 references, after a full garbage collection), the engine's traces and compilations, and the process's
 resident memory.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import tempfile
 import weakref
@@ -26,12 +25,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from fastapi.testclient import TestClient  # noqa: E402
 
 from metalearn.client import encode_tensor  # noqa: E402
 from service.app import create_app, reload_models  # noqa: E402
 from service.settings import Settings  # noqa: E402
+from service_bench import publish_new_version  # noqa: E402
 from test_service_helpers import image_tasks, make_model_dir  # noqa: E402
 
 CHANGING = ("conv_maml", "anil_run")
@@ -63,8 +64,8 @@ def main() -> None:
                 assert client.post(f"/v1/sessions/{session}/predict", json=query).status_code == 200
                 assert client.delete(f"/v1/sessions/{session}").status_code == 204
                 assert client.post("/v1/models/anil_run/predict", json={"support": support, "query": query}).status_code == 200
-            os.utime(model_dir / "conv_maml.safetensors")
-            os.utime(model_dir / "anil_run" / "best.safetensors")
+            publish_new_version(model_dir / "conv_maml.safetensors", reload)
+            publish_new_version(model_dir / "anil_run" / "best.safetensors", reload)
             changes = client.portal.call(reload_models, app)
             assert changes["updated"] == sorted(CHANGING), changes
             if reload % args.every == 0:

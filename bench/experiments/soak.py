@@ -28,10 +28,11 @@ Exits 1 when an answer was unexpected. With ``--redis`` the sessions live in a
 throwaway ``redis-server`` (``bench/local_redis.py``) under the same budget, and
 the replica holds at most ``METALEARN_REDIS_HELD_BYTES`` of them decoded (8
 MiB here, so that held sessions are dropped all the time too). With
-``--reload-every S``, every S seconds both checkpoints get a new file time and
-the server a ``SIGHUP``: it loads them as new versions (sessions of the old
-ones answer 404, which a session predict may get anyway) while the clients go
-on; the end says how many reloads were sent and how many the server completed
+``--reload-every S``, every S seconds both checkpoints are written again as new
+versions (the same weights, another manifest) and the server gets a
+``SIGHUP``: it loads them (sessions of the old versions answer 404, which a
+session predict may get anyway) while the clients go on; the end says how many
+reloads were sent and how many the server completed
 (``metalearn_model_reloads_total``).
 """
 
@@ -135,13 +136,12 @@ async def client(port: int, batch, bad: list, sessions: list[str], counts: colle
 
 
 async def reload_now_and_then(process, model_dir: Path, every: float, deadline: float) -> int:
-    """Every ``every`` seconds until ``deadline``: new versions of the checkpoints (a new file time), then SIGHUP.
-    The reloads sent."""
+    """Every ``every`` seconds until ``deadline``: a new version of each checkpoint, then SIGHUP. The reloads sent."""
     sent = 0
     while every > 0 and time.monotonic() + every < deadline:
         await asyncio.sleep(every)
         for checkpoint in model_dir.glob("*.safetensors"):
-            os.utime(checkpoint)
+            await asyncio.to_thread(sb.publish_new_version, checkpoint, sent + 1)
         process.send_signal(signal.SIGHUP)
         sent += 1
     return sent
