@@ -229,9 +229,10 @@ class Engine:
 
     def serve_only(self, models) -> None:
         """Forget what was recorded for any model but ``models`` (the ones served after a reload): the
-        compilations now, each worker's traces or CUDA graphs now if it idles, else before its next batch. Each recording keeps
-        its model alive; without this, replaced models stayed in memory until their recordings were evicted.
-        (Every recording's key starts with ``id(model)``; a served model is alive, so its id is its own.)"""
+        compilations now, each worker's traces or CUDA graphs now if it idles, else before its next batch.
+        Each recording keeps its model alive; without this, replaced models stayed in memory until their
+        recordings were evicted. (Every recording's key starts with ``id(model)``; a served model is
+        alive, so its id is its own.)"""
         served = frozenset(id(model) for model in models)
 
         def stale(key: tuple) -> bool:
