@@ -4,7 +4,7 @@
     metalearn serve --model-dir runs/ --port 8000           # the same, via service.server.serve
 
 The app loads every model of ``settings.model_dir`` at start (lifespan; again,
-what changed, on ``SIGHUP``: ``reload_models``), runs
+what changed, on ``SIGHUP`` or when ``model_poll_s`` finds changes: ``reload_models``), runs
 adaptation in one worker thread that owns the device (``service.engine``),
 keeps sessions in the configured store, and answers every error as an RFC 9457
 problem document.
@@ -156,17 +156,32 @@ async def reload_models(app: FastAPI) -> dict[str, list[str]]:
         return changes
 
 
-def _reload_in_background(app: FastAPI) -> None:
-    async def reload() -> None:
-        try:
-            await reload_models(app)
-        except Exception:  # noqa: BLE001 - the service goes on with what it served
-            app.state.metrics.reloads.labels("failed").inc()
-            log.exception("reloading the models failed: still serving the models loaded before")
+async def _reload_logged(app: FastAPI) -> None:
+    try:
+        await reload_models(app)
+    except Exception:  # noqa: BLE001 - the service goes on with what it served
+        app.state.metrics.reloads.labels("failed").inc()
+        log.exception("reloading the models failed: still serving the models loaded before")
 
-    task = asyncio.ensure_future(reload())
+
+def _reload_in_background(app: FastAPI) -> None:
+    task = asyncio.ensure_future(_reload_logged(app))
     app.state.reloads.add(task)
     task.add_done_callback(app.state.reloads.discard)
+
+
+async def _watch_model_dir(app: FastAPI, every_s: float) -> None:
+    """Every ``every_s`` seconds, reload when the model directory's checkpoints changed (Settings.model_poll_s)."""
+    state = app.state
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            changed = await anyio.to_thread.run_sync(state.registry.changed_on_disk, state.settings.model_dir)
+        except Exception:  # noqa: BLE001 - a look that failed is tried again next time
+            log.exception("looking for new checkpoints in %s failed", state.settings.model_dir)
+            continue
+        if changed:
+            await _reload_logged(app)
 
 
 def _on_signal(signum: int, callback) -> bool:
@@ -200,9 +215,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.freeze()
         log.info("serving %d model(s) on %s: %s", len(app.state.registry.models), device, ", ".join(app.state.registry.names()))
         hangup = hasattr(signal, "SIGHUP") and _on_signal(signal.SIGHUP, lambda: _reload_in_background(app))
+        watcher = asyncio.create_task(_watch_model_dir(app, settings.model_poll_s)) if settings.model_poll_s > 0 else None
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
             if hangup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             gc.unfreeze()  # (the process may go on: tests, an application embedding the service)

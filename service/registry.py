@@ -165,10 +165,31 @@ def _file_identity(path: Path) -> tuple:
     return (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def scan(model_dir: str | Path) -> dict[str, tuple | None] | None:
+    """Every checkpoint file of ``model_dir`` (``discover``) with its identity (``_file_identity``; None when
+    it cannot be read), or None when there is no such directory."""
+    if not Path(model_dir).is_dir():
+        return None
+    found: dict[str, tuple | None] = {}
+    for _, path in discover(model_dir):
+        try:
+            found[str(path)] = _file_identity(path)
+        except OSError:
+            found[str(path)] = None
+    return found
+
+
 class ModelRegistry:
-    def __init__(self, models: dict[str, LoadedModel] | None = None, errors: dict[str, str] | None = None):
+    def __init__(self, models: dict[str, LoadedModel] | None = None, errors: dict[str, str] | None = None, seen: dict | None = None):
         self.models = models or {}
         self.errors = errors or {}
+        self.seen = seen or {}  # scan() of the model directory when it was loaded: every file, loaded or not
+
+    def changed_on_disk(self, model_dir: str | Path) -> bool:
+        """Whether ``model_dir`` has a checkpoint file added, removed or changed since this registry was
+        loaded (one that failed to load counts once: until it changes again). A directory gone is no change."""
+        now = scan(model_dir)
+        return now is not None and now != self.seen
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu", previous: "ModelRegistry | None" = None) -> "ModelRegistry":
@@ -179,7 +200,8 @@ class ModelRegistry:
             return previous
         models: dict[str, LoadedModel] = {}
         errors: dict[str, str] = {}
-        if not Path(model_dir).is_dir():
+        seen = scan(model_dir)  # before loading: a file changing meanwhile is seen as changed by the next look
+        if seen is None:
             log.warning("model directory %s does not exist: serving no models", model_dir)
         for name, path in discover(model_dir):
             if name in models:
@@ -211,7 +233,7 @@ class ModelRegistry:
                     log.error("keeping model %r version %s: its new checkpoint %s does not load: %s", name, served.version, path, reason)
                     errors[str(path)] = f"{reason} (still serving the version loaded before, {served.version})"
                     models[name] = served
-        return cls(models, errors)
+        return cls(models, errors, seen)
 
     def changes_from(self, previous: "ModelRegistry") -> dict[str, list[str]]:
         """What a reload did: model names ``added``, ``updated`` (another object: a new version or file),

@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     # Models
     model_dir: str = Field("models", description="Directory of checkpoints (*.safetensors) and run directories (DIR/best.safetensors).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run; auto = cuda when available.")
+    model_poll_s: float = Field(0.0, ge=0, description="Every this many seconds, look for checkpoints added, changed or removed in model_dir and reload when there are (as on SIGHUP); 0 = only on SIGHUP.")
 
     # Engine
     max_batch_size: int = Field(0, ge=0, description="Most requests run together as one batched computation (0 = auto: 8 on the CPU, where bigger batches spill the caches, 64 on a GPU).")

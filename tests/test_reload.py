@@ -163,3 +163,55 @@ def test_a_reload_frees_the_models_it_replaced(trained):
         assert engine.trace_stats()["held"] == 0 and engine.script_stats()["held"] == 0
     finally:
         engine.stop()
+
+
+def test_changed_on_disk_sees_each_change_once(trained, tmp_path):
+    model_dir = shutil.copytree(trained, tmp_path / "models")
+    registry = ModelRegistry.load(model_dir)
+    assert not registry.changed_on_disk(model_dir)  # the broken file counts as seen too
+    os.utime(model_dir / "sine.safetensors", ns=(1, 1))
+    assert registry.changed_on_disk(model_dir)
+    registry = ModelRegistry.load(model_dir, previous=registry)
+    assert not registry.changed_on_disk(model_dir)
+    (model_dir / "broken2.safetensors").write_bytes(b"not yet a whole checkpoint")
+    assert registry.changed_on_disk(model_dir)
+    registry = ModelRegistry.load(model_dir, previous=registry)
+    assert not registry.changed_on_disk(model_dir) and "broken2" in " ".join(registry.errors)  # not again and again
+    shutil.rmtree(model_dir / "anil_run")
+    assert registry.changed_on_disk(model_dir)
+    shutil.rmtree(model_dir)
+    assert not registry.changed_on_disk(model_dir)  # a directory gone: nothing to reload
+
+
+def test_model_poll_reloads_without_a_signal(trained, tmp_path):
+    """METALEARN_MODEL_POLL_S: a new version published in the model directory is served within a poll or two;
+    a file that does not load triggers one reload, not one per poll."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    model_dir = shutil.copytree(trained, tmp_path / "models")
+    app = create_app(Settings(model_dir=str(model_dir), model_poll_s=0.05, workers=1, threads=1))
+
+    def reloads(client) -> float:
+        lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith('metalearn_model_reloads_total{outcome="done"}')]
+        return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+    with TestClient(app) as client:
+        versions = {m["name"]: m["version"] for m in client.get("/v1/models").json()["models"]}
+        time.sleep(0.3)
+        assert reloads(client) == 0  # nothing changed, nothing reloaded
+        replace_atomically(trained / "anil_run" / "best.safetensors", model_dir / "conv_maml.safetensors")
+        deadline = time.monotonic() + 30
+        while client.get("/v1/models/conv_maml").json()["version"] != versions["anil_run"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        (tmp_path / "half").write_bytes(b"half a checkpoint")
+        os.replace(tmp_path / "half", model_dir / "half.safetensors")  # whole at once: each poll sees one file
+        while "half" not in " ".join(client.get("/readyz").json()["skipped"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        settled = reloads(client)
+        time.sleep(0.5)  # ten polls
+        assert reloads(client) == settled == 2
