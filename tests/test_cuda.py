@@ -287,3 +287,44 @@ def test_engine_on_cuda_equals_cpu(model_dir, name):
         for r_cpu, r_gpu in zip(a_cpu, p_gpu):
             # a session prediction equals the adapt-and-predict of the same request
             close(torch.tensor(r_gpu["probabilities"]), torch.tensor(r_cpu["probabilities"]), atol=1e-4, rtol=1e-3)
+
+
+def test_a_reload_on_cuda_frees_the_replaced_model_and_its_graphs(model_dir, tmp_path):
+    """A reload while the worker replays CUDA graphs: the new version is loaded onto the GPU beside it (in
+    another thread), the replaced model's graphs are dropped by the worker, and its GPU memory goes."""
+    import gc
+    import shutil
+    import weakref
+
+    from service.engine import Engine, Job
+    from service.registry import ModelRegistry
+
+    served_dir = shutil.copytree(model_dir, tmp_path / "served")
+    registry = ModelRegistry.load(served_dir, "cuda")
+    engine = Engine(max_batch_size=8, max_wait_ms=5.0)
+    engine.start()
+    try:
+        def adapt(model):
+            batch = image_batch(tasks=1, seed=0)
+            job = Job("adapt", model, support_x=batch.support_x[0], support_y=batch.support_y[0], steps=5, lr=0.4, query_x=batch.query_x[0])
+            return engine.submit_nowait(job).result(timeout=120)
+
+        for _ in range(3):
+            adapt(registry.get("conv-maml"))
+        assert engine.graph_stats()["held"] > 0
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        shutil.copyfile(served_dir / "conv-anil.safetensors", served_dir / "conv-maml.safetensors")
+        reloaded = ModelRegistry.load(served_dir, "cuda", previous=registry)
+        assert reloaded.changes_from(registry)["updated"] == ["conv-maml"]
+        replaced = weakref.ref(registry.get("conv-maml"))
+        engine.serve_only(reloaded.models.values())
+        registry = None
+        assert adapt(reloaded.get("conv-maml"))["probabilities"]  # the new version, on the worker that dropped the old graphs
+        gc.collect()
+        assert replaced() is None
+        assert engine.graph_stats()["failures"] == 0
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() <= before  # the old weights and graphs' memory went (the new model is as small)
+    finally:
+        engine.stop()
