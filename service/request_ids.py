@@ -5,17 +5,25 @@ characters from ``A-Z a-z 0-9 . _ : -`` is kept and echoed; anything else is rep
 by a fresh random one, so the logs never carry what a caller typed. The id is in
 ``request.state.request_id`` for the handlers: the answer to an unexpected error
 puts it in its problem body and in its log line.
+
+The same middleware writes each request's access line (logger ``service.access``,
+INFO; see :mod:`service.logs`): method, the route's template rather than the path
+(a session id in a path is as good as a key where there are no API keys: it stays
+out of the logs), status, duration and id.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import time
 
 from starlette.requests import Request
 
 HEADER = b"x-request-id"
 _ACCEPTED = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+access_log = logging.getLogger("service.access")
 
 
 def request_id(request: Request) -> str | None:
@@ -24,7 +32,8 @@ def request_id(request: Request) -> str | None:
 
 
 class RequestIds:
-    """ASGI middleware giving each HTTP request an id (``X-Request-ID``, echoed or made) in its answer and its state."""
+    """ASGI middleware giving each HTTP request an id (``X-Request-ID``, echoed or made) in its answer and its
+    state, and writing its access line."""
 
     def __init__(self, app):
         self.app = app
@@ -32,14 +41,27 @@ class RequestIds:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        start = time.perf_counter()
         given = next((value for name, value in scope["headers"] if name == HEADER), None)
         rid = given if given is not None and _ACCEPTED.fullmatch(given) else os.urandom(12).hex().encode()
         # The server's per-request copy of the lifespan state, or a new one: starlette's request.state reads it.
         scope.setdefault("state", {})["request_id"] = rid.decode()
+        status = 500  # unless an answer starts: an exception goes on to Starlette's outermost layer, which says 500
 
         async def send_with_id(message):
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 message["headers"] = [*message.get("headers", ()), (HEADER, rid)]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if access_log.isEnabledFor(logging.INFO):
+                path = getattr(scope.get("route"), "path", None) or scope["path"]
+                milliseconds = 1000 * (time.perf_counter() - start)
+                client = (scope.get("client") or (None,))[0]
+                access_log.info("%s %s %d %.1f ms id=%s", scope["method"], path, status, milliseconds, rid.decode(), extra={
+                    "method": scope["method"], "path": path, "status": status, "duration_ms": round(milliseconds, 3),
+                    "request_id": rid.decode(), "client": client})

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-
+from service import logs
 from service.settings import Settings
 
 
@@ -20,6 +19,8 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, **settings_
 
     log_level = settings_overrides.pop("log_level", "info")
     settings = Settings(model_dir=str(model_dir), **settings_overrides)
-    logging.basicConfig(level=getattr(logging, str(log_level).upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Every logger, uvicorn's too, one format (log_config=None: uvicorn's loggers go to the root's handler);
+    # the access lines are the service's own (service.request_ids), with the request id.
+    logs.configure(log_level, settings.log_format)
     app = create_app(settings)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=None, access_log=False, timeout_graceful_shutdown=10)

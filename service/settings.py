@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     # Security
     api_keys: str = Field("", description="Comma-separated API keys; when set every /v1 call needs one (Authorization: Bearer KEY or X-API-Key).")
 
+    # Logs
+    log_format: Literal["text", "json"] = Field("text", description="metalearn serve's log lines: text, or one JSON object per line (ts, level, logger, message; access lines add method, path, status, duration_ms, request_id, client).")
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _keys_as_text(cls, value):

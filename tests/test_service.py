@@ -570,3 +570,21 @@ def test_docs_render_offline_in_headless_chromium(small_server, tmp_path, page):
         assert image.size[0] == 1280
         colors = image.convert("L").getcolors(maxcolors=1 << 16)
         assert colors is None or len(colors) > 10  # not a blank page
+
+
+def test_metalearn_serve_writes_json_logs_with_access_lines(model_dir, tmp_path):
+    """METALEARN_LOG_FORMAT=json: every line metalearn serve writes, uvicorn's included, is one JSON object; a
+    request's access line carries its id, route, status and duration."""
+    proc = ServerProcess(model_dir, tmp_path / "serve.log", cli=True, log_format="json").wait_ready()
+    try:
+        body = {"support": {"x": [[0.0], [1.0]], "y": [0.0, 0.5]}, "query": {"x": [[0.5]]}}
+        assert httpx.post(proc.url + "/v1/models/sine/predict", json=body, headers={"X-Request-ID": "json-log-1"}).status_code == 200
+    finally:
+        proc.stop()
+    lines = [json.loads(line) for line in proc.log_path.read_text().splitlines() if line.strip()]
+    access = [line for line in lines if line.get("request_id") == "json-log-1"]
+    assert len(access) == 1 and access[0]["logger"] == "service.access"
+    assert (access[0]["method"], access[0]["path"], access[0]["status"]) == ("POST", "/v1/models/{name}/predict", 200)
+    assert access[0]["duration_ms"] > 0 and access[0]["client"] == "127.0.0.1"
+    assert any(line["logger"] == "uvicorn.error" and "Uvicorn running" in line["message"] for line in lines)
+    assert any(line["logger"] == "service" and line["message"].startswith("serving ") for line in lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -516,3 +517,31 @@ def test_what_the_service_loads_at_start_is_kept_out_of_full_garbage_collections
         assert gc.get_freeze_count() > 10_000  # torch, FastAPI, the app: far more objects than that
         assert client.get("/healthz").status_code == 200
     assert gc.get_freeze_count() == 0
+
+
+def test_access_lines_name_the_route_not_the_session_and_json_logs(tmp_path, caplog):
+    """Each request's access line (service.access) has method, the route's template (a session id in a path
+    stays out of the logs), status, duration and request id; JsonFormatter writes records as JSON objects."""
+    import json
+    import logging
+
+    from service.app import create_app
+    from service.logs import JsonFormatter
+
+    app = create_app(Settings(model_dir=str(tmp_path)))
+    with TestClient(app) as client, caplog.at_level("INFO", logger="service.access"):
+        client.post("/v1/sessions/s3cr3t-session-id/predict", json={"x": [[0.5]]}, headers={"X-Request-ID": "trace-1"})
+        client.get("/no/such/route")
+    lines = [r for r in caplog.records if r.name == "service.access"]
+    assert [(r.method, r.path, r.status, r.request_id) for r in lines] == [
+        ("POST", "/v1/sessions/{session_id}/predict", 404, "trace-1"), ("GET", "/no/such/route", 404, lines[1].request_id)]
+    assert all(r.duration_ms > 0 for r in lines) and "s3cr3t" not in caplog.text
+    line = json.loads(JsonFormatter().format(lines[0]))
+    assert line["message"].startswith("POST /v1/sessions/{session_id}/predict 404") and line["request_id"] == "trace-1"
+    assert {"ts", "level", "logger", "method", "path", "status", "duration_ms", "client"} <= set(line) and line["level"] == "INFO"
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.getLogger("service").makeRecord("service", logging.ERROR, __file__, 1, "failed: %s", ("x",), sys.exc_info())
+    error = json.loads(JsonFormatter().format(record))
+    assert error["message"] == "failed: x" and "ValueError: boom" in error["exception"] and "request_id" not in error
