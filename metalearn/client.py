@@ -7,7 +7,7 @@
     labels = session.predict(query_x)                             # numpy class indices
     session.probabilities                                          # of the last predict (classification)
     out = client.predict("omniglot", support_x, support_y, query_x)   # stateless; a Prediction
-    session.delete()
+    session.delete()                                              # or: with client.adapt(...) as session:
 
 Tensors travel as ``{"dtype", "shape", "base64"}`` (raw little-endian float32)
 by default, ``encoding="json"`` sends nested lists. Every error answer raises
@@ -19,9 +19,9 @@ In an asyncio application (a FastAPI or aiohttp backend, say), :class:`AsyncClie
 has the same calls, awaited, so that waiting for the service never blocks the event loop:
 
     async with AsyncClient("http://127.0.0.1:8000", api_key="secret") as client:
-        session = await client.adapt("omniglot", support_x, support_y)
-        labels = await session.predict(query_x)
-        many = await asyncio.gather(*(session.predict_full(x) for x in batches))   # one connection pool
+        async with await client.adapt("omniglot", support_x, support_y) as session:   # deleted at the end
+            labels = await session.predict(query_x)
+            many = await asyncio.gather(*(session.predict_full(x) for x in batches))   # one connection pool
 """
 
 from __future__ import annotations
@@ -202,6 +202,17 @@ class RemoteSession(_SessionHandle):
     def delete(self) -> None:
         self.client._request("DELETE", self.path)
 
+    def __enter__(self) -> "RemoteSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Deleted on leaving a ``with`` block (already gone, expired or evicted: fine)."""
+        try:
+            self.delete()
+        except ServiceError as error:
+            if error.status != 404:
+                raise
+
 
 class AsyncRemoteSession(_SessionHandle):
     """:class:`RemoteSession` for :class:`AsyncClient`: the same methods, awaited."""
@@ -217,6 +228,16 @@ class AsyncRemoteSession(_SessionHandle):
 
     async def delete(self) -> None:
         await self.client._request("DELETE", self.path)
+
+    async def __aenter__(self) -> "AsyncRemoteSession":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        try:
+            await self.delete()
+        except ServiceError as error:
+            if error.status != 404:
+                raise
 
 
 class Client(_Calls):

@@ -44,6 +44,13 @@ def test_client_flow_numpy_and_torch(served, encoding):
         with pytest.raises(ServiceError) as error:
             session.predict(qx)
         assert error.value.status == 404 and error.value.problem["title"] == "Unknown session"
+        with client.adapt("conv_maml", sx, sy) as scoped:  # deleted on leaving the block
+            assert scoped.predict(qx).tolist() == reference.argmax(-1).tolist()
+        with pytest.raises(ServiceError) as error:
+            scoped.describe()
+        assert error.value.status == 404
+        with client.adapt("conv_maml", sx, sy) as scoped:
+            scoped.delete()  # gone already: leaving the block is fine
 
 
 def test_client_regression_and_errors(served):
@@ -114,6 +121,11 @@ def test_async_client_flow_with_concurrent_calls(served):
             await sessions[2].delete()
             with pytest.raises(ServiceError) as gone:
                 await sessions[2].predict(tasks.query_x[2])
+            async with await client.adapt("conv_maml", tasks.support_x[0], tasks.support_y[0]) as scoped:
+                await scoped.predict(tasks.query_x[0])
+            with pytest.raises(ServiceError) as scoped_gone:
+                await scoped.describe()
+            assert scoped_gone.value.status == 404
             return sessions, labels, stateless, described, gone.value
 
     sessions, labels, stateless, described, gone = asyncio.run(flow())
