@@ -532,9 +532,11 @@ def test_access_lines_name_the_route_not_the_session_and_json_logs(tmp_path, cap
     with TestClient(app) as client, caplog.at_level("INFO", logger="service.access"):
         client.post("/v1/sessions/s3cr3t-session-id/predict", json={"x": [[0.5]]}, headers={"X-Request-ID": "trace-1"})
         client.get("/no/such/route")
+        client.put("/v1/sessions/s3cr3t-session-id")  # no route takes it: the path, the session id replaced
     lines = [r for r in caplog.records if r.name == "service.access"]
     assert [(r.method, r.path, r.status, r.request_id) for r in lines] == [
-        ("POST", "/v1/sessions/{session_id}/predict", 404, "trace-1"), ("GET", "/no/such/route", 404, lines[1].request_id)]
+        ("POST", "/v1/sessions/{session_id}/predict", 404, "trace-1"), ("GET", "/no/such/route", 404, lines[1].request_id),
+        ("PUT", "/v1/sessions/{session_id}", 405, lines[2].request_id)]
     assert all(r.duration_ms > 0 for r in lines) and "s3cr3t" not in caplog.text
     line = json.loads(JsonFormatter().format(lines[0]))
     assert line["message"].startswith("POST /v1/sessions/{session_id}/predict 404") and line["request_id"] == "trace-1"
