@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.request_ids import request_id
+from service.request_ids import logged_path, request_id
 
 log = logging.getLogger("service")
 
@@ -127,7 +127,7 @@ def install(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception):
         # Answered outside the middleware (Starlette's outermost layer catches it): the id goes in by hand.
         rid = request_id(request)
-        log.exception("unexpected error on %s %s (request id %s)", request.method, request.url.path, rid)
+        log.exception("unexpected error on %s %s (request id %s)", request.method, logged_path(request.scope), rid)
         extra = {"request_id": rid, "headers": {"X-Request-ID": rid}} if rid else {}
         problem = Problem(500, "Internal error", f"unexpected {type(exc).__name__}; the service keeps running", **extra)
         return problem_response(problem, request.url.path)

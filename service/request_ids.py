@@ -27,7 +27,7 @@ _SESSION_IN_PATH = re.compile(r"^/v1/sessions/[^/]+")
 access_log = logging.getLogger("service.access")
 
 
-def _logged_path(scope) -> str:
+def logged_path(scope) -> str:
     """The route's template, or for a request no route took (a wrong method, say) its path with any session id
     replaced."""
     template = getattr(scope.get("route"), "path", None)
@@ -67,7 +67,7 @@ class RequestIds:
             await self.app(scope, receive, send_with_id)
         finally:
             if access_log.isEnabledFor(logging.INFO):
-                path = _logged_path(scope)
+                path = logged_path(scope)
                 milliseconds = 1000 * (time.perf_counter() - start)
                 client = (scope.get("client") or (None,))[0]
                 access_log.info("%s %s %d %.1f ms id=%s", scope["method"], path, status, milliseconds, rid.decode(), extra={

@@ -391,6 +391,7 @@ def test_every_answer_carries_a_request_id(tmp_path, caplog):
         assert response.status_code == 500 and response.headers["content-type"] == "application/problem+json"
         assert response.headers["x-request-id"] == response.json()["request_id"] == "support-ticket-42"
         assert any("support-ticket-42" in record.getMessage() and record.exc_info for record in caplog.records)
+        assert "/v1/sessions/{session_id}" in caplog.text and "/v1/sessions/abc" not in caplog.text  # no session id in the log
         assert client.get("/healthz").status_code == 200
 
 @pytest.mark.parametrize("algorithm", ["maml", "anil"])
