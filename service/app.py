@@ -53,6 +53,13 @@ Adapt a meta-learned model to a few labelled examples (a *support set*) and pred
 """
 
 
+# Every answer has it (service.request_ids): declared on every response of the OpenAPI document.
+REQUEST_ID_HEADER = {
+    "description": "The request's id: the caller's own X-Request-ID when it sends a valid one (1-128 of A-Z a-z 0-9 . _ : -), else a random one; in the service's logs too.",
+    "schema": {"type": "string"},
+}
+
+
 def create_store(settings: Settings) -> SessionStore:
     """The session store the settings select (``memory`` or ``redis``)."""
     if settings.session_backend == "redis":
@@ -97,6 +104,8 @@ def _install_openapi(app: FastAPI) -> None:
         loaded = [registry.get(n) for n in registry.names()] if registry else []
         for path, item in schema.get("paths", {}).items():
             for method, operation in item.items():
+                for response in operation.get("responses", {}).values():
+                    response.setdefault("headers", {})["X-Request-ID"] = REQUEST_ID_HEADER
                 for parameter in operation.get("parameters", []):
                     if parameter.get("name") == "name" and loaded:
                         parameter["example"] = loaded[0].name

@@ -503,6 +503,7 @@ def test_json_routes_answer_like_fastapi(tmp_path):
         assert operation["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/SessionPredictRequest"}
         assert {name for requirement in operation["security"] for name in requirement} == {"APIKeyHeader", "HTTPBearer"}
         assert set(schema["components"]["securitySchemes"]) == {"APIKeyHeader", "HTTPBearer"}
+        assert all("X-Request-ID" in response["headers"] for item in schema["paths"].values() for op in item.values() for response in op["responses"].values())
 
 
 def test_what_the_service_loads_at_start_is_kept_out_of_full_garbage_collections(tmp_path):
