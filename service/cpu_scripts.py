@@ -376,6 +376,9 @@ class ScriptCache(GraphCache):
                 if inputs[0].shape[0] == 1 and entry.seconds < self.cheap_s:  # a row's script, cheap
                     self._remember(self._cheap, key, None)
             self._compiling.discard(key)
+            # Before the waiters wake: once wait() returns, this thread keeps no model alive (a
+            # failure's traceback holds the frames that held it too).
+            del fn, inputs, owner, entry, error
             self._guard.notify_all()
         return True
 
