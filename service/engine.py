@@ -656,7 +656,7 @@ class Engine:
         count = len(batch)
         graphs = self._graphs(device)
         rows = self._rows(graphs, count)
-        key, make = self._session_inputs(model, first.transductive, lone=count == 1)
+        key, make = self._session_inputs(model, first.transductive, lone_query=first.query_x if count == 1 else None)
         sessions = [make(j.session) if j.session_prepared is None else j.session_prepared(key, make) for j in batch]
         names = sorted(sessions[0])
         inputs = [torch.stack([j.query_x for j in batch]).to(device, non_blocking=True)]
@@ -674,11 +674,11 @@ class Engine:
         fast = self._fast(model)
         return fast if not transductive and hasattr(fast, "prepare") else None
 
-    def _session_inputs(self, model, transductive: bool, lone: bool) -> tuple[Hashable, Callable[[dict], dict]]:
+    def _session_inputs(self, model, transductive: bool, lone_query: torch.Tensor | None = None) -> tuple[Hashable, Callable[[dict], dict]]:
         """How a prediction's session becomes its inputs, for ``Session.prepared(key, make)``: ``make(tensors)``
         -> ``{name: [1, ...] tensor}`` on the model's device: views of the session's tensors, or the constants
-        the kernel prepares from them; for a prediction computed alone (``lone``), packed where the kernel
-        packs them (FastFull.pack: batches concatenate the plain constants)."""
+        the kernel prepares from them; for a prediction computed alone (of ``lone_query``), packed where
+        that pays (FastFull.packing_pays; batches concatenate the plain constants)."""
         device = model.device
 
         def views(tensors: dict) -> dict:
@@ -687,7 +687,7 @@ class Engine:
         preparing = self._preparing(model, transductive)
         if preparing is None:
             return ("views", str(device)), views
-        if lone and preparing.packs():
+        if lone_query is not None and preparing.packing_pays(lone_query):
             return ("packed", str(device)), lambda tensors: preparing.pack(preparing.prepare(adaptation_from_tensors(views(tensors))))
         return ("prepared", str(device)), lambda tensors: preparing.prepare(adaptation_from_tensors(views(tensors)))
 

@@ -19,7 +19,9 @@ Both run the first block (a conv with few input channels at full resolution,
 the memory-bound part on a CPU) as one fused computation, the same one
 ``Conv4`` uses in training (``metalearn/first_block.py``). A MAML session's
 prediction computed alone runs instead on oneDNN's packed convolutions
-(``FastFull.pack``), which win for one request of a few images.
+(``FastFull.pack``) where they measure faster on this machine
+(``FastFull.packing_pays``): on some CPUs they win for one request of a few
+images, on others they lose.
 
 Anything else (other algorithms, learned learning rates, other architectures)
 goes through the generic ``adapt_many``/``predict_many``.
@@ -28,6 +30,9 @@ goes through the generic ``adapt_many``/``predict_many``.
 from __future__ import annotations
 
 import functools
+import logging
+import threading
+import time
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +41,8 @@ from torch import nn
 from metalearn.adaptation import Adaptation
 from metalearn.first_block import WindowColumns, first_block, fuses, pooled_product, window_columns
 from metalearn.models import BatchNorm, batch_moments
+
+log = logging.getLogger("service.fastpath")
 
 
 def max_pool2(h: torch.Tensor) -> torch.Tensor:
@@ -300,6 +307,8 @@ class FastFull:
         self.params = {n: p.detach() for n, p in learner.model.named_parameters()}
         param = next(iter(self.params.values()))  # oneDNN packs float32 CPU weights of plain convolutions
         self._packable_weights = param.device.type == "cpu" and param.dtype == torch.float32 and all(_packable(c) for c, *_ in self.blocks)
+        self._packing_pays: dict[int, bool] = {}  # query images (up to PACKING_MEASURED) -> measured faster packed
+        self._measuring = threading.Lock()
 
     def forward(self, P: dict, x: torch.Tensor | WindowColumns, record: bool = False):
         """Logits ``[R, N, out]`` with parameters ``P`` (each ``[R, ...]``), BatchNorm on each request's batch
@@ -387,12 +396,55 @@ class FastFull:
             prepared.update({conv_name + ".weight": weight, bn_name + ".scale": scale, bn_name + ".shift": shift})
         return prepared
 
-    def packs(self) -> bool:
+    def can_pack(self) -> bool:
         """Whether :meth:`pack` applies: a float32 model on the CPU whose convolutions oneDNN runs packed."""
         return self._packable_weights and packed_convolutions()
 
+    PACKING_MEASURED = 16  # a lone prediction of more query images decides as one of this many did
+
+    def packing_pays(self, query_x: torch.Tensor) -> bool:
+        """Whether a lone prediction of ``query_x`` ``[N, C, H, W]`` should run packed (:meth:`pack`): where it
+        can, and where packed predictions of this many images (up to ``PACKING_MEASURED``) measured faster
+        than the plain constants' in this process, once. Which wins depends on the CPU: packed, a lone
+        Conv4-64 session predict of 5 images took 595 against 750 us on one machine (convolutions at
+        about 270 GFLOP/s on a core), and 4.1-5.6 against 1.9-2.5 ms on an AVX2 EPYC (93 GFLOP/s), where
+        oneDNN's packed 64-channel convolution at 7x7 took 10x the plain one's time
+        (``bench/experiments/packed_convolutions.py``)."""
+        if not self.can_pack():
+            return False
+        images = min(query_x.shape[0], self.PACKING_MEASURED)
+        with self._measuring:  # (workers arriving together: one measures, the others wait for its answer)
+            if images not in self._packing_pays:
+                self._packing_pays[images] = self._packed_is_faster(query_x[:images])
+            return self._packing_pays[images]
+
+    def _packed_is_faster(self, query_x: torch.Tensor, runs: int = 9) -> bool:
+        """Times predictions of ``query_x`` with the meta-parameters' constants (unit BatchNorm statistics: the
+        time does not depend on the values), plain and packed in turn, and compares the fastest runs after
+        the first two of each: a service measures this while it starts and compiles, and other work
+        inflates some runs (from 2.5 to 15 ms in three starts of a Conv4 service on a noisy 2-core
+        machine), not the least of several."""
+        example = Adaptation(
+            params={n: self.params[n].unsqueeze(0) for n in self.names},
+            norm_stats={bn_name: (torch.zeros(1, bn.num_features), torch.ones(1, bn.num_features)) for _, _, bn, bn_name in self.blocks},
+            support_loss_before=torch.zeros(1), support_loss_after=torch.zeros(1))
+        plain = self.prepare(example)
+        ways = {"plain": plain, "packed": self.pack(plain)}
+        times: dict[str, list[float]] = {way: [] for way in ways}
+        query = query_x.unsqueeze(0)
+        for _ in range(runs):
+            for way, prepared in ways.items():
+                start = time.perf_counter()
+                self.predict_prepared(prepared, query)
+                times[way].append(time.perf_counter() - start)
+        plain_s, packed_s = (min(times[way][2:]) for way in ways)
+        log.info("a lone prediction of %d query image(s): %.2f ms packed, %.2f ms plain; %s", query_x.shape[0], 1000 * packed_s, 1000 * plain_s,
+                 "packing sessions predicted alone" if packed_s < plain_s else "not packing")
+        return packed_s < plain_s
+
     def pack(self, prepared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """:meth:`prepare`'s tensors for one request (``R = 1``) as oneDNN runs them fastest: each block's
+        """:meth:`prepare`'s tensors for one request (``R = 1``) as oneDNN runs them fastest on some CPUs
+        (:meth:`packing_pays` measures whether on this one): each block's
         ``scale`` folded into its conv weight, packed (:func:`_pack_weight`), and ``shift`` as the conv's
         bias, so that a block is one convolution with its ReLU fused, then the max-pool. The first block
         too: for one request of a few images, oneDNN's convolution of its input channel and the pool
@@ -400,7 +452,7 @@ class FastFull:
         wins on batches and in training). A lone Conv4-64 session predict computes in 595 against 750 us
         (``bench/experiments/packed_convolutions.py``), for 200 us of packing once per session predicted
         alone (``Session.prepared``) and a second copy of the conv weights, 434 KB, which the session
-        store counts. Logits differ from the plain constants' by float rounding (1e-6)."""
+        store counts (on the machine where packing pays). Logits differ from the plain constants' by float rounding (1e-6)."""
         assert prepared["head.weight"].shape[0] == 1, "pack takes one request's tensors"
         packed = {"head.weight": prepared["head.weight"], "head.bias": prepared["head.bias"]}
         for conv, conv_name, _, bn_name in self.blocks:

@@ -231,8 +231,8 @@ def test_cpu_only_paths_stay_off_on_cuda(model_dir, monkeypatch):
     from service.settings import Settings
 
     model = ModelRegistry.load(model_dir, "cuda").get("conv-maml")
-    assert not FastFull(model.learner).packs()
-    key, _ = Engine()._session_inputs(model, False, lone=True)
+    assert not FastFull(model.learner).can_pack()
+    key, _ = Engine()._session_inputs(model, False, lone_query=torch.rand(5, *model.input_shape))
     assert key == ("prepared", "cuda")
     monkeypatch.delenv("METALEARN_DEVICE", raising=False)
     assert Settings().resolved_worker_cpus() is None and Settings(device="cuda", pin_workers=True).resolved_worker_cpus() is None

@@ -797,10 +797,22 @@ def test_the_recording_machinery_is_loaded_at_start_only_for_models_that_compile
     assert loads == [1, 1]
 
 
-def test_lone_maml_session_predicts_without_packed_convolutions_use_the_plain_constants(model_dir, monkeypatch):
-    """Where oneDNN's packed convolution is not available (another build or torch version:
-    ``packed_convolutions()`` is False), a lone MAML session predict computes with FastFull.prepare's
-    constants, and its predictions are the packed path's up to float rounding."""
+@pytest.fixture
+def packing(monkeypatch):
+    """``packing(pays)``: FastFull's measurement of packed against plain lone predictions answers ``pays``."""
+    from service import fastpath
+
+    def answer(pays: bool) -> None:
+        monkeypatch.setattr(fastpath.FastFull, "_packed_is_faster", lambda self, query_x: pays)
+    return answer
+
+
+@pytest.mark.parametrize("why", ["packing loses here", "no packed convolutions"])
+def test_lone_maml_session_predicts_use_the_plain_constants_where_packing_does_not_pay(model_dir, packing, monkeypatch, why):
+    """Where packed convolutions measure slower than the plain constants (an AVX2 CPU), or oneDNN's packed
+    convolution is not available (another build or torch version: ``packed_convolutions()`` is False), a
+    lone MAML session predict computes with FastFull.prepare's constants, and its predictions are the
+    packed path's up to float rounding."""
     from service import fastpath
     from service.engine import Engine
     from service.registry import ModelRegistry
@@ -813,24 +825,67 @@ def test_lone_maml_session_predicts_without_packed_convolutions_use_the_plain_co
     tensors = engine._compute(_jobs(model, 1, 4, "adapt"))[0]["tensors"]
     (job,) = _jobs(model, 1, 60, "predict", [tensors])
     sessions = [Session(f"s{i}", "conv-maml", None, 0.0, 1e9, tensors) for i in range(2)]
+    packing(True)
     packed = engine._compute([dataclasses.replace(job, session_prepared=sessions[0].prepared)])[0]
-    monkeypatch.setattr(fastpath, "packed_convolutions", lambda: False)
-    key, make = engine._session_inputs(model, False, lone=True)
+    assert engine._session_inputs(model, False, lone_query=job.query_x)[0][0] == "packed"
+    engine._fast(model)._packing_pays.clear()  # (the model's kernel remembers what it measured)
+    if why == "packing loses here":
+        packing(False)
+    else:
+        monkeypatch.setattr(fastpath, "packed_convolutions", lambda: False)
+    key, make = engine._session_inputs(model, False, lone_query=job.query_x)
     assert key[0] == "prepared"
     plain = engine._compute([dataclasses.replace(job, session_prepared=sessions[1].prepared)])[0]
     assert not any(t.is_mkldnn for t in sessions[1].prepared(key, make).values())
     assert plain["predictions"] == packed["predictions"]
     torch.testing.assert_close(torch.tensor(plain["probabilities"]), torch.tensor(packed["probabilities"]), atol=1e-6, rtol=1e-5)
-    monkeypatch.undo()
+
+
+def test_only_float32_cpu_weights_pack(model_dir):
+    from service import fastpath
+    from service.registry import ModelRegistry
+
+    if not fastpath.packed_convolutions():
+        pytest.skip("no packed convolutions in this torch build")
+    model = ModelRegistry.load(model_dir, "cpu").get("conv-maml")
     learner = copy.deepcopy(model.learner)
     learner.model.double()  # oneDNN packs float32 weights only
-    assert fastpath.FastFull(model.learner).packs() and not fastpath.FastFull(learner).packs()
+    assert fastpath.FastFull(model.learner).can_pack() and not fastpath.FastFull(learner).can_pack()
+    assert not fastpath.FastFull(learner).packing_pays(torch.rand(5, 1, 28, 28, dtype=torch.float64))
     learner.model.float().to("meta")  # weights off the CPU (tests/test_cuda.py checks a GPU's)
-    assert not fastpath.FastFull(learner).packs()
+    assert not fastpath.FastFull(learner).can_pack()
+
+
+def test_packing_is_measured_once_per_query_count_and_decides_by_the_faster_way(model_dir, monkeypatch):
+    """``FastFull.packing_pays`` times lone predictions with plain and packed constants (once per count of
+    query images; a count over ``PACKING_MEASURED`` as that many) and answers which way was faster."""
+    import time as real_time
+
+    from service import fastpath
+    from service.registry import ModelRegistry
+
+    if not fastpath.packed_convolutions():
+        pytest.skip("no packed convolutions in this torch build")
+    model = ModelRegistry.load(model_dir, "cpu").get("conv-maml")
+    measured = []
+    measure, predict = fastpath.FastFull._packed_is_faster, fastpath.FastFull.predict_prepared
+    monkeypatch.setattr(fastpath.FastFull, "_packed_is_faster", lambda self, query_x: measured.append(query_x.shape[0]) or measure(self, query_x))
+    for slow, pays in (("packed", False), ("plain", True)):
+
+        def slowed(self, prepared, query_x, slow=slow):
+            if any(name.endswith(".packed") for name in prepared) == (slow == "packed"):
+                real_time.sleep(0.005)  # this way loses, by far more than the noise
+            return predict(self, prepared, query_x)
+
+        monkeypatch.setattr(fastpath.FastFull, "predict_prepared", slowed)
+        fast, measured[:] = fastpath.FastFull(model.learner), []
+        for count in (5, 5, 1, 40, 16):
+            assert fast.packing_pays(torch.rand(count, 1, 28, 28)) is pays
+        assert measured == [5, 1, 16]  # 40 images measured as 16, and 16 then known
 
 
 @pytest.mark.parametrize("name", ["conv-maml", "conv-anil", "conv-metasgd", "sine"])
-def test_what_a_worker_derives_from_a_session_is_made_once_and_predicts_the_same(model_dir, name):
+def test_what_a_worker_derives_from_a_session_is_made_once_and_predicts_the_same(model_dir, name, packing):
     """``Job.session_prepared`` (``Session.prepared``): the session's tensors as [1, ...] views or, for MAML's
     fast kernel with the session's BatchNorm statistics, its constants (FastFull.prepare; packed for a
     prediction computed alone, FastFull.pack), made once per session object. Predictions with them equal a
@@ -841,12 +896,14 @@ def test_what_a_worker_derives_from_a_session_is_made_once_and_predicts_the_same
     from service.registry import ModelRegistry
     from service.sessions import Session
 
+    packing(True)  # (whichever is faster on this machine: test_lone_maml_session_predicts_use_the_plain_constants_... tests the other way)
     model = ModelRegistry.load(model_dir, "cpu").get(name)
     engine = Engine(max_batch_size=8)
     adapted = engine._compute(_jobs(model, 3, 3, "adapt"))
     sessions = [Session(f"s{i}", name, None, 0.0, 1e9, result["tensors"]) for i, result in enumerate(adapted)]
+    query_x = _jobs(model, 1, 50, "predict", [None])[0].query_x
     for transductive, lone in itertools.product((False, True), (False, True)):
-        key, make = engine._session_inputs(model, transductive, lone)
+        key, make = engine._session_inputs(model, transductive, lone_query=query_x if lone else None)
         before = sessions[0].prepared_bytes
         made = sessions[0].prepared(key, make)
         assert sessions[0].prepared(key, lambda tensors: pytest.fail("made twice")) is made
@@ -911,6 +968,69 @@ def test_forget_drops_the_keys_of_models_no_longer_served_and_the_models(kind):
     finally:
         if kind == "cpu-script":
             cache.close()
+
+
+@pytest.mark.parametrize("kind", ["cuda-graph", "cpu-trace", "cpu-script"])
+def test_forgotten_entries_give_their_captures_back(kind, request):
+    """A reload replaces a model: the captures its entries spent go back to the budget, so the new
+    version's shapes are captured at once, as the old version's were, not one per ``refill_s``."""
+    from service import cpu_scripts
+
+    if kind == "cuda-graph":
+        request.getfixturevalue("captures")
+        cache = GraphCache(capacity=2, capture_after=1, refill_s=1e6)  # (no refill within the test)
+    elif kind == "cpu-trace":
+        cache = TraceCache(capacity=2, capture_after=1, refill_s=1e6)
+    else:
+        cache = cpu_scripts.ScriptCache(capacity=2, capture_after=1, refill_s=1e6)
+    settle = cache.wait if kind == "cpu-script" else (lambda timeout: True)
+    old, new = Owner(), Owner()
+    x = torch.randn(1, 3)
+    try:
+        for shape in ("a", "b"):
+            cache.run((id(old), shape), affine, (x, x), owner=old)
+        assert settle(60) and cache.captures == 2
+        cache.run((id(new), "a"), affine, (x, x), owner=new)
+        assert settle(60) and cache.captures == 2  # the budget is spent
+        cache.forget(lambda key: key[0] == id(old))
+        for _ in range(2):
+            for shape in ("a", "b"):
+                torch.testing.assert_close(cache.run((id(new), shape), affine, (x, x), owner=new), affine(x, x))
+            assert settle(60)
+        assert cache.captures == 4 and set(cache._graphs) == {(id(new), "a"), (id(new), "b")}
+    finally:
+        if kind == "cpu-script":
+            cache.close()
+
+
+def test_a_compilation_forgotten_while_queued_or_under_way_gives_its_budget_back(monkeypatch):
+    import threading
+
+    from service import cpu_scripts
+
+    release = threading.Event()
+    capture = cpu_scripts.ScriptCache._capture
+
+    def held_back(self, fn, inputs, owner):
+        release.wait(60)
+        return capture(self, fn, inputs, owner)
+
+    monkeypatch.setattr(cpu_scripts.ScriptCache, "_capture", held_back)
+    cache = cpu_scripts.ScriptCache(capacity=1, capture_after=1, refill_s=1e6)
+    old, new = Owner(), Owner()
+    x = torch.randn(1, 3)
+    try:
+        cache.run((id(old), "a"), affine, (x, x), owner=old)  # its compilation waits
+        assert cache.pending() == 1
+        cache.forget(lambda key: key[0] == id(old))
+        cache.run((id(new), "a"), affine, (x, x), owner=new)
+        assert cache.pending() == 1  # queued: the forgotten compilation's budget came back
+        release.set()
+        assert cache.wait(60)
+        assert set(cache._graphs) == {(id(new), "a")} and cache.captures == 1
+    finally:
+        release.set()
+        cache.close()
 
 
 def test_recordings_in_several_threads_at_once_all_succeed():
