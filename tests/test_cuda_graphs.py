@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import time
 
 import pytest
 import torch
@@ -564,6 +565,9 @@ def test_a_cheap_shape_runs_whole_batches_through_a_script_of_their_size(model_d
     from service.engine import Engine
     from service.registry import ModelRegistry
 
+    # The sine MLP's request script takes about 0.45 ms of CPU, under cheap_s; on a loaded machine its
+    # measured time went over 2 ms, so the threshold is raised here: this test is about what follows.
+    monkeypatch.setattr(cpu_scripts.ScriptCache, "cheap_s", 0.05)
     model = ModelRegistry.load(model_dir, "cpu").get("sine")
     scripted, eager = Engine(max_batch_size=8, cpu_traces=0), Engine(max_batch_size=8, cpu_traces=0, cpu_scripts=0)
     row_by_row = []
@@ -859,8 +863,6 @@ def test_only_float32_cpu_weights_pack(model_dir):
 def test_packing_is_measured_once_per_query_count_and_decides_by_the_faster_way(model_dir, monkeypatch):
     """``FastFull.packing_pays`` times lone predictions with plain and packed constants (once per count of
     query images; a count over ``PACKING_MEASURED`` as that many) and answers which way was faster."""
-    import time as real_time
-
     from service import fastpath
     from service.registry import ModelRegistry
 
@@ -874,7 +876,7 @@ def test_packing_is_measured_once_per_query_count_and_decides_by_the_faster_way(
 
         def slowed(self, prepared, query_x, slow=slow):
             if any(name.endswith(".packed") for name in prepared) == (slow == "packed"):
-                real_time.sleep(0.005)  # this way loses, by far more than the noise
+                time.sleep(0.005)  # this way loses, by far more than the noise
             return predict(self, prepared, query_x)
 
         monkeypatch.setattr(fastpath.FastFull, "predict_prepared", slowed)
