@@ -286,8 +286,7 @@ class ScriptCache(GraphCache):
 
     def forget(self, stale: Callable[[tuple], bool]) -> None:
         """:meth:`GraphCache.forget` for the compilations held, queued or under way (one under way is not
-        held when it finishes); a whole batch's script goes with its request's key. All of them give their
-        compilation back to the budget."""
+        held when it finishes); a whole batch's script goes with its request's key."""
         def stale_request(key: tuple) -> bool:
             return stale(key[0] if isinstance(key, _Whole) else key)
 
@@ -296,9 +295,7 @@ class ScriptCache(GraphCache):
             for key in [k for k in self._cheap if stale_request(k)]:
                 del self._cheap[key]
             self._queue = deque(job for job in self._queue if not stale_request(job[0]))
-            dropped = {key for key in self._compiling if stale_request(key)}
-            self._compiling -= dropped
-            self._refund(len(dropped))  # (their compilations had spent the budget too)
+            self._compiling = {key for key in self._compiling if not stale_request(key)}
             self._guard.notify_all()
 
     def pending(self) -> int:

@@ -121,16 +121,10 @@ class GraphCache:
 
     def forget(self, stale: Callable[[tuple], bool]) -> None:
         """Drop every key ``stale(key)`` says will not come again (a model no longer served), and with its
-        entry the owner the entry keeps alive. The captures those entries took go back to the budget: a
-        reload's new version of a model is captured as soon as the old one was, not one shape per ``refill_s``."""
-        held = [k for k in self._graphs if stale(k)]
+        entry the owner the entry keeps alive."""
         for table in (self._graphs, self._uses, self._failed):
             for key in [k for k in table if stale(k)]:
                 del table[key]
-        self._refund(len(held))
-
-    def _refund(self, captures: int) -> None:
-        self._budget = min(float(self.capacity), self._budget + captures)
 
     def _admit(self, key: tuple) -> tuple[Any, bool]:
         """(the entry to replay for ``key``, or None; whether to capture ``key`` now), counting this use."""

@@ -972,69 +972,6 @@ def test_forget_drops_the_keys_of_models_no_longer_served_and_the_models(kind):
             cache.close()
 
 
-@pytest.mark.parametrize("kind", ["cuda-graph", "cpu-trace", "cpu-script"])
-def test_forgotten_entries_give_their_captures_back(kind, request):
-    """A reload replaces a model: the captures its entries spent go back to the budget, so the new
-    version's shapes are captured at once, as the old version's were, not one per ``refill_s``."""
-    from service import cpu_scripts
-
-    if kind == "cuda-graph":
-        request.getfixturevalue("captures")
-        cache = GraphCache(capacity=2, capture_after=1, refill_s=1e6)  # (no refill within the test)
-    elif kind == "cpu-trace":
-        cache = TraceCache(capacity=2, capture_after=1, refill_s=1e6)
-    else:
-        cache = cpu_scripts.ScriptCache(capacity=2, capture_after=1, refill_s=1e6)
-    settle = cache.wait if kind == "cpu-script" else (lambda timeout: True)
-    old, new = Owner(), Owner()
-    x = torch.randn(1, 3)
-    try:
-        for shape in ("a", "b"):
-            cache.run((id(old), shape), affine, (x, x), owner=old)
-        assert settle(60) and cache.captures == 2
-        cache.run((id(new), "a"), affine, (x, x), owner=new)
-        assert settle(60) and cache.captures == 2  # the budget is spent
-        cache.forget(lambda key: key[0] == id(old))
-        for _ in range(2):
-            for shape in ("a", "b"):
-                torch.testing.assert_close(cache.run((id(new), shape), affine, (x, x), owner=new), affine(x, x))
-            assert settle(60)
-        assert cache.captures == 4 and set(cache._graphs) == {(id(new), "a"), (id(new), "b")}
-    finally:
-        if kind == "cpu-script":
-            cache.close()
-
-
-def test_a_compilation_forgotten_while_queued_or_under_way_gives_its_budget_back(monkeypatch):
-    import threading
-
-    from service import cpu_scripts
-
-    release = threading.Event()
-    capture = cpu_scripts.ScriptCache._capture
-
-    def held_back(self, fn, inputs, owner):
-        release.wait(60)
-        return capture(self, fn, inputs, owner)
-
-    monkeypatch.setattr(cpu_scripts.ScriptCache, "_capture", held_back)
-    cache = cpu_scripts.ScriptCache(capacity=1, capture_after=1, refill_s=1e6)
-    old, new = Owner(), Owner()
-    x = torch.randn(1, 3)
-    try:
-        cache.run((id(old), "a"), affine, (x, x), owner=old)  # its compilation waits
-        assert cache.pending() == 1
-        cache.forget(lambda key: key[0] == id(old))
-        cache.run((id(new), "a"), affine, (x, x), owner=new)
-        assert cache.pending() == 1  # queued: the forgotten compilation's budget came back
-        release.set()
-        assert cache.wait(60)
-        assert set(cache._graphs) == {(id(new), "a")} and cache.captures == 1
-    finally:
-        release.set()
-        cache.close()
-
-
 def test_recordings_in_several_threads_at_once_all_succeed():
     """make_fx keeps its state in torch.fx's module globals: ``script`` records one computation at a time
     in a process (two at once, the compiling thread's and a reload's ``load_recorder``, broke one of them)."""
