@@ -405,11 +405,12 @@ class FastFull:
     def packing_pays(self, query_x: torch.Tensor) -> bool:
         """Whether a lone prediction of ``query_x`` ``[N, C, H, W]`` should run packed (:meth:`pack`): where it
         can, and where packed predictions of this many images (up to ``PACKING_MEASURED``) measured faster
-        than the plain constants' in this process, once. Which wins depends on the CPU: packed, a lone
-        Conv4-64 session predict of 5 images took 595 against 750 us on one machine (convolutions at
-        about 270 GFLOP/s on a core), and 4.1-5.6 against 1.9-2.5 ms on an AVX2 EPYC (93 GFLOP/s), where
-        oneDNN's packed 64-channel convolution at 7x7 took 10x the plain one's time
-        (``bench/experiments/packed_convolutions.py``)."""
+        than the plain constants' in this process, once. Which wins depends on the CPU and the model:
+        packed, a lone Conv4-64 session predict of 5 images took 595 against 750 us on one machine
+        (convolutions at about 270 GFLOP/s on a core), and 4.1-5.6 against 1.9-2.5 ms on an AVX2 EPYC
+        (93 GFLOP/s), where oneDNN's packed 64-channel convolution at 7x7 took 10x the plain one's time
+        (``bench/experiments/packed_convolutions.py``); on that EPYC a Conv4-32's took 0.76 against
+        1.04 ms."""
         if not self.can_pack():
             return False
         images = min(query_x.shape[0], self.PACKING_MEASURED)
