@@ -414,6 +414,9 @@ class FastFull:
         if not self.can_pack():
             return False
         images = min(query_x.shape[0], self.PACKING_MEASURED)
+        known = self._packing_pays.get(images)
+        if known is not None:  # (without the lock: a known answer never waits for another count's measurement)
+            return known
         with self._measuring:  # (workers arriving together: one measures, the others wait for its answer)
             if images not in self._packing_pays:
                 self._packing_pays[images] = self._packed_is_faster(query_x[:images])
