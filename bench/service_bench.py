@@ -184,12 +184,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(kind: str, model_dir: Path, threads: int, log_dir: Path, max_batch: int, workers: int = 0, device: str = "cpu", settings: dict | None = None):
-    """A uvicorn subprocess on a free loopback port; ``settings``: extra METALEARN_* variables for the service."""
+def start_server(kind: str, model_dir: Path, threads: int, log_dir: Path, max_batch: int, workers: int = 0, device: str = "cpu", settings: dict | None = None, source: Path = ROOT):
+    """A uvicorn subprocess on a free loopback port; ``settings``: extra METALEARN_* variables for the service;
+    ``source``: the checkout whose code it runs (a git worktree of another commit, for an A/B)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("METALEARN_")}
-    # ROOT first; an inherited PYTHONPATH stays (a GPU image may carry the service's packages there)
-    env.update(OMP_NUM_THREADS=str(threads), PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    # the source first; an inherited PYTHONPATH stays (a GPU image may carry the service's packages there)
+    env.update(OMP_NUM_THREADS=str(threads), PYTHONPATH=os.pathsep.join(filter(None, [str(source), os.environ.get("PYTHONPATH")])))
     if kind.startswith("service"):
         env.update(METALEARN_MODEL_DIR=str(model_dir), METALEARN_THREADS=str(threads), METALEARN_DEVICE=device,
                    METALEARN_MAX_BATCH_SIZE=str(max_batch), METALEARN_QUEUE_SIZE="1024", METALEARN_WORKERS=str(workers))
@@ -205,7 +206,7 @@ def start_server(kind: str, model_dir: Path, threads: int, log_dir: Path, max_ba
         command = [sys.executable, str(Path(__file__).resolve()), "--baseline-server", str(model_dir), "--threads", str(threads), "--device", device]
     command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"] if kind != "baseline" else ["--port", str(port)]
     log = open(log_dir / f"{kind}.log", "wb")
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, cwd=source, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     import httpx
 
@@ -247,13 +248,15 @@ def checkpoint_workspace(prefix: str) -> tuple[Path, Path]:
 def start_configured(configs: list[str], model_dir: Path, log_dir: Path) -> list:
     """One service per config, "NAME=VALUE,..." ("" = the defaults), as (process, port): METALEARN_*
     settings or other environment variables; ``CPUS=0+1`` puts every thread of the server on those cores
-    (threads it starts later inherit it)."""
+    (threads it starts later inherit it); ``SOURCE=DIR`` runs the code of another checkout (``git worktree
+    add /tmp/old COMMIT``: the commit before, interleaved against this one)."""
     servers = []
     try:
         for config in configs:
             settings = dict(item.split("=", 1) for item in config.split(",") if item)
             cpus = settings.pop("CPUS", None)
-            servers.append(start_server("service", model_dir, 1, log_dir, 0, settings=settings))
+            source = Path(settings.pop("SOURCE", ROOT)).resolve()
+            servers.append(start_server("service", model_dir, 1, log_dir, 0, settings=settings, source=source))
             if cpus:
                 pid = servers[-1][0].pid
                 for thread in os.listdir(f"/proc/{pid}/task"):

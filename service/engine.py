@@ -677,8 +677,8 @@ class Engine:
     def _session_inputs(self, model, transductive: bool, lone_query: torch.Tensor | None = None) -> tuple[Hashable, Callable[[dict], dict]]:
         """How a prediction's session becomes its inputs, for ``Session.prepared(key, make)``: ``make(tensors)``
         -> ``{name: [1, ...] tensor}`` on the model's device: views of the session's tensors, or the constants
-        the kernel prepares from them; for a prediction computed alone (of ``lone_query``), packed where
-        that pays (FastFull.packing_pays; batches concatenate the plain constants)."""
+        the kernel prepares from them; for a prediction computed alone (of ``lone_query``), packed in the
+        blocks where that pays (FastFull.packed_blocks; batches concatenate the plain constants)."""
         device = model.device
 
         def views(tensors: dict) -> dict:
@@ -687,8 +687,9 @@ class Engine:
         preparing = self._preparing(model, transductive)
         if preparing is None:
             return ("views", str(device)), views
-        if lone_query is not None and preparing.packing_pays(lone_query):
-            return ("packed", str(device)), lambda tensors: preparing.pack(preparing.prepare(adaptation_from_tensors(views(tensors))))
+        blocks = frozenset() if lone_query is None else preparing.packed_blocks(lone_query)
+        if blocks:
+            return ("packed", tuple(sorted(blocks)), str(device)), lambda tensors: preparing.pack(preparing.prepare(adaptation_from_tensors(views(tensors))), blocks)
         return ("prepared", str(device)), lambda tensors: preparing.prepare(adaptation_from_tensors(views(tensors)))
 
     def _predict_kernel(self, model, first: Job, names: list[str], rows: int, learner=None) -> tuple[Callable, str | None]:

@@ -19,9 +19,10 @@ Both run the first block (a conv with few input channels at full resolution,
 the memory-bound part on a CPU) as one fused computation, the same one
 ``Conv4`` uses in training (``metalearn/first_block.py``). A MAML session's
 prediction computed alone runs instead on oneDNN's packed convolutions
-(``FastFull.pack``) where they measure faster on this machine
-(``FastFull.packing_pays``): on some CPUs they win for one request of a few
-images, on others they lose.
+(``FastFull.pack``), block by block where they measure faster on this machine
+(``FastFull.packed_blocks``): on some CPUs they win for one request of a few
+images, on others they lose, and on some they win for one block and lose for
+the next.
 
 Anything else (other algorithms, learned learning rates, other architectures)
 goes through the generic ``adapt_many``/``predict_many``.
@@ -307,7 +308,7 @@ class FastFull:
         self.params = {n: p.detach() for n, p in learner.model.named_parameters()}
         param = next(iter(self.params.values()))  # oneDNN packs float32 CPU weights of plain convolutions
         self._packable_weights = param.device.type == "cpu" and param.dtype == torch.float32 and all(_packable(c) for c, *_ in self.blocks)
-        self._packing_pays: dict[int, bool] = {}  # query images (up to PACKING_MEASURED) -> measured faster packed
+        self._packed_blocks: dict[int, frozenset[int]] = {}  # query images (up to PACKING_MEASURED) -> blocks measured faster packed
         self._measuring = threading.Lock()
 
     def forward(self, P: dict, x: torch.Tensor | WindowColumns, record: bool = False):
@@ -402,100 +403,112 @@ class FastFull:
 
     PACKING_MEASURED = 16  # a lone prediction of more query images decides as one of this many did
 
-    def packing_pays(self, query_x: torch.Tensor) -> bool:
-        """Whether a lone prediction of ``query_x`` ``[N, C, H, W]`` should run packed (:meth:`pack`): where it
-        can, and where packed predictions of this many images (up to ``PACKING_MEASURED``) measured faster
-        than the plain constants' in this process, once. Which wins depends on the CPU and the model:
-        packed, a lone Conv4-64 session predict of 5 images took 595 against 750 us on one machine
-        (convolutions at about 270 GFLOP/s on a core), and 4.1-5.6 against 1.9-2.5 ms on an AVX2 EPYC
-        (93 GFLOP/s), where oneDNN's packed 64-channel convolution at 7x7 took 10x the plain one's time
-        (``bench/experiments/packed_convolutions.py``); on that EPYC a Conv4-32's took 0.76 against
-        1.04 ms."""
+    def packed_blocks(self, query_x: torch.Tensor) -> frozenset[int]:
+        """Which blocks a lone prediction of ``query_x`` ``[N, C, H, W]`` should run packed (:meth:`pack`):
+        none where packing does not apply, else those whose packed computation measured faster than with
+        the plain constants for this many images (up to ``PACKING_MEASURED``) in this process, once. Which
+        wins depends on the CPU, the block and the model: packed, a lone Conv4-64 session predict of 5 images
+        took 595 against 750 us on one machine (convolutions at about 270 GFLOP/s on a core); on an AVX2
+        EPYC (93 GFLOP/s) the first block took 250 against 399 us packed and the 64-channel convolution at
+        7x7 3253 against 273 us (``bench/experiments/packed_convolutions.py``)."""
         if not self.can_pack():
-            return False
+            return frozenset()
         images = min(query_x.shape[0], self.PACKING_MEASURED)
-        known = self._packing_pays.get(images)
+        known = self._packed_blocks.get(images)
         if known is not None:  # (without the lock: a known answer never waits for another count's measurement)
             return known
         with self._measuring:  # (workers arriving together: one measures, the others wait for its answer)
-            if images not in self._packing_pays:
-                self._packing_pays[images] = self._packed_is_faster(query_x[:images])
-            return self._packing_pays[images]
+            if images not in self._packed_blocks:
+                self._packed_blocks[images] = self._measure_packed_blocks(query_x[:images])
+            return self._packed_blocks[images]
 
-    def _packed_is_faster(self, query_x: torch.Tensor, runs: int = 9) -> bool:
-        """Times predictions of ``query_x`` with the meta-parameters' constants (unit BatchNorm statistics: the
-        time does not depend on the values), plain and packed in turn, and compares the fastest runs after
-        the first two of each: a service measures this while it starts and compiles, and other work
-        inflates some runs (from 2.5 to 15 ms in three starts of a Conv4 service on a noisy 2-core
-        machine), not the least of several."""
+    def _measure_packed_blocks(self, query_x: torch.Tensor, runs: int = 9) -> frozenset[int]:
+        """Times each block of a prediction of ``query_x`` with the meta-parameters' constants (unit BatchNorm
+        statistics: the time does not depend on the values), plain and packed in turn, and compares the
+        fastest runs after the first two of each: a service measures this while it starts and compiles,
+        and other work inflates some runs (from 2.5 to 15 ms for a whole prediction in three starts of a
+        Conv4 service on a noisy 2-core machine), not the least of several."""
         example = Adaptation(
             params={n: self.params[n].unsqueeze(0) for n in self.names},
             norm_stats={bn_name: (torch.zeros(1, bn.num_features), torch.ones(1, bn.num_features)) for _, _, bn, bn_name in self.blocks},
             support_loss_before=torch.zeros(1), support_loss_after=torch.zeros(1))
         plain = self.prepare(example)
         ways = {"plain": plain, "packed": self.pack(plain)}
-        times: dict[str, list[float]] = {way: [] for way in ways}
-        query = query_x.unsqueeze(0)
-        for _ in range(runs):
-            for way, prepared in ways.items():
-                start = time.perf_counter()
-                self.predict_prepared(prepared, query)
-                times[way].append(time.perf_counter() - start)
-        plain_s, packed_s = (min(times[way][2:]) for way in ways)
-        log.info("a lone prediction of %d query image(s): %.2f ms packed, %.2f ms plain; %s", query_x.shape[0], 1000 * packed_s, 1000 * plain_s,
-                 "packing sessions predicted alone" if packed_s < plain_s else "not packing")
-        return packed_s < plain_s
+        h, packs, report = query_x.unsqueeze(0), set(), []
+        with torch.no_grad():
+            for index in range(len(self.blocks)):
+                times: dict[str, list[float]] = {way: [] for way in ways}
+                for _ in range(runs):
+                    for way, constants in ways.items():
+                        start = time.perf_counter()
+                        out = self._block(index, constants, h)
+                        times[way].append(time.perf_counter() - start)
+                plain_s, packed_s = (min(times[way][2:]) for way in ways)
+                if packed_s < plain_s:
+                    packs.add(index)
+                report.append(f"{1e6 * packed_s:.0f} against {1e6 * plain_s:.0f} us")
+                h = out
+        log.info("a lone prediction of %d query image(s), each block packed against plain: %s; packing blocks %s",
+                 query_x.shape[0], ", ".join(report), sorted(packs) or "none")
+        return frozenset(packs)
 
-    def pack(self, prepared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """:meth:`prepare`'s tensors for one request (``R = 1``) as oneDNN runs them fastest on some CPUs
-        (:meth:`packing_pays` measures whether on this one): each block's
-        ``scale`` folded into its conv weight, packed (:func:`_pack_weight`), and ``shift`` as the conv's
-        bias, so that a block is one convolution with its ReLU fused, then the max-pool. The first block
-        too: for one request of a few images, oneDNN's convolution of its input channel and the pool
-        take 109 us for 5 Omniglot images, where the fused block from window columns takes 183 us (it
-        wins on batches and in training). A lone Conv4-64 session predict computes in 595 against 750 us
+    def pack(self, prepared: dict[str, torch.Tensor], blocks: frozenset[int] | None = None) -> dict[str, torch.Tensor]:
+        """:meth:`prepare`'s tensors for one request (``R = 1``) with the ``blocks`` given (every block by default)
+        as oneDNN runs them fastest on some CPUs (:meth:`packed_blocks` measures which on this one): the
+        block's ``scale`` folded into its conv weight, packed (:func:`_pack_weight`), and ``shift`` as the
+        conv's bias, so that the block is one convolution with its ReLU fused, then the max-pool. The
+        first block too: for one request of a few images, oneDNN's convolution of its input channel and
+        the pool took 109 against 183 us for 5 Omniglot images on one machine, 250 against 399 us on
+        another, where the fused block from window columns wins on batches and in training. A lone
+        Conv4-64 session predict packed whole computed in 595 against 750 us on the first machine
         (``bench/experiments/packed_convolutions.py``), for 200 us of packing once per session predicted
-        alone (``Session.prepared``) and a second copy of the conv weights, 434 KB, which the session
-        store counts (on the machine where packing pays). Logits differ from the plain constants' by float rounding (1e-6)."""
+        alone (``Session.prepared``) and a second copy of the packed conv weights (434 KB for all four
+        blocks), which the session store counts. Logits differ from the plain constants' by float rounding (1e-6)."""
         assert prepared["head.weight"].shape[0] == 1, "pack takes one request's tensors"
+        blocks = frozenset(range(len(self.blocks))) if blocks is None else blocks
         packed = {"head.weight": prepared["head.weight"], "head.bias": prepared["head.bias"]}
-        for conv, conv_name, _, bn_name in self.blocks:
+        for index, (conv, conv_name, _, bn_name) in enumerate(self.blocks):
+            if index not in blocks:
+                packed.update({name: prepared[name] for name in (conv_name + ".weight", bn_name + ".scale", bn_name + ".shift")})
+                continue
             weight = prepared[conv_name + ".weight"][0] * prepared[bn_name + ".scale"][0].view(-1, 1, 1, 1)  # the first block's sign * |scale| too
             packed[conv_name + ".packed"] = _pack_weight(weight, conv)
             packed[bn_name + ".shift"] = prepared[bn_name + ".shift"][0].contiguous()
         return packed
 
-    def _predict_packed(self, packed: dict[str, torch.Tensor], query_x: torch.Tensor) -> torch.Tensor:
-        h = query_x[0].contiguous(memory_format=torch.channels_last)
-        for conv, conv_name, _, bn_name in self.blocks:
+    def _block(self, index: int, constants: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        """Block ``index`` of a prediction, ``relu(max_pool(scale * conv(h, W) + shift))``, with :meth:`prepare`'s
+        or :meth:`pack`'s constants: ``h`` is the queries ``[R, N, C, H, W]`` for the first block, else the
+        previous block's output; returns ``[N, R*C', H', W']`` (channels-last in memory)."""
+        conv, conv_name, _, bn_name = self.blocks[index]
+        if conv_name + ".packed" in constants:  # one request
+            if index == 0:
+                h = h[0].contiguous(memory_format=torch.channels_last)
             conv_relu = _packed_conv_relu(tuple(conv.padding), tuple(conv.stride), tuple(conv.dilation))
-            h = F.max_pool2d(conv_relu(h, packed[conv_name + ".packed"], packed[bn_name + ".shift"]), 2)
-        features = h.contiguous().flatten(1).unsqueeze(0)  # [1, N, features] in Flatten's (C, H, W) order
-        return torch.baddbmm(packed["head.bias"].unsqueeze(1), features, packed["head.weight"].transpose(1, 2))
+            return F.max_pool2d(conv_relu(h, constants[conv_name + ".packed"], constants[bn_name + ".shift"]), 2)
+        scale, shift = constants[bn_name + ".scale"], constants[bn_name + ".shift"]
+        if index == 0:
+            R, N = h.shape[:2]
+            x = _inputs(self.blocks, h)
+            if isinstance(x, WindowColumns):
+                pooled = pooled_product(constants[conv_name + ".weight"].flatten(-3), x, channels_last=True)  # [R, M, C]
+                h = torch.addcmul(shift.unsqueeze(1), pooled, scale.unsqueeze(1)).relu_()
+                return _grouped_layout(h.unflatten(1, (x.images, x.pooled_h, x.pooled_w)))
+            h = x.transpose(0, 1).reshape(N, R * x.shape[2], *x.shape[3:]).contiguous(memory_format=torch.channels_last)
+        R = scale.shape[0]
+        h = _conv_grouped(h, R, constants[conv_name + ".weight"], None, conv)
+        return torch.relu(F.max_pool2d(torch.addcmul(shift.reshape(-1, 1, 1), h, scale.reshape(-1, 1, 1)), 2))
 
     @torch.no_grad()
     def predict_prepared(self, prepared: dict[str, torch.Tensor], query_x: torch.Tensor) -> torch.Tensor:
         """Logits ``[R, N, out]`` for queries ``[R, N, C, H, W]`` from :meth:`prepare`'s tensors (or, for one
         request, :meth:`pack`'s): each block is ``relu(max_pool(scale * conv(h, W) + shift))``, what
         ``predict`` computes without query statistics."""
-        if self.blocks[0][1] + ".packed" in prepared:
-            return self._predict_packed(prepared, query_x)
+        h = query_x
+        for index in range(len(self.blocks)):
+            h = self._block(index, prepared, h)
         R, N = query_x.shape[:2]
-        x = _inputs(self.blocks, query_x)
-        blocks = self.blocks
-        if isinstance(x, WindowColumns):
-            _, conv_name, _, bn_name = blocks[0]
-            pooled = pooled_product(prepared[conv_name + ".weight"].flatten(-3), x, channels_last=True)  # [R, M, C]
-            h = torch.addcmul(prepared[bn_name + ".shift"].unsqueeze(1), pooled, prepared[bn_name + ".scale"].unsqueeze(1)).relu_()
-            h = _grouped_layout(h.unflatten(1, (x.images, x.pooled_h, x.pooled_w)))
-            blocks = blocks[1:]
-        else:
-            h = x.transpose(0, 1).reshape(N, R * x.shape[2], *x.shape[3:]).contiguous(memory_format=torch.channels_last)
-        for conv, conv_name, _, bn_name in blocks:
-            h = _conv_grouped(h, R, prepared[conv_name + ".weight"], None, conv)
-            scale, shift = (prepared[bn_name + part].reshape(-1, 1, 1) for part in (".scale", ".shift"))
-            h = torch.relu(F.max_pool2d(torch.addcmul(shift, h, scale), 2))
-        features = h.contiguous().view(N, R, -1).transpose(0, 1)
+        features = h.contiguous().view(N, R, -1).transpose(0, 1)  # Flatten's (C, H, W) order per request
         return torch.baddbmm(prepared["head.bias"].unsqueeze(1), features, prepared["head.weight"].transpose(1, 2))
 
 

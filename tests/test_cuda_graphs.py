@@ -803,12 +803,31 @@ def test_the_recording_machinery_is_loaded_at_start_only_for_models_that_compile
 
 @pytest.fixture
 def packing(monkeypatch):
-    """``packing(pays)``: FastFull's measurement of packed against plain lone predictions answers ``pays``."""
+    """``packing(pays)``: FastFull's measurement of packed against plain lone predictions answers that packing
+    pays in every block (``True``), in none (``False``), or in the blocks of a set of indices."""
     from service import fastpath
 
-    def answer(pays: bool) -> None:
-        monkeypatch.setattr(fastpath.FastFull, "_packed_is_faster", lambda self, query_x: pays)
+    def answer(pays: bool | set[int]) -> None:
+        def blocks(self, query_x):
+            return frozenset(range(len(self.blocks)) if pays is True else pays or ())
+        monkeypatch.setattr(fastpath.FastFull, "_measure_packed_blocks", blocks)
     return answer
+
+
+def _a_lone_session_predict(model_dir):
+    """An engine, the conv-maml model, a session's tensors and a lone predict of 60 queries with them; skips
+    where this torch build has no packed convolutions."""
+    from service import fastpath
+    from service.engine import Engine
+    from service.registry import ModelRegistry
+
+    if not fastpath.packed_convolutions():
+        pytest.skip("no packed convolutions in this torch build")
+    model = ModelRegistry.load(model_dir, "cpu").get("conv-maml")
+    engine = Engine()
+    tensors = engine._compute(_jobs(model, 1, 4, "adapt"))[0]["tensors"]
+    (job,) = _jobs(model, 1, 60, "predict", [tensors])
+    return engine, model, tensors, job
 
 
 @pytest.mark.parametrize("why", ["packing loses here", "no packed convolutions"])
@@ -818,21 +837,14 @@ def test_lone_maml_session_predicts_use_the_plain_constants_where_packing_does_n
     lone MAML session predict computes with FastFull.prepare's constants, and its predictions are the
     packed path's up to float rounding."""
     from service import fastpath
-    from service.engine import Engine
-    from service.registry import ModelRegistry
     from service.sessions import Session
 
-    if not fastpath.packed_convolutions():
-        pytest.skip("no packed convolutions in this torch build")
-    model = ModelRegistry.load(model_dir, "cpu").get("conv-maml")
-    engine = Engine()
-    tensors = engine._compute(_jobs(model, 1, 4, "adapt"))[0]["tensors"]
-    (job,) = _jobs(model, 1, 60, "predict", [tensors])
+    engine, model, tensors, job = _a_lone_session_predict(model_dir)
     sessions = [Session(f"s{i}", "conv-maml", None, 0.0, 1e9, tensors) for i in range(2)]
     packing(True)
     packed = engine._compute([dataclasses.replace(job, session_prepared=sessions[0].prepared)])[0]
     assert engine._session_inputs(model, False, lone_query=job.query_x)[0][0] == "packed"
-    engine._fast(model)._packing_pays.clear()  # (the model's kernel remembers what it measured)
+    engine._fast(model)._packed_blocks.clear()  # (the model's kernel remembers what it measured)
     if why == "packing loses here":
         packing(False)
     else:
@@ -855,14 +867,15 @@ def test_only_float32_cpu_weights_pack(model_dir):
     learner = copy.deepcopy(model.learner)
     learner.model.double()  # oneDNN packs float32 weights only
     assert fastpath.FastFull(model.learner).can_pack() and not fastpath.FastFull(learner).can_pack()
-    assert not fastpath.FastFull(learner).packing_pays(torch.rand(5, 1, 28, 28, dtype=torch.float64))
+    assert not fastpath.FastFull(learner).packed_blocks(torch.rand(5, 1, 28, 28, dtype=torch.float64))
     learner.model.float().to("meta")  # weights off the CPU (tests/test_cuda.py checks a GPU's)
     assert not fastpath.FastFull(learner).can_pack()
 
 
-def test_packing_is_measured_once_per_query_count_and_decides_by_the_faster_way(model_dir, monkeypatch):
-    """``FastFull.packing_pays`` times lone predictions with plain and packed constants (once per count of
-    query images; a count over ``PACKING_MEASURED`` as that many) and answers which way was faster."""
+def test_packing_is_measured_once_per_query_count_and_decides_block_by_block(model_dir, monkeypatch):
+    """``FastFull.packed_blocks`` times each block of lone predictions with plain and packed constants (once per
+    count of query images; a count over ``PACKING_MEASURED`` as that many) and packs the blocks that were
+    faster packed."""
     from service import fastpath
     from service.registry import ModelRegistry
 
@@ -870,20 +883,48 @@ def test_packing_is_measured_once_per_query_count_and_decides_by_the_faster_way(
         pytest.skip("no packed convolutions in this torch build")
     model = ModelRegistry.load(model_dir, "cpu").get("conv-maml")
     measured = []
-    measure, predict = fastpath.FastFull._packed_is_faster, fastpath.FastFull.predict_prepared
-    monkeypatch.setattr(fastpath.FastFull, "_packed_is_faster", lambda self, query_x: measured.append(query_x.shape[0]) or measure(self, query_x))
-    for slow, pays in (("packed", False), ("plain", True)):
+    measure, block = fastpath.FastFull._measure_packed_blocks, fastpath.FastFull._block
+    monkeypatch.setattr(fastpath.FastFull, "_measure_packed_blocks", lambda self, query_x: measured.append(query_x.shape[0]) or measure(self, query_x))
+    blocks = len(fastpath.FastFull(model.learner).blocks)
+    for faster_packed in (set(), {0}, {1, blocks - 1}, set(range(blocks))):
 
-        def slowed(self, prepared, query_x, slow=slow):
-            if any(name.endswith(".packed") for name in prepared) == (slow == "packed"):
-                time.sleep(0.005)  # this way loses, by far more than the noise
-            return predict(self, prepared, query_x)
+        def slowed(self, index, constants, h, faster_packed=faster_packed):
+            packed = self.blocks[index][1] + ".packed" in constants
+            if packed != (index in faster_packed):
+                time.sleep(0.003)  # this way loses, by far more than the noise
+            return block(self, index, constants, h)
 
-        monkeypatch.setattr(fastpath.FastFull, "predict_prepared", slowed)
+        monkeypatch.setattr(fastpath.FastFull, "_block", slowed)
         fast, measured[:] = fastpath.FastFull(model.learner), []
         for count in (5, 5, 1, 40, 16):
-            assert fast.packing_pays(torch.rand(count, 1, 28, 28)) is pays
+            assert fast.packed_blocks(torch.rand(count, 1, 28, 28)) == faster_packed
         assert measured == [5, 1, 16]  # 40 images measured as 16, and 16 then known
+
+
+@pytest.mark.parametrize("blocks", [{0}, {1, 2}, {0, 1, 3}])
+def test_a_lone_predict_packed_in_some_blocks_predicts_what_the_plain_constants_do(model_dir, packing, blocks):
+    """Where packing pays in some blocks only, a lone MAML session predict packs those and computes the others
+    with the plain constants (FastFull.pack with ``blocks``), and predicts what the plain constants do up to
+    float rounding."""
+    from service.sessions import Session
+
+    engine, model, tensors, job = _a_lone_session_predict(model_dir)
+    results = {}
+    for way in ("plain", "mixed"):
+        packing(blocks if way == "mixed" else False)
+        engine._fast(model)._packed_blocks.clear()
+        key, make = engine._session_inputs(model, False, lone_query=job.query_x)
+        session = Session(way, "conv-maml", None, 0.0, 1e9, tensors)
+        results[way] = engine._compute([dataclasses.replace(job, session_prepared=session.prepared)])[0]
+        made = session.prepared(key, make)
+        names = [conv_name for _, conv_name, _, _ in engine._fast(model).blocks]
+        packed = {index for index, name in enumerate(names) if name + ".packed" in made}
+        plain = {index for index, name in enumerate(names) if name + ".weight" in made}
+        assert packed == (blocks if way == "mixed" else set()) and plain == set(range(len(names))) - packed
+        assert all(made[name + ".packed"].is_mkldnn for name in names if name + ".packed" in made)
+    assert key == ("packed", tuple(sorted(blocks)), "cpu")
+    assert results["mixed"]["predictions"] == results["plain"]["predictions"]
+    torch.testing.assert_close(torch.tensor(results["mixed"]["probabilities"]), torch.tensor(results["plain"]["probabilities"]), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["conv-maml", "conv-anil", "conv-metasgd", "sine"])

@@ -4,6 +4,7 @@
     python bench/experiments/latency_split.py --model anil --mode stateless
     python bench/experiments/latency_split.py --server "" --server METALEARN_WORKERS=1 --server METALEARN_CPU_TRACES=0
     python bench/experiments/latency_split.py --server "" --server CPUS=0      # the second server on core 0 alone
+    python bench/experiments/latency_split.py --server "" --server SOURCE=/tmp/old   # against a git worktree of another commit
 
 Starts one service per ``--server`` (comma-separated NAME=VALUE settings; ""
 for the defaults) as ``bench/service_bench.py`` does, then sends requests one at

@@ -8,9 +8,11 @@ interleaved:
 - the engine's computation of a lone session predict (``Engine._compute``, traced
   as served): with the session's constants (``FastFull.prepare``: each block
   ``relu(max_pool(scale * conv(h, W) + shift))``, the first block fused from
-  window columns) against with them packed (``FastFull.pack``: ``scale``
-  folded into each conv weight, in oneDNN's own layout, every block one
-  convolution with its ReLU fused, then the max-pool);
+  window columns), with them packed in the blocks the kernel measures faster
+  packed here (``FastFull.packed_blocks``, as the service decides), and packed
+  in every block (``FastFull.pack``: ``scale`` folded into each conv weight, in
+  oneDNN's own layout, every block one convolution with its ReLU fused, then
+  the max-pool);
 - the blocks alone: the first block both ways, and each 64-channel convolution
   with its map, ReLU and pool both ways;
 - what packing costs once per session (time and bytes), and the largest
@@ -41,12 +43,15 @@ from metalearn.first_block import pooled_product  # noqa: E402
 def main() -> None:
     metalearn.keep_freed_memory()  # as the service does
     torch.set_num_threads(1)
-    # Two copies of the model, each with its own engine (an engine keeps its kernel and traces per model).
-    models = {name: demo_registry(["maml"], "cpu").get("maml") for name in ("plain", "packed")}
+    # A copy of the model per way, each with its own engine (an engine keeps its kernel and traces per model).
+    models = {name: demo_registry(["maml"], "cpu").get("maml") for name in ("plain", "measured", "packed")}
     engines = {name: Engine(threads=1, cpu_traces=24, cpu_scripts=0) for name in models}
     fast = engines["packed"]._fast(models["packed"])
-    engines["plain"]._fast(models["plain"]).packing_pays = lambda query_x: False  # this kernel computes with the plain constants
-    fast.packing_pays = lambda query_x: True  # and this one packed, whichever measures faster here
+    every_block = frozenset(range(len(fast.blocks)))
+    engines["plain"]._fast(models["plain"]).packed_blocks = lambda query_x: frozenset()  # the plain constants
+    fast.packed_blocks = lambda query_x: every_block  # every block packed, whichever measures faster here
+    measured = engines["measured"]._fast(models["measured"]).packed_blocks(torch.rand(5, 1, 28, 28))  # as the service decides
+    print(f"# blocks measured faster packed here: {sorted(measured) or 'none'}")
     with torch.no_grad():
         tensors = engines["packed"]._compute(jobs_for(models["packed"], 1, "adapt", seed=1))[0]["tensors"]
         jobs = {name: jobs_for(model, 1, "session", seed=2, sessions=[tensors]) for name, model in models.items()}
@@ -54,7 +59,7 @@ def main() -> None:
             for _ in range(5):  # eager use, trace, first replays
                 engine._compute(jobs[name])
             assert engine.trace_stats()["replays"] > 0 and engine.trace_stats()["failures"] == 0
-        assert engines["plain"]._compute(jobs["plain"])[0]["predictions"] == engines["packed"]._compute(jobs["packed"])[0]["predictions"]
+        assert engines["plain"]._compute(jobs["plain"])[0]["predictions"] == engines["packed"]._compute(jobs["packed"])[0]["predictions"] == engines["measured"]._compute(jobs["measured"])[0]["predictions"]
         print("# a lone MAML session predict (Conv4-64, 5 queries), engine computation, median of 300 calls")
         times = {name: [] for name in engines}
         for rep in range(4):
