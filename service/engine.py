@@ -668,11 +668,16 @@ class Engine:
         decoded = self._decode_outputs(model, outputs[:count])
         return [{k: v[i] for k, v in decoded.items()} if finite[i] else {"diverged": True} for i in range(count)]
 
-    def _preparing(self, model, transductive: bool):
+    def _preparing(self, model, transductive: bool, alone: bool):
         """The fast kernel whose predictions compute with constants it prepares from a session
-        (FastFull.prepare: with the session's BatchNorm statistics, not the queries'), else None."""
+        (FastFull.prepare: with the session's BatchNorm statistics, not the queries'), else None: MAML's,
+        and for a prediction computed ``alone``, ANIL's (FastAnil.alone; its batches share the body)."""
         fast = self._fast(model)
-        return fast if not transductive and hasattr(fast, "prepare") else None
+        if transductive or fast is None:
+            return None
+        if hasattr(fast, "prepare"):
+            return fast
+        return getattr(fast, "alone", None) if alone else None
 
     def _session_inputs(self, model, transductive: bool, lone_query: torch.Tensor | None = None) -> tuple[Hashable, Callable[[dict], dict]]:
         """How a prediction's session becomes its inputs, for ``Session.prepared(key, make)``: ``make(tensors)``
@@ -684,7 +689,7 @@ class Engine:
         def views(tensors: dict) -> dict:
             return {name: t.to(device).unsqueeze(0) for name, t in tensors.items()}
 
-        preparing = self._preparing(model, transductive)
+        preparing = self._preparing(model, transductive, alone=lone_query is not None)
         if preparing is None:
             return ("views", str(device)), views
         blocks = frozenset() if lone_query is None else preparing.packed_blocks(lone_query)
@@ -700,7 +705,7 @@ class Engine:
         _adapt_kernel."""
         transductive = first.transductive
         fast = self._fast(model)
-        preparing = self._preparing(model, transductive)
+        preparing = self._preparing(model, transductive, alone=rows == 1)
         if fast is None and learner is None:
             learner = self._learner(model)
 

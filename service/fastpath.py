@@ -169,6 +169,16 @@ class FastAnil:
     def head(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(bias.unsqueeze(1), features, weight.transpose(1, 2))
 
+    @functools.cached_property
+    def alone(self) -> FastFull:
+        """How a session's prediction computed alone runs: as a MAML session's does (``FastFull.prepare``: each
+        block's BatchNorm, with the session's statistics, folded into constants made once per session, and
+        packed in the blocks where that measures faster, ``FastFull.packed_blocks``); the same computation as
+        :meth:`predict`'s, to float rounding. A batch of sessions keeps :meth:`predict`, whose convolutions
+        run once for all of them with the weights they share. In process, one thread, a lone Conv4-64
+        session predict of 5 images on an AVX2 EPYC: 1.7 against 2.5 ms."""
+        return FastFull(self.learner)
+
     @torch.no_grad()
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, lr: float | None) -> Adaptation:
         learner = self.learner

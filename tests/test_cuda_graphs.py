@@ -927,13 +927,42 @@ def test_a_lone_predict_packed_in_some_blocks_predicts_what_the_plain_constants_
     torch.testing.assert_close(torch.tensor(results["mixed"]["probabilities"]), torch.tensor(results["plain"]["probabilities"]), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pays", [False, True])
+def test_a_lone_anil_session_predict_computes_with_its_constants_what_a_batch_of_sessions_does(model_dir, packing, pays):
+    """ANIL's session prediction computed alone runs on per-session constants (FastAnil.alone: FastFull.prepare,
+    packed where that pays); a batch of sessions runs the body once with the weights they share. Both give
+    the same predictions, to float rounding, and the evaluation's BatchNorm uses the support's statistics
+    either way (the same query alone or among others)."""
+    from service.engine import Engine
+    from service.fastpath import packed_convolutions
+    from service.registry import ModelRegistry
+    from service.sessions import Session
+
+    if pays and not packed_convolutions():
+        pytest.skip("no packed convolutions in this torch build")
+    packing(pays)
+    model = ModelRegistry.load(model_dir, "cpu").get("conv-anil")
+    engine = Engine(max_batch_size=8)
+    adapted = engine._compute(_jobs(model, 2, 7, "adapt"))
+    sessions = [Session(f"s{i}", "conv-anil", None, 0.0, 1e9, result["tensors"]) for i, result in enumerate(adapted)]
+    jobs = [dataclasses.replace(job, session_prepared=session.prepared) for job, session in zip(_jobs(model, 2, 8, "predict", [s.tensors for s in sessions]), sessions)]
+    together = engine._compute(jobs)
+    alone = [engine._compute([job])[0] for job in jobs]
+    made = sessions[0].prepared(*engine._session_inputs(model, False, lone_query=jobs[0].query_x))
+    assert ("body.4.packed" in made) == pays and ("body.5.scale" in made) != pays  # per-session constants, not the views
+    for single, batched in zip(alone, together):
+        assert single["predictions"] == batched["predictions"]
+        torch.testing.assert_close(torch.tensor(single["probabilities"]), torch.tensor(batched["probabilities"]), atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["conv-maml", "conv-anil", "conv-metasgd", "sine"])
 def test_what_a_worker_derives_from_a_session_is_made_once_and_predicts_the_same(model_dir, name, packing):
     """``Job.session_prepared`` (``Session.prepared``): the session's tensors as [1, ...] views or, for MAML's
     fast kernel with the session's BatchNorm statistics, its constants (FastFull.prepare; packed for a
-    prediction computed alone, FastFull.pack), made once per session object. Predictions with them equal a
-    job's that derives them per request, alone (traced, scripted or eager) and in a batch of three sessions
-    (with the plain constants), whose rows equal each session's prediction alone."""
+    prediction computed alone, FastFull.pack; ANIL's prediction computed alone too, FastAnil.alone), made
+    once per session object. Predictions with them equal a job's that derives them per request, alone
+    (traced, scripted or eager) and in a batch of three sessions (with the plain constants, or for ANIL the
+    views), whose rows equal each session's prediction alone."""
     from service.engine import Engine
     from service.fastpath import packed_convolutions
     from service.registry import ModelRegistry
@@ -951,9 +980,9 @@ def test_what_a_worker_derives_from_a_session_is_made_once_and_predicts_the_same
         made = sessions[0].prepared(key, make)
         assert sessions[0].prepared(key, lambda tensors: pytest.fail("made twice")) is made
         grown = sessions[0].prepared_bytes - before
-        if name == "conv-maml" and not transductive and lone and packed_convolutions():  # packed weights, scale folded in
+        if name in ("conv-maml", "conv-anil") and not transductive and lone and packed_convolutions():  # packed weights, scale folded in
             assert made["body.4.packed"].is_mkldnn and "body.4.weight" not in made and "body.5.scale" not in made
-            weights = sum(t.numel() * 4 for n, t in sessions[0].tensors.items() if n.endswith("weight") and t.dim() == 4)
+            weights = sum(p.numel() * 4 for p in model.learner.model.parameters() if p.dim() == 4)
             assert weights <= grown <= weights + 4096  # and each block's shift
         elif name == "conv-maml" and not transductive:  # the kernel's constants: scale and shift per block
             assert {"body.1.scale", "body.1.shift"} <= set(made) and "body.1.weight" not in made
