@@ -50,14 +50,14 @@ class Session:
     def prepared(self, key: Hashable, make: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """``make(self.tensors)``, made once per session object and ``key``: what a worker derives from the
         session for its predictions (``Engine._session_inputs``: its tensors as ``[1, ...]`` views on a
-        device, a few KB of constants a kernel computes with, or a packed copy of its conv weights). The
-        in-memory store keeps the object between requests, so this is done once per session where stacking
-        the session's 26 tensors took 70 us of a 1.5 ms prediction and packing a MAML session's weights
-        200 us; two workers making it at once make equal values. The memory it takes beyond the session's
-        own tensors is ``prepared_bytes``, which the store holding the session counts in its budget
-        (a Conv4-64 MAML session: 440 KB of tensors, 4 KB of constants, 440 KB packed). The Redis store
-        keeps the objects of the sessions a replica holds (``RedisSessionStore``); one it rebuilds is
-        prepared again."""
+        device, a few KB of constants a kernel computes with, or a packed copy of the conv weights of the
+        blocks where packing pays). The in-memory store keeps the object between requests, so this is done
+        once per session where stacking the session's 26 tensors took 70 us of a 1.5 ms prediction and
+        packing a MAML session's weights 200 us; two workers making it at once make equal values. The
+        memory it takes beyond the session's own tensors is ``prepared_bytes``, which the store holding the
+        session counts in its budget (a Conv4-64 MAML session: 440 KB of tensors, 4 KB of constants, up to
+        440 KB packed). The Redis store keeps the objects of the sessions a replica holds
+        (``RedisSessionStore``); one it rebuilds is prepared again."""
         made = self._prepared.get(key)
         if made is None:
             made = self._prepared[key] = make(self.tensors)
