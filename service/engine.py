@@ -677,7 +677,7 @@ class Engine:
             return None
         if hasattr(fast, "prepare"):
             return fast
-        return getattr(fast, "alone", None) if alone else None
+        return fast.alone if alone else None
 
     def _session_inputs(self, model, transductive: bool, lone_query: torch.Tensor | None = None) -> tuple[Hashable, Callable[[dict], dict]]:
         """How a prediction's session becomes its inputs, for ``Session.prepared(key, make)``: ``make(tensors)``
