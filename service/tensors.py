@@ -19,12 +19,12 @@ from __future__ import annotations
 import binascii
 import io
 import math
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import numpy as np
 import pybase64
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.problems import Problem
 
@@ -32,12 +32,20 @@ DTYPES = {"float32": "<f4", "float64": "<f8", "uint8": "u1", "int32": "<i4", "in
 MAX_IMAGE_SIDE = 4096
 
 
+def json_number(value: Any) -> Any:
+    """Refuses what JSON does not write as a number (true, "3") before pydantic's lax mode converts it;
+    integral floats (3.0) stay valid integers, as JSON Schema counts them."""
+    if isinstance(value, (bool, str)):
+        raise ValueError(f"expected a JSON number, got {value!r}")
+    return value
+
+
 class EncodedTensor(BaseModel):
     """Raw little-endian tensor bytes, base64-encoded."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"dtype": "float32", "shape": [1, 1], "base64": "AAAAAA=="}]})
     dtype: Literal["float32", "float64", "uint8", "int32", "int64"]
-    shape: list[int] = Field(..., max_length=8)
+    shape: list[Annotated[int, BeforeValidator(json_number)]] = Field(..., max_length=8)
     base64: str
 
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
-from service.tensors import EncodedTensor, TensorInput
+from service.tensors import EncodedTensor, TensorInput, json_number
+
+# Numbers and switches as JSON writes them: pydantic's default (lax) mode would read `true` as 1 step
+# and "3" as 3, and "yes" as true; a client that sends those has a bug the service should name.
+JsonInt = Annotated[int, BeforeValidator(json_number)]
+JsonFloat = Annotated[float, BeforeValidator(json_number)]
 
 LabelsInput = Union[list[Any], EncodedTensor]
 
@@ -30,24 +35,24 @@ class Query(BaseModel):
 class AdaptRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     support: Support
-    inner_steps: Optional[int] = Field(None, description="Inner steps (default: the model's).")
-    inner_lr: Optional[float] = Field(None, description="Inner learning rate (default: the model's).")
-    ttl_s: Optional[int] = Field(None, description="Session lifetime in seconds (default and maximum: service settings).")
+    inner_steps: Optional[JsonInt] = Field(None, description="Inner steps (default: the model's).")
+    inner_lr: Optional[JsonFloat] = Field(None, description="Inner learning rate (default: the model's).")
+    ttl_s: Optional[JsonInt] = Field(None, description="Session lifetime in seconds (default and maximum: service settings).")
 
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     support: Support
     query: Query
-    inner_steps: Optional[int] = Field(None, description="Inner steps (default: the model's).")
-    inner_lr: Optional[float] = Field(None, description="Inner learning rate (default: the model's).")
-    transductive: bool = Field(False, description="Normalise queries with their own batch statistics instead of the support set's.")
+    inner_steps: Optional[JsonInt] = Field(None, description="Inner steps (default: the model's).")
+    inner_lr: Optional[JsonFloat] = Field(None, description="Inner learning rate (default: the model's).")
+    transductive: StrictBool = Field(False, description="Normalise queries with their own batch statistics instead of the support set's.")
 
 
 class SessionPredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     x: TensorInput = Field(..., description=_TENSOR_DOC)
-    transductive: bool = Field(False, description="Normalise queries with their own batch statistics instead of the support set's.")
+    transductive: StrictBool = Field(False, description="Normalise queries with their own batch statistics instead of the support set's.")
 
 
 class Timing(BaseModel):
