@@ -32,6 +32,7 @@ import math
 import signal
 import sys
 import time
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,10 +137,11 @@ class TrainConfig:
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)}")
+        hints = typing.get_type_hints(TrainConfig)
         for key, value in values.items():
             if key == "model" and value is not None and not isinstance(value, dict):
                 raise ValueError(f"{where}: 'model' must be a mapping of model spec overrides")
-            setattr(self, key, value if key != "model" else dict(value or {}))
+            setattr(self, key, dict(value or {}) if key == "model" else _typed(key, value, hints[key], where))
         return self
 
     def validate(self) -> None:
@@ -179,6 +181,26 @@ class TrainConfig:
             checkpoint_inner=self.checkpoint_inner,
             strategy=self.strategy,
         )
+
+
+def _typed(key: str, value: Any, hint: Any, where: str) -> Any:
+    """``value`` (from YAML or ``--set``) as the field's type: ints and numeric strings for floats are fine,
+    anything else that does not fit is an error naming the setting (not a TypeError deep inside training)."""
+    kinds = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in kinds:
+        return None
+    if float in kinds and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if float in kinds and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    for kind in kinds:
+        if kind in (int, str, bool) and type(value) is kind:  # (type: True is an int to isinstance)
+            return value
+    wanted = " or ".join({int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}.get(k, k.__name__) for k in kinds)
+    raise ValueError(f"{where}: {key} must be {wanted}, got {value!r}")
 
 
 # ----------------------------------------------------------------------
@@ -419,6 +441,10 @@ def optimizer_from_state(optimizer: torch.optim.Optimizer, saved: dict, tensors:
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+class TrainingDiverged(RuntimeError):
+    """The meta-training loss became NaN or infinite: training stops without saving the broken weights."""
+
+
 class _StopRequest:
     """Ctrl-C / SIGTERM set a flag the loop checks between iterations; a second Ctrl-C stops at once."""
 
@@ -489,6 +515,7 @@ class Trainer:
         self.optimizer = make_optimizer(config, self.learner)
         self.iteration = 0
         self.best: dict | None = None
+        self.saved_at: int | None = None  # the iteration last.safetensors holds, when this process wrote it
         self.elapsed = 0.0
         self.last_val: dict | None = None
         if resume:
@@ -586,6 +613,8 @@ class Trainer:
         }
         save_checkpoint(self.out / name, self.learner, state_tensors=tensors, state=resume_state,
                         **self._manifest_fields(metrics))
+        if name == LAST:
+            self.saved_at = self.iteration
 
     def _load_state(self) -> None:
         path = self.out / LAST
@@ -677,6 +706,10 @@ class Trainer:
                 loss, accuracy, stop_any = distributed.average_scalars(
                     [result.loss, accuracy, float(stop.requested or budget_over)], context, self.device
                 )
+                if not math.isfinite(loss):  # (averaged: every process stops here together)
+                    if bar is not None:
+                        bar.close()
+                    raise TrainingDiverged(self._diverged(i + 1, loss))
                 self.iteration = i + 1
                 self.elapsed = time.perf_counter() - started
                 window["loss"] += loss
@@ -732,6 +765,13 @@ class Trainer:
             self._plot()
         return summary
 
+    def _diverged(self, iteration: int, loss: float) -> str:
+        c = self.config
+        kept = f"{self.out / LAST} holds iteration {self.saved_at}" if self.saved_at is not None else "no checkpoint was written"
+        return (f"training diverged at iteration {iteration}: the meta-training loss is {loss}. Stopped; {kept}. "
+                f"Try a smaller meta_lr (now {c.meta_lr:g}) or inner_lr (now {c.inner_lr:g}), or clip the meta-gradient "
+                f"(--set grad_clip=1.0), and start a new run.")
+
     def _validate_and_save(self, final: bool) -> None:
         result = self.validate()
         metrics = None
@@ -739,6 +779,9 @@ class Trainer:
             metrics = {**result.to_dict(), "iteration": self.iteration}
             self.last_val = metrics
             self._log({"kind": "val", **metrics})
+            if math.isnan(result.mean):
+                print(f"note: validation at iteration {self.iteration} gave {result.metric} nan: adapting at test time "
+                      f"({result.inner_steps} inner steps) diverges; a smaller inner_lr or meta_lr may help", file=sys.stderr)
             if better(result.metric, result.mean, self.best["mean"] if self.best else None):
                 self.best = metrics
                 self.save(BEST, metrics=metrics)
@@ -806,5 +849,5 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> None:
     tmp.replace(png_path)
 
 
-__all__ = ["TrainConfig", "Trainer", "default_config", "resolve_config", "find_config", "load_source", "build_learner",
+__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "default_config", "resolve_config", "find_config", "load_source", "build_learner",
            "plot_metrics", "task_generator"]

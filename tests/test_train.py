@@ -20,6 +20,7 @@ from metalearn.train import (
     CONFIG_DIR,
     TrainConfig,
     Trainer,
+    TrainingDiverged,
     default_config,
     learning_rate,
     resolve_config,
@@ -204,3 +205,36 @@ def test_killed_and_interrupted_run_resumes_to_the_same_final_state(tmp_path, ca
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     iterations = [r["iteration"] for r in records if r["kind"] == "train"]
     assert iterations == sorted(set(iterations)) and iterations[-1] == ITERATIONS
+
+
+def test_settings_are_checked_against_their_types(tmp_path):
+    config = TrainConfig()
+    config.update({"meta_lr": "1e-3", "inner_lr": 1, "grad_clip": None, "val_ways": 3, "rotations": True})
+    assert (config.meta_lr, config.inner_lr, config.grad_clip, config.val_ways, config.rotations) == (1e-3, 1.0, None, 3, True)
+    assert type(config.inner_lr) is float
+    for values, message in [({"meta_lr": "abc"}, "meta_lr must be a number"), ({"iterations": 2.5}, "iterations must be an integer"),
+                            ({"iterations": True}, "iterations must be an integer"), ({"rotations": 1}, "rotations must be true or false"),
+                            ({"lr_schedule": 5}, "lr_schedule must be a string"), ({"val_ways": "three"}, "val_ways must be an integer or null")]:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig().update(values, where="here")
+    path = tmp_path / "c.yaml"
+    path.write_text("task: sinusoid\nmeta_lr: 1e-4\niterations: ten\n")  # YAML 1.1 reads 1e-4 as a string
+    with pytest.raises(ValueError, match="iterations must be an integer, got 'ten'"):
+        resolve_config(str(path))
+    path.write_text("task: sinusoid\nmeta_lr: 1e-4\n")
+    assert resolve_config(str(path)).meta_lr == 1e-4
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    # Adam moves every weight by about meta_lr in its first step: the second meta-batch's loss overflows.
+    trainer = Trainer(tiny_sine(out, meta_lr=1e30, save_interval=1))
+    with pytest.raises(TrainingDiverged, match=r"iteration 2: the meta-training loss is (nan|inf).*holds iteration 1.*meta_lr"):
+        trainer.run()
+    checkpoint = load_checkpoint(out / "last.safetensors")
+    assert checkpoint.manifest["state"]["iteration"] == 1
+    assert all(torch.isfinite(p).all() for p in checkpoint.learner.parameters())
+    assert not (out / "best.safetensors").exists()
+    result = subprocess.run([sys.executable, "-m", "metalearn.cli", "train", "--task", "sinusoid", "--out", str(tmp_path / "cli"),
+                             "--set", "meta_lr=1e30", "--iterations", "5", "--no-progress"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0 and "error: training diverged at iteration 2" in result.stderr
