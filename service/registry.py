@@ -31,6 +31,7 @@ from metalearn.learner import MetaLearner
 log = logging.getLogger("service.registry")
 
 RUN_CHECKPOINT = "best.safetensors"
+RUN_LAST = "last.safetensors"  # written from the first save; best only from the first validation
 
 
 @dataclass
@@ -203,6 +204,10 @@ class ModelRegistry:
         seen = scan(model_dir)  # before loading: a file changing meanwhile is seen as changed by the next look
         if seen is None:
             log.warning("model directory %s does not exist: serving no models", model_dir)
+        else:
+            for run in sorted(p.parent for p in Path(model_dir).glob("*/" + RUN_LAST) if not (p.parent / RUN_CHECKPOINT).exists()):
+                # Served once its best checkpoint appears (a reload sees it come).
+                log.info("not serving run directory %s yet: it has no %s (its training has not validated yet, or stopped first)", run, RUN_CHECKPOINT)
         for name, path in discover(model_dir):
             if name in models:
                 log.warning("skipping %s: a model named %r is already loaded from %s", path, name, models[name].checkpoint.path)

@@ -215,3 +215,15 @@ def test_model_poll_reloads_without_a_signal(trained, tmp_path):
         settled = reloads(client)
         time.sleep(0.5)  # ten polls
         assert reloads(client) == settled == 2
+
+
+def test_a_run_directory_without_its_best_checkpoint_is_named_not_served(trained, tmp_path, caplog):
+    model_dir = shutil.copytree(trained, tmp_path / "models")
+    (model_dir / "anil_run" / "best.safetensors").rename(model_dir / "anil_run" / "last.safetensors")
+    with caplog.at_level("INFO", logger="service.registry"):
+        registry = ModelRegistry.load(model_dir)
+    assert "anil_run" not in registry.names() and "sine" in registry.names()
+    assert f"not serving run directory {model_dir / 'anil_run'} yet: it has no best.safetensors" in caplog.text
+    shutil.copyfile(model_dir / "anil_run" / "last.safetensors", model_dir / "anil_run" / "best.safetensors")
+    assert registry.changed_on_disk(model_dir)
+    assert "anil_run" in ModelRegistry.load(model_dir, previous=registry).names()
