@@ -37,6 +37,16 @@ import httpx
 import numpy as np
 
 
+def _json_number(value: Any, kind: type) -> Any:
+    """A numpy or torch scalar (``np.int64(3)``, ``torch.tensor(0.1)``) as the JSON number it holds; anything
+    else as given, for the service to refuse with its problem detail."""
+    if isinstance(value, np.generic) or hasattr(value, "detach"):
+        array = _as_numpy(value)
+        if array.ndim == 0 and array.dtype.kind in ("i", "u", "f") and (kind is float or float(array).is_integer()):
+            return kind(array)
+    return value
+
+
 class ServiceError(Exception):
     """An error answer: ``status``, ``title``, ``detail``, the whole ``problem`` document, and the
     ``request_id`` the service gave the request (quote it to the service's operators: it is in their logs)."""
@@ -122,9 +132,9 @@ class _Calls:
 
     def _adapt_body(self, x: Any, y: Any, inner_steps: int | None, inner_lr: float | None, ttl_s: int | None) -> dict:
         body: dict = {"support": {"x": self._x(x), "y": self._y(y)}}
-        for key, value in (("inner_steps", inner_steps), ("inner_lr", inner_lr), ("ttl_s", ttl_s)):
+        for key, value, kind in (("inner_steps", inner_steps, int), ("inner_lr", inner_lr, float), ("ttl_s", ttl_s, int)):
             if value is not None:
-                body[key] = value
+                body[key] = _json_number(value, kind)
         return body
 
     def _predict_body(self, support_x: Any, support_y: Any, query_x: Any, inner_steps: int | None, inner_lr: float | None, transductive: bool) -> dict:

@@ -62,6 +62,14 @@ def test_client_regression_and_errors(served):
     with Client(server.url, api_key="k1") as client:
         values = client.adapt("sine", sx, sy.numpy().astype(np.float64)).predict(qx.numpy())
         np.testing.assert_allclose(values, reference, rtol=1e-5, atol=1e-5)
+        # numpy and torch scalars for the numbers, as an application computing them would pass them
+        three = predict(learner, adapt(learner, sx, sy, steps=3, lr=0.02), qx).squeeze(1).numpy()
+        session = client.adapt("sine", sx, sy, inner_steps=np.int64(3), inner_lr=np.float32(0.02), ttl_s=torch.tensor(60))
+        assert (session.info["inner_steps"], session.info["ttl_s"]) == (3, 60)
+        np.testing.assert_allclose(session.predict(qx), three, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ServiceError) as error:
+            client.adapt("sine", sx, sy, inner_steps=np.float64(2.5))
+        assert error.value.status == 422 and "inner_steps" in error.value.detail
         with pytest.raises(ServiceError) as error:
             client.adapt("sine", np.zeros((3, 2)), np.zeros(3))
         assert error.value.status == 422 and "shape" in error.value.detail
