@@ -483,6 +483,8 @@ class Trainer:
         if config.out is None:
             config.out = str(Path("runs") / f"{Path(config.task).stem}-{config.algorithm}")
         self.out = Path(config.out)
+        if self.out.exists() and not self.out.is_dir():
+            raise NotADirectoryError(f"--out {self.out} is a file; a run directory goes there")
         self.resume = resume
         self.context = distributed.from_environment()
         if resume:

@@ -118,6 +118,8 @@ def test_run_directory_and_manifest(tmp_path):
     assert any(name.startswith("optim/") for name in last.state_tensors)
     with pytest.raises(FileExistsError):
         Trainer(tiny_sine(out))
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        Trainer(tiny_sine(out / "best.safetensors"))
 
 
 def test_resume_refuses_changed_settings(tmp_path):
