@@ -204,11 +204,11 @@ def _on_signal(signum: int, callback) -> bool:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
+    settings = settings or Settings.from_environment()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        device = app.state.device = settings.resolved_device()
+        device = app.state.device = settings.usable_device()
         torch.set_num_threads(settings.resolved_threads())
         metalearn.keep_freed_memory(device)  # on the CPU, adaptations re-faulted their freed tensor memory on every request
         app.state.registry = ModelRegistry.load(settings.model_dir, device)

@@ -18,7 +18,8 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, **settings_
     from service.app import create_app
 
     log_level = settings_overrides.pop("log_level", "info")
-    settings = Settings(model_dir=str(model_dir), **settings_overrides)
+    settings = Settings.from_environment(model_dir=str(model_dir), **settings_overrides)
+    settings.usable_device()  # refused here in one line, not as a traceback from the app's startup
     # Every logger, uvicorn's too, one format (log_config=None: uvicorn's loggers go to the root's handler);
     # the access lines are the service's own (service.request_ids), with the request id.
     logs.configure(log_level, settings.log_format)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -114,6 +114,29 @@ class Settings(BaseSettings):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def usable_device(self) -> str:
+        """``resolved_device``, refused with a message when it names a GPU this process cannot use."""
+        device = self.resolved_device()
+        import torch
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device cuda ({ENV_PREFIX}DEVICE or --device): no CUDA GPU is available to this process "
+                               f"(torch {torch.__version__}); use auto or cpu")
+        return device
+
+    @classmethod
+    def from_environment(cls, **overrides) -> "Settings":
+        """The settings, a bad value refused with one line per problem naming its variable (not pydantic's report)."""
+        try:
+            return cls(**overrides)
+        except ValidationError as error:
+            problems = []
+            for item in error.errors():
+                name = ENV_PREFIX + ".".join(str(part) for part in item["loc"]).upper()
+                message = item["msg"].removeprefix("Value error, ")
+                problems.append(f"{name}={item['input']!r}: {message}" if item["loc"] else message)
+            raise ValueError("bad service settings: " + "; ".join(problems)) from None
 
 
 def usable_cores() -> int:

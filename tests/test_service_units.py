@@ -121,6 +121,34 @@ def test_settings_from_environment(monkeypatch):
         Settings(device="tpu")
 
 
+def test_bad_settings_are_refused_in_one_line_naming_the_variable(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("METALEARN_MAX_BATCH_SIZE", "abc")
+    monkeypatch.setenv("METALEARN_QUEUE_SIZE", "0")
+    with pytest.raises(ValueError) as error:
+        Settings.from_environment()
+    assert str(error.value) == ("bad service settings: METALEARN_MAX_BATCH_SIZE='abc': Input should be a valid integer, unable to "
+                                "parse string as an integer; METALEARN_QUEUE_SIZE='0': Input should be greater than or equal to 1")
+    monkeypatch.delenv("METALEARN_MAX_BATCH_SIZE")
+    monkeypatch.delenv("METALEARN_QUEUE_SIZE")
+    with pytest.raises(ValueError, match=r"^bad service settings: min_inner_lr must be <= max_inner_lr$"):
+        Settings.from_environment(min_inner_lr=5, max_inner_lr=1)
+    # A GPU named where there is none: refused before the server starts, as metalearn serve's one-line error.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert Settings(device="auto").usable_device() == "cpu"
+    with pytest.raises(RuntimeError, match="device cuda .*no CUDA GPU is available"):
+        Settings(device="cuda").usable_device()
+    import uvicorn
+
+    from metalearn.cli import main
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("the server started"))
+    assert main(["serve", "--model-dir", str(tmp_path), "--device", "cuda"]) != 0
+    assert "error: device cuda (METALEARN_DEVICE or --device): no CUDA GPU is available" in capsys.readouterr().err
+    monkeypatch.setenv("METALEARN_QUEUE_SIZE", "-1")
+    assert main(["serve", "--model-dir", str(tmp_path)]) != 0
+    assert "error: bad service settings: METALEARN_QUEUE_SIZE='-1'" in capsys.readouterr().err
+
+
 def test_tensor_decoding_errors():
     with pytest.raises(Problem, match="rank"):
         decode_inputs([[1.0, 2.0]], "x", (1, 2, 2), None, 10)
