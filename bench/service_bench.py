@@ -184,9 +184,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(kind: str, model_dir: Path, threads: int, log_dir: Path, max_batch: int, workers: int = 0, device: str = "cpu", settings: dict | None = None, source: Path = ROOT):
+def start_server(kind: str, model_dir: Path, threads: int, log_dir: Path, max_batch: int, workers: int = 0, device: str = "cpu", settings: dict | None = None, source: Path = ROOT, log_name: str | None = None):
     """A uvicorn subprocess on a free loopback port; ``settings``: extra METALEARN_* variables for the service;
-    ``source``: the checkout whose code it runs (a git worktree of another commit, for an A/B)."""
+    ``source``: the checkout whose code it runs (a git worktree of another commit, for an A/B); its output
+    goes to ``log_dir/<log_name or kind>.log``."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("METALEARN_")}
     # the source first; an inherited PYTHONPATH stays (a GPU image may carry the service's packages there)
@@ -205,14 +206,15 @@ def start_server(kind: str, model_dir: Path, threads: int, log_dir: Path, max_ba
     else:
         command = [sys.executable, str(Path(__file__).resolve()), "--baseline-server", str(model_dir), "--threads", str(threads), "--device", device]
     command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"] if kind != "baseline" else ["--port", str(port)]
-    log = open(log_dir / f"{kind}.log", "wb")
+    log_path = log_dir / f"{log_name or kind}.log"
+    log = open(log_path, "wb")
     process = subprocess.Popen(command, cwd=source, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     import httpx
 
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{kind} server exited: {(log_dir / f'{kind}.log').read_text()[-3000:]}")
+            raise RuntimeError(f"{kind} server exited: {log_path.read_text()[-3000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
                 return process, port
@@ -252,11 +254,11 @@ def start_configured(configs: list[str], model_dir: Path, log_dir: Path) -> list
     add /tmp/old COMMIT``: the commit before, interleaved against this one)."""
     servers = []
     try:
-        for config in configs:
+        for index, config in enumerate(configs):
             settings = dict(item.split("=", 1) for item in config.split(",") if item)
             cpus = settings.pop("CPUS", None)
             source = Path(settings.pop("SOURCE", ROOT)).resolve()
-            servers.append(start_server("service", model_dir, 1, log_dir, 0, settings=settings, source=source))
+            servers.append(start_server("service", model_dir, 1, log_dir, 0, settings=settings, source=source, log_name=f"service-{index}"))
             if cpus:
                 pid = servers[-1][0].pid
                 for thread in os.listdir(f"/proc/{pid}/task"):
