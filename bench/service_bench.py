@@ -525,6 +525,7 @@ def main() -> None:
     batch, origin = make_tasks(max(levels) * 2)
     print(f"# {WAYS}-way {SHOTS}-shot, {QUERIES} queries, Conv4-64, {STEPS} inner steps; tasks: {origin}")
     print(f"# cores: {os.cpu_count()}, server torch threads: {args.threads}, load average: {os.getloadavg()}")
+    print(f"# the servers' logs and checkpoints: {work} (left there to read; delete it after)")
     if args.device.startswith("cuda"):
         import torch
 
