@@ -116,8 +116,11 @@ def test_sighup_reloads_the_models_of_a_running_service(trained, tmp_path):
             for session in (replaced, dropped):
                 with pytest.raises(ServiceError) as gone:
                     session.predict(images.query_x[0] if session is replaced else sines.query_x[0])
-                assert gone.value.status == 404
-            assert "no longer served" in str(gone.value)
+                assert gone.value.status == 404 and "no longer served" in str(gone.value)
+                with pytest.raises(ServiceError) as gone:  # described as it predicts: gone
+                    session.describe()
+                assert gone.value.status == 404 and "no longer served" in str(gone.value)
+            assert kept.describe()["model"] == "anil_run"
             np.testing.assert_allclose(kept.predict_full(images.query_x[0]).probabilities, expected, atol=1e-6)
             assert client.predict("conv_copy", images.support_x[0], images.support_y[0], images.query_x[0]).probabilities.shape == (15, 5)
             assert "reloaded the models" in proc.log() and "updated conv_maml" in proc.log()

@@ -18,20 +18,22 @@ router = APIRouter(prefix="/v1/sessions", tags=["sessions"], route_class=JSONRou
 
 
 async def _session(request: Request, session_id: str, caller: str | None):
+    """The caller's live session and the model serving it; 404 when there is none, or when its model is no
+    longer served in the version it was adapted with (after a reload: the session cannot predict again)."""
     session = await store_call(request, request.app.state.store.get, session_id, caller)
     if session is None:
         raise Problem(404, "Unknown session", "no such session: it never existed, expired, was evicted or deleted")
-    return session
+    model = request.app.state.registry.get(session.model)
+    if model is None or session.meta.get("model_version") not in (None, model.version):
+        raise Problem(404, "Unknown session", f"the session's model {session.model!r} is no longer served in that version; adapt again")
+    return session, model
 
 
 @router.post("/{session_id}/predict", summary="Predict with an adapted session", response_model=PredictResponse, response_model_exclude_none=True, responses=ERRORS)
 async def predict_session(request: Request, session_id: str, body: SessionPredictRequest = Body(...), caller: str | None = Depends(owner)) -> PredictResponse:
     """Predicts with the parameters a previous ``adapt`` stored (cheap: no adaptation)."""
     state = request.app.state
-    session = await _session(request, session_id, caller)
-    model = state.registry.get(session.model)
-    if model is None or session.meta.get("model_version") not in (None, model.version):
-        raise Problem(404, "Unknown session", f"the session's model {session.model!r} is no longer served in that version; adapt again")
+    session, model = await _session(request, session_id, caller)
     x = await maybe_offload(uses_images(body.x), decode_inputs, body.x, "x", model.input_shape, model.preprocessing, state.settings.max_query)
     started = time.perf_counter()
     job = Job("predict", model, query_x=x, session=session.tensors, session_prepared=session.prepared, transductive=body.transductive)
@@ -47,7 +49,7 @@ async def predict_session(request: Request, session_id: str, body: SessionPredic
 
 @router.get("/{session_id}", summary="Describe a session", response_model=SessionInfo, responses=ERRORS)
 async def describe_session(request: Request, session_id: str, caller: str | None = Depends(owner)) -> SessionInfo:
-    session = await _session(request, session_id, caller)
+    session, _ = await _session(request, session_id, caller)
     return SessionInfo(
         session_id=session.id,
         model=session.model,
