@@ -108,10 +108,13 @@ def _from_images(value: ImageList, where: str, preprocessing: dict | None) -> to
         try:
             with Image.open(io.BytesIO(blob)) as img:
                 width, height = img.size
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        except Image.DecompressionBombError:  # Pillow's own limit, reached before ours by its header alone
+            width = height = math.inf
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
             raise invalid(f"{where}.images[{i}]: not a decodable image (PNG, JPEG, ...)") from None
         if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
-            raise invalid(f"{where}.images[{i}]: image of {width}x{height} pixels exceeds {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}")
+            size = f"of {width}x{height} pixels" if math.isfinite(width) else f"of over {2 * Image.MAX_IMAGE_PIXELS} pixels"
+            raise invalid(f"{where}.images[{i}]: image {size} exceeds {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}")
         blobs.append(blob)
     try:
         return preprocess_images(blobs, preprocessing, names=[f"{where}.images[{i}]" for i in range(len(blobs))])
