@@ -216,8 +216,11 @@ def test_uint8_images_are_scaled():
 
 def test_sampling_errors():
     src, _ = synthetic(per_class=(6,) * 11 + (3,), val_fraction=0.0)
-    with pytest.raises(ValueError, match="fewer than ways=13"):
+    with pytest.raises(ValueError, match="fewer than ways=13$"):
         src.sample(1, gen(0), ways=13)
+    held_out, _ = synthetic(val_fraction=0.2)
+    with pytest.raises(ValueError, match=r"split 'val'\) has 3 classes, fewer than ways=5 \(.*--set val_fraction="):
+        held_out.split("val").sample(1, gen(0), ways=5)
     with pytest.raises(ValueError, match=r"c11 \(3\)"):
         src.sample(1, gen(0), ways=2, shots=2, queries=2)
     with pytest.raises(ValueError, match="within_group.*at least ways=5"):

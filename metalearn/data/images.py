@@ -361,7 +361,8 @@ class ImageTasks:
     def _check_enough(self, ways: int, per_class: int, within_group: bool) -> None:
         where = f"{self.name} (split {self.split_name!r})"
         if self.num_classes < ways:
-            raise ValueError(f"{where} has {self.num_classes} classes, fewer than ways={ways}")
+            hint = " (it holds val_fraction of the classes: --set val_fraction=0.5, or fewer ways)" if self.split_name == "val" else ""
+            raise ValueError(f"{where} has {self.num_classes} classes, fewer than ways={ways}{hint}")
         counts = self._store.counts[self._base]
         small = (counts < per_class).nonzero().flatten()
         if len(small):
