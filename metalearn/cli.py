@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     evaluate.add_argument("--threads", type=_positive_int)
     evaluate.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    evaluate.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
     info = commands.add_parser("info", help="print a checkpoint's manifest")
     info.add_argument("path", help="a checkpoint file or a run directory")
@@ -313,7 +314,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     keep_freed_memory(device)
     checkpoint = load_checkpoint(path, device=device)
     source, kwargs = eval_settings(checkpoint.manifest, args)
-    result = evaluate(checkpoint.learner, source, **kwargs)
+    result = evaluate(checkpoint.learner, source, progress=args.progress, **kwargs)
     record = {**result.to_dict(), "checkpoint": str(path), "split": getattr(source, "split_name", None)}
     if not args.json:
         print(f"{path}: {result.describe()}")

@@ -19,6 +19,7 @@ comparable across runs and checkpoints.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -108,13 +109,15 @@ def evaluate(
     support_shift: int = 0,
     seed: int = EVAL_SEED,
     chunk: int | None = None,
+    progress: bool = False,
 ) -> EvalResult:
     """Adapt to ``episodes`` held-out tasks of ``source`` and score the queries.
 
     ``inner_steps``/``inner_lr`` default to the learner's training values
     (``inner_lr=None`` keeps learned learning rates); ``support_shift`` adds
     shifted views of the support images (``metalearn.adaptation.augment_support``).
-    Per-task scores are averaged; ``ci95`` is 1.96 standard errors.
+    Per-task scores are averaged; ``ci95`` is 1.96 standard errors. ``progress``:
+    a progress bar of the episodes on stderr.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
@@ -129,6 +132,11 @@ def evaluate(
     was_training = learner.training
     learner.eval()
     scores = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=episodes, desc="eval", unit="episode", file=sys.stderr, dynamic_ncols=True, leave=False)
     try:
         for batch in _chunks(source, episodes, seed, chunk, **kwargs):
             batch = batch.to(device)
@@ -140,8 +148,12 @@ def evaluate(
                 scores.append((outputs.argmax(-1) == batch.query_y).float().mean(-1).cpu())
             else:
                 scores.append((outputs - batch.query_y).pow(2).flatten(1).mean(-1).cpu())
+            if bar is not None:
+                bar.update(len(scores[-1]))
     finally:
         learner.train(was_training)
+        if bar is not None:
+            bar.close()
     mean, ci95, std = mean_ci95(torch.cat(scores))
     sample = batch  # the last batch tells the actual task shape
     num_ways = int(sample.support_y.max().item()) + 1 if classification else None

@@ -50,6 +50,9 @@ def test_sinusoid_train_eval_info(tmp_path, capsys):
     assert result["metric"] == "mse" and result["episodes"] == 20 and result["ci95"] >= 0
     assert result["inner_steps"] == 3 and result["shots"] == 5
     assert result["checkpoint"].endswith("best.safetensors")
+    assert "/20 [" in err and "episode" in err  # the progress bar
+    code, stdout, err = run(capsys, "eval", str(out), "--episodes", "20", "--no-progress")
+    assert code == 0 and "episode" not in err and "mse: " in stdout
     code, stdout, _ = run(capsys, "info", str(out / "last.safetensors"), "--json")
     manifest = json.loads(stdout)
     assert manifest["algorithm"] == "fomaml" and manifest["state"]["iteration"] == 30
