@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from metalearn.adaptation import adapt_many, predict_many
+from metalearn.adaptation import SHIFTED_VIEWS, adapt_many, predict_many
+from metalearn.data.tasks import task_stream
 from metalearn.learner import MetaLearner
 
 # Evaluation tasks are drawn with this seed unless told otherwise; the
@@ -75,22 +76,19 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float, float]:
     return mean, Z95 * std / math.sqrt(n) if n > 1 else 0.0, std
 
 
-def _chunks(source, episodes: int, seed: int, chunk: int, **sample_kwargs):
-    """The tasks of ``fixed_tasks(source, episodes, seed, meta_batch=chunk)``, generated one chunk at a time."""
-    generator = torch.Generator().manual_seed(seed)
-    remaining = episodes
-    while remaining > 0:
-        n = min(chunk, remaining)
-        yield source.sample(n, generator, **sample_kwargs)
-        remaining -= n
-
-
-def default_chunk(learner: MetaLearner, device: torch.device) -> int:
-    """Tasks adapted at once: small on the CPU (vmapped convolutions are slow there), larger on a GPU."""
+def default_chunk(learner: MetaLearner, device: torch.device, images_per_task: int | None = None) -> int:
+    """Tasks adapted at once (one vmapped computation). On a GPU 100; on the CPU 200 for a model without
+    convolutions, and for a conv net about 160 images a chunk (up to 16 tasks, at least 1): per task,
+    Conv4's 5-way tasks (10 images) took 2.6-4.2x less time 16 at a time than one at a time, 20-way ones
+    (40) 1.4x less 4 at a time, and 20-way tasks with shifted support views (120) were fastest alone;
+    larger chunks than that spill the caches (``bench/experiments/eval_chunks.py``). The tasks themselves
+    do not depend on it (``task_stream``)."""
     has_conv = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in learner.model.modules())
     if device.type == "cuda":
         return 100
-    return 1 if has_conv else 200
+    if not has_conv:
+        return 200
+    return max(1, min(16, 160 // images_per_task)) if images_per_task else 1
 
 
 @torch.no_grad()
@@ -124,11 +122,14 @@ def evaluate(
     started = time.perf_counter()
     device = next(learner.parameters()).device
     steps = learner.config.inner_steps if inner_steps is None else inner_steps
-    chunk = chunk or default_chunk(learner, device)
     classification = source.task_type == "classification"
     kwargs = {"shots": shots, "queries": queries}
     if classification:
         kwargs.update(ways=ways, within_group=within_group)
+    if chunk is None:
+        first = source.sample(1, torch.Generator().manual_seed(seed), **kwargs)  # (task_stream's first task)
+        images = first.support_x.shape[1] * (SHIFTED_VIEWS if support_shift else 1) + first.query_x.shape[1]
+        chunk = default_chunk(learner, device, images)
     was_training = learner.training
     learner.eval()
     scores = []
@@ -138,7 +139,7 @@ def evaluate(
 
         bar = tqdm(total=episodes, desc="eval", unit="episode", file=sys.stderr, dynamic_ncols=True, leave=False)
     try:
-        for batch in _chunks(source, episodes, seed, chunk, **kwargs):
+        for batch in task_stream(source, episodes, seed, chunk, **kwargs):
             batch = batch.to(device)
             adaptation = adapt_many(
                 learner, batch.support_x, batch.support_y, steps=steps, lr=inner_lr, support_shift=support_shift

@@ -452,3 +452,22 @@ def test_every_variant_learns_sinusoid_regression(algorithm):
         learner.meta_step(source.sample(10, generator), optimizer, iteration=iteration)
     trained = post_adaptation_mse()
     assert trained < 0.5 * untrained, (untrained, trained)
+
+
+@pytest.mark.parametrize("kind", ["sinusoid", "omniglot"])
+def test_evaluate_scores_the_same_tasks_however_they_are_chunked(kind):
+    """The chunk (how many tasks one vmapped computation adapts) is the device's business, not the result's."""
+    from metalearn.data import load_task_source
+    from metalearn.evaluate import evaluate
+
+    torch.manual_seed(0)
+    if kind == "sinusoid":
+        source, kwargs = load_task_source("sinusoid", shots=5, queries=10), {}
+        learner = MetaLearner(MLP(1, (16, 16), 1), MetaConfig("maml", task_type="regression", inner_lr=0.01))
+    else:
+        source, kwargs = load_task_source("omniglot", ways=3, shots=1, queries=1).split("val"), {"ways": 3, "within_group": True}
+        learner = MetaLearner(Conv4(out_features=3, channels=4), MetaConfig("maml", inner_lr=0.4))
+    results = [evaluate(learner, source, episodes=7, inner_steps=2, chunk=chunk, **kwargs) for chunk in (1, 3, 7)]
+    per_task = [r.mean for r in results]
+    assert per_task[1] == pytest.approx(per_task[0], rel=1e-5) and per_task[2] == pytest.approx(per_task[0], rel=1e-5)
+    assert all(r.std == pytest.approx(results[0].std, rel=1e-4, abs=1e-6) for r in results)

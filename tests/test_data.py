@@ -129,6 +129,20 @@ def test_sinusoid_determinism_split_and_fixed_tasks():
         assert_batches_equal(x, y)
 
 
+@pytest.mark.parametrize("kind", ["sinusoid", "images"])
+def test_fixed_tasks_do_not_depend_on_their_batching(kind):
+    """Task i is the seed's i-th one-task draw: an evaluation batched by 1 (CPU) or 100 (GPU) sees the same tasks."""
+    if kind == "sinusoid":
+        src, kwargs = SinusoidTasks(shots=5, queries=7), {}
+    else:
+        src, kwargs = synthetic(val_fraction=0.0)[0], {"ways": 3, "shots": 1, "queries": 2, "within_group": True}
+    whole = TaskBatch.cat(fixed_tasks(src, 10, seed=5, **kwargs))
+    for meta_batch in (1, 3, 4, 10):
+        assert_batches_equal(TaskBatch.cat(fixed_tasks(src, 10, seed=5, meta_batch=meta_batch, **kwargs)), whole)
+    first = TaskBatch(whole.support_x[:1], whole.support_y[:1], whole.query_x[:1], whole.query_y[:1])
+    assert_batches_equal(first, src.sample(1, gen(5), **kwargs))
+
+
 # -- image task sampling (synthetic, exact checks) ------------------------------------------
 
 

@@ -16,7 +16,7 @@ A *task source* produces meta-batches of few-shot tasks. Regression sources
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -76,6 +76,11 @@ class TaskBatch:
         """The ``i``-th task as ``(support_x, support_y, query_x, query_y)``."""
         return self.support_x[i], self.support_y[i], self.query_x[i], self.query_y[i]
 
+    @classmethod
+    def cat(cls, batches: Sequence[TaskBatch]) -> TaskBatch:
+        """The tasks of ``batches`` (alike in shape) as one batch, in order."""
+        return cls(*(torch.cat([getattr(b, name) for b in batches]) for name in ("support_x", "support_y", "query_x", "query_y")))
+
 
 @runtime_checkable
 class TaskSource(Protocol):
@@ -104,6 +109,25 @@ class TaskSource(Protocol):
     ) -> TaskBatch: ...
 
 
+def task_stream(
+    source: TaskSource,
+    num_tasks: int,
+    seed: int = 0,
+    meta_batch: int | None = None,
+    **sample_kwargs: Any,
+) -> Iterator[TaskBatch]:
+    """``num_tasks`` reproducible tasks, ``meta_batch`` at a time (default: all at once), made as they are
+    needed. Task i is the seeded generator's i-th draw of one task, so the tasks do not depend on how they
+    are batched: an evaluation on a CPU (small batches) and on a GPU (large ones) sees the same tasks."""
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+    meta_batch = meta_batch or num_tasks
+    generator = torch.Generator().manual_seed(seed)
+    for start in range(0, num_tasks, meta_batch):
+        count = min(meta_batch, num_tasks - start)
+        yield TaskBatch.cat([source.sample(1, generator, **sample_kwargs) for _ in range(count)])
+
+
 def fixed_tasks(
     source: TaskSource,
     num_tasks: int,
@@ -111,26 +135,16 @@ def fixed_tasks(
     meta_batch: int | None = None,
     **sample_kwargs: Any,
 ) -> list[TaskBatch]:
-    """A reproducible list of evaluation batches (``num_tasks`` tasks in all).
+    """A reproducible list of evaluation batches (``num_tasks`` tasks in all; :func:`task_stream`).
 
-    The same arguments always give the same tasks, so validation curves are
-    comparable across runs. Use a seed the training loop never uses, and
+    The same source, seed and sampling arguments always give the same tasks, however they are batched,
+    so validation curves are comparable across runs. Use a seed the training loop never uses, and
     chunk with ``meta_batch`` to bound memory::
 
         val_batches = fixed_tasks(source.split("val"), 600, seed=1234, meta_batch=50,
                                   ways=5, shots=1, queries=15)
     """
-    if num_tasks < 1:
-        raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
-    meta_batch = meta_batch or num_tasks
-    g = torch.Generator().manual_seed(seed)
-    batches = []
-    remaining = num_tasks
-    while remaining > 0:
-        n = min(meta_batch, remaining)
-        batches.append(source.sample(n, g, **sample_kwargs))
-        remaining -= n
-    return batches
+    return list(task_stream(source, num_tasks, seed, meta_batch, **sample_kwargs))
 
 
 def check_split_name(name: str) -> None:
