@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from metalearn import Conv4, MetaConfig, MetaLearner
 from metalearn.adaptation import adapt, predict

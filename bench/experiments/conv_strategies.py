@@ -108,7 +108,6 @@ def make_data(w, seed=1):
 def strat_loop(p, sx, sy, qx, qy, lr, steps, fo, fwd=forward_ref):
     """Baseline: textbook per-task loop, autograd.grad(create_graph=True), backward per task."""
     T = sx.shape[0]
-    names = list(p)
     tot = 0.
     for t in range(T):
         fast = dict(p)
