@@ -517,11 +517,12 @@ class Trainer:
         self.optimizer = make_optimizer(config, self.learner)
         self.iteration = 0
         self.best: dict | None = None
-        self.saved_at: int | None = None  # the iteration last.safetensors holds, when this process wrote it
+        self.saved_at: int | None = None  # the iteration last.safetensors holds (written or resumed from)
         self.elapsed = 0.0
         self.last_val: dict | None = None
         if resume:
             self._load_state()
+            self.saved_at = self.iteration
 
     # -- setup ------------------------------------------------------------
 

@@ -237,6 +237,8 @@ def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tmp_path):
     assert checkpoint.manifest["state"]["iteration"] == 1
     assert all(torch.isfinite(p).all() for p in checkpoint.learner.parameters())
     assert not (out / "best.safetensors").exists()
+    with pytest.raises(TrainingDiverged, match="holds iteration 1"):  # resumed: the checkpoint it resumed from
+        Trainer(TrainConfig(out=str(out)), resume=True, resume_overrides={"save_interval": 1000}).run()
     result = subprocess.run([sys.executable, "-m", "metalearn.cli", "train", "--task", "sinusoid", "--out", str(tmp_path / "cli"),
                              "--set", "meta_lr=1e30", "--iterations", "5", "--no-progress"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0 and "error: training diverged at iteration 2" in result.stderr
