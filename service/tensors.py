@@ -40,12 +40,18 @@ def json_number(value: Any) -> Any:
     return value
 
 
+# Numbers as JSON writes them: pydantic's default (lax) mode would read `true` as 1 and "3" as 3; a client
+# that sends those has a bug the service should name.
+JsonInt = Annotated[int, BeforeValidator(json_number)]
+JsonFloat = Annotated[float, BeforeValidator(json_number)]
+
+
 class EncodedTensor(BaseModel):
     """Raw little-endian tensor bytes, base64-encoded."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"dtype": "float32", "shape": [1, 1], "base64": "AAAAAA=="}]})
     dtype: Literal["float32", "float64", "uint8", "int32", "int64"]
-    shape: list[Annotated[int, BeforeValidator(json_number)]] = Field(..., max_length=8)
+    shape: list[JsonInt] = Field(..., max_length=8)
     base64: str
 
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional, Union
+from typing import Any, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from service.tensors import EncodedTensor, TensorInput, json_number
-
-# Numbers and switches as JSON writes them: pydantic's default (lax) mode would read `true` as 1 step
-# and "3" as 3, and "yes" as true; a client that sends those has a bug the service should name.
-JsonInt = Annotated[int, BeforeValidator(json_number)]
-JsonFloat = Annotated[float, BeforeValidator(json_number)]
+# Numbers and switches as JSON writes them (JsonInt, JsonFloat, StrictBool): the lax defaults would read
+# "inner_steps": true as 1 step and "transductive": "yes" as true.
+from service.tensors import EncodedTensor, JsonFloat, JsonInt, TensorInput
 
 LabelsInput = Union[list[Any], EncodedTensor]
 
