@@ -24,6 +24,7 @@ from metalearn.data import (
     preprocess_images,
 )
 from metalearn.data.images import random_shift, shifted_views
+from test_service_helpers import png_header_only
 
 OMNIGLOT_DIR = Path(__file__).resolve().parents[1] / "metalearn" / "data" / "omniglot"
 
@@ -392,6 +393,8 @@ def test_preprocess_images_uploads():
     assert preprocess_images([jpeg.getvalue()]).shape == (1, 1, 28, 28)
     with pytest.raises(ValueError, match="upload.png: cannot decode"):
         preprocess_images([b"not an image"], names=["upload.png"])
+    with pytest.raises(ValueError, match="bomb.png: image too large to decode"):  # a ValueError, not Pillow's own
+        preprocess_images([png_header_only(20000, 20000)], names=["bomb.png"])
     with pytest.raises(ValueError, match="kind='image'"):
         preprocess_images([buf.getvalue()], {"kind": "array"})
 

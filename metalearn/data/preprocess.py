@@ -133,6 +133,8 @@ def preprocess_images(
             img = _to_gray(_open(item))
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise ValueError(f"{label}: cannot decode image ({e})") from e
+        except Image.DecompressionBombError as e:  # (not an OSError: it would go up as a traceback)
+            raise ValueError(f"{label}: image too large to decode ({e})") from e
         # PIL sizes are (width, height).
         img = img.resize((width, height), resample)
         out[i, 0] = np.asarray(img, dtype=np.float32) / 255.0
