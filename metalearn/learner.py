@@ -170,7 +170,7 @@ class MetaLearner(nn.Module):
         self.adapt_names = head_parameter_names(model) if self.config.algorithm == "anil" else trainable
         # Models that expose body/head with forward = head(body(x)) let ANIL
         # compute the body once per task instead of once per inner step.
-        self._head_only = (
+        self.head_only = (
             self.config.algorithm == "anil"
             and isinstance(getattr(model, "body", None), nn.Module)
             and head_module_name(model) == "head"
@@ -235,7 +235,7 @@ class MetaLearner(nn.Module):
             handle.remove()
         return captured[0].flatten(1)
 
-    def _head_forward(self, head_params: Params, features: torch.Tensor) -> torch.Tensor:
+    def head_forward(self, head_params: Params, features: torch.Tensor) -> torch.Tensor:
         prefix = "head."
         return functional_call(self.model.head, {n[len(prefix) :]: p for n, p in head_params.items()}, (features,))
 
@@ -245,9 +245,9 @@ class MetaLearner(nn.Module):
         """Forward of one task's inputs ``x`` as a function of the adapted parameters (``features``:
         ``x``'s body features at ``params``, if already computed)."""
         frozen = {n: p for n, p in params.items() if n not in self.adapt_names}
-        if self._head_only:
+        if self.head_only:
             features = self.body_features(params, buffers, x) if features is None else features
-            return lambda fast: self._head_forward(fast, features)
+            return lambda fast: self.head_forward(fast, features)
         return lambda fast: self.forward_with({**frozen, **fast}, buffers, x)
 
     # ------------------------------------------------------------------
@@ -264,7 +264,7 @@ class MetaLearner(nn.Module):
     def _support_features(self, params: Params, buffers: Params, support_x: torch.Tensor) -> torch.Tensor | None:
         """Body features of the support set when something needs them (ANIL's head-only loop, prototypes,
         the Task-Adaptive encoder's embedding), computed once for all of them."""
-        if self._head_only or self.config.head_init == "prototypes" or self.config.algorithm == "tamaml":
+        if self.head_only or self.config.head_init == "prototypes" or self.config.algorithm == "tamaml":
             return self.body_features(params, buffers, support_x)
         return None
 
@@ -315,6 +315,7 @@ class MetaLearner(nn.Module):
         create_graph: bool,
         lr_override: float | None = None,
         use_autograd: bool = False,
+        features: torch.Tensor | None = None,
     ) -> tuple[list[Params], list[torch.Tensor]]:
         """Adapt on the support set; returns the adapted parameters after each step and the support losses.
 
@@ -323,10 +324,12 @@ class MetaLearner(nn.Module):
         ``use_autograd`` differentiates with the autograd engine instead of
         ``torch.func``, so that ``config.checkpoint_inner`` can recompute each
         step in the backward pass (``torch.func`` does not support
-        checkpointing).
+        checkpointing). ``features``: the support set's body features at
+        ``meta_params`` (:meth:`body_features`), when the caller has them.
         """
         params = self.model_params(meta_params)
-        features = self._support_features(params, buffers, support_x)
+        if features is None:
+            features = self._support_features(params, buffers, support_x)
         forward = self._task_forward(params, buffers, support_x, features)
         scales = self._lr_scales(meta_params, features)
         differentiate = autograd_differentiate if use_autograd else _func_differentiate

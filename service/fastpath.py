@@ -110,7 +110,7 @@ def supports(learner) -> bool:
     return (
         cfg.algorithm == "anil"
         and cfg.task_type == "classification"
-        and getattr(learner, "_head_only", False)
+        and learner.head_only
         and _blocks(learner.model) is not None
         and set(learner.adapt_names) == {"head.weight", "head.bias"}
     )

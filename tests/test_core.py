@@ -471,3 +471,38 @@ def test_evaluate_scores_the_same_tasks_however_they_are_chunked(kind):
     per_task = [r.mean for r in results]
     assert per_task[1] == pytest.approx(per_task[0], rel=1e-5) and per_task[2] == pytest.approx(per_task[0], rel=1e-5)
     assert all(r.std == pytest.approx(results[0].std, rel=1e-4, abs=1e-6) for r in results)
+
+
+@pytest.mark.parametrize("head_init,steps", [("learned", 3), ("prototypes", 2), ("prototypes", 0)])
+def test_anil_adaptation_reuses_the_support_features(head_init, steps):
+    """ANIL's adapt() runs the body over the support set once; what it returns equals the long way: the inner
+    loop, then a whole support forward with the adapted head for the statistics and the loss after."""
+    from metalearn.models import norm_statistics
+
+    torch.manual_seed(0)
+    learner = MetaLearner(Conv4(out_features=3, channels=4), MetaConfig("anil", inner_steps=2, inner_lr=0.3, head_init=head_init))
+    assert learner.head_only
+    support_x, support_y = torch.rand(6, 1, 28, 28), torch.tensor([0, 1, 2, 0, 1, 2])
+    body_runs = []
+    hook = learner.model.body[12].register_forward_hook(lambda *_: body_runs.append(1))  # the last conv: every body pass
+    got = adapt(learner, support_x, support_y, steps=steps)
+    hook.remove()
+    assert len(body_runs) == 1
+    batched = adapt_many(learner, support_x.unsqueeze(0), support_y.unsqueeze(0), steps=steps)
+
+    meta, buffers = learner.meta_params(), learner.buffers_dict()
+    with torch.no_grad():
+        trajectory, losses = learner.inner_loop(meta, buffers, support_x, support_y, steps=steps, create_graph=False)
+        adapted = trajectory[-1] if trajectory else learner.initial_fast(meta, buffers, support_x, support_y)
+        with norm_statistics(learner.model) as stats:
+            outputs = learner.forward_with({**learner.model_params(meta), **adapted}, buffers, support_x)
+        after = learner._loss(outputs, support_y)
+    assert set(got.params) == set(adapted) and set(got.norm_stats) == set(stats) and len(stats) == 4
+    for name in adapted:
+        torch.testing.assert_close(got.params[name], adapted[name])
+        torch.testing.assert_close(batched.params[name][0], adapted[name])  # (vmapped: float32 rounding)
+    for name, (mean, var) in stats.items():
+        torch.testing.assert_close(got.norm_stats[name][0], mean)
+        torch.testing.assert_close(got.norm_stats[name][1], var)
+    torch.testing.assert_close(got.support_loss_after, after)
+    torch.testing.assert_close(got.support_loss_before, losses[0] if losses else after)
