@@ -64,21 +64,19 @@ class Adaptation:
 
 def _adapt_one(learner: MetaLearner, steps: int, lr: float | None, meta_params, buffers, support_x, support_y):
     params = learner.model_params(meta_params)
+    features = None
     if learner.head_only:
-        # Only the head adapts (ANIL): the body's one support forward gives the features every step uses,
+        # Only the head adapts (ANIL): the body's one support pass gives the features every step uses,
         # the BatchNorm statistics queries will be normalised with, and the loss after adaptation.
         with norm_statistics(learner.model) as stats:
             features = learner.body_features(params, buffers, support_x)
-        trajectory, losses = learner.inner_loop(
-            meta_params, buffers, support_x, support_y, steps=steps, create_graph=False, lr_override=lr, features=features
-        )
-        adapted = trajectory[-1] if trajectory else learner.start_from_features(params, features, support_y)
+    trajectory, losses = learner.inner_loop(
+        meta_params, buffers, support_x, support_y, steps=steps, create_graph=False, lr_override=lr, features=features
+    )
+    adapted = trajectory[-1] if trajectory else learner.initial_fast(meta_params, buffers, support_x, support_y, features)
+    if features is not None:
         outputs = learner.head_forward(adapted, features)
     else:
-        trajectory, losses = learner.inner_loop(
-            meta_params, buffers, support_x, support_y, steps=steps, create_graph=False, lr_override=lr
-        )
-        adapted = trajectory[-1] if trajectory else learner.initial_fast(meta_params, buffers, support_x, support_y)
         # One more support forward with the adapted parameters: the loss after
         # adaptation and the BatchNorm statistics queries will be normalised with.
         with norm_statistics(learner.model) as stats:

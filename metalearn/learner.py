@@ -254,12 +254,16 @@ class MetaLearner(nn.Module):
     # Inner loop
     # ------------------------------------------------------------------
     def initial_fast(
-        self, meta_params: Params, buffers: Params, support_x: torch.Tensor, support_y: torch.Tensor
+        self, meta_params: Params, buffers: Params, support_x: torch.Tensor, support_y: torch.Tensor,
+        features: torch.Tensor | None = None,
     ) -> Params:
         """Where the inner loop starts: the meta-learned values of the adapted parameters, with the
-        head set from the support set's class means when ``config.head_init`` is ``prototypes``."""
+        head set from the support set's class means when ``config.head_init`` is ``prototypes``
+        (``features``: as for :meth:`inner_loop`)."""
         params = self.model_params(meta_params)
-        return self.start_from_features(params, self._support_features(params, buffers, support_x), support_y)
+        if features is None:
+            features = self._support_features(params, buffers, support_x)
+        return self.start_from_features(params, features, support_y)
 
     def _support_features(self, params: Params, buffers: Params, support_x: torch.Tensor) -> torch.Tensor | None:
         """Body features of the support set when something needs them (ANIL's head-only loop, prototypes,
