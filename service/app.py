@@ -267,6 +267,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         cpu_traces=settings.cpu_traces,
         cpu_scripts=settings.cpu_scripts,
         worker_cpus=settings.resolved_worker_cpus(),
+        inline_predict_ms=settings.inline_predict_ms,
     )
 
     problems.install(app)

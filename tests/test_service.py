@@ -100,7 +100,7 @@ def test_health_ready_and_models(server, http):
 # Full flows, equal to offline adaptation
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["conv_maml", "anil_run"])
-def test_classification_flow_matches_offline(http, model_dir, name):
+def test_classification_flow_matches_offline(server, http, model_dir, name):
     task = image_tasks(tasks=1, queries=3, seed=7)
     sx, sy, qx = task.support_x[0], task.support_y[0], task.query_x[0]
     reference, adaptation = offline(model_dir, name, sx, sy, qx)
@@ -116,9 +116,18 @@ def test_classification_flow_matches_offline(http, model_dir, name):
     assert body["session_bytes"] == adaptation.nbytes()
     sid = body["session_id"]
 
-    answer = http.post(f"/v1/sessions/{sid}/predict", json={"x": qx.tolist()}).json()
-    np.testing.assert_allclose(answer["probabilities"], ref_probs, atol=1e-5)
-    assert answer["predictions"] == ref_probs.argmax(-1).tolist()
+    def on_event_loop() -> float:
+        lines = httpx.get(server.url + "/metrics").text.splitlines()
+        return sum(float(line.split()[1]) for line in lines if line.startswith("metalearn_engine_predicts_on_event_loop_total"))
+
+    before = on_event_loop()
+    # A model's first lone predictions compute on a worker (measured; the second traces), the next on the
+    # event loop (service.engine), whose own trace is recorded at its second.
+    for _ in range(5):
+        answer = http.post(f"/v1/sessions/{sid}/predict", json={"x": qx.tolist()}).json()
+        np.testing.assert_allclose(answer["probabilities"], ref_probs, atol=1e-5)
+        assert answer["predictions"] == ref_probs.argmax(-1).tolist()
+    assert on_event_loop() > before
 
     stateless = http.post(f"/v1/models/{name}/predict", json={"support": {"x": b64(sx), "y": b64(sy, "int64")}, "query": {"x": b64(qx)}}).json()
     np.testing.assert_allclose(stateless["probabilities"], ref_probs, atol=1e-5)
@@ -468,6 +477,8 @@ def test_metrics_exposition(server, http):
         "metalearn_engine_batch_seconds_bucket",
         "metalearn_engine_batch_size_bucket",
         "metalearn_engine_queue_depth",
+        "metalearn_engine_predicts_on_event_loop_total",
+        "metalearn_http_requests_in_flight 1.0",  # this scrape
         "metalearn_sessions_live",
         "metalearn_sessions_bytes",
         "metalearn_session_evictions_total",

@@ -577,3 +577,117 @@ def test_access_lines_name_the_route_not_the_session_and_json_logs(tmp_path, cap
         record = logging.getLogger("service").makeRecord("service", logging.ERROR, __file__, 1, "failed: %s", ("x",), sys.exc_info())
     error = json.loads(JsonFormatter().format(record))
     assert error["message"] == "failed: x" and "ValueError: boom" in error["exception"] and "request_id" not in error
+
+
+class WhereEngine(Engine):
+    """Notes the thread each batch computes on; a job of kind "hold" keeps its worker until released."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.threads_seen: list[str] = []
+        self.release = threading.Event()
+
+    def _compute(self, batch):
+        if batch[0].kind == "hold":
+            self.release.wait(10)
+            return [{} for _ in batch]
+        self.threads_seen.append(threading.current_thread().name)
+        return super()._compute(batch)
+
+
+def adapted_session(tmp_path, engine: Engine, queries: int) -> tuple:
+    """(model, query_x, session tensors): a small Conv4 MAML checkpoint served from ``tmp_path`` and a
+    session ``engine`` adapted for it, with queries ``queries`` per class."""
+    from metalearn import Conv4, MetaConfig, MetaLearner
+    from metalearn.checkpoint import save_checkpoint
+    from service.registry import ModelRegistry
+    from test_service_helpers import image_tasks
+
+    torch.manual_seed(0)
+    learner = MetaLearner(Conv4(out_features=5, channels=8), MetaConfig("maml", inner_steps=2, inner_lr=0.4))
+    save_checkpoint(tmp_path / "m.safetensors", learner, input_shape=(1, 28, 28), n_way=5)
+    model = ModelRegistry.load(tmp_path, "cpu").get("m")
+    tasks = image_tasks(tasks=1, queries=queries, seed=1)
+    job = Job("adapt", model, support_x=tasks.support_x[0], support_y=tasks.support_y[0], steps=2, lr=0.4)
+    return model, tasks.query_x[0], engine.submit_nowait(job).result(30)["tensors"]
+
+
+def test_a_lone_session_predict_computes_on_the_event_loop_when_the_workers_idle(tmp_path):
+    """The hand-off to a sleeping worker and back costs a lone session predict more than it gains: when
+    its request is the only one, every worker idles and the model's last lone prediction was cheap, it
+    computes on the caller's thread, with the same answer. Not otherwise: a model's first lone prediction,
+    a request that is not alone, a busy worker, too many query images for the budget, the setting at 0."""
+    engine = WhereEngine(workers=2, threads=1, max_batch_size=4, max_wait_ms=0, request_timeout_s=30, inline_predict_ms=1000)
+    engine.start()
+    here = threading.current_thread().name
+    try:
+        model, query, session = adapted_session(tmp_path, engine, queries=2)
+
+        def predict(query_x, alone=lambda: True, transductive=False, idle_workers=2):
+            while len(engine._idle) < idle_workers:  # a worker that just answered is busy until it waits again
+                time.sleep(0.001)
+            job = Job("predict", model, query_x=query_x, session=session, transductive=transductive)
+            result = asyncio.run(engine.submit(job, alone=alone))
+            return torch.tensor(result["probabilities"]), engine.threads_seen[-1]
+
+        first, where = predict(query)
+        assert where != here  # not measured yet: a worker computes it
+        again, where = predict(query)
+        assert where == here
+        torch.testing.assert_close(again, first, rtol=1e-5, atol=1e-6)
+        assert predict(query, alone=lambda: False)[1] != here
+        assert predict(query, transductive=True)[1] != here  # measured apart: its own first
+        assert predict(query, transductive=True)[1] == here
+
+        per_image = model._engine_lone_predict_s[False]
+        engine.inline_predict_s = per_image * len(query) / 2  # half the images fit the budget
+        assert predict(query)[1] != here
+        engine.inline_predict_s = 1.0
+        assert predict(query[: len(query) // 4])[1] == here
+
+        holding = engine.submit_nowait(Job("hold", model, query_x=query, session=session))
+        while not holding.running():  # (taken by a worker, alone)
+            time.sleep(0.001)
+        assert predict(query, idle_workers=1)[1] != here  # the other worker takes it
+        engine.release.set()
+        holding.result(10)
+
+        engine.inline_predict_s = 0.0
+        assert predict(query)[1] != here
+    finally:
+        engine.stop()
+
+
+def test_session_predicts_arriving_together_go_to_the_workers_and_batch(tmp_path):
+    """Requests read in the same turn of the event loop count before a lone one decides to compute in
+    place: a burst of session predicts all go to the workers (and batch), none blocks the loop."""
+    engine = WhereEngine(workers=1, threads=1, max_batch_size=8, max_wait_ms=0, request_timeout_s=30, inline_predict_ms=1000)
+    engine.start()
+    here = threading.current_thread().name
+    try:
+        model, query, session = adapted_session(tmp_path, engine, queries=1)
+        in_flight = 0
+
+        async def request():
+            nonlocal in_flight
+            in_flight += 1
+            try:
+                job = Job("predict", model, query_x=query, session=session)
+                return await engine.submit(job, alone=lambda: in_flight == 1)
+            finally:
+                in_flight -= 1
+
+        async def burst(count):
+            return await asyncio.gather(*[request() for _ in range(count)])
+
+        asyncio.run(burst(1))  # measured: a lone one would now compute in place
+        while not engine._idle:  # (the worker back waiting)
+            time.sleep(0.001)
+        assert asyncio.run(burst(1)) and engine.threads_seen[-1] == here
+        engine.threads_seen.clear()
+        batches = engine.batches
+        results = asyncio.run(burst(8))
+    finally:
+        engine.stop()
+    assert len(results) == 8 and here not in engine.threads_seen
+    assert engine.batches - batches < 8  # batched

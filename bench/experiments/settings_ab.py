@@ -10,7 +10,9 @@ background compilations), then for each ``--level`` (model:mode:concurrency)
 runs ``--reps`` repetitions of ``--duration`` seconds on each server in
 alternating order, so a drifting machine affects all alike, and prints each
 server's requests per second (every repetition, and the median), the p50
-latency over the repetitions, and the medians' ratio to the first server.
+latency over the repetitions, the medians' ratio to the first server, and how
+many of the level's requests computed on the event loop
+(``METALEARN_INLINE_PREDICT_MS``: lone session predicts).
 (``bench/experiments/latency_split.py`` compares servers one request at a time.)
 """
 
@@ -48,16 +50,20 @@ def main() -> None:
                 sb.warm_up(port, sent)
                 sb.wait_for_compilations(port)
             runs: list[list[dict]] = [[] for _ in configs]
+            counted = ("metalearn_http_requests_total", "metalearn_engine_predicts_on_event_loop_total")
+            before = [[sb.metric_total(port, name) for name in counted] for _, port in servers]
             for rep in range(args.reps):
                 order = range(len(configs)) if rep % 2 == 0 else reversed(range(len(configs)))
                 for i in order:
                     runs[i].append(asyncio.run(sb.run_level(servers[i][1], requests[i], concurrency, args.duration, 1.0)))
+            counts = [[sb.metric_total(port, name) - start for name, start in zip(counted, first)] for (_, port), first in zip(servers, before)]
             summaries = [sb.summarise(r) for r in runs]
             print(f"{model} {mode} c={concurrency}:")
-            for config, summary in zip(configs, summaries):
+            for config, summary, (requested, in_place) in zip(configs, summaries, counts):
                 ratio = summary["throughput"] / summaries[0]["throughput"]
+                # (requests counted less the /metrics read before the runs, which the read after counts)
                 print(f"  {config or 'defaults':40s} {summary['throughput']:7.1f} req/s {summary['throughputs']}  "
-                      f"p50 {summary['p50_ms']:.2f} ms  ({ratio:.2f}x the first)")
+                      f"p50 {summary['p50_ms']:.2f} ms  ({ratio:.2f}x the first; on the event loop: {in_place:.0f} of {requested - 1:.0f})")
     finally:
         for process, _ in servers:
             process.terminate()

@@ -98,12 +98,22 @@ class ServiceMetrics:
         self.timeouts = Counter("metalearn_engine_timeouts", "Jobs that exceeded the request timeout", registry=r)
         self.models = Gauge("metalearn_models_loaded", "Models being served", registry=r)
         self.reloads = Counter("metalearn_model_reloads", "Reloads of the model directory (SIGHUP) by outcome (done | failed)", ["outcome"], registry=r)
+        self.inline = Counter("metalearn_engine_predicts_on_event_loop", "Lone session predicts computed on the event loop, the workers idle (service.engine)", registry=r)
+        self.in_flight = 0  # HTTP requests the app is handling (RequestMetrics)
+        Gauge("metalearn_http_requests_in_flight", "HTTP requests being handled", registry=r).set_function(lambda: self.in_flight)
         if app_state is not None:
             r.register(_StateCollector(app_state))
+
+    def alone(self) -> bool:
+        """Whether the request asking is the only one the app is handling (Engine.submit's ``alone``)."""
+        return self.in_flight == 1
 
     # Engine callbacks (called from the worker thread)
     def queue_depth(self, depth: int) -> None:
         self.queue.set(depth)
+
+    def computed_here(self) -> None:
+        self.inline.inc()
 
     def batch(self, kind: str, model: str, size: int, seconds: float) -> None:
         self.compute.labels(kind, model).observe(seconds)
@@ -131,9 +141,11 @@ class RequestMetrics:
                 status["code"] = message["status"]
             await send(message)
 
+        self.metrics.in_flight += 1
         try:
             await self.app(scope, receive, tracking_send)
         finally:
+            self.metrics.in_flight -= 1
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             labels = (template, scope.get("method", ""), str(status["code"]))
