@@ -108,7 +108,7 @@ class ServiceMetrics:
         """Whether the request asking is the only one the app is handling (Engine.submit's ``alone``)."""
         return self.in_flight == 1
 
-    # Engine callbacks (called from the worker thread)
+    # Engine callbacks (called from the worker threads, and from the event loop for what it computes)
     def queue_depth(self, depth: int) -> None:
         self.queue.set(depth)
 
