@@ -568,12 +568,21 @@ class Trainer:
             kwargs["ways"] = c.val_ways or c.ways
             kwargs["within_group"] = c.val_within_group
             if self.val_source is not None and c.val_within_group:
-                try:
+
+                def sample(within_group: bool) -> None:
                     self.val_source.sample(1, torch.Generator().manual_seed(0), ways=kwargs["ways"],
-                                           shots=kwargs["shots"], queries=kwargs["queries"], within_group=True)
+                                           shots=kwargs["shots"], queries=kwargs["queries"], within_group=within_group)
+
+                try:
+                    sample(within_group=True)
                 except ValueError as error:
-                    print(f"note: validating across groups ({error})", file=sys.stderr)
-                    kwargs["within_group"] = False
+                    try:
+                        sample(within_group=False)
+                    except ValueError:
+                        pass  # too small for any task: the validation's own error says so
+                    else:
+                        print(f"note: validating across groups ({error})", file=sys.stderr)
+                        kwargs["within_group"] = False
         return kwargs
 
     @property

@@ -147,3 +147,33 @@ def test_serve_and_demo_call_the_service(monkeypatch, tmp_path, capsys):
     assert calls == [(str(models), "127.0.0.1", 8123), (str(models), "0.0.0.0", 8124)]
     code, _, err = run(capsys, "serve", "--model-dir", str(tmp_path / "missing"))
     assert code == 2 and "does not exist" in err
+
+
+def test_validation_falls_back_to_tasks_across_groups_only_where_those_exist(tmp_path, capsys):
+    """Held-out groups too small for a within-group task: validation draws its classes across groups,
+    and says so. A held-out split too small for any task is an error that says that, with no such note."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for group in range(6):  # 6 groups x 3 classes x 3 images
+        for label in range(3):
+            folder = tmp_path / "data" / f"g{group}" / f"c{label}"
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray((rng.random((12, 12)) * 255).astype("uint8")).save(folder / f"{i}.png")
+
+    def train(ways: int, out: str) -> tuple[int, str]:
+        code, _, err = run(capsys, "train", "--task", str(tmp_path / "data"), "--algorithm", "anil", "--ways", str(ways),
+                           "--shots", "1", "--queries", "1", "--meta-batch", "1", "--iterations", "1", "--channels", "8",
+                           "--val-interval", "1", "--val-episodes", "2", "--set", "val_fraction=0.34",
+                           "--out", str(tmp_path / out), "--no-progress")
+        return code, err
+
+    code, err = train(5, "five")  # 6 held-out classes, no group of 5
+    assert code == 0, err
+    assert "note: validating across groups" in err and "at least ways=5" in err
+    assert read_manifest(tmp_path / "five" / "best.safetensors")["training"]["validation"]["within_group"] is False
+    code, err = train(10, "ten")  # 12 classes to train on, 6 held out
+    assert code != 0
+    assert "has 6 classes, fewer than ways=10" in err and "across groups" not in err
