@@ -224,6 +224,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"interrupted at iteration {summary['iterations']}; continue with: metalearn train --out "
               f"{summary['out']} --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    budget, planned = trainer.config.time_budget, trainer.config.iterations
+    if budget is not None and summary["iterations"] < planned:
+        print(f"the time budget ({budget:g} s of training, counted across resumes) ran out at iteration "
+              f"{summary['iterations']} of {planned}; to go on: metalearn train --out {summary['out']} --resume "
+              f"--time-budget SECONDS (more than {budget:g})", file=sys.stderr)
     line = f"done: {summary['iterations']} iterations in {summary['wall_seconds']:.1f}s -> {summary['out']}"
     if best.get("metric"):
         line += f"; best {best['metric']} {best['mean']:.4f} +- {best['ci95']:.4f} at iteration {best['iteration']}"

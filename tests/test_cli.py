@@ -177,3 +177,18 @@ def test_validation_falls_back_to_tasks_across_groups_only_where_those_exist(tmp
     code, err = train(10, "ten")  # 12 classes to train on, 6 held out
     assert code != 0
     assert "has 6 classes, fewer than ways=10" in err and "across groups" not in err
+
+
+def test_a_time_budget_stops_and_saves_the_run_and_says_how_to_go_on(tmp_path, capsys):
+    out = tmp_path / "budget"
+    args = ["train", "--task", "sinusoid", "--algorithm", "maml", "--meta-batch", "2", "--val-episodes", "4",
+            "--iterations", "1000000", "--out", str(out), "--no-progress"]
+    code, stdout, err = run(capsys, *args, "--time-budget", "0.3")
+    assert code == 0, err
+    done = read_manifest(out / "last.safetensors")["training"]["iterations_done"]
+    assert 0 < done < 1000000 and (out / "best.safetensors").exists()
+    assert f"ran out at iteration {done} of 1000000" in err and "--resume --time-budget SECONDS (more than 0.3)" in err
+    code, stdout, err = run(capsys, *args, "--resume", "--time-budget", "0.6")  # the budget counts the time already used
+    assert code == 0, err
+    assert read_manifest(out / "last.safetensors")["training"]["iterations_done"] > done
+    assert "ran out at iteration" in err
