@@ -240,7 +240,7 @@ def eval_settings(manifest: dict, args: argparse.Namespace) -> tuple[Any, dict]:
     """The held-out task source and the evaluate() arguments for a checkpoint and the eval flags."""
     from metalearn.evaluate import EVAL_SEED
     from metalearn.adaptation import check_support_shift
-    from metalearn.train import TrainConfig, load_source
+    from metalearn.train import TrainConfig, check_ways, load_source
 
     training = manifest.get("training") or {}
     saved = training.get("config")
@@ -257,6 +257,11 @@ def eval_settings(manifest: dict, args: argparse.Namespace) -> tuple[Any, dict]:
     ways = args.ways or config.val_ways or n_way or config.ways
     if classification and n_way and ways > n_way:
         raise UsageError(f"metalearn eval: --ways {ways} is more than the model's {n_way} outputs")
+    if classification:
+        try:
+            check_ways(ways, "--ways")
+        except ValueError as error:
+            raise UsageError(f"metalearn eval: {error}") from None
     shots = args.shots or config.val_shots or config.shots
     queries = args.queries or (config.val_queries if same_task else None) or config.queries
     config.ways, config.shots, config.queries = ways, shots, queries

@@ -371,6 +371,13 @@ def load_source(config: TrainConfig):
     return load_task_source(config.task, **options)
 
 
+def check_ways(ways: int, name: str = "ways") -> None:
+    """Classification tasks need two classes at least: a 1-way task is answered right whatever the model."""
+    if ways < 2:
+        raise ValueError(f"{name} must be >= 2 for classification, got {ways}: a 1-way task is answered right "
+                         "whatever the model, so there is nothing to learn or measure")
+
+
 def build_learner(config: TrainConfig, source) -> MetaLearner:
     shape = tuple(source.input_shape)
     if source.task_type == "regression":
@@ -507,6 +514,9 @@ class Trainer:
         source = load_source(config)
         self.source = source
         self.task_type = source.task_type
+        if self.task_type == "classification":
+            check_ways(config.ways)
+            check_ways(config.val_ways or config.ways, "val_ways")
         check_support_shift(config.eval_support_shift, source.input_shape)
         self.train_source = source.split("train")
         self.val_source = self._validation_source(source)

@@ -78,6 +78,8 @@ def test_omniglot_tiny_conv(tmp_path, capsys):
     assert (result["ways"], result["within_group"], result["split"]) == (5, True, "val")
     code, stdout, err = run(capsys, "eval", str(out), "--ways", "9")
     assert code == 2 and "more than the model's 5 outputs" in err
+    code, stdout, err = run(capsys, "eval", str(out), "--ways", "1")
+    assert code == 2 and "--ways must be >= 2 for classification" in err
 
 
 def test_support_shift_is_recorded_and_used_by_eval(tmp_path, capsys):

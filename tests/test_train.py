@@ -242,3 +242,13 @@ def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tmp_path):
     result = subprocess.run([sys.executable, "-m", "metalearn.cli", "train", "--task", "sinusoid", "--out", str(tmp_path / "cli"),
                              "--set", "meta_lr=1e30", "--iterations", "5", "--no-progress"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0 and "error: training diverged at iteration 2" in result.stderr
+
+
+def test_classification_needs_two_ways_at_least(tmp_path):
+    """A 1-way task is answered right whatever the model: trained, it 'learns' to 100% accuracy."""
+    config = default_config("omniglot", "maml").update(dict(out=str(tmp_path / "one"), progress=False))
+    with pytest.raises(ValueError, match="ways must be >= 2 for classification, got 1"):
+        Trainer(config.update(dict(ways=1)))
+    with pytest.raises(ValueError, match="val_ways must be >= 2 for classification, got 1"):
+        Trainer(config.update(dict(ways=5, val_ways=1)))
+    assert Trainer(tiny_sine(tmp_path / "sine", ways=1)).task_type == "regression"  # ways means nothing there
