@@ -41,16 +41,17 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _int_at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum``, with a one-line error otherwise."""
+def _int_at_least(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer >= ``minimum`` (and <= ``maximum``), with a one-line error otherwise."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
         return value
 
     return parse
@@ -58,6 +59,7 @@ def _int_at_least(minimum: int):
 
 _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
+_port = _int_at_least(1, 65535)  # (uvicorn took 70000 as 70000 mod 65536, and listened there)
 
 
 def _positive_float(text: str) -> float:
@@ -162,14 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="train small demo models (if there are none) and serve them")
     demo.add_argument("--model-dir", default="models")
     demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--port", type=_port, default=8000)
     demo.add_argument("--no-serve", action="store_true", help="only make the demo models")
     demo.add_argument("--threads", type=_positive_int)
 
     serve = commands.add_parser("serve", help="serve the models of a directory over HTTP")
     serve.add_argument("--model-dir", default="models")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--device", choices=("auto", "cpu", "cuda"))
     return parser
 

@@ -149,6 +149,10 @@ def test_serve_and_demo_call_the_service(monkeypatch, tmp_path, capsys):
     assert calls == [(str(models), "127.0.0.1", 8123), (str(models), "0.0.0.0", 8124)]
     code, _, err = run(capsys, "serve", "--model-dir", str(tmp_path / "missing"))
     assert code == 2 and "does not exist" in err
+    for command, port in [("serve", "70000"), ("demo", "0"), ("serve", "-1")]:  # (uvicorn listened on 70000 mod 65536)
+        code, _, err = run(capsys, command, "--model-dir", str(models), "--port", port)
+        assert code == 2 and f"--port: must be from 1 to 65535, got {port}" in err
+    assert len(calls) == 2
 
 
 def test_validation_falls_back_to_tasks_across_groups_only_where_those_exist(tmp_path, capsys):
