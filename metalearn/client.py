@@ -32,6 +32,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -129,6 +130,12 @@ class _Calls:
         if np.issubdtype(array.dtype, np.integer):
             return array.astype(np.int64).tolist() if self.encoding == "json" else encode_tensor(array, self.encoding, np.int64)
         return encode_tensor(array, self.encoding, np.float32)
+
+    @staticmethod
+    def _model_path(name: str, action: str = "") -> str:
+        """``/v1/models/{name}[/action]``, the name quoted: a model is named after its file, which may hold
+        ``#``, ``?``, ``%`` or spaces (unquoted, ``a#b`` asked for model ``a``)."""
+        return f"/v1/models/{quote(name, safe='')}" + (f"/{action}" if action else "")
 
     def _adapt_body(self, x: Any, y: Any, inner_steps: int | None, inner_lr: float | None, ttl_s: int | None) -> dict:
         body: dict = {"support": {"x": self._x(x), "y": self._y(y)}}
@@ -270,10 +277,10 @@ class Client(_Calls):
         return self._request("GET", "/v1/models")["models"]
 
     def model(self, name: str) -> dict:
-        return self._request("GET", f"/v1/models/{name}")
+        return self._request("GET", self._model_path(name))
 
     def adapt(self, model: str, x: Any, y: Any, *, inner_steps: int | None = None, inner_lr: float | None = None, ttl_s: int | None = None) -> RemoteSession:
-        return RemoteSession(self, self._request("POST", f"/v1/models/{model}/adapt", self._adapt_body(x, y, inner_steps, inner_lr, ttl_s)))
+        return RemoteSession(self, self._request("POST", self._model_path(model, "adapt"), self._adapt_body(x, y, inner_steps, inner_lr, ttl_s)))
 
     def session(self, session_id: str, model: str = "") -> RemoteSession:
         return RemoteSession(self, {"session_id": session_id, "model": model})
@@ -281,7 +288,7 @@ class Client(_Calls):
     def predict(self, model: str, support_x: Any, support_y: Any, query_x: Any, *, inner_steps: int | None = None, inner_lr: float | None = None, transductive: bool = False) -> Prediction:
         """Stateless adapt-and-predict: nothing is kept on the service."""
         body = self._predict_body(support_x, support_y, query_x, inner_steps, inner_lr, transductive)
-        return self._prediction(self._request("POST", f"/v1/models/{model}/predict", body))
+        return self._prediction(self._request("POST", self._model_path(model, "predict"), body))
 
     def close(self) -> None:
         self._http.close()
@@ -314,10 +321,10 @@ class AsyncClient(_Calls):
         return (await self._request("GET", "/v1/models"))["models"]
 
     async def model(self, name: str) -> dict:
-        return await self._request("GET", f"/v1/models/{name}")
+        return await self._request("GET", self._model_path(name))
 
     async def adapt(self, model: str, x: Any, y: Any, *, inner_steps: int | None = None, inner_lr: float | None = None, ttl_s: int | None = None) -> AsyncRemoteSession:
-        return AsyncRemoteSession(self, await self._request("POST", f"/v1/models/{model}/adapt", self._adapt_body(x, y, inner_steps, inner_lr, ttl_s)))
+        return AsyncRemoteSession(self, await self._request("POST", self._model_path(model, "adapt"), self._adapt_body(x, y, inner_steps, inner_lr, ttl_s)))
 
     def session(self, session_id: str, model: str = "") -> AsyncRemoteSession:
         return AsyncRemoteSession(self, {"session_id": session_id, "model": model})
@@ -325,7 +332,7 @@ class AsyncClient(_Calls):
     async def predict(self, model: str, support_x: Any, support_y: Any, query_x: Any, *, inner_steps: int | None = None, inner_lr: float | None = None, transductive: bool = False) -> Prediction:
         """Stateless adapt-and-predict: nothing is kept on the service."""
         body = self._predict_body(support_x, support_y, query_x, inner_steps, inner_lr, transductive)
-        return self._prediction(await self._request("POST", f"/v1/models/{model}/predict", body))
+        return self._prediction(await self._request("POST", self._model_path(model, "predict"), body))
 
     async def aclose(self) -> None:
         await self._http.aclose()

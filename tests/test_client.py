@@ -165,3 +165,34 @@ def test_async_client_retries_503_after_retry_after():
     with pytest.raises(ServiceError) as error:
         asyncio.run(call(retries=1))
     assert len(calls) == 2 and error.value.status == 503 and error.value.retry_after == "0"
+
+
+def test_model_names_are_quoted_in_the_path():
+    """A model is named after its file, which may hold '#', '?', '%' or spaces: unquoted, 'a#b' asked for model 'a'."""
+    import httpx
+
+    paths = []
+
+    def handler(request):
+        paths.append(request.url.raw_path.decode())
+        if request.url.path.endswith("/adapt"):
+            return httpx.Response(201, json={"session_id": "s", "model": "m"})
+        if request.url.path.endswith("/predict"):
+            return httpx.Response(200, json={"model": "m", "predictions": [0]})
+        return httpx.Response(200, json={"name": "m"})
+
+    name, x, y = "a#b? c%", np.zeros((1, 1), np.float32), np.zeros(1, np.int64)
+    with Client("http://service", transport=httpx.MockTransport(handler)) as client:
+        client.model(name)
+        client.adapt(name, x, y)
+        client.predict(name, x, y, x)
+
+    async def calls():
+        async with AsyncClient("http://service", transport=httpx.MockTransport(handler)) as client:
+            await client.model(name)
+            await client.adapt(name, x, y)
+            await client.predict(name, x, y, x)
+
+    asyncio.run(calls())
+    quoted = "/v1/models/a%23b%3F%20c%25"
+    assert paths == [quoted, quoted + "/adapt", quoted + "/predict"] * 2
