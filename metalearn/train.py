@@ -516,7 +516,8 @@ class Trainer:
         self.task_type = source.task_type
         if self.task_type == "classification":
             check_ways(config.ways)
-            check_ways(config.val_ways or config.ways, "val_ways")
+            if config.val_ways:  # (0 or None: ways, as everywhere val_ways is read)
+                check_ways(config.val_ways, "val_ways")
         check_support_shift(config.eval_support_shift, source.input_shape)
         self.train_source = source.split("train")
         self.val_source = self._validation_source(source)
@@ -578,22 +579,21 @@ class Trainer:
             kwargs["ways"] = c.val_ways or c.ways
             kwargs["within_group"] = c.val_within_group
             if self.val_source is not None and c.val_within_group:
-
-                def sample(within_group: bool) -> None:
-                    self.val_source.sample(1, torch.Generator().manual_seed(0), ways=kwargs["ways"],
-                                           shots=kwargs["shots"], queries=kwargs["queries"], within_group=within_group)
-
-                try:
-                    sample(within_group=True)
-                except ValueError as error:
-                    try:
-                        sample(within_group=False)
-                    except ValueError:
-                        pass  # too small for any task: the validation's own error says so
-                    else:
-                        print(f"note: validating across groups ({error})", file=sys.stderr)
-                        kwargs["within_group"] = False
+                within = self._sampling_error(kwargs, within_group=True)
+                # (a split too small for any task is left to fail with its own error, without the note)
+                if within is not None and self._sampling_error(kwargs, within_group=False) is None:
+                    print(f"note: validating across groups ({within})", file=sys.stderr)
+                    kwargs["within_group"] = False
         return kwargs
+
+    def _sampling_error(self, kwargs: dict, within_group: bool) -> ValueError | None:
+        """Why the validation split cannot give a task of ``kwargs``' shape, or None when it can."""
+        try:
+            self.val_source.sample(1, torch.Generator().manual_seed(0), ways=kwargs["ways"], shots=kwargs["shots"],
+                                   queries=kwargs["queries"], within_group=within_group)
+        except ValueError as error:
+            return error
+        return None
 
     @property
     def eval_inner_steps(self) -> int:

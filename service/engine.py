@@ -130,7 +130,6 @@ class Job:
     session_prepared: Callable[[Hashable, Callable[[dict], dict]], dict[str, torch.Tensor]] | None = None
     keep_session: bool = True
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-    enqueued: float = 0.0
     _key: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def key(self) -> tuple:
@@ -315,7 +314,6 @@ class Engine:
             if len(self._pending) >= self.queue_size:
                 # Retry-After: a rough time to drain what is queued.
                 raise QueueFull(max(1, int(self.request_timeout_s // 10) or 1))
-            job.enqueued = time.perf_counter()
             self._pending.append(job)
             depth = len(self._pending)
             self._cond.notify_all()  # workers filling a batch: this job may join one
@@ -333,7 +331,7 @@ class Engine:
         (the only one the app is handling), on this thread (the event loop's) when that is faster: on the
         CPU, every worker idle, and the model's last lone prediction computed within ``inline_predict_ms``
         for this many query images. Under concurrency the workers batch, which is faster."""
-        if alone is not None and self._may_compute_here(job) and alone():
+        if alone is not None and alone() and self._may_compute_here(job):  # (alone first: the cheaper check)
             # Requests read from the sockets in the same turn of the event loop as this one were scheduled
             # after it and have not started: one turn lets them start, and count, before deciding.
             await asyncio.sleep(0)
@@ -359,7 +357,6 @@ class Engine:
         """Run ``job`` on the calling thread as a worker would run a batch of one (the same kernels, with
         this thread's own traces; the same metrics and errors)."""
         self._forget_stale()
-        job.enqueued = time.perf_counter()
         job.future.set_running_or_notify_cancel()
         if self.metrics is not None:
             self.metrics.computed_here()
