@@ -8,7 +8,7 @@ The public surface::
 from metalearn.adaptation import Adaptation, adapt, adapt_many, predict, predict_many
 from metalearn.allocator import keep_freed_memory
 from metalearn.learner import ALGORITHMS, MetaConfig, MetaLearner, StepResult
-from metalearn.models import MLP, BatchNorm, Conv4, build_model, convert_batchnorm, norm_statistics
+from metalearn.models import MLP, BatchNorm, Conv4, build_model, convert_batchnorm, norm_statistics, register_architecture
 
 __version__ = "0.1.0"
 
@@ -38,4 +38,5 @@ __all__ = [
     "norm_statistics",
     "predict",
     "predict_many",
+    "register_architecture",
 ]

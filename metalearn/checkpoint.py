@@ -107,7 +107,14 @@ def build_manifest(
 ) -> dict:
     spec = getattr(learner.model, "spec", None)
     if spec is None:
-        raise CheckpointError("the model has no 'spec' (only metalearn.models architectures can be checkpointed)")
+        raise CheckpointError(f"the model ({type(learner.model).__qualname__}) has no 'spec': a model class of your own "
+                              "is checkpointed once registered (metalearn.register_architecture)")
+    try:
+        json.dumps(spec, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"the model's spec {spec!r} is not JSON ({error}): a checkpoint rebuilds the model from "
+                              "it, so a registered class's constructor arguments must be numbers, strings, booleans, "
+                              "None, lists or dicts") from None
     config = learner.config
     return {
         "format_version": FORMAT_VERSION,
@@ -207,6 +214,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         learner = MetaLearner(build_model(manifest["model_spec"]), config)
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: incompatible manifest ({error})") from None
+    except Exception as error:  # noqa: BLE001 - a registered architecture's constructor is the user's code
+        raise CheckpointError(f"{path}: building its model failed ({error.__class__.__name__}: {error})") from None
     weights = {n: t for n, t in tensors.items() if not n.startswith(STATE_PREFIX)}
     state = {n[len(STATE_PREFIX) :]: t for n, t in tensors.items() if n.startswith(STATE_PREFIX)}
     expected = learner.state_dict()

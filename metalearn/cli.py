@@ -418,9 +418,11 @@ def _one_line(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from metalearn.checkpoint import CheckpointError
+    from metalearn.models import MODEL_MODULES_VARIABLE, import_model_modules
 
     try:
         args = build_parser().parse_args(argv)
+        import_model_modules(os.environ.get(MODEL_MODULES_VARIABLE, ""))  # architectures of the user's own
         return COMMANDS[args.command](args)
     except UsageError as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)

@@ -15,14 +15,29 @@ store::
     model = build_model({"arch": "conv4", "in_channels": 1, "image_size": 28,
                          "channels": 64, "out_features": 5})
     assert build_model(model.spec).spec == model.spec
+
+A model class of your own gets a spec, and can be checkpointed and served, by
+registering it under a name (its constructor's arguments become the spec)::
+
+    @register_architecture("tiny-cnn")
+    class TinyCNN(nn.Module):
+        def __init__(self, out_features: int = 5, width: int = 16): ...
+
+    TinyCNN(width=8).spec  # {"arch": "tiny-cnn", "out_features": 5, "width": 8}
+
+A process that loads such a checkpoint (``metalearn eval``, the service) must
+import the module that registers it first: ``METALEARN_MODEL_MODULES``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
+import inspect
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -242,21 +257,96 @@ class Conv4(nn.Module):
         return self.head(self.body(x))
 
 
-_ARCHITECTURES = {"mlp": MLP, "conv4": Conv4}
+_BUILT_IN = {"mlp": MLP, "conv4": Conv4}
+_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = dict(_BUILT_IN)
+MODEL_MODULES_VARIABLE = "METALEARN_MODEL_MODULES"
+
+
+def register_architecture(name: str) -> Callable:
+    """Class decorator: checkpoints may name this model class ``name``, and its instances get a ``spec``.
+
+    The spec is ``{"arch": name, **constructor arguments}`` (defaults filled in),
+    which is what a checkpoint stores and :func:`build_model` calls the class
+    with again, so the arguments must be JSON values (numbers, strings, lists,
+    dicts). Instances of an unregistered subclass get no spec: they could not be
+    rebuilt as this class. ::
+
+        @metalearn.register_architecture("tiny-cnn")
+        class TinyCNN(nn.Module):
+            def __init__(self, out_features: int = 5, width: int = 16): ...
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"an architecture name must be a non-empty string, got {name!r}")
+    if name in _BUILT_IN:
+        raise ValueError(f"{name!r} is a built-in architecture; register yours under another name")
+
+    def register(cls):
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise TypeError(f"register_architecture({name!r}) decorates an nn.Module subclass, got {cls!r}")
+        known = _ARCHITECTURES.get(name, cls)
+        if (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):  # (the same class defined again: replaced)
+            raise ValueError(f"architecture {name!r} is already registered for {known!r}")
+        signature = inspect.signature(cls.__init__)
+        parameters = list(signature.parameters.values())[1:]  # after self
+        if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+            raise TypeError(f"{cls.__qualname__}.__init__ takes *args: a spec needs every argument named")
+        if any(p.name == "arch" for p in parameters):
+            raise TypeError(f"{cls.__qualname__}.__init__ takes an argument named 'arch', which the spec uses for the name")
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            if type(self) is cls:  # (a subclass's own registration, if any, writes its spec after this)
+                bound = signature.bind(self, *args, **kwargs)
+                bound.apply_defaults()
+                arguments = dict(list(bound.arguments.items())[1:])
+                for p in parameters:
+                    if p.kind is p.VAR_KEYWORD:
+                        arguments.update(arguments.pop(p.name))
+                self.spec = {"arch": name, **arguments}
+
+        cls.__init__ = __init__
+        _ARCHITECTURES[name] = cls
+        return cls
+
+    return register
+
+
+def import_model_modules(modules: str) -> None:
+    """Import the comma-separated Python ``modules`` that register architectures (``METALEARN_MODEL_MODULES``).
+
+    The names come from whoever runs the process, never from a checkpoint: a
+    checkpoint can only name an architecture that is registered already."""
+    for module in filter(None, (m.strip() for m in modules.split(","))):
+        try:
+            importlib.import_module(module)
+        except Exception as error:  # noqa: BLE001 - any failure of the user's module, said in one line
+            raise ValueError(f"{MODEL_MODULES_VARIABLE}: cannot import {module!r} ({error.__class__.__name__}: {error}); "
+                             "is its directory on PYTHONPATH?") from None
 
 
 def build_model(spec: dict) -> nn.Module:
-    """Rebuild a reference model from its JSON-able ``spec``."""
+    """Rebuild a model from its JSON-able ``spec``: a reference architecture, or a registered one."""
     if not isinstance(spec, dict) or "arch" not in spec:
         raise ValueError(f"model spec must be a dict with an 'arch' key, got {spec!r}")
     kwargs = dict(spec)
-    arch = kwargs.pop("arch")
-    if arch not in _ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; known: {sorted(_ARCHITECTURES)}")
+    cls = architecture(kwargs.pop("arch"))
     try:
-        return _ARCHITECTURES[arch](**kwargs)
+        inspect.signature(cls).bind(**kwargs)
     except TypeError as error:
         raise ValueError(f"bad model spec {spec!r}: {error}") from None
+    return cls(**kwargs)
+
+
+def architecture(arch: Any) -> Callable[..., nn.Module]:
+    """The class registered as ``arch``, or an error that says how to register one."""
+    if not isinstance(arch, str) or arch not in _ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {sorted(_ARCHITECTURES)}. A model class of your own "
+                         f"is known once the module that registers it (metalearn.register_architecture) is imported: "
+                         f"name that module in {MODEL_MODULES_VARIABLE} (comma-separated) for metalearn train, eval "
+                         "and serve")
+    return _ARCHITECTURES[arch]
 
 
 def head_module_name(model: nn.Module) -> str:

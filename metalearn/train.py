@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import signal
@@ -45,7 +46,7 @@ from metalearn.allocator import keep_freed_memory
 from metalearn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metalearn.evaluate import EVAL_SEED, EvalResult, better, evaluate
 from metalearn.learner import ALGORITHMS, MetaConfig, MetaLearner
-from metalearn.models import build_model
+from metalearn.models import architecture, build_model
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 LAST, BEST = "last.safetensors", "best.safetensors"
@@ -89,7 +90,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out: str | None = None
-    # Model: overrides of the default spec (e.g. {"channels": 32} or {"hidden": [64, 64]})
+    # Model: overrides of the default spec (e.g. {"channels": 32} or {"hidden": [64, 64]}), or another
+    # architecture with its arguments (e.g. {"arch": "my-cnn", "width": 8}: a registered one, see build_learner)
     model: dict = field(default_factory=dict)
     # MetaConfig extras (None = the algorithm's default)
     first_order: bool | None = None
@@ -379,18 +381,29 @@ def check_ways(ways: int, name: str = "ways") -> None:
 
 
 def build_learner(config: TrainConfig, source) -> MetaLearner:
+    """The model the config's ``model`` names (overrides of the task's default spec, or another
+    architecture), wrapped for the config's algorithm."""
     shape = tuple(source.input_shape)
+    out_features = 1 if source.task_type == "regression" else config.ways
     if source.task_type == "regression":
         spec = {"arch": "mlp", "in_features": shape[0], "hidden": [40, 40], "out_features": 1}
     elif len(shape) == 3:
         spec = {"arch": "conv4", "in_channels": shape[0], "image_size": shape[-1], "channels": 64,
-                "out_features": config.ways}
-        if shape[-1] != shape[-2]:
+                "out_features": out_features}
+        if shape[-1] != shape[-2] and config.model.get("arch", "conv4") == "conv4":
             raise ValueError(f"conv4 needs square images, got input shape {shape}")
     else:
-        spec = {"arch": "mlp", "in_features": int(math.prod(shape)), "hidden": [256, 128], "out_features": config.ways}
+        spec = {"arch": "mlp", "in_features": int(math.prod(shape)), "hidden": [256, 128], "out_features": out_features}
+    arch = config.model.get("arch", spec["arch"])
+    if arch != spec["arch"]:
+        # Another architecture (a registered one of the user's): the task's sizes fill in the
+        # constructor arguments of these names it takes, the config gives the rest.
+        sizes = {"in_features": int(math.prod(shape)), "in_channels": shape[0], "out_features": out_features}
+        if len(shape) == 3 and shape[-1] == shape[-2]:
+            sizes["image_size"] = shape[-1]
+        taken = inspect.signature(architecture(arch)).parameters
+        spec = {"arch": arch, **{name: value for name, value in sizes.items() if name in taken}}
     spec.update(config.model)
-    spec["arch"] = spec.get("arch", "mlp")
     return MetaLearner(build_model(spec), config.meta_config(source.task_type))
 
 

@@ -30,6 +30,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 import metalearn
+from metalearn.models import import_model_modules
 from service import problems
 from service.engine import Engine, EngineStopped, JobTimeout, QueueFull
 from service.problems import Problem, problem_response
@@ -211,6 +212,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         device = app.state.device = settings.usable_device()
         torch.set_num_threads(settings.resolved_threads())
         metalearn.keep_freed_memory(device)  # on the CPU, adaptations re-faulted their freed tensor memory on every request
+        import_model_modules(settings.model_modules)
         app.state.registry = ModelRegistry.load(settings.model_dir, device)
         app.state.metrics.models.set(len(app.state.registry.models))
         app.openapi_schema = None

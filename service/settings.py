@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     # Models
     model_dir: str = Field("models", description="Directory of checkpoints (*.safetensors) and run directories (DIR/best.safetensors).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run; auto = cuda when available.")
+    model_modules: str = Field("", description="Comma-separated Python modules imported at start, before the models load: those that register architectures of your own (metalearn.register_architecture) for the checkpoints of model_dir. A module that fails to import stops the start.")
     model_poll_s: float = Field(0.0, ge=0, description="Every this many seconds, look for checkpoints added, changed or removed in model_dir and reload when there are (as on SIGHUP); 0 = only on SIGHUP.")
 
     # Engine

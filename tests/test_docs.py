@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from service.settings import Settings
 
@@ -55,3 +56,21 @@ def test_the_readme_library_example_runs():
     exec(compile(shortened, "README.md", "exec"), namespace)
     assert namespace["logits"].shape == (75, 5)  # 5-way, 15 queries per class
     assert math.isfinite(namespace["result"].loss) and 0.0 <= namespace["result"].accuracy <= 1.0
+
+
+def test_the_readme_own_model_example_runs(tmp_path):
+    """The "Your own model" example registers its class, whose instances then checkpoint and load again."""
+    from metalearn import MetaConfig, MetaLearner
+    from metalearn.checkpoint import load_checkpoint, save_checkpoint
+
+    section = (ROOT / "README.md").read_text().split("### Your own model", 1)[1]
+    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {"__name__": "readme_example"}
+    exec(compile(example, "README.md", "exec"), namespace)
+    model = namespace["model"]
+    assert model.spec == {"arch": "my-cnn", "in_channels": 1, "out_features": 5, "width": 8}
+    learner = MetaLearner(model, MetaConfig("maml", inner_steps=1))
+    save_checkpoint(tmp_path / "mine.safetensors", learner, input_shape=(1, 28, 28), n_way=5)
+    loaded = load_checkpoint(tmp_path / "mine.safetensors").learner
+    x = torch.rand(5, 1, 28, 28)
+    assert torch.equal(loaded.model(x), learner.model(x))

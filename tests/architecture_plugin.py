@@ -1,0 +1,26 @@
+"""A model class of a user's own, registered as ``tiny-cnn`` (METALEARN_MODEL_MODULES=architecture_plugin,
+with this directory on PYTHONPATH): what tests/test_custom_architecture.py trains, checkpoints and serves."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import metalearn
+
+
+@metalearn.register_architecture("tiny-cnn")
+class TinyCNN(nn.Module):
+    """One conv block with torch's own BatchNorm (metalearn converts it), global pooling and a linear head."""
+
+    def __init__(self, in_channels: int = 1, out_features: int = 5, width: int = 16, head_scale: float = 1.0):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                                  nn.MaxPool2d(4), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(width, out_features)
+        with torch.no_grad():
+            self.head.weight.mul_(float(head_scale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))

@@ -1,0 +1,167 @@
+"""A model class of the user's own (tests/architecture_plugin.py, registered as ``tiny-cnn``): its spec,
+checkpoints, ``metalearn train``/``eval``/``info`` and the service, and the refusals around them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from architecture_plugin import TinyCNN
+from metalearn import MetaConfig, MetaLearner, adapt, build_model, predict, register_architecture
+from metalearn.checkpoint import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
+from metalearn.cli import EXIT_ERROR, main
+from metalearn.data.preprocess import OMNIGLOT_PREPROCESSING
+from test_service_helpers import ROOT, ServerProcess, image_tasks, train_and_save
+
+TESTS = Path(__file__).resolve().parent
+PLUGIN = "architecture_plugin"
+
+
+def plugin_env(**extra: str) -> dict[str, str]:
+    """The environment of a subprocess that can import the plugin (METALEARN_* of this process dropped)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METALEARN_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS)])
+    env.update(extra)
+    return env
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "metalearn.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    learner = MetaLearner(TinyCNN(width=4), MetaConfig("maml", inner_steps=2, inner_lr=0.4, first_order=True))
+    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
+    return train_and_save(path, learner, [image_tasks(seed=s) for s in range(2)], input_shape=(1, 28, 28), n_way=5,
+                          preprocessing=OMNIGLOT_PREPROCESSING)
+
+
+def test_the_spec_is_the_constructor_arguments():
+    assert TinyCNN(width=4).spec == {"arch": "tiny-cnn", "in_channels": 1, "out_features": 5, "width": 4, "head_scale": 1.0}
+    assert TinyCNN(2, 3, 6).spec == {"arch": "tiny-cnn", "in_channels": 2, "out_features": 3, "width": 6, "head_scale": 1.0}
+    rebuilt = build_model(TinyCNN(width=4).spec)
+    assert type(rebuilt) is TinyCNN and rebuilt.spec == TinyCNN(width=4).spec
+    with pytest.raises(ValueError, match="bad model spec.*'depth'"):
+        build_model({"arch": "tiny-cnn", "depth": 3})
+
+
+def test_registration_refuses_what_a_spec_cannot_rebuild():
+    with pytest.raises(ValueError, match="built-in"):
+        register_architecture("conv4")(TinyCNN)
+    with pytest.raises(ValueError, match="already registered"):
+        register_architecture("tiny-cnn")(type("TinyCNN2", (nn.Module,), {}))
+
+    class Positional(nn.Module):
+        def __init__(self, *sizes: int):
+            super().__init__()
+
+    with pytest.raises(TypeError, match=r"\*args"):
+        register_architecture("positional")(Positional)
+
+    class NamedArch(nn.Module):
+        def __init__(self, arch: str = "x"):
+            super().__init__()
+
+    with pytest.raises(TypeError, match="'arch'"):
+        register_architecture("named-arch")(NamedArch)
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        register_architecture("function")(lambda: nn.Linear(1, 1))
+    with pytest.raises(ValueError, match="unknown architecture 'positional'.*METALEARN_MODEL_MODULES"):
+        build_model({"arch": "positional"})  # none of the refused ones was registered
+
+
+def test_save_refuses_a_model_it_could_not_rebuild(tmp_path):
+    class Unregistered(TinyCNN):  # an instance of a subclass is not a TinyCNN to rebuild
+        pass
+
+    assert not hasattr(Unregistered(), "spec")
+    config = MetaConfig("maml", inner_steps=1)
+    with pytest.raises(CheckpointError, match="Unregistered.*has no 'spec'.*register_architecture"):
+        save_checkpoint(tmp_path / "a.safetensors", MetaLearner(Unregistered(), config), input_shape=(1, 28, 28))
+    with pytest.raises(CheckpointError, match="not JSON.*numbers, strings"):
+        save_checkpoint(tmp_path / "b.safetensors", MetaLearner(TinyCNN(head_scale=np.float32(0.5)), config),
+                        input_shape=(1, 28, 28))
+    assert not list(tmp_path.iterdir())
+
+
+def test_checkpoint_round_trip_gives_the_same_adaptation(checkpoint):
+    task = image_tasks(tasks=1, seed=7)
+    sx, sy, qx = task.support_x[0], task.support_y[0], task.query_x[0]
+    manifest = read_manifest(checkpoint)
+    assert manifest["model_spec"] == {"arch": "tiny-cnn", "in_channels": 1, "out_features": 5, "width": 4, "head_scale": 1.0}
+    first, second = load_checkpoint(checkpoint).learner, load_checkpoint(checkpoint).learner
+    assert torch.equal(predict(first, adapt(first, sx, sy), qx), predict(second, adapt(second, sx, sy), qx))
+
+
+def test_eval_and_info_need_the_module_imported(checkpoint):
+    refused = cli(plugin_env(), "eval", str(checkpoint), "--episodes", "2")
+    assert refused.returncode == EXIT_ERROR and refused.stderr.count("\n") == 1, refused.stderr
+    assert "unknown architecture 'tiny-cnn'" in refused.stderr and "METALEARN_MODEL_MODULES" in refused.stderr
+    evaluated = cli(plugin_env(METALEARN_MODEL_MODULES=PLUGIN), "eval", str(checkpoint), "--task", "omniglot",
+                    "--episodes", "2", "--no-progress", "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout.splitlines()[-1])["metric"] == "accuracy"
+    info = cli(plugin_env(METALEARN_MODEL_MODULES=PLUGIN), "info", str(checkpoint), "--json")
+    assert json.loads(info.stdout)["model_spec"]["arch"] == "tiny-cnn"
+    missing = cli(plugin_env(METALEARN_MODEL_MODULES="no_such_module"), "info", str(checkpoint))
+    assert missing.returncode == EXIT_ERROR and missing.stderr.count("\n") == 1, missing.stderr
+    assert "METALEARN_MODEL_MODULES: cannot import 'no_such_module'" in missing.stderr
+
+
+def test_train_builds_it_from_the_config(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("METALEARN_MODEL_MODULES", PLUGIN)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main(["train", "--task", "omniglot", "--algorithm", "fomaml", "--ways", "3", "--shots", "1",
+                     "--queries", "1", "--meta-batch", "1", "--inner-steps", "1", "--iterations", "2",
+                     "--val-interval", "2", "--val-episodes", "2", "--out", str(tmp_path / "run"), "--no-progress",
+                     "--set", "model={arch: tiny-cnn, width: 4}"])
+    finally:
+        torch.set_num_threads(previous)
+    assert code == 0, capsys.readouterr().err
+    # The task filled in in_channels and out_features (3 ways); the config gave the width.
+    spec = read_manifest(tmp_path / "run" / "best.safetensors")["model_spec"]
+    assert spec == {"arch": "tiny-cnn", "in_channels": 1, "out_features": 3, "width": 4, "head_scale": 1.0}
+
+
+def test_the_service_serves_it_like_offline_adaptation(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))  # (ServerProcess puts the repository before it)
+    server = ServerProcess(checkpoint.parent, tmp_path / "server.log", cli=True, model_modules=PLUGIN).wait_ready()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            described = http.get("/v1/models/tiny")
+            assert described.status_code == 200, described.text
+            assert described.json()["algorithm"] == "maml" and described.json()["n_way"] == 5
+            task = image_tasks(tasks=1, queries=3, seed=11)
+            sx, sy, qx = task.support_x[0], task.support_y[0], task.query_x[0]
+            created = http.post("/v1/models/tiny/adapt", json={"support": {"x": sx.tolist(), "y": sy.tolist()}})
+            assert created.status_code == 201, created.text
+            answer = http.post(f"/v1/sessions/{created.json()['session_id']}/predict", json={"x": qx.tolist()})
+            assert answer.status_code == 200, answer.text
+    finally:
+        server.stop()
+    learner = load_checkpoint(checkpoint).learner
+    expected = torch.softmax(predict(learner, adapt(learner, sx, sy), qx), -1)
+    np.testing.assert_allclose(answer.json()["probabilities"], expected.numpy(), atol=1e-5)
+
+
+def test_the_service_refuses_to_start_without_its_module(checkpoint, tmp_path):
+    server = ServerProcess(checkpoint.parent, tmp_path / "server.log", cli=True, model_modules="no_such_module")
+    try:
+        assert server.process.wait(120) == EXIT_ERROR
+        assert "error: METALEARN_MODEL_MODULES: cannot import 'no_such_module'" in server.log()
+    finally:
+        server.stop()
