@@ -58,16 +58,24 @@ def demo_registry(algorithms, device: str) -> ModelRegistry:
     return ModelRegistry.load(directory, device)
 
 
-def jobs_for(model, rows: int, mode: str, seed: int, sessions: list[dict] | None = None) -> list[Job]:
+def held(model, sessions: list[dict]) -> list[Session]:
+    """Sessions with these tensors, held as the service's in-memory store holds them (what a worker
+    prepares from one is made once per session: pass the same ones to every jobs_for call to time
+    predictions without that)."""
+    return [Session(f"s{i}", model.name, None, 0.0, float("inf"), tensors) for i, tensors in enumerate(sessions)]
+
+
+def jobs_for(model, rows: int, mode: str, seed: int, sessions: list[dict] | list[Session] | None = None) -> list[Job]:
     """``rows`` requests for ``model``: adapt-and-predict (``predict``), adapt and keep (``adapt``), or
-    predictions with ``sessions``' tensors (``session``), each held as the service's store holds it."""
+    predictions with ``sessions`` (``session``): :func:`held` ones, or session tensors held anew."""
     g = torch.Generator().manual_seed(seed)
-    held = [Session(f"s{i}", model.name, None, 0.0, float("inf"), tensors) for i, tensors in enumerate(sessions or [])]
+    sessions = sessions or []
+    held_sessions = sessions if all(isinstance(s, Session) for s in sessions) else held(model, sessions)
     jobs = []
     for i in range(rows):
         query = torch.rand(5, 1, 28, 28, generator=g)
         if mode == "session":
-            session = held[i % len(held)]
+            session = held_sessions[i % len(held_sessions)]
             jobs.append(Job("predict", model, query_x=query, session=session.tensors, session_prepared=session.prepared))
         else:
             support = torch.rand(5, 1, 28, 28, generator=g)
@@ -108,7 +116,7 @@ def main() -> None:
         model = registry.get(algorithm)
         # sessions to predict with: one adaptation's tensors per request slot
         _, adapted = timed(engines["eager"], jobs_for(model, 8, "adapt", seed=99))
-        sessions = [r["tensors"] for r in adapted]
+        sessions = held(model, [r["tensors"] for r in adapted])  # prepared by the first run, as in the service
         for mode in args.modes.split(","):
             for rows in (int(r) for r in args.rows.split(",")):
                 times = {name: [] for name in engines}
@@ -125,7 +133,7 @@ def main() -> None:
                 eager, graphs = (statistics.median(times[n]) * 1000 for n in ("eager", "graphs"))
                 print(f"{algorithm:8} {mode:8} {rows:3d} {eager:9.2f} {graphs:9.2f} {eager / graphs:5.1f}x {graphs / rows:10.2f} {diff:9.1e}", flush=True)
     cache = engines["graphs"]._graphs(args.device)
-    if cache is not None:
+    if cache is not None and args.device == "cuda":  # (on the CPU: the engines' traces, both)
         print(f"GPU memory: {torch.cuda.memory_reserved() / 2**20:.0f} MB reserved, {torch.cuda.max_memory_allocated() / 2**20:.0f} MB "
               f"peak allocated (eager and graphed engines together; each graph keeps its own memory pool)")
         print(f"graphs: {cache.captures} captured, {cache.replays} replays, {cache.failures} failed captures")

@@ -39,7 +39,8 @@ if [[ "${1:-}" == "--prepare-wheels" ]]; then
     exec "$PY" -m pip download --only-binary=:all: --python-version "$PY_TAG" --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d "$WHEELS_DIR" fastapi starlette uvicorn pydantic pydantic-core pydantic-settings python-dotenv \
-        annotated-types typing-inspection typing-extensions redis python-multipart pybase64
+        annotated-types typing-inspection typing-extensions redis python-multipart pybase64 \
+        prometheus-client httpx
 fi
 
 OUTDIR=${GPU_CHECK_OUT:-${OUT:-/tmp/gpu_check}}

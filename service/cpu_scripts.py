@@ -207,6 +207,7 @@ class ScriptCache(GraphCache):
 
     what = "TorchScript compilation"
     pads = False  # (the engine's batches come unpadded; this cache pads cheap shapes' batches itself)
+    retry_failed_s = None  # its failures are the computation's own (an operation it cannot express): for good
     cheap_s = 0.002  # a row's script under this much CPU time: compile whole batches of that shape too
 
     def __init__(self, capacity: int = 8, capture_after: int = 3, warmup: int = 2, refill_s: float = 30.0, nice: int = 10):

@@ -122,6 +122,7 @@ class TraceCache(GraphCache):
 
     what = "TorchScript trace"
     pads = False  # on the CPU a padded row costs as much as a real one
+    retry_failed_s = None  # its failures are the computation's own (an operation it cannot express): for good
 
     def __init__(self, capacity: int = 24, capture_after: int = 2, warmup: int = 2, refill_s: float = 10.0):
         super().__init__(capacity=capacity, capture_after=capture_after, warmup=warmup, refill_s=refill_s)

@@ -12,8 +12,8 @@ shapes and its Python-level arguments (steps, learning rate, BatchNorm mode)
 make a key. The first use of a key runs eagerly (most one-off shapes never
 need a graph); the second captures a graph, and every later use copies its
 inputs into the graph's static input tensors and replays it. Keys whose
-capture fails (a computation that synchronises with the CPU, say) run eagerly
-from then on; the cache holds at most ``capacity`` graphs (least recently used
+capture fails (a computation that synchronises with the CPU, say) run eagerly,
+and are tried again after ``retry_failed_s`` (10 minutes); the cache holds at most ``capacity`` graphs (least recently used
 dropped), and captures at most ``capacity`` at once, then one per ``refill_s``
 seconds (with more shapes in use than it holds, the rest run eagerly instead of
 being captured again and again).
@@ -36,6 +36,7 @@ single worker owns the GPU, its default.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from typing import Any, Callable
@@ -81,6 +82,10 @@ class GraphCache:
 
     what = "CUDA graph capture"  # for the log
     pads = True  # the engine pads batches to a bucket size (fewer graphs; padding is free on a GPU)
+    # A key whose capture failed is tried again after this long (None: never). A capture may fail for
+    # a passing reason (another thread's GPU work during it, memory pressure); without a retry that
+    # shape ran eagerly, several times slower, for the rest of the process.
+    retry_failed_s: float | None = 600.0
 
     def __init__(self, capacity: int = 16, capture_after: int = 2, warmup: int = 2, refill_s: float = 10.0):
         if capacity < 1 or capture_after < 1:
@@ -96,7 +101,7 @@ class GraphCache:
         self._budget_at = time.monotonic()
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._uses: OrderedDict[tuple, int] = OrderedDict()  # keys seen, not (yet) captured; bounded
-        self._failed: OrderedDict[tuple, None] = OrderedDict()
+        self._failed: OrderedDict[tuple, float] = OrderedDict()  # key -> when to try it again
         self.captures = 0
         self.replays = 0
         self.failures = 0
@@ -134,7 +139,9 @@ class GraphCache:
             self.replays += 1
             return entry, False
         if key in self._failed:
-            return None, False
+            if time.monotonic() < self._failed[key]:
+                return None, False
+            del self._failed[key]
         uses = self._uses.pop(key, 0) + 1
         if uses < self.capture_after or not self._spend_budget():
             self._remember(self._uses, key, uses)
@@ -151,11 +158,13 @@ class GraphCache:
         return next(iter(self._graphs))
 
     def _fail(self, key: tuple, error: Exception) -> None:
-        """``key`` runs eagerly from now on."""
+        """``key`` runs eagerly from now on (for ``retry_failed_s``)."""
         self.failures += 1
-        self._remember(self._failed, key, None)
+        retry = self.retry_failed_s
+        self._remember(self._failed, key, math.inf if retry is None else time.monotonic() + retry)
         logging.getLogger(type(self).__module__).warning(
-            "%s failed for %s (%s: %s); running it eagerly", self.what, key, type(error).__name__, str(error)[:300])
+            "%s failed for %s (%s: %s); running it eagerly%s", self.what, key, type(error).__name__, str(error)[:300],
+            "" if retry is None else f", tried again in {retry:.0f} s")
 
     def _spend_budget(self) -> bool:
         now = time.monotonic()

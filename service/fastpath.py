@@ -397,12 +397,22 @@ class FastFull:
             scale = P[bn_name + ".weight"] * torch.rsqrt(var + bn.eps)
             bias = P.get(conv_name + ".bias")
             shift = P[bn_name + ".bias"] + scale * (-mean if bias is None else bias - mean)
-            weight = P[conv_name + ".weight"]
             if index == 0:
                 sign = torch.where(scale < 0, -1.0, 1.0)
-                weight, scale = (weight * sign[:, :, None, None, None]).contiguous(), scale.abs()
-            prepared.update({conv_name + ".weight": weight, bn_name + ".scale": scale, bn_name + ".shift": shift})
+                weight, scale = (P[conv_name + ".weight"] * sign[:, :, None, None, None]).contiguous(), scale.abs()
+                prepared[conv_name + ".weight"] = weight
+            elif conv_name + ".weight" in adaptation.params:
+                prepared[conv_name + ".weight"] = P[conv_name + ".weight"]
+            # (else the model's own weight, which _conv_weight reads: ANIL's body. Among the prepared tensors,
+            # a session would count it as its own: 440 KB a Conv4-64 ANIL session, against 3 KB of tensors.)
+            prepared.update({bn_name + ".scale": scale, bn_name + ".shift": shift})
         return prepared
+
+    def _conv_weight(self, constants: dict[str, torch.Tensor], conv_name: str, R: int) -> torch.Tensor:
+        """Block ``conv_name``'s conv weight ``[R, O, C, kh, kw]`` for :meth:`prepare`'s constants: theirs, or
+        the model's where the weight does not adapt."""
+        weight = constants.get(conv_name + ".weight")
+        return self.params[conv_name + ".weight"].expand(R, -1, -1, -1, -1) if weight is None else weight
 
     def can_pack(self) -> bool:
         """Whether :meth:`pack` applies: a float32 model on the CPU whose convolutions oneDNN runs packed."""
@@ -476,9 +486,9 @@ class FastFull:
         packed = {"head.weight": prepared["head.weight"], "head.bias": prepared["head.bias"]}
         for index, (conv, conv_name, _, bn_name) in enumerate(self.blocks):
             if index not in blocks:
-                packed.update({name: prepared[name] for name in (conv_name + ".weight", bn_name + ".scale", bn_name + ".shift")})
+                packed.update({name: prepared[name] for name in (conv_name + ".weight", bn_name + ".scale", bn_name + ".shift") if name in prepared})
                 continue
-            weight = prepared[conv_name + ".weight"][0] * prepared[bn_name + ".scale"][0].view(-1, 1, 1, 1)  # the first block's sign * |scale| too
+            weight = self._conv_weight(prepared, conv_name, 1)[0] * prepared[bn_name + ".scale"][0].view(-1, 1, 1, 1)  # the first block's sign * |scale| too
             packed[conv_name + ".packed"] = _pack_weight(weight, conv)
             packed[bn_name + ".shift"] = prepared[bn_name + ".shift"][0].contiguous()
         return packed
@@ -503,7 +513,7 @@ class FastFull:
                 return _grouped_layout(h.unflatten(1, (x.images, x.pooled_h, x.pooled_w)))
             h = x.transpose(0, 1).reshape(N, R * x.shape[2], *x.shape[3:]).contiguous(memory_format=torch.channels_last)
         R = scale.shape[0]
-        h = _conv_grouped(h, R, constants[conv_name + ".weight"], None, conv)
+        h = _conv_grouped(h, R, self._conv_weight(constants, conv_name, R), None, conv)
         return torch.relu(F.max_pool2d(torch.addcmul(shift.reshape(-1, 1, 1), h, scale.reshape(-1, 1, 1)), 2))
 
     @torch.no_grad()

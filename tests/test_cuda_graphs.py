@@ -133,8 +133,12 @@ def test_more_shapes_than_the_cache_holds_are_not_captured_again_and_again(captu
     assert cache.captures == 3 and len(cache) == 2
 
 
-def test_a_failed_capture_runs_that_key_eagerly_from_then_on(monkeypatch):
+def test_a_failed_capture_runs_that_key_eagerly_then_is_tried_again(monkeypatch):
+    """A capture may fail for a passing reason (another thread's GPU work): the key runs eagerly, and
+    its capture is tried again ``retry_failed_s`` later, not at every use nor never."""
     attempts = []
+    clock = [1000.0]
+    monkeypatch.setattr(cuda_graphs.time, "monotonic", lambda: clock[0])
 
     def failing(self, fn, inputs, owner):
         attempts.append(fn)
@@ -147,6 +151,15 @@ def test_a_failed_capture_runs_that_key_eagerly_from_then_on(monkeypatch):
         out = cache.run(("k",), affine, (x, x))
         torch.testing.assert_close(out[0], x * 3)
     assert len(attempts) == 1 and cache.failures == 1 and len(cache) == 0
+    clock[0] += cache.retry_failed_s - 1
+    cache.run(("k",), affine, (x, x))
+    assert len(attempts) == 1
+    clock[0] += 1
+    recorder = RecordedCapture()  # this time the capture works (a CPU stand-in for the graph)
+    monkeypatch.setattr(GraphCache, "_capture", lambda self, fn, inputs, owner: recorder(self, fn, inputs, owner))
+    out = cache.run(("k",), affine, (x, x))  # tried again
+    torch.testing.assert_close(out[0], x * 3)
+    assert cache.failures == 1 and cache.captures == 1 and len(cache) == 1
 
 
 def test_bucket_and_padding():
@@ -950,6 +963,12 @@ def test_a_lone_anil_session_predict_computes_with_its_constants_what_a_batch_of
     alone = [engine._compute([job])[0] for job in jobs]
     made = sessions[0].prepared(*engine._session_inputs(model, False, lone_query=jobs[0].query_x))
     assert ("body.4.packed" in made) == pays and ("body.5.scale" in made) != pays  # per-session constants, not the views
+    if not pays:
+        # What the session holds beyond its tensors: the first block's weight (signed) and a scale and shift
+        # per block. The body's other weights are the model's, not counted (they were: 440 KB for Conv4-64).
+        assert "body.4.weight" not in made
+        first = model.learner.model.body[0].weight
+        assert sessions[0].prepared_bytes == first.numel() * 4 + sum(2 * c.out_channels * 4 for c, *_ in engine._fast(model).alone.blocks)
     for single, batched in zip(alone, together):
         assert single["predictions"] == batched["predictions"]
         torch.testing.assert_close(torch.tensor(single["probabilities"]), torch.tensor(batched["probabilities"]), atol=1e-6, rtol=1e-5)
