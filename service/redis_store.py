@@ -326,6 +326,11 @@ class RedisSessionStore(SessionStore):
         with self._counts_lock:
             setattr(self, name, getattr(self, name) + 1)
 
+    @property
+    def prepared_dropped(self) -> int:
+        """Times the held sessions' prepared tensors were dropped for room (``MemorySessionStore``)."""
+        return self._held.prepared_dropped if self._held is not None else 0
+
     def held_stats(self) -> dict[str, int]:
         """This replica's held sessions and bytes, and its gets answered with one or by fetching (for /metrics)."""
         held = self._held.stats() if self._held is not None else StoreStats(0, 0, 0, 0)

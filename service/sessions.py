@@ -56,17 +56,30 @@ class Session:
         packing a MAML session's weights 200 us; two workers making it at once make equal values. The
         memory it takes beyond the session's own tensors is ``prepared_bytes``, which the store holding the
         session counts in its budget (a Conv4-64 MAML session: 440 KB of tensors, 4 KB of constants, up to
-        440 KB packed). The Redis store keeps the objects of the sessions a replica holds
-        (``RedisSessionStore``); one it rebuilds is prepared again."""
+        440 KB packed) and gives back first when it needs room (:meth:`forget_prepared`). The Redis store
+        keeps the objects of the sessions a replica holds (``RedisSessionStore``); one it rebuilds is
+        prepared again."""
         made = self._prepared.get(key)
         if made is None:
-            made = self._prepared[key] = make(self.tensors)
+            made = make(self.tensors)
             grown = _bytes_beside(made, self.tensors)
-            with _GROWTH:  # two workers may prepare other keys of one session at once
-                self.prepared_bytes += grown
+            with _GROWTH:  # two workers may prepare keys of one session at once, and the store forget them
+                if key in self._prepared:  # (the other worker's, equal)
+                    made, grown = self._prepared[key], 0
+                else:
+                    self._prepared[key] = made
+                    self.prepared_bytes += grown
             if grown and self._on_grow is not None:
                 self._on_grow(self, grown)
         return made
+
+    def forget_prepared(self) -> int:
+        """Drop what was prepared from the session (made again when a prediction needs it): the bytes freed.
+        A prediction that holds it already goes on with it."""
+        with _GROWTH:
+            freed, self.prepared_bytes = self.prepared_bytes, 0
+            self._prepared = {}
+        return freed
 
     @property
     def nbytes(self) -> int:
@@ -118,6 +131,8 @@ class SessionStore(abc.ABC):
     def stats(self) -> StoreStats:
         """Live sessions and bytes, evictions and expirations so far (for /metrics)."""
 
+    prepared_dropped = 0  # times a held session's prepared tensors were dropped for room (a store that holds sessions)
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
@@ -125,10 +140,12 @@ class SessionStore(abc.ABC):
 class MemorySessionStore(SessionStore):
     """In-process store: LRU order, per-session TTL and a byte budget.
 
-    ``put`` evicts least recently used sessions until the new one fits in
-    ``max_bytes`` (a session larger than the whole budget is still stored, alone).
-    A session counts its ``held_bytes``: what a worker prepares from it later
-    (``Session.prepared``) grows its count and may evict others.
+    ``put`` makes room for the new session in ``max_bytes``: it drops what was
+    prepared from the other sessions, least recently used first, then evicts
+    least recently used sessions (a session larger than the whole budget is
+    still stored, alone). A session counts its ``held_bytes``: what a worker
+    prepares from it later (``Session.prepared``) grows its count and makes room
+    the same way.
     Expired sessions are dropped lazily (on access and on every ``put``/``stats``)
     and counted as expirations; budget evictions are counted separately.
     Thread-safe.
@@ -145,6 +162,7 @@ class MemorySessionStore(SessionStore):
         self._bytes = 0
         self.evictions = 0
         self.expirations = 0
+        self.prepared_dropped = 0  # sessions whose prepared tensors were dropped for room
 
     def _drop(self, session_id: str) -> Session:
         session = self._sessions.pop(session_id)
@@ -152,7 +170,17 @@ class MemorySessionStore(SessionStore):
         return session
 
     def _evict_for(self, size: int, keep: Session | None = None) -> None:
-        """Drop least recently used sessions (not ``keep``) until ``size`` more bytes fit."""
+        """Make room for ``size`` more bytes: first what was prepared from the sessions (not ``keep``), least
+        recently used first (made again in well under a millisecond when a prediction needs it), then the
+        least recently used sessions themselves, whose clients would have to adapt again."""
+        for session in list(self._sessions.values()):
+            if self._bytes + size <= self.max_bytes:
+                return
+            if session is not keep and session.prepared_bytes:
+                freed = session.forget_prepared()
+                self._sizes[session.id] -= freed
+                self._bytes -= freed
+                self.prepared_dropped += 1
         while self._bytes + size > self.max_bytes:
             oldest = next((s for s in self._sessions.values() if s is not keep), None)
             if oldest is None:

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     # Sessions
     session_ttl_s: int = Field(3600, ge=1, description="Session lifetime when the request gives no ttl_s.")
     max_session_ttl_s: int = Field(86400, ge=1, description="Largest ttl_s a request may ask for.")
-    cache_bytes: int = Field(512 * 1024 * 1024, ge=0, description="Byte budget of the in-memory session store (LRU eviction beyond): the sessions' tensors and what the workers prepare from them (for a MAML or ANIL session predicted alone on the CPU, a packed copy of the conv weights of the blocks where packing pays).")
+    cache_bytes: int = Field(512 * 1024 * 1024, ge=0, description="Byte budget of the in-memory session store (LRU eviction beyond): the sessions' tensors and what the workers prepare from them (for a MAML or ANIL session predicted alone on the CPU, a packed copy of the conv weights of the blocks where packing pays). When room is needed, what was prepared goes first, then least recently used sessions.")
     session_backend: Literal["memory", "redis"] = Field("memory", description="memory (per process) or redis (shared between replicas).")
     redis_url: str = Field("redis://localhost:6379/0", description="Redis URL when session_backend=redis.")
     redis_held_bytes: int = Field(64 * 1024 * 1024, ge=0, description="With session_backend=redis: bytes of the sessions each replica keeps decoded, counted as the in-memory store counts them (least recently used dropped, as in the in-memory store, which also keeps one larger session alone; 0 = none). A prediction with a held session fetches only its metadata from Redis, which still checks existence, expiry and owner.")

@@ -64,14 +64,41 @@ def test_memory_store_counts_what_is_prepared_from_a_session():
     assert store.stats().live_bytes == 700 and store.stats().evictions == 1
     b.prepared("big", lambda tensors: {"w3": torch.zeros(250)})  # alone over the budget: held, alone
     assert store.get("b", None) is b and store.stats().live_bytes == 1700
-    store.put(a)  # a prepared session put again counts what it holds
-    a.prepared("copy", lambda tensors: {"w2": torch.zeros(25)})
-    assert store.get("b", None) is None and store.stats().live_bytes == 500
-    assert store.delete("a", None) and store.stats().live_bytes == 0
+    store.put(a)  # room made from b's prepared tensors, not b: b stays, its predictions prepare them again
+    assert store.get("b", None) is b and b.prepared_bytes == 0 and store.stats().live_bytes == 800
+    assert store.stats().evictions == 1 and store.prepared_dropped == 1
+    a.prepared("copy", lambda tensors: {"w2": torch.zeros(25)})  # a prepared session counts what it holds
+    assert store.stats().live_bytes == 900
+    assert store.delete("a", None) and store.stats().live_bytes == 400
     a.prepared("late", lambda tensors: {"w4": torch.zeros(25)})  # no longer held: nothing counted
-    assert store.stats().live_bytes == 0 and a.held_bytes == 600
+    assert store.stats().live_bytes == 400 and a.held_bytes == 600
     store.put(a)
-    assert store.stats().live_bytes == 600
+    assert store.stats().live_bytes == 1000
+
+
+def test_memory_store_drops_prepared_tensors_before_sessions():
+    """Room is made from what was prepared from the sessions (least recently used first; made again in
+    well under a millisecond) before any session is evicted (its client would have to adapt again)."""
+    store = MemorySessionStore(max_bytes=2000, clock=lambda: 1000.0)
+    a, b, c = session("a"), session("b"), session("c")
+    for s in (a, b, c):
+        store.put(s)
+    for s in (a, b):
+        s.prepared("packed", lambda tensors: {"w2": torch.zeros(100)})  # 400 bytes each: 2000 in all
+    assert store.stats().live_bytes == 2000
+    store.get("a", None)  # a is now the most recently used: b's prepared tensors go first
+    made = c.prepared("packed", lambda tensors: {"w2": torch.zeros(100)})
+    assert (a.prepared_bytes, b.prepared_bytes, c.prepared_bytes) == (400, 0, 400)
+    assert store.stats().live_sessions == 3 and store.stats().evictions == 0 and store.prepared_dropped == 1
+    assert c.prepared("packed", lambda tensors: pytest.fail("made twice")) is made
+    # b's made again; the room comes from c's (less recently used than a: preparing is not a use)
+    assert b.prepared("packed", lambda tensors: {"w2": torch.ones(100)})["w2"][0] == 1
+    assert (a.prepared_bytes, b.prepared_bytes, c.prepared_bytes) == (400, 400, 0)
+    assert store.prepared_dropped == 2 and store.stats().live_bytes == 2000 and store.stats().evictions == 0
+    store.put(session("d", nbytes=1200))  # every prepared tensor goes first, then the least recently used session
+    assert (a.prepared_bytes, b.prepared_bytes) == (0, 0) and store.prepared_dropped == 4
+    assert store.stats().evictions == 1 and store.get("b", None) is None
+    assert all(store.get(k, None) is not None for k in "acd") and store.stats().live_bytes == 2000
 
 
 def test_worker_cores_from_settings(monkeypatch):

@@ -67,6 +67,7 @@ class _StateCollector:
             (GaugeMetricFamily, "metalearn_sessions_bytes", "Bytes of adapted parameters currently stored", stats.live_bytes),
             (CounterMetricFamily, "metalearn_session_evictions", "Sessions evicted to honour the byte budget", stats.evictions),
             (CounterMetricFamily, "metalearn_session_expirations", "Sessions dropped because their TTL passed", stats.expirations),
+            (CounterMetricFamily, "metalearn_session_prepared_dropped", "Times what workers prepared from a session (packed weights, constants) was dropped to make room, before any session is evicted", store.prepared_dropped),
         ))
         if hasattr(store, "held_stats"):  # a shared store whose replicas hold sessions decoded (service.redis_store)
             held = store.held_stats()
