@@ -13,10 +13,11 @@ make a key. The first use of a key runs eagerly (most one-off shapes never
 need a graph); the second captures a graph, and every later use copies its
 inputs into the graph's static input tensors and replays it. Keys whose
 capture fails (a computation that synchronises with the CPU, say) run eagerly,
-and are tried again after ``retry_failed_s`` (10 minutes); the cache holds at most ``capacity`` graphs (least recently used
-dropped), and captures at most ``capacity`` at once, then one per ``refill_s``
-seconds (with more shapes in use than it holds, the rest run eagerly instead of
-being captured again and again).
+and are tried again after ``retry_failed_s`` (10 minutes); the cache holds at
+most ``capacity`` graphs (least recently used dropped), and captures at most
+``capacity`` at once, then one per ``refill_s`` seconds (with more shapes in
+use than it holds, the rest run eagerly instead of being captured again and
+again).
 
 The engine pads a micro-batch to a power of two (:func:`bucket`) so that
 batch sizes 1..64 need seven graphs per shape, not 64; padded rows repeat a
