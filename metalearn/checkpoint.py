@@ -109,12 +109,13 @@ def build_manifest(
     if spec is None:
         raise CheckpointError(f"the model ({type(learner.model).__qualname__}) has no 'spec': a model class of your own "
                               "is checkpointed once registered (metalearn.register_architecture)")
-    try:
-        json.dumps(spec, allow_nan=False)
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"the model's spec {spec!r} is not JSON ({error}): a checkpoint rebuilds the model from "
-                              "it, so a registered class's constructor arguments must be numbers, strings, booleans, "
-                              "None, lists or dicts") from None
+    for name, value in spec.items():
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"the model's spec is not JSON: argument {name!r} = {value!r} ({error}). A checkpoint "
+                                  "rebuilds the model from its spec, so a registered class's constructor arguments must "
+                                  "be numbers, strings, booleans, None, lists or dicts (float(x) for a numpy number)") from None
     config = learner.config
     return {
         "format_version": FORMAT_VERSION,

@@ -258,7 +258,7 @@ def eval_settings(manifest: dict, args: argparse.Namespace) -> tuple[Any, dict]:
     n_way = manifest.get("n_way")
     ways = args.ways or config.val_ways or n_way or config.ways
     if classification and n_way and ways > n_way:
-        raise UsageError(f"metalearn eval: --ways {ways} is more than the model's {n_way} outputs")
+        raise UsageError(f"metalearn eval: --ways {ways} is more than the {n_way} classes the model was trained to tell apart (its n_way)")
     if classification:
         try:
             check_ways(ways, "--ways")

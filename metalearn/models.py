@@ -35,6 +35,7 @@ import contextlib
 import functools
 import importlib
 import inspect
+import traceback
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -283,9 +284,15 @@ def register_architecture(name: str) -> Callable:
     def register(cls):
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise TypeError(f"register_architecture({name!r}) decorates an nn.Module subclass, got {cls!r}")
+        def same(a, b) -> bool:  # (a class defined again, re-running a notebook cell say: replaced)
+            return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+
         known = _ARCHITECTURES.get(name, cls)
-        if (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):  # (the same class defined again: replaced)
+        if not same(known, cls):
             raise ValueError(f"architecture {name!r} is already registered for {known!r}")
+        other = next((n for n, c in _ARCHITECTURES.items() if n != name and same(c, cls)), None)
+        if other is not None:  # its instances' spec can name only one
+            raise ValueError(f"{cls.__qualname__} is already registered as {other!r}")
         signature = inspect.signature(cls.__init__)
         parameters = list(signature.parameters.values())[1:]  # after self
         if any(p.kind is p.VAR_POSITIONAL for p in parameters):
@@ -321,9 +328,21 @@ def import_model_modules(modules: str) -> None:
     for module in filter(None, (m.strip() for m in modules.split(","))):
         try:
             importlib.import_module(module)
-        except Exception as error:  # noqa: BLE001 - any failure of the user's module, said in one line
-            raise ValueError(f"{MODEL_MODULES_VARIABLE}: cannot import {module!r} ({error.__class__.__name__}: {error}); "
-                             "is its directory on PYTHONPATH?") from None
+        except ModuleNotFoundError as error:
+            if error.name is None or not (module == error.name or module.startswith(error.name + ".")):
+                raise ValueError(f"{MODEL_MODULES_VARIABLE}: importing {module!r} failed: {_raised_where(error)}") from None
+            hint = f" (a module's name, not its file's: {module[:-3]!r})" if module.endswith(".py") else ""
+            raise ValueError(f"{MODEL_MODULES_VARIABLE}: no module named {error.name!r}{hint}; is the directory that "
+                             "holds it on PYTHONPATH?") from None
+        except Exception as error:  # noqa: BLE001 - the module was found and its own code failed: said in one line
+            raise ValueError(f"{MODEL_MODULES_VARIABLE}: importing {module!r} failed: {_raised_where(error)}") from None
+
+
+def _raised_where(error: BaseException) -> str:
+    """``Type: message`` and where the innermost frame raised it (``file:line``)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(error).__name__}: {error}{where}"
 
 
 def build_model(spec: dict) -> nn.Module:
@@ -344,8 +363,8 @@ def architecture(arch: Any) -> Callable[..., nn.Module]:
     if not isinstance(arch, str) or arch not in _ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; known: {sorted(_ARCHITECTURES)}. A model class of your own "
                          f"is known once the module that registers it (metalearn.register_architecture) is imported: "
-                         f"name that module in {MODEL_MODULES_VARIABLE} (comma-separated) for metalearn train, eval "
-                         "and serve")
+                         f"in Python, import it first; for metalearn train, eval and serve, name it in "
+                         f"{MODEL_MODULES_VARIABLE} (comma-separated; read at start: a new architecture needs a restart)")
     return _ARCHITECTURES[arch]
 
 

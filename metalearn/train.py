@@ -141,9 +141,14 @@ class TrainConfig:
             raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)}")
         hints = typing.get_type_hints(TrainConfig)
         for key, value in values.items():
-            if key == "model" and value is not None and not isinstance(value, dict):
-                raise ValueError(f"{where}: 'model' must be a mapping of model spec overrides")
-            setattr(self, key, dict(value or {}) if key == "model" else _typed(key, value, hints[key], where))
+            if key == "model":
+                if value is not None and not isinstance(value, dict):
+                    raise ValueError(f"{where}: 'model' must be a mapping of model spec overrides")
+                value = dict(value or {})
+                # Merged into the model settings before (a config file's), unless they name another architecture.
+                self.model = value if value.get("arch", self.model.get("arch")) != self.model.get("arch") else {**self.model, **value}
+            else:
+                setattr(self, key, _typed(key, value, hints[key], where))
         return self
 
     def validate(self) -> None:
@@ -404,7 +409,28 @@ def build_learner(config: TrainConfig, source) -> MetaLearner:
         taken = inspect.signature(architecture(arch)).parameters
         spec = {"arch": arch, **{name: value for name, value in sizes.items() if name in taken}}
     spec.update(config.model)
-    return MetaLearner(build_model(spec), config.meta_config(source.task_type))
+    learner = MetaLearner(build_model(spec), config.meta_config(source.task_type))
+    check_outputs(learner.model, spec["arch"], shape, out_features)
+    return learner
+
+
+def check_outputs(model: torch.nn.Module, arch: str, input_shape: tuple[int, ...], out_features: int) -> None:
+    """Run ``model`` once on two inputs of the task's shape, so that a model that fails on them or gives
+    the wrong number of outputs is said before training, naming the model (a model of the user's own
+    fails otherwise deep in the first meta-step, or trains on broadcast targets)."""
+    probe = torch.zeros(2, *input_shape)
+    try:
+        with torch.no_grad():
+            outputs = model(probe)
+    except Exception as error:  # noqa: BLE001 - the model's own code: any failure, said with what it was given
+        raise ValueError(f"model {arch!r} failed on a batch of the task's inputs (shape {list(probe.shape)}): "
+                         f"{type(error).__name__}: {error}") from error
+    if not isinstance(outputs, torch.Tensor) or tuple(outputs.shape) != (2, out_features):
+        got = list(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+        need = "one value per input" if out_features == 1 else f"one logit per way, --ways {out_features}"
+        raise ValueError(f"model {arch!r} gives outputs {got} for a batch of 2 of the task's inputs; the task needs "
+                         f"[2, {out_features}] ({need}): set the argument that sizes its last layer "
+                         "(e.g. --set 'model={out_features: N}')")
 
 
 def task_generator(seed: int, rank: int, iteration: int) -> torch.Generator:

@@ -107,6 +107,10 @@ def _from_images(value: ImageList, where: str, preprocessing: dict | None) -> to
 
     blobs = []
     for i, text in enumerate(value.images):
+        if text.startswith("data:"):  # a data URL (a browser's canvas.toDataURL(), say): its base64 part
+            header, _, text = text.partition(",")
+            if not header.endswith(";base64"):
+                raise invalid(f"{where}.images[{i}]: a data URL must be base64 (data:image/png;base64,...), got {header[:60]!r}")
         try:
             blob = pybase64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):

@@ -77,7 +77,7 @@ def test_omniglot_tiny_conv(tmp_path, capsys):
     assert result["metric"] == "accuracy" and 0 <= result["mean"] <= 1
     assert (result["ways"], result["within_group"], result["split"]) == (5, True, "val")
     code, stdout, err = run(capsys, "eval", str(out), "--ways", "9")
-    assert code == 2 and "more than the model's 5 outputs" in err
+    assert code == 2 and "more than the 5 classes the model was trained to tell apart" in err
     code, stdout, err = run(capsys, "eval", str(out), "--ways", "1")
     assert code == 2 and "--ways must be >= 2 for classification" in err
 

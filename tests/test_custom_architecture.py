@@ -78,6 +78,9 @@ def test_registration_refuses_what_a_spec_cannot_rebuild():
         register_architecture("named-arch")(NamedArch)
     with pytest.raises(TypeError, match="nn.Module subclass"):
         register_architecture("function")(lambda: nn.Linear(1, 1))
+    with pytest.raises(ValueError, match="TinyCNN is already registered as 'tiny-cnn'"):
+        register_architecture("tiny-cnn-alias")(TinyCNN)  # its instances' spec could name only one
+    assert TinyCNN().spec["arch"] == "tiny-cnn"
     with pytest.raises(ValueError, match="unknown architecture 'positional'.*METALEARN_MODEL_MODULES"):
         build_model({"arch": "positional"})  # none of the refused ones was registered
 
@@ -90,7 +93,7 @@ def test_save_refuses_a_model_it_could_not_rebuild(tmp_path):
     config = MetaConfig("maml", inner_steps=1)
     with pytest.raises(CheckpointError, match="Unregistered.*has no 'spec'.*register_architecture"):
         save_checkpoint(tmp_path / "a.safetensors", MetaLearner(Unregistered(), config), input_shape=(1, 28, 28))
-    with pytest.raises(CheckpointError, match="not JSON.*numbers, strings"):
+    with pytest.raises(CheckpointError, match="not JSON: argument 'head_scale' = np.float32.*float"):
         save_checkpoint(tmp_path / "b.safetensors", MetaLearner(TinyCNN(head_scale=np.float32(0.5)), config),
                         input_shape=(1, 28, 28))
     assert not list(tmp_path.iterdir())
@@ -117,7 +120,22 @@ def test_eval_and_info_need_the_module_imported(checkpoint):
     assert json.loads(info.stdout)["model_spec"]["arch"] == "tiny-cnn"
     missing = cli(plugin_env(METALEARN_MODEL_MODULES="no_such_module"), "info", str(checkpoint))
     assert missing.returncode == EXIT_ERROR and missing.stderr.count("\n") == 1, missing.stderr
-    assert "METALEARN_MODEL_MODULES: cannot import 'no_such_module'" in missing.stderr
+    assert "METALEARN_MODEL_MODULES: no module named 'no_such_module'; is the directory" in missing.stderr
+    as_file = cli(plugin_env(METALEARN_MODEL_MODULES=PLUGIN + ".py"), "info", str(checkpoint))
+    assert "(a module's name, not its file's: 'architecture_plugin')" in as_file.stderr, as_file.stderr
+
+
+def test_a_module_that_fails_to_import_is_said_with_where(tmp_path):
+    (tmp_path / "broken_models.py").write_text("import metalearn\n\nraise RuntimeError('missing config file')\n")
+    (tmp_path / "needs_more.py").write_text("import no_such_dependency\n")
+    for module, expected in (("broken_models", "RuntimeError: missing config file (at "),
+                             ("needs_more", "ModuleNotFoundError: No module named 'no_such_dependency' (at ")):
+        env = plugin_env(METALEARN_MODEL_MODULES=module)
+        env["PYTHONPATH"] += os.pathsep + str(tmp_path)
+        failed = cli(env, "info", "nowhere.safetensors")
+        assert failed.returncode == EXIT_ERROR and failed.stderr.count("\n") == 1, failed.stderr
+        assert f"METALEARN_MODEL_MODULES: importing {module!r} failed: {expected}" in failed.stderr
+        assert f"{module}.py:" in failed.stderr
 
 
 def test_train_builds_it_from_the_config(tmp_path, capsys, monkeypatch):
@@ -135,6 +153,28 @@ def test_train_builds_it_from_the_config(tmp_path, capsys, monkeypatch):
     # The task filled in in_channels and out_features (3 ways); the config gave the width.
     spec = read_manifest(tmp_path / "run" / "best.safetensors")["model_spec"]
     assert spec == {"arch": "tiny-cnn", "in_channels": 1, "out_features": 3, "width": 4, "head_scale": 1.0}
+
+
+def test_train_config_model_settings_merge_and_the_model_is_checked_first(tmp_path, capsys, monkeypatch):
+    """``--set model=`` adds to a config file's model unless it names another architecture; a model that
+    fails on the task's inputs, or gives other than one output per way, stops the run before training."""
+    from metalearn.train import resolve_config
+
+    monkeypatch.setenv("METALEARN_MODEL_MODULES", PLUGIN)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text("task: omniglot\nalgorithm: fomaml\nways: 3\nmodel: {arch: tiny-cnn, width: 4}\n")
+    assert resolve_config(str(config_file), {"model": {"head_scale": 0.5}}).model == {"arch": "tiny-cnn", "width": 4, "head_scale": 0.5}
+    assert resolve_config(str(config_file), {"model": {"arch": "conv4", "channels": 8}}).model == {"arch": "conv4", "channels": 8}
+    common = ["train", "--config", str(config_file), "--iterations", "1", "--out", str(tmp_path / "run"), "--no-progress"]
+    cases = (
+        ("model={out_features: 5}", "model 'tiny-cnn' gives outputs [2, 5] for a batch of 2 of the task's inputs; the task needs [2, 3]"),
+        ("model={in_channels: 3}", "model 'tiny-cnn' failed on a batch of the task's inputs (shape [2, 1, 28, 28]): RuntimeError"),
+    )
+    for setting, message in cases:
+        assert main([*common, "--set", setting]) == EXIT_ERROR
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_service_serves_it_like_offline_adaptation(checkpoint, tmp_path, monkeypatch):
@@ -162,6 +202,6 @@ def test_the_service_refuses_to_start_without_its_module(checkpoint, tmp_path):
     server = ServerProcess(checkpoint.parent, tmp_path / "server.log", cli=True, model_modules="no_such_module")
     try:
         assert server.process.wait(120) == EXIT_ERROR
-        assert "error: METALEARN_MODEL_MODULES: cannot import 'no_such_module'" in server.log()
+        assert "error: METALEARN_MODEL_MODULES: no module named 'no_such_module'" in server.log()
     finally:
         server.stop()

@@ -213,6 +213,11 @@ def test_image_upload_is_preprocessed_like_training(http, model_dir):
     answer = http.post("/v1/models/conv_maml/predict", json={"support": {"x": {"images": encoded[:5]}, "y": [0, 1, 2, 3, 4]}, "query": {"x": {"images": encoded[5:]}}})
     assert answer.status_code == 200, answer.text
     np.testing.assert_allclose(answer.json()["probabilities"], torch.softmax(reference, -1).numpy(), atol=1e-5)
+    # The same pictures as data URLs (a browser's canvas.toDataURL()): the same answer
+    urls = ["data:image/png;base64," + e for e in encoded]
+    as_urls = http.post("/v1/models/conv_maml/predict", json={"support": {"x": {"images": urls[:5]}, "y": [0, 1, 2, 3, 4]}, "query": {"x": {"images": urls[5:]}}})
+    assert as_urls.status_code == 200, as_urls.text
+    assert as_urls.json()["probabilities"] == answer.json()["probabilities"]
 
 
 def test_query_alone_or_among_50_gets_the_same_probabilities(http, model_dir):
@@ -357,6 +362,7 @@ BAD_CASES = {
     "byte count mismatch": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"dtype": "float32", "shape": [5, 1, 28, 28], "base64": base64.b64encode(b"\0" * 100).decode()})}, 422, "do not match"),
     "unknown dtype": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"dtype": "complex64", "shape": [1], "base64": ""})}, 422, None),
     "malformed image": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"images": [base64.b64encode(b"not a png").decode()] * 5})}, 422, "image"),
+    "data URL not base64": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"images": ["data:image/png,%89PNG"] * 5})}, 422, "images[0]: a data URL must be base64"),
     "image too large": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"images": [png(np.zeros((8, 5000), np.uint8))] * 5})}, 422, "image of 5000x8 pixels exceeds 4096x4096"),
     "decompression bomb": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"images": [base64.b64encode(png_header_only(20000, 20000)).decode()] * 5})}, 422, "exceeds 4096x4096"),
     "images for a tensor model": ("POST", "/v1/models/sine/adapt", {"support": {"x": {"images": [png(np.zeros((4, 4), np.uint8))]}, "y": [0.0]}}, 422, "not images"),

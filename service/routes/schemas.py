@@ -14,7 +14,7 @@ LabelsInput = Union[list[Any], EncodedTensor]
 
 _TENSOR_DOC = (
     "Inputs [N, *input_shape]: nested lists, {dtype, shape, base64} (raw little-endian bytes), "
-    "or for image models {images: [base64 PNG/JPEG, ...]}."
+    "or for image models {images: [base64 PNG/JPEG, or data URLs data:image/png;base64,..., ...]}."
 )
 
 
