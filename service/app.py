@@ -24,6 +24,7 @@ from pathlib import Path
 import anyio
 import torch
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
@@ -326,6 +327,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Each added one wraps the ones before: metrics see every answer, including 413s from the size
     # limit, and every answer carries its request id.
     app.add_middleware(problems.BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.cors_origin_list():  # (outside the size limit: a browser reads a 413's body only with CORS headers)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list(),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+            max_age=600,
+        )
     app.add_middleware(metrics.RequestMetrics, metrics=app.state.metrics)
     app.add_middleware(RequestIds)
     return app

@@ -8,6 +8,7 @@ A ``.env`` file in the working directory is read too.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -55,6 +56,7 @@ class Settings(BaseSettings):
 
     # Security
     api_keys: str = Field("", description="Comma-separated API keys; when set every /v1 call needs one (Authorization: Bearer KEY or X-API-Key).")
+    cors_origins: str = Field("", description="Comma-separated origins (scheme://host[:port], e.g. https://app.example.com) whose web pages may call the API from a browser (CORS), or * for any; empty: none (browsers refuse cross-origin calls). The API key headers are allowed; no cookies are used.")
 
     # Logs
     log_format: Literal["text", "json"] = Field("text", description="metalearn serve's log lines: text, or one JSON object per line (ts, level, logger, message; access lines add method, path, status, duration_ms, request_id, client).")
@@ -72,7 +74,15 @@ class Settings(BaseSettings):
             raise ValueError("min_inner_lr must be <= max_inner_lr")
         if self.session_ttl_s > self.max_session_ttl_s:
             raise ValueError("session_ttl_s must be <= max_session_ttl_s")
+        for origin in self.cors_origin_list():
+            # A browser sends scheme://host[:port] and nothing else: a path or trailing slash never matches.
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s?#]+", origin):
+                raise ValueError(f"cors_origins: {origin!r} is not an origin (scheme://host[:port], no path or "
+                                 "trailing slash, e.g. https://app.example.com), nor *")
         return self
+
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     def key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]

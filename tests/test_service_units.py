@@ -420,6 +420,34 @@ def test_queue_full_and_store_down_are_503_problems(tmp_path):
 
 
 
+def test_cors_lets_the_configured_origins_call_from_a_browser(tmp_path):
+    """METALEARN_CORS_ORIGINS: a browser's preflight from a configured origin is allowed (with the API key
+    header), an answer (a 413 too) carries the headers a page needs to read it, other origins get none;
+    without the setting no answer has them. An origin with a path or trailing slash is refused at start."""
+    from service.app import create_app
+
+    page = "https://app.example.com"
+    preflight = {"Origin": page, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-api-key,content-type"}
+    app = create_app(Settings(model_dir=str(tmp_path), cors_origins=f"{page}, http://localhost:5173", api_keys="k", max_body_bytes=1024))
+    with TestClient(app) as client:
+        allowed = client.options("/v1/models/any/predict", headers=preflight)
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == page
+        assert "x-api-key" in allowed.headers["access-control-allow-headers"].lower()
+        answer = client.get("/v1/models", headers={"Origin": page, "X-API-Key": "k"})
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == page
+        assert "x-request-id" in answer.headers["access-control-expose-headers"].lower()
+        too_big = client.post("/v1/models/any/predict", content=b"x" * 2048, headers={"Origin": page, "X-API-Key": "k", "Content-Type": "application/json"})
+        assert too_big.status_code == 413 and too_big.headers["access-control-allow-origin"] == page
+        other = client.options("/v1/models/any/predict", headers={**preflight, "Origin": "https://evil.example"})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        assert "access-control-allow-origin" not in client.get("/healthz", headers={"Origin": "https://evil.example"}).headers
+    with TestClient(create_app(Settings(model_dir=str(tmp_path)))) as client:
+        assert "access-control-allow-origin" not in client.get("/healthz", headers={"Origin": page}).headers
+    for bad in ("https://app.example.com/", "app.example.com", "https://app.example.com/ui"):
+        with pytest.raises(ValueError, match="cors_origins: .* is not an origin"):
+            Settings(cors_origins=bad)
+
+
 def test_every_answer_carries_a_request_id(tmp_path, caplog):
     """X-Request-ID on every answer (a valid one the caller sent is echoed), and in a 500's body and log line."""
     from service.app import create_app
