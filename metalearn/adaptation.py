@@ -142,6 +142,7 @@ def adapt(
     """
     steps = _resolve(learner, steps)
     support_x, support_y = augment_support(support_x, support_y, support_shift)
+    learner.check_head_only(support_x)
     adapted, stats, before, after = _adapt_one(
         learner, steps, lr, learner.meta_params(), learner.buffers_dict(), support_x, support_y
     )
@@ -160,11 +161,12 @@ def adapt_many(
     """``adapt`` for a stack of independent support sets ``[R, S, ...]``, as one vmapped computation."""
     steps = _resolve(learner, steps)
     support_x, support_y = augment_support(support_x, support_y, support_shift, stacked=True)
+    learner.check_head_only(support_x[0])
 
     def one(meta_params, buffers, x, y):
         return _adapt_one(learner, steps, lr, meta_params, buffers, x, y)
 
-    adapted, stats, before, after = vmap(one, in_dims=(None, None, 0, 0))(
+    adapted, stats, before, after = vmap(one, in_dims=(None, None, 0, 0), randomness="different")(
         learner.meta_params(), learner.buffers_dict(), support_x, support_y
     )
     return Adaptation(adapted, stats, before, after)
@@ -190,6 +192,6 @@ def predict_many(
         return _predict_one(learner, meta_params, buffers, adapted, stats if use_stats else None, x)
 
     stats = adaptation.norm_stats if use_stats else {}
-    return vmap(one, in_dims=(None, None, 0, 0, 0))(
+    return vmap(one, in_dims=(None, None, 0, 0, 0), randomness="different")(
         learner.meta_params(), learner.buffers_dict(), adaptation.params, stats, query_x
     )

@@ -54,7 +54,37 @@ def choose_strategy(learner: MetaLearner, device: str | torch.device, training: 
     return "vmap"
 
 
-def _parse(strategy: str) -> tuple[str, int]:
+def _checked(learner: MetaLearner, tasks: tuple) -> tuple:
+    """The meta-batch's tasks, checked where a mistake would otherwise train silently or fail deep inside:
+    classification labels integer (int32 taken as int64) and >= 0 (cross_entropy ignores -100), support
+    and query sets not empty. (Labels too large and regression targets of another shape than the outputs
+    fail in the loss.)"""
+    support_x, support_y, query_x, query_y = tasks
+    if len(support_x) == 0:
+        raise ValueError("the meta-batch has no tasks")
+    if support_x[0].shape[0] == 0 or (learner.config.algorithm != "reptile" and query_x[0].shape[0] == 0):
+        raise ValueError("every task needs support examples, and query examples for its query loss (a set of size 0)")
+    if learner.config.task_type == "classification":
+        labels = []
+        for y in (support_y, query_y):
+            y = y if isinstance(y, torch.Tensor) else torch.stack(list(y))  # (a list of tasks: tuples of tensors)
+            if y.is_floating_point() or y.dtype == torch.bool:
+                raise ValueError(f"classification labels must be integer class indices, got {y.dtype}")
+            if y.numel() and int(y.min()) < 0:
+                raise ValueError(f"classification labels must be >= 0, got {int(y.min())}")
+            labels.append(y)
+        if not isinstance(support_y, torch.Tensor):
+            return tasks  # (unequal tasks, run as a loop: their labels are checked, and kept as given)
+        support_y, query_y = (y.long() for y in labels)
+    if learner.head_only:
+        learner.check_head_only(support_x[0])
+    return support_x, support_y, query_x, query_y
+
+
+def parse_strategy(strategy: str) -> tuple[str, int]:
+    """``(kind, chunk size)`` of a strategy other than ``auto``, or an error that lists them."""
+    if not isinstance(strategy, str):
+        raise ValueError(f"strategy must be a string, one of {', '.join(STRATEGIES)}; got {strategy!r}")
     if strategy in ("loop", "vmap"):
         return strategy, 0
     if strategy.startswith("chunked:"):
@@ -79,9 +109,10 @@ def run_meta_batch(learner: MetaLearner, batch, iteration: int = 0, strategy: st
         tasks = tuple(zip(*batch))
     else:
         tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+    tasks = _checked(learner, tasks)
     if strategy == "auto":
         strategy = choose_strategy(learner, next(learner.parameters()).device)
-    kind, chunk = _parse(strategy)
+    kind, chunk = parse_strategy(strategy)
     if learner.config.checkpoint_inner and kind != "loop":
         raise ValueError("checkpoint_inner needs the 'loop' strategy (torch.func transforms cannot checkpoint)")
     meta_params = learner.meta_params()
@@ -98,7 +129,7 @@ def run_meta_batch(learner: MetaLearner, batch, iteration: int = 0, strategy: st
 
         size = 1
     else:
-        task_fn = vmap(learner.task_gradient_fn(iteration), in_dims=(None, None, 0, 0, 0, 0))
+        task_fn = vmap(learner.task_gradient_fn(iteration), in_dims=(None, None, 0, 0, 0, 0), randomness="different")  # (dropout: each task its own)
         size = count if kind == "vmap" else chunk
     sums = {n: torch.zeros_like(p) for n, p in meta_params.items()}
     loss_parts, accuracy_parts = [], []

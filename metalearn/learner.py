@@ -98,6 +98,22 @@ class MetaConfig:
             raise ValueError(f"{self.algorithm} needs at least one inner step")
         if not (self.inner_lr > 0 and math.isfinite(self.inner_lr)):
             raise ValueError("inner_lr must be a positive finite number")
+        for name in ("inner_steps", "multi_step_loss_iterations", "first_order_iterations", "encoder_hidden"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if self.multi_step_loss_iterations < 1 or self.encoder_hidden < 1 or self.first_order_iterations < 0:
+            raise ValueError("multi_step_loss_iterations and encoder_hidden must be >= 1, first_order_iterations >= 0")
+        for name in ("first_order", "multi_step_loss", "learn_step_lrs", "checkpoint_inner"):
+            if getattr(self, name) not in (None, True, False):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0 and math.isfinite(self.grad_clip)):
+            raise ValueError(f"grad_clip must be a positive finite number (the largest meta-gradient norm) or None, got {self.grad_clip!r}")
+        from metalearn.batching import parse_strategy  # (batching builds on this module)
+
+        kind = "auto" if self.strategy == "auto" else parse_strategy(self.strategy)[0]
+        if self.checkpoint_inner and kind not in ("auto", "loop"):
+            raise ValueError(f"checkpoint_inner needs the 'loop' strategy (torch.func transforms cannot checkpoint), got {self.strategy!r}")
         if self.first_order is None:
             self.first_order = self.algorithm in ("fomaml", "reptile")
         if self.multi_step_loss is None:
@@ -144,8 +160,16 @@ def _escape(name: str) -> str:
     return name.replace(".", "__")
 
 
+def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # F.mse_loss broadcasts [N, 1] outputs against [N] targets into an [N, N] comparison (with a warning).
+    if outputs.shape != targets.shape:
+        raise ValueError(f"regression targets of shape {list(targets.shape)} for outputs of shape {list(outputs.shape)}: "
+                         "give each example's targets the shape of its outputs (e.g. [N, 1] for one value)")
+    return F.mse_loss(outputs, targets)
+
+
 def loss_function(task_type: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    return F.cross_entropy if task_type == "classification" else F.mse_loss
+    return F.cross_entropy if task_type == "classification" else _mse
 
 
 def accuracy_of(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -203,6 +227,7 @@ class MetaLearner(nn.Module):
             if not isinstance(model.get_submodule(head_name), nn.Linear) or head_name + ".weight" not in self.adapt_names:
                 raise ValueError("head_init 'prototypes' needs the model's head to be an nn.Linear that adapts")
         self._loss = loss_function(cfg.task_type)
+        self.meta_steps_taken = 0  # meta_step calls: the default iteration (MAML++'s annealing counts it)
 
     # ------------------------------------------------------------------
     # Parameter dicts
@@ -226,14 +251,39 @@ class MetaLearner(nn.Module):
 
     def body_features(self, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
         """The input of the head for ``x``: the task embedding and ANIL's fixed features."""
+        return self._features_and_outputs(params, buffers, x)[0]
+
+    def _features_and_outputs(self, params: Params, buffers: Params, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         head = self.model.get_submodule(head_module_name(self.model))
         captured: list[torch.Tensor] = []
         handle = head.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0]))
         try:
-            self.forward_with(params, buffers, x)
+            outputs = self.forward_with(params, buffers, x)
         finally:
             handle.remove()
-        return captured[0].flatten(1)
+        return captured[0].flatten(1), outputs
+
+    def check_head_only(self, x: torch.Tensor) -> None:
+        """ANIL runs the body once and adapts the head on its features, which is the model only if its
+        forward is ``head(body(x))``: checked once, on ``x`` (one task's inputs), before anything trains or
+        adapts on the shortcut (a model that scales or transforms the head's output would otherwise be
+        trained on one function and predict with another)."""
+        if not self.head_only or getattr(self, "_head_only_checked", False):
+            return
+        params, buffers = self.model_params(self.meta_params()), self.buffers_dict()
+        training = self.model.training
+        self.model.eval()  # (dropout off: the two ways must see the same function)
+        try:
+            with torch.no_grad():
+                features, full = self._features_and_outputs(params, buffers, x)
+                shortcut = self.head_forward({n: p for n, p in params.items() if n in self.adapt_names}, features)
+        finally:
+            self.model.train(training)
+        if full.shape != shortcut.shape or not torch.allclose(full, shortcut, rtol=1e-4, atol=1e-5):
+            raise ValueError("anil: the model's forward(x) is not head(body(x)), which ANIL computes (the body once, "
+                             "the head adapted on its features); make forward return self.head(self.body(x)), or "
+                             "use another algorithm (maml, fomaml) for this model")
+        self._head_only_checked = True
 
     def head_forward(self, head_params: Params, features: torch.Tensor) -> torch.Tensor:
         prefix = "head."
@@ -442,20 +492,31 @@ class MetaLearner(nn.Module):
     # ------------------------------------------------------------------
     # The training-loop surface
     # ------------------------------------------------------------------
-    def meta_gradient(self, batch, iteration: int = 0, strategy: str | None = None) -> StepResult:
-        """Mean meta-gradient over the tasks of ``batch`` (a ``TaskBatch``), without touching ``.grad``."""
+    def meta_gradient(self, batch, iteration: int | None = None, strategy: str | None = None) -> StepResult:
+        """Mean meta-gradient over the tasks of ``batch`` (a ``TaskBatch``), without touching ``.grad``.
+
+        ``iteration`` (what MAML++'s annealing and ``first_order_iterations`` count) defaults to the
+        number of :meth:`meta_step` calls so far; pass it when resuming a run."""
         from metalearn.batching import run_meta_batch
 
+        iteration = self.meta_steps_taken if iteration is None else iteration
         strategy = strategy or self.config.strategy
-        return run_meta_batch(self, batch, iteration=iteration, strategy=strategy)
+        result = run_meta_batch(self, batch, iteration=iteration, strategy=strategy)
+        # Frozen parameters (requires_grad=False, an affine=False BatchNorm's) enter the objective as
+        # constants: no gradient, so an optimiser given learner.parameters() leaves them as they are.
+        frozen = {name for name, p in self.named_parameters() if not p.requires_grad}
+        if frozen:
+            result.grads = {name: g for name, g in result.grads.items() if name not in frozen}
+        return result
 
-    def meta_step(self, batch, optimizer: torch.optim.Optimizer, iteration: int = 0, reduce_grads=None) -> StepResult:
+    def meta_step(self, batch, optimizer: torch.optim.Optimizer, iteration: int | None = None, reduce_grads=None) -> StepResult:
         """Compute the meta-gradient, clip it if configured, and take one optimiser step.
 
-        ``reduce_grads`` (e.g. an all-reduce across processes) is applied to
-        the gradients before clipping.
+        ``iteration`` as in :meth:`meta_gradient`. ``reduce_grads`` (e.g. an all-reduce across processes)
+        is applied to the gradients before clipping.
         """
         result = self.meta_gradient(batch, iteration=iteration)
+        self.meta_steps_taken += 1
         named = dict(self.named_parameters())
         for name, grad in result.grads.items():
             named[name].grad = grad.to(named[name].dtype)

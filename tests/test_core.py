@@ -483,6 +483,7 @@ def test_anil_adaptation_reuses_the_support_features(head_init, steps):
     learner = MetaLearner(Conv4(out_features=3, channels=4), MetaConfig("anil", inner_steps=2, inner_lr=0.3, head_init=head_init))
     assert learner.head_only
     support_x, support_y = torch.rand(6, 1, 28, 28), torch.tensor([0, 1, 2, 0, 1, 2])
+    learner.check_head_only(support_x)  # (once per learner, one forward: not the adaptation's own work)
     body_runs = []
     hook = learner.model.body[12].register_forward_hook(lambda *_: body_runs.append(1))  # the last conv: every body pass
     got = adapt(learner, support_x, support_y, steps=steps)

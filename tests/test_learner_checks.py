@@ -1,0 +1,134 @@
+"""What the library refuses or handles for a researcher's own loop: frozen parameters, ANIL's shortcut,
+bad MetaConfig values, malformed task batches, dropout under vmap, and MAML++'s iteration count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from metalearn import MLP, MetaConfig, MetaLearner, adapt, adapt_many
+from metalearn.data.tasks import TaskBatch
+
+
+def sine_batch(tasks=3, shots=5, seed=0) -> TaskBatch:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(tasks, 2 * shots, 1, generator=g) * 10 - 5
+    y = torch.sin(x + torch.rand(tasks, 1, 1, generator=g))
+    return TaskBatch(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
+
+
+def label_batch(labels: torch.Tensor, tasks=2, features=4) -> TaskBatch:
+    g = torch.Generator().manual_seed(0)
+    x = lambda: torch.rand(tasks, len(labels), features, generator=g)  # noqa: E731
+    y = labels.expand(tasks, -1).clone()
+    return TaskBatch(x(), y, x(), y)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_frozen_parameters_get_no_meta_gradient_and_stay(strategy):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.BatchNorm1d(8, affine=False), nn.ReLU(), nn.Linear(8, 1))
+    model[0].requires_grad_(False)
+    learner = MetaLearner(model, MetaConfig("maml", task_type="regression", inner_steps=1, inner_lr=0.1, strategy=strategy))
+    frozen = {"model.0.weight", "model.0.bias", "model.1.weight", "model.1.bias"}
+    before = {n: p.detach().clone() for n, p in learner.named_parameters()}
+    optimizer = torch.optim.Adam(learner.parameters(), lr=0.1)  # every parameter, as the README's loop does
+    for _ in range(2):
+        result = learner.meta_step(sine_batch(), optimizer)
+        assert frozen.isdisjoint(result.grads) and set(result.grads) == set(before) - frozen
+    after = dict(learner.named_parameters())
+    assert all(torch.equal(after[n], before[n]) for n in frozen)
+    assert not torch.equal(after["model.3.weight"], before["model.3.weight"])
+    assert frozen.isdisjoint(learner.adapt_names)
+
+
+class ScaledHead(nn.Module):
+    """forward is head(body(x)) times a learned temperature: not what ANIL's shortcut computes."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(1, 8), nn.ReLU())
+        self.head = nn.Linear(8, 1)
+        self.temperature = nn.Parameter(torch.tensor(3.0))
+
+    def forward(self, x):
+        return self.head(self.body(x)) * self.temperature
+
+
+def test_anil_refuses_a_model_whose_forward_is_not_head_of_body():
+    learner = MetaLearner(ScaledHead(), MetaConfig("anil", task_type="regression", inner_steps=1, inner_lr=0.1))
+    batch = sine_batch()
+    with pytest.raises(ValueError, match=r"forward\(x\) is not head\(body\(x\)\)"):
+        learner.meta_gradient(batch)
+    with pytest.raises(ValueError, match=r"forward\(x\) is not head\(body\(x\)\)"):
+        adapt(learner, batch.support_x[0], batch.support_y[0])
+    with torch.no_grad():
+        learner.model.temperature.fill_(1.0)  # now it is head(body(x)): accepted
+    assert learner.meta_gradient(batch).loss > 0
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"grad_clip": -1.0}, "grad_clip must be a positive"),
+    ({"grad_clip": "1"}, "grad_clip must be a positive"),
+    ({"strategy": "bogus"}, "unknown batching strategy 'bogus'"),
+    ({"strategy": "chunked:0"}, "unknown batching strategy 'chunked:0'"),
+    ({"strategy": "vmap", "checkpoint_inner": True}, "checkpoint_inner needs the 'loop' strategy"),
+    ({"first_order": "no"}, "first_order must be true or false"),
+    ({"inner_steps": 1.5}, "inner_steps must be an integer"),
+    ({"multi_step_loss_iterations": -5}, "multi_step_loss_iterations and encoder_hidden must be >= 1"),
+    ({"first_order_iterations": -1}, "first_order_iterations >= 0"),
+    ({"encoder_hidden": 0}, "encoder_hidden must be >= 1"),
+])
+def test_meta_config_refuses_bad_values_when_made(settings, message):
+    with pytest.raises(ValueError, match=message):
+        MetaConfig("maml", **settings)
+
+
+def test_malformed_task_batches_are_refused_before_training():
+    classifier = MetaLearner(MLP(4, (8,), 3), MetaConfig("maml", inner_steps=1, inner_lr=0.1))
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    for strategy in ("loop", "vmap"):
+        as_int32 = classifier.meta_gradient(label_batch(labels.int()), strategy=strategy)
+        as_int64 = classifier.meta_gradient(label_batch(labels), strategy=strategy)
+        assert as_int32.loss == as_int64.loss
+    with pytest.raises(ValueError, match="labels must be >= 0, got -100"):  # cross_entropy would ignore it
+        classifier.meta_gradient(label_batch(torch.tensor([0, 1, 2, 0, 1, -100])))
+    with pytest.raises(ValueError, match="labels must be integer class indices"):
+        classifier.meta_gradient(label_batch(labels.float()))
+    batch = label_batch(labels)
+    with pytest.raises(ValueError, match="support examples, and query examples"):
+        classifier.meta_gradient(TaskBatch(batch.support_x, batch.support_y, batch.query_x[:, :0], batch.query_y[:, :0]), strategy="vmap")
+    regression = MetaLearner(MLP(1, (8,), 1), MetaConfig("maml", task_type="regression", inner_steps=1, inner_lr=0.1))
+    batch = sine_batch()
+    flat = TaskBatch(batch.support_x, batch.support_y.squeeze(-1), batch.query_x, batch.query_y.squeeze(-1))
+    for strategy in ("loop", "vmap"):
+        with pytest.raises(ValueError, match=r"regression targets of shape \[5\] for outputs of shape \[5, 1\]"):
+            regression.meta_gradient(flat, strategy=strategy)
+
+
+def test_dropout_trains_under_vmap_and_adapts_in_a_stack():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 1))
+    learner = MetaLearner(model, MetaConfig("maml", task_type="regression", inner_steps=1, inner_lr=0.1, strategy="vmap"))
+    result = learner.meta_step(sine_batch(), torch.optim.SGD(learner.parameters(), lr=0.01))
+    assert torch.isfinite(torch.tensor(result.loss))
+    batch = sine_batch()
+    adaptation = adapt_many(learner, batch.support_x, batch.support_y)  # in training mode: dropout draws per request
+    assert adaptation.params["0.weight"].shape[0] == 3
+
+
+def test_meta_step_counts_iterations_for_mamlpp():
+    """MAML++'s first-order phase and loss annealing follow meta_step's own count unless told otherwise."""
+    torch.manual_seed(0)
+    config = MetaConfig("mamlpp", task_type="regression", inner_steps=2, inner_lr=0.1, first_order_iterations=2)
+    learner = MetaLearner(MLP(1, (8,), 1), config)
+    batch = sine_batch()
+    at = {i: learner.meta_gradient(batch, iteration=i).grads["model.head.weight"] for i in (0, 2)}
+    assert not torch.allclose(at[0], at[2])  # first order, then second
+    assert torch.equal(learner.meta_gradient(batch).grads["model.head.weight"], at[0])
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.0)  # (steps that change nothing)
+    for _ in range(2):
+        learner.meta_step(batch, optimizer)
+    assert learner.meta_steps_taken == 2
+    assert torch.equal(learner.meta_gradient(batch).grads["model.head.weight"], at[2])
