@@ -169,10 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=_positive_int)
 
     serve = commands.add_parser("serve", help="serve the models of a directory over HTTP")
-    serve.add_argument("--model-dir", default="models")
+    serve.add_argument("--model-dir", help="default: METALEARN_MODEL_DIR, else models")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                       help="info logs a line per request; warning keeps warnings and errors only")
     return parser
 
 
@@ -359,10 +361,11 @@ def _serve(model_dir: str, host: str, port: int, **settings: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    if not Path(args.model_dir).is_dir():
-        raise UsageError(f"metalearn serve: model directory {args.model_dir} does not exist")
+    model_dir = args.model_dir or os.environ.get("METALEARN_MODEL_DIR") or "models"
+    if not Path(model_dir).is_dir():
+        raise UsageError(f"metalearn serve: model directory {model_dir} does not exist")
     settings = {"device": args.device} if args.device else {}
-    _serve(args.model_dir, args.host, args.port, **settings)
+    _serve(model_dir, args.host, args.port, log_level=args.log_level, **settings)
     return 0
 
 

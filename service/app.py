@@ -18,6 +18,7 @@ import gc
 import logging
 import math
 import signal
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -291,8 +292,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _stopped(request: Request, exc: EngineStopped):
         return problem_response(Problem(503, "Not ready", str(exc), headers={"Retry-After": "1"}), request.url.path)
 
+    store_warned = [-math.inf]  # when the log last said the store is down
+
     @app.exception_handler(SessionStoreUnavailable)
     async def _store_down(request: Request, exc: SessionStoreUnavailable):
+        # Said in the log too (an operator's first look), at most once a minute while it lasts.
+        now = time.monotonic()
+        if now - store_warned[0] >= 60:
+            store_warned[0] = now
+            log.warning("the session store is unavailable, session calls answer 503: %s", exc)
         detail = f"the session store is unavailable ({exc}); stateless /v1/models/{{name}}/predict still works"
         return problem_response(Problem(503, "Session store unavailable", detail, headers={"Retry-After": "5"}), request.url.path)
 

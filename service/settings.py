@@ -7,7 +7,9 @@ A ``.env`` file in the working directory is read too.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import os
 import re
 from typing import Literal
 
@@ -139,7 +141,18 @@ class Settings(BaseSettings):
 
     @classmethod
     def from_environment(cls, **overrides) -> "Settings":
-        """The settings, a bad value refused with one line per problem naming its variable (not pydantic's report)."""
+        """The settings, a bad value refused with one line per problem naming its variable (not pydantic's report),
+        and so is a ``METALEARN_*`` variable that names no setting: a misspelt one would otherwise be ignored
+        (``METALEARN_API_KEY=...`` served every /v1 call without a key)."""
+        unknown = sorted(name for name in os.environ if name.upper().startswith(ENV_PREFIX) and name.upper() not in OTHER_VARIABLES
+                         and name.upper()[len(ENV_PREFIX):].lower() not in cls.model_fields)
+        if unknown:
+            known = [ENV_PREFIX + field.upper() for field in cls.model_fields]
+            def hint(name: str) -> str:
+                close = difflib.get_close_matches(name.upper(), known, n=1)
+                return f"{name} (did you mean {close[0]}?)" if close else name
+            raise ValueError(f"bad service settings: unknown variable(s) {', '.join(hint(n) for n in unknown)}; the settings "
+                             "are listed in the README's Settings table")
         try:
             return cls(**overrides)
         except ValidationError as error:
@@ -165,3 +178,5 @@ def hash_key(key: str) -> str:
 
 
 ENV_PREFIX = "METALEARN_"
+# METALEARN_* variables that are not service settings: the CLI's traceback switch, docker compose's image variant.
+OTHER_VARIABLES = {"METALEARN_DEBUG", "METALEARN_VARIANT"}

@@ -168,3 +168,17 @@ def test_cli_reports_bad_checkpoints_in_one_line(checkpoint_file, capsys):
 def test_read_manifest_of_good_file(checkpoint_file):
     manifest = read_manifest(checkpoint_file)
     assert manifest["input_shape"] == [1, 28, 28] and manifest["n_way"] == 5
+
+
+def test_a_checkpoint_is_readable_as_any_file_its_user_writes(tmp_path):
+    """Written through a temporary file (mkstemp: mode 0600), a checkpoint still gets the mode open() would
+    give it: a service running as another user (a container's) read none of a host-trained run before."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "m.safetensors", MetaLearner(MLP(1, (4,), 1), MetaConfig("maml", task_type="regression")), input_shape=(1,))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o644

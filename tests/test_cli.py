@@ -198,3 +198,10 @@ def test_a_time_budget_stops_and_saves_the_run_and_says_how_to_go_on(tmp_path, c
     assert code == 0, err
     assert read_manifest(out / "last.safetensors")["training"]["iterations_done"] > done
     assert "ran out at iteration" in err
+
+
+def test_serve_takes_its_model_dir_from_the_environment(tmp_path, capsys, monkeypatch):
+    """Without --model-dir, metalearn serve serves METALEARN_MODEL_DIR (the default, models, overrode it)."""
+    monkeypatch.setenv("METALEARN_MODEL_DIR", str(tmp_path / "from-env"))
+    code, _, err = run(capsys, "serve", "--port", "1")
+    assert code == 2 and f"model directory {tmp_path / 'from-env'} does not exist" in err

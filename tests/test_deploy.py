@@ -348,6 +348,10 @@ def test_compose_replicas_share_one_redis():
     redis_port = flag(redis_command, "--port") if "--port" in redis_command else "6379"
     assert match.group(2) == redis_port
     assert redis_service["image"].split(":")[0] == "redis" and ":" in redis_service["image"]
+    # Replicas on the same host without a cpuset each: pinned, their workers would share the same cores.
+    assert api["environment"]["METALEARN_PIN_WORKERS"] == "false"
+    # Requests in flight get 10 s, then the workers up to 10 s: the grace period covers both.
+    assert int(api["stop_grace_period"].removesuffix("s")) >= 20
     assert "redis-cli" in redis_service["healthcheck"]["test"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import sys
@@ -146,6 +147,32 @@ def test_settings_from_environment(monkeypatch):
     assert Settings(device="cpu").resolved_max_batch_size() == 8
     with pytest.raises(ValueError):
         Settings(device="tpu")
+
+
+def test_a_misspelt_setting_is_refused_not_ignored(monkeypatch):
+    """METALEARN_API_KEY (no S) was ignored: the service served every /v1 call without a key."""
+    for name in [n for n in os.environ if n.startswith("METALEARN_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("METALEARN_API_KEY", "secret")
+    monkeypatch.setenv("METALEARN_SESSION_BACKED", "redis")
+    with pytest.raises(ValueError) as error:
+        Settings.from_environment()
+    assert str(error.value).startswith("bad service settings: unknown variable(s) METALEARN_API_KEY (did you mean "
+                                       "METALEARN_API_KEYS?), METALEARN_SESSION_BACKED (did you mean METALEARN_SESSION_BACKEND?)")
+    monkeypatch.delenv("METALEARN_API_KEY")
+    monkeypatch.delenv("METALEARN_SESSION_BACKED")
+    monkeypatch.setenv("METALEARN_DEBUG", "1")  # the CLI's, not a setting: allowed
+    monkeypatch.setenv("METALEARN_API_KEYS", "secret")
+    assert Settings.from_environment().key_list() == ["secret"]
+
+
+def test_engine_stop_does_not_wait_for_a_compilation():
+    """A compilation under way is of no use to a stopping service: stop() gives it a second at most."""
+    engine = Engine(threads=1, cpu_scripts=0)
+    waited = []
+    engine._scripts = SimpleNamespace(close=lambda: None, join=lambda timeout=None: waited.append(timeout))
+    engine.stop(timeout=10.0)
+    assert waited and waited[0] <= 1.0
 
 
 def test_bad_settings_are_refused_in_one_line_naming_the_variable(monkeypatch, tmp_path, capsys):
@@ -393,7 +420,7 @@ def test_workers_adapting_one_model_at_once_do_not_share_its_module():
         assert torch.equal(p.detach(), original[name]), f"{name} changed"
 
 
-def test_queue_full_and_store_down_are_503_problems(tmp_path):
+def test_queue_full_and_store_down_are_503_problems(tmp_path, caplog):
     from service.app import create_app
 
     app = create_app(Settings(model_dir=str(tmp_path), queue_size=1))
@@ -402,10 +429,13 @@ def test_queue_full_and_store_down_are_503_problems(tmp_path):
         def get(self, session_id, owner):
             raise SessionStoreUnavailable("redis://nowhere: connection refused")
 
-    with TestClient(app) as client:
+    with TestClient(app) as client, caplog.at_level(logging.WARNING, logger="service"):
         app.state.store = DownStore()
         response = client.get("/v1/sessions/abc")
         assert response.status_code == 503 and response.json()["title"] == "Session store unavailable"
+        client.get("/v1/sessions/abc")
+        said = [r.getMessage() for r in caplog.records if "session store is unavailable" in r.getMessage()]
+        assert said == ["the session store is unavailable, session calls answer 503: redis://nowhere: connection refused"]  # once a minute
         assert "Retry-After" in response.headers
         assert client.get("/readyz").status_code == 503  # no models in an empty dir
         assert client.get("/healthz").status_code == 200
