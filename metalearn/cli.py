@@ -364,6 +364,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model_dir = args.model_dir or os.environ.get("METALEARN_MODEL_DIR") or "models"
     if not Path(model_dir).is_dir():
         raise UsageError(f"metalearn serve: model directory {model_dir} does not exist")
+    if not os.access(model_dir, os.R_OK | os.X_OK):
+        raise UsageError(f"metalearn serve: model directory {model_dir} is not readable by this user (uid {os.getuid()})")
     settings = {"device": args.device} if args.device else {}
     _serve(model_dir, args.host, args.port, log_level=args.log_level, **settings)
     return 0

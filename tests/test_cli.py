@@ -205,3 +205,12 @@ def test_serve_takes_its_model_dir_from_the_environment(tmp_path, capsys, monkey
     monkeypatch.setenv("METALEARN_MODEL_DIR", str(tmp_path / "from-env"))
     code, _, err = run(capsys, "serve", "--port", "1")
     assert code == 2 and f"model directory {tmp_path / 'from-env'} does not exist" in err
+
+
+def test_serve_refuses_an_unreadable_model_dir_in_one_line(tmp_path, capsys, monkeypatch):
+    """(os.access stands in for a directory of another user's: the tests may run as root, who reads all.)"""
+    import metalearn.cli
+
+    monkeypatch.setattr(metalearn.cli.os, "access", lambda path, mode: False)
+    code, _, err = run(capsys, "serve", "--model-dir", str(tmp_path), "--port", "1")
+    assert code == 2 and err.count("\n") == 1 and f"model directory {tmp_path} is not readable by this user" in err
