@@ -502,8 +502,8 @@ class MetaLearner(nn.Module):
         iteration = self.meta_steps_taken if iteration is None else iteration
         strategy = strategy or self.config.strategy
         result = run_meta_batch(self, batch, iteration=iteration, strategy=strategy)
-        # Frozen parameters (requires_grad=False, an affine=False BatchNorm's) enter the objective as
-        # constants: no gradient, so an optimiser given learner.parameters() leaves them as they are.
+        # Frozen parameters (requires_grad=False, an affine=False BatchNorm's): their gradients are left
+        # out, so an optimiser given learner.parameters() leaves them as they are.
         frozen = {name for name, p in self.named_parameters() if not p.requires_grad}
         if frozen:
             result.grads = {name: g for name, g in result.grads.items() if name not in frozen}
