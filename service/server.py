@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
+
 from metalearn.models import import_model_modules
 from service import logs
 from service.settings import Settings
+
+log = logging.getLogger("service")
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, **settings_overrides) -> None:
@@ -26,4 +32,27 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, **settings_
     # the access lines are the service's own (service.request_ids), with the request id.
     logs.configure(log_level, settings.log_format)
     app = create_app(settings)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=None, access_log=False, timeout_graceful_shutdown=10)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None, access_log=False, timeout_graceful_shutdown=10)
+    _draining_server(config, app, settings.drain_s).run()
+
+
+def _draining_server(config, app, drain_s: float):
+    """uvicorn's server that, on its first SIGTERM, first answers ``/readyz`` with 503 for ``drain_s`` seconds
+    while serving everything else, then stops as uvicorn does (a second signal stops it at once): a load
+    balancer that checks readiness stops sending new requests before the listener closes."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        draining = False
+
+        def handle_exit(self, sig: int, frame) -> None:
+            if sig == signal.SIGTERM and drain_s > 0 and not self.draining:
+                self.draining = app.state.draining = True
+                log.info("SIGTERM: /readyz answers 503 for %g s, then the server stops", drain_s)
+                timer = threading.Timer(drain_s, super().handle_exit, (sig, frame))
+                timer.daemon = True
+                timer.start()
+                return
+            super().handle_exit(sig, frame)
+
+    return Server(config)

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     api_keys: str = Field("", description="Comma-separated API keys; when set every /v1 call needs one (Authorization: Bearer KEY or X-API-Key).")
     cors_origins: str = Field("", description="Comma-separated origins (scheme://host[:port], e.g. https://app.example.com) whose web pages may call the API from a browser (CORS), or * for any; empty: none (browsers refuse cross-origin calls). The API key headers are allowed; no cookies are used.")
 
+    # Stopping
+    drain_s: float = Field(0.0, ge=0, description="metalearn serve only: on SIGTERM, answer /readyz with 503 for this many seconds while serving every other request, then stop (a load balancer that checks readiness stops sending requests first; 0 = stop at once). A second signal stops it at once.")
+
     # Logs
     log_format: Literal["text", "json"] = Field("text", description="metalearn serve's log lines: text, or one JSON object per line (ts, level, logger, message; access lines add method, path, status, duration_ms, request_id, client).")
 

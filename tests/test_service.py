@@ -424,10 +424,36 @@ def test_session_expiry_and_lru_eviction(small_server):
         assert "metalearn_sessions_bytes 14088.0" in text
 
 
+def test_sigterm_with_a_drain_first_says_not_ready_while_serving(model_dir, tmp_path):
+    """METALEARN_DRAIN_S: after SIGTERM, /readyz answers 503 for the drain while requests are still served,
+    then the server stops by itself; without it, it stops at once (the test below)."""
+    import signal
+
+    proc = ServerProcess(model_dir, tmp_path / "serve.log", cli=True, drain_s=2).wait_ready()
+    try:
+        proc.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        time.sleep(0.3)
+        ready = httpx.get(proc.url + "/readyz", timeout=10)
+        assert ready.status_code == 503 and "draining" in ready.json()["detail"], ready.text
+        assert httpx.get(proc.url + "/healthz", timeout=10).status_code == 200
+        task = sine_tasks(tasks=1, shots=5, queries=3, seed=1)
+        answer = httpx.post(proc.url + "/v1/models/sine/predict", json={"support": {"x": task.support_x[0].tolist(), "y": task.support_y[0].squeeze(1).tolist()}, "query": {"x": task.query_x[0].tolist()}}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        exit_code = proc.process.wait(30)
+        stopped_after = time.monotonic() - signalled
+        log = proc.log()
+    finally:
+        proc.stop()
+    assert exit_code in (0, -signal.SIGTERM), log
+    assert 2.0 <= stopped_after < 20, (stopped_after, log)
+    assert "/readyz answers 503 for 2 s" in log and "Traceback" not in log, log
+
+
 def test_sigterm_answers_the_requests_in_flight_first(model_dir, tmp_path):
     """``metalearn serve`` (the Dockerfile's and compose file's command) told to stop, as an orchestrator
     does with SIGTERM, stops taking connections but answers the adaptations already in flight (within
-    its 10 s grace; compose gives 15 s) before it exits."""
+    its 10 s grace; compose gives 25 s) before it exits."""
     import http.client
     import signal
     import threading

@@ -20,12 +20,14 @@ def healthz() -> dict:
     summary="Readiness",
     responses={
         200: {"content": {"application/json": {"example": {"status": "ready", "models": ["omniglot"], "queue_depth": 0}}}},
-        503: {"description": "No model loaded or the worker is not running"},
+        503: {"description": "No model loaded, the worker is not running, or the service is draining before it stops"},
     },
 )
 def readyz(request: Request) -> dict:
     """200 when at least one model is loaded and the adaptation worker is running."""
     state = request.app.state
+    if getattr(state, "draining", False):
+        raise Problem(503, "Not ready", "draining: the service received SIGTERM and stops soon (METALEARN_DRAIN_S)", headers={"Retry-After": "5"})
     registry = getattr(state, "registry", None)
     engine = getattr(state, "engine", None)
     if registry is None or engine is None or not engine.running:
