@@ -156,6 +156,7 @@ async def reload_models(app: FastAPI) -> dict[str, list[str]]:
         state.registry = registry
         state.engine.serve_only(registry.models.values())
         state.metrics.models.set(len(registry.models))
+        state.metrics.skipped.set(len(registry.errors))
         state.metrics.reloads.labels("done").inc()
         app.openapi_schema = None  # its examples name the models
         changes = registry.changes_from(previous)
@@ -217,6 +218,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         import_model_modules(settings.model_modules)
         app.state.registry = ModelRegistry.load(settings.model_dir, device)
         app.state.metrics.models.set(len(app.state.registry.models))
+        app.state.metrics.skipped.set(len(app.state.registry.errors))
         app.openapi_schema = None
         app.state.engine.start()
         # Compilations' machinery, if any model will compile, loaded now so that the freeze below covers it.

@@ -516,6 +516,8 @@ def test_metrics_exposition(server, http):
         "metalearn_session_evictions_total",
         "metalearn_session_expirations_total",
         "metalearn_session_prepared_dropped_total",
+        "metalearn_models_skipped 1.0",  # broken.safetensors
+        'metalearn_model_reloads_total{outcome="failed"} 0.0',  # there from the start
         "metalearn_cuda_graphs 0.0",  # a CPU server holds none
         "metalearn_cuda_graph_replays_total 0.0",
         "metalearn_cuda_graph_capture_failures_total 0.0",
