@@ -65,17 +65,14 @@ def _checked(learner: MetaLearner, tasks: tuple) -> tuple:
     if support_x[0].shape[0] == 0 or (learner.config.algorithm != "reptile" and query_x[0].shape[0] == 0):
         raise ValueError("every task needs support examples, and query examples for its query loss (a set of size 0)")
     if learner.config.task_type == "classification":
-        labels = []
-        for y in (support_y, query_y):
-            y = y if isinstance(y, torch.Tensor) else torch.stack(list(y))  # (a list of tasks: tuples of tensors)
+        # (a list of unequal tasks gives tuples of tensors, one per task)
+        for y in [t for labels in (support_y, query_y) for t in ([labels] if isinstance(labels, torch.Tensor) else labels)]:
             if y.is_floating_point() or y.dtype == torch.bool:
                 raise ValueError(f"classification labels must be integer class indices, got {y.dtype}")
             if y.numel() and int(y.min()) < 0:
                 raise ValueError(f"classification labels must be >= 0, got {int(y.min())}")
-            labels.append(y)
-        if not isinstance(support_y, torch.Tensor):
-            return tasks  # (unequal tasks, run as a loop: their labels are checked, and kept as given)
-        support_y, query_y = (y.long() for y in labels)
+        long = lambda labels: labels.long() if isinstance(labels, torch.Tensor) else tuple(t.long() for t in labels)  # noqa: E731
+        support_y, query_y = long(support_y), long(query_y)
     if learner.head_only:
         learner.check_head_only(support_x[0])
     return support_x, support_y, query_x, query_y

@@ -352,6 +352,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _service_settings():
+    """The service's settings (METALEARN_* variables, a .env file), or the error that says it is not installed."""
+    try:
+        from service.settings import Settings
+    except ImportError as error:
+        raise UsageError(f"the service is not available ({error}); install metalearn with its service extras") from None
+    return Settings.from_environment()
+
+
 def _serve(model_dir: str, host: str, port: int, **settings: Any) -> None:
     try:
         from service.server import serve
@@ -361,7 +370,7 @@ def _serve(model_dir: str, host: str, port: int, **settings: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    model_dir = args.model_dir or os.environ.get("METALEARN_MODEL_DIR") or "models"
+    model_dir = args.model_dir or _service_settings().model_dir
     if not Path(model_dir).is_dir():
         raise UsageError(f"metalearn serve: model directory {model_dir} does not exist")
     if not os.access(model_dir, os.R_OK | os.X_OK):

@@ -37,6 +37,7 @@ loop talks to::
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -100,15 +101,19 @@ class MetaConfig:
             raise ValueError("inner_lr must be a positive finite number")
         for name in ("inner_steps", "multi_step_loss_iterations", "first_order_iterations", "encoder_hidden"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
+            setattr(self, name, int(value))  # (a numpy integer, say: the manifest's JSON takes ints)
         if self.multi_step_loss_iterations < 1 or self.encoder_hidden < 1 or self.first_order_iterations < 0:
             raise ValueError("multi_step_loss_iterations and encoder_hidden must be >= 1, first_order_iterations >= 0")
         for name in ("first_order", "multi_step_loss", "learn_step_lrs", "checkpoint_inner"):
             if getattr(self, name) not in (None, True, False):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0 and math.isfinite(self.grad_clip)):
-            raise ValueError(f"grad_clip must be a positive finite number (the largest meta-gradient norm) or None, got {self.grad_clip!r}")
+        if self.grad_clip is not None:
+            if isinstance(self.grad_clip, bool) or not isinstance(self.grad_clip, numbers.Real) or not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
+                raise ValueError(f"grad_clip must be a positive finite number (the largest meta-gradient norm), or 0 or None "
+                                 f"for none, got {self.grad_clip!r}")
+            self.grad_clip = float(self.grad_clip) or None  # (0 meant no clipping, and checkpoints may say so)
         from metalearn.batching import parse_strategy  # (batching builds on this module)
 
         kind = "auto" if self.strategy == "auto" else parse_strategy(self.strategy)[0]

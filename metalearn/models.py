@@ -353,9 +353,9 @@ def build_model(spec: dict) -> nn.Module:
     cls = architecture(kwargs.pop("arch"))
     try:
         inspect.signature(cls).bind(**kwargs)
-    except TypeError as error:
+        return cls(**kwargs)
+    except TypeError as error:  # (arguments it does not take, or of a type it cannot use: {"hidden": 5})
         raise ValueError(f"bad model spec {spec!r}: {error}") from None
-    return cls(**kwargs)
 
 
 def architecture(arch: Any) -> Callable[..., nn.Module]:

@@ -419,12 +419,16 @@ def check_outputs(model: torch.nn.Module, arch: str, input_shape: tuple[int, ...
     the wrong number of outputs is said before training, naming the model (a model of the user's own
     fails otherwise deep in the first meta-step, or trains on broadcast targets)."""
     probe = torch.zeros(2, *input_shape)
+    training = model.training
+    model.eval()  # (dropout and the like left as they are)
     try:
         with torch.no_grad():
             outputs = model(probe)
     except Exception as error:  # noqa: BLE001 - the model's own code: any failure, said with what it was given
         raise ValueError(f"model {arch!r} failed on a batch of the task's inputs (shape {list(probe.shape)}): "
                          f"{type(error).__name__}: {error}") from error
+    finally:
+        model.train(training)
     if not isinstance(outputs, torch.Tensor) or tuple(outputs.shape) != (2, out_features):
         got = list(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
         need = "one value per input" if out_features == 1 else f"one logit per way, --ways {out_features}"

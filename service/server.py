@@ -6,7 +6,6 @@ import logging
 import signal
 import threading
 
-from metalearn.models import import_model_modules
 from service import logs
 from service.settings import Settings
 
@@ -27,7 +26,6 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, **settings_
     log_level = settings_overrides.pop("log_level", "info")
     settings = Settings.from_environment(model_dir=str(model_dir), **settings_overrides)
     settings.usable_device()  # refused here in one line, not as a traceback from the app's startup
-    import_model_modules(settings.model_modules)  # (the same)
     # Every logger, uvicorn's too, one format (log_config=None: uvicorn's loggers go to the root's handler);
     # the access lines are the service's own (service.request_ids), with the request id.
     logs.configure(log_level, settings.log_format)
@@ -38,7 +36,7 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, **settings_
 
 def _draining_server(config, app, drain_s: float):
     """uvicorn's server that, on its first SIGTERM, first answers ``/readyz`` with 503 for ``drain_s`` seconds
-    while serving everything else, then stops as uvicorn does (a second signal stops it at once): a load
+    while serving everything else, then stops as uvicorn does (a second signal ends the drain): a load
     balancer that checks readiness stops sending new requests before the listener closes."""
     import uvicorn
 

@@ -145,7 +145,8 @@ class MemorySessionStore(SessionStore):
     least recently used sessions (a session larger than the whole budget is
     still stored, alone). A session counts its ``held_bytes``: what a worker
     prepares from it later (``Session.prepared``) grows its count and makes room
-    the same way.
+    from the other sessions' prepared tensors, else is dropped again itself: it
+    never evicts a session.
     Expired sessions are dropped lazily (on access and on every ``put``/``stats``)
     and counted as expirations; budget evictions are counted separately.
     Thread-safe.
@@ -169,32 +170,39 @@ class MemorySessionStore(SessionStore):
         self._bytes -= self._sizes.pop(session_id)
         return session
 
-    def _evict_for(self, size: int, keep: Session | None = None) -> None:
+    def _evict_for(self, size: int, keep: Session | None = None, sessions_too: bool = True) -> None:
         """Make room for ``size`` more bytes: first what was prepared from the sessions (not ``keep``), least
-        recently used first (made again in well under a millisecond when a prediction needs it), then the
-        least recently used sessions themselves, whose clients would have to adapt again."""
+        recently used first (made again in well under a millisecond when a prediction needs it), then, with
+        ``sessions_too``, the least recently used sessions themselves, whose clients would have to adapt again."""
         for session in list(self._sessions.values()):
             if self._bytes + size <= self.max_bytes:
                 return
             if session is not keep and session.prepared_bytes:
-                freed = session.forget_prepared()
-                self._sizes[session.id] -= freed
-                self._bytes -= freed
-                self.prepared_dropped += 1
-        while self._bytes + size > self.max_bytes:
+                self._forget_prepared(session)
+        while sessions_too and self._bytes + size > self.max_bytes:
             oldest = next((s for s in self._sessions.values() if s is not keep), None)
             if oldest is None:
                 return
             self._drop(oldest.id)
             self.evictions += 1
 
+    def _forget_prepared(self, session: Session) -> None:
+        freed = session.forget_prepared()
+        self._sizes[session.id] -= freed
+        self._bytes -= freed
+        self.prepared_dropped += 1
+
     def _grew(self, session: Session, grown: int) -> None:
+        """What was prepared from ``session`` grew: room from the other sessions' prepared tensors, else its
+        own go again (a prepared tensor never evicts a session; the prediction that made it keeps it)."""
         with self._lock:
             if self._sessions.get(session.id) is not session:
                 return  # dropped meanwhile, or replaced
-            self._evict_for(grown, keep=session)
+            self._evict_for(grown, keep=session, sessions_too=False)
             self._sizes[session.id] += grown
             self._bytes += grown
+            if self._bytes > self.max_bytes and session.prepared_bytes:
+                self._forget_prepared(session)
 
     def _sweep(self, now: float) -> None:
         for session_id in [s.id for s in self._sessions.values() if s.expired(now)]:

@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     cors_origins: str = Field("", description="Comma-separated origins (scheme://host[:port], e.g. https://app.example.com) whose web pages may call the API from a browser (CORS), or * for any; empty: none (browsers refuse cross-origin calls). The API key headers are allowed; no cookies are used.")
 
     # Stopping
-    drain_s: float = Field(0.0, ge=0, description="metalearn serve only: on SIGTERM, answer /readyz with 503 for this many seconds while serving every other request, then stop (a load balancer that checks readiness stops sending requests first; 0 = stop at once). A second signal stops it at once.")
+    drain_s: float = Field(0.0, ge=0, description="metalearn serve only: on SIGTERM, answer /readyz with 503 for this many seconds while serving every other request, then stop (a load balancer that checks readiness stops sending requests first; 0 = stop at once). A second signal ends the drain.")
 
     # Logs
     log_format: Literal["text", "json"] = Field("text", description="metalearn serve's log lines: text, or one JSON object per line (ts, level, logger, message; access lines add method, path, status, duration_ms, request_id, client).")
@@ -147,7 +147,10 @@ class Settings(BaseSettings):
         """The settings, a bad value refused with one line per problem naming its variable (not pydantic's report),
         and so is a ``METALEARN_*`` variable that names no setting: a misspelt one would otherwise be ignored
         (``METALEARN_API_KEY=...`` served every /v1 call without a key)."""
-        unknown = sorted(name for name in os.environ if name.upper().startswith(ENV_PREFIX) and name.upper() not in OTHER_VARIABLES
+        from dotenv import dotenv_values  # (what pydantic-settings reads the .env file with)
+
+        given = set(os.environ) | set(dotenv_values(cls.model_config["env_file"]))
+        unknown = sorted(name for name in given if name.upper().startswith(ENV_PREFIX) and name.upper() not in OTHER_VARIABLES
                          and name.upper()[len(ENV_PREFIX):].lower() not in cls.model_fields)
         if unknown:
             known = [ENV_PREFIX + field.upper() for field in cls.model_fields]

@@ -176,9 +176,9 @@ def test_a_checkpoint_is_readable_as_any_file_its_user_writes(tmp_path):
     import os
     import stat
 
-    old = os.umask(0o022)
+    old = os.umask(0o027)  # (not the usual 022, which is also what an unreadable umask is taken for)
     try:
         save_checkpoint(tmp_path / "m.safetensors", MetaLearner(MLP(1, (4,), 1), MetaConfig("maml", task_type="regression")), input_shape=(1,))
     finally:
         os.umask(old)
-    assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o640

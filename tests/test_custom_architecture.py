@@ -55,6 +55,8 @@ def test_the_spec_is_the_constructor_arguments():
     assert type(rebuilt) is TinyCNN and rebuilt.spec == TinyCNN(width=4).spec
     with pytest.raises(ValueError, match="bad model spec.*'depth'"):
         build_model({"arch": "tiny-cnn", "depth": 3})
+    with pytest.raises(ValueError, match="bad model spec.*'hidden': 5"):  # an argument its constructor cannot use
+        build_model({"arch": "mlp", "hidden": 5})
 
 
 def test_registration_refuses_what_a_spec_cannot_rebuild():

@@ -85,6 +85,25 @@ def test_meta_config_refuses_bad_values_when_made(settings, message):
         MetaConfig("maml", **settings)
 
 
+def test_meta_config_takes_what_it_took_before():
+    """0 meant no clipping (checkpoints may say so); numpy numbers are numbers."""
+    import numpy as np
+
+    assert MetaConfig("maml", grad_clip=0).grad_clip is None and MetaConfig("maml", grad_clip=0.0).grad_clip is None
+    config = MetaConfig("maml", inner_steps=np.int64(5), grad_clip=np.float32(1.5))
+    assert (config.inner_steps, config.grad_clip) == (5, 1.5) and type(config.inner_steps) is int and type(config.grad_clip) is float
+
+
+def test_unequal_classification_tasks_run_as_a_loop():
+    learner = MetaLearner(MLP(4, (8,), 3), MetaConfig("maml", inner_steps=1, inner_lr=0.1))
+    g = torch.Generator().manual_seed(0)
+    tasks = [(torch.rand(n, 4, generator=g), torch.arange(n) % 3, torch.rand(6, 4, generator=g), torch.arange(6) % 3) for n in (3, 6)]
+    assert learner.meta_gradient(tasks).loss > 0
+    bad = [tasks[0], (*tasks[1][:3], torch.tensor([0, 1, 2, 0, 1, -1]))]
+    with pytest.raises(ValueError, match="labels must be >= 0, got -1"):
+        learner.meta_gradient(bad)
+
+
 def test_malformed_task_batches_are_refused_before_training():
     classifier = MetaLearner(MLP(4, (8,), 3), MetaConfig("maml", inner_steps=1, inner_lr=0.1))
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
@@ -114,8 +133,14 @@ def test_dropout_trains_under_vmap_and_adapts_in_a_stack():
     result = learner.meta_step(sine_batch(), torch.optim.SGD(learner.parameters(), lr=0.01))
     assert torch.isfinite(torch.tensor(result.loss))
     batch = sine_batch()
-    adaptation = adapt_many(learner, batch.support_x, batch.support_y)  # in training mode: dropout draws per request
-    assert adaptation.params["0.weight"].shape[0] == 3
+    same = (batch.support_x[:1].expand(3, -1, -1), batch.support_y[:1].expand(3, -1, -1))
+    adaptation = adapt_many(learner, *same)  # in training mode: dropout draws anew for each request
+    weights = adaptation.params["3.weight"]
+    assert weights.shape[0] == 3 and (weights[0] - weights[1]).abs().max() > 1e-3 and (weights[1] - weights[2]).abs().max() > 1e-3
+    learner.eval()  # and a model in evaluation mode adapts identical requests alike (to float rounding)
+    weights = adapt_many(learner, *same).params["3.weight"]
+    torch.testing.assert_close(weights[0], weights[1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(weights[1], weights[2], atol=1e-6, rtol=0)
 
 
 def test_meta_step_counts_iterations_for_mamlpp():

@@ -50,30 +50,33 @@ def test_memory_store_lru_ttl_budget_owner():
 
 def test_memory_store_counts_what_is_prepared_from_a_session():
     """``Session.prepared`` beyond views of the session's tensors (a kernel's packed weights) grows the
-    session's count in the store that holds it and may evict others, not itself; growth of a session no
-    longer held is not counted, and dropping a session gives back everything counted for it."""
+    session's count in the store that holds it. Where that does not fit, the other sessions' prepared
+    tensors go, else its own: a prepared tensor never evicts a session. Growth of a session no longer held
+    is not counted, and dropping a session gives back everything counted for it."""
     store = MemorySessionStore(max_bytes=1000, clock=lambda: 1000.0)
-    a, b = session("a"), session("b")
+    a, b = session("a"), session("b")  # 400 bytes each
     store.put(a)
     store.put(b)
     views = b.prepared("views", lambda tensors: {n: t.unsqueeze(0) for n, t in tensors.items()})
     assert views["param:w"].data_ptr() == b.tensors["param:w"].data_ptr()
     assert b.prepared_bytes == 0 and store.stats().live_bytes == 800
-    b.prepared("copy", lambda tensors: {"w2": torch.zeros(75)})  # 300 bytes: 1100 > 1000, a (least recent) goes
-    assert b.prepared_bytes == 300 and b.held_bytes == 700
-    assert store.get("a", None) is None and store.get("b", None) is b
-    assert store.stats().live_bytes == 700 and store.stats().evictions == 1
-    b.prepared("big", lambda tensors: {"w3": torch.zeros(250)})  # alone over the budget: held, alone
-    assert store.get("b", None) is b and store.stats().live_bytes == 1700
-    store.put(a)  # room made from b's prepared tensors, not b: b stays, its predictions prepare them again
-    assert store.get("b", None) is b and b.prepared_bytes == 0 and store.stats().live_bytes == 800
-    assert store.stats().evictions == 1 and store.prepared_dropped == 1
-    a.prepared("copy", lambda tensors: {"w2": torch.zeros(25)})  # a prepared session counts what it holds
+    b.prepared("copy", lambda tensors: {"w2": torch.zeros(25)})  # 100 bytes: fits
+    assert b.prepared_bytes == 100 and b.held_bytes == 500 and store.stats().live_bytes == 900
+    a.prepared("copy", lambda tensors: {"w2": torch.zeros(50)})  # 200 bytes: 1100 > 1000, b's prepared go
+    assert (a.prepared_bytes, b.prepared_bytes) == (200, 0) and store.stats().live_bytes == 1000
+    assert store.stats().evictions == 0 and store.prepared_dropped == 1
+    made = a.prepared("big", lambda tensors: {"w3": torch.zeros(100)})  # 400 more, nothing else prepared: a's own go
+    assert made["w3"].numel() == 100  # (the prediction that made it still computes with it)
+    assert a.prepared_bytes == 0 and store.stats().live_bytes == 800 and store.prepared_dropped == 2
+    assert store.stats().evictions == 0 and store.get("a", None) is a and store.get("b", None) is b
+    store.put(session("c"))  # a new session that does not fit: a session goes (a: b was read after it)
+    assert store.stats().evictions == 1 and store.get("a", None) is None and store.stats().live_bytes == 800
+    b.prepared("copy2", lambda tensors: {"w2": torch.zeros(25)})  # a prepared session counts what it holds
     assert store.stats().live_bytes == 900
-    assert store.delete("a", None) and store.stats().live_bytes == 400
-    a.prepared("late", lambda tensors: {"w4": torch.zeros(25)})  # no longer held: nothing counted
-    assert store.stats().live_bytes == 400 and a.held_bytes == 600
-    store.put(a)
+    assert store.delete("b", None) and store.stats().live_bytes == 400
+    b.prepared("late", lambda tensors: {"w4": torch.zeros(25)})  # no longer held: nothing counted
+    assert store.stats().live_bytes == 400 and b.held_bytes == 600
+    store.put(b)  # put again: it counts what it holds
     assert store.stats().live_bytes == 1000
 
 
@@ -149,7 +152,7 @@ def test_settings_from_environment(monkeypatch):
         Settings(device="tpu")
 
 
-def test_a_misspelt_setting_is_refused_not_ignored(monkeypatch):
+def test_a_misspelt_setting_is_refused_not_ignored(monkeypatch, tmp_path):
     """METALEARN_API_KEY (no S) was ignored: the service served every /v1 call without a key."""
     for name in [n for n in os.environ if n.startswith("METALEARN_")]:
         monkeypatch.delenv(name)
@@ -161,6 +164,11 @@ def test_a_misspelt_setting_is_refused_not_ignored(monkeypatch):
                                        "METALEARN_API_KEYS?), METALEARN_SESSION_BACKED (did you mean METALEARN_SESSION_BACKEND?)")
     monkeypatch.delenv("METALEARN_API_KEY")
     monkeypatch.delenv("METALEARN_SESSION_BACKED")
+    monkeypatch.chdir(tmp_path)  # a .env file, which the settings read too, is checked the same way
+    (tmp_path / ".env").write_text("METALEARN_API_KEY=secret\n")
+    with pytest.raises(ValueError, match=r"unknown variable\(s\) METALEARN_API_KEY \(did you mean METALEARN_API_KEYS\?\)"):
+        Settings.from_environment()
+    (tmp_path / ".env").unlink()
     monkeypatch.setenv("METALEARN_DEBUG", "1")  # the CLI's, not a setting: allowed
     monkeypatch.setenv("METALEARN_API_KEYS", "secret")
     assert Settings.from_environment().key_list() == ["secret"]
