@@ -78,20 +78,25 @@ def _checked(learner: MetaLearner, tasks: tuple) -> tuple:
     return support_x, support_y, query_x, query_y
 
 
-def parse_strategy(strategy: str) -> tuple[str, int]:
-    """``(kind, chunk size)`` of a strategy other than ``auto``, or an error that lists them."""
+def parse_strategy(strategy: str, checkpoint_inner: bool = False) -> tuple[str, int]:
+    """``(kind, chunk size)`` of a strategy other than ``auto``, or an error that lists them (or says that
+    ``checkpoint_inner`` needs ``loop``)."""
     if not isinstance(strategy, str):
         raise ValueError(f"strategy must be a string, one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    kind, size = None, 0
     if strategy in ("loop", "vmap"):
-        return strategy, 0
-    if strategy.startswith("chunked:"):
+        kind = strategy
+    elif strategy.startswith("chunked:"):
         try:
             size = int(strategy.split(":", 1)[1])
         except ValueError:
             size = 0
-        if size >= 1:
-            return "chunked", size
-    raise ValueError(f"unknown batching strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        kind = "chunked" if size >= 1 else None
+    if kind is None:
+        raise ValueError(f"unknown batching strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if checkpoint_inner and kind != "loop":
+        raise ValueError(f"checkpoint_inner needs the 'loop' strategy (torch.func transforms cannot checkpoint), got {strategy!r}")
+    return kind, size
 
 
 def run_meta_batch(learner: MetaLearner, batch, iteration: int = 0, strategy: str = "auto") -> StepResult:
@@ -109,9 +114,7 @@ def run_meta_batch(learner: MetaLearner, batch, iteration: int = 0, strategy: st
     tasks = _checked(learner, tasks)
     if strategy == "auto":
         strategy = choose_strategy(learner, next(learner.parameters()).device)
-    kind, chunk = parse_strategy(strategy)
-    if learner.config.checkpoint_inner and kind != "loop":
-        raise ValueError("checkpoint_inner needs the 'loop' strategy (torch.func transforms cannot checkpoint)")
+    kind, chunk = parse_strategy(strategy, learner.config.checkpoint_inner)
     meta_params = learner.meta_params()
     buffers = learner.buffers_dict()
     count = len(tasks[0])

@@ -18,6 +18,7 @@ message on stderr and exit status 2 (1 for an interrupted run), never a tracebac
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -352,25 +353,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _service_settings():
-    """The service's settings (METALEARN_* variables, a .env file), or the error that says it is not installed."""
+def _service(module: str):
+    """``service.<module>``, or the error that says the service is not installed."""
     try:
-        from service.settings import Settings
+        return importlib.import_module(f"service.{module}")
     except ImportError as error:
         raise UsageError(f"the service is not available ({error}); install metalearn with its service extras") from None
-    return Settings.from_environment()
 
 
 def _serve(model_dir: str, host: str, port: int, **settings: Any) -> None:
-    try:
-        from service.server import serve
-    except ImportError as error:
-        raise UsageError(f"the service is not available ({error}); install metalearn with its service extras") from None
-    serve(model_dir=model_dir, host=host, port=port, **settings)
+    _service("server").serve(model_dir=model_dir, host=host, port=port, **settings)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    model_dir = args.model_dir or _service_settings().model_dir
+    model_dir = args.model_dir or _service("settings").Settings.from_environment().model_dir  # (a .env file's too)
     if not Path(model_dir).is_dir():
         raise UsageError(f"metalearn serve: model directory {model_dir} does not exist")
     if not os.access(model_dir, os.R_OK | os.X_OK):

@@ -114,11 +114,10 @@ class MetaConfig:
                 raise ValueError(f"grad_clip must be a positive finite number (the largest meta-gradient norm), or 0 or None "
                                  f"for none, got {self.grad_clip!r}")
             self.grad_clip = float(self.grad_clip) or None  # (0 meant no clipping, and checkpoints may say so)
-        from metalearn.batching import parse_strategy  # (batching builds on this module)
+        if self.strategy != "auto":  # (auto picks loop for checkpoint_inner)
+            from metalearn.batching import parse_strategy  # (batching builds on this module)
 
-        kind = "auto" if self.strategy == "auto" else parse_strategy(self.strategy)[0]
-        if self.checkpoint_inner and kind not in ("auto", "loop"):
-            raise ValueError(f"checkpoint_inner needs the 'loop' strategy (torch.func transforms cannot checkpoint), got {self.strategy!r}")
+            parse_strategy(self.strategy, self.checkpoint_inner)
         if self.first_order is None:
             self.first_order = self.algorithm in ("fomaml", "reptile")
         if self.multi_step_loss is None:

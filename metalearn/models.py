@@ -328,13 +328,12 @@ def import_model_modules(modules: str) -> None:
     for module in filter(None, (m.strip() for m in modules.split(","))):
         try:
             importlib.import_module(module)
-        except ModuleNotFoundError as error:
-            if error.name is None or not (module == error.name or module.startswith(error.name + ".")):
-                raise ValueError(f"{MODEL_MODULES_VARIABLE}: importing {module!r} failed: {_raised_where(error)}") from None
-            hint = f" (a module's name, not its file's: {module[:-3]!r})" if module.endswith(".py") else ""
-            raise ValueError(f"{MODEL_MODULES_VARIABLE}: no module named {error.name!r}{hint}; is the directory that "
-                             "holds it on PYTHONPATH?") from None
-        except Exception as error:  # noqa: BLE001 - the module was found and its own code failed: said in one line
+        except Exception as error:  # noqa: BLE001 - any failure of the user's module, said in one line
+            name = getattr(error, "name", None) if isinstance(error, ModuleNotFoundError) else None
+            if name and (module == name or module.startswith(name + ".")):  # the module itself is not found
+                hint = f" (a module's name, not its file's: {module[:-3]!r})" if module.endswith(".py") else ""
+                raise ValueError(f"{MODEL_MODULES_VARIABLE}: no module named {name!r}{hint}; is the directory that "
+                                 "holds it on PYTHONPATH?") from None
             raise ValueError(f"{MODEL_MODULES_VARIABLE}: importing {module!r} failed: {_raised_where(error)}") from None
 
 
@@ -352,7 +351,6 @@ def build_model(spec: dict) -> nn.Module:
     kwargs = dict(spec)
     cls = architecture(kwargs.pop("arch"))
     try:
-        inspect.signature(cls).bind(**kwargs)
         return cls(**kwargs)
     except TypeError as error:  # (arguments it does not take, or of a type it cannot use: {"hidden": 5})
         raise ValueError(f"bad model spec {spec!r}: {error}") from None

@@ -146,7 +146,8 @@ class TrainConfig:
                     raise ValueError(f"{where}: 'model' must be a mapping of model spec overrides")
                 value = dict(value or {})
                 # Merged into the model settings before (a config file's), unless they name another architecture.
-                self.model = value if value.get("arch", self.model.get("arch")) != self.model.get("arch") else {**self.model, **value}
+                another = "arch" in value and value["arch"] != self.model.get("arch")
+                self.model = value if another else {**self.model, **value}
             else:
                 setattr(self, key, _typed(key, value, hints[key], where))
         return self
