@@ -13,6 +13,8 @@ Ownership: a session records the (hashed) API key that created it; ``get`` and
 from __future__ import annotations
 
 import abc
+import heapq
+import itertools
 import secrets
 import threading
 import time
@@ -164,21 +166,28 @@ class MemorySessionStore(SessionStore):
         self.evictions = 0
         self.expirations = 0
         self.prepared_dropped = 0  # sessions whose prepared tensors were dropped for room
+        # Expiry times, soonest first, so that a sweep looks only at the sessions due (a scan of every session
+        # took 2.4 ms of each put into a full store of 20 000); an entry whose session went is skipped.
+        self._expiries: list[tuple[float, int, str]] = []
+        self._expiry_order = itertools.count()
+        self._with_prepared: set[str] = set()  # sessions holding prepared tensors (where room comes from first)
 
     def _drop(self, session_id: str) -> Session:
         session = self._sessions.pop(session_id)
         self._bytes -= self._sizes.pop(session_id)
+        self._with_prepared.discard(session_id)
         return session
 
     def _evict_for(self, size: int, keep: Session | None = None, sessions_too: bool = True) -> None:
         """Make room for ``size`` more bytes: first what was prepared from the sessions (not ``keep``), least
         recently used first (made again in well under a millisecond when a prediction needs it), then, with
         ``sessions_too``, the least recently used sessions themselves, whose clients would have to adapt again."""
-        for session in list(self._sessions.values()):
-            if self._bytes + size <= self.max_bytes:
-                return
-            if session is not keep and session.prepared_bytes:
-                self._forget_prepared(session)
+        kept = getattr(keep, "id", None)
+        for session_id in self._sessions:  # least recently used first, while another session holds some
+            if self._bytes + size <= self.max_bytes or len(self._with_prepared) <= (kept in self._with_prepared):
+                break
+            if session_id in self._with_prepared and session_id != kept:
+                self._forget_prepared(self._sessions[session_id])
         while sessions_too and self._bytes + size > self.max_bytes:
             oldest = next((s for s in self._sessions.values() if s is not keep), None)
             if oldest is None:
@@ -187,6 +196,7 @@ class MemorySessionStore(SessionStore):
             self.evictions += 1
 
     def _forget_prepared(self, session: Session) -> None:
+        self._with_prepared.discard(session.id)
         freed = session.forget_prepared()
         self._sizes[session.id] -= freed
         self._bytes -= freed
@@ -201,13 +211,21 @@ class MemorySessionStore(SessionStore):
             self._evict_for(grown, keep=session, sessions_too=False)
             self._sizes[session.id] += grown
             self._bytes += grown
+            self._with_prepared.add(session.id)
             if self._bytes > self.max_bytes and session.prepared_bytes:
                 self._forget_prepared(session)
 
     def _sweep(self, now: float) -> None:
-        for session_id in [s.id for s in self._sessions.values() if s.expired(now)]:
-            self._drop(session_id)
-            self.expirations += 1
+        expiries = self._expiries
+        while expiries and expiries[0][0] <= now:
+            _, _, session_id = heapq.heappop(expiries)
+            session = self._sessions.get(session_id)
+            if session is not None and session.expired(now):  # (not gone, nor put again with a later expiry)
+                self._drop(session_id)
+                self.expirations += 1
+        if len(expiries) > 2 * len(self._sessions) + 1024:  # entries of sessions deleted or evicted: rebuilt
+            self._expiries = [(s.expires, next(self._expiry_order), s.id) for s in self._sessions.values()]
+            heapq.heapify(self._expiries)
 
     def put(self, session: Session) -> None:
         with self._lock:
@@ -221,6 +239,9 @@ class MemorySessionStore(SessionStore):
             self._sessions[session.id] = session
             self._sizes[session.id] = size
             self._bytes += size
+            heapq.heappush(self._expiries, (session.expires, next(self._expiry_order), session.id))
+            if session.prepared_bytes:
+                self._with_prepared.add(session.id)
 
     def get(self, session_id: str, owner: str | None) -> Session | None:
         with self._lock:

@@ -48,6 +48,23 @@ def test_memory_store_lru_ttl_budget_owner():
     assert store.stats().live_sessions == 1
 
 
+def test_memory_store_expiry_index_is_right_and_bounded():
+    """Sweeps read expiry times soonest first (not every session): a session put again keeps its later
+    expiry, and the entries of sessions deleted meanwhile do not pile up."""
+    clock = [1000.0]
+    store = MemorySessionStore(max_bytes=10**9, clock=lambda: clock[0])
+    store.put(session("a", ttl=10))
+    store.put(session("a", ttl=100))  # put again, with a later expiry
+    clock[0] = 1050.0
+    assert store.get("a", None) is not None and store.stats().expirations == 0
+    for i in range(3000):
+        store.put(session(f"x{i}", ttl=60, now=clock[0]))
+        assert store.delete(f"x{i}", None)
+    assert len(store._expiries) <= 2 * store.stats().live_sessions + 1024 + 1
+    clock[0] = 1101.0
+    assert store.get("a", None) is None and store.stats().expirations == 1 and store.stats().live_sessions == 0
+
+
 def test_memory_store_counts_what_is_prepared_from_a_session():
     """``Session.prepared`` beyond views of the session's tensors (a kernel's packed weights) grows the
     session's count in the store that holds it. Where that does not fit, the other sessions' prepared
