@@ -331,9 +331,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     source, kwargs = eval_settings(checkpoint.manifest, args)
     result = evaluate(checkpoint.learner, source, progress=args.progress, **kwargs)
     record = {**result.to_dict(), "checkpoint": str(path), "split": getattr(source, "split_name", None)}
-    if not args.json:
-        print(f"{path}: {result.describe()}")
-    print(json.dumps(record) if args.json else f"{result.metric}: {result.mean:.4f} +- {result.ci95:.4f}")
+    print(json.dumps(record) if args.json else f"{path}: {result.describe()}")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,8 @@ def test_sinusoid_train_eval_info(tmp_path, capsys):
     assert result["checkpoint"].endswith("best.safetensors")
     assert "/20 [" in err and "episode" in err  # the progress bar
     code, stdout, err = run(capsys, "eval", str(out), "--episodes", "20", "--no-progress")
-    assert code == 0 and "episode" not in err and "mse: " in stdout
+    assert code == 0 and "episode" not in err
+    assert stdout.strip().count("\n") == 0 and re.search(r"best\.safetensors: mse \d+\.\d{4} \+- \d+\.\d{4} \(95% CI, 20 episodes", stdout)
     code, stdout, _ = run(capsys, "info", str(out / "last.safetensors"), "--json")
     manifest = json.loads(stdout)
     assert manifest["algorithm"] == "fomaml" and manifest["state"]["iteration"] == 30
