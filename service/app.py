@@ -229,6 +229,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.collect()
         gc.freeze()
         log.info("serving %d model(s) on %s: %s", len(app.state.registry.models), device, ", ".join(app.state.registry.names()))
+        if settings.drain_s > 0 and not app.state.drains:
+            log.warning("METALEARN_DRAIN_S=%g does nothing here: only `metalearn serve` drains on SIGTERM (under uvicorn or gunicorn, delay the signal instead, e.g. a Kubernetes preStop sleep)", settings.drain_s)
         hangup = hasattr(signal, "SIGHUP") and _on_signal(signal.SIGHUP, lambda: _reload_in_background(app))
         watcher = asyncio.create_task(_watch_model_dir(app, settings.model_poll_s)) if settings.model_poll_s > 0 else None
         try:
@@ -257,6 +259,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.owners = settings.owner_hashes()
     app.state.registry = ModelRegistry()
     app.state.device = "cpu"
+    app.state.drains = False  # metalearn serve's server sets it: it answers SIGTERM with METALEARN_DRAIN_S's drain
     app.state.reload_lock = asyncio.Lock()
     app.state.reloads = set()  # reloads running in the background (the loop keeps only weak references to tasks)
     app.state.metrics = metrics.ServiceMetrics(app.state)

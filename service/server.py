@@ -53,4 +53,5 @@ def _draining_server(config, app, drain_s: float):
                 return
             super().handle_exit(sig, frame)
 
+    app.state.drains = True
     return Server(config)

@@ -801,3 +801,23 @@ def test_session_predicts_arriving_together_go_to_the_workers_and_batch(tmp_path
         engine.stop()
     assert len(results) == 8 and here not in engine.threads_seen
     assert engine.batches - batches < 8  # batched
+
+
+def test_a_drain_set_where_nothing_drains_is_said_at_start(tmp_path, caplog):
+    """METALEARN_DRAIN_S is metalearn serve's: the app run by plain uvicorn or gunicorn warns that it does
+    nothing there, instead of leaving the operator to believe the load balancer gets its 503s."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.server import _draining_server
+
+    plain = create_app(Settings(model_dir=str(tmp_path), drain_s=5))
+    with caplog.at_level(logging.WARNING, logger="service"), TestClient(plain):
+        pass
+    assert "METALEARN_DRAIN_S=5 does nothing here" in caplog.text
+    caplog.clear()
+    served = create_app(Settings(model_dir=str(tmp_path), drain_s=5))
+    _draining_server(uvicorn.Config(served), served, 5)
+    with caplog.at_level(logging.WARNING, logger="service"), TestClient(served):
+        pass
+    assert "METALEARN_DRAIN_S" not in caplog.text
