@@ -13,7 +13,6 @@ problem document.
 from __future__ import annotations
 
 import asyncio
-import base64
 import gc
 import logging
 import math
@@ -27,7 +26,6 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -36,6 +34,7 @@ from metalearn.models import import_model_modules
 from service import problems
 from service.engine import Engine, EngineStopped, JobTimeout, QueueFull
 from service.problems import Problem, problem_response
+from service.openapi import install_openapi
 from service.registry import ModelRegistry
 from service.request_ids import RequestIds
 from service.routes import health, metrics, models, sessions
@@ -56,13 +55,6 @@ Adapt a meta-learned model to a few labelled examples (a *support set*) and pred
 """
 
 
-# Every answer has it (service.request_ids): declared on every response of the OpenAPI document.
-REQUEST_ID_HEADER = {
-    "description": "The request's id: the caller's own X-Request-ID when it sends a valid one (1-128 of A-Z a-z 0-9 . _ : -), else a random one; in the service's logs too.",
-    "schema": {"type": "string"},
-}
-
-
 def create_store(settings: Settings) -> SessionStore:
     """The session store the settings select (``memory`` or ``redis``)."""
     if settings.session_backend == "redis":
@@ -72,68 +64,6 @@ def create_store(settings: Settings) -> SessionStore:
             return RedisSessionStore.from_settings(settings)
         return RedisSessionStore(settings.redis_url)
     return MemorySessionStore(max_bytes=settings.cache_bytes)
-
-
-def _example_tensor(shape: list[int], seed: int) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    data = torch.rand(shape, generator=generator, dtype=torch.float32)
-    return {"dtype": "float32", "shape": list(shape), "base64": base64.b64encode(data.numpy().tobytes()).decode()}
-
-
-def model_examples(model) -> dict:
-    """A working support set, query and session-predict body for ``model``."""
-    shape = list(model.input_shape)
-    if model.task_type == "classification":
-        n = model.n_way
-        support = {"x": _example_tensor([n, *shape], 0), "y": list(range(n))}
-        query = {"x": _example_tensor([2, *shape], 1)}
-    else:
-        if shape == [1]:
-            xs = [-4.0, -2.0, 0.0, 2.0, 4.0]
-            support = {"x": [[v] for v in xs], "y": [round(math.sin(v), 4) for v in xs]}
-            query = {"x": [[-1.0], [1.0], [3.0]]}
-        else:
-            support = {"x": _example_tensor([5, *shape], 0), "y": [[0.0] * model.out_features for _ in range(5)]}
-            query = {"x": _example_tensor([2, *shape], 1)}
-    return {"support": support, "query": query}
-
-
-def _install_openapi(app: FastAPI) -> None:
-    def openapi() -> dict:
-        if app.openapi_schema:
-            return app.openapi_schema
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        registry: ModelRegistry | None = getattr(app.state, "registry", None)
-        loaded = [registry.get(n) for n in registry.names()] if registry else []
-        for path, item in schema.get("paths", {}).items():
-            for method, operation in item.items():
-                for response in operation.get("responses", {}).values():
-                    response.setdefault("headers", {})["X-Request-ID"] = REQUEST_ID_HEADER
-                for parameter in operation.get("parameters", []):
-                    if parameter.get("name") == "name" and loaded:
-                        parameter["example"] = loaded[0].name
-                        parameter["schema"]["enum"] = [m.name for m in loaded]
-                    elif parameter.get("name") == "session_id":
-                        parameter["example"] = "use-the-session_id-returned-by-adapt"
-                body = operation.get("requestBody", {}).get("content", {}).get("application/json")
-                if body is None or not loaded:
-                    continue
-                examples = {}
-                for model in loaded:
-                    ex = model_examples(model)
-                    if path.endswith("/adapt"):
-                        value = {"support": ex["support"], "ttl_s": min(600, app.state.settings.max_session_ttl_s)}
-                    elif path.startswith("/v1/models") and path.endswith("/predict"):
-                        value = {"support": ex["support"], "query": ex["query"]}
-                    else:
-                        value = {"x": ex["query"]["x"]}
-                    examples[model.name] = {"summary": f"{model.name} ({model.task_type}, input {list(model.input_shape)})", "value": value}
-                body["examples"] = examples
-        schema.setdefault("servers", [{"url": "/"}])
-        app.openapi_schema = schema
-        return schema
-
-    app.openapi = openapi
 
 
 async def reload_models(app: FastAPI) -> dict[str, list[str]]:
@@ -254,6 +184,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
+        generate_unique_id_function=lambda route: route.name,  # operationIds a generated client reads well: adapt_model, predict_session, ...
     )
     app.state.settings = settings
     app.state.owners = settings.owner_hashes()
@@ -306,7 +237,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if now - store_warned[0] >= 60:
             store_warned[0] = now
             log.warning("the session store is unavailable, session calls answer 503: %s", exc)
-        detail = f"the session store is unavailable ({exc}); stateless /v1/models/{{name}}/predict still works"
+        # The client is told what it can do; where the store is and why it failed stay in the log.
+        detail = "the session store cannot be reached; session calls fail until it is back, stateless /v1/models/{name}/predict still works"
         return problem_response(Problem(503, "Session store unavailable", detail, headers={"Retry-After": "5"}), request.url.path)
 
     # Routes match in this order: the /v1 ones, the busiest, first.
@@ -336,7 +268,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with_google_fonts=False,
         )
 
-    _install_openapi(app)
+    install_openapi(app)
     # Each added one wraps the ones before: metrics see every answer, including 413s from the size
     # limit, and every answer carries its request id.
     app.add_middleware(problems.BodySizeLimit, max_bytes=settings.max_body_bytes)

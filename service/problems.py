@@ -1,9 +1,9 @@
 """RFC 9457 problem details: every error the service answers is ``application/problem+json``.
 
-``raise Problem(422, "Bad tensor", "support.x: expected rank 4 ...")`` anywhere in
+``raise Problem(422, "Wrong tensor shape", "support.x: expected rank 4 ...")`` anywhere in
 a route gives::
 
-    {"type": "https://metalearn.dev/problems/bad-tensor", "title": "Bad tensor",
+    {"type": "https://metalearn.dev/problems/wrong-tensor-shape", "title": "Wrong tensor shape",
      "status": 422, "detail": "support.x: expected rank 4 ...", "instance": "/v1/models/m/adapt"}
 
 :func:`install` adds handlers for request validation errors, HTTP errors (404,
@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service.request_ids import logged_path, request_id
 
@@ -49,7 +50,7 @@ class Problem(Exception):
         self.status = status
         self.title = title
         self.detail = detail
-        self.type = type or TYPE_BASE + re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+        self.type = type or problem_type(title)
         self.headers = headers or {}
         self.extra = extra
 
@@ -61,31 +62,52 @@ class Problem(Exception):
         return body
 
 
-def bad_input(detail: str, title: str = "Invalid input") -> Problem:
-    return Problem(422, title, detail)
-
-
-def not_found(what: str, name: str) -> Problem:
-    return Problem(404, f"Unknown {what}", f"no {what} {name!r}")
-
-
 def problem_response(problem: Problem, instance: str | None = None) -> JSONResponse:
     return JSONResponse(problem.body(instance), status_code=problem.status, headers=problem.headers, media_type=PROBLEM_MEDIA_TYPE)
 
 
-_STATUS_TITLES = {
-    400: "Bad request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not found",
-    405: "Method not allowed",
-    406: "Not acceptable",
-    413: "Request body too large",
-    415: "Unsupported media type",
-    422: "Invalid input",
-    429: "Too many requests",
-    503: "Service unavailable",
+# Every problem the service answers with: title -> (status, when). A problem's ``type`` is
+# TYPE_BASE + the title's slug. Listed in /openapi.json's Problem schema and in the README, so that a
+# client can branch on ``type`` without finding the values by trial; tests/test_problem_types.py checks
+# that every title the code raises is here and in the README.
+PROBLEM_TYPES: dict[str, tuple[int, str]] = {
+    "Malformed JSON": (400, "the body is not valid JSON (the detail says where)"),
+    "Bad request": (400, "a request HTTP itself refuses (a CORS preflight from an origin not allowed)"),
+    "Unauthorized": (401, "API keys are configured and the call has none, or an unknown one"),
+    "Not found": (404, "no such route"),
+    "Unknown model": (404, "no model of that name is loaded (the detail lists those that are)"),
+    "Unknown session": (404, "the session never existed, expired, was evicted or deleted, belongs to another key, or its model has since been reloaded in another version"),
+    "Method not allowed": (405, "the route exists but not with this method (the Allow header lists those it takes)"),
+    "Request body too large": (413, "the body is over METALEARN_MAX_BODY_BYTES"),
+    "Unsupported media type": (415, "a body that is not plain application/json (another Content-Type, or a Content-Encoding such as gzip)"),
+    "Invalid request": (422, "the body does not match the schema: `errors` lists each field (`loc`, `msg`, `type`)"),
+    "Invalid tensor": (422, "a tensor that cannot be read: not a rectangular array of numbers, bad base64, a byte count unlike the shape, an image that does not decode or is too large"),
+    "Wrong tensor shape": (422, "the tensor's shape is not [N, *input_shape] for this model, or labels/targets do not match the inputs"),
+    "Empty input": (422, "no examples, or an empty image list"),
+    "Too many examples": (422, "more support or query examples than METALEARN_MAX_SUPPORT / METALEARN_MAX_QUERY"),
+    "Non-finite values": (422, "NaN or infinite values (a number beyond float32's range becomes infinite)"),
+    "Invalid labels": (422, "labels that are not integer class indices in [0, n_way), or a class with no support example"),
+    "Invalid inner_steps": (422, "inner_steps outside [0, METALEARN_MAX_INNER_STEPS]"),
+    "Invalid inner_lr": (422, "inner_lr outside [METALEARN_MIN_INNER_LR, METALEARN_MAX_INNER_LR]"),
+    "Invalid ttl_s": (422, "ttl_s outside [1, METALEARN_MAX_SESSION_TTL_S]"),
+    "Adaptation diverged": (422, "adaptation or prediction produced non-finite values: a smaller inner_lr, fewer steps, or inputs in the range the model was trained on"),
+    "Internal error": (500, "a bug: `request_id` finds the operator's log line"),
+    "Overloaded": (503, "the queue is full: retry after Retry-After seconds"),
+    "Timed out": (503, "the request waited past METALEARN_REQUEST_TIMEOUT_S: retry after Retry-After seconds"),
+    "Not ready": (503, "no model loaded, the workers stopped, or the service is draining before it stops"),
+    "Session store unavailable": (503, "the session store (Redis) cannot be reached: retry after Retry-After seconds"),
 }
+
+
+def problem_type(title: str) -> str:
+    return TYPE_BASE + re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+
+
+# The titles of problems raised as plain HTTP errors (Starlette's 404 and 405, a refused preflight).
+_STATUS_TITLES = {400: "Bad request", 401: "Unauthorized", 404: "Not found", 405: "Method not allowed", 413: "Request body too large", 415: "Unsupported media type", 422: "Invalid request", 503: "Not ready"}
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 def _loc(loc) -> str:
@@ -116,11 +138,18 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        title = _STATUS_TITLES.get(exc.status_code, "Error")
+        title = _STATUS_TITLES.get(exc.status_code, "Bad request" if exc.status_code < 500 else "Internal error")
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no route {request.url.path!r}"
-        problem = Problem(exc.status_code, title, detail, headers=dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route matching the path alone (GET of
+            # /v1/sessions/{id}, not its DELETE, declared as a route of its own): ask every route.
+            allowed = [m for m in _METHODS if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in request.app.routes)]
+            headers["Allow"] = ", ".join(allowed)
+            detail = f"{request.method} is not allowed here; allowed: {headers['Allow']}"
+        problem = Problem(exc.status_code, title, detail, headers=headers)
         return problem_response(problem, request.url.path)
 
     @app.exception_handler(Exception)

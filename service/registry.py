@@ -84,11 +84,24 @@ class LoadedModel:
             "accepts_images": self.preprocessing is not None,
             "preprocessing": manifest.get("preprocessing"),
             "metrics": manifest.get("metrics") or {},
-            "training": manifest.get("training") or {},
+            "training": _public_training(manifest.get("training") or {}),
             "model_spec": manifest.get("model_spec"),
             "library_version": manifest.get("library_version"),
             "device": self.device,
         }
+
+
+def _public_training(training: dict) -> dict:
+    """The manifest's training record without the trainer machine's paths: its run directory goes, a data
+    path keeps its file name (what the model was trained on, not where it lay)."""
+    config = training.get("config")
+    if not isinstance(config, dict):
+        return training
+    config = {k: v for k, v in config.items() if k != "out"}
+    task = config.get("task")
+    if isinstance(task, str) and ("/" in task or "\\" in task):
+        config["task"] = task.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return {**training, "config": config}
 
 
 def _output_size(learner: MetaLearner, input_shape: tuple[int, ...], device: str) -> int:

@@ -5,7 +5,8 @@ A tensor in a request body is one of:
 - nested JSON lists, e.g. ``[[0.1], [0.5]]`` for two inputs of shape ``[1]``;
 - ``{"dtype": "float32", "shape": [2, 1], "base64": "..."}``: raw little-endian
   bytes (``dtype`` one of float32, float64, uint8, int32, int64; uint8/int values
-  are cast to float32 unchanged);
+  are cast to float32 unchanged, not scaled: a tensor is the model's input as it
+  is, already preprocessed as its training data was);
 - for image models, ``{"images": ["<base64 PNG or JPEG>", ...]}``: decoded and
   preprocessed exactly as the model's training data (the checkpoint's
   ``preprocessing``: resize, grayscale, inversion, scaling).
@@ -24,7 +25,7 @@ from typing import Annotated, Any, Literal, Union
 import numpy as np
 import pybase64
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
 
 from service.problems import Problem
 
@@ -62,11 +63,32 @@ class ImageList(BaseModel):
     images: list[str] = Field(..., description="base64-encoded image files")
 
 
-TensorInput = Union[list[Any], EncodedTensor, ImageList]
+def _tensor_form(value: Any) -> str | None:
+    """Which form a tensor was sent in, so that a mistake in one is reported against that form alone
+    (not against all three, as an undiscriminated union's errors are)."""
+    if isinstance(value, (list, tuple)):
+        return "lists"
+    if isinstance(value, dict):
+        return "images" if "images" in value else "encoded"
+    return {EncodedTensor: "encoded", ImageList: "images"}.get(type(value))
+
+
+TensorInput = Annotated[
+    Union[Annotated[list[Any], Tag("lists")], Annotated[EncodedTensor, Tag("encoded")], Annotated[ImageList, Tag("images")]],
+    Discriminator(
+        _tensor_form,
+        custom_error_type="tensor_form",
+        custom_error_message="expected a tensor: nested lists of numbers, {dtype, shape, base64}, or {images: [...]}",
+    ),
+]
 
 
 def invalid(detail: str, title: str = "Invalid tensor") -> Problem:
     return Problem(422, title, detail)
+
+
+# torch's words for what a JSON client sent, in a client's words
+_LIST_ERRORS = (("'str'", "a string where a number belongs (send 1.5, not \"1.5\")"), ("NoneType", "null where a number belongs"), ("not dict", "an object where a number belongs"))
 
 
 def _from_lists(value: list, where: str, dtype: torch.dtype) -> np.ndarray:
@@ -75,17 +97,35 @@ def _from_lists(value: list, where: str, dtype: torch.dtype) -> np.ndarray:
         return torch.tensor(value, dtype=dtype).numpy()
     except (ValueError, TypeError, RuntimeError, OverflowError) as error:
         message = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        message = next((plain for words, plain in _LIST_ERRORS if words in message), message)
         raise invalid(f"{where}: not a rectangular array of numbers ({message})") from None
+
+
+def b64decode(text: str, where: str) -> bytes:
+    """Base64 as clients' libraries write it: the standard alphabet, and also the URL-safe one, without
+    padding, or wrapped in lines (coreutils' and MIME encoders wrap at 76 columns)."""
+    try:
+        return pybase64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    cleaned = "".join(text.split()).rstrip("=").translate(_URL_SAFE)
+    try:
+        return pybase64.b64decode(cleaned + "=" * (-len(cleaned) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        bad = next((f"{c!r} at position {i}" for i, c in enumerate(cleaned) if c not in _BASE64_ALPHABET), None)
+        why = f"character {bad} is not base64" if bad else f"{len(cleaned)} characters cannot be base64 (a length of 4k+1)"
+        raise invalid(f"{where}: malformed base64 data: {why}") from None
+
+
+_URL_SAFE = str.maketrans("-_", "+/")
+_BASE64_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
 
 
 def _from_base64(value: EncodedTensor, where: str) -> np.ndarray:
     shape = value.shape
     if any(s < 0 for s in shape):
         raise invalid(f"{where}: negative dimension in shape {shape}")
-    try:
-        raw = pybase64.b64decode(value.base64, validate=True)
-    except (binascii.Error, ValueError):
-        raise invalid(f"{where}: malformed base64 data") from None
+    raw = b64decode(value.base64, where)
     itemsize = np.dtype(DTYPES[value.dtype]).itemsize
     count = math.prod(shape)
     if count * itemsize != len(raw):
@@ -111,10 +151,7 @@ def _from_images(value: ImageList, where: str, preprocessing: dict | None) -> to
             header, _, text = text.partition(",")
             if not header.endswith(";base64"):
                 raise invalid(f"{where}.images[{i}]: a data URL must be base64 (data:image/png;base64,...), got {header[:60]!r}")
-        try:
-            blob = pybase64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise invalid(f"{where}.images[{i}]: malformed base64 data") from None
+        blob = b64decode(text, f"{where}.images[{i}]")
         try:
             with Image.open(io.BytesIO(blob)) as img:
                 width, height = img.size
@@ -152,7 +189,7 @@ def _finite_float32(array: np.ndarray, where: str) -> torch.Tensor:
     if not array.flags.writeable:
         array = array.copy()
     if not np.isfinite(array).all():
-        raise invalid(f"{where}: contains NaN or infinite values", title="Non-finite values")
+        raise invalid(f"{where}: contains NaN or infinite values (or numbers beyond float32's range, about 3.4e38)", title="Non-finite values")
     return torch.from_numpy(array)
 
 
@@ -177,8 +214,16 @@ def decode_inputs(value: Any, where: str, input_shape: tuple[int, ...], preproce
     return _finite_float32(array, where)
 
 
+def _refuse_booleans(value: Any, where: str, what: str) -> None:
+    """``true``/``false`` among labels or targets (a client's ``label === "cat"``) would be read as 1 and 0.
+    Labels and targets are short lists (at most the support set), so looking costs microseconds."""
+    if isinstance(value, list) and any(v is True or v is False or (isinstance(v, list) and any(u is True or u is False for u in v)) for v in value):
+        raise invalid(f"{where}: true/false is not {what}: send numbers", title="Invalid labels" if what == "a class index" else "Invalid tensor")
+
+
 def decode_labels(value: Any, where: str, count: int, n_way: int) -> torch.Tensor:
     """Class indices ``[count]`` (int64) in ``[0, n_way)`` covering every class."""
+    _refuse_booleans(value, where, "a class index")
     array = _array_from(value, where, torch.float64, "a list of class indices or {dtype, shape, base64}")
     if array.ndim != 1:
         raise invalid(f"{where}: expected a flat list of {count} class indices, got shape {list(array.shape)}", title="Wrong tensor shape")
@@ -200,9 +245,12 @@ def decode_labels(value: Any, where: str, count: int, n_way: int) -> torch.Tenso
 
 def decode_targets(value: Any, where: str, count: int, out_features: int) -> torch.Tensor:
     """Regression targets ``[count, out_features]`` (``[count]`` accepted when out_features is 1)."""
+    _refuse_booleans(value, where, "a target")
     array = _array_from(value, where, torch.float32, "nested lists of targets or {dtype, shape, base64}")
+    sent = list(array.shape)
     if array.ndim == 1 and out_features == 1:
         array = array[:, None]
     if array.ndim != 2 or array.shape[1] != out_features or array.shape[0] != count:
-        raise invalid(f"{where}: expected targets of shape [{count}, {out_features}], got {list(array.shape)}", title="Wrong tensor shape")
+        accepted = f"[{count}, {out_features}]" + (f" or [{count}]" if out_features == 1 else "")
+        raise invalid(f"{where}: expected targets of shape {accepted} for {count} inputs, got {sent}", title="Wrong tensor shape")
     return _finite_float32(array, where)

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
 
-from service.problems import Problem
+from service.problems import PROBLEM_MEDIA_TYPE, Problem
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="Liveness", responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}})
+class Health(BaseModel):
+    status: str = Field(..., examples=["ok"])
+
+
+class Readiness(BaseModel):
+    status: str = Field(..., examples=["ready"])
+    models: list[str] = Field(..., description="The models served.")
+    queue_depth: int = Field(..., description="Requests waiting for a worker.")
+    skipped: dict[str, str] = Field(..., description="Checkpoints that did not load, with the reason.")
+
+
+@router.get("/healthz", summary="Liveness", response_model=Health)
 def healthz() -> dict:
     """200 whenever the process is serving HTTP."""
     return {"status": "ok"}
@@ -18,10 +30,8 @@ def healthz() -> dict:
 @router.get(
     "/readyz",
     summary="Readiness",
-    responses={
-        200: {"content": {"application/json": {"example": {"status": "ready", "models": ["omniglot"], "queue_depth": 0}}}},
-        503: {"description": "No model loaded, the worker is not running, or the service is draining before it stops"},
-    },
+    response_model=Readiness,
+    responses={503: {"description": "No model loaded, the worker is not running, or the service is draining before it stops", "content": {PROBLEM_MEDIA_TYPE: {}}}},
 )
 def readyz(request: Request) -> dict:
     """200 when at least one model is loaded and the adaptation worker is running."""
@@ -33,5 +43,5 @@ def readyz(request: Request) -> dict:
     if registry is None or engine is None or not engine.running:
         raise Problem(503, "Not ready", "the adaptation worker is not running", headers={"Retry-After": "1"})
     if not registry.names():
-        raise Problem(503, "Not ready", f"no model loaded from {state.settings.model_dir!r}", headers={"Retry-After": "5"})
+        raise Problem(503, "Not ready", "no model loaded: no checkpoint in the model directory loads (the log says why for each)", headers={"Retry-After": "5"})
     return {"status": "ready", "models": registry.names(), "queue_depth": engine.depth(), "skipped": registry.errors}

@@ -56,6 +56,9 @@ def _is_json(content_type: str | None) -> bool:
 async def _read_body(request: Request, model: type[BaseModel]) -> BaseModel:
     if not _is_json(request.headers.get("content-type")):
         raise Problem(415, "Unsupported media type", f"send the body as application/json, not {request.headers['content-type']!r}")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":  # a compressed body would otherwise be read as malformed JSON
+        raise Problem(415, "Unsupported media type", f"Content-Encoding {encoding!r} is not accepted: send the JSON body uncompressed")
     raw = await request.body()
     if not raw:  # as FastAPI answers a missing required body
         raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])

@@ -11,14 +11,28 @@ from service.engine import Job
 from service.problems import Problem
 from service.routes.deps import check_inner, get_model, maybe_offload, owner, store_call, uses_images
 from service.routes.json_route import JSONRoute
-from service.routes.schemas import AdaptRequest, AdaptResponse, ModelInfo, ModelList, PredictRequest, PredictResponse, Timing
+from service.routes.schemas import AdaptRequest, AdaptResponse, Limits, ModelInfo, ModelList, PredictRequest, PredictResponse, Timing
 from service.sessions import Session, new_session_id
-from service.tensors import decode_inputs, decode_labels, decode_targets
+from service.tensors import MAX_IMAGE_SIDE, decode_inputs, decode_labels, decode_targets
 
 router = APIRouter(prefix="/v1/models", tags=["models"], route_class=JSONRoute)
 
 PROBLEM = {"content": {"application/problem+json": {}}, "description": "Problem details (RFC 9457)"}
 ERRORS = {400: PROBLEM, 401: PROBLEM, 404: PROBLEM, 413: PROBLEM, 415: PROBLEM, 422: PROBLEM, 503: PROBLEM}
+
+
+def limits(settings) -> Limits:
+    return Limits(
+        max_support=settings.max_support,
+        max_query=settings.max_query,
+        max_inner_steps=settings.max_inner_steps,
+        min_inner_lr=settings.min_inner_lr,
+        max_inner_lr=settings.max_inner_lr,
+        default_ttl_s=settings.session_ttl_s,
+        max_ttl_s=settings.max_session_ttl_s,
+        max_body_bytes=settings.max_body_bytes,
+        max_image_side=MAX_IMAGE_SIDE,
+    )
 
 
 def iso(t: float) -> str:
@@ -42,15 +56,18 @@ def engine_lr(model, requested: float | None, resolved: float) -> float | None:
     return resolved
 
 
-def check_finite(result: dict) -> dict:
-    """A diverged adaptation (non-finite parameters or outputs) is the request's settings' fault: 422, not a 500."""
+def check_finite(result: dict, adapted: bool = True) -> dict:
+    """A diverged adaptation (non-finite parameters or outputs) is the request's fault (its settings, or
+    its inputs): 422, not a 500. ``adapted``: whether this request adapted (a session predict did not)."""
     if result.get("diverged"):
+        if not adapted:
+            raise Problem(422, "Adaptation diverged", "the prediction produced non-finite outputs: are the inputs in the range the model was trained on?")
         raise Problem(
             422,
             "Adaptation diverged",
             "adaptation produced non-finite parameters or outputs "
             f"(support loss {result.get('support_loss_before')} -> {result.get('support_loss_after')}); "
-            "use a smaller inner_lr or fewer inner_steps",
+            "use a smaller inner_lr or fewer inner_steps, with inputs in the range the model was trained on",
         )
     return result
 
@@ -66,7 +83,7 @@ def timing(result: dict, started: float) -> Timing:
 @router.get("", summary="List the models", response_model=ModelList, responses=ERRORS)
 async def list_models(request: Request, _owner: str | None = Depends(owner)) -> dict:
     registry = request.app.state.registry
-    return {"models": [registry.get(n).info() for n in registry.names()]}
+    return {"models": [registry.get(n).info() for n in registry.names()], "limits": limits(request.app.state.settings)}
 
 
 @router.get("/{name}", summary="Describe a model", response_model=ModelInfo, responses=ERRORS)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
@@ -13,15 +13,17 @@ from service.tensors import EncodedTensor, JsonFloat, JsonInt, TensorInput
 LabelsInput = Union[list[Any], EncodedTensor]
 
 _TENSOR_DOC = (
-    "Inputs [N, *input_shape]: nested lists, {dtype, shape, base64} (raw little-endian bytes), "
-    "or for image models {images: [base64 PNG/JPEG, or data URLs data:image/png;base64,..., ...]}."
+    "Inputs [N, *input_shape]: nested lists of numbers, {dtype, shape, base64} (raw little-endian bytes, base64 with "
+    "or without padding, standard or URL-safe), or for image models {images: [base64 PNG/JPEG, or data URLs "
+    "data:image/png;base64,..., ...]}. Numbers go to the model as they are (uint8 is not scaled): only {images} "
+    "is preprocessed (GET /v1/models/{name}'s preprocessing says how)."
 )
 
 
 class Support(BaseModel):
     model_config = ConfigDict(extra="forbid")
     x: TensorInput = Field(..., description=_TENSOR_DOC)
-    y: LabelsInput = Field(..., description="Class indices [N] in [0, n_way) (classification) or targets [N] / [N, outputs] (regression).")
+    y: LabelsInput = Field(..., description="Class indices [N] in [0, n_way), every class at least once (classification), or targets [N] / [N, outputs] (regression). Numbers, not true/false.")
 
 
 class Query(BaseModel):
@@ -34,7 +36,7 @@ class AdaptRequest(BaseModel):
     support: Support
     inner_steps: Optional[JsonInt] = Field(None, description="Inner steps (default: the model's).")
     inner_lr: Optional[JsonFloat] = Field(None, description="Inner learning rate (default: the model's).")
-    ttl_s: Optional[JsonInt] = Field(None, description="Session lifetime in seconds (default and maximum: service settings).")
+    ttl_s: Optional[JsonInt] = Field(None, description="Session lifetime in seconds from its creation; predictions do not extend it (default and maximum: GET /v1/models's limits).")
 
 
 class PredictRequest(BaseModel):
@@ -98,19 +100,45 @@ class SessionInfo(BaseModel):
 
 
 class ModelInfo(BaseModel):
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
     name: str
-    version: str
+    version: str = Field(..., description="The checkpoint's content hash. After a reload to another version, the old version's sessions answer 404.")
     algorithm: Optional[str]
-    task_type: str
-    input_shape: list[int]
-    n_way: Optional[int]
-    inner_steps: int
-    inner_lr: float
-    support_shift: int = 0  # > 0: adaptation also sees each support image shifted by this many pixels (4 views)
-    metrics: dict
+    task_type: Literal["classification", "regression"]
+    input_shape: list[int] = Field(..., description="The shape of one input: a tensor is [N, *input_shape].")
+    n_way: Optional[int] = Field(..., description="Classification: the number of classes; labels are in [0, n_way) and every class needs a support example.")
+    output_size: int = Field(..., description="Outputs per input: n_way for classification, the target size for regression.")
+    inner_steps: int = Field(..., description="Default inner steps.")
+    inner_lr: float = Field(..., description="Default inner learning rate.")
+    support_shift: int = Field(0, description="> 0: adaptation also sees each support image shifted by this many pixels (4 more views).")
+    adapted_parameters: list[str] = Field(..., description="The parameters adaptation changes (what a session stores).")
+    accepts_images: bool = Field(..., description="Whether x may be {images: [...]}, preprocessed as the training data was.")
+    preprocessing: Optional[dict] = Field(
+        ...,
+        description="How pictures become the model's input (resize, grayscale, inversion, scaling). Tensors sent as numbers skip it: "
+        "they go to the model as they are (uint8 is not scaled), so they must already be preprocessed this way.",
+    )
+    metrics: dict = Field(..., description="Training metrics from the checkpoint.")
+    training: dict = Field(..., description="How the model was trained (configuration, iterations, time).")
+    model_spec: Optional[dict] = Field(..., description="The architecture and its arguments.")
+    library_version: Optional[str]
     device: str
+
+
+class Limits(BaseModel):
+    """What this service accepts (its settings)."""
+
+    max_support: int = Field(..., description="Most support examples in one request.")
+    max_query: int = Field(..., description="Most query examples in one request.")
+    max_inner_steps: int = Field(..., description="Largest inner_steps (smallest: 0).")
+    min_inner_lr: float
+    max_inner_lr: float
+    default_ttl_s: int = Field(..., description="A session's lifetime when adapt gives no ttl_s (counted from its creation; predictions do not extend it).")
+    max_ttl_s: int
+    max_body_bytes: int = Field(..., description="Larger bodies are answered 413.")
+    max_image_side: int = Field(..., description="Largest width or height of a picture sent as {images}.")
 
 
 class ModelList(BaseModel):
     models: list[ModelInfo]
+    limits: Limits

@@ -37,7 +37,7 @@ async def predict_session(request: Request, session_id: str, body: SessionPredic
     x = await maybe_offload(uses_images(body.x), decode_inputs, body.x, "x", model.input_shape, model.preprocessing, state.settings.max_query)
     started = time.perf_counter()
     job = Job("predict", model, query_x=x, session=session.tensors, session_prepared=session.prepared, transductive=body.transductive)
-    result = check_finite(await state.engine.submit(job, alone=state.metrics.alone))
+    result = check_finite(await state.engine.submit(job, alone=state.metrics.alone), adapted=False)
     return PredictResponse(
         model=model.name,
         predictions=result["predictions"],

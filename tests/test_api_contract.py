@@ -1,0 +1,169 @@
+"""The API as a client generator and a non-Python client see it: /openapi.json's named schemas, problem
+types, bounds and headers; the wire forms' leniencies and refusals (booleans, base64 variants,
+compressed bodies, methods)."""
+
+from __future__ import annotations
+
+import ast
+import base64
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.problems import PROBLEM_TYPES, Problem, _STATUS_TITLES, problem_type
+from service.settings import Settings
+from service.tensors import EncodedTensor, decode_inputs, decode_labels, decode_targets
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def raised_titles() -> set[tuple[int | None, str]]:
+    """(status, title) of every problem the service's code raises: ``Problem(status, "Title", ...)`` and
+    ``invalid(..., title="Title")`` (422) calls with literal titles."""
+    found = set()
+    for path in (ROOT / "service").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "id", getattr(node.func, "attr", None))
+            if name == "Problem" and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant):
+                status = node.args[0].value if isinstance(node.args[0], ast.Constant) else None
+                found.add((status, node.args[1].value))
+            elif name == "invalid":
+                title = next((k.value.value for k in node.keywords if k.arg == "title" and isinstance(k.value, ast.Constant)), "Invalid tensor")
+                found.add((422, title))
+    return found
+
+
+def test_every_problem_raised_is_catalogued_and_documented():
+    titles = raised_titles()
+    assert len(titles) >= 15, titles  # the scan finds the calls
+    readme = (ROOT / "README.md").read_text()
+    for status, title in titles | set(_STATUS_TITLES.items()):
+        assert title in PROBLEM_TYPES, f"{title!r} is raised but not in service.problems.PROBLEM_TYPES"
+        if status is not None:
+            assert PROBLEM_TYPES[title][0] == status, (title, status)
+    for title in PROBLEM_TYPES:
+        slug = problem_type(title).rsplit("/", 1)[-1]
+        assert f"`{slug}`" in readme, f"the README's list of problem types lacks {slug}"
+    assert Problem(422, "Wrong tensor shape", "x").type.endswith("/wrong-tensor-shape")
+
+
+@pytest.fixture(scope="module")
+def app_client(tmp_path_factory):
+    from service.app import create_app
+
+    settings = Settings(model_dir=str(tmp_path_factory.mktemp("models")), max_inner_steps=40, max_session_ttl_s=7200)
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def test_openapi_names_what_generators_need(app_client):
+    doc = app_client.get("/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    operations = {(path, method): op for path, item in doc["paths"].items() for method, op in item.items()}
+    assert {op["operationId"] for op in operations.values()} >= {"adapt_model", "predict_stateless", "predict_session", "describe_session", "delete_session", "list_models", "describe_model", "healthz", "readyz"}
+    problem_types = schemas["Problem"]["properties"]["type"]["description"]
+    for title in PROBLEM_TYPES:
+        assert problem_type(title) in problem_types
+    for (path, method), op in operations.items():
+        assert "security" in op, (path, method)
+        for status, response in op["responses"].items():
+            if status.startswith(("4", "5")):
+                assert response["content"]["application/problem+json"]["schema"] == {"$ref": "#/components/schemas/Problem"}, (path, status)
+            if status == "503":
+                assert "Retry-After" in response["headers"], path
+    adapt = operations[("/v1/models/{name}/adapt", "post")]
+    assert "Location" in adapt["responses"]["201"]["headers"]
+    assert "WWW-Authenticate" in adapt["responses"]["401"]["headers"]
+    for request in ("Support", "Query", "SessionPredictRequest"):
+        assert schemas[request]["properties"]["x"]["$ref"] == "#/components/schemas/Tensor"
+    assert schemas["Support"]["properties"]["y"]["$ref"] == "#/components/schemas/Labels"
+    assert "EncodedTensor" in str(schemas["Tensor"]) and "ImageList" in str(schemas["Tensor"])
+    assert schemas["PredictResponse"]["properties"]["predictions"]["items"] != {}
+    steps = schemas["AdaptRequest"]["properties"]["inner_steps"]["anyOf"][0]
+    assert (steps["minimum"], steps["maximum"]) == (0, 40)  # the settings' limits
+    ttl = schemas["AdaptRequest"]["properties"]["ttl_s"]["anyOf"][0]
+    assert (ttl["minimum"], ttl["maximum"]) == (1, 7200)
+    assert {"accepts_images", "preprocessing", "output_size", "training"} <= set(schemas["ModelInfo"]["properties"])
+    assert schemas["ModelInfo"].get("additionalProperties") is False
+    assert "limits" in schemas["ModelList"]["properties"]
+
+
+@pytest.fixture(scope="module")
+def trained_app(tmp_path_factory):
+    from metalearn import MLP, MetaConfig, MetaLearner
+    from metalearn.checkpoint import save_checkpoint
+    from service.app import create_app
+
+    directory = tmp_path_factory.mktemp("models")
+    learner = MetaLearner(MLP(1, (8,), 1), MetaConfig("maml", task_type="regression"))
+    training = {"config": {"out": "/home/trainer/runs/sine", "task": "/data/private/waves.npz"}, "iterations_done": 1}
+    save_checkpoint(directory / "sine.safetensors", learner, input_shape=(1,), training=training)
+    with TestClient(create_app(Settings(model_dir=str(directory)))) as client:
+        yield client
+
+
+def test_model_names_are_examples_not_an_enum(trained_app):
+    doc = trained_app.get("/openapi.json").json()
+    parameter = next(p for p in doc["paths"]["/v1/models/{name}/adapt"]["post"]["parameters"] if p["name"] == "name")
+    assert "enum" not in parameter["schema"] and parameter["example"] == "sine"
+    listing = trained_app.get("/v1/models").json()
+    assert listing["limits"]["max_inner_steps"] == 100 and listing["limits"]["max_support"] == 512
+    info = trained_app.get("/v1/models/sine").json()
+    assert info["training"]["config"] == {"task": "waves.npz"}  # not the trainer machine's paths
+
+
+def test_methods_and_encodings_a_route_refuses_are_named(app_client):
+    answer = app_client.put("/v1/sessions/abc")
+    assert answer.status_code == 405 and answer.headers["allow"] == "GET, DELETE", answer.headers
+    assert "allowed: GET, DELETE" in answer.json()["detail"]
+    assert app_client.post("/v1/models").headers["allow"] == "GET"
+    gzipped = app_client.post("/v1/models/any/predict", content=b"\x1f\x8b\x08", headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert gzipped.status_code == 415 and "Content-Encoding 'gzip'" in gzipped.json()["detail"], gzipped.text
+    assert gzipped.headers["content-type"] == "application/problem+json"
+
+
+def encoded(array: np.ndarray, encode=base64.b64encode) -> EncodedTensor:
+    return EncodedTensor(dtype="float32", shape=list(array.shape), base64=encode(array.astype(np.float32).tobytes()).decode())
+
+
+def test_base64_as_other_languages_write_it():
+    array = np.arange(6, dtype=np.float32).reshape(3, 2) / 7
+    for encode in (base64.b64encode, base64.urlsafe_b64encode, base64.encodebytes, lambda b: base64.b64encode(b).rstrip(b"=")):
+        assert np.array_equal(decode_inputs(encoded(array, encode), "x", (2,), None, 10).numpy(), array)
+    bad = EncodedTensor(dtype="float32", shape=[1, 1], base64="AA*A")
+    with pytest.raises(Problem, match=r"x: malformed base64 data: character '\*' at position 2"):
+        decode_inputs(bad, "x", (1,), None, 10)
+
+
+def test_booleans_are_not_labels_or_targets():
+    with pytest.raises(Problem, match="support.y: true/false is not a class index"):
+        decode_labels([False, True, 2], "support.y", 3, 3)
+    with pytest.raises(Problem, match="support.y: true/false is not a target"):
+        decode_targets([[True], [0.5]], "support.y", 2, 1)
+    assert decode_labels([0, 1.0, 2], "support.y", 3, 3).tolist() == [0, 1, 2]  # integral floats are indices
+
+
+def test_errors_speak_json_not_python():
+    with pytest.raises(Problem, match=re.escape('x: not a rectangular array of numbers (a string where a number belongs (send 1.5, not "1.5"))')):
+        decode_inputs([["1.0"]], "x", (1,), None, 10)
+    with pytest.raises(Problem, match=r"null where a number belongs"):
+        decode_inputs([[None]], "x", (1,), None, 10)
+    with pytest.raises(Problem, match=r"beyond float32's range"):
+        decode_inputs([[1e39]], "x", (1,), None, 10)
+    with pytest.raises(Problem, match=re.escape("expected targets of shape [2, 1] or [2] for 2 inputs, got [1]")):
+        decode_targets([1.0], "support.y", 2, 1)
+
+
+def test_a_wrong_tensor_is_reported_against_its_own_form(app_client):
+    body = {"support": {"x": {"dtype": "float16", "shape": [1, 1], "base64": "AAA="}, "y": [0]}, "query": {"x": [[1.0]]}}
+    answer = app_client.post("/v1/models/any/predict", json=body)
+    assert answer.status_code == 422, answer.text
+    errors = answer.json()["errors"]
+    assert len(errors) == 1 and errors[0]["loc"][-1] == "dtype", errors  # not also the other two forms' complaints
+    answer = app_client.post("/v1/models/any/predict", json={**body, "support": {"x": 5, "y": [0]}})
+    assert "expected a tensor: nested lists of numbers, {dtype, shape, base64}, or {images: [...]}" in answer.json()["detail"]
