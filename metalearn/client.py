@@ -10,7 +10,11 @@
     session.delete()                                              # or: with client.adapt(...) as session:
 
 Tensors travel as ``{"dtype", "shape", "base64"}`` (raw little-endian float32)
-by default, ``encoding="json"`` sends nested lists. Every error answer raises
+by default, ``encoding="json"`` sends nested lists. uint8 arrays travel as
+uint8 whatever the encoding: the service maps them to 0-1 as the model's
+training data was mapped (pixels, a uint8 .npz). Pictures go as themselves:
+``x`` may be a list of encoded files (``bytes``), paths to them or PIL images,
+which the service preprocesses as the training data was. Every error answer raises
 :class:`ServiceError` carrying the RFC 9457 problem document. A ``503`` (queue
 full, session store down) is retried up to ``retries`` times after the
 ``Retry-After`` the service sends (capped at ``max_retry_wait`` seconds).
@@ -28,9 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import itertools
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -78,9 +85,27 @@ def encode_tensor(value: Any, encoding: str = "base64", dtype=np.float32) -> Any
     return {"dtype": np.dtype(dtype).name, "shape": list(array.shape), "base64": base64.b64encode(little.tobytes()).decode("ascii")}
 
 
-def encode_images(images: list[bytes]) -> dict:
-    """``x`` for image models from encoded picture files (PNG, JPEG, ...)."""
-    return {"images": [base64.b64encode(bytes(b)).decode("ascii") for b in images]}
+def encode_images(images: list) -> dict:
+    """``x`` for image models from pictures: encoded files (PNG, JPEG, ...) as ``bytes``, paths to them, or
+    PIL images (sent as PNG)."""
+    encoded = []
+    for image in images:
+        if isinstance(image, (str, os.PathLike)):
+            image = Path(image).read_bytes()
+        elif hasattr(image, "save") and hasattr(image, "mode"):  # a PIL image, without importing PIL
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            image = buffer.getvalue()
+        encoded.append(base64.b64encode(bytes(image)).decode("ascii"))
+    return {"images": encoded}
+
+
+def _pictures(x: Any) -> bool:
+    """Whether ``x`` is a list of pictures (file bytes, paths, PIL images) rather than numbers."""
+    if not isinstance(x, (list, tuple)) or not x:
+        return False
+    first = x[0]
+    return isinstance(first, (bytes, bytearray, memoryview, str, os.PathLike)) or (hasattr(first, "save") and hasattr(first, "mode"))
 
 
 def _seconds(retry_after: str | None, default: float) -> float:
@@ -123,7 +148,12 @@ class _Calls:
     def _x(self, x: Any) -> Any:
         if isinstance(x, dict):  # already encoded, e.g. encode_images(...)
             return x
-        return encode_tensor(x, self.encoding)
+        if _pictures(x):
+            return encode_images(x)
+        array = _as_numpy(x)
+        if array.dtype == np.uint8:  # raw pixels or bytes: the service maps them as the training data's
+            return encode_tensor(array, "base64", np.uint8)
+        return encode_tensor(array, self.encoding)
 
     def _y(self, y: Any) -> Any:
         array = _as_numpy(y)

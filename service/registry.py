@@ -59,8 +59,13 @@ class LoadedModel:
 
     @property
     def preprocessing(self) -> dict | None:
+        """How the training data became the model's input (``kind`` image: pictures; array: a .npz), or None."""
         prep = self.manifest.get("preprocessing")
-        return prep if isinstance(prep, dict) and prep.get("kind") == "image" else None
+        return prep if isinstance(prep, dict) else None
+
+    @property
+    def accepts_images(self) -> bool:
+        return self.preprocessing is not None and self.preprocessing.get("kind") == "image"
 
     @property
     def version(self) -> str:
@@ -81,7 +86,7 @@ class LoadedModel:
             "inner_lr": self.inner_lr,
             "support_shift": self.support_shift,
             "adapted_parameters": list(self.adapted_names),
-            "accepts_images": self.preprocessing is not None,
+            "accepts_images": self.accepts_images,
             "preprocessing": manifest.get("preprocessing"),
             "metrics": manifest.get("metrics") or {},
             "training": _public_training(manifest.get("training") or {}),

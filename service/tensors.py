@@ -4,9 +4,9 @@ A tensor in a request body is one of:
 
 - nested JSON lists, e.g. ``[[0.1], [0.5]]`` for two inputs of shape ``[1]``;
 - ``{"dtype": "float32", "shape": [2, 1], "base64": "..."}``: raw little-endian
-  bytes (``dtype`` one of float32, float64, uint8, int32, int64; uint8/int values
-  are cast to float32 unchanged, not scaled: a tensor is the model's input as it
-  is, already preprocessed as its training data was);
+  bytes (``dtype`` one of float32, float64, uint8, int32, int64). Numbers are the
+  model's input as they are, except uint8: raw pixels or bytes, mapped to 0-1 as
+  the training data's were (inverted too for images whose preprocessing inverts);
 - for image models, ``{"images": ["<base64 PNG or JPEG>", ...]}``: decoded and
   preprocessed exactly as the model's training data (the checkpoint's
   ``preprocessing``: resize, grayscale, inversion, scaling).
@@ -137,7 +137,7 @@ def _from_base64(value: EncodedTensor, where: str) -> np.ndarray:
 
 
 def _from_images(value: ImageList, where: str, preprocessing: dict | None) -> torch.Tensor:
-    if preprocessing is None:
+    if preprocessing is None or preprocessing.get("kind") != "image":
         raise invalid(f"{where}: this model takes tensors, not images (its checkpoint records no image preprocessing)")
     if not value.images:
         raise invalid(f"{where}: empty image list", title="Empty input")
@@ -193,12 +193,30 @@ def _finite_float32(array: np.ndarray, where: str) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
+def uint8_as_trained(array: np.ndarray, preprocessing: dict | None) -> np.ndarray:
+    """uint8 values (pixels, a .npz's bytes) mapped to the model's input as its training data's were: divided
+    by 255 (and inverted, for images whose preprocessing inverts); unchanged for a model whose training
+    data had no such mapping (floats, or no record)."""
+    kind = (preprocessing or {}).get("kind")
+    if kind == "image":
+        scaled = array.astype(np.float32) / np.float32(255.0)
+        return np.float32(1.0) - scaled if preprocessing.get("invert", True) else scaled
+    if kind == "array" and preprocessing.get("scale") == "divide_255":
+        return array.astype(np.float32) / np.float32(255.0)
+    return array
+
+
 def decode_inputs(value: Any, where: str, input_shape: tuple[int, ...], preprocessing: dict | None, max_count: int) -> torch.Tensor:
-    """A float32 tensor ``[N, *input_shape]`` with ``1 <= N <= max_count`` and finite values."""
+    """A float32 tensor ``[N, *input_shape]`` with ``1 <= N <= max_count`` and finite values.
+
+    ``preprocessing``: the model's record of how its training data became its input. Pictures go through
+    it whole; a uint8 tensor gets its value mapping (:func:`uint8_as_trained`); other numbers go as they are."""
     if isinstance(value, ImageList):
         array = _from_images(value, where, preprocessing).numpy()
     else:
         array = _array_from(value, where, torch.float32, "nested lists, {dtype, shape, base64} or {images}")
+        if isinstance(value, EncodedTensor) and value.dtype == "uint8":
+            array = uint8_as_trained(array, preprocessing)
     expected = (len(input_shape) + 1, list(input_shape))
     if array.ndim != expected[0] or list(array.shape[1:]) != expected[1]:
         raise invalid(

@@ -167,3 +167,53 @@ def test_a_wrong_tensor_is_reported_against_its_own_form(app_client):
     assert len(errors) == 1 and errors[0]["loc"][-1] == "dtype", errors  # not also the other two forms' complaints
     answer = app_client.post("/v1/models/any/predict", json={**body, "support": {"x": 5, "y": [0]}})
     assert "expected a tensor: nested lists of numbers, {dtype, shape, base64}, or {images: [...]}" in answer.json()["detail"]
+
+
+def test_uint8_tensors_are_mapped_as_the_training_data_was():
+    """A uint8 tensor is raw data: pixels of an image model (scaled and inverted as its pictures were, so
+    they predict like the same pictures sent as PNG) or a uint8 .npz's bytes (divided by 255, as training
+    sampled them). Other numbers, and uint8 for a model trained on floats, go to the model as they are."""
+    import io
+
+    from PIL import Image
+
+    from metalearn.data.preprocess import OMNIGLOT_PREPROCESSING, preprocess_images
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(3, 1, 28, 28), dtype=np.uint8)
+    raw = EncodedTensor(dtype="uint8", shape=list(pixels.shape), base64=base64.b64encode(pixels.tobytes()).decode())
+    pngs = []
+    for picture in pixels[:, 0]:
+        buffer = io.BytesIO()
+        Image.fromarray(picture).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    as_pictures = preprocess_images(pngs, OMNIGLOT_PREPROCESSING)
+    assert np.allclose(decode_inputs(raw, "x", (1, 28, 28), OMNIGLOT_PREPROCESSING, 10).numpy(), as_pictures.numpy(), atol=1e-6)
+    npz = {"kind": "array", "dtype": "uint8", "scale": "divide_255"}
+    assert np.allclose(decode_inputs(raw, "x", (1, 28, 28), npz, 10).numpy(), pixels / 255.0, atol=1e-7)
+    floats = {"kind": "array", "dtype": "float32", "scale": "none"}
+    for preprocessing in (floats, None):
+        assert np.array_equal(decode_inputs(raw, "x", (1, 28, 28), preprocessing, 10).numpy(), pixels.astype(np.float32))
+    as_lists = decode_inputs(pixels.tolist(), "x", (1, 28, 28), npz, 10)  # JSON numbers: the model's input as they are
+    assert np.array_equal(as_lists.numpy(), pixels.astype(np.float32))
+
+
+def test_the_client_sends_uint8_as_uint8_and_pictures_as_pictures(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from metalearn.client import Client
+
+    client = Client("http://127.0.0.1:9", encoding="json")
+    pixels = np.zeros((2, 1, 4, 4), np.uint8)
+    sent = client._x(pixels)
+    assert sent["dtype"] == "uint8" and sent["shape"] == [2, 1, 4, 4]  # even with encoding="json"
+    assert isinstance(client._x(pixels.astype(np.float32)), list)
+    picture = Image.fromarray(np.full((5, 5), 200, np.uint8))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    (tmp_path / "a.png").write_bytes(buffer.getvalue())
+    for pictures in ([buffer.getvalue()], [tmp_path / "a.png"], [str(tmp_path / "a.png")], [picture]):
+        sent = client._x(pictures)
+        decoded = Image.open(io.BytesIO(base64.b64decode(sent["images"][0])))
+        assert np.array_equal(np.asarray(decoded), np.asarray(picture)), pictures
