@@ -38,7 +38,7 @@ from service.openapi import install_openapi
 from service.registry import ModelRegistry
 from service.request_ids import RequestIds
 from service.routes import health, metrics, models, sessions
-from service.sessions import MemorySessionStore, SessionStore, SessionStoreUnavailable
+from service.sessions import MemorySessionStore, SessionStore, SessionStoreFull, SessionStoreUnavailable
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -234,11 +234,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _store_down(request: Request, exc: SessionStoreUnavailable):
         # Said in the log too (an operator's first look), at most once a minute while it lasts.
         now = time.monotonic()
+        full = isinstance(exc, SessionStoreFull)
         if now - store_warned[0] >= 60:
             store_warned[0] = now
-            log.warning("the session store is unavailable, session calls answer 503: %s", exc)
+            if full:
+                log.warning("the session store is full, adaptations answer 503 (raise Redis's maxmemory, or let it evict: volatile-lru): %s", exc)
+            else:
+                log.warning("the session store is unavailable, session calls answer 503: %s", exc)
         # The client is told what it can do; where the store is and why it failed stay in the log.
-        detail = "the session store cannot be reached; session calls fail until it is back, stateless /v1/models/{name}/predict still works"
+        if full:
+            detail = "the session store is full: no new session until sessions expire or are deleted; existing sessions still predict, and stateless /v1/models/{name}/predict works"
+        else:
+            detail = "the session store cannot be reached; session calls fail until it is back, stateless /v1/models/{name}/predict still works"
         return problem_response(Problem(503, "Session store unavailable", detail, headers={"Retry-After": "5"}), request.url.path)
 
     # Routes match in this order: the /v1 ones, the busiest, first.

@@ -299,6 +299,17 @@ class Engine:
             self._scripts.join(min(1.0, max(0.0, deadline - time.monotonic())))
         self._threads = []
 
+    def shed(self, reason: str) -> int:
+        """Fail every job still queued with :class:`EngineStopped` (answered ``503`` with ``Retry-After``), so
+        that a stopping server answers them before its grace period ends instead of dropping their
+        connections; jobs already computing finish. Returns how many were shed."""
+        with self._cond:
+            queued, self._pending = list(self._pending), deque()
+        for job in queued:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(EngineStopped(reason))
+        return len(queued)
+
     @property
     def running(self) -> bool:
         return any(thread.is_alive() for thread in self._threads) and not self._stopping

@@ -52,7 +52,7 @@ from redis.retry import Retry
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from service.sessions import MemorySessionStore, Session, SessionStore, SessionStoreUnavailable, StoreStats
+from service.sessions import MemorySessionStore, Session, SessionStore, SessionStoreFull, SessionStoreUnavailable, StoreStats
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +69,16 @@ local prefix = ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
+-- Counters and recency are bookkeeping: a Redis out of memory (maxmemory with noeviction) refuses
+-- their writes, and reads and deletions must still work (deleting is always allowed).
+local function count(key, n) redis.pcall('INCRBY', key, n) end
+
 local function forget(id)
   local n = tonumber(redis.call('HGET', size, id) or '0')
   redis.call('ZREM', lru, id)
   redis.call('ZREM', exp, id)
   redis.call('HDEL', size, id)
-  if n > 0 then redis.call('DECRBY', total, n) end
+  if n > 0 then count(total, -n) end
   redis.call('DEL', prefix .. 's:' .. id)
 end
 
@@ -82,7 +86,7 @@ local function sweep()
   local ids = redis.call('ZRANGEBYSCORE', exp, '-inf', now, 'LIMIT', 0, 1000)
   for _, id in ipairs(ids) do
     forget(id)
-    redis.call('INCR', expirations)
+    count(expirations, 1)
   end
 end
 sweep()
@@ -125,12 +129,13 @@ if not v[1] then
   if redis.call('HEXISTS', size, id) == 1 then
     -- Redis expired the hash before our sweep saw it
     forget(id)
-    redis.call('INCR', expirations)
+    count(expirations, 1)
   end
   return false
 end
 if v[2] ~= owner then return false end
-redis.call('ZADD', lru, redis.call('INCR', tick), id)
+local recent = redis.pcall('INCR', tick)
+if type(recent) == 'number' then redis.pcall('ZADD', lru, recent, id) end
 if meta_only then return {'', v[1]} end
 return {redis.call('HGET', key, 't'), v[1]}
 """
@@ -143,7 +148,7 @@ local o = redis.call('HGET', key, 'o')
 if not o then
   if redis.call('HEXISTS', size, id) == 1 then
     forget(id)
-    redis.call('INCR', expirations)
+    count(expirations, 1)
   end
   return 0
 end
@@ -224,6 +229,8 @@ class RedisSessionStore(SessionStore):
         if budget_bytes < 0 or held_bytes < 0:
             raise ValueError(f"budget_bytes and held_bytes must be >= 0, got {budget_bytes} and {held_bytes}")
         self.url = url
+        self.socket_timeout = socket_timeout
+        self._hung_until = -math.inf  # until when calls fail at once, after one timed out
         self.budget_bytes = int(budget_bytes)
         self.held_bytes = int(held_bytes)
         self._held = self._new_held()
@@ -251,8 +258,19 @@ class RedisSessionStore(SessionStore):
         return f"RedisSessionStore(url={_redact(self.url)!r}, budget_bytes={self.budget_bytes}, prefix={self.prefix!r})"
 
     def _call(self, script, *args: Any):
+        if time.monotonic() < self._hung_until:
+            # Redis just left a call unanswered for a whole timeout: the calls arriving meanwhile fail at once
+            # instead of each holding a thread for another timeout (a hung Redis under load).
+            raise SessionStoreUnavailable(f"session store unavailable (Redis at {_redact(self.url)}): no answer within {self.socket_timeout:g} s a moment ago")
         try:
             return script(keys=self._keys, args=[self.prefix, *args])
+        except redis.exceptions.TimeoutError as e:
+            self._hung_until = time.monotonic() + self.socket_timeout
+            raise SessionStoreUnavailable(f"session store unavailable (Redis at {_redact(self.url)}): {e}") from e
+        except redis.exceptions.ResponseError as e:
+            if "maxmemory" in str(e) or str(e).startswith("OOM"):
+                raise SessionStoreFull(f"Redis at {_redact(self.url)} is out of memory (maxmemory): {e}") from e
+            raise SessionStoreUnavailable(f"session store unavailable (Redis at {_redact(self.url)}): {e}") from e
         except redis.exceptions.RedisError as e:
             raise SessionStoreUnavailable(f"session store unavailable (Redis at {_redact(self.url)}): {e}") from e
         except OSError as e:  # socket errors that escape redis-py's wrapping

@@ -170,10 +170,14 @@ def discover(model_dir: str | Path) -> list[tuple[str, Path]]:
         return []
     found = []
     for entry in sorted(root.iterdir()):
-        if entry.is_file() and entry.suffix == ".safetensors" and not entry.name.startswith("."):
-            found.append((entry.stem, entry))
-        elif entry.is_dir() and (entry / RUN_CHECKPOINT).is_file():
-            found.append((entry.name, entry / RUN_CHECKPOINT))
+        try:
+            if entry.is_file() and entry.suffix == ".safetensors" and not entry.name.startswith("."):
+                found.append((entry.stem, entry))
+            elif entry.is_dir() and (entry / RUN_CHECKPOINT).is_file():
+                found.append((entry.name, entry / RUN_CHECKPOINT))
+        except OSError as error:  # a directory this user may not enter (a volume's lost+found, a run of another user)
+            if entry.name != "lost+found":
+                log.warning("skipping %s: %s", entry, error.strerror or error)
     return found
 
 

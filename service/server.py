@@ -23,6 +23,10 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, **settings_
 
     from service.app import create_app
 
+    # Until the app's startup installs its reload handler, a SIGHUP (an operator's reload sent to every
+    # replica) would end a replica that is starting: ignored meanwhile.
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     log_level = settings_overrides.pop("log_level", "info")
     settings = Settings.from_environment(model_dir=str(model_dir), **settings_overrides)
     settings.usable_device()  # refused here in one line, not as a traceback from the app's startup
@@ -30,15 +34,32 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, **settings_
     # the access lines are the service's own (service.request_ids), with the request id.
     logs.configure(log_level, settings.log_format)
     app = create_app(settings)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None, access_log=False, timeout_graceful_shutdown=10)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None, access_log=False, timeout_graceful_shutdown=GRACE_S)
     _draining_server(config, app, settings.drain_s).run()
+
+
+# How long requests in flight get once the server stops (uvicorn's graceful shutdown). Requests still
+# queued SHED_BEFORE_S before it ends are answered 503 (retry elsewhere) instead of losing their connection.
+GRACE_S = 10.0
+SHED_BEFORE_S = 2.0
 
 
 def _draining_server(config, app, drain_s: float):
     """uvicorn's server that, on its first SIGTERM, first answers ``/readyz`` with 503 for ``drain_s`` seconds
     while serving everything else, then stops as uvicorn does (a second signal ends the drain): a load
-    balancer that checks readiness stops sending new requests before the listener closes."""
+    balancer that checks readiness stops sending new requests before the listener closes. Once stopping,
+    what is still queued near the end of the grace period is answered 503 (``Engine.shed``)."""
     import uvicorn
+
+    def later(seconds: float, action, *args) -> None:
+        timer = threading.Timer(seconds, action, args)
+        timer.daemon = True
+        timer.start()
+
+    def shed() -> None:
+        shed = app.state.engine.shed("the service is stopping; retry (another replica answers)")
+        if shed:
+            log.warning("stopping: answered %d queued request(s) with 503 before the grace period ends", shed)
 
     class Server(uvicorn.Server):
         draining = False
@@ -47,10 +68,10 @@ def _draining_server(config, app, drain_s: float):
             if sig == signal.SIGTERM and drain_s > 0 and not self.draining:
                 self.draining = app.state.draining = True
                 log.info("SIGTERM: /readyz answers 503 for %g s, then the server stops", drain_s)
-                timer = threading.Timer(drain_s, super().handle_exit, (sig, frame))
-                timer.daemon = True
-                timer.start()
+                later(drain_s, self.handle_exit, sig, frame)
                 return
+            if not self.should_exit:
+                later(max(0.0, GRACE_S - SHED_BEFORE_S), shed)
             super().handle_exit(sig, frame)
 
     app.state.drains = True

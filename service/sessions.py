@@ -28,6 +28,11 @@ class SessionStoreUnavailable(RuntimeError):
     """The store cannot be reached (e.g. Redis is down): session calls answer 503."""
 
 
+class SessionStoreFull(SessionStoreUnavailable):
+    """The store refuses new data (Redis at maxmemory without eviction): adaptations answer 503, while
+    existing sessions still predict."""
+
+
 _GROWTH = threading.Lock()
 
 

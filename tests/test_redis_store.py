@@ -373,7 +373,13 @@ def test_hung_redis_times_out(tmp_path):
             st.stats()
         assert time.monotonic() - t0 < 2.0
         os.kill(server.proc.pid, signal.SIGCONT)
-        time.sleep(0.1)
+        # For one timeout after a call timed out, calls fail at once (under load, each would otherwise hold
+        # a thread for another timeout); then Redis is asked again.
+        t0 = time.monotonic()
+        with pytest.raises(SessionStoreUnavailable, match="no answer within 0.3 s a moment ago"):
+            st.stats()
+        assert time.monotonic() - t0 < 0.05
+        time.sleep(0.35)
         assert st.stats().live_sessions == 1
     finally:
         if server.proc is not None:
@@ -460,3 +466,28 @@ def test_metrics_report_the_held_sessions(store):
     text = ServiceMetrics(state).render().decode()
     assert "metalearn_sessions_held 1.0" in text and "metalearn_session_held_gets_total 1.0" in text
     assert "metalearn_session_fetched_gets_total 0.0" in text
+
+
+def test_a_full_redis_still_reads_and_says_it_is_full(store, redis_server):
+    """Redis at maxmemory with noeviction (its default) refuses writes: the bookkeeping a read does (its
+    recency) is skipped rather than failing the read, deletions work, and a new session is refused as
+    SessionStoreFull (the app's 503 says the store is full, not unreachable)."""
+    from service.sessions import SessionStoreFull
+
+    kept = make_session(nbytes=400)
+    store.put(kept)
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", int(client.info("memory")["used_memory"]) - 1024)
+        replica = RedisSessionStore(redis_server.url, budget_bytes=10_000, prefix=store.prefix, held_bytes=0)
+        got = replica.get(kept.id, "alice")
+        replica.close()
+        assert got is not None and torch.equal(got.tensors["head.weight"], kept.tensors["head.weight"])
+        assert store.stats().live_sessions == 1
+        with pytest.raises(SessionStoreFull, match="maxmemory"):
+            store.put(make_session(nbytes=400, seed=1))
+        assert store.delete(kept.id, "alice") is True
+    finally:
+        client.config_set("maxmemory", 0)
+        client.close()

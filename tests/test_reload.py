@@ -230,3 +230,28 @@ def test_a_run_directory_without_its_best_checkpoint_is_named_not_served(trained
     shutil.copyfile(model_dir / "anil_run" / "last.safetensors", model_dir / "anil_run" / "best.safetensors")
     assert registry.changed_on_disk(model_dir)
     assert "anil_run" in ModelRegistry.load(model_dir, previous=registry).names()
+
+
+def test_a_directory_the_service_may_not_enter_is_skipped(trained, tmp_path, caplog, monkeypatch):
+    """A volume's lost+found (root's, mode 0700) or a run of another user: a PermissionError looking into it
+    once stopped the start (and every reload); now it is skipped, with a warning unless it is lost+found.
+    (The tests run as root, who may enter anything: the refusal is simulated.)"""
+    import pathlib
+
+    model_dir = shutil.copytree(trained, tmp_path / "models")
+    for name in ("lost+found", "locked_run"):
+        (model_dir / name).mkdir()
+    real_is_file = pathlib.Path.is_file
+
+    def is_file(self, *args, **kwargs):
+        if self.parent.name in ("lost+found", "locked_run"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_file(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "is_file", is_file)
+    with caplog.at_level("WARNING", logger="service.registry"):
+        registry = ModelRegistry.load(model_dir)
+        assert not registry.changed_on_disk(model_dir)
+    assert {"sine", "anil_run"} <= set(registry.names())
+    assert f"skipping {model_dir / 'locked_run'}: Permission denied" in caplog.text
+    assert "lost+found" not in caplog.text

@@ -493,6 +493,110 @@ def test_sigterm_answers_the_requests_in_flight_first(model_dir, tmp_path):
     assert "Traceback" not in log and "Cancel" not in log, log
 
 
+def _metric(text: str, name: str) -> float:
+    """The value of one series of a /metrics page (0 when it is not there)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_clients_that_leave_cost_nothing_and_are_not_server_errors(model_dir, tmp_path):
+    """A client that closes its connection mid-body is a 499 in the access log and /metrics (nginx's
+    "client closed request"), not a 500 with a traceback; one that leaves while its adaptation waits in
+    the queue has the job dropped, not computed for nobody."""
+    import socket
+    import threading
+
+    proc = ServerProcess(model_dir, tmp_path / "serve.log", workers=1).wait_ready()
+    g = torch.Generator().manual_seed(0)
+    heavy = {"support": {"x": b64(torch.rand(50, 1, 28, 28, generator=g)), "y": [i % 5 for i in range(50)]}, "inner_steps": 100}
+    light = json.dumps({"support": {"x": b64(torch.rand(10, 1, 28, 28, generator=g)), "y": [i % 5 for i in range(10)]}, "inner_steps": 5}).encode()
+
+    def raw_request(body: bytes, declared: int) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", proc.port))
+        sock.sendall(b"POST /v1/models/conv_maml/adapt HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {declared}\r\n\r\n".encode() + body)
+        return sock
+
+    try:
+        with httpx.Client(base_url=proc.url, timeout=120) as client:
+            busy = threading.Thread(target=lambda: client.post("/v1/models/conv_maml/adapt", json=heavy))
+            busy.start()
+            time.sleep(0.3)  # the heavy adaptation holds the one worker
+            doomed = [raw_request(light, len(light)) for _ in range(6)]
+            half = raw_request(light[:100], len(light))
+            time.sleep(0.3)  # read, and queued behind the heavy one
+            for sock in (*doomed, half):
+                sock.close()
+            busy.join(120)
+            time.sleep(0.5)
+            text = client.get("/metrics").text
+        log = proc.log()
+    finally:
+        proc.stop()
+    adapt_series = 'metalearn_http_requests_total{method="POST",route="/v1/models/{name}/adapt",status="%s"}'
+    assert _metric(text, adapt_series % "499") == 7, text
+    assert _metric(text, adapt_series % "500") == 0 and _metric(text, adapt_series % "201") == 1, text
+    assert _metric(text, 'metalearn_engine_batch_size_sum{kind="adapt"}') == 1, text  # the heavy one alone was computed
+    assert "Traceback" not in log and "Exception in ASGI" not in log, log
+
+
+def test_sigterm_answers_what_it_cannot_finish_with_503(model_dir, tmp_path):
+    """More queued work than the 10 s grace can compute: what is still queued near its end is answered 503
+    with Retry-After (another replica takes it), not dropped with the connection."""
+    import signal
+    import threading
+
+    proc = ServerProcess(model_dir, tmp_path / "serve.log", cli=True, workers=1, queue_size=512).wait_ready()
+    g = torch.Generator().manual_seed(0)
+    body = {"support": {"x": b64(torch.rand(20, 1, 28, 28, generator=g)), "y": [i % 5 for i in range(20)]}, "inner_steps": 20}
+    answers: list = []
+
+    def adapt():
+        try:
+            answer = httpx.post(proc.url + "/v1/models/conv_maml/adapt", json=body, timeout=60)
+            answers.append((answer.status_code, answer.headers.get("retry-after")))
+        except httpx.HTTPError as error:
+            answers.append((type(error).__name__, None))
+
+    threads = [threading.Thread(target=adapt) for _ in range(150)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        proc.process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(60)
+        proc.process.wait(30)
+        log = proc.log()
+    finally:
+        proc.stop()
+    statuses = [status for status, _ in answers]
+    assert len(answers) == 150 and set(statuses) <= {201, 503}, (statuses, log)
+    assert statuses.count(503) > 0 and statuses.count(201) > 0, statuses  # more than the grace could compute
+    assert all(retry == "1" for status, retry in answers if status == 503)
+    assert "answered" in log and "queued request(s) with 503" in log, log
+
+
+def test_sighup_while_starting_does_not_end_the_server(model_dir, tmp_path):
+    """An operator's reload (SIGHUP to every replica) reaching one that is still starting: ignored until
+    the app handles reloads, instead of SIGHUP's default, which ended the process."""
+    import signal
+
+    proc = ServerProcess(model_dir, tmp_path / "serve.log", cli=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "loaded model" not in proc.log():
+            assert time.monotonic() < deadline and proc.alive(), proc.log()
+            time.sleep(0.02)
+        proc.process.send_signal(signal.SIGHUP)
+        proc.wait_ready()
+        assert proc.alive()
+    finally:
+        proc.stop()
+
+
 def test_metrics_exposition(server, http):
     http.get("/v1/models")
     # an adaptation and a 422 of its own, so the test also runs alone

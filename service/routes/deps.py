@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import math
-from typing import Any
+from typing import Any, Awaitable
 
 import anyio
 from fastapi import Depends, Request
@@ -80,9 +81,41 @@ async def maybe_offload(needs_thread: bool, fn, *args):
 
 
 async def store_call(request: Request, fn, *args):
-    """Session store calls: inline for the in-memory store, in a thread for network stores."""
+    """Session store calls: inline for the in-memory store, in a thread for network stores, at most
+    ``STORE_THREADS`` at once: a hung Redis then holds those threads, not the pool that image decoding and
+    the health probes share."""
     from service.sessions import MemorySessionStore
 
     if isinstance(request.app.state.store, MemorySessionStore):
         return fn(*args)
-    return await anyio.to_thread.run_sync(fn, *args)
+    state = request.app.state
+    if getattr(state, "store_threads", None) is None:
+        state.store_threads = anyio.CapacityLimiter(STORE_THREADS)
+    return await anyio.to_thread.run_sync(fn, *args, limiter=state.store_threads)
+
+
+STORE_THREADS = 16
+
+
+async def unless_client_gone(request: Request, work: Awaitable[Any]) -> Any:
+    """``await work``, unless the client closes its connection first: then the work is cancelled (a job
+    still queued is dropped, not computed for nobody) and ``ClientGone`` raised (answered 499). For
+    adaptations, which take milliseconds to seconds; a watch costs a task."""
+    from service.routes.json_route import ClientGone
+
+    async def closed() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(closed())
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if task.done() or watch.exception() is not None:  # (a server whose receive fails: no watch, just the work)
+        return await task
+    task.cancel()
+    raise ClientGone

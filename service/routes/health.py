@@ -22,7 +22,7 @@ class Readiness(BaseModel):
 
 
 @router.get("/healthz", summary="Liveness", response_model=Health)
-def healthz() -> dict:
+async def healthz() -> dict:  # on the event loop: a probe never waits for a thread (a hung store holds some)
     """200 whenever the process is serving HTTP."""
     return {"status": "ok"}
 
@@ -33,7 +33,7 @@ def healthz() -> dict:
     response_model=Readiness,
     responses={503: {"description": "No model loaded, the worker is not running, or the service is draining before it stops", "content": {PROBLEM_MEDIA_TYPE: {}}}},
 )
-def readyz(request: Request) -> dict:
+async def readyz(request: Request) -> dict:
     """200 when at least one model is loaded and the adaptation worker is running."""
     state = request.app.state
     if getattr(state, "draining", False):

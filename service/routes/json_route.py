@@ -41,6 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.params import Depends
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from service.problems import Problem
 from service.routes.deps import caller, owner
@@ -53,13 +54,25 @@ def _is_json(content_type: str | None) -> bool:
     return media == "application/json" or media.endswith("+json")
 
 
+# nginx's status for a request whose client closed the connection before the answer: in the access log
+# and /metrics, not counted as a server error (there is nobody to answer).
+CLIENT_CLOSED = 499
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready."""
+
+
 async def _read_body(request: Request, model: type[BaseModel]) -> BaseModel:
     if not _is_json(request.headers.get("content-type")):
         raise Problem(415, "Unsupported media type", f"send the body as application/json, not {request.headers['content-type']!r}")
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":  # a compressed body would otherwise be read as malformed JSON
         raise Problem(415, "Unsupported media type", f"Content-Encoding {encoding!r} is not accepted: send the JSON body uncompressed")
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # closed in the middle of sending its body
+        raise ClientGone from None
     if not raw:  # as FastAPI answers a missing required body
         raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
     try:
@@ -91,14 +104,20 @@ class JSONRoute(APIRoute):
                 elif kind == "path":
                     kwargs[name] = request.path_params[name]
                 elif kind == "body":
-                    kwargs[name] = await _read_body(request, body_model)
+                    try:
+                        kwargs[name] = await _read_body(request, body_model)
+                    except ClientGone:
+                        return Response(status_code=CLIENT_CLOSED)
                 elif kind == "request":
                     kwargs[name] = request
                 else:  # "response": FastAPI's temporal response, whose headers and status are merged into the answer
                     sub_response = kwargs[name] = Response()
                     del sub_response.headers["content-length"]
                     sub_response.status_code = None
-            result = await endpoint(**kwargs)
+            try:
+                result = await endpoint(**kwargs)
+            except ClientGone:
+                return Response(status_code=CLIENT_CLOSED)
             if isinstance(result, Response):
                 return result
             if model is None:
