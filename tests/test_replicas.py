@@ -208,7 +208,12 @@ def test_session_metrics_are_shared(replicas):
 
 
 def test_hung_redis_answers_503_quickly(replicas, redis_server):
-    """A Redis that stops answering (SIGSTOP) costs a request about the socket timeout, not a hang."""
+    """A Redis that stops answering (SIGSTOP) costs a request about the socket timeout, not a hang; under
+    load too: once a call has timed out the others fail at once, and the probes never wait behind them
+    (before, 200 such requests held every thread of the pool the probes ran on: /healthz took 8-9 s)."""
+    import asyncio
+    import concurrent.futures
+
     a, b = replicas
     session_id = adapt(a).json()["session_id"]
     os.kill(redis_server.proc.pid, signal.SIGSTOP)
@@ -217,9 +222,29 @@ def test_hung_redis_answers_503_quickly(replicas, redis_server):
         assert_problem(b.client.post(f"/v1/sessions/{session_id}/predict", json={"x": query_images()}, headers=A_HEADERS), 503, "session store")
         assert time.monotonic() - t0 < 5.0
         assert b.client.get("/healthz").status_code == 200
+
+        async def predict_many(n: int) -> list:
+            limits = httpx.Limits(max_connections=n)
+            async with httpx.AsyncClient(base_url=b.url, timeout=60, limits=limits, headers=A_HEADERS) as client:
+                async def one():
+                    started = time.monotonic()
+                    answer = await client.post(f"/v1/sessions/{session_id}/predict", json={"x": query})
+                    return answer.status_code, time.monotonic() - started
+                return await asyncio.gather(*(one() for _ in range(n)))
+
+        query = query_images()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(asyncio.run, predict_many(200))
+            time.sleep(1.0)
+            t0 = time.monotonic()
+            assert b.client.get("/healthz").status_code == 200 and b.client.get("/readyz").status_code == 200
+            probes = time.monotonic() - t0
+            answers = pending.result()
+        assert {status for status, _ in answers} == {503}
+        assert probes < 1.0 and max(seconds for _, seconds in answers) < 5.0, (probes, answers)
     finally:
         os.kill(redis_server.proc.pid, signal.SIGCONT)
-    time.sleep(0.2)
+    time.sleep(1.0)  # past the timeout during which calls fail at once
     assert b.client.post(f"/v1/sessions/{session_id}/predict", json={"x": query_images()}, headers=A_HEADERS).status_code == 200
 
 
