@@ -241,11 +241,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def held_out_as_recorded(source, split: str, recorded: list[str], same_task: bool):
+    """``source``'s split ``split`` as the checkpoint recorded it (its classes by name): classes added to the
+    data since would otherwise move the split, and training classes be evaluated as held out."""
+    try:
+        now = set(source.split(split).base_class_names)
+    except ValueError:  # that split is empty in the data as it is now
+        now = set()
+    have = set(source.base_class_names)
+    present = [name for name in recorded if name in have]
+    if not present:
+        raise UsageError(f"metalearn eval: none of the {len(recorded)} {split} classes the checkpoint recorded is in {source.name}")
+    if now != set(recorded) or len(present) < len(recorded):
+        changes = []
+        if len(present) < len(recorded):
+            changes.append(f"{len(recorded) - len(present)} of them are no longer in the data")
+        if same_task and now - set(recorded):
+            changes.append(f"the split computed now would have {len(now - set(recorded))} other classes")
+        note = f" ({'; '.join(changes)})" if changes else ""
+        print(f"note: evaluating on the {len(present)} {split} classes the checkpoint recorded{note}", file=sys.stderr)
+    return source.with_classes(present, split)
+
+
 def eval_settings(manifest: dict, args: argparse.Namespace) -> tuple[Any, dict]:
     """The held-out task source and the evaluate() arguments for a checkpoint and the eval flags."""
     from metalearn.evaluate import EVAL_SEED
     from metalearn.adaptation import check_support_shift
-    from metalearn.train import TrainConfig, check_ways, load_source
+    from metalearn.train import TrainConfig, check_ways, load_source, task_kind
 
     training = manifest.get("training") or {}
     saved = training.get("config")
@@ -272,7 +294,13 @@ def eval_settings(manifest: dict, args: argparse.Namespace) -> tuple[Any, dict]:
     config.ways, config.shots, config.queries = ways, shots, queries
     if not same_task:
         config.rotations = False
-    source = load_source(config)
+    try:
+        source = load_source(config)
+    except (ValueError, FileNotFoundError) as error:
+        if args.task or task_kind(config.task) != "path" or Path(config.task).exists():
+            raise
+        raise UsageError(f"metalearn eval: the checkpoint was trained on {config.task!r} (the path as metalearn train was given it), "
+                         f"which is not found from {os.getcwd()}: pass --task PATH ({error})") from None
     if manifest.get("task_type") != source.task_type:
         raise UsageError(
             f"metalearn eval: the checkpoint is a {manifest.get('task_type')} model but task "
@@ -283,8 +311,15 @@ def eval_settings(manifest: dict, args: argparse.Namespace) -> tuple[Any, dict]:
             f"metalearn eval: task inputs have shape {list(source.input_shape)}, the model expects "
             f"{manifest.get('input_shape')}"
         )
-    split = args.split or ("val" if same_task and config.val_fraction > 0 else "all")
-    source = source.split(split)
+    recorded = ((training.get("data") or {}).get("classes") or {})
+    # Other data (another path, a zip) holding the recorded held-out classes is held out as they were;
+    # data without them (a transfer test) is evaluated whole, as before.
+    held_out_there = "val" in recorded and bool(set(recorded["val"]) & set(getattr(source, "base_class_names", [])))
+    split = args.split or ("val" if (same_task or held_out_there) and config.val_fraction > 0 else "all")
+    if split in recorded:
+        source = held_out_as_recorded(source, split, recorded[split], same_task)
+    else:
+        source = source.split(split)
     inner = manifest.get("inner") or {}
     kwargs = dict(
         episodes=args.episodes,
@@ -331,7 +366,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     source, kwargs = eval_settings(checkpoint.manifest, args)
     result = evaluate(checkpoint.learner, source, progress=args.progress, **kwargs)
     record = {**result.to_dict(), "checkpoint": str(path), "split": getattr(source, "split_name", None)}
-    print(json.dumps(record) if args.json else f"{path}: {result.describe()}")
+    where = f" ({record['split']} split, {source.num_classes} classes)" if record["split"] else ""
+    print(json.dumps(record) if args.json else f"{path}{where}: {result.describe()}")
     return 0
 
 

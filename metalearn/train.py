@@ -113,6 +113,12 @@ class TrainConfig:
     test_fraction: float = 0.0
     split_seed: int = 0
     within_group: bool = False  # training tasks from one group (alphabet) each
+    # Pictures (omniglot, folders, zips): how they become the model's input (recorded in the checkpoint,
+    # which the service applies to uploads). Grey-scale, resized to image_size x image_size (not cropped:
+    # other aspect ratios are squashed), scaled to 0-1, inverted (dark strokes on light paper become 1.0).
+    image_size: int = 28
+    invert: bool = True
+    resample: str = "lanczos"  # nearest | box | bilinear | hamming | bicubic | lanczos
     # Validation and test-time adaptation
     val_interval: int = 500
     val_episodes: int = 200
@@ -164,6 +170,8 @@ class TrainConfig:
             raise ValueError(f"eval_support_shift must be >= 0, got {self.eval_support_shift}")
         if not (self.meta_lr > 0 and math.isfinite(self.meta_lr)):
             raise ValueError(f"meta_lr must be a positive number, got {self.meta_lr}")
+        if int(self.image_size) < 4:
+            raise ValueError(f"image_size must be >= 4, got {self.image_size}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if self.lr_schedule not in ("constant", "cosine", "linear"):
@@ -376,7 +384,41 @@ def load_source(config: TrainConfig):
         test_fraction=config.test_fraction,
         split_seed=config.split_seed,
     )
-    return load_task_source(config.task, **options)
+    pictures = {"image_size": config.image_size, "invert": config.invert, "resample": config.resample}
+    if str(config.task).lower().endswith(".npz"):
+        defaults = {name: getattr(TrainConfig, name) for name in pictures}
+        if pictures != defaults:
+            changed = ", ".join(sorted(name for name in pictures if pictures[name] != defaults[name]))
+            raise ValueError(f"{changed}: for pictures (omniglot, folders, zips); a .npz holds its inputs as they are")
+        return load_task_source(config.task, **options)
+    return load_task_source(config.task, **options, **pictures)
+
+
+def data_record(source) -> dict:
+    """What a checkpoint records of its classification data: the classes of each split, by name (so that
+    ``metalearn eval`` holds out the same classes after classes were added to the data), and the count of
+    examples. Empty for task families without classes (sinusoid)."""
+    if not hasattr(source, "base_class_names"):
+        return {}
+    classes = {}
+    for split in ("train", "val", "test"):
+        try:
+            classes[split] = sorted(source.split(split).base_class_names)
+        except ValueError:  # an empty split
+            continue
+    return {"examples": source.num_images, "classes": classes}
+
+
+def describe_data(source, record: dict) -> str:
+    """One line: the data's classes per split, examples, and the input they become."""
+    splits = ", ".join(f"{len(names)} {split}" for split, names in record["classes"].items())
+    prep = source.preprocessing or {}
+    if prep.get("kind") == "image":
+        height, width = prep["size"]
+        how = f"pictures made grey-scale {height}x{width} ({prep['resample']}{', inverted' if prep.get('invert') else ''}; image_size, invert, resample set it)"
+    else:
+        how = "arrays" + (" of uint8, divided by 255" if prep.get("scale") == "divide_255" else "")
+    return f"{source.name}: {sum(len(n) for n in record['classes'].values())} classes ({splits}), {record['examples']} examples, input {list(source.input_shape)}: {how}"
 
 
 def check_ways(ways: int, name: str = "ways") -> None:
@@ -397,6 +439,9 @@ def build_learner(config: TrainConfig, source) -> MetaLearner:
         spec = {"arch": "conv4", "in_channels": shape[0], "image_size": shape[-1], "channels": 64,
                 "out_features": out_features}
         if shape[-1] != shape[-2] and config.model.get("arch", "conv4") == "conv4":
+            if shape[-1] in (1, 3, 4) and shape[0] == shape[1]:
+                raise ValueError(f"inputs of shape {shape} look channels-last: images are [C, H, W] (channels first); "
+                                 "for a .npz, np.transpose(x, (0, 3, 1, 2))")
             raise ValueError(f"conv4 needs square images, got input shape {shape}")
     else:
         spec = {"arch": "mlp", "in_features": int(math.prod(shape)), "hidden": [256, 128], "out_features": out_features}
@@ -566,6 +611,9 @@ class Trainer:
         self.train_source = source.split("train")
         self.val_source = self._validation_source(source)
         self.val_kwargs = self._validation_kwargs()
+        self.data_record = data_record(source)
+        if self.context.is_main and self.data_record:
+            print(f"data: {describe_data(source, self.data_record)}", file=sys.stderr)
 
         torch.manual_seed(config.seed)
         self.learner = build_learner(config, source).to(self.device)
@@ -658,6 +706,7 @@ class Trainer:
                 "world_size": self.context.world_size,
                 "wall_seconds": round(self.elapsed, 3),
                 "validation": {k: v for k, v in self.val_kwargs.items() if k not in ("inner_steps", "inner_lr", "support_shift")},
+                "data": self.data_record,
             },
             metrics=metrics or {},
             inner_steps=self.eval_inner_steps,

@@ -216,3 +216,74 @@ def test_serve_refuses_an_unreadable_model_dir_in_one_line(tmp_path, capsys, mon
     monkeypatch.setattr(metalearn.cli.os, "access", lambda path, mode: False)
     code, _, err = run(capsys, "serve", "--model-dir", str(tmp_path), "--port", "1")
     assert code == 2 and err.count("\n") == 1 and f"model directory {tmp_path} is not readable by this user" in err
+
+
+def _picture_classes(root, classes, start=0, images=4, size=20, seed=0):
+    """``classes`` class folders of grey pictures under ``root`` (class names c<start>.., one per class)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed + start)
+    for label in range(start, start + classes):
+        folder = root / f"c{label:02d}"
+        folder.mkdir(parents=True)
+        for i in range(images):
+            Image.fromarray((rng.random((size, size + 7)) * 255).astype("uint8")).save(folder / f"{i}.png")
+
+
+def test_pictures_size_and_inversion_are_settings_and_the_data_is_said(tmp_path, capsys):
+    _picture_classes(tmp_path / "data", 10)
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--task", str(tmp_path / "data"), "--algorithm", "anil", "--ways", "2", "--shots", "1",
+                       "--queries", "1", "--meta-batch", "1", "--iterations", "1", "--channels", "4", "--val-interval", "1",
+                       "--val-episodes", "2", "--set", "image_size=16", "--set", "invert=false", "--set", "resample=bilinear",
+                       "--out", str(out), "--no-progress")
+    assert code == 0, err
+    manifest = read_manifest(out / "best.safetensors")
+    assert manifest["input_shape"] == [1, 16, 16]
+    assert (manifest["preprocessing"]["size"], manifest["preprocessing"]["invert"], manifest["preprocessing"]["resample"]) == ([16, 16], False, "bilinear")
+    assert f"data: {tmp_path / 'data'}: 10 classes (8 train, 2 val), 40 examples, input [1, 16, 16]: pictures made grey-scale 16x16 (bilinear;" in err
+    classes = manifest["training"]["data"]["classes"]
+    assert len(classes["train"]) == 8 and len(classes["val"]) == 2 and not set(classes["train"]) & set(classes["val"])
+    import numpy as np
+
+    np.savez(tmp_path / "d.npz", x=np.zeros((8, 3), np.float32), y=np.arange(8) % 4)
+    code, _, err = run(capsys, "train", "--task", str(tmp_path / "d.npz"), "--set", "image_size=16", "--out", str(tmp_path / "npz"), "--no-progress")
+    assert code == 2 and "image_size: for pictures (omniglot, folders, zips); a .npz holds its inputs as they are" in err
+    np.savez(tmp_path / "rgb.npz", x=np.zeros((200, 12, 12, 3), np.uint8), y=np.arange(200) % 10)
+    code, _, err = run(capsys, "train", "--task", str(tmp_path / "rgb.npz"), "--out", str(tmp_path / "rgb"), "--no-progress")
+    assert code == 2 and "look channels-last: images are [C, H, W] (channels first); for a .npz, np.transpose(x, (0, 3, 1, 2))" in err, err
+
+
+def test_eval_holds_out_the_classes_the_checkpoint_recorded(tmp_path, capsys, monkeypatch):
+    """Classes added to the data after training would move the computed split (training classes evaluated as
+    held out): eval evaluates on the classes the checkpoint recorded, and says so; a relative data path that
+    is not found from another directory gets a hint."""
+    data = tmp_path / "data"
+    _picture_classes(data, 10)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "train", "--task", "data", "--algorithm", "anil", "--ways", "2", "--shots", "1", "--queries", "1",
+                       "--meta-batch", "1", "--iterations", "1", "--channels", "4", "--val-interval", "1", "--val-episodes", "2",
+                       "--out", "run", "--no-progress")
+    assert code == 0, err
+    recorded = read_manifest(tmp_path / "run" / "best.safetensors")["training"]["data"]["classes"]["val"]
+    _picture_classes(data, 4, start=10)  # new classes since
+    code, stdout, err = run(capsys, "eval", "run", "--episodes", "4", "--no-progress")
+    assert code == 0, err
+    assert "(val split, 2 classes)" in stdout
+    assert "note: evaluating on the 2 val classes the checkpoint recorded (the split computed now would have" in err
+    code, stdout, err = run(capsys, "eval", "run", "--episodes", "4", "--no-progress", "--json")
+    assert code == 0 and last_json(stdout)["split"] == "val"
+    from metalearn.cli import eval_settings
+    import argparse
+
+    args = argparse.Namespace(task=None, ways=None, shots=None, queries=None, split=None, episodes=4, inner_steps=None, inner_lr=None,
+                              transductive=False, support_shift=None, seed=None, within_group=None)
+    source, _ = eval_settings(read_manifest(tmp_path / "run" / "best.safetensors"), args)
+    assert sorted(source.base_class_names) == sorted(recorded)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _, err = run(capsys, "eval", str(tmp_path / "run"), "--episodes", "4", "--no-progress")
+    assert code == 2 and "the checkpoint was trained on 'data' (the path as metalearn train was given it), which is not found from" in err
+    assert "pass --task PATH" in err

@@ -499,8 +499,16 @@ def test_npz_errors(tmp_path):
         load_task_source(npz("noy.npz", x=x))
     with pytest.raises(ValueError, match=r"len\.npz: 'x' has 10 examples but 'y' has 9"):
         load_task_source(npz("len.npz", x=x, y=np.zeros(9, int)))
-    with pytest.raises(ValueError, match=r"float\.npz: 'y' must hold integer class labels, got dtype float64"):
-        load_task_source(npz("float.npz", x=x, y=np.zeros(10)))
+    with pytest.raises(ValueError, match=r"float\.npz: 'y' must hold class labels \(integers or strings\), got dtype float64 \(regression from your own data is not supported"):
+        load_task_source(npz("float.npz", x=x, y=np.linspace(0, 1, 10)))
+    # class numbers saved as floats, and names, are labels
+    assert sorted(load_task_source(npz("integral.npz", x=x, y=np.arange(10.0) % 2), val_fraction=0.0).base_class_names) == ["0", "1"]
+    named = load_task_source(npz("names.npz", x=x, y=np.array(["sku-1", "sku-22"] * 5)), val_fraction=0.0)
+    assert sorted(named.base_class_names) == ["sku-1", "sku-22"]
+    broken = x.copy()
+    broken[[3, 7], 1] = np.nan
+    with pytest.raises(ValueError, match=r"nan\.npz: 'x' contains NaN or infinite values in 2 example\(s\), the first at index 3"):
+        load_task_source(npz("nan.npz", x=broken, y=np.arange(10) % 2))
     with pytest.raises(ValueError, match=r"obj\.npz: cannot read"):
         load_task_source(npz("obj.npz", x=x, y=np.array([[1], "a"] * 5, dtype=object)))
     small = npz("small.npz", x=x, y=np.arange(10) % 2)

@@ -226,6 +226,16 @@ class ImageTasks:
         view._init_view(self._store, self.config, self._splits, self.preprocessing, self.name, name)
         return view
 
+    def with_classes(self, names: Sequence[str], split: str) -> ImageTasks:
+        """This source's ``split`` made of the base classes ``names`` (those it has, in any split): the split
+        a checkpoint recorded, when classes were added to the data since (its split would move)."""
+        check_split_name(split)
+        index = {name: i for i, name in enumerate(self._store.class_names)}
+        ids = torch.tensor(sorted(index[n] for n in set(names) if n in index), dtype=torch.long)
+        view = object.__new__(ImageTasks)
+        view._init_view(self._store, self.config, {**self._splits, split: ids}, self.preprocessing, self.name, split)
+        return view
+
     def with_config(self, **changes: Any) -> ImageTasks:
         """The same images with other :class:`ImageTaskConfig` settings (no reloading).
 

@@ -239,10 +239,11 @@ def _classify(entries, layout: str, where: str):
 
 
 def load_npz(path: PathLike, config: ImageTaskConfig | None = None) -> ImageTasks:
-    """Classification tasks from a ``.npz`` with arrays ``x [N, ...]`` and ``y [N]`` (integers).
+    """Classification tasks from a ``.npz`` with arrays ``x [N, ...]`` and ``y [N]`` (class labels).
 
-    Labels can be any integers (they are mapped to 0..C-1 in sorted order;
-    class names are the original labels as strings). All classes are in one
+    Labels can be any integers or strings (they are mapped to 0..C-1 in sorted order;
+    class names are the original labels as strings). Images are ``[N, C, H, W]``
+    (channels first). All classes are in one
     group, so use ``split_by="character"`` (the default). ``uint8`` inputs
     are scaled by 1/255 when sampled; other numeric inputs are used as float32.
     """
@@ -267,12 +268,16 @@ def load_npz(path: PathLike, config: ImageTaskConfig | None = None) -> ImageTask
         raise ValueError(f"{path}: 'x' has {len(x) if x.ndim else 0} examples but 'y' has {len(y)}")
     if len(y) == 0:
         raise ValueError(f"{path}: no examples")
-    if y.dtype.kind not in "iu":
-        raise ValueError(f"{path}: 'y' must hold integer class labels, got dtype {y.dtype}")
+    if y.dtype.kind == "f" and np.isfinite(y).all() and np.array_equal(y, np.round(y)):
+        y = y.astype(np.int64)  # class numbers saved as floats
+    if y.dtype.kind not in "iuUS":
+        regression = " (regression from your own data is not supported: the sinusoid task is the regression one)" if y.dtype.kind == "f" else ""
+        raise ValueError(f"{path}: 'y' must hold class labels (integers or strings), got dtype {y.dtype}{regression}")
     if x.dtype.kind not in "biuf":
         raise ValueError(f"{path}: 'x' must be numeric, got dtype {x.dtype}")
     if x.dtype.kind == "f" and not np.isfinite(x).all():
-        raise ValueError(f"{path}: 'x' contains NaN or infinite values")
+        bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        raise ValueError(f"{path}: 'x' contains NaN or infinite values in {int(bad.sum())} example(s), the first at index {int(np.argmax(bad))}")
 
     classes, labels = np.unique(y, return_inverse=True)
     if x.ndim == 1:
