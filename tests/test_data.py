@@ -24,6 +24,7 @@ from metalearn.data import (
     preprocess_images,
 )
 from metalearn.data.images import random_shift, shifted_views
+from metalearn.data.preprocess import image_preprocessing
 from test_service_helpers import png_header_only
 
 OMNIGLOT_DIR = Path(__file__).resolve().parents[1] / "metalearn" / "data" / "omniglot"
@@ -518,3 +519,31 @@ def test_npz_errors(tmp_path):
         load_task_source(small, ways=2, shots=1, queries=5, val_fraction=0.0)
     with pytest.raises(ValueError, match="rotations need square images"):
         load_task_source(small, rotations=True)
+
+
+def test_pictures_as_companies_have_them(tmp_path):
+    """16-bit pictures keep their grey levels (convert("L") clipped them white); float ones are refused by
+    name; every bad file is named in one error; a zip written with backslashes (Windows) loads; TIFFs count."""
+    import zipfile
+
+    from PIL import Image
+
+    prep = image_preprocessing(8, invert=False)
+    levels = np.linspace(0, 255, 64).reshape(8, 8).astype(np.uint8)
+
+    def encoded(array, fmt="PNG"):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format=fmt)
+        return buf.getvalue()
+
+    wide, narrow = preprocess_images([encoded(levels.astype(np.uint16) * 257), encoded(levels)], prep)
+    assert torch.equal(wide, narrow) and 0.45 < float(narrow.mean()) < 0.55
+    with pytest.raises(ValueError, match=r"^3 picture\(s\) cannot be used; fix or remove them: a\.tif: .*32-bit float pictures .*; b\.png: cannot decode image: not a picture Pillow can read .*; c\.png: "):
+        preprocess_images([encoded(np.ones((8, 8), np.float32), "TIFF"), b"nope", b"", encoded(levels)], prep, names=["a.tif", "b.png", "c.png", "d.png"])
+    archive = tmp_path / "windows.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for label in range(3):
+            for i in range(2):
+                z.writestr(f"data\\c{label}\\{i}.tif", encoded(levels, "TIFF"))
+    source = load_task_source(archive, val_fraction=0.0)
+    assert sorted(source.base_class_names) == ["c0", "c1", "c2"] and source.num_images == 6

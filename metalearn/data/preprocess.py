@@ -93,7 +93,17 @@ def _open(item: ImageInput) -> Image.Image:
     return img
 
 
-def _to_gray(img: Image.Image) -> Image.Image:
+# Pictures of more than 8 bits a pixel (16-bit scans and sensors; Pillow's 32-bit "I" holds 16-bit PNGs too).
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_gray(img: Image.Image) -> tuple[Image.Image, float]:
+    """The picture in grey, and its white value: 255, or 65535 for 16-bit pictures (kept as floats:
+    ``convert("L")`` would clip every value above 255 to white)."""
+    if img.mode in _WIDE_MODES:
+        return ImageOps.exif_transpose(img).convert("F"), 65535.0
+    if img.mode == "F":
+        raise ValueError("32-bit float pictures have no fixed white point: save them as 8- or 16-bit images")
     img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # A drawing exported from an HTML canvas is typically black strokes on
@@ -102,7 +112,7 @@ def _to_gray(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
-    return img.convert("L")
+    return img.convert("L"), 255.0
 
 
 def preprocess_images(
@@ -127,17 +137,27 @@ def preprocess_images(
     prep = OMNIGLOT_PREPROCESSING if preprocessing is None else preprocessing
     (height, width), invert, resample = _validate(prep)
     out = np.empty((len(images), 1, height, width), dtype=np.float32)
-    for i, item in enumerate(images):
+    failures = []
+    for i in range(len(images)):  # (by index: ``images`` may read each file only when asked for it)
         label = names[i] if names is not None else f"image #{i}"
         try:
-            img = _to_gray(_open(item))
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ValueError(f"{label}: cannot decode image ({e})") from e
+            img, white = _to_gray(_open(images[i]))
+        except UnidentifiedImageError:
+            failures.append(f"{label}: cannot decode image: not a picture Pillow can read (PNG, JPEG, ...)")
+            continue
+        except (OSError, SyntaxError, ValueError) as e:
+            failures.append(f"{label}: cannot decode image ({e})")
+            continue
         except Image.DecompressionBombError as e:  # (not an OSError: it would go up as a traceback)
-            raise ValueError(f"{label}: image too large to decode ({e})") from e
+            failures.append(f"{label}: image too large to decode ({e})")
+            continue
         # PIL sizes are (width, height).
         img = img.resize((width, height), resample)
-        out[i, 0] = np.asarray(img, dtype=np.float32) / 255.0
+        out[i, 0] = np.asarray(img, dtype=np.float32) / white
+    if failures:
+        # Every bad file at once: with many pictures, finding them one run at a time costs a decode each.
+        more = f" (and {len(failures) - 10} more)" if len(failures) > 10 else ""
+        raise ValueError(f"{len(failures)} picture(s) cannot be used; fix or remove them: " + "; ".join(failures[:10]) + more)
     if invert:
         np.subtract(1.0, out, out=out)
     return torch.from_numpy(out)

@@ -42,7 +42,7 @@ from .sinusoid import SinusoidConfig, SinusoidTasks
 
 PathLike = Union[str, os.PathLike]
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 OMNIGLOT_ZIPS = ("images_background_small1.zip", "images_background_small2.zip")
 FLAT_GROUP = "all"
 
@@ -164,7 +164,8 @@ def load_image_archives(
     class_keys = sorted({(g, c) for g, c, _ in keys})
     class_index = {k: i for i, k in enumerate(class_keys)}
     labels = torch.tensor([class_index[(g, c)] for g, c, _ in keys], dtype=torch.long)
-    images = preprocess_images([found[k][1]() for k in keys], prep, names=[found[k][0] for k in keys])
+    # Each file read when its turn comes: holding every file's bytes first cost their whole size in memory.
+    images = preprocess_images(_Reading([found[k][1] for k in keys]), prep, names=[found[k][0] for k in keys])
     return ImageTasks(
         images,
         labels,
@@ -174,6 +175,19 @@ def load_image_archives(
         config=config,
         name=name,
     )
+
+
+class _Reading(Sequence):
+    """A sequence of files' bytes, each read when it is indexed."""
+
+    def __init__(self, readers: list) -> None:
+        self.readers = readers
+
+    def __len__(self) -> int:
+        return len(self.readers)
+
+    def __getitem__(self, i: int) -> bytes:
+        return self.readers[i]()
 
 
 def _list_images(path: Any) -> Iterable[tuple[tuple[str, ...], str, Any]]:
@@ -199,7 +213,7 @@ def _list_images(path: Any) -> Iterable[tuple[tuple[str, ...], str, Any]]:
     except (zipfile.BadZipFile, OSError) as e:
         raise ValueError(f"{path}: not a readable folder or zip file ({e})") from e
     for info in archive.infolist():
-        parts = tuple(p for p in info.filename.split("/") if p)
+        parts = tuple(p for p in info.filename.replace("\\", "/").split("/") if p)  # (Windows' zips may use backslashes)
         if not info.is_dir() and parts and wanted(parts):
             yield parts, f"{path}:{info.filename}", (lambda n=info.filename: archive.read(n))
 
