@@ -97,6 +97,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:  # a full disk, a quota: said with the file (its old version is intact)
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(error.errno, f"cannot write {path} ({error.strerror or error}); the file as it was is kept") from error
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -278,7 +278,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_openapi(app)
     # Each added one wraps the ones before: metrics see every answer, including 413s from the size
     # limit, and every answer carries its request id.
-    app.add_middleware(problems.BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(problems.BodySizeLimit, max_bytes=settings.max_body_bytes, idle_s=settings.body_timeout_s)
     if settings.cors_origin_list():  # (outside the size limit: a browser reads a 413's body only with CORS headers)
         app.add_middleware(
             CORSMiddleware,

@@ -14,6 +14,7 @@ counting the bytes as they arrive (a lying or missing Content-Length does not he
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -78,6 +79,7 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "Unknown model": (404, "no model of that name is loaded (the detail lists those that are)"),
     "Unknown session": (404, "the session never existed, expired, was evicted or deleted, belongs to another key, or its model has since been reloaded in another version"),
     "Method not allowed": (405, "the route exists but not with this method (the Allow header lists those it takes)"),
+    "Request timeout": (408, "the body stopped arriving for METALEARN_BODY_TIMEOUT_S seconds"),
     "Request body too large": (413, "the body is over METALEARN_MAX_BODY_BYTES"),
     "Unsupported media type": (415, "a body that is not plain application/json (another Content-Type, or a Content-Encoding such as gzip)"),
     "Invalid request": (422, "the body does not match the schema: `errors` lists each field (`loc`, `msg`, `type`)"),
@@ -104,7 +106,7 @@ def problem_type(title: str) -> str:
 
 
 # The titles of problems raised as plain HTTP errors (Starlette's 404 and 405, a refused preflight).
-_STATUS_TITLES = {400: "Bad request", 401: "Unauthorized", 404: "Not found", 405: "Method not allowed", 413: "Request body too large", 415: "Unsupported media type", 422: "Invalid request", 503: "Not ready"}
+_STATUS_TITLES = {400: "Bad request", 401: "Unauthorized", 404: "Not found", 405: "Method not allowed", 408: "Request timeout", 413: "Request body too large", 415: "Unsupported media type", 422: "Invalid request", 503: "Not ready"}
 
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
@@ -162,31 +164,37 @@ def install(app: FastAPI) -> None:
         return problem_response(problem, request.url.path)
 
 
-class _TooLarge(StarletteHTTPException):
-    """Raised from ``receive`` when the body grows past the limit (an HTTPException, so FastAPI re-raises it)."""
+class _BodyRefused(StarletteHTTPException):
+    """Raised from ``receive`` when the body grows past the limit, or stalls (an HTTPException, so FastAPI re-raises it)."""
 
-    def __init__(self, max_bytes: int):
-        super().__init__(413, f"the request body exceeds the limit of {max_bytes} bytes")
+    def __init__(self, problem: Problem):
+        super().__init__(problem.status, problem.detail)
+        self.problem = problem
 
 
 class BodySizeLimit:
-    """ASGI middleware: ``413`` when a request body exceeds ``max_bytes``."""
+    """ASGI middleware: ``413`` when a request body exceeds ``max_bytes``; ``408`` when it stops arriving for
+    ``idle_s`` seconds (a stalled upload would otherwise hold its connection and buffer for good)."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, idle_s: float = 30.0):
         self.app = app
         self.max_bytes = max_bytes
+        self.idle_s = idle_s
 
-    async def _reject(self, scope, send) -> None:
-        problem = Problem(413, "Request body too large", f"the request body exceeds the limit of {self.max_bytes} bytes")
+    @staticmethod
+    async def _reject(scope, send, problem: Problem) -> None:
         body = json.dumps(problem.body(scope.get("path"))).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": problem.status,
                 "headers": [(b"content-type", PROBLEM_MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode()), (b"connection", b"close")],
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+    def _too_large(self) -> Problem:
+        return Problem(413, "Request body too large", f"the request body exceeds the limit of {self.max_bytes} bytes")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -198,17 +206,25 @@ class BodySizeLimit:
                 except ValueError:
                     declared = 0
                 if declared > self.max_bytes:
-                    return await self._reject(scope, send)
+                    return await self._reject(scope, send, self._too_large())
         received = 0
         started = False
+        complete = False
 
         async def counting_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # the body is in: later calls wait for a disconnect, as long as it takes
+                return await receive()
+            try:
+                async with asyncio.timeout(self.idle_s):
+                    message = await receive()
+            except TimeoutError:
+                raise _BodyRefused(Problem(408, "Request timeout", f"the request body stopped arriving for {self.idle_s:g} s")) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _TooLarge(self.max_bytes)
+                    raise _BodyRefused(self._too_large())
+                complete = not message.get("more_body", False)
             return message
 
         async def tracking_send(message):
@@ -219,6 +235,6 @@ class BodySizeLimit:
 
         try:
             await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
+        except _BodyRefused as refused:
             if not started:
-                await self._reject(scope, send)
+                await self._reject(scope, send, refused.problem)

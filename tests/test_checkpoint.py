@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import struct
 
 import pytest
@@ -182,3 +184,23 @@ def test_a_checkpoint_is_readable_as_any_file_its_user_writes(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o640
+
+
+def test_a_write_that_fails_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    """A full disk while a checkpoint is written: the error names the file (it said only 'No space left on
+    device'), the previous file is intact and no temporary file is left."""
+    import errno
+
+    from metalearn.checkpoint import atomic_write_bytes
+
+    target = tmp_path / "last.safetensors"
+    atomic_write_bytes(target, b"old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match=rf"cannot write {re.escape(str(target))} \(No space left on device\); the file as it was is kept") as caught:
+        atomic_write_bytes(target, b"new")
+    assert caught.value.errno == errno.ENOSPC
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]

@@ -747,3 +747,36 @@ def test_metalearn_serve_writes_json_logs_with_access_lines(model_dir, tmp_path)
     assert access[0]["duration_ms"] > 0 and access[0]["client"] == "127.0.0.1"
     assert any(line["logger"] == "uvicorn.error" and "Uvicorn running" in line["message"] for line in lines)
     assert any(line["logger"] == "service" and line["message"].startswith("serving ") for line in lines)
+
+
+def test_a_stalled_upload_is_answered_408(model_dir, tmp_path):
+    """A body that stops arriving (a client gone quiet mid-upload) is answered 408 once it has been quiet for
+    METALEARN_BODY_TIMEOUT_S, freeing its connection and buffer; a request that completes is unaffected, and
+    so is the wait for a disconnect after the body is in (adaptations watch for it)."""
+    import socket
+
+    proc = ServerProcess(model_dir, tmp_path / "serve.log", body_timeout_s=0.5).wait_ready()
+    try:
+        sock = socket.create_connection(("127.0.0.1", proc.port))
+        sock.sendall(b"POST /v1/models/sine/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"support\":")
+        sock.settimeout(10)
+        started = time.monotonic()
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        waited = time.monotonic() - started
+        sock.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer
+        assert json.loads(body)["type"].endswith("/request-timeout") and 0.4 < waited < 5, (body, waited)
+        g = torch.Generator().manual_seed(0)
+        slow = {"support": {"x": b64(torch.rand(50, 1, 28, 28, generator=g)), "y": [i % 5 for i in range(50)]}, "inner_steps": 100}
+        started = time.monotonic()
+        ok = httpx.post(proc.url + "/v1/models/conv_maml/adapt", json=slow, timeout=60)
+        assert ok.status_code == 201 and time.monotonic() - started > 0.5, ok.text  # longer than the body timeout
+        assert "Traceback" not in proc.log()
+    finally:
+        proc.stop()
