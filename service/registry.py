@@ -221,6 +221,10 @@ class ModelRegistry:
             # An unmounted volume, say: dropping every model would take the service down.
             log.error("model directory %s does not exist: still serving the models loaded before", model_dir)
             return previous
+        if previous is not None and previous.models and not discover(model_dir):
+            # An unmounted volume usually leaves an empty mount point: the same, for an empty directory.
+            log.error("model directory %s holds no checkpoint now: still serving the models loaded before (%s)", model_dir, ", ".join(previous.names()))
+            return previous
         models: dict[str, LoadedModel] = {}
         errors: dict[str, str] = {}
         seen = scan(model_dir)  # before loading: a file changing meanwhile is seen as changed by the next look

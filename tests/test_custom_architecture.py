@@ -174,8 +174,8 @@ def test_train_config_model_settings_merge_and_the_model_is_checked_first(tmp_pa
     )
     for setting, message in cases:
         assert main([*common, "--set", setting]) == EXIT_ERROR
-        err = capsys.readouterr().err
-        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+        data, err = capsys.readouterr().err.split("\n", 1)  # the line on the data, then the error's
+        assert data.startswith("data: omniglot: 242 classes") and err.startswith(f"error: {message}") and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
 
 

@@ -67,7 +67,10 @@ def test_a_reload_loads_what_changed_and_keeps_the_rest(trained, tmp_path):
     third = ModelRegistry.load(model_dir, previous=same)
     assert third.get("sine") is first.get("sine") and third.changes_from(same)["kept"] == ["conv_maml", "sine", "sine2"]
     assert "still serving the version loaded before" in third.errors[str(model_dir / "sine.safetensors")]
-    # A model directory gone (an unmounted volume) drops nothing.
+    # A model directory emptied or gone (an unmounted volume: an empty mount point, or none) drops nothing.
+    for path in model_dir.iterdir():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert ModelRegistry.load(model_dir, previous=third) is third
     shutil.rmtree(model_dir)
     assert ModelRegistry.load(model_dir, previous=third) is third
 

@@ -57,8 +57,13 @@ async def call(app, path: str, body: bytes) -> tuple[int, bytes]:
     }
     messages = [{"type": "http.request", "body": body, "more_body": False}]
 
+    connected = asyncio.Event()  # never set: as a server does, receive() after the body waits for a disconnect
+
     async def receive():
-        return messages.pop() if messages else {"type": "http.disconnect"}
+        if messages:
+            return messages.pop()
+        await connected.wait()
+        return {"type": "http.disconnect"}
 
     sent = []
 

@@ -103,9 +103,9 @@ async def unless_client_gone(request: Request, work: Awaitable[Any]) -> Any:
     adaptations, which take milliseconds to seconds; a watch costs a task."""
     from service.routes.json_route import ClientGone
 
-    async def closed() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
+    async def closed() -> bool:
+        # After the body, an ASGI server's receive() waits for the disconnect; anything else: stop watching.
+        return (await request.receive())["type"] == "http.disconnect"
 
     task, watch = asyncio.ensure_future(work), asyncio.ensure_future(closed())
     try:
@@ -115,7 +115,7 @@ async def unless_client_gone(request: Request, work: Awaitable[Any]) -> Any:
         raise
     finally:
         watch.cancel()
-    if task.done() or watch.exception() is not None:  # (a server whose receive fails: no watch, just the work)
+    if task.done() or watch.exception() is not None or not watch.result():  # (a server that cannot tell: no watch)
         return await task
     task.cancel()
     raise ClientGone
