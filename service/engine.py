@@ -213,6 +213,7 @@ class Engine:
         # Compiled adaptations on the CPU (those traces cannot hold), shared by the workers; None = none (service.cpu_scripts)
         self._scripts = ScriptCache(capacity=cpu_scripts) if cpu_scripts else None
         self._pending: deque[Job] = deque()
+        self.recent_batch_s: deque[float] = deque(maxlen=32)  # how long the last batches took (a stopping server's margin)
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)  # guards the queue; a worker filling a batch waits on it for company
         self._idle: list[threading.Condition] = []  # workers waiting for work, the most recently idle last
@@ -483,6 +484,7 @@ class Engine:
         with self._cond:  # several workers count
             self.batches += 1
             self.jobs_done += len(batch)
+            self.recent_batch_s.append(elapsed)
         if self.metrics is not None:
             self.metrics.batch(kind, batch[0].model.name, len(batch), elapsed)
 

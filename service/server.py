@@ -39,9 +39,10 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, **settings_
 
 
 # How long requests in flight get once the server stops (uvicorn's graceful shutdown). Requests still
-# queued SHED_BEFORE_S before it ends are answered 503 (retry elsewhere) instead of losing their connection.
+# queued when less than SHED_MARGIN_S plus the longest recent batch is left are answered 503 (retry
+# elsewhere) instead of losing their connection: the batches computing then still finish in time.
 GRACE_S = 10.0
-SHED_BEFORE_S = 2.0
+SHED_MARGIN_S = 1.0
 
 
 def _draining_server(config, app, drain_s: float):
@@ -71,7 +72,8 @@ def _draining_server(config, app, drain_s: float):
                 later(drain_s, self.handle_exit, sig, frame)
                 return
             if not self.should_exit:
-                later(max(0.0, GRACE_S - SHED_BEFORE_S), shed)
+                longest = max(app.state.engine.recent_batch_s, default=0.0)
+                later(max(0.0, GRACE_S - SHED_MARGIN_S - 2 * longest), shed)
             super().handle_exit(sig, frame)
 
     app.state.drains = True

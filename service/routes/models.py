@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Depends, Request, Response
 
 from service.engine import Job
 from service.problems import Problem
-from service.routes.deps import check_inner, get_model, maybe_offload, owner, store_call, unless_client_gone, uses_images
+from service.routes.deps import check_inner, compute_unless_client_gone, get_model, maybe_offload, owner, store_call, uses_images
 from service.routes.json_route import JSONRoute
 from service.routes.schemas import AdaptRequest, AdaptResponse, Limits, ModelInfo, ModelList, PredictRequest, PredictResponse, Timing
 from service.sessions import Session, new_session_id
@@ -104,7 +104,7 @@ async def adapt_model(request: Request, response: Response, name: str, body: Ada
     x, y = await maybe_offload(uses_images(body.support.x), decode_support, model, body.support, settings)
     started = time.perf_counter()
     job = Job("adapt", model, support_x=x, support_y=y, steps=steps, lr=engine_lr(model, body.inner_lr, lr), keep_session=True)
-    result = check_finite(await unless_client_gone(request, state.engine.submit(job)))
+    result = check_finite(await compute_unless_client_gone(request, state.engine, job))
     state.metrics.adaptation.labels(model.name).observe(time.perf_counter() - started)
     created = time.time()
     session = Session(
@@ -160,7 +160,7 @@ async def predict_stateless(request: Request, name: str, body: PredictRequest = 
     sx, sy, qx = await maybe_offload(offload, decode)
     started = time.perf_counter()
     job = Job("adapt", model, support_x=sx, support_y=sy, steps=steps, lr=engine_lr(model, body.inner_lr, lr), query_x=qx, transductive=body.transductive, keep_session=False)
-    result = check_finite(await unless_client_gone(request, state.engine.submit(job)))
+    result = check_finite(await compute_unless_client_gone(request, state.engine, job))
     state.metrics.adaptation.labels(model.name).observe(time.perf_counter() - started)
     return PredictResponse(
         model=model.name,
