@@ -114,11 +114,13 @@ class TrainConfig:
     split_seed: int = 0
     within_group: bool = False  # training tasks from one group (alphabet) each
     # Pictures (omniglot, folders, zips): how they become the model's input (recorded in the checkpoint,
-    # which the service applies to uploads). Grey-scale, resized to image_size x image_size (not cropped:
-    # other aspect ratios are squashed), scaled to 0-1, inverted (dark strokes on light paper become 1.0).
+    # which the service applies to uploads). Grey-scale (or RGB with color), resized to image_size x
+    # image_size (not cropped: other aspect ratios are squashed), scaled to 0-1, inverted (dark strokes on
+    # light paper become 1.0).
     image_size: int = 28
     invert: bool = True
     resample: str = "lanczos"  # nearest | box | bilinear | hamming | bicubic | lanczos
+    color: bool = False  # keep colour: 3 input channels (RGB) instead of grey
     # Validation and test-time adaptation
     val_interval: int = 500
     val_episodes: int = 200
@@ -384,14 +386,14 @@ def load_source(config: TrainConfig):
         test_fraction=config.test_fraction,
         split_seed=config.split_seed,
     )
-    pictures = {"image_size": config.image_size, "invert": config.invert, "resample": config.resample}
+    pictures = ("image_size", "invert", "resample", "color")
     if str(config.task).lower().endswith(".npz"):
-        defaults = {name: getattr(TrainConfig, name) for name in pictures}
-        if pictures != defaults:
-            changed = ", ".join(sorted(name for name in pictures if pictures[name] != defaults[name]))
+        changed = ", ".join(name for name in pictures if getattr(config, name) != getattr(TrainConfig, name))
+        if changed:
             raise ValueError(f"{changed}: for pictures (omniglot, folders, zips); a .npz holds its inputs as they are")
         return load_task_source(config.task, **options)
-    return load_task_source(config.task, **options, **pictures)
+    return load_task_source(config.task, **options, image_size=config.image_size, invert=config.invert,
+                            resample=config.resample, grayscale=not config.color)
 
 
 def data_record(source) -> dict:
@@ -415,7 +417,8 @@ def describe_data(source, record: dict) -> str:
     prep = source.preprocessing or {}
     if prep.get("kind") == "image":
         height, width = prep["size"]
-        how = f"pictures made grey-scale {height}x{width} ({prep['resample']}{', inverted' if prep.get('invert') else ''}; image_size, invert, resample set it)"
+        colour = "grey-scale" if prep.get("grayscale", True) else "RGB"
+        how = f"pictures made {colour} {height}x{width} ({prep['resample']}{', inverted' if prep.get('invert') else ''}; image_size, invert, resample, color set it)"
     else:
         how = "arrays" + (" of uint8, divided by 255" if prep.get("scale") == "divide_255" else "")
     return f"{source.name}: {sum(len(n) for n in record['classes'].values())} classes ({splits}), {record['examples']} examples, input {list(source.input_shape)}: {how}"

@@ -245,6 +245,14 @@ def test_pictures_size_and_inversion_are_settings_and_the_data_is_said(tmp_path,
     assert f"data: {tmp_path / 'data'}: 10 classes (8 train, 2 val), 40 examples, input [1, 16, 16]: pictures made grey-scale 16x16 (bilinear;" in err
     classes = manifest["training"]["data"]["classes"]
     assert len(classes["train"]) == 8 and len(classes["val"]) == 2 and not set(classes["train"]) & set(classes["val"])
+    code, _, err = run(capsys, "train", "--task", str(tmp_path / "data"), "--algorithm", "maml", "--ways", "2", "--shots", "1",
+                       "--queries", "1", "--meta-batch", "1", "--iterations", "1", "--channels", "4", "--val-interval", "1",
+                       "--val-episodes", "2", "--set", "image_size=16", "--set", "color=true", "--out", str(tmp_path / "rgb_run"), "--no-progress")
+    assert code == 0, err
+    assert "input [3, 16, 16]: pictures made RGB 16x16" in err
+    manifest = read_manifest(tmp_path / "rgb_run" / "best.safetensors")
+    assert manifest["input_shape"] == [3, 16, 16] and manifest["preprocessing"]["grayscale"] is False
+    assert manifest["model_spec"]["in_channels"] == 3
     import numpy as np
 
     np.savez(tmp_path / "d.npz", x=np.zeros((8, 3), np.float32), y=np.arange(8) % 4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import math
 import zipfile
@@ -547,3 +548,33 @@ def test_pictures_as_companies_have_them(tmp_path):
                 z.writestr(f"data\\c{label}\\{i}.tif", encoded(levels, "TIFF"))
     source = load_task_source(archive, val_fraction=0.0)
     assert sorted(source.base_class_names) == ["c0", "c1", "c2"] and source.num_images == 6
+
+
+def test_colour_pictures_keep_their_colour(tmp_path):
+    """grayscale=False: RGB inputs [N, 3, H, W]; a red and a green cap of one luminance stay apart (grey,
+    they are one picture), and the service's decoding of an upload with the checkpoint's record gives the same."""
+    from PIL import Image
+
+    def cap(colour):
+        buf = io.BytesIO()
+        Image.new("RGB", (30, 20), colour).save(buf, format="PNG")
+        return buf.getvalue()
+
+    red, green = cap((200, 0, 0)), cap((0, 102, 0))  # equal luminance to within a grey level
+    grey = preprocess_images([red, green], image_preprocessing(8, invert=False))
+    assert grey.shape == (2, 1, 8, 8) and float((grey[0] - grey[1]).abs().max()) <= 1 / 255 + 1e-6
+    colour = preprocess_images([red, green], image_preprocessing(8, invert=False, grayscale=False))
+    assert colour.shape == (2, 3, 8, 8)
+    assert torch.allclose(colour[0, :, 0, 0], torch.tensor([200 / 255, 0.0, 0.0])) and torch.allclose(colour[1, :, 0, 0], torch.tensor([0.0, 0.4, 0.0]))
+    for label, picture in enumerate((red, green, cap((0, 0, 200)))):
+        folder = tmp_path / "caps" / f"c{label}"
+        folder.mkdir(parents=True)
+        for i in range(3):
+            (folder / f"{i}.png").write_bytes(picture)
+    source = load_task_source(tmp_path / "caps", image_size=8, grayscale=False, invert=False, val_fraction=0.0)
+    assert source.input_shape == (3, 8, 8) and source.preprocessing["grayscale"] is False
+
+    from service.tensors import ImageList, decode_inputs
+
+    upload = ImageList(images=[base64.b64encode(red).decode()])
+    assert torch.equal(decode_inputs(upload, "x", (3, 8, 8), source.preprocessing, 10), colour[:1])

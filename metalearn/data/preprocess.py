@@ -10,8 +10,8 @@ driven by a JSON-able ``preprocessing`` dict that every image source exposes
     x = preprocess_images([png_bytes_1, png_bytes_2], prep)   # [2, 1, 28, 28]
 
 Steps, in order: decode (PIL) -> apply EXIF orientation -> flatten any alpha
-channel onto white -> grayscale ("L") -> resize to ``size`` (``[height,
-width]``) with ``resample`` -> scale to [0, 1] -> optionally invert
+channel onto white -> grayscale ("L"), or RGB with ``grayscale`` false -> resize
+to ``size`` (``[height, width]``) with ``resample`` -> scale to [0, 1] -> optionally invert
 (so dark strokes on light paper become 1.0 on 0.0).
 """
 
@@ -52,14 +52,20 @@ OMNIGLOT_PREPROCESSING: dict[str, Any] = {
 
 
 def image_preprocessing(
-    size: int | Sequence[int] = 28, invert: bool = True, resample: str = "lanczos"
+    size: int | Sequence[int] = 28, invert: bool = True, resample: str = "lanczos", grayscale: bool = True
 ) -> dict[str, Any]:
-    """Build (and validate) a preprocessing dict, e.g. ``image_preprocessing(32, invert=False)``."""
+    """Build (and validate) a preprocessing dict, e.g. ``image_preprocessing(32, invert=False)``;
+    ``grayscale=False`` keeps colour (3 channels, RGB)."""
     if isinstance(size, int):
         size = [size, size]
-    prep = dict(OMNIGLOT_PREPROCESSING, size=[int(s) for s in size], invert=bool(invert), resample=resample)
+    prep = dict(OMNIGLOT_PREPROCESSING, size=[int(s) for s in size], invert=bool(invert), resample=resample, grayscale=bool(grayscale))
     _validate(prep)
     return prep
+
+
+def channels(prep: dict[str, Any]) -> int:
+    """Channels of the inputs ``prep`` makes: 1 (grey) or 3 (RGB)."""
+    return 1 if prep.get("grayscale", True) else 3
 
 
 def _validate(prep: dict[str, Any]) -> tuple[tuple[int, int], bool, Image.Resampling]:
@@ -70,8 +76,8 @@ def _validate(prep: dict[str, Any]) -> tuple[tuple[int, int], bool, Image.Resamp
     size = prep.get("size")
     if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
         raise ValueError(f"preprocessing 'size' must be [height, width] positive ints, got {size!r}")
-    if prep.get("grayscale", True) is not True or prep.get("scale", "0-1") != "0-1":
-        raise ValueError(f"only grayscale images scaled to 0-1 are supported, got {prep!r}")
+    if not isinstance(prep.get("grayscale", True), bool) or prep.get("scale", "0-1") != "0-1":
+        raise ValueError(f"only images scaled to 0-1, grey (grayscale true) or RGB (false), are supported, got {prep!r}")
     if prep.get("alpha", "composite_white") != "composite_white":
         raise ValueError(f"unsupported alpha handling {prep.get('alpha')!r}")
     resample = prep.get("resample", "lanczos")
@@ -97,9 +103,9 @@ def _open(item: ImageInput) -> Image.Image:
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def _to_gray(img: Image.Image) -> tuple[Image.Image, float]:
-    """The picture in grey, and its white value: 255, or 65535 for 16-bit pictures (kept as floats:
-    ``convert("L")`` would clip every value above 255 to white)."""
+def _decode(img: Image.Image, grayscale: bool) -> tuple[Image.Image, float]:
+    """The picture in grey (or RGB), and its white value: 255, or 65535 for 16-bit pictures (kept as floats:
+    ``convert("L")`` would clip every value above 255 to white; a 16-bit picture is grey)."""
     if img.mode in _WIDE_MODES:
         return ImageOps.exif_transpose(img).convert("F"), 65535.0
     if img.mode == "F":
@@ -112,7 +118,7 @@ def _to_gray(img: Image.Image) -> tuple[Image.Image, float]:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
-    return img.convert("L"), 255.0
+    return img.convert("L" if grayscale else "RGB"), 255.0
 
 
 def preprocess_images(
@@ -127,7 +133,7 @@ def preprocess_images(
     file paths. ``preprocessing``: a source's ``preprocessing`` dict (default:
     :data:`OMNIGLOT_PREPROCESSING`). ``names`` label the items in error messages.
 
-    Returns float32 ``[N, 1, height, width]`` in [0, 1]. Raises ``ValueError``
+    Returns float32 ``[N, 1, height, width]`` in [0, 1] (``[N, 3, ...]`` RGB with ``grayscale`` false). Raises ``ValueError``
     naming the offending item if one cannot be decoded.
 
     Example::
@@ -136,12 +142,13 @@ def preprocess_images(
     """
     prep = OMNIGLOT_PREPROCESSING if preprocessing is None else preprocessing
     (height, width), invert, resample = _validate(prep)
-    out = np.empty((len(images), 1, height, width), dtype=np.float32)
+    grayscale = channels(prep) == 1
+    out = np.empty((len(images), channels(prep), height, width), dtype=np.float32)
     failures = []
     for i in range(len(images)):  # (by index: ``images`` may read each file only when asked for it)
         label = names[i] if names is not None else f"image #{i}"
         try:
-            img, white = _to_gray(_open(images[i]))
+            img, white = _decode(_open(images[i]), grayscale)
         except UnidentifiedImageError:
             failures.append(f"{label}: cannot decode image: not a picture Pillow can read (PNG, JPEG, ...)")
             continue
@@ -153,7 +160,8 @@ def preprocess_images(
             continue
         # PIL sizes are (width, height).
         img = img.resize((width, height), resample)
-        out[i, 0] = np.asarray(img, dtype=np.float32) / white
+        pixels = np.asarray(img, dtype=np.float32) / white  # [H, W], or [H, W, 3]
+        out[i] = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)  # (a 16-bit grey picture fills every channel)
     if failures:
         # Every bad file at once: with many pictures, finding them one run at a time costs a decode each.
         more = f" (and {len(failures) - 10} more)" if len(failures) > 10 else ""

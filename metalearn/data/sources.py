@@ -46,7 +46,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 OMNIGLOT_ZIPS = ("images_background_small1.zip", "images_background_small2.zip")
 FLAT_GROUP = "all"
 
-_IMAGE_LOADER_OPTIONS = {"image_size", "invert", "resample", "layout"}
+_IMAGE_LOADER_OPTIONS = {"image_size", "invert", "resample", "grayscale", "layout"}
 _TASK_CONFIG_OPTIONS = {f.name for f in dataclasses.fields(ImageTaskConfig)}
 
 
@@ -67,7 +67,8 @@ def load_task_source(task: PathLike | Sequence[PathLike], **options: Any) -> Sin
       ``queries``, ``rotations``, ``rotate_heldout``, ``max_shift``, ``split_by``,
       ``val_fraction``, ``test_fraction``, ``split_seed``); for folders/zips
       (and omniglot) also ``image_size`` (28), ``invert`` (True), ``resample``
-      ("lanczos"), and for folders/zips ``layout`` ("auto"|"grouped"|"flat").
+      ("lanczos"), ``grayscale`` (True; False keeps colour, RGB), and for
+      folders/zips ``layout`` ("auto"|"grouped"|"flat").
 
     If ``ways``/``shots``/``queries`` are given, the source is checked right
     away to have enough classes and examples for them (``ValueError`` otherwise).
@@ -135,6 +136,7 @@ def load_image_archives(
     image_size: int | Sequence[int] = 28,
     invert: bool = True,
     resample: str = OMNIGLOT_PREPROCESSING["resample"],
+    grayscale: bool = True,
     layout: str = "auto",
     name: str | None = None,
 ) -> ImageTasks:
@@ -148,7 +150,7 @@ def load_image_archives(
         raise ValueError(f"layout must be 'auto', 'grouped' or 'flat', got {layout!r}")
     if not paths:
         raise ValueError("no folders or zips given")
-    prep = image_preprocessing(image_size, invert=invert, resample=resample)
+    prep = image_preprocessing(image_size, invert=invert, resample=resample, grayscale=grayscale)
     name = name or ", ".join(str(p) for p in paths)
 
     # (group, class, file name) -> (label for errors, zero-arg reader of the bytes)
