@@ -11,9 +11,9 @@ from service import fastpath
 from test_first_block import omniglot_like
 
 
-def learner(algorithm: str, size: int = 28, channels: int = 8, **config) -> MetaLearner:
+def learner(algorithm: str, size: int = 28, channels: int = 8, in_channels: int = 1, **config) -> MetaLearner:
     torch.manual_seed(0)
-    model = Conv4(out_features=5, channels=channels, image_size=size)
+    model = Conv4(in_channels=in_channels, out_features=5, channels=channels, image_size=size)
     with torch.no_grad():  # negative BatchNorm scales flip max-pool into min-pool: cover them
         model.body[1].weight[::3] *= -1
         model.body[5].weight[1::4] *= -1
@@ -33,14 +33,20 @@ def learner(algorithm: str, size: int = 28, channels: int = 8, **config) -> Meta
         ("anil", 28, {"learn_step_lrs": True}),
         ("anil", 28, {"learn_step_lrs": True, "head_init": "prototypes"}),  # the ready Omniglot configs' kind
         ("maml", 27, {}),  # 27: odd size, grouped-conv first block
+        ("maml", 16, {"in_channels": 3}),  # colour pictures (--set color=true)
+        ("anil", 16, {"in_channels": 3}),
     ],
 )
 def test_fast_kernels_equal_generic_adaptation(algorithm, size, config):
-    meta = learner(algorithm, size, **config)
+    in_channels = config.pop("in_channels", 1)
+    meta = learner(algorithm, size, in_channels=in_channels, **config)
     kernel = fastpath.fast_kernel(meta)
     assert isinstance(kernel, fastpath.FastAnil if algorithm == "anil" else fastpath.FastFull)
     R = 3
     support_x, query_x = omniglot_like(R, 5, size, seed=1), omniglot_like(R, 7, size, seed=2)
+    if in_channels > 1:  # colour: each channel its own picture
+        support_x = torch.cat([omniglot_like(R, 5, size, seed=1 + 10 * c) for c in range(in_channels)], dim=2)
+        query_x = torch.cat([omniglot_like(R, 7, size, seed=2 + 10 * c) for c in range(in_channels)], dim=2)
     support_y = torch.arange(5).expand(R, 5).clone()
     lr = None if config.get("learn_step_lrs") else 0.4  # None: the learned per-step rates
     batched = kernel.adapt(support_x, support_y, 4, lr)
