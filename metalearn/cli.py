@@ -279,6 +279,9 @@ def eval_settings(manifest: dict, args: argparse.Namespace) -> tuple[Any, dict]:
     same_task = not args.task or args.task == config.task
     if args.task:
         config.task = args.task
+        if str(args.task).lower().endswith(".npz"):  # pictures' settings of the training data do not apply to it
+            for name in ("image_size", "invert", "resample", "color"):
+                setattr(config, name, getattr(TrainConfig, name))
     classification = manifest.get("task_type") == "classification"
     n_way = manifest.get("n_way")
     ways = args.ways or config.val_ways or n_way or config.ways

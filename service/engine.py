@@ -213,7 +213,8 @@ class Engine:
         # Compiled adaptations on the CPU (those traces cannot hold), shared by the workers; None = none (service.cpu_scripts)
         self._scripts = ScriptCache(capacity=cpu_scripts) if cpu_scripts else None
         self._pending: deque[Job] = deque()
-        self.recent_batch_s: deque[float] = deque(maxlen=32)  # how long the last batches took (a stopping server's margin)
+        self._batch_times: deque[tuple[float, float]] = deque(maxlen=256)  # (when, seconds) of the last batches
+        self._shed_reason: str | None = None  # set by shed(): the service is stopping
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)  # guards the queue; a worker filling a batch waits on it for company
         self._idle: list[threading.Condition] = []  # workers waiting for work, the most recently idle last
@@ -300,12 +301,19 @@ class Engine:
             self._scripts.join(min(1.0, max(0.0, deadline - time.monotonic())))
         self._threads = []
 
+    def longest_recent_batch(self, window_s: float = 60.0) -> float:
+        """The longest batch of the last ``window_s`` seconds (0 when none): a stopping server's margin."""
+        since = time.monotonic() - window_s
+        with self._cond:
+            return max((seconds for when, seconds in self._batch_times if when >= since), default=0.0)
+
     def shed(self, reason: str) -> int:
-        """Fail every job still queued with :class:`EngineStopped` (answered ``503`` with ``Retry-After``), so
-        that a stopping server answers them before its grace period ends instead of dropping their
-        connections; jobs already computing finish. Returns how many were shed."""
+        """Fail every job still queued with :class:`EngineStopped` (answered ``503`` with ``Retry-After``), and
+        every job submitted from now on, so that a stopping server answers them before its grace period ends
+        instead of dropping their connections; jobs already computing finish. Returns how many were shed."""
         with self._cond:
             queued, self._pending = list(self._pending), deque()
+            self._shed_reason = reason  # and what comes later: it would not finish either
         for job in queued:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(EngineStopped(reason))
@@ -325,6 +333,8 @@ class Engine:
         with self._cond:
             if not self.running:
                 raise EngineStopped("the adaptation worker is not running")
+            if self._shed_reason is not None:
+                raise EngineStopped(self._shed_reason)
             if len(self._pending) >= self.queue_size:
                 # Retry-After: a rough time to drain what is queued.
                 raise QueueFull(max(1, int(self.request_timeout_s // 10) or 1))
@@ -484,7 +494,7 @@ class Engine:
         with self._cond:  # several workers count
             self.batches += 1
             self.jobs_done += len(batch)
-            self.recent_batch_s.append(elapsed)
+            self._batch_times.append((time.monotonic(), elapsed))
         if self.metrics is not None:
             self.metrics.batch(kind, batch[0].model.name, len(batch), elapsed)
 

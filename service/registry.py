@@ -97,8 +97,9 @@ class LoadedModel:
 
 
 def _public_training(training: dict) -> dict:
-    """The manifest's training record without the trainer machine's paths: its run directory goes, a data
-    path keeps its file name (what the model was trained on, not where it lay)."""
+    """The manifest's training record without the trainer machine's paths (its run directory goes, a data
+    path keeps its file name: what the model was trained on, not where it lay) or the data's class names
+    (their count per split)."""
     config = training.get("config")
     if not isinstance(config, dict):
         return training
@@ -106,7 +107,11 @@ def _public_training(training: dict) -> dict:
     task = config.get("task")
     if isinstance(task, str) and ("/" in task or "\\" in task):
         config["task"] = task.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
-    return {**training, "config": config}
+    public = {**training, "config": config}
+    data = training.get("data")
+    if isinstance(data, dict) and isinstance(data.get("classes"), dict):  # the class names stay private: their counts
+        public["data"] = {**data, "classes": {split: len(names) for split, names in data["classes"].items()}}
+    return public
 
 
 def _output_size(learner: MetaLearner, input_shape: tuple[int, ...], device: str) -> int:
@@ -222,9 +227,10 @@ class ModelRegistry:
             log.error("model directory %s does not exist: still serving the models loaded before", model_dir)
             return previous
         if previous is not None and previous.models and not discover(model_dir):
-            # An unmounted volume usually leaves an empty mount point: the same, for an empty directory.
+            # An unmounted volume usually leaves an empty mount point: the same, for an empty directory. The
+            # registry remembers the directory empty, so that the next look sees no change (and no new reload).
             log.error("model directory %s holds no checkpoint now: still serving the models loaded before (%s)", model_dir, ", ".join(previous.names()))
-            return previous
+            return cls(previous.models, previous.errors, scan(model_dir))
         models: dict[str, LoadedModel] = {}
         errors: dict[str, str] = {}
         seen = scan(model_dir)  # before loading: a file changing meanwhile is seen as changed by the next look

@@ -72,8 +72,7 @@ def _draining_server(config, app, drain_s: float):
                 later(drain_s, self.handle_exit, sig, frame)
                 return
             if not self.should_exit:
-                longest = max(app.state.engine.recent_batch_s, default=0.0)
-                later(max(0.0, GRACE_S - SHED_MARGIN_S - 2 * longest), shed)
+                later(max(0.0, GRACE_S - SHED_MARGIN_S - 2 * app.state.engine.longest_recent_batch()), shed)
             super().handle_exit(sig, frame)
 
     app.state.drains = True

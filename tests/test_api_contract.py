@@ -101,7 +101,8 @@ def trained_app(tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("models")
     learner = MetaLearner(MLP(1, (8,), 1), MetaConfig("maml", task_type="regression"))
-    training = {"config": {"out": "/home/trainer/runs/sine", "task": "/data/private/waves.npz"}, "iterations_done": 1}
+    training = {"config": {"out": "/home/trainer/runs/sine", "task": "/data/private/waves.npz"}, "iterations_done": 1,
+                "data": {"examples": 40, "classes": {"train": ["acme-secret-sku-1", "sku-2"], "val": ["sku-3"]}}}
     save_checkpoint(directory / "sine.safetensors", learner, input_shape=(1,), training=training)
     with TestClient(create_app(Settings(model_dir=str(directory)))) as client:
         yield client
@@ -115,6 +116,7 @@ def test_model_names_are_examples_not_an_enum(trained_app):
     assert listing["limits"]["max_inner_steps"] == 100 and listing["limits"]["max_support"] == 512
     info = trained_app.get("/v1/models/sine").json()
     assert info["training"]["config"] == {"task": "waves.npz"}  # not the trainer machine's paths
+    assert info["training"]["data"] == {"examples": 40, "classes": {"train": 2, "val": 1}}  # counts, not the names
 
 
 def test_methods_and_encodings_a_route_refuses_are_named(app_client):
@@ -122,6 +124,7 @@ def test_methods_and_encodings_a_route_refuses_are_named(app_client):
     assert answer.status_code == 405 and answer.headers["allow"] == "GET, DELETE", answer.headers
     assert "allowed: GET, DELETE" in answer.json()["detail"]
     assert app_client.post("/v1/models").headers["allow"] == "GET"
+    assert app_client.post("/static/swagger-ui.css").headers["allow"] == "GET, HEAD"  # a mount matches any method: not asked
     gzipped = app_client.post("/v1/models/any/predict", content=b"\x1f\x8b\x08", headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
     assert gzipped.status_code == 415 and "Content-Encoding 'gzip'" in gzipped.json()["detail"], gzipped.text
     assert gzipped.headers["content-type"] == "application/problem+json"

@@ -245,6 +245,11 @@ def test_pictures_size_and_inversion_are_settings_and_the_data_is_said(tmp_path,
     assert f"data: {tmp_path / 'data'}: 10 classes (8 train, 2 val), 40 examples, input [1, 16, 16]: pictures made grey-scale 16x16 (bilinear;" in err
     classes = manifest["training"]["data"]["classes"]
     assert len(classes["train"]) == 8 and len(classes["val"]) == 2 and not set(classes["train"]) & set(classes["val"])
+    import numpy as np
+
+    np.savez(tmp_path / "other.npz", x=np.random.default_rng(0).random((24, 1, 16, 16)).astype(np.float32), y=np.arange(24) % 4)
+    code, stdout, err = run(capsys, "eval", str(out), "--task", str(tmp_path / "other.npz"), "--episodes", "2", "--no-progress")
+    assert code == 0 and "(all split, 4 classes)" in stdout, err  # the pictures' settings of training do not apply to a .npz
     code, _, err = run(capsys, "train", "--task", str(tmp_path / "data"), "--algorithm", "maml", "--ways", "2", "--shots", "1",
                        "--queries", "1", "--meta-batch", "1", "--iterations", "1", "--channels", "4", "--val-interval", "1",
                        "--val-episodes", "2", "--set", "image_size=16", "--set", "color=true", "--out", str(tmp_path / "rgb_run"), "--no-progress")

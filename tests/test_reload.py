@@ -70,9 +70,10 @@ def test_a_reload_loads_what_changed_and_keeps_the_rest(trained, tmp_path):
     # A model directory emptied or gone (an unmounted volume: an empty mount point, or none) drops nothing.
     for path in model_dir.iterdir():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    assert ModelRegistry.load(model_dir, previous=third) is third
+    kept = ModelRegistry.load(model_dir, previous=third)
+    assert kept.models == third.models and not kept.changed_on_disk(model_dir)  # (no reload again at every look)
     shutil.rmtree(model_dir)
-    assert ModelRegistry.load(model_dir, previous=third) is third
+    assert ModelRegistry.load(model_dir, previous=kept) is kept
 
 
 def test_sighup_reloads_the_models_of_a_running_service(trained, tmp_path):

@@ -771,7 +771,7 @@ def test_a_stalled_upload_is_answered_408(model_dir, tmp_path):
         waited = time.monotonic() - started
         sock.close()
         head, _, body = answer.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 408"), answer
+        assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower(), answer
         assert json.loads(body)["type"].endswith("/request-timeout") and 0.4 < waited < 5, (body, waited)
         g = torch.Generator().manual_seed(0)
         slow = {"support": {"x": b64(torch.rand(50, 1, 28, 28, generator=g)), "y": [i % 5 for i in range(50)]}, "inner_steps": 100}

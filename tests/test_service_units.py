@@ -289,6 +289,33 @@ def test_engine_queue_full_and_timeout():
         engine.stop()
 
 
+def test_shed_answers_the_queue_and_what_comes_after_with_engine_stopped():
+    """Engine.shed (a stopping server near the end of its grace): the queued jobs and any submitted later
+    fail with EngineStopped (503), the job computing finishes, and the longest recent batch is known."""
+    from service.engine import EngineStopped
+
+    engine = BlockingEngine(max_batch_size=1, max_wait_ms=0, request_timeout_s=10)
+    engine.start()
+    try:
+        async def scenario():
+            computing = asyncio.ensure_future(engine.submit(fake_job()))
+            await asyncio.sleep(0.1)  # the worker took it and blocks
+            queued = [asyncio.ensure_future(engine.submit(fake_job())) for _ in range(3)]
+            await asyncio.sleep(0.05)
+            assert engine.shed("stopping") == 3
+            with pytest.raises(EngineStopped, match="stopping"):
+                await engine.submit(fake_job())
+            engine.release.set()
+            return await computing, await asyncio.gather(*queued, return_exceptions=True)
+
+        done, shed = asyncio.run(scenario())
+        assert done["batch_size"] == 1 and all(isinstance(e, EngineStopped) for e in shed)
+        assert 0.05 < engine.longest_recent_batch() < 10
+    finally:
+        engine.release.set()
+        engine.stop()
+
+
 class FaultyEngine(Engine):
     """An engine whose loop fails outside the computation: while forming one batch, then after computing one."""
 

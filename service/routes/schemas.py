@@ -15,8 +15,9 @@ LabelsInput = Union[list[Any], EncodedTensor]
 _TENSOR_DOC = (
     "Inputs [N, *input_shape]: nested lists of numbers, {dtype, shape, base64} (raw little-endian bytes, base64 with "
     "or without padding, standard or URL-safe), or for image models {images: [base64 PNG/JPEG, or data URLs "
-    "data:image/png;base64,..., ...]}. Numbers go to the model as they are (uint8 is not scaled): only {images} "
-    "is preprocessed (GET /v1/models/{name}'s preprocessing says how)."
+    "data:image/png;base64,..., ...]}. Pictures are preprocessed as the training data was (GET /v1/models/{name}'s "
+    "preprocessing says how); a uint8 tensor is raw pixels or bytes, mapped to 0-1 as the training data's were "
+    "(and inverted where the preprocessing inverts); other numbers go to the model as they are."
 )
 
 
@@ -115,8 +116,10 @@ class ModelInfo(BaseModel):
     accepts_images: bool = Field(..., description="Whether x may be {images: [...]}, preprocessed as the training data was.")
     preprocessing: Optional[dict] = Field(
         ...,
-        description="How pictures become the model's input (resize, grayscale, inversion, scaling). Tensors sent as numbers skip it: "
-        "they go to the model as they are (uint8 is not scaled), so they must already be preprocessed this way.",
+        description="How the training data became the model's input: for pictures (kind image) resize, grey or RGB, "
+        "scaling, inversion, applied to {images} uploads; for a .npz (kind array) whether uint8 was divided by 255. A "
+        "uint8 tensor gets the value mapping (scaling, inversion); float numbers go to the model as they are, so "
+        "they must already be preprocessed this way.",
     )
     metrics: dict = Field(..., description="Training metrics from the checkpoint.")
     training: dict = Field(..., description="How the model was trained (configuration, iterations, time).")
