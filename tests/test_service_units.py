@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -258,13 +259,29 @@ def fake_job():
     return Job("predict", model, query_x=torch.zeros(1, 1), session={"param:w": torch.zeros(1)})
 
 
-def test_engine_queue_full_and_timeout():
-    engine = BlockingEngine(queue_size=2, max_batch_size=4, max_wait_ms=0, request_timeout_s=0.3)
+@contextlib.contextmanager
+def blocking_engine(**settings):
+    """A started BlockingEngine, released and stopped at the end."""
+    engine = BlockingEngine(**settings)
     engine.start()
     try:
+        yield engine
+    finally:
+        engine.release.set()
+        engine.stop()
+
+
+async def occupied(engine) -> asyncio.Future:
+    """A job the engine's worker has taken and blocks on."""
+    computing = asyncio.ensure_future(engine.submit(fake_job()))
+    await asyncio.sleep(0.1)
+    return computing
+
+
+def test_engine_queue_full_and_timeout():
+    with blocking_engine(queue_size=2, max_batch_size=4, max_wait_ms=0, request_timeout_s=0.3) as engine:
         async def scenario():
-            first = asyncio.ensure_future(engine.submit(fake_job()))
-            await asyncio.sleep(0.1)  # the worker took it and blocks
+            first = await occupied(engine)
             waiting = [asyncio.ensure_future(engine.submit(fake_job())) for _ in range(2)]
             await asyncio.sleep(0.05)
             with pytest.raises(QueueFull) as full:
@@ -284,9 +301,6 @@ def test_engine_queue_full_and_timeout():
             return await asyncio.gather(*[engine.submit(fake_job(), timeout=5) for _ in range(2)])
         assert all(r["batch_size"] >= 1 for r in asyncio.run(later()))
         assert engine.running
-    finally:
-        engine.release.set()
-        engine.stop()
 
 
 def test_shed_answers_the_queue_and_what_comes_after_with_engine_stopped():
@@ -294,12 +308,9 @@ def test_shed_answers_the_queue_and_what_comes_after_with_engine_stopped():
     fail with EngineStopped (503), the job computing finishes, and the longest recent batch is known."""
     from service.engine import EngineStopped
 
-    engine = BlockingEngine(max_batch_size=1, max_wait_ms=0, request_timeout_s=10)
-    engine.start()
-    try:
+    with blocking_engine(max_batch_size=1, max_wait_ms=0, request_timeout_s=10) as engine:
         async def scenario():
-            computing = asyncio.ensure_future(engine.submit(fake_job()))
-            await asyncio.sleep(0.1)  # the worker took it and blocks
+            computing = await occupied(engine)
             queued = [asyncio.ensure_future(engine.submit(fake_job())) for _ in range(3)]
             await asyncio.sleep(0.05)
             assert engine.shed("stopping") == 3
@@ -311,9 +322,6 @@ def test_shed_answers_the_queue_and_what_comes_after_with_engine_stopped():
         done, shed = asyncio.run(scenario())
         assert done["batch_size"] == 1 and all(isinstance(e, EngineStopped) for e in shed)
         assert 0.05 < engine.longest_recent_batch() < 10
-    finally:
-        engine.release.set()
-        engine.stop()
 
 
 class FaultyEngine(Engine):
