@@ -276,6 +276,7 @@ def eval_settings(manifest: dict, args: argparse.Namespace) -> tuple[Any, dict]:
         config.update({k: v for k, v in saved.items() if k in {f for f in TrainConfig.__dataclass_fields__}})
     elif not args.task:
         raise UsageError("metalearn eval: the checkpoint does not say what it was trained on; pass --task")
+    config.progress = args.progress  # (reading the pictures: the bar eval's flag says)
     same_task = not args.task or args.task == config.task
     if args.task:
         config.task = args.task

@@ -393,7 +393,7 @@ def load_source(config: TrainConfig):
             raise ValueError(f"{changed}: for pictures (omniglot, folders, zips); a .npz holds its inputs as they are")
         return load_task_source(config.task, **options)
     return load_task_source(config.task, **options, image_size=config.image_size, invert=config.invert,
-                            resample=config.resample, grayscale=not config.color)
+                            resample=config.resample, grayscale=not config.color, progress=config.progress)
 
 
 def data_record(source) -> dict:

@@ -291,7 +291,7 @@ def test_eval_holds_out_the_classes_the_checkpoint_recorded(tmp_path, capsys, mo
     import argparse
 
     args = argparse.Namespace(task=None, ways=None, shots=None, queries=None, split=None, episodes=4, inner_steps=None, inner_lr=None,
-                              transductive=False, support_shift=None, seed=None, within_group=None)
+                              transductive=False, support_shift=None, seed=None, within_group=None, progress=False)
     source, _ = eval_settings(read_manifest(tmp_path / "run" / "best.safetensors"), args)
     assert sorted(source.base_class_names) == sorted(recorded)
     elsewhere = tmp_path / "elsewhere"

@@ -578,3 +578,19 @@ def test_colour_pictures_keep_their_colour(tmp_path):
 
     upload = ImageList(images=[base64.b64encode(red).decode()])
     assert torch.equal(decode_inputs(upload, "x", (3, 8, 8), source.preprocessing, 10), colour[:1])
+
+
+def test_reading_many_pictures_shows_progress(tmp_path, capsys):
+    """progress=True: a bar on stderr while the pictures are read (photos decode at tens of ms each)."""
+    from PIL import Image
+
+    for label in range(2):
+        folder = tmp_path / "pics" / f"c{label}"
+        folder.mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((9, 9), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    quiet = load_task_source(tmp_path / "pics", val_fraction=0.0)
+    assert "reading pictures" not in capsys.readouterr().err
+    shown = load_task_source(tmp_path / "pics", val_fraction=0.0, progress=True)
+    assert "reading pictures" in capsys.readouterr().err
+    assert torch.equal(shown.class_examples(0), quiet.class_examples(0))
