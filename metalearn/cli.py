@@ -281,7 +281,7 @@ def eval_settings(manifest: dict, args: argparse.Namespace) -> tuple[Any, dict]:
     if args.task:
         config.task = args.task
         if str(args.task).lower().endswith(".npz"):  # pictures' settings of the training data do not apply to it
-            for name in ("image_size", "invert", "resample", "color"):
+            for name in ("image_size", "invert", "resample", "color", "skip_undecodable"):
                 setattr(config, name, getattr(TrainConfig, name))
     classification = manifest.get("task_type") == "classification"
     n_way = manifest.get("n_way")

@@ -121,6 +121,7 @@ class TrainConfig:
     invert: bool = True
     resample: str = "lanczos"  # nearest | box | bilinear | hamming | bicubic | lanczos
     color: bool = False  # keep colour: 3 input channels (RGB) instead of grey
+    skip_undecodable: bool = False  # leave out (with a warning) the files that do not decode, instead of stopping
     # Validation and test-time adaptation
     val_interval: int = 500
     val_episodes: int = 200
@@ -386,14 +387,15 @@ def load_source(config: TrainConfig):
         test_fraction=config.test_fraction,
         split_seed=config.split_seed,
     )
-    pictures = ("image_size", "invert", "resample", "color")
+    pictures = ("image_size", "invert", "resample", "color", "skip_undecodable")
     if str(config.task).lower().endswith(".npz"):
         changed = ", ".join(name for name in pictures if getattr(config, name) != getattr(TrainConfig, name))
         if changed:
             raise ValueError(f"{changed}: for pictures (omniglot, folders, zips); a .npz holds its inputs as they are")
         return load_task_source(config.task, **options)
     return load_task_source(config.task, **options, image_size=config.image_size, invert=config.invert,
-                            resample=config.resample, grayscale=not config.color, progress=config.progress)
+                            resample=config.resample, grayscale=not config.color, progress=config.progress,
+                            skip_undecodable=config.skip_undecodable)
 
 
 def data_record(source) -> dict:

@@ -594,3 +594,25 @@ def test_reading_many_pictures_shows_progress(tmp_path, capsys):
     shown = load_task_source(tmp_path / "pics", val_fraction=0.0, progress=True)
     assert "reading pictures" in capsys.readouterr().err
     assert torch.equal(shown.class_examples(0), quiet.class_examples(0))
+
+
+def test_undecodable_pictures_can_be_left_out(tmp_path):
+    """skip_undecodable: the files that do not decode are left out with a warning naming them (by default
+    they stop the load, all named); the rest load as they would alone."""
+    from PIL import Image
+
+    for label in range(3):
+        folder = tmp_path / "pics" / f"c{label}"
+        folder.mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((9, 9), 30 * i + label, np.uint8)).save(folder / f"{i}.png")
+    clean = load_task_source(tmp_path / "pics", val_fraction=0.0)
+    (tmp_path / "pics" / "c1" / "9.png").write_bytes(b"truncated")
+    (tmp_path / "pics" / "c2" / "8.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"2 picture\(s\) cannot be used; fix or remove them: .*c1/9\.png.*; .*c2/8\.png"):
+        load_task_source(tmp_path / "pics", val_fraction=0.0)
+    with pytest.warns(UserWarning, match=r"skipped 2 picture\(s\) that do not decode: .*c1/9\.png"):
+        skipped = load_task_source(tmp_path / "pics", val_fraction=0.0, skip_undecodable=True)
+    assert skipped.num_images == clean.num_images == 9 and skipped.base_class_names == clean.base_class_names
+    for c in range(3):
+        assert torch.equal(skipped.class_examples(c), clean.class_examples(c))

@@ -121,11 +121,19 @@ def _decode(img: Image.Image, grayscale: bool) -> tuple[Image.Image, float]:
     return img.convert("L" if grayscale else "RGB"), 255.0
 
 
+def undecodable(failures: list[tuple[int, str]]) -> str:
+    """The reasons of ``(index, reason)`` failures, the first ten (every bad file at once: with many pictures,
+    finding them one run at a time costs a decode each)."""
+    more = f" (and {len(failures) - 10} more)" if len(failures) > 10 else ""
+    return "; ".join(reason for _, reason in failures[:10]) + more
+
+
 def preprocess_images(
     images: Sequence[ImageInput],
     preprocessing: dict[str, Any] | None = None,
     *,
     names: Sequence[str] | None = None,
+    failed: list[tuple[int, str]] | None = None,
 ) -> Tensor:
     """Decode and normalise images exactly as the training data was.
 
@@ -134,7 +142,8 @@ def preprocess_images(
     :data:`OMNIGLOT_PREPROCESSING`). ``names`` label the items in error messages.
 
     Returns float32 ``[N, 1, height, width]`` in [0, 1] (``[N, 3, ...]`` RGB with ``grayscale`` false). Raises ``ValueError``
-    naming the offending item if one cannot be decoded.
+    naming every item that cannot be decoded; with a ``failed`` list, appends ``(index, reason)`` to it
+    instead and leaves those rows zero (for a caller that drops them).
 
     Example::
 
@@ -144,28 +153,26 @@ def preprocess_images(
     (height, width), invert, resample = _validate(prep)
     grayscale = channels(prep) == 1
     out = np.empty((len(images), channels(prep), height, width), dtype=np.float32)
-    failures = []
+    failures = [] if failed is None else failed
     for i in range(len(images)):  # (by index: ``images`` may read each file only when asked for it)
         label = names[i] if names is not None else f"image #{i}"
         try:
             img, white = _decode(_open(images[i]), grayscale)
         except UnidentifiedImageError:
-            failures.append(f"{label}: cannot decode image: not a picture Pillow can read (PNG, JPEG, ...)")
-            continue
+            failures.append((i, f"{label}: cannot decode image: not a picture Pillow can read (PNG, JPEG, ...)"))
         except (OSError, SyntaxError, ValueError) as e:
-            failures.append(f"{label}: cannot decode image ({e})")
-            continue
+            failures.append((i, f"{label}: cannot decode image ({e})"))
         except Image.DecompressionBombError as e:  # (not an OSError: it would go up as a traceback)
-            failures.append(f"{label}: image too large to decode ({e})")
+            failures.append((i, f"{label}: image too large to decode ({e})"))
+        else:
+            # PIL sizes are (width, height).
+            img = img.resize((width, height), resample)
+            pixels = np.asarray(img, dtype=np.float32) / white  # [H, W], or [H, W, 3]
+            out[i] = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)  # (a 16-bit grey picture fills every channel)
             continue
-        # PIL sizes are (width, height).
-        img = img.resize((width, height), resample)
-        pixels = np.asarray(img, dtype=np.float32) / white  # [H, W], or [H, W, 3]
-        out[i] = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)  # (a 16-bit grey picture fills every channel)
-    if failures:
-        # Every bad file at once: with many pictures, finding them one run at a time costs a decode each.
-        more = f" (and {len(failures) - 10} more)" if len(failures) > 10 else ""
-        raise ValueError(f"{len(failures)} picture(s) cannot be used; fix or remove them: " + "; ".join(failures[:10]) + more)
+        out[i] = 0.0
+    if failures and failed is None:
+        raise ValueError(f"{len(failures)} picture(s) cannot be used; fix or remove them: {undecodable(failures)}")
     if invert:
         np.subtract(1.0, out, out=out)
     return torch.from_numpy(out)

@@ -29,6 +29,7 @@ import dataclasses
 import importlib.resources
 import os
 import sys
+import warnings
 import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 
 from .images import ImageTaskConfig, ImageTasks
-from .preprocess import OMNIGLOT_PREPROCESSING, image_preprocessing, preprocess_images
+from .preprocess import OMNIGLOT_PREPROCESSING, image_preprocessing, preprocess_images, undecodable
 from .sinusoid import SinusoidConfig, SinusoidTasks
 
 PathLike = Union[str, os.PathLike]
@@ -47,7 +48,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 OMNIGLOT_ZIPS = ("images_background_small1.zip", "images_background_small2.zip")
 FLAT_GROUP = "all"
 
-_IMAGE_LOADER_OPTIONS = {"image_size", "invert", "resample", "grayscale", "layout", "progress"}
+_IMAGE_LOADER_OPTIONS = {"image_size", "invert", "resample", "grayscale", "layout", "progress", "skip_undecodable"}
 _TASK_CONFIG_OPTIONS = {f.name for f in dataclasses.fields(ImageTaskConfig)}
 
 
@@ -69,8 +70,10 @@ def load_task_source(task: PathLike | Sequence[PathLike], **options: Any) -> Sin
       ``val_fraction``, ``test_fraction``, ``split_seed``); for folders/zips
       (and omniglot) also ``image_size`` (28), ``invert`` (True), ``resample``
       ("lanczos"), ``grayscale`` (True; False keeps colour, RGB), ``progress``
-      (False; a progress bar on stderr while the pictures are read), and for
-      folders/zips ``layout`` ("auto"|"grouped"|"flat").
+      (False; a progress bar on stderr while the pictures are read),
+      ``skip_undecodable`` (False: a file that does not decode is an error; True:
+      it is left out, with a warning naming it), and for folders/zips
+      ``layout`` ("auto"|"grouped"|"flat").
 
     If ``ways``/``shots``/``queries`` are given, the source is checked right
     away to have enough classes and examples for them (``ValueError`` otherwise).
@@ -141,6 +144,7 @@ def load_image_archives(
     grayscale: bool = True,
     layout: str = "auto",
     progress: bool = False,
+    skip_undecodable: bool = False,
     name: str | None = None,
 ) -> ImageTasks:
     """Load and merge image folders and/or zips into one :class:`ImageTasks`.
@@ -166,20 +170,28 @@ def load_image_archives(
             found.setdefault(key, (label, read))  # first copy wins (duplicates are identical files)
 
     keys = sorted(found)
-    class_keys = sorted({(g, c) for g, c, _ in keys})
-    class_index = {k: i for i, k in enumerate(class_keys)}
-    labels = torch.tensor([class_index[(g, c)] for g, c, _ in keys], dtype=torch.long)
     # Each file read when its turn comes: holding every file's bytes first cost their whole size in memory.
     bar = None
     if progress:  # decoding is about 2 ms a small picture, 70 ms a photo: many photos take minutes
         from tqdm import tqdm
 
         bar = tqdm(total=len(keys), desc="reading pictures", unit="picture", file=sys.stderr, dynamic_ncols=True, leave=False)
+    failed: list[tuple[int, str]] | None = [] if skip_undecodable else None
     try:
-        images = preprocess_images(_Reading([found[k][1] for k in keys], bar), prep, names=[found[k][0] for k in keys])
+        images = preprocess_images(_Reading([found[k][1] for k in keys], bar), prep, names=[found[k][0] for k in keys], failed=failed)
     finally:
         if bar is not None:
             bar.close()
+    if failed:
+        warnings.warn(f"{name}: skipped {len(failed)} picture(s) that do not decode: {undecodable(failed)}", stacklevel=2)
+        bad = {i for i, _ in failed}
+        kept = [i for i in range(len(keys)) if i not in bad]
+        keys, images = [keys[i] for i in kept], images[kept]
+        if not keys:
+            raise ValueError(f"{name}: no picture decodes")
+    class_keys = sorted({(g, c) for g, c, _ in keys})
+    class_index = {k: i for i, k in enumerate(class_keys)}
+    labels = torch.tensor([class_index[(g, c)] for g, c, _ in keys], dtype=torch.long)
     return ImageTasks(
         images,
         labels,
