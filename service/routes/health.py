@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
@@ -18,7 +20,7 @@ class Readiness(BaseModel):
     status: str = Field(..., examples=["ready"])
     models: list[str] = Field(..., description="The models served.")
     queue_depth: int = Field(..., description="Requests waiting for a worker.")
-    skipped: dict[str, str] = Field(..., description="Checkpoints that did not load, with the reason.")
+    skipped: dict[str, str] = Field(..., description="Checkpoints that did not load (their path in the model directory), with the reason.")
 
 
 @router.get("/healthz", summary="Liveness", response_model=Health)
@@ -44,4 +46,7 @@ async def readyz(request: Request) -> dict:
         raise Problem(503, "Not ready", "the adaptation worker is not running", headers={"Retry-After": "1"})
     if not registry.names():
         raise Problem(503, "Not ready", "no model loaded: no checkpoint in the model directory loads (the log says why for each)", headers={"Retry-After": "5"})
-    return {"status": "ready", "models": registry.names(), "queue_depth": engine.depth(), "skipped": registry.errors}
+    # The skipped checkpoints by their place in the model directory: where that lies on the host is the operator's.
+    root = Path(state.settings.model_dir)
+    skipped = {str(Path(path).relative_to(root)) if Path(path).is_relative_to(root) else Path(path).name: reason for path, reason in registry.errors.items()}
+    return {"status": "ready", "models": registry.names(), "queue_depth": engine.depth(), "skipped": skipped}
