@@ -257,21 +257,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/docs", include_in_schema=False)
     def swagger_ui() -> HTMLResponse:
+        # Relative addresses: behind a proxy that serves the app under a path prefix (/api/docs), the page
+        # finds its assets and the document under that prefix too.
         return get_swagger_ui_html(
-            openapi_url=app.openapi_url,
+            openapi_url=app.openapi_url.lstrip("/"),
             title=f"{app.title} - Swagger UI",
-            swagger_js_url="/static/swagger-ui-bundle.js",
-            swagger_css_url="/static/swagger-ui.css",
-            swagger_favicon_url="/static/favicon.png",
+            swagger_js_url="static/swagger-ui-bundle.js",
+            swagger_css_url="static/swagger-ui.css",
+            swagger_favicon_url="static/favicon.png",
         )
 
     @app.get("/redoc", include_in_schema=False)
     def redoc() -> HTMLResponse:
         return get_redoc_html(
-            openapi_url=app.openapi_url,
+            openapi_url=app.openapi_url.lstrip("/"),
             title=f"{app.title} - ReDoc",
-            redoc_js_url="/static/redoc.standalone.js",
-            redoc_favicon_url="/static/favicon.png",
+            redoc_js_url="static/redoc.standalone.js",
+            redoc_favicon_url="static/favicon.png",
             with_google_fonts=False,
         )
 

@@ -192,7 +192,9 @@ def install_openapi(app: FastAPI) -> None:
                     target = f"POST {path.replace('{name}', model.name)}"
                     examples[model.name] = {"summary": f"{model.name} ({model.task_type}, input {list(model.input_shape)}): {target}", "value": value}
                 body["examples"] = examples
-        schema.setdefault("servers", [{"url": "/"}])
+        # Relative to the document: "Try it out" calls the service where the page found the document,
+        # under a proxy's path prefix too.
+        schema.setdefault("servers", [{"url": "./"}])
         app.openapi_schema = schema
         return schema
 

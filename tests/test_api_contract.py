@@ -220,3 +220,28 @@ def test_the_client_sends_uint8_as_uint8_and_pictures_as_pictures(tmp_path):
         sent = client._x(pictures)
         decoded = Image.open(io.BytesIO(base64.b64decode(sent["images"][0])))
         assert np.array_equal(np.asarray(decoded), np.asarray(picture)), pictures
+
+
+def test_the_docs_work_under_a_path_prefix(tmp_path):
+    """Behind a proxy that serves the app under /api, the docs pages find their assets and the document
+    under /api too (relative addresses), and "Try it out" calls the service there (servers: ./)."""
+    import re as regex
+
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from service.app import create_app
+
+    app = create_app(Settings(model_dir=str(tmp_path)))
+    with TestClient(Starlette(routes=[Mount("/api", app=app)])) as client:
+        for page in ("/api/docs", "/api/redoc"):
+            html = client.get(page).text
+            addresses = regex.findall(r"""(?:src|href|url|spec-url)\s*[:=]\s*['"]([^'"]+)['"]""", html)
+            local = [a for a in addresses if not a.startswith(("http", "data:", "#"))]
+            assert local and all(not a.startswith("/") for a in local), (page, local)
+            for address in local:
+                assert client.get("/api/" + address).status_code == 200, (page, address)
+        servers = client.get("/api/openapi.json").json()["servers"]
+        assert servers[0] == {"url": "/api"} and {"url": "./"} in servers  # (FastAPI adds the mount's root path)
+    with TestClient(app) as client:  # served at the root, as behind a proxy that strips the prefix
+        assert client.get("/openapi.json").json()["servers"] == [{"url": "./"}]
