@@ -73,8 +73,7 @@ def _checked(learner: MetaLearner, tasks: tuple) -> tuple:
                 raise ValueError(f"classification labels must be >= 0, got {int(y.min())}")
         long = lambda labels: labels.long() if isinstance(labels, torch.Tensor) else tuple(t.long() for t in labels)  # noqa: E731
         support_y, query_y = long(support_y), long(query_y)
-    if learner.head_only:
-        learner.check_head_only(support_x[0])
+    learner.check_head_only(support_x[0])  # (ANIL's; once)
     return support_x, support_y, query_x, query_y
 
 

@@ -248,16 +248,16 @@ def held_out_as_recorded(source, split: str, recorded: list[str], same_task: boo
         now = set(source.split(split).base_class_names)
     except ValueError:  # that split is empty in the data as it is now
         now = set()
-    have = set(source.base_class_names)
+    have, wanted = set(source.base_class_names), set(recorded)
     present = [name for name in recorded if name in have]
     if not present:
         raise UsageError(f"metalearn eval: none of the {len(recorded)} {split} classes the checkpoint recorded is in {source.name}")
-    if now != set(recorded) or len(present) < len(recorded):
+    if now != wanted or len(present) < len(recorded):
         changes = []
         if len(present) < len(recorded):
             changes.append(f"{len(recorded) - len(present)} of them are no longer in the data")
-        if same_task and now - set(recorded):
-            changes.append(f"the split computed now would have {len(now - set(recorded))} other classes")
+        if same_task and now - wanted:
+            changes.append(f"the split computed now would have {len(now - wanted)} other classes")
         note = f" ({'; '.join(changes)})" if changes else ""
         print(f"note: evaluating on the {len(present)} {split} classes the checkpoint recorded{note}", file=sys.stderr)
     return source.with_classes(present, split)
@@ -267,7 +267,7 @@ def eval_settings(manifest: dict, args: argparse.Namespace) -> tuple[Any, dict]:
     """The held-out task source and the evaluate() arguments for a checkpoint and the eval flags."""
     from metalearn.evaluate import EVAL_SEED
     from metalearn.adaptation import check_support_shift
-    from metalearn.train import TrainConfig, check_ways, load_source, task_kind
+    from metalearn.train import PICTURE_SETTINGS, TrainConfig, check_ways, load_source, task_kind
 
     training = manifest.get("training") or {}
     saved = training.get("config")
@@ -281,7 +281,7 @@ def eval_settings(manifest: dict, args: argparse.Namespace) -> tuple[Any, dict]:
     if args.task:
         config.task = args.task
         if str(args.task).lower().endswith(".npz"):  # pictures' settings of the training data do not apply to it
-            for name in ("image_size", "invert", "resample", "color", "skip_undecodable"):
+            for name in PICTURE_SETTINGS:
                 setattr(config, name, getattr(TrainConfig, name))
     classification = manifest.get("task_type") == "classification"
     n_way = manifest.get("n_way")

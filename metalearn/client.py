@@ -92,7 +92,7 @@ def encode_images(images: list) -> dict:
     for image in images:
         if isinstance(image, (str, os.PathLike)):
             image = Path(image).read_bytes()
-        elif hasattr(image, "save") and hasattr(image, "mode"):  # a PIL image, without importing PIL
+        elif _is_pil(image):
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
             image = buffer.getvalue()
@@ -100,12 +100,16 @@ def encode_images(images: list) -> dict:
     return {"images": encoded}
 
 
+def _is_pil(value: Any) -> bool:
+    """A PIL image, told without importing PIL."""
+    return hasattr(value, "save") and hasattr(value, "mode")
+
+
 def _pictures(x: Any) -> bool:
     """Whether ``x`` is a list of pictures (file bytes, paths, PIL images) rather than numbers."""
     if not isinstance(x, (list, tuple)) or not x:
         return False
-    first = x[0]
-    return isinstance(first, (bytes, bytearray, memoryview, str, os.PathLike)) or (hasattr(first, "save") and hasattr(first, "mode"))
+    return isinstance(x[0], (bytes, bytearray, memoryview, str, os.PathLike)) or _is_pil(x[0])
 
 
 def _seconds(retry_after: str | None, default: float) -> float:

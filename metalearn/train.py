@@ -369,6 +369,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+# TrainConfig's settings for pictures (omniglot, folders, zips), which a .npz does not take.
+PICTURE_SETTINGS = ("image_size", "invert", "resample", "color", "skip_undecodable")
+
+
 def load_source(config: TrainConfig):
     """The task source of a config (Omniglot, sinusoid or the user's data)."""
     from metalearn.data import load_task_source
@@ -387,9 +391,8 @@ def load_source(config: TrainConfig):
         test_fraction=config.test_fraction,
         split_seed=config.split_seed,
     )
-    pictures = ("image_size", "invert", "resample", "color", "skip_undecodable")
     if str(config.task).lower().endswith(".npz"):
-        changed = ", ".join(name for name in pictures if getattr(config, name) != getattr(TrainConfig, name))
+        changed = ", ".join(name for name in PICTURE_SETTINGS if getattr(config, name) != getattr(TrainConfig, name))
         if changed:
             raise ValueError(f"{changed}: for pictures (omniglot, folders, zips); a .npz holds its inputs as they are")
         return load_task_source(config.task, **options)

@@ -38,6 +38,7 @@ from service.openapi import install_openapi
 from service.registry import ModelRegistry
 from service.request_ids import RequestIds
 from service.routes import health, metrics, models, sessions
+from service.routes.deps import STORE_THREADS
 from service.sessions import MemorySessionStore, SessionStore, SessionStoreFull, SessionStoreUnavailable
 from service.settings import Settings
 
@@ -151,6 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.metrics.skipped.set(len(app.state.registry.errors))
         app.openapi_schema = None
         app.state.engine.start()
+        app.state.store_threads = anyio.CapacityLimiter(STORE_THREADS)  # (routes.deps.store_call)
         # Compilations' machinery, if any model will compile, loaded now so that the freeze below covers it.
         app.state.engine.load_compiler(app.state.registry.models.values())
         # What is loaded by now lives as long as the process. Out of the cyclic garbage collector's
@@ -233,19 +235,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(SessionStoreUnavailable)
     async def _store_down(request: Request, exc: SessionStoreUnavailable):
         # Said in the log too (an operator's first look), at most once a minute while it lasts.
-        now = time.monotonic()
-        full = isinstance(exc, SessionStoreFull)
-        if now - store_warned[0] >= 60:
-            store_warned[0] = now
-            if full:
-                log.warning("the session store is full, adaptations answer 503 (raise Redis's maxmemory, or let it evict: volatile-lru): %s", exc)
-            else:
-                log.warning("the session store is unavailable, session calls answer 503: %s", exc)
         # The client is told what it can do; where the store is and why it failed stay in the log.
-        if full:
+        if isinstance(exc, SessionStoreFull):
+            said = "the session store is full, adaptations answer 503 (raise Redis's maxmemory, or let it evict: volatile-lru)"
             detail = "the session store is full: no new session until sessions expire or are deleted; existing sessions still predict, and stateless /v1/models/{name}/predict works"
         else:
+            said = "the session store is unavailable, session calls answer 503"
             detail = "the session store cannot be reached; session calls fail until it is back, stateless /v1/models/{name}/predict still works"
+        now = time.monotonic()
+        if now - store_warned[0] >= 60:
+            store_warned[0] = now
+            log.warning("%s: %s", said, exc)
         return problem_response(Problem(503, "Session store unavailable", detail, headers={"Retry-After": "5"}), request.url.path)
 
     # Routes match in this order: the /v1 ones, the busiest, first.

@@ -120,7 +120,8 @@ def _named_tensors(schemas: dict) -> None:
             branches = field.get("oneOf") or field.get("anyOf") or []
             refs = {b.get("$ref", "").rsplit("/", 1)[-1] for b in branches}
             if "EncodedTensor" in refs:
-                field.pop("oneOf", None), field.pop("anyOf", None)
+                field.pop("oneOf", None)
+                field.pop("anyOf", None)
                 field["$ref"] = "#/components/schemas/" + ("Tensor" if "ImageList" in refs else "Labels")
     predictions = schemas["PredictResponse"]["properties"]["predictions"]
     predictions["items"] = {"anyOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}}]}
@@ -162,6 +163,7 @@ def install_openapi(app: FastAPI) -> None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         registry = getattr(app.state, "registry", None)
         loaded = [registry.get(n) for n in registry.names()] if registry else []
+        bodies = {model.name: model_examples(model) for model in loaded}  # (one of each per model, for every endpoint)
         schemas = schema["components"]["schemas"]
         schemas.update(COMPONENTS, Problem=_problem_schema())
         _named_tensors(schemas)
@@ -182,7 +184,7 @@ def install_openapi(app: FastAPI) -> None:
                     continue
                 examples = {}
                 for model in loaded:
-                    ex = model_examples(model)
+                    ex = bodies[model.name]
                     if path.endswith("/adapt"):
                         value = {"support": ex["support"], "ttl_s": min(600, app.state.settings.max_session_ttl_s)}
                     elif path.startswith("/v1/models") and path.endswith("/predict"):

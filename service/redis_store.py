@@ -229,6 +229,7 @@ class RedisSessionStore(SessionStore):
         if budget_bytes < 0 or held_bytes < 0:
             raise ValueError(f"budget_bytes and held_bytes must be >= 0, got {budget_bytes} and {held_bytes}")
         self.url = url
+        self._where = f"Redis at {_redact(url)}"  # (for messages: the URL without its password)
         self.socket_timeout = socket_timeout
         self._hung_until = -math.inf  # until when calls fail at once, after one timed out
         self.budget_bytes = int(budget_bytes)
@@ -261,20 +262,15 @@ class RedisSessionStore(SessionStore):
         if time.monotonic() < self._hung_until:
             # Redis just left a call unanswered for a whole timeout: the calls arriving meanwhile fail at once
             # instead of each holding a thread for another timeout (a hung Redis under load).
-            raise SessionStoreUnavailable(f"session store unavailable (Redis at {_redact(self.url)}): no answer within {self.socket_timeout:g} s a moment ago")
+            raise SessionStoreUnavailable(f"session store unavailable ({self._where}): no answer within {self.socket_timeout:g} s a moment ago")
         try:
             return script(keys=self._keys, args=[self.prefix, *args])
-        except redis.exceptions.TimeoutError as e:
-            self._hung_until = time.monotonic() + self.socket_timeout
-            raise SessionStoreUnavailable(f"session store unavailable (Redis at {_redact(self.url)}): {e}") from e
-        except redis.exceptions.ResponseError as e:
-            if "maxmemory" in str(e) or str(e).startswith("OOM"):
-                raise SessionStoreFull(f"Redis at {_redact(self.url)} is out of memory (maxmemory): {e}") from e
-            raise SessionStoreUnavailable(f"session store unavailable (Redis at {_redact(self.url)}): {e}") from e
-        except redis.exceptions.RedisError as e:
-            raise SessionStoreUnavailable(f"session store unavailable (Redis at {_redact(self.url)}): {e}") from e
-        except OSError as e:  # socket errors that escape redis-py's wrapping
-            raise SessionStoreUnavailable(f"session store unavailable (Redis at {_redact(self.url)}): {e}") from e
+        except (redis.exceptions.RedisError, OSError) as e:  # (OSError: socket errors that escape redis-py's wrapping)
+            if isinstance(e, redis.exceptions.TimeoutError):
+                self._hung_until = time.monotonic() + self.socket_timeout
+            elif isinstance(e, redis.exceptions.ResponseError) and ("maxmemory" in str(e) or str(e).startswith("OOM")):
+                raise SessionStoreFull(f"{self._where} is out of memory (maxmemory): {e}") from e
+            raise SessionStoreUnavailable(f"session store unavailable ({self._where}): {e}") from e
 
     # SessionStore -------------------------------------------------------------------
 

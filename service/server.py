@@ -58,9 +58,9 @@ def _draining_server(config, app, drain_s: float):
         timer.start()
 
     def shed() -> None:
-        shed = app.state.engine.shed("the service is stopping; retry (another replica answers)")
-        if shed:
-            log.warning("stopping: answered %d queued request(s) with 503 before the grace period ends", shed)
+        count = app.state.engine.shed("the service is stopping; retry (another replica answers)")
+        if count:
+            log.warning("stopping: answered %d queued request(s) with 503 before the grace period ends", count)
 
     class Server(uvicorn.Server):
         draining = False

@@ -232,16 +232,17 @@ def decode_inputs(value: Any, where: str, input_shape: tuple[int, ...], preproce
     return _finite_float32(array, where)
 
 
-def _refuse_booleans(value: Any, where: str, what: str) -> None:
+def _refuse_booleans(value: Any, where: str, what: str, title: str) -> None:
     """``true``/``false`` among labels or targets (a client's ``label === "cat"``) would be read as 1 and 0.
-    Labels and targets are short lists (at most the support set), so looking costs microseconds."""
-    if isinstance(value, list) and any(v is True or v is False or (isinstance(v, list) and any(u is True or u is False for u in v)) for v in value):
-        raise invalid(f"{where}: true/false is not {what}: send numbers", title="Invalid labels" if what == "a class index" else "Invalid tensor")
+    Labels and targets are short lists (at most the support set, one level deep), so looking costs microseconds."""
+    rows = value if isinstance(value, list) else ()
+    if any(isinstance(v, bool) or (isinstance(v, list) and any(isinstance(u, bool) for u in v)) for v in rows):
+        raise invalid(f"{where}: true/false is not {what}: send numbers", title=title)
 
 
 def decode_labels(value: Any, where: str, count: int, n_way: int) -> torch.Tensor:
     """Class indices ``[count]`` (int64) in ``[0, n_way)`` covering every class."""
-    _refuse_booleans(value, where, "a class index")
+    _refuse_booleans(value, where, "a class index", "Invalid labels")
     array = _array_from(value, where, torch.float64, "a list of class indices or {dtype, shape, base64}")
     if array.ndim != 1:
         raise invalid(f"{where}: expected a flat list of {count} class indices, got shape {list(array.shape)}", title="Wrong tensor shape")
@@ -263,7 +264,7 @@ def decode_labels(value: Any, where: str, count: int, n_way: int) -> torch.Tenso
 
 def decode_targets(value: Any, where: str, count: int, out_features: int) -> torch.Tensor:
     """Regression targets ``[count, out_features]`` (``[count]`` accepted when out_features is 1)."""
-    _refuse_booleans(value, where, "a target")
+    _refuse_booleans(value, where, "a target", "Invalid tensor")
     array = _array_from(value, where, torch.float32, "nested lists of targets or {dtype, shape, base64}")
     sent = list(array.shape)
     if array.ndim == 1 and out_features == 1:

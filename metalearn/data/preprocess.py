@@ -152,7 +152,7 @@ def preprocess_images(
     prep = OMNIGLOT_PREPROCESSING if preprocessing is None else preprocessing
     (height, width), invert, resample = _validate(prep)
     grayscale = channels(prep) == 1
-    out = np.empty((len(images), channels(prep), height, width), dtype=np.float32)
+    out = np.zeros((len(images), channels(prep), height, width), dtype=np.float32)  # (a failed row stays 0)
     failures = [] if failed is None else failed
     for i in range(len(images)):  # (by index: ``images`` may read each file only when asked for it)
         label = names[i] if names is not None else f"image #{i}"
@@ -169,8 +169,6 @@ def preprocess_images(
             img = img.resize((width, height), resample)
             pixels = np.asarray(img, dtype=np.float32) / white  # [H, W], or [H, W, 3]
             out[i] = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)  # (a 16-bit grey picture fills every channel)
-            continue
-        out[i] = 0.0
     if failures and failed is None:
         raise ValueError(f"{len(failures)} picture(s) cannot be used; fix or remove them: {undecodable(failures)}")
     if invert:

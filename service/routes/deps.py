@@ -88,25 +88,24 @@ async def store_call(request: Request, fn, *args):
 
     if isinstance(request.app.state.store, MemorySessionStore):
         return fn(*args)
-    state = request.app.state
-    if getattr(state, "store_threads", None) is None:
-        state.store_threads = anyio.CapacityLimiter(STORE_THREADS)
-    return await anyio.to_thread.run_sync(fn, *args, limiter=state.store_threads)
+    return await anyio.to_thread.run_sync(fn, *args, limiter=request.app.state.store_threads)
 
 
-STORE_THREADS = 16
+STORE_THREADS = 16  # (the app's lifespan makes the limiter: it needs the running event loop)
 
 
 # Jobs done sooner are not watched: a watch costs a task (35 us here, several percent of a fast request).
 WATCH_AFTER_S = 0.05
 
 
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready (``JSONRoute`` answers 499)."""
+
+
 async def compute_unless_client_gone(request: Request, engine, job) -> Any:
     """``engine.submit(job)``, unless the client closes its connection while the job waits in the queue:
-    then the job is dropped, not computed for nobody, and ``ClientGone`` raised (answered 499). A job
-    still waiting after ``WATCH_AFTER_S`` starts the watch."""
-    from service.routes.json_route import ClientGone
-
+    then the job is dropped, not computed for nobody, and ``ClientGone`` raised. A job still waiting after
+    ``WATCH_AFTER_S`` starts the watch."""
     watch: asyncio.Future | None = None
 
     def gone(done: asyncio.Future) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
@@ -47,6 +47,5 @@ async def readyz(request: Request) -> dict:
     if not registry.names():
         raise Problem(503, "Not ready", "no model loaded: no checkpoint in the model directory loads (the log says why for each)", headers={"Retry-After": "5"})
     # The skipped checkpoints by their place in the model directory: where that lies on the host is the operator's.
-    root = Path(state.settings.model_dir)
-    skipped = {str(Path(path).relative_to(root)) if Path(path).is_relative_to(root) else Path(path).name: reason for path, reason in registry.errors.items()}
+    skipped = {os.path.relpath(path, state.settings.model_dir): reason for path, reason in registry.errors.items()}
     return {"status": "ready", "models": registry.names(), "queue_depth": engine.depth(), "skipped": skipped}

@@ -44,7 +44,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
 from service.problems import Problem
-from service.routes.deps import caller, owner
+from service.routes.deps import ClientGone, caller, owner
 
 def _is_json(content_type: str | None) -> bool:
     """No content type (curl's ``--data-binary`` without a header) is read as JSON; a declared one must be JSON."""
@@ -57,10 +57,6 @@ def _is_json(content_type: str | None) -> bool:
 # nginx's status for a request whose client closed the connection before the answer: in the access log
 # and /metrics, not counted as a server error (there is nobody to answer).
 CLIENT_CLOSED = 499
-
-
-class ClientGone(Exception):
-    """The client closed its connection before its answer was ready."""
 
 
 async def _read_body(request: Request, model: type[BaseModel]) -> BaseModel:
@@ -98,25 +94,22 @@ class JSONRoute(APIRoute):
         async def handler(request: Request) -> Response:
             sub_response = None
             kwargs = {}
-            for name, kind, body_model in arguments:
-                if kind == "caller":
-                    kwargs[name] = caller(request)
-                elif kind == "path":
-                    kwargs[name] = request.path_params[name]
-                elif kind == "body":
-                    try:
-                        kwargs[name] = await _read_body(request, body_model)
-                    except ClientGone:
-                        return Response(status_code=CLIENT_CLOSED)
-                elif kind == "request":
-                    kwargs[name] = request
-                else:  # "response": FastAPI's temporal response, whose headers and status are merged into the answer
-                    sub_response = kwargs[name] = Response()
-                    del sub_response.headers["content-length"]
-                    sub_response.status_code = None
             try:
+                for name, kind, body_model in arguments:
+                    if kind == "caller":
+                        kwargs[name] = caller(request)
+                    elif kind == "path":
+                        kwargs[name] = request.path_params[name]
+                    elif kind == "body":
+                        kwargs[name] = await _read_body(request, body_model)
+                    elif kind == "request":
+                        kwargs[name] = request
+                    else:  # "response": FastAPI's temporal response, whose headers and status are merged into the answer
+                        sub_response = kwargs[name] = Response()
+                        del sub_response.headers["content-length"]
+                        sub_response.status_code = None
                 result = await endpoint(**kwargs)
-            except ClientGone:
+            except ClientGone:  # while it sent its body, or while its job waited
                 return Response(status_code=CLIENT_CLOSED)
             if isinstance(result, Response):
                 return result
