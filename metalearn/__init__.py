@@ -7,6 +7,7 @@ The public surface::
 
 from metalearn.adaptation import Adaptation, adapt, adapt_many, predict, predict_many
 from metalearn.allocator import keep_freed_memory
+from metalearn.data.tasks import TaskBatch
 from metalearn.learner import ALGORITHMS, MetaConfig, MetaLearner, StepResult
 from metalearn.models import MLP, BatchNorm, Conv4, build_model, convert_batchnorm, norm_statistics, register_architecture
 
@@ -29,6 +30,7 @@ __all__ = [
     "MetaConfig",
     "MetaLearner",
     "StepResult",
+    "TaskBatch",
     "adapt",
     "adapt_many",
     "build_model",

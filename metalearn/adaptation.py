@@ -141,6 +141,7 @@ def adapt(
     of every support image (:func:`augment_support`).
     """
     steps = _resolve(learner, steps)
+    support_y = learner.check_targets(support_y)
     support_x, support_y = augment_support(support_x, support_y, support_shift)
     learner.check_head_only(support_x)
     adapted, stats, before, after = _adapt_one(
@@ -160,6 +161,7 @@ def adapt_many(
 ) -> Adaptation:
     """``adapt`` for a stack of independent support sets ``[R, S, ...]``, as one vmapped computation."""
     steps = _resolve(learner, steps)
+    support_y = learner.check_targets(support_y, stacked=True)
     support_x, support_y = augment_support(support_x, support_y, support_shift, stacked=True)
     learner.check_head_only(support_x[0])
 

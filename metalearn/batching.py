@@ -55,24 +55,26 @@ def choose_strategy(learner: MetaLearner, device: str | torch.device, training: 
 
 
 def _checked(learner: MetaLearner, tasks: tuple) -> tuple:
-    """The meta-batch's tasks, checked where a mistake would otherwise train silently or fail deep inside:
-    classification labels integer (int32 taken as int64) and >= 0 (cross_entropy ignores -100), support
-    and query sets not empty. (Labels too large and regression targets of another shape than the outputs
-    fail in the loss.)"""
+    """The meta-batch's tasks, checked where a mistake would otherwise train silently or fail deep inside
+    (under ``vmap``, a label too large is an index error from a decomposition): labels or targets shaped as
+    the task type needs (:meth:`MetaLearner.check_targets`), classification labels in ``[0, outputs)``
+    (cross_entropy ignores -100), support and query sets not empty."""
     support_x, support_y, query_x, query_y = tasks
     if len(support_x) == 0:
         raise ValueError("the meta-batch has no tasks")
     if support_x[0].shape[0] == 0 or (learner.config.algorithm != "reptile" and query_x[0].shape[0] == 0):
         raise ValueError("every task needs support examples, and query examples for its query loss (a set of size 0)")
+    # (a list of unequal tasks gives tuples of tensors, one per task)
+    stacked = isinstance(support_y, torch.Tensor)
+    checked = lambda labels: (learner.check_targets(labels, stacked=True) if stacked  # noqa: E731
+                              else tuple(learner.check_targets(t) for t in labels))
+    support_y, query_y = checked(support_y), checked(query_y)
     if learner.config.task_type == "classification":
-        # (a list of unequal tasks gives tuples of tensors, one per task)
-        for y in [t for labels in (support_y, query_y) for t in ([labels] if isinstance(labels, torch.Tensor) else labels)]:
-            if y.is_floating_point() or y.dtype == torch.bool:
-                raise ValueError(f"classification labels must be integer class indices, got {y.dtype}")
-            if y.numel() and int(y.min()) < 0:
-                raise ValueError(f"classification labels must be >= 0, got {int(y.min())}")
-        long = lambda labels: labels.long() if isinstance(labels, torch.Tensor) else tuple(t.long() for t in labels)  # noqa: E731
-        support_y, query_y = long(support_y), long(query_y)
+        ways = learner.outputs_width(support_x[0])
+        for y in [t for labels in (support_y, query_y) for t in ([labels] if stacked else labels)]:
+            if y.numel() and not 0 <= int(y.min()) <= int(y.max()) < ways:
+                raise ValueError(f"classification labels must be class indices in [0, {ways}) for a model with {ways} "
+                                 f"outputs, got labels from {int(y.min())} to {int(y.max())}")
     learner.check_head_only(support_x[0])  # (ANIL's; once)
     return support_x, support_y, query_x, query_y
 
@@ -106,6 +108,10 @@ def run_meta_batch(learner: MetaLearner, batch, iteration: int = 0, strategy: st
     which always runs as a loop.
     """
     if isinstance(batch, (list, tuple)):
+        if not all(isinstance(task, (list, tuple)) and len(task) == 4 for task in batch):
+            raise ValueError("a meta-batch is a TaskBatch, or a list of (support_x, support_y, query_x, query_y) tuples "
+                             "(one per task); for four stacked tensors [T, ...], pass TaskBatch(support_x, support_y, "
+                             "query_x, query_y)")
         strategy = "loop"
         tasks = tuple(zip(*batch))
     else:

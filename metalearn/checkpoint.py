@@ -223,27 +223,50 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return manifest, tensors
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
-    """Rebuild the learner a checkpoint describes, with its weights, on ``device``."""
-    path = Path(path)
-    manifest, tensors = _read(path)
+def _build(path: Path, manifest: dict) -> MetaLearner:
     try:
         config = MetaConfig(**manifest["meta_config"])
-        learner = MetaLearner(build_model(manifest["model_spec"]), config)
+        return MetaLearner(build_model(manifest["model_spec"]), config)
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: incompatible manifest ({error})") from None
     except Exception as error:  # noqa: BLE001 - a registered architecture's constructor is the user's code
         raise CheckpointError(f"{path}: building its model failed ({error.__class__.__name__}: {error})") from None
-    weights = {n: t for n, t in tensors.items() if not n.startswith(STATE_PREFIX)}
-    state = {n[len(STATE_PREFIX) :]: t for n, t in tensors.items() if n.startswith(STATE_PREFIX)}
-    expected = learner.state_dict()
+
+
+def _check_weights(path: Path, weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     if set(weights) != set(expected) or any(weights[n].shape != expected[n].shape for n in expected):
         missing = sorted(set(expected) - set(weights))
         unexpected = sorted(set(weights) - set(expected))
+        reshaped = sorted(n for n in set(weights) & set(expected) if weights[n].shape != expected[n].shape)
         raise CheckpointError(
             f"{path}: weights do not match the model the manifest describes "
-            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]}, of other shapes {reshaped[:5]})"
         )
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild the learner a checkpoint describes, with its weights, on ``device``."""
+    path = Path(path)
+    manifest, tensors = _read(path)
+    weights = {n: t for n, t in tensors.items() if not n.startswith(STATE_PREFIX)}
+    state = {n[len(STATE_PREFIX) :]: t for n, t in tensors.items() if n.startswith(STATE_PREFIX)}
+    # The manifest's model is first built on the meta device (shapes, no memory) and compared with the
+    # file's weights: a manifest that names a model far larger than its weights (a few bytes asking
+    # for hidden layers of 10^5 units) is refused before anything is allocated.
+    try:
+        with torch.device("meta"):
+            shapes = MetaLearner(build_model(manifest["model_spec"]), MetaConfig(**manifest["meta_config"])).state_dict()
+    except Exception:  # noqa: BLE001 - a bad manifest is reported by the real build below; a registered
+        shapes = None  # constructor that cannot run on the meta device is compared once built
+    if shapes is not None:
+        _check_weights(path, weights, shapes)
+    learner = _build(path, manifest)
+    if shapes is None:
+        _check_weights(path, weights, learner.state_dict())
+    # The weights' own precision (a float64 model stays float64; the model is built in float32).
+    dtypes = {t.dtype for t in weights.values() if t.is_floating_point()}
+    if len(dtypes) == 1:
+        learner.to(dtype=dtypes.pop())
     learner.load_state_dict(weights)
     learner.to(device)
     learner.eval()

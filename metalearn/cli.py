@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--support-shift", type=_non_negative_int,
                           help="shifted support views at test time (default: the checkpoint's; 0 turns them off)")
     evaluate.add_argument("--episodes", type=_positive_int, default=400)
-    evaluate.add_argument("--seed", type=int)
+    evaluate.add_argument("--seed", type=int, help="draws the evaluation tasks (default: one other than the trainer's "
+                          "validation seed, so a best checkpoint is not scored on the tasks that chose it)")
     group = evaluate.add_mutually_exclusive_group()
     group.add_argument("--within-group", dest="within_group", action="store_true", default=None,
                        help="all classes of a task from one group/alphabet (default for image tasks)")

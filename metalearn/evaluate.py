@@ -29,10 +29,14 @@ from metalearn.adaptation import SHIFTED_VIEWS, adapt_many, predict_many
 from metalearn.data.tasks import task_stream
 from metalearn.learner import MetaLearner
 
-# Evaluation tasks are drawn with this seed unless told otherwise; the
-# trainer samples its training tasks from generators derived from the run
-# seed, never from this one.
-EVAL_SEED = 20260
+# The trainer validates on tasks drawn with VALIDATION_SEED and keeps the best
+# checkpoint by them; `metalearn eval` and evaluate() draw theirs with EVAL_SEED
+# unless told otherwise, so a best checkpoint is not scored on the tasks that
+# chose it (task i is the i-th draw of a seed: with one seed for both, the
+# first validation-episodes tasks of an evaluation were the validation's own).
+# Training tasks come from generators derived from the run seed, never these.
+VALIDATION_SEED = 20260
+EVAL_SEED = 52051
 Z95 = 1.96
 
 
@@ -186,4 +190,4 @@ def better(metric: str, new: float, old: float | None) -> bool:
     return new > old if metric == "accuracy" else new < old
 
 
-__all__ = ["EVAL_SEED", "EvalResult", "better", "evaluate", "mean_ci95"]
+__all__ = ["EVAL_SEED", "VALIDATION_SEED", "EvalResult", "better", "evaluate", "mean_ci95"]

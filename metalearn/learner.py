@@ -107,7 +107,7 @@ class MetaConfig:
         if self.multi_step_loss_iterations < 1 or self.encoder_hidden < 1 or self.first_order_iterations < 0:
             raise ValueError("multi_step_loss_iterations and encoder_hidden must be >= 1, first_order_iterations >= 0")
         for name in ("first_order", "multi_step_loss", "learn_step_lrs", "checkpoint_inner"):
-            if getattr(self, name) not in (None, True, False):
+            if not any(getattr(self, name) is allowed for allowed in (None, True, False)):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.grad_clip is not None:
             if isinstance(self.grad_clip, bool) or not isinstance(self.grad_clip, numbers.Real) or not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
@@ -147,12 +147,16 @@ class StepResult:
 def multi_step_loss_weights(steps: int, iteration: int, anneal_iterations: int) -> torch.Tensor:
     """MAML++ importance of the query loss after each inner step.
 
-    Starts uniform and moves linearly to (almost) all weight on the final step
-    over ``anneal_iterations`` (Antoniou et al., 2019).
+    Starts uniform and moves linearly towards the final step over
+    ``anneal_iterations``, every earlier step keeping at least ``0.03 / steps``;
+    from then on only the final step's loss counts (Antoniou et al., 2019, whose
+    code counts epochs where this counts meta-iterations).
     """
     weights = torch.full((steps,), 1.0 / steps)
     if steps == 1:
         return weights
+    if iteration >= anneal_iterations:
+        return torch.nn.functional.one_hot(torch.tensor(steps - 1), steps).to(weights.dtype)
     decay = iteration / (steps * max(anneal_iterations, 1))
     floor = 0.03 / steps
     weights[:-1] = torch.clamp(weights[:-1] - decay, min=floor)
@@ -196,6 +200,10 @@ class MetaLearner(nn.Module):
         self.model = convert_batchnorm(model)
         trainable = [name for name, p in model.named_parameters() if p.requires_grad]
         self.adapt_names = head_parameter_names(model) if self.config.algorithm == "anil" else trainable
+        if not self.adapt_names:
+            what = "the model's head has" if self.config.algorithm == "anil" else "the model has"
+            raise ValueError(f"{what} no trainable parameters to adapt (none, or all requires_grad=False): "
+                             "meta-learning would change nothing")
         # Models that expose body/head with forward = head(body(x)) let ANIL
         # compute the body once per task instead of once per inner step.
         self.head_only = (
@@ -288,6 +296,34 @@ class MetaLearner(nn.Module):
                              "the head adapted on its features); make forward return self.head(self.body(x)), or "
                              "use another algorithm (maml, fomaml) for this model")
         self._head_only_checked = True
+
+    def check_targets(self, y: torch.Tensor, stacked: bool = False) -> torch.Tensor:
+        """One task's labels or targets (``stacked``: a stack of tasks'), checked for what would otherwise
+        train on the wrong thing or fail deep inside: classification labels are one integer class index per
+        example (``[S]``; int32 taken as int64), regression targets one row per example (``[S, outputs]``,
+        e.g. ``[S, 1]`` for one value). Returns them as the loss takes them. (Shapes and dtypes only: the
+        values' range is checked where a meta-batch is, in ``metalearn.batching``.)"""
+        lead = "[T, S" if stacked else "[S"
+        if self.config.task_type == "classification":
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+                raise ValueError(f"classification labels must be integer class indices, got {y.dtype} "
+                                 "(for real-valued targets, use task_type='regression')")
+            if y.dim() != (2 if stacked else 1):
+                raise ValueError(f"classification labels are one class index per example, shape {lead}], got "
+                                 f"{list(y.shape)}" + ("" if stacked else " (for a stack of tasks, adapt each task or use adapt_many)"))
+            return y.long()
+        if y.dim() < (3 if stacked else 2):
+            raise ValueError(f"regression targets are one row per example, shape {lead}, outputs] (e.g. {lead}, 1] for "
+                             f"one value), got {list(y.shape)}")
+        return y
+
+    def outputs_width(self, x: torch.Tensor) -> int:
+        """How many outputs (classes) the model gives per example, found once from one task's inputs ``x``."""
+        if getattr(self, "_outputs_width", None) is None:
+            with torch.no_grad():
+                outputs = self.forward_with(self.model_params(self.meta_params()), self.buffers_dict(), x)
+            self._outputs_width = outputs.shape[-1]
+        return self._outputs_width
 
     def head_forward(self, head_params: Params, features: torch.Tensor) -> torch.Tensor:
         prefix = "head."
@@ -516,14 +552,20 @@ class MetaLearner(nn.Module):
     def meta_step(self, batch, optimizer: torch.optim.Optimizer, iteration: int | None = None, reduce_grads=None) -> StepResult:
         """Compute the meta-gradient, clip it if configured, and take one optimiser step.
 
-        ``iteration`` as in :meth:`meta_gradient`. ``reduce_grads`` (e.g. an all-reduce across processes)
-        is applied to the gradients before clipping.
+        The meta-gradient is added to what ``.grad`` already holds (a regulariser's gradient, say), as
+        ``loss.backward()`` would. ``optimizer`` must update every trainable parameter of the learner
+        (``learner.parameters()``: with Meta-SGD or MAML++ the learned learning rates too); freeze one with
+        ``requires_grad_(False)`` instead of leaving it out. ``iteration`` as in :meth:`meta_gradient`.
+        ``reduce_grads`` (e.g. an all-reduce across processes) is applied to the gradients before clipping.
         """
+        self._check_optimizer(optimizer)
         result = self.meta_gradient(batch, iteration=iteration)
         self.meta_steps_taken += 1
         named = dict(self.named_parameters())
         for name, grad in result.grads.items():
-            named[name].grad = grad.to(named[name].dtype)
+            param = named[name]
+            grad = grad.to(param.dtype)
+            param.grad = grad if param.grad is None else param.grad + grad
         if reduce_grads is not None:
             reduce_grads([p for p in self.parameters() if p.grad is not None])
         if self.config.grad_clip:
@@ -531,6 +573,17 @@ class MetaLearner(nn.Module):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return result
+
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        # A parameter the optimiser does not hold would get a gradient and never move: a Meta-SGD
+        # learner's learning rates under Adam(model.parameters()) stay at their initial value, silently.
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [name for name, p in self.named_parameters() if p.requires_grad and id(p) not in held]
+        if missing:
+            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            raise ValueError(f"the optimizer does not update {shown}: give it learner.parameters() (not the model's), "
+                             "or freeze what should stay fixed with requires_grad_(False)")
 
 
 def _func_differentiate(loss_of: Callable[[Params], torch.Tensor], fast: Params, create_graph: bool):

@@ -92,12 +92,12 @@ class BatchNorm(nn.Module):
     not depend on the other queries that come with it.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5):
+    def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
         self.num_features = num_features
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.weight = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = _NORM_MODE.get()
@@ -162,15 +162,22 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, BatchNorm) for m in model.modules())
 
 
-def convert_batchnorm(model: nn.Module) -> nn.Module:
+def convert_batchnorm(model: nn.Module, like: torch.Tensor | None = None) -> nn.Module:
     """Replace ``nn.BatchNorm1d/2d/3d`` layers by :class:`BatchNorm`, in place.
 
     Running statistics have no meaning when every task adapts its own
     parameters, so meta-learning normalises per batch; affine weights are kept.
+    A replacement takes the device and dtype of the layer it replaces (of
+    ``like``, by default the model's first parameter, for a layer with neither
+    weights nor running statistics).
     """
+    if like is None:
+        like = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
     for name, child in list(model.named_children()):
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            replacement = BatchNorm(child.num_features, eps=child.eps)
+            own = next((t for t in [*child.parameters(), *child.buffers()] if t.is_floating_point()), like)
+            factory = {} if own is None else {"device": own.device, "dtype": own.dtype}
+            replacement = BatchNorm(child.num_features, eps=child.eps, **factory)
             if child.affine:
                 with torch.no_grad():
                     replacement.weight.copy_(child.weight)
@@ -178,9 +185,9 @@ def convert_batchnorm(model: nn.Module) -> nn.Module:
             else:
                 replacement.weight.requires_grad_(False)
                 replacement.bias.requires_grad_(False)
-            setattr(model, name, replacement.to(next(child.buffers(), torch.empty(0)).device))
+            setattr(model, name, replacement)
         else:
-            convert_batchnorm(child)
+            convert_batchnorm(child, like)
     return model
 
 
@@ -377,5 +384,6 @@ def head_module_name(model: nn.Module) -> str:
 
 
 def head_parameter_names(model: nn.Module) -> list[str]:
+    """The head's trainable parameters: what ANIL adapts (a frozen one stays as it is)."""
     prefix = head_module_name(model) + "."
-    return [name for name, _ in model.named_parameters() if name.startswith(prefix)]
+    return [name for name, p in model.named_parameters() if name.startswith(prefix) and p.requires_grad]

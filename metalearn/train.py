@@ -44,7 +44,7 @@ from metalearn import distributed
 from metalearn.adaptation import check_support_shift
 from metalearn.allocator import keep_freed_memory
 from metalearn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from metalearn.evaluate import EVAL_SEED, EvalResult, better, evaluate
+from metalearn.evaluate import VALIDATION_SEED, EvalResult, better, evaluate
 from metalearn.learner import ALGORITHMS, MetaConfig, MetaLearner
 from metalearn.models import architecture, build_model
 
@@ -784,7 +784,7 @@ class Trainer:
     def validate(self) -> EvalResult | None:
         if self.val_source is None:
             return None
-        return evaluate(self.learner, self.val_source, seed=EVAL_SEED, **self.val_kwargs)
+        return evaluate(self.learner, self.val_source, seed=VALIDATION_SEED, **self.val_kwargs)
 
     # -- the loop ------------------------------------------------------------
 

@@ -125,6 +125,7 @@ def _output_size(learner: MetaLearner, input_shape: tuple[int, ...], device: str
 
 def load_model(name: str, path: Path, device: str) -> LoadedModel:
     checkpoint = load_checkpoint(path, device)
+    checkpoint.learner.float()  # (the service computes in float32, as requests' tensors arrive: a float64 checkpoint too)
     manifest = checkpoint.manifest
     try:
         input_shape = tuple(int(s) for s in manifest["input_shape"])

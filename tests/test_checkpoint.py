@@ -204,3 +204,34 @@ def test_a_write_that_fails_names_the_file_and_keeps_the_old_one(tmp_path, monke
         atomic_write_bytes(target, b"new")
     assert caught.value.errno == errno.ENOSPC
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]
+
+
+def test_a_float64_checkpoint_loads_in_float64(tmp_path):
+    learner = _conv_learner("maml").double()
+    with torch.no_grad():
+        learner.model.head.bias.add_(1e-12)  # (lost in a float32 round trip)
+    save_checkpoint(tmp_path / "f64.safetensors", learner, input_shape=(1, 28, 28), n_way=5)
+    loaded = load_checkpoint(tmp_path / "f64.safetensors").learner
+    assert {p.dtype for p in loaded.parameters()} == {torch.float64}
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), learner.state_dict().values()))
+
+
+def test_a_manifest_asking_for_a_far_larger_model_than_its_weights_is_refused_unbuilt(tmp_path, monkeypatch):
+    """A few bytes of file must not make the loader allocate what its manifest names (an MLP of 10^5-unit layers:
+    tens of GB) before the weights are compared."""
+    from safetensors.torch import save as save_bytes
+
+    from metalearn.checkpoint import atomic_write_bytes, build_manifest, content_hash
+
+    small = MetaLearner(MLP(1, (4, 4), 1), MetaConfig("maml", task_type="regression"))
+    manifest = build_manifest(small, input_shape=(1,))
+    manifest["model_spec"]["hidden"] = [100_000, 100_000]
+    tensors = {n: t.detach() for n, t in small.state_dict().items()}
+    manifest["content_hash"] = content_hash(tensors, manifest)
+    path = tmp_path / "huge.safetensors"
+    atomic_write_bytes(path, save_bytes(tensors, metadata={"metalearn": json.dumps(manifest)}))
+    built = []
+    real_init = MLP.__init__
+    monkeypatch.setattr(MLP, "__init__", lambda self, *a, **k: (built.append(torch.empty(0).device.type), real_init(self, *a, **k))[1])
+    _expect_error(path, "do not match", "of other shapes ['model.body.0.bias', 'model.body.0.weight'")
+    assert built == ["meta"]  # built once, on the meta device, and refused there

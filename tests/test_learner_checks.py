@@ -100,7 +100,7 @@ def test_unequal_classification_tasks_run_as_a_loop():
     tasks = [(torch.rand(n, 4, generator=g), torch.arange(n) % 3, torch.rand(6, 4, generator=g), torch.arange(6) % 3) for n in (3, 6)]
     assert learner.meta_gradient(tasks).loss > 0
     bad = [tasks[0], (*tasks[1][:3], torch.tensor([0, 1, 2, 0, 1, -1]))]
-    with pytest.raises(ValueError, match="labels must be >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"class indices in \[0, 3\) for a model with 3 outputs, got labels from -1 to 2"):
         learner.meta_gradient(bad)
 
 
@@ -111,7 +111,7 @@ def test_malformed_task_batches_are_refused_before_training():
         as_int32 = classifier.meta_gradient(label_batch(labels.int()), strategy=strategy)
         as_int64 = classifier.meta_gradient(label_batch(labels), strategy=strategy)
         assert as_int32.loss == as_int64.loss
-    with pytest.raises(ValueError, match="labels must be >= 0, got -100"):  # cross_entropy would ignore it
+    with pytest.raises(ValueError, match=r"class indices in \[0, 3\).* got labels from -100 to 2"):  # cross_entropy would ignore it
         classifier.meta_gradient(label_batch(torch.tensor([0, 1, 2, 0, 1, -100])))
     with pytest.raises(ValueError, match="labels must be integer class indices"):
         classifier.meta_gradient(label_batch(labels.float()))
@@ -122,7 +122,7 @@ def test_malformed_task_batches_are_refused_before_training():
     batch = sine_batch()
     flat = TaskBatch(batch.support_x, batch.support_y.squeeze(-1), batch.query_x, batch.query_y.squeeze(-1))
     for strategy in ("loop", "vmap"):
-        with pytest.raises(ValueError, match=r"regression targets of shape \[5\] for outputs of shape \[5, 1\]"):
+        with pytest.raises(ValueError, match=r"regression targets are one row per example, shape \[T, S, outputs\] .* got \[3, 5\]"):
             regression.meta_gradient(flat, strategy=strategy)
 
 
@@ -157,3 +157,93 @@ def test_meta_step_counts_iterations_for_mamlpp():
         learner.meta_step(batch, optimizer)
     assert learner.meta_steps_taken == 2
     assert torch.equal(learner.meta_gradient(batch).grads["model.head.weight"], at[2])
+
+
+def test_batchnorm_conversion_keeps_the_models_dtype_and_device():
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.BatchNorm1d(8, affine=False, track_running_stats=False),
+                          nn.Linear(8, 1)).double()
+    learner = MetaLearner(model, MetaConfig("maml", task_type="regression", inner_steps=1, inner_lr=0.1))
+    assert {p.dtype for p in learner.parameters()} == {torch.float64}
+    batch = sine_batch()
+    x = lambda t: t.expand(*t.shape[:-1], 3).double()  # noqa: E731
+    learner.meta_step(TaskBatch(x(batch.support_x), batch.support_y.double(), x(batch.query_x), batch.query_y.double()),
+                      torch.optim.SGD(learner.parameters(), lr=0.01))
+    with torch.device("meta"):  # a layer with neither weights nor statistics follows the model's first parameter
+        on_meta = MetaLearner(nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8, affine=False, track_running_stats=False), nn.Linear(8, 1)),
+                              MetaConfig("maml", task_type="regression"))
+    assert {p.device.type for p in on_meta.parameters()} == {"meta"}
+
+
+def test_a_learner_with_nothing_to_adapt_is_refused():
+    frozen = MLP(1, (8,), 1).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters to adapt"):
+        MetaLearner(frozen, MetaConfig("maml", task_type="regression"))
+    with pytest.raises(ValueError, match="no trainable parameters to adapt"):
+        MetaLearner(nn.Sequential(nn.Linear(1, 1), nn.ReLU()).requires_grad_(False), MetaConfig("maml", task_type="regression"))
+    model = MLP(1, (8,), 1)
+    model.head.requires_grad_(False)
+    with pytest.raises(ValueError, match="the model's head has no trainable parameters"):
+        MetaLearner(model, MetaConfig("anil", task_type="regression"))
+    model.head.bias.requires_grad_(True)  # a frozen head weight stays as it is: ANIL adapts the bias only
+    learner = MetaLearner(model, MetaConfig("anil", task_type="regression", inner_steps=2, inner_lr=0.5))
+    batch = sine_batch()
+    adapted = adapt(learner, batch.support_x[0], batch.support_y[0]).params
+    assert set(adapted) == {"head.bias"}
+
+
+def test_an_optimizer_that_misses_learned_parameters_is_refused():
+    learner = MetaLearner(MLP(1, (8,), 1), MetaConfig("metasgd", task_type="regression", inner_steps=1, inner_lr=0.1))
+    with pytest.raises(ValueError, match=r"the optimizer does not update lrs\.body__0__bias, lrs\.body__0__weight, .*learner\.parameters\(\)"):
+        learner.meta_step(sine_batch(), torch.optim.Adam(learner.model.parameters(), lr=1e-3))
+    assert learner.meta_steps_taken == 0 and all(p.grad is None for p in learner.parameters())
+
+
+def test_meta_step_adds_to_a_gradient_already_there():
+    """A regulariser's gradient taken before meta_step is kept, as loss.backward() would keep it."""
+    batch = sine_batch()
+    steps = {}
+    for regularised in (False, True):
+        torch.manual_seed(0)
+        learner = MetaLearner(MLP(1, (8,), 1), MetaConfig("maml", task_type="regression", inner_steps=1, inner_lr=0.1))
+        optimizer = torch.optim.SGD(learner.parameters(), lr=1.0)
+        before = {n: p.detach().clone() for n, p in learner.named_parameters()}
+        if regularised:
+            (0.5 * learner.model.head.weight.pow(2).sum()).backward()
+        result = learner.meta_step(batch, optimizer)
+        steps[regularised] = {n: before[n] - p.detach() for n, p in learner.named_parameters()}
+    torch.testing.assert_close(steps[False]["model.head.weight"], result.grads["model.head.weight"])
+    torch.testing.assert_close(steps[True]["model.head.weight"] - steps[False]["model.head.weight"], before["model.head.weight"])
+    torch.testing.assert_close(steps[True]["model.body.0.weight"], steps[False]["model.body.0.weight"])
+
+
+def test_labels_beyond_the_models_outputs_are_refused_for_every_strategy():
+    classifier = MetaLearner(MLP(4, (8,), 3), MetaConfig("maml", inner_steps=1, inner_lr=0.1))
+    for strategy in ("loop", "vmap", "chunked:1"):  # (under vmap, an index error from a decomposition before)
+        with pytest.raises(ValueError, match=r"class indices in \[0, 3\) for a model with 3 outputs, got labels from 0 to 3"):
+            classifier.meta_gradient(label_batch(torch.tensor([0, 1, 2, 3])), strategy=strategy)
+
+
+def test_misshaped_batches_and_support_sets_are_refused_not_misread():
+    regression = MetaLearner(MLP(1, (8,), 1), MetaConfig("maml", task_type="regression", inner_steps=1, inner_lr=0.1))
+    batch = sine_batch(tasks=4)
+    stacked = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+    for given in (stacked, list(stacked)):  # four stacked tensors read as a list of tasks trained on the wrong thing
+        with pytest.raises(ValueError, match="pass TaskBatch"):
+            regression.meta_gradient(given)
+    one_task = TaskBatch(batch.support_x[0], batch.support_y[0], batch.query_x[0], batch.query_y[0])  # [S, 1]: S tasks of one?
+    with pytest.raises(ValueError, match=r"regression targets are one row per example, shape \[T, S, outputs\]"):
+        regression.meta_gradient(one_task)
+    with pytest.raises(ValueError, match=r"shape \[S, outputs\] .* got \[5\]"):
+        adapt(regression, batch.support_x[0], batch.support_y[0, :, 0])
+    classifier = MetaLearner(MLP(4, (8,), 3), MetaConfig("maml", inner_steps=1, inner_lr=0.1))
+    tasks = label_batch(torch.tensor([0, 1, 2, 0, 1, 2]))
+    with pytest.raises(ValueError, match=r"one class index per example, shape \[S\], got \[2, 6\].*adapt_many"):
+        adapt(classifier, tasks.support_x, tasks.support_y)  # a stack of support sets is not one support set
+    assert adapt_many(classifier, tasks.support_x, tasks.support_y).params["head.weight"].shape[0] == 2
+    with pytest.raises(ValueError, match="use task_type='regression'"):
+        adapt(classifier, tasks.support_x[0], tasks.support_y[0].float())
+
+
+def test_meta_config_switches_are_booleans_not_numbers():
+    with pytest.raises(ValueError, match="first_order must be true or false, got 1"):
+        MetaConfig("maml", first_order=1)
