@@ -184,7 +184,8 @@ def _parse_header(path: Path, raw: bytes) -> dict:
         raise CheckpointError(f"{path}: file is truncated ({len(raw)} bytes), not a checkpoint")
     header_size = int.from_bytes(raw[:8], "little")
     if header_size <= 0 or 8 + header_size > len(raw):
-        raise CheckpointError(f"{path}: not a safetensors checkpoint, or truncated (header of {header_size} bytes)")
+        # (the size itself is not repeated: for a file that is no checkpoint it is its first 8 bytes)
+        raise CheckpointError(f"{path}: not a safetensors checkpoint, or truncated (its header's size is past the file's end)")
     try:
         header = json.loads(raw[8 : 8 + header_size])
         manifest = json.loads(header["__metadata__"][MANIFEST_KEY])

@@ -38,9 +38,9 @@ from service.openapi import install_openapi
 from service.registry import ModelRegistry
 from service.request_ids import RequestIds
 from service.routes import health, metrics, models, sessions
-from service.routes.deps import STORE_THREADS
+from service.routes.deps import PARSE_THREADS, STORE_THREADS
 from service.sessions import MemorySessionStore, SessionStore, SessionStoreFull, SessionStoreUnavailable
-from service.settings import Settings
+from service.settings import SHORT_KEY, Settings
 
 log = logging.getLogger("service")
 
@@ -153,6 +153,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.openapi_schema = None
         app.state.engine.start()
         app.state.store_threads = anyio.CapacityLimiter(STORE_THREADS)  # (routes.deps.store_call)
+        app.state.parse_threads = anyio.CapacityLimiter(PARSE_THREADS)  # (routes.deps.decode_off_the_loop)
         # Compilations' machinery, if any model will compile, loaded now so that the freeze below covers it.
         app.state.engine.load_compiler(app.state.registry.models.values())
         # What is loaded by now lives as long as the process. Out of the cyclic garbage collector's
@@ -161,6 +162,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.collect()
         gc.freeze()
         log.info("serving %d model(s) on %s: %s", len(app.state.registry.models), device, ", ".join(app.state.registry.names()))
+        if settings.short_keys():
+            log.warning("%d of the API keys are shorter than %d characters, which can be guessed: use random ones, e.g. "
+                        "python -c 'import secrets; print(secrets.token_urlsafe(32))'", settings.short_keys(), SHORT_KEY)
         if settings.drain_s > 0 and not app.state.drains:
             log.warning("METALEARN_DRAIN_S=%g does nothing here: only `metalearn serve` drains on SIGTERM (under uvicorn or gunicorn, delay the signal instead, e.g. a Kubernetes preStop sleep)", settings.drain_s)
         hangup = hasattr(signal, "SIGHUP") and _on_signal(signal.SIGHUP, lambda: _reload_in_background(app))

@@ -44,10 +44,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT``, with control characters in the message escaped: a request's path or a file's name with a
+    newline in it (``GET /x%0a... INFO service.access: ...``) would otherwise write a line of its own choosing."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(_ESCAPES)
+        return super().formatMessage(record)
+
+
+_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(32), 127] if code != 9} | {10: "\\n", 13: "\\r"}
+
+
 def configure(level: str = "info", fmt: str = "text") -> None:
     """Every logger to standard error, one line per record, as ``fmt`` (text | json), from ``level`` up."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, str(level).upper(), logging.INFO))

@@ -380,17 +380,18 @@ class RedisSessionStore(SessionStore):
 
 
 def _redact(url: str) -> str:
-    """The URL without its password."""
+    """The URL without its password (``redis://:PASS@host`` or redis-py's ``?password=PASS``) or its query."""
     from urllib.parse import urlsplit, urlunsplit
 
     try:
         parts = urlsplit(url)
+        netloc = parts.netloc
         if parts.password:
-            netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
-            return urlunsplit(parts._replace(netloc=netloc))
+            netloc = netloc.replace(":" + parts.password + "@", ":***@")
+        # (the query holds options redis-py reads, the password among them: left out whole)
+        return urlunsplit(parts._replace(netloc=netloc, query="***" if parts.query else ""))
     except ValueError:
-        pass
-    return url
+        return "(an unreadable URL)"
 
 
 def _setting(settings: Any, *names: str, default: Any = None) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ipaddress
 import signal
 import threading
 
@@ -33,9 +34,19 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, **settings_
     # Every logger, uvicorn's too, one format (log_config=None: uvicorn's loggers go to the root's handler);
     # the access lines are the service's own (service.request_ids), with the request id.
     logs.configure(log_level, settings.log_format)
+    if not settings.key_list() and not _loopback(host):
+        log.warning("serving on %s without API keys: whoever reaches this address can adapt, predict and read or delete any "
+                    "session by its id; set METALEARN_API_KEYS (and put a TLS proxy in front: README, Deploying)", host)
     app = create_app(settings)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None, access_log=False, timeout_graceful_shutdown=GRACE_S)
     _draining_server(config, app, settings.drain_s).run()
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 # How long requests in flight get once the server stops (uvicorn's graceful shutdown). Requests still

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.api_keys.strip() and any(not key.strip() for key in self.api_keys.split(",")):
+            # (" , " would otherwise mean no keys at all: every /v1 call open, as the operator did not mean)
+            raise ValueError("api_keys: an empty key among the comma-separated keys (a stray or doubled comma?)")
         if self.min_inner_lr > self.max_inner_lr:
             raise ValueError("min_inner_lr must be <= max_inner_lr")
         if self.session_ttl_s > self.max_session_ttl_s:
@@ -92,6 +95,10 @@ class Settings(BaseSettings):
 
     def key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    def short_keys(self) -> int:
+        """How many keys are short enough to guess (under ``SHORT_KEY`` characters): warned about at start."""
+        return sum(len(key) < SHORT_KEY for key in self.key_list())
 
     def owner_hashes(self) -> dict[str, str]:
         """API key -> owner id stored with sessions (a hash, so keys never sit in the store)."""
@@ -178,6 +185,9 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+SHORT_KEY = 16
 
 
 def hash_key(key: str) -> str:

@@ -31,6 +31,8 @@ from service.problems import Problem
 
 DTYPES = {"float32": "<f4", "float64": "<f8", "uint8": "u1", "int32": "<i4", "int64": "<i8"}
 MAX_IMAGE_SIDE = 4096
+MAX_LIST_PIXELS = 1 << 26  # decoded pixels of one list of images (67 M: a 16 MB body's worth of camera JPEGs)
+MAX_DIMENSION = 1 << 31  # of an encoded tensor's declared shape
 
 
 def json_number(value: Any) -> Any:
@@ -125,6 +127,10 @@ def _from_base64(value: EncodedTensor, where: str) -> np.ndarray:
     shape = value.shape
     if any(s < 0 for s in shape):
         raise invalid(f"{where}: negative dimension in shape {shape}")
+    # (with a 0 among them, dimensions past any array's size still multiply to 0 bytes: refused by name)
+    if any(s > MAX_DIMENSION for s in shape):
+        raise invalid(f"{where}: shape {shape} is beyond any model's input (dimensions of at most {MAX_DIMENSION})",
+                      title="Wrong tensor shape")
     raw = b64decode(value.base64, where)
     itemsize = np.dtype(DTYPES[value.dtype]).itemsize
     count = math.prod(shape)
@@ -133,14 +139,19 @@ def _from_base64(value: EncodedTensor, where: str) -> np.ndarray:
             f"{where}: {len(raw)} bytes do not match shape {shape} of {value.dtype} "
             f"({count} x {itemsize} = {count * itemsize} bytes expected)"
         )
-    return np.frombuffer(raw, dtype=DTYPES[value.dtype]).reshape(shape)
+    try:
+        return np.frombuffer(raw, dtype=DTYPES[value.dtype]).reshape(shape)
+    except ValueError:  # (an empty array's other dimensions multiplying past numpy's index range)
+        raise invalid(f"{where}: no array has shape {shape}", title="Wrong tensor shape") from None
 
 
-def _from_images(value: ImageList, where: str, preprocessing: dict | None) -> torch.Tensor:
+def _from_images(value: ImageList, where: str, preprocessing: dict | None, max_count: int) -> torch.Tensor:
     if preprocessing is None or preprocessing.get("kind") != "image":
         raise invalid(f"{where}: this model takes tensors, not images (its checkpoint records no image preprocessing)")
     if not value.images:
         raise invalid(f"{where}: empty image list", title="Empty input")
+    _check_count(len(value.images), where, max_count)  # (before any is decoded)
+    pixels = 0
     from PIL import Image, UnidentifiedImageError
 
     from metalearn.data.preprocess import preprocess_images
@@ -162,6 +173,10 @@ def _from_images(value: ImageList, where: str, preprocessing: dict | None) -> to
         if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
             size = f"of {width}x{height} pixels" if math.isfinite(width) else f"of over {2 * Image.MAX_IMAGE_PIXELS} pixels"
             raise invalid(f"{where}.images[{i}]: image {size} exceeds {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}")
+        pixels += width * height
+        if pixels > MAX_LIST_PIXELS:  # (a small PNG of one colour decodes to tens of MB, in a fraction of a second each)
+            raise invalid(f"{where}: the images up to images[{i}] hold {pixels} pixels, over the {MAX_LIST_PIXELS} one list may "
+                          "decode to: send them smaller (the model sees them at its input size), or in several requests")
         blobs.append(blob)
     try:
         return preprocess_images(blobs, preprocessing, names=[f"{where}.images[{i}]" for i in range(len(blobs))])
@@ -206,14 +221,21 @@ def uint8_as_trained(array: np.ndarray, preprocessing: dict | None) -> np.ndarra
     return array
 
 
+def _check_count(count: int, where: str, max_count: int) -> None:
+    if count > max_count:
+        raise Problem(422, "Too many examples", f"{where}: {count} examples, the limit is {max_count}")
+
+
 def decode_inputs(value: Any, where: str, input_shape: tuple[int, ...], preprocessing: dict | None, max_count: int) -> torch.Tensor:
     """A float32 tensor ``[N, *input_shape]`` with ``1 <= N <= max_count`` and finite values.
 
     ``preprocessing``: the model's record of how its training data became its input. Pictures go through
     it whole; a uint8 tensor gets its value mapping (:func:`uint8_as_trained`); other numbers go as they are."""
     if isinstance(value, ImageList):
-        array = _from_images(value, where, preprocessing).numpy()
+        array = _from_images(value, where, preprocessing, max_count).numpy()
     else:
+        if isinstance(value, list):  # (counted before the numbers are read: a long list takes seconds)
+            _check_count(len(value), where, max_count)
         array = _array_from(value, where, torch.float32, "nested lists, {dtype, shape, base64} or {images}")
         if isinstance(value, EncodedTensor) and value.dtype == "uint8":
             array = uint8_as_trained(array, preprocessing)
@@ -227,8 +249,7 @@ def decode_inputs(value: Any, where: str, input_shape: tuple[int, ...], preproce
     count = array.shape[0]
     if count == 0:
         raise invalid(f"{where}: no examples (N = 0)", title="Empty input")
-    if count > max_count:
-        raise Problem(422, "Too many examples", f"{where}: {count} examples, the limit is {max_count}")
+    _check_count(count, where, max_count)
     return _finite_float32(array, where)
 
 

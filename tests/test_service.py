@@ -82,11 +82,12 @@ def assert_problem(response, status, *fragments):
 # ---------------------------------------------------------------------------
 # Health, models, loading
 # ---------------------------------------------------------------------------
-def test_health_ready_and_models(server, http):
+def test_health_ready_and_models(server, http, model_dir):
     assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
     ready = httpx.get(server.url + "/readyz").json()
     assert ready["models"] == ["anil_run", "conv_maml", "sine"]  # broken.safetensors skipped, run dir named after the dir
     assert list(ready["skipped"]) == ["broken.safetensors"]  # its place in the model directory, not the host's path
+    assert str(model_dir) not in str(ready["skipped"]) and ready["skipped"]["broken.safetensors"].startswith("broken.safetensors: ")
     models = {m["name"]: m for m in http.get("/v1/models").json()["models"]}
     assert models["conv_maml"]["task_type"] == "classification" and models["conv_maml"]["n_way"] == 5
     assert models["conv_maml"]["input_shape"] == [1, 28, 28] and models["conv_maml"]["algorithm"] == "maml"
@@ -365,6 +366,11 @@ BAD_CASES = {
     "data URL not base64": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"images": ["data:image/png,%89PNG"] * 5})}, 422, "images[0]: a data URL must be base64"),
     "image too large": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"images": [png(np.zeros((8, 5000), np.uint8))] * 5})}, 422, "image of 5000x8 pixels exceeds 4096x4096"),
     "decompression bomb": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"images": [base64.b64encode(png_header_only(20000, 20000)).decode()] * 5})}, 422, "exceeds 4096x4096"),
+    "shape past any array": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"dtype": "float32", "shape": [0, 2**64], "base64": ""})}, 422, "beyond any model's input"),
+    "empty shape past numpy's range": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"dtype": "float32", "shape": [0, 2**31, 2**31, 2**31], "base64": ""})}, 422, "no array has shape"),
+    # counted before any is decoded: 65 undecodable pictures are refused for their number, not their bytes
+    "too many images": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"images": [base64.b64encode(b"not a png").decode()] * 65})}, 422, "65 examples, the limit is 64"),
+    "too many pixels": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"images": [base64.b64encode(png_header_only(4096, 4096)).decode()] * 5})}, 422, "the images up to images[4] hold 83886080 pixels, over the 67108864"),
     "images for a tensor model": ("POST", "/v1/models/sine/adapt", {"support": {"x": {"images": [png(np.zeros((4, 4), np.uint8))]}, "y": [0.0]}}, 422, "not images"),
     "extra field": ("POST", "/v1/models/sine/adapt", {"support": {"x": [[0.1]], "y": [0.0]}, "bogus": 1}, 422, "bogus"),
     "missing support": ("POST", "/v1/models/sine/adapt", {}, 422, "support"),

@@ -856,3 +856,75 @@ def test_a_drain_set_where_nothing_drains_is_said_at_start(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="service"), TestClient(served):
         pass
     assert "METALEARN_DRAIN_S" not in caplog.text
+
+
+def test_large_bodies_are_parsed_and_decoded_off_the_event_loop(tmp_path, monkeypatch):
+    """A body over LARGE_BODY_BYTES (a 15 MB list of numbers took 2.6-3.6 s, /healthz waiting as long) is validated in a
+    worker thread, and its tensors decoded in one; small bodies stay on the loop (a thread hop costs more than they do)."""
+    import json
+
+    import anyio
+
+    from service.app import create_app
+    from service.routes.deps import LARGE_BODY_BYTES, decode_off_the_loop
+
+    offloaded = []
+    run_sync = anyio.to_thread.run_sync
+
+    async def recording(fn, *args, **kwargs):
+        offloaded.append(getattr(fn, "__name__", repr(fn)))
+        return await run_sync(fn, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", recording)
+    with TestClient(create_app(Settings(model_dir=str(tmp_path)))) as client:
+        small, large = (json.dumps({"x": [[0.5]] * rows}).encode() for rows in (10, LARGE_BODY_BYTES // 5))
+        assert len(large) > LARGE_BODY_BYTES
+        for body in (small, large):
+            assert client.post("/v1/sessions/abc/predict", content=body).status_code == 404
+        assert offloaded == ["model_validate_json"]
+
+    def request(body_bytes):
+        return SimpleNamespace(state=SimpleNamespace(body_bytes=body_bytes),
+                               app=SimpleNamespace(state=SimpleNamespace(parse_threads=anyio.CapacityLimiter(1))))
+
+    loop_thread = threading.get_ident()
+    where = lambda size: anyio.run(decode_off_the_loop, request(size), ([[0.5]],), threading.get_ident)  # noqa: E731
+    assert where(100) == loop_thread and where(LARGE_BODY_BYTES + 1) != loop_thread
+
+
+def test_api_keys_that_would_open_the_api_are_refused_and_short_ones_warned(tmp_path, caplog):
+    from service.app import create_app
+    from service.server import _loopback
+
+    for keys in (" , ", "a-long-enough-key-1,,a-long-enough-key-2", "a-long-enough-key-1,"):
+        with pytest.raises(ValueError, match="an empty key among the comma-separated keys"):
+            Settings(model_dir=str(tmp_path), api_keys=keys)
+    with caplog.at_level("WARNING", logger="service"), TestClient(create_app(Settings(model_dir=str(tmp_path), api_keys="short, " + "k" * 16))):
+        pass
+    assert "1 of the API keys are shorter than 16 characters" in caplog.text
+    assert [_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost", "0.0.0.0", "::", "10.0.0.5", "example.com")] == [
+        True, True, True, True, True, False, False, False, False]
+
+
+def test_text_logs_escape_control_characters():
+    """A path or a file name with a newline must not write a log line of its own (in JSON, json.dumps escapes it)."""
+    from service.logs import TextFormatter
+
+    record = logging.LogRecord("service.access", logging.INFO, __file__, 1, "GET %s 404", ("/x\n2026-01-01 INFO service.access: GET /v1/admin 200\r\x1b[2J",), None)
+    line = TextFormatter().format(record)
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line
+    assert line.endswith("INFO service.access: GET /x\\n2026-01-01 INFO service.access: GET /v1/admin 200\\r\\x1b[2J 404")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record.exc_info = sys.exc_info()
+    assert "Traceback (most recent call last):\n" in TextFormatter().format(record)  # (a traceback keeps its lines)
+
+
+def test_redis_addresses_in_messages_lose_their_passwords():
+    from service.redis_store import _redact
+
+    assert _redact("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
+    assert _redact("redis://user:s3cret@redis:6379/0") == "redis://user:***@redis:6379/0"
+    assert _redact("redis://redis:6379/0?password=s3cret&socket_timeout=2") == "redis://redis:6379/0?***"
+    assert _redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"

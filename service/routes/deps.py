@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import math
+import os
 from typing import Any
 
 import anyio
@@ -67,17 +68,26 @@ def check_inner(settings, steps: int | None, lr: float | None, model) -> tuple[i
     return int(steps), float(lr)
 
 
-def uses_images(value: Any) -> bool:
+def _uses_images(value: Any) -> bool:
     from service.tensors import ImageList
 
     return isinstance(value, ImageList)
 
 
-async def maybe_offload(needs_thread: bool, fn, *args):
-    """Run ``fn`` in a worker thread when it may be slow (image decoding), inline otherwise."""
-    if needs_thread:
-        return await anyio.to_thread.run_sync(fn, *args)
+async def decode_off_the_loop(request: Request, inputs: tuple, fn, *args):
+    """``fn(*args)``, the decoding of a request's ``inputs``: in a worker thread when it may take milliseconds (a
+    list of pictures, or a body over ``LARGE_BODY_BYTES`` of numbers), inline otherwise. At most ``PARSE_THREADS``
+    at once: uploads that are slow to decode (pictures that decompress to many pixels) then wait for one another
+    instead of taking every thread and core from everything else."""
+    if any(_uses_images(value) for value in inputs) or getattr(request.state, "body_bytes", 0) > LARGE_BODY_BYTES:
+        return await anyio.to_thread.run_sync(fn, *args, limiter=request.app.state.parse_threads)
     return fn(*args)
+
+
+# A body this large holds thousands of numbers or more: parsing and checking it takes milliseconds (a 15 MB
+# one, seconds), which the event loop would otherwise spend with every other request and the probes waiting.
+LARGE_BODY_BYTES = 256 * 1024
+PARSE_THREADS = max(1, len(os.sched_getaffinity(0)))  # (what decoding can use at once: the cores)
 
 
 async def store_call(request: Request, fn, *args):

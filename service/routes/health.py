@@ -47,5 +47,6 @@ async def readyz(request: Request) -> dict:
     if not registry.names():
         raise Problem(503, "Not ready", "no model loaded: no checkpoint in the model directory loads (the log says why for each)", headers={"Retry-After": "5"})
     # The skipped checkpoints by their place in the model directory: where that lies on the host is the operator's.
-    skipped = {os.path.relpath(path, state.settings.model_dir): reason for path, reason in registry.errors.items()}
+    relative = {path: os.path.relpath(path, state.settings.model_dir) for path in registry.errors}
+    skipped = {relative[path]: reason.replace(path, relative[path]) for path, reason in registry.errors.items()}
     return {"status": "ready", "models": registry.names(), "queue_depth": engine.depth(), "skipped": skipped}

@@ -36,6 +36,7 @@ import inspect
 import typing
 from typing import Any, Callable
 
+import anyio
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.params import Depends
@@ -44,7 +45,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
 from service.problems import Problem
-from service.routes.deps import ClientGone, caller, owner
+from service.routes.deps import LARGE_BODY_BYTES, ClientGone, caller, owner
 
 def _is_json(content_type: str | None) -> bool:
     """No content type (curl's ``--data-binary`` without a header) is read as JSON; a declared one must be JSON."""
@@ -71,7 +72,10 @@ async def _read_body(request: Request, model: type[BaseModel]) -> BaseModel:
         raise ClientGone from None
     if not raw:  # as FastAPI answers a missing required body
         raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
+    request.state.body_bytes = len(raw)
     try:
+        if len(raw) > LARGE_BODY_BYTES:  # (seconds of parsing for the largest bodies: see decode_off_the_loop)
+            return await anyio.to_thread.run_sync(model.model_validate_json, raw, limiter=request.app.state.parse_threads)
         return model.model_validate_json(raw)
     except ValidationError as error:
         errors = [{**e, "loc": ("body", *e["loc"])} for e in error.errors(include_url=False)]

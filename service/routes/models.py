@@ -9,11 +9,11 @@ from fastapi import APIRouter, Body, Depends, Request, Response
 
 from service.engine import Job
 from service.problems import Problem
-from service.routes.deps import check_inner, compute_unless_client_gone, get_model, maybe_offload, owner, store_call, uses_images
+from service.routes.deps import check_inner, compute_unless_client_gone, decode_off_the_loop, get_model, owner, store_call
 from service.routes.json_route import JSONRoute
 from service.routes.schemas import AdaptRequest, AdaptResponse, Limits, ModelInfo, ModelList, PredictRequest, PredictResponse, Timing
 from service.sessions import Session, new_session_id
-from service.tensors import MAX_IMAGE_SIDE, decode_inputs, decode_labels, decode_targets
+from service.tensors import MAX_IMAGE_SIDE, MAX_LIST_PIXELS, decode_inputs, decode_labels, decode_targets
 
 router = APIRouter(prefix="/v1/models", tags=["models"], route_class=JSONRoute)
 
@@ -32,6 +32,7 @@ def limits(settings) -> Limits:
         max_ttl_s=settings.max_session_ttl_s,
         max_body_bytes=settings.max_body_bytes,
         max_image_side=MAX_IMAGE_SIDE,
+        max_list_pixels=MAX_LIST_PIXELS,
     )
 
 
@@ -101,7 +102,7 @@ async def adapt_model(request: Request, response: Response, name: str, body: Ada
     ttl = settings.session_ttl_s if body.ttl_s is None else body.ttl_s
     if not 1 <= ttl <= settings.max_session_ttl_s:
         raise Problem(422, "Invalid ttl_s", f"ttl_s must be in [1, {settings.max_session_ttl_s}], got {ttl}")
-    x, y = await maybe_offload(uses_images(body.support.x), decode_support, model, body.support, settings)
+    x, y = await decode_off_the_loop(request, (body.support.x,), decode_support, model, body.support, settings)
     started = time.perf_counter()
     job = Job("adapt", model, support_x=x, support_y=y, steps=steps, lr=engine_lr(model, body.inner_lr, lr), keep_session=True)
     result = check_finite(await compute_unless_client_gone(request, state.engine, job))
@@ -156,8 +157,7 @@ async def predict_stateless(request: Request, name: str, body: PredictRequest = 
         qx = decode_inputs(body.query.x, "query.x", model.input_shape, model.preprocessing, settings.max_query)
         return sx, sy, qx
 
-    offload = uses_images(body.support.x) or uses_images(body.query.x)
-    sx, sy, qx = await maybe_offload(offload, decode)
+    sx, sy, qx = await decode_off_the_loop(request, (body.support.x, body.query.x), decode)
     started = time.perf_counter()
     job = Job("adapt", model, support_x=sx, support_y=sy, steps=steps, lr=engine_lr(model, body.inner_lr, lr), query_x=qx, transductive=body.transductive, keep_session=False)
     result = check_finite(await compute_unless_client_gone(request, state.engine, job))

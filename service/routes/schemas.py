@@ -140,6 +140,7 @@ class Limits(BaseModel):
     max_ttl_s: int
     max_body_bytes: int = Field(..., description="Larger bodies are answered 413.")
     max_image_side: int = Field(..., description="Largest width or height of a picture sent as {images}.")
+    max_list_pixels: int = Field(..., description="Most pixels one list of pictures ({images}) may hold, counted from their headers before any is decoded.")
 
 
 class ModelList(BaseModel):

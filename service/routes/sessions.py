@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body, Depends, Request, Response
 
 from service.engine import Job
 from service.problems import Problem
-from service.routes.deps import maybe_offload, owner, store_call, uses_images
+from service.routes.deps import decode_off_the_loop, owner, store_call
 from service.routes.json_route import JSONRoute
 from service.routes.models import ERRORS, check_finite, iso, timing
 from service.routes.schemas import PredictResponse, SessionInfo, SessionPredictRequest
@@ -34,7 +34,7 @@ async def predict_session(request: Request, session_id: str, body: SessionPredic
     """Predicts with the parameters a previous ``adapt`` stored (cheap: no adaptation)."""
     state = request.app.state
     session, model = await _session(request, session_id, caller)
-    x = await maybe_offload(uses_images(body.x), decode_inputs, body.x, "x", model.input_shape, model.preprocessing, state.settings.max_query)
+    x = await decode_off_the_loop(request, (body.x,), decode_inputs, body.x, "x", model.input_shape, model.preprocessing, state.settings.max_query)
     started = time.perf_counter()
     job = Job("predict", model, query_x=x, session=session.tensors, session_prepared=session.prepared, transductive=body.transductive)
     result = check_finite(await state.engine.submit(job, alone=state.metrics.alone), adapted=False)
