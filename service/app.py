@@ -38,7 +38,7 @@ from service.openapi import install_openapi
 from service.registry import ModelRegistry
 from service.request_ids import RequestIds
 from service.routes import health, metrics, models, sessions
-from service.routes.deps import PARSE_THREADS, STORE_THREADS
+from service.routes.deps import DECODE_THREADS, STORE_THREADS
 from service.sessions import MemorySessionStore, SessionStore, SessionStoreFull, SessionStoreUnavailable
 from service.settings import SHORT_KEY, Settings
 
@@ -153,7 +153,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.openapi_schema = None
         app.state.engine.start()
         app.state.store_threads = anyio.CapacityLimiter(STORE_THREADS)  # (routes.deps.store_call)
-        app.state.parse_threads = anyio.CapacityLimiter(PARSE_THREADS)  # (routes.deps.decode_off_the_loop)
+        app.state.decode_threads = anyio.CapacityLimiter(DECODE_THREADS)  # (routes.deps.decode_off_the_loop)
         # Compilations' machinery, if any model will compile, loaded now so that the freeze below covers it.
         app.state.engine.load_compiler(app.state.registry.models.values())
         # What is loaded by now lives as long as the process. Out of the cyclic garbage collector's

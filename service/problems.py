@@ -81,7 +81,7 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "Unknown session": (404, "the session never existed, expired, was evicted or deleted, belongs to another key, or its model has since been reloaded in another version"),
     "Method not allowed": (405, "the route exists but not with this method (the Allow header lists those it takes)"),
     "Request timeout": (408, "the body stopped arriving for METALEARN_BODY_TIMEOUT_S seconds"),
-    "Request body too large": (413, "the body is over METALEARN_MAX_BODY_BYTES"),
+    "Request body too large": (413, "the body is over METALEARN_MAX_BODY_BYTES, or holds more comma-separated values than METALEARN_MAX_LIST_VALUES"),
     "Unsupported media type": (415, "a body that is not plain application/json (another Content-Type, or a Content-Encoding such as gzip)"),
     "Invalid request": (422, "the body does not match the schema: `errors` lists each field (`loc`, `msg`, `type`)"),
     "Invalid tensor": (422, "a tensor that cannot be read: not a rectangular array of numbers, bad base64, a byte count unlike the shape, an image that does not decode or is too large"),

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     max_support: int = Field(512, ge=1, description="Most support examples in one request.")
     max_query: int = Field(1024, ge=1, description="Most query examples in one request.")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Request bodies over this are answered 413.")
+    max_list_values: int = Field(262144, ge=1024, description="Request bodies of more comma-separated values than this, or more JSON lists than a sixteenth of it (numbers sent as lists), are answered 413 before they are parsed: parsing holds the event loop; large tensors go as base64.")
     body_timeout_s: float = Field(30.0, gt=0, description="A request body that stops arriving for this long is answered 408 (a stalled upload holds its connection and buffer).")
     max_inner_steps: int = Field(100, ge=0, description="Largest inner_steps a request may ask for.")
     min_inner_lr: float = Field(1e-6, gt=0, description="Smallest inner_lr a request may ask for.")

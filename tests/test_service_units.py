@@ -858,38 +858,39 @@ def test_a_drain_set_where_nothing_drains_is_said_at_start(tmp_path, caplog):
     assert "METALEARN_DRAIN_S" not in caplog.text
 
 
-def test_large_bodies_are_parsed_and_decoded_off_the_event_loop(tmp_path, monkeypatch):
-    """A body over LARGE_BODY_BYTES (a 15 MB list of numbers took 2.6-3.6 s, /healthz waiting as long) is validated in a
-    worker thread, and its tensors decoded in one; small bodies stay on the loop (a thread hop costs more than they do)."""
+def test_bodies_of_too_many_list_values_are_refused_unparsed_and_pictures_decode_off_the_loop(tmp_path, monkeypatch):
+    """Parsing JSON lists holds the GIL whichever thread does it (a 15 MB list: 3-5 s, the event loop waiting): a body of
+    more comma-separated values than METALEARN_MAX_LIST_VALUES is refused before it is parsed. Pictures, which Pillow
+    decodes without the GIL, are decoded in a worker thread; numbers are read inline."""
     import json
 
     import anyio
+    from pydantic import BaseModel
 
     from service.app import create_app
-    from service.routes.deps import LARGE_BODY_BYTES, decode_off_the_loop
+    from service.routes.deps import decode_off_the_loop
+    from service.tensors import ImageList
 
-    offloaded = []
-    run_sync = anyio.to_thread.run_sync
+    parsed = []
+    real = BaseModel.model_validate_json.__func__
+    monkeypatch.setattr(SessionPredictRequest, "model_validate_json", classmethod(lambda cls, raw: (parsed.append(len(raw)), real(cls, raw))[1]))
+    with TestClient(create_app(Settings(model_dir=str(tmp_path), max_list_values=4096))) as client:
+        values, lists = json.dumps({"x": [[0.5] * 4097]}).encode(), json.dumps({"x": [[0.5, 0.25]] * 257}).encode()
+        for body, counts in ((values, "4097 or so values in 2 JSON lists"), (lists, "514 or so values in 258 JSON lists")):
+            response = client.post("/v1/sessions/abc/predict", content=body)
+            assert response.status_code == 413, response.text
+            assert response.json()["detail"].startswith(f"the body holds {counts}, over the limit of 4096 values in 256 lists (METALEARN_MAX_LIST_VALUES): "
+                                                        "send large tensors as {dtype, shape, base64}")
+        within = json.dumps({"x": [[0.5, 0.25]] * 255}).encode()
+        assert len(within) > 2 * 256 and client.post("/v1/sessions/abc/predict", content=within).status_code == 404  # parsed: no such session
+        assert parsed == [len(within)]
 
-    async def recording(fn, *args, **kwargs):
-        offloaded.append(getattr(fn, "__name__", repr(fn)))
-        return await run_sync(fn, *args, **kwargs)
-
-    monkeypatch.setattr(anyio.to_thread, "run_sync", recording)
-    with TestClient(create_app(Settings(model_dir=str(tmp_path)))) as client:
-        small, large = (json.dumps({"x": [[0.5]] * rows}).encode() for rows in (10, LARGE_BODY_BYTES // 5))
-        assert len(large) > LARGE_BODY_BYTES
-        for body in (small, large):
-            assert client.post("/v1/sessions/abc/predict", content=body).status_code == 404
-        assert offloaded == ["model_validate_json"]
-
-    def request(body_bytes):
-        return SimpleNamespace(state=SimpleNamespace(body_bytes=body_bytes),
-                               app=SimpleNamespace(state=SimpleNamespace(parse_threads=anyio.CapacityLimiter(1))))
+    def request():
+        return SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(decode_threads=anyio.CapacityLimiter(1))))
 
     loop_thread = threading.get_ident()
-    where = lambda size: anyio.run(decode_off_the_loop, request(size), ([[0.5]],), threading.get_ident)  # noqa: E731
-    assert where(100) == loop_thread and where(LARGE_BODY_BYTES + 1) != loop_thread
+    where = lambda value: anyio.run(decode_off_the_loop, request(), (value,), threading.get_ident)  # noqa: E731
+    assert where([[0.5]]) == loop_thread and where(ImageList(images=["AAAA"])) != loop_thread
 
 
 def test_api_keys_that_would_open_the_api_are_refused_and_short_ones_warned(tmp_path, caplog):

@@ -75,19 +75,16 @@ def _uses_images(value: Any) -> bool:
 
 
 async def decode_off_the_loop(request: Request, inputs: tuple, fn, *args):
-    """``fn(*args)``, the decoding of a request's ``inputs``: in a worker thread when it may take milliseconds (a
-    list of pictures, or a body over ``LARGE_BODY_BYTES`` of numbers), inline otherwise. At most ``PARSE_THREADS``
-    at once: uploads that are slow to decode (pictures that decompress to many pixels) then wait for one another
-    instead of taking every thread and core from everything else."""
-    if any(_uses_images(value) for value in inputs) or getattr(request.state, "body_bytes", 0) > LARGE_BODY_BYTES:
-        return await anyio.to_thread.run_sync(fn, *args, limiter=request.app.state.parse_threads)
+    """``fn(*args)``, the decoding of a request's ``inputs``: in a worker thread when any is a list of pictures
+    (Pillow decodes without the GIL), inline otherwise (numbers are read holding it: a thread would not free the
+    event loop). At most ``DECODE_THREADS`` at once: uploads that are slow to decode (pictures that decompress to
+    many pixels) then wait for one another instead of taking every thread and core from everything else."""
+    if any(_uses_images(value) for value in inputs):
+        return await anyio.to_thread.run_sync(fn, *args, limiter=request.app.state.decode_threads)
     return fn(*args)
 
 
-# A body this large holds thousands of numbers or more: parsing and checking it takes milliseconds (a 15 MB
-# one, seconds), which the event loop would otherwise spend with every other request and the probes waiting.
-LARGE_BODY_BYTES = 256 * 1024
-PARSE_THREADS = max(1, len(os.sched_getaffinity(0)))  # (what decoding can use at once: the cores)
+DECODE_THREADS = max(1, len(os.sched_getaffinity(0)))  # (what decoding can use at once: the cores)
 
 
 async def store_call(request: Request, fn, *args):

@@ -36,7 +36,6 @@ import inspect
 import typing
 from typing import Any, Callable
 
-import anyio
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.params import Depends
@@ -45,7 +44,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
 from service.problems import Problem
-from service.routes.deps import LARGE_BODY_BYTES, ClientGone, caller, owner
+from service.routes.deps import ClientGone, caller, owner
 
 def _is_json(content_type: str | None) -> bool:
     """No content type (curl's ``--data-binary`` without a header) is read as JSON; a declared one must be JSON."""
@@ -72,14 +71,26 @@ async def _read_body(request: Request, model: type[BaseModel]) -> BaseModel:
         raise ClientGone from None
     if not raw:  # as FastAPI answers a missing required body
         raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
-    request.state.body_bytes = len(raw)
+    _check_list_values(raw, request.app.state.settings.max_list_values)
     try:
-        if len(raw) > LARGE_BODY_BYTES:  # (seconds of parsing for the largest bodies: see decode_off_the_loop)
-            return await anyio.to_thread.run_sync(model.model_validate_json, raw, limiter=request.app.state.parse_threads)
         return model.model_validate_json(raw)
     except ValidationError as error:
         errors = [{**e, "loc": ("body", *e["loc"])} for e in error.errors(include_url=False)]
         raise RequestValidationError(errors, body=raw) from None
+
+
+def _check_list_values(raw: bytes, limit: int) -> None:
+    """Refuse a body of more comma-separated values than ``limit``, or more JSON lists than ``limit // 16`` (a list
+    costs as much to parse as a dozen numbers), before it is parsed. Parsing holds the GIL whichever thread does it
+    (a 15 MB list of one-number rows: 3-5 s, the event loop and every other request waiting; within these limits at
+    most about 60 ms); counting takes 0.5 ms a MB, and base64 tensors or pictures have almost no commas or lists."""
+    if len(raw) <= 2 * (limit // 16):  # (a list takes 2 bytes at least, a value too: "[]", "0,")
+        return
+    values, lists = raw.count(b",") + 1, raw.count(b"[")
+    if values > limit or lists > limit // 16:
+        raise Problem(413, "Request body too large", f"the body holds {values} or so values in {lists} JSON lists, over the limit "
+                      f"of {limit} values in {limit // 16} lists (METALEARN_MAX_LIST_VALUES): send large tensors as "
+                      "{dtype, shape, base64} (the Python client does)")
 
 
 class JSONRoute(APIRoute):

@@ -33,6 +33,7 @@ def limits(settings) -> Limits:
         max_body_bytes=settings.max_body_bytes,
         max_image_side=MAX_IMAGE_SIDE,
         max_list_pixels=MAX_LIST_PIXELS,
+        max_list_values=settings.max_list_values,
     )
 
 

@@ -141,6 +141,7 @@ class Limits(BaseModel):
     max_body_bytes: int = Field(..., description="Larger bodies are answered 413.")
     max_image_side: int = Field(..., description="Largest width or height of a picture sent as {images}.")
     max_list_pixels: int = Field(..., description="Most pixels one list of pictures ({images}) may hold, counted from their headers before any is decoded.")
+    max_list_values: int = Field(..., description="Most comma-separated values a body may hold (numbers sent as JSON lists); send more as {dtype, shape, base64}.")
 
 
 class ModelList(BaseModel):
