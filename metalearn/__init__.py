@@ -8,7 +8,7 @@ The public surface::
 from metalearn.adaptation import Adaptation, adapt, adapt_many, predict, predict_many
 from metalearn.allocator import keep_freed_memory
 from metalearn.data.tasks import TaskBatch
-from metalearn.learner import ALGORITHMS, MetaConfig, MetaLearner, StepResult
+from metalearn.learner import ALGORITHMS, MetaConfig, MetaLearner, StepResult, register_loss
 from metalearn.models import MLP, BatchNorm, Conv4, build_model, convert_batchnorm, norm_statistics, register_architecture
 
 __version__ = "0.1.0"
@@ -41,4 +41,5 @@ __all__ = [
     "predict",
     "predict_many",
     "register_architecture",
+    "register_loss",
 ]

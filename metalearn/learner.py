@@ -87,6 +87,9 @@ class MetaConfig:
     checkpoint_inner: bool = False
     # How a meta-batch is batched: auto | loop | vmap | chunked:<n>
     strategy: str = "auto"
+    # The loss of the inner and the outer loop: cross_entropy | mse | a name given to metalearn.register_loss
+    # (None: cross_entropy for classification, mse for regression)
+    loss: str | None = None
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -126,6 +129,15 @@ class MetaConfig:
             self.learn_step_lrs = self.algorithm == "mamlpp"
         if self.algorithm == "reptile" and (self.multi_step_loss or self.learn_step_lrs):
             raise ValueError("reptile has no query loss: multi_step_loss and learn_step_lrs do not apply")
+        if self.loss is None:
+            self.loss = DEFAULT_LOSSES[self.task_type]
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}: the built-in ones are {', '.join(DEFAULT_LOSSES.values())}; register "
+                             "one of your own with metalearn.register_loss (a service or metalearn eval imports the module "
+                             "that registers it through METALEARN_MODEL_MODULES)")
+        if self.loss in DEFAULT_LOSSES.values() and self.loss != DEFAULT_LOSSES[self.task_type]:
+            raise ValueError(f"loss {self.loss!r} is {'classification' if self.loss == 'cross_entropy' else 'regression'}'s, "
+                             f"not {self.task_type}'s (register a loss of your own for another pairing)")
         if self.head_init not in HEAD_INITS:
             raise ValueError(f"head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
         if self.head_init == "prototypes" and (self.task_type != "classification" or self.algorithm == "reptile"):
@@ -176,8 +188,40 @@ def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(outputs, targets)
 
 
-def loss_function(task_type: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    return F.cross_entropy if task_type == "classification" else _mse
+# The losses a MetaConfig may name: f(outputs [N, outputs], targets [N] labels or [N, outputs]) -> a scalar
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"cross_entropy": F.cross_entropy, "mse": _mse}
+DEFAULT_LOSSES = {"classification": "cross_entropy", "regression": "mse"}
+
+
+def register_loss(name: str, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+    """Make ``fn(outputs, targets) -> scalar`` a loss that ``MetaConfig(loss=name)`` may name, for the inner and
+    the outer loop alike; usable as a decorator. ``targets`` are one task's labels ``[N]`` (int64) for a
+    classification model, its targets ``[N, outputs]`` for regression. The function must be made of torch
+    operations (the inner loop differentiates it twice for MAML, under ``vmap``), and a checkpoint names it,
+    so whatever loads one (``metalearn eval``, the service) imports the module that registers it
+    (``METALEARN_MODEL_MODULES``), as for architectures::
+
+        @metalearn.register_loss("smoothed")
+        def smoothed(logits, labels):
+            return F.cross_entropy(logits, labels, label_smoothing=0.1)
+
+        learner = MetaLearner(model, MetaConfig("maml", loss="smoothed"))
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"a loss name must be a non-empty string, got {name!r}")
+    if name in DEFAULT_LOSSES.values():
+        raise ValueError(f"{name!r} is a built-in loss; register yours under another name")
+
+    def register(function):
+        if not callable(function):
+            raise TypeError(f"register_loss({name!r}) takes a function of (outputs, targets), got {function!r}")
+        known = LOSSES.get(name, function)
+        if (known.__module__, known.__qualname__) != (function.__module__, function.__qualname__):
+            raise ValueError(f"loss {name!r} is already registered for {known.__module__}.{known.__qualname__}")
+        LOSSES[name] = function
+        return function
+
+    return register if fn is None else register(fn)
 
 
 def accuracy_of(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -238,7 +282,7 @@ class MetaLearner(nn.Module):
             head_name = head_module_name(model)
             if not isinstance(model.get_submodule(head_name), nn.Linear) or head_name + ".weight" not in self.adapt_names:
                 raise ValueError("head_init 'prototypes' needs the model's head to be an nn.Linear that adapts")
-        self._loss = loss_function(cfg.task_type)
+        self._loss = LOSSES[cfg.loss]
         self.meta_steps_taken = 0  # meta_step calls: the default iteration (MAML++'s annealing counts it)
 
     # ------------------------------------------------------------------
@@ -617,6 +661,6 @@ __all__ = [
     "StepResult",
     "multi_step_loss_weights",
     "accuracy_of",
-    "loss_function",
+    "register_loss",
     "norm_statistics",
 ]

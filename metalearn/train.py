@@ -101,6 +101,7 @@ class TrainConfig:
     learn_step_lrs: bool | None = None
     encoder_hidden: int = 64
     head_init: str = "learned"  # learned | prototypes (Proto-MAML: the head starts as the nearest-class-mean classifier)
+    loss: str | None = None  # None: the task's (cross_entropy, mse); or a name given to metalearn.register_loss
     grad_clip: float | None = None
     strategy: str = "auto"
     checkpoint_inner: bool = False
@@ -196,6 +197,7 @@ class TrainConfig:
             first_order_iterations=self.first_order_iterations,
             encoder_hidden=self.encoder_hidden,
             head_init=self.head_init,
+            loss=self.loss,
             grad_clip=self.grad_clip,
             checkpoint_inner=self.checkpoint_inner,
             strategy=self.strategy,

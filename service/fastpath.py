@@ -109,7 +109,7 @@ def supports(learner) -> bool:
     cfg = learner.config
     return (
         cfg.algorithm == "anil"
-        and cfg.task_type == "classification"
+        and cfg.loss == "cross_entropy"  # (its head steps are cross-entropy's gradient in closed form)
         and learner.head_only
         and _blocks(learner.model) is not None
         and set(learner.adapt_names) == {"head.weight", "head.bias"}
@@ -217,7 +217,7 @@ def supports_full(learner) -> bool:
     names = {n for n, p in learner.model.named_parameters()}
     return (
         cfg.algorithm in ("maml", "fomaml", "reptile")
-        and cfg.task_type == "classification"
+        and cfg.loss == "cross_entropy"
         and not cfg.learn_step_lrs
         and cfg.head_init == "learned"
         and _blocks(learner.model) is not None

@@ -78,6 +78,7 @@ class LoadedModel:
             "name": self.name,
             "version": self.version,
             "algorithm": manifest.get("algorithm"),
+            "loss": self.learner.config.loss,
             "task_type": self.task_type,
             "input_shape": list(self.input_shape),
             "n_way": self.n_way,

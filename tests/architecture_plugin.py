@@ -1,9 +1,11 @@
-"""A model class of a user's own, registered as ``tiny-cnn`` (METALEARN_MODEL_MODULES=architecture_plugin,
-with this directory on PYTHONPATH): what tests/test_custom_architecture.py trains, checkpoints and serves."""
+"""A model class of a user's own, registered as ``tiny-cnn``, and a loss of theirs, ``smoothed-ce``
+(METALEARN_MODEL_MODULES=architecture_plugin, with this directory on PYTHONPATH): what
+tests/test_custom_architecture.py trains, checkpoints and serves."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import metalearn
@@ -24,3 +26,8 @@ class TinyCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
+
+
+@metalearn.register_loss("smoothed-ce")
+def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels, label_smoothing=0.2)

@@ -18,6 +18,7 @@ from metalearn import (
     build_model,
     predict,
     predict_many,
+    register_loss,
 )
 from metalearn.data.tasks import TaskBatch
 
@@ -103,16 +104,16 @@ def test_maml_one_step_matches_explicit_hessian():
     assert not torch.allclose(query_grad, expected, atol=1e-6)
 
 
-def _reference_query_loss(model, vector, like, batch, alpha, steps):
+def _reference_query_loss(model, vector, like, batch, alpha, steps, loss=F.mse_loss):
     """Plain-autograd MAML objective for finite differences (independent of metalearn's inner loop)."""
     sx, sy, qx, qy = batch.task(0)
     params = unflat(vector, like)
     for _ in range(steps):
         params = {n: p.detach().requires_grad_() for n, p in params.items()}
-        loss = F.mse_loss(torch.func.functional_call(model, params, (sx,)), sy)
-        grads = torch.autograd.grad(loss, list(params.values()))
+        support_loss = loss(torch.func.functional_call(model, params, (sx,)), sy)
+        grads = torch.autograd.grad(support_loss, list(params.values()))
         params = {n: p.detach() - alpha * g for (n, p), g in zip(params.items(), grads)}
-    return F.mse_loss(torch.func.functional_call(model, params, (qx,)), qy)
+    return loss(torch.func.functional_call(model, params, (qx,)), qy)
 
 
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])
@@ -125,6 +126,26 @@ def test_maml_several_steps_matches_finite_differences(strategy):
     theta = flat(params)
     got = flat({n: learner.meta_gradient(batch, strategy=strategy).grads["model." + n] for n in params})
     assert_matches_finite_differences(got, theta, lambda v: _reference_query_loss(model, v, params, batch, alpha, steps))
+
+
+def _log_cosh(outputs, targets):
+    return torch.log(torch.cosh(outputs - targets)).mean()
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_a_registered_loss_is_the_inner_and_the_outer_loss(strategy):
+    register_loss("test-log-cosh", _log_cosh)
+    model = tiny_mlp(seed=1)
+    alpha, steps = 0.03, 3
+    config = dict(task_type="regression", inner_steps=steps, inner_lr=alpha, strategy=strategy)
+    learner = MetaLearner(model, MetaConfig("maml", loss="test-log-cosh", **config))
+    batch = regression_batch(tasks=1, dtype=torch.float64, seed=3)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    theta = flat(params)
+    got = flat({n: learner.meta_gradient(batch).grads["model." + n] for n in params})
+    assert_matches_finite_differences(got, theta, lambda v: _reference_query_loss(model, v, params, batch, alpha, steps, loss=_log_cosh))
+    with_mse = flat({n: MetaLearner(model, MetaConfig("maml", **config)).meta_gradient(batch).grads["model." + n] for n in params})
+    assert not torch.allclose(got, with_mse, atol=1e-4)
 
 
 def assert_matches_finite_differences(gradient, theta, loss_at, directions=5, eps=1e-6, atol=1e-8):

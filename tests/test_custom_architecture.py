@@ -1,5 +1,6 @@
-"""A model class of the user's own (tests/architecture_plugin.py, registered as ``tiny-cnn``): its spec,
-checkpoints, ``metalearn train``/``eval``/``info`` and the service, and the refusals around them."""
+"""A model class of the user's own (tests/architecture_plugin.py, registered as ``tiny-cnn``) and a loss of theirs
+(``smoothed-ce``): the spec, checkpoints, ``metalearn train``/``eval``/``info`` and the service, and the refusals
+around them."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from architecture_plugin import TinyCNN
-from metalearn import MetaConfig, MetaLearner, adapt, build_model, predict, register_architecture
+from metalearn import Conv4, MetaConfig, MetaLearner, adapt, build_model, predict, register_architecture
 from metalearn.checkpoint import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
 from metalearn.cli import EXIT_ERROR, main
 from metalearn.data.preprocess import OMNIGLOT_PREPROCESSING
@@ -207,3 +208,50 @@ def test_the_service_refuses_to_start_without_its_module(checkpoint, tmp_path):
         assert "error: METALEARN_MODEL_MODULES: no module named 'no_such_module'" in server.log()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def smoothed_checkpoint(tmp_path_factory) -> Path:
+    """A Conv4 MAML model, the kind the service has fast kernels for, meta-learned with the plugin's loss."""
+    torch.manual_seed(0)
+    learner = MetaLearner(Conv4(out_features=5, channels=8), MetaConfig("maml", inner_steps=2, inner_lr=0.4, first_order=True, loss="smoothed-ce"))
+    path = tmp_path_factory.mktemp("models") / "smoothed.safetensors"
+    return train_and_save(path, learner, [image_tasks(seed=s) for s in range(2)], input_shape=(1, 28, 28), n_way=5,
+                          preprocessing=OMNIGLOT_PREPROCESSING)
+
+
+def test_a_registered_loss_is_recorded_and_needs_its_module_to_load(smoothed_checkpoint):
+    assert read_manifest(smoothed_checkpoint)["meta_config"]["loss"] == "smoothed-ce"
+    assert load_checkpoint(smoothed_checkpoint).learner.config.loss == "smoothed-ce"  # (this process imported the plugin)
+    refused = cli(plugin_env(), "eval", str(smoothed_checkpoint), "--episodes", "2")
+    assert refused.returncode == EXIT_ERROR and refused.stderr.count("\n") == 1, refused.stderr
+    assert "unknown loss 'smoothed-ce'" in refused.stderr and "METALEARN_MODEL_MODULES" in refused.stderr
+    evaluated = cli(plugin_env(METALEARN_MODEL_MODULES=PLUGIN), "eval", str(smoothed_checkpoint), "--task", "omniglot",
+                    "--episodes", "2", "--no-progress", "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+
+
+def test_the_service_adapts_with_the_models_own_loss(smoothed_checkpoint, tmp_path, monkeypatch):
+    """The service's fast kernels compute cross-entropy: a model of another loss adapts through the generic path,
+    as metalearn.adapt does."""
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    task = image_tasks(tasks=1, queries=3, seed=11)
+    sx, sy, qx = task.support_x[0], task.support_y[0], task.query_x[0]
+    learner = load_checkpoint(smoothed_checkpoint).learner
+    expected = torch.softmax(predict(learner, adapt(learner, sx, sy), qx), -1)
+    learner.config.loss, learner._loss = "cross_entropy", torch.nn.functional.cross_entropy
+    with_cross_entropy = torch.softmax(predict(learner, adapt(learner, sx, sy), qx), -1)
+    assert (expected - with_cross_entropy).abs().max() > 1e-3  # (the loss makes a difference this test can see)
+    server = ServerProcess(smoothed_checkpoint.parent, tmp_path / "server.log", cli=True, model_modules=PLUGIN).wait_ready()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            assert http.get("/v1/models/smoothed").json()["loss"] == "smoothed-ce"
+            created = http.post("/v1/models/smoothed/adapt", json={"support": {"x": sx.tolist(), "y": sy.tolist()}})
+            assert created.status_code == 201, created.text
+            answers = [http.post(f"/v1/sessions/{created.json()['session_id']}/predict", json={"x": qx.tolist()}),
+                       http.post("/v1/models/smoothed/predict", json={"support": {"x": sx.tolist(), "y": sy.tolist()}, "query": {"x": qx.tolist()}})]
+    finally:
+        server.stop()
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        np.testing.assert_allclose(answer.json()["probabilities"], expected.numpy(), atol=1e-5)

@@ -74,3 +74,23 @@ def test_the_readme_own_model_example_runs(tmp_path):
     loaded = load_checkpoint(tmp_path / "mine.safetensors").learner
     x = torch.rand(5, 1, 28, 28)
     assert torch.equal(loaded.model(x), learner.model(x))
+
+
+def test_the_readme_loss_example_runs():
+    """The example of a loss of one's own: registered, named by the config, used by a meta-step."""
+    import torch.nn.functional as F
+
+    from metalearn.data.tasks import TaskBatch
+
+    section = (ROOT / "README.md").read_text().split("the config names one of yours:", 1)[1]
+    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {"__name__": "readme_loss_example"}
+    exec(compile(example, "README.md", "exec"), namespace)
+    learner = namespace["learner"]
+    assert learner.config.loss == "smoothed"
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(2, 10, 1, 28, 28, generator=g), torch.arange(5).repeat(2).expand(2, -1)
+    result = learner.meta_gradient(TaskBatch(x[:, :5], y[:, :5], x[:, 5:], y[:, 5:]))
+    assert math.isfinite(result.loss)
+    confident, label = torch.tensor([[9.0, -9.0]]), torch.tensor([0])  # (smoothing keeps the loss above cross-entropy's)
+    assert namespace["smoothed"](confident, label) > F.cross_entropy(confident, label) + 0.01

@@ -247,3 +247,26 @@ def test_misshaped_batches_and_support_sets_are_refused_not_misread():
 def test_meta_config_switches_are_booleans_not_numbers():
     with pytest.raises(ValueError, match="first_order must be true or false, got 1"):
         MetaConfig("maml", first_order=1)
+
+
+def test_losses_are_named_and_registered_once():
+    import torch.nn.functional as F
+
+    from metalearn import register_loss
+
+    assert MetaConfig("maml").loss == "cross_entropy" and MetaConfig("maml", task_type="regression").loss == "mse"
+    with pytest.raises(ValueError, match=r"unknown loss 'hinge'.*metalearn.register_loss.*METALEARN_MODEL_MODULES"):
+        MetaConfig("maml", loss="hinge")
+    with pytest.raises(ValueError, match="loss 'cross_entropy' is classification's, not regression's"):
+        MetaConfig("maml", task_type="regression", loss="cross_entropy")
+    with pytest.raises(ValueError, match="'mse' is a built-in loss"):
+        register_loss("mse", F.l1_loss)
+
+    @register_loss("test-l1")
+    def l1(outputs, targets):
+        return F.l1_loss(outputs, targets)
+
+    register_loss("test-l1", l1)  # (the same function again: a module imported twice, a notebook cell run again)
+    with pytest.raises(ValueError, match="loss 'test-l1' is already registered for"):
+        register_loss("test-l1", F.l1_loss)
+    assert MetaConfig("maml", task_type="regression", loss="test-l1").loss == "test-l1"

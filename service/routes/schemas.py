@@ -105,6 +105,7 @@ class ModelInfo(BaseModel):
     name: str
     version: str = Field(..., description="The checkpoint's content hash. After a reload to another version, the old version's sessions answer 404.")
     algorithm: Optional[str]
+    loss: str = Field(..., description="The loss adaptation minimises on the support set: cross_entropy, mse, or one the model's trainer registered.")
     task_type: Literal["classification", "regression"]
     input_shape: list[int] = Field(..., description="The shape of one input: a tensor is [N, *input_shape].")
     n_way: Optional[int] = Field(..., description="Classification: the number of classes; labels are in [0, n_way) and every class needs a support example.")
