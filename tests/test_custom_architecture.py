@@ -111,14 +111,19 @@ def test_checkpoint_round_trip_gives_the_same_adaptation(checkpoint):
     assert torch.equal(predict(first, adapt(first, sx, sy), qx), predict(second, adapt(second, sx, sy), qx))
 
 
-def test_eval_and_info_need_the_module_imported(checkpoint):
+def assert_eval_needs_the_module(checkpoint: Path, unknown: str) -> None:
+    """metalearn eval refuses ``checkpoint`` in one line naming what is ``unknown`` without the plugin, and evaluates it with it."""
     refused = cli(plugin_env(), "eval", str(checkpoint), "--episodes", "2")
     assert refused.returncode == EXIT_ERROR and refused.stderr.count("\n") == 1, refused.stderr
-    assert "unknown architecture 'tiny-cnn'" in refused.stderr and "METALEARN_MODEL_MODULES" in refused.stderr
+    assert unknown in refused.stderr and "METALEARN_MODEL_MODULES" in refused.stderr
     evaluated = cli(plugin_env(METALEARN_MODEL_MODULES=PLUGIN), "eval", str(checkpoint), "--task", "omniglot",
                     "--episodes", "2", "--no-progress", "--json")
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout.splitlines()[-1])["metric"] == "accuracy"
+
+
+def test_eval_and_info_need_the_module_imported(checkpoint):
+    assert_eval_needs_the_module(checkpoint, "unknown architecture 'tiny-cnn'")
     info = cli(plugin_env(METALEARN_MODEL_MODULES=PLUGIN), "info", str(checkpoint), "--json")
     assert json.loads(info.stdout)["model_spec"]["arch"] == "tiny-cnn"
     missing = cli(plugin_env(METALEARN_MODEL_MODULES="no_such_module"), "info", str(checkpoint))
@@ -223,12 +228,7 @@ def smoothed_checkpoint(tmp_path_factory) -> Path:
 def test_a_registered_loss_is_recorded_and_needs_its_module_to_load(smoothed_checkpoint):
     assert read_manifest(smoothed_checkpoint)["meta_config"]["loss"] == "smoothed-ce"
     assert load_checkpoint(smoothed_checkpoint).learner.config.loss == "smoothed-ce"  # (this process imported the plugin)
-    refused = cli(plugin_env(), "eval", str(smoothed_checkpoint), "--episodes", "2")
-    assert refused.returncode == EXIT_ERROR and refused.stderr.count("\n") == 1, refused.stderr
-    assert "unknown loss 'smoothed-ce'" in refused.stderr and "METALEARN_MODEL_MODULES" in refused.stderr
-    evaluated = cli(plugin_env(METALEARN_MODEL_MODULES=PLUGIN), "eval", str(smoothed_checkpoint), "--task", "omniglot",
-                    "--episodes", "2", "--no-progress", "--json")
-    assert evaluated.returncode == 0, evaluated.stderr
+    assert_eval_needs_the_module(smoothed_checkpoint, "unknown loss 'smoothed-ce'")
 
 
 def test_the_service_adapts_with_the_models_own_loss(smoothed_checkpoint, tmp_path, monkeypatch):
