@@ -146,5 +146,6 @@ def run_meta_batch(learner: MetaLearner, batch, iteration: int = 0, strategy: st
         accuracy_parts.append(accuracy)
     grads = {n: s / count for n, s in sums.items()}
     losses, accuracies = torch.cat(loss_parts), torch.cat(accuracy_parts)
-    accuracy = accuracies.mean().item() if learner.config.task_type == "classification" else None
-    return StepResult(loss=losses.mean().item(), accuracy=accuracy, grads=grads)
+    classification = learner.config.task_type == "classification"
+    return StepResult(loss=losses.mean().item(), accuracy=accuracies.mean().item() if classification else None, grads=grads,
+                      task_losses=losses.tolist(), task_accuracies=accuracies.tolist() if classification else None)

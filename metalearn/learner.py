@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -149,11 +150,13 @@ class MetaConfig:
 
 @dataclass
 class StepResult:
-    """What one meta-step measured (means over the meta-batch)."""
+    """What one meta-step measured: means over the meta-batch, and each task's query loss and accuracy."""
 
     loss: float
     accuracy: float | None
     grads: Params = field(repr=False)
+    task_losses: list[float] = field(default_factory=list, repr=False)
+    task_accuracies: list[float] | None = field(default=None, repr=False)
 
 
 def multi_step_loss_weights(steps: int, iteration: int, anneal_iterations: int) -> torch.Tensor:
@@ -603,6 +606,10 @@ class MetaLearner(nn.Module):
         ``reduce_grads`` (e.g. an all-reduce across processes) is applied to the gradients before clipping.
         """
         self._check_optimizer(optimizer)
+        if not self.training and not getattr(self, "_warned_eval_mode", False):
+            self._warned_eval_mode = True
+            warnings.warn("meta_step on a learner in eval mode (load_checkpoint returns one so): dropout is off while "
+                          "it trains; call learner.train() first", stacklevel=2)
         result = self.meta_gradient(batch, iteration=iteration)
         self.meta_steps_taken += 1
         named = dict(self.named_parameters())

@@ -270,3 +270,28 @@ def test_losses_are_named_and_registered_once():
     with pytest.raises(ValueError, match="loss 'test-l1' is already registered for"):
         register_loss("test-l1", F.l1_loss)
     assert MetaConfig("maml", task_type="regression", loss="test-l1").loss == "test-l1"
+
+
+def test_step_results_give_each_tasks_query_loss_and_accuracy():
+    classifier = MetaLearner(MLP(4, (8,), 3), MetaConfig("maml", inner_steps=1, inner_lr=0.1))
+    batch = label_batch(torch.tensor([0, 1, 2, 0, 1, 2]), tasks=3)
+    for strategy in ("loop", "vmap"):
+        result = classifier.meta_gradient(batch, strategy=strategy)
+        assert len(result.task_losses) == 3 and len(result.task_accuracies) == 3
+        assert result.loss == pytest.approx(sum(result.task_losses) / 3) and result.accuracy == pytest.approx(sum(result.task_accuracies) / 3)
+        alone = classifier.meta_gradient(TaskBatch(*(t[1:2] for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y))))
+        assert result.task_losses[1] == pytest.approx(alone.loss, rel=1e-5)
+    assert MetaLearner(MLP(1, (8,), 1), MetaConfig("maml", task_type="regression")).meta_gradient(sine_batch()).task_accuracies is None
+
+
+def test_meta_step_in_eval_mode_warns_once():
+    learner = MetaLearner(MLP(1, (8,), 1), MetaConfig("maml", task_type="regression")).eval()
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.0)
+    with pytest.warns(UserWarning, match=r"eval mode .* call learner.train\(\) first"):
+        learner.meta_step(sine_batch(), optimizer)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learner.meta_step(sine_batch(), optimizer)  # (once is enough)
+        learner.train().meta_step(sine_batch(), optimizer)
