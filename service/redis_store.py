@@ -61,10 +61,12 @@ DEFAULT_BUDGET = 512 * 1024 * 1024
 DEFAULT_HELD = 64 * 1024 * 1024
 
 # Shared Lua: sweep sessions whose expiry (server time) has passed.
-# KEYS[1] lru, KEYS[2] exp, KEYS[3] size, KEYS[4] bytes, KEYS[5] tick,
-# KEYS[6] evictions, KEYS[7] expirations; ARGV[1] prefix.
+# KEYS[1] lru, KEYS[2] exp, KEYS[3] size, KEYS[4] bytes, KEYS[5] tick, KEYS[6] evictions, KEYS[7] expirations,
+# KEYS[8] owner_of (id -> owner), KEYS[9] owners (owner -> the bytes of its sessions); ARGV[1] prefix.
+# Each owner also has its own recency order, prefix .. 'lru:' .. owner (what eviction takes from).
 _LUA_COMMON = r"""
 local lru, exp, size, total, tick, evictions, expirations = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local owner_of, owners = KEYS[8], KEYS[9]
 local prefix = ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -75,9 +77,19 @@ local function count(key, n) redis.pcall('INCRBY', key, n) end
 
 local function forget(id)
   local n = tonumber(redis.call('HGET', size, id) or '0')
+  local o = redis.call('HGET', owner_of, id)
   redis.call('ZREM', lru, id)
   redis.call('ZREM', exp, id)
   redis.call('HDEL', size, id)
+  if o then
+    redis.call('HDEL', owner_of, id)
+    redis.call('ZREM', prefix .. 'lru:' .. o, id)
+    if redis.call('EXISTS', prefix .. 'lru:' .. o) == 0 then
+      redis.call('ZREM', owners, o)
+    elseif n > 0 then
+      redis.pcall('ZINCRBY', owners, -n, o)
+    end
+  end
   if n > 0 then count(total, -n) end
   redis.call('DEL', prefix .. 's:' .. id)
 end
@@ -97,25 +109,54 @@ _LUA_PUT = _LUA_COMMON + r"""
 local id, blob, meta, owner = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local nbytes, ttl, budget = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 if redis.call('HEXISTS', size, id) == 1 then forget(id) end
+-- The least recently used session of the owner holding the most bytes, this session counted as its
+-- owner's: a key adapting many sessions evicts its own rather than everyone's (one owner: plain LRU).
+-- nil after it dropped a stale entry instead (each round makes progress).
+local function victim()
+  local ranked = redis.call('ZRANGE', owners, 0, -1, 'WITHSCORES')
+  local heaviest, most = nil, -1
+  for i = 1, #ranked, 2 do
+    local held = tonumber(ranked[i + 1]) + (ranked[i] == owner and nbytes or 0)
+    if held > most then heaviest, most = ranked[i], held end
+  end
+  if not heaviest then return redis.call('ZRANGE', lru, 0, 0)[1] end  -- (sessions stored before owners were counted)
+  local order = prefix .. 'lru:' .. heaviest
+  local id = redis.call('ZRANGE', order, 0, 0)[1]
+  if not id then
+    redis.call('ZREM', owners, heaviest)
+  elseif redis.call('HEXISTS', owner_of, id) == 0 then
+    redis.call('ZREM', order, id)
+  else
+    return id
+  end
+  return nil
+end
 local evicted = 0
 -- a session larger than the whole budget evicts everything and is stored alone
 -- (as the in-memory store does)
 while redis.call('ZCARD', lru) > 0 and tonumber(redis.call('GET', total) or '0') + nbytes > budget do
-  local victim = redis.call('ZPOPMIN', lru)
-  forget(victim[1])
-  redis.call('INCR', evictions)
-  evicted = evicted + 1
+  local id = victim()
+  if id then
+    forget(id)
+    redis.call('INCR', evictions)
+    evicted = evicted + 1
+  end
 end
 if redis.call('ZCARD', lru) == 0 then
-  -- nothing else is live: resynchronise the byte count (it drifts only if keys were removed by hand)
+  -- nothing else is live: resynchronise the byte counts (they drift only if keys were removed by hand)
   redis.call('SET', total, 0)
+  redis.call('DEL', owners)
 end
 local key = prefix .. 's:' .. id
 redis.call('HSET', key, 't', blob, 'm', meta, 'o', owner, 'n', nbytes)
 redis.call('PEXPIRE', key, ttl)
-redis.call('ZADD', lru, redis.call('INCR', tick), id)
+local recent = redis.call('INCR', tick)
+redis.call('ZADD', lru, recent, id)
+redis.call('ZADD', prefix .. 'lru:' .. owner, recent, id)
 redis.call('ZADD', exp, now + ttl, id)
 redis.call('HSET', size, id, nbytes)
+redis.call('HSET', owner_of, id, owner)
+redis.call('ZINCRBY', owners, nbytes, owner)
 redis.call('INCRBY', total, nbytes)
 return {1, evicted}
 """
@@ -135,7 +176,10 @@ if not v[1] then
 end
 if v[2] ~= owner then return false end
 local recent = redis.pcall('INCR', tick)
-if type(recent) == 'number' then redis.pcall('ZADD', lru, recent, id) end
+if type(recent) == 'number' then
+  redis.pcall('ZADD', lru, recent, id)
+  if redis.call('HEXISTS', owner_of, id) == 1 then redis.pcall('ZADD', prefix .. 'lru:' .. owner, recent, id) end
+end
 if meta_only then return {'', v[1]} end
 return {redis.call('HGET', key, 't'), v[1]}
 """
@@ -249,7 +293,7 @@ class RedisSessionStore(SessionStore):
             health_check_interval=10,
             max_connections=64,
         )
-        self._keys = [prefix + k for k in ("lru", "exp", "size", "bytes", "tick", "evictions", "expirations")]
+        self._keys = [prefix + k for k in ("lru", "exp", "size", "bytes", "tick", "evictions", "expirations", "owner_of", "owners")]
         self._put = self._client.register_script(_LUA_PUT)
         self._get = self._client.register_script(_LUA_GET)
         self._delete = self._client.register_script(_LUA_DELETE)

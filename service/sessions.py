@@ -149,8 +149,10 @@ class MemorySessionStore(SessionStore):
 
     ``put`` makes room for the new session in ``max_bytes``: it drops what was
     prepared from the other sessions, least recently used first, then evicts
-    least recently used sessions (a session larger than the whole budget is
-    still stored, alone). A session counts its ``held_bytes``: what a worker
+    sessions: the least recently used one of the owner (API key) holding the
+    most bytes, the new session counted, so that a key adapting many sessions
+    evicts its own rather than everyone's (with one owner, plain LRU; a session
+    larger than the whole budget is still stored, alone). A session counts its ``held_bytes``: what a worker
     prepares from it later (``Session.prepared``) grows its count and makes room
     from the other sessions' prepared tensors, else is dropped again itself: it
     never evicts a session.
@@ -168,6 +170,7 @@ class MemorySessionStore(SessionStore):
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._sizes: dict[str, int] = {}  # as counted: a session's held_bytes may grow before its hook reports it
         self._bytes = 0
+        self._owner_bytes: dict[str | None, int] = {}  # what each owner's sessions hold (their _sizes summed)
         self.evictions = 0
         self.expirations = 0
         self.prepared_dropped = 0  # sessions whose prepared tensors were dropped for room
@@ -177,34 +180,43 @@ class MemorySessionStore(SessionStore):
         self._expiry_order = itertools.count()
         self._with_prepared: set[str] = set()  # sessions holding prepared tensors (where room comes from first)
 
+    def _resize(self, session: Session, delta: int) -> None:
+        self._sizes[session.id] += delta
+        self._bytes += delta
+        left = self._owner_bytes.get(session.owner, 0) + delta
+        if left or session.id in self._sessions:
+            self._owner_bytes[session.owner] = left
+        else:
+            self._owner_bytes.pop(session.owner, None)
+
     def _drop(self, session_id: str) -> Session:
         session = self._sessions.pop(session_id)
-        self._bytes -= self._sizes.pop(session_id)
+        self._resize(session, -self._sizes[session_id])
+        del self._sizes[session_id]
         self._with_prepared.discard(session_id)
         return session
 
-    def _evict_for(self, size: int, keep: Session | None = None, sessions_too: bool = True) -> None:
+    def _evict_for(self, size: int, keep: Session | None = None, sessions_too: bool = True, owner: str | None = None) -> None:
         """Make room for ``size`` more bytes: first what was prepared from the sessions (not ``keep``), least
         recently used first (made again in well under a millisecond when a prediction needs it), then, with
-        ``sessions_too``, the least recently used sessions themselves, whose clients would have to adapt again."""
+        ``sessions_too``, sessions themselves, whose clients would have to adapt again: the least recently used
+        of the owner holding the most, ``size`` counted as ``owner``'s."""
         kept = getattr(keep, "id", None)
         for session_id in self._sessions:  # least recently used first, while another session holds some
             if self._bytes + size <= self.max_bytes or len(self._with_prepared) <= (kept in self._with_prepared):
                 break
             if session_id in self._with_prepared and session_id != kept:
                 self._forget_prepared(self._sessions[session_id])
-        while sessions_too and self._bytes + size > self.max_bytes:
-            oldest = next((s for s in self._sessions.values() if s is not keep), None)
-            if oldest is None:
-                return
-            self._drop(oldest.id)
+        while sessions_too and self._bytes + size > self.max_bytes and self._sessions:
+            held = {o: n + (size if o == owner else 0) for o, n in self._owner_bytes.items()}
+            heaviest = max(held, key=held.__getitem__, default=None)
+            victim = next((s for s in self._sessions.values() if s.owner == heaviest), next(iter(self._sessions.values())))
+            self._drop(victim.id)
             self.evictions += 1
 
     def _forget_prepared(self, session: Session) -> None:
         self._with_prepared.discard(session.id)
-        freed = session.forget_prepared()
-        self._sizes[session.id] -= freed
-        self._bytes -= freed
+        self._resize(session, -session.forget_prepared())
         self.prepared_dropped += 1
 
     def _grew(self, session: Session, grown: int) -> None:
@@ -214,8 +226,7 @@ class MemorySessionStore(SessionStore):
             if self._sessions.get(session.id) is not session:
                 return  # dropped meanwhile, or replaced
             self._evict_for(grown, keep=session, sessions_too=False)
-            self._sizes[session.id] += grown
-            self._bytes += grown
+            self._resize(session, grown)
             self._with_prepared.add(session.id)
             if self._bytes > self.max_bytes and session.prepared_bytes:
                 self._forget_prepared(session)
@@ -240,10 +251,10 @@ class MemorySessionStore(SessionStore):
                 self._drop(session.id)
             session._on_grow = self._grew  # before its size is read: growth after it is reported (under this lock)
             size = session.held_bytes
-            self._evict_for(size)
+            self._evict_for(size, owner=session.owner)
             self._sessions[session.id] = session
-            self._sizes[session.id] = size
-            self._bytes += size
+            self._sizes[session.id] = 0
+            self._resize(session, size)
             heapq.heappush(self._expiries, (session.expires, next(self._expiry_order), session.id))
             if session.prepared_bytes:
                 self._with_prepared.add(session.id)

@@ -256,6 +256,40 @@ def test_byte_budget_lru_eviction(store):
     assert (st.live_sessions, st.live_bytes, st.evictions) == (1, 8000, 4)
 
 
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_a_key_that_adapts_many_sessions_evicts_its_own(kind, request):
+    """When room is needed, the least recently used session of the owner holding the most bytes goes (the new one
+    counted as its owner's): one key adapting in a loop no longer evicts every other key's sessions."""
+    from service.sessions import MemorySessionStore
+
+    store = MemorySessionStore(10_000) if kind == "memory" else request.getfixturevalue("store")
+    bob = make_session(owner="bob", nbytes=2000, seed=100)
+    store.put(bob)
+    alice = [make_session(nbytes=2000, seed=i) for i in range(8)]
+    for s in alice:
+        store.put(s)
+    assert store.get(bob.id, "bob") is not None  # (plain LRU evicted it with alice's first four)
+    assert [store.get(s.id, "alice") is not None for s in alice] == [False] * 4 + [True] * 4
+    assert (store.stats().live_bytes, store.stats().evictions) == (10_000, 4)
+    # Bob's next session: alice holds 8000, bob 2000 + 2000: alice's least recently used goes (alice[4] was read first)
+    store.put(make_session(owner="bob", nbytes=2000, seed=101))
+    assert store.get(bob.id, "bob") is not None and store.get(alice[4].id, "alice") is None
+    assert all(store.get(s.id, "alice") is not None for s in alice[5:])
+
+
+def test_sessions_stored_before_owners_were_counted_are_evicted_in_lru_order(store, redis_server):
+    """Sessions an earlier version put (no owner record, no owner's recency order) still make room, oldest first."""
+    old = [make_session(nbytes=3000, seed=i) for i in range(3)]
+    for s in old:
+        store.put(s)
+    client = redis.Redis.from_url(redis_server.url)
+    client.delete(store.prefix + "owner_of", store.prefix + "owners", store.prefix + "lru:alice")
+    client.close()
+    store.put(make_session(owner="bob", nbytes=3000, seed=9))
+    assert [store.get(s.id, "alice") is not None for s in old] == [False, True, True]
+    assert (store.stats().live_sessions, store.stats().evictions) == (3, 1)
+
+
 def test_session_larger_than_budget_is_stored_alone(store):
     """As the in-memory store does: everything else is evicted, the big one kept."""
     keep = [make_session(nbytes=2000, seed=i) for i in range(2)]
