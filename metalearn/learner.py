@@ -145,7 +145,10 @@ class MetaConfig:
             raise ValueError("head_init 'prototypes' needs a classification task and an algorithm with a query loss (not reptile)")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        config = asdict(self)
+        if config["loss"] == DEFAULT_LOSSES[self.task_type]:
+            del config["loss"]  # (the task's own loss, said by omission: checkpoints older releases can load)
+        return config
 
 
 @dataclass
