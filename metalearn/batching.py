@@ -71,10 +71,11 @@ def _checked(learner: MetaLearner, tasks: tuple) -> tuple:
     support_y, query_y = checked(support_y), checked(query_y)
     if learner.config.task_type == "classification":
         ways = learner.outputs_width(support_x[0])
-        for y in [t for labels in (support_y, query_y) for t in ([labels] if stacked else labels)]:
-            if y.numel() and not 0 <= int(y.min()) <= int(y.max()) < ways:
-                raise ValueError(f"classification labels must be class indices in [0, {ways}) for a model with {ways} "
-                                 f"outputs, got labels from {int(y.min())} to {int(y.max())}")
+        labels = torch.cat([t.flatten() for y in (support_y, query_y) for t in ([y] if stacked else y)])
+        low, high = torch.stack(torch.aminmax(labels)).tolist() if labels.numel() else (0, 0)  # (one sync a step)
+        if not 0 <= low <= high < ways:
+            raise ValueError(f"classification labels must be class indices in [0, {ways}) for a model with {ways} "
+                             f"outputs, got labels from {low} to {high}")
     learner.check_head_only(support_x[0])  # (ANIL's; once)
     return support_x, support_y, query_x, query_y
 

@@ -14,10 +14,18 @@ by default, ``encoding="json"`` sends nested lists. uint8 arrays travel as
 uint8 whatever the encoding: the service maps them to 0-1 as the model's
 training data was mapped (pixels, a uint8 .npz). Pictures go as themselves:
 ``x`` may be a list of encoded files (``bytes``), paths to them or PIL images,
-which the service preprocesses as the training data was. Every error answer raises
-:class:`ServiceError` carrying the RFC 9457 problem document. A ``503`` (queue
+which the service preprocesses as the training data was. Pixels are scaled only
+when they are uint8: an int32 or int64 array of 0-255 goes as those numbers.
+
+Every error answer raises :class:`ServiceError` carrying the RFC 9457 problem
+document (``code`` names its type, e.g. ``unknown-session``); a service that
+cannot be reached or does not answer in ``timeout`` seconds raises
+:class:`ServiceUnreachable`; both are :class:`ClientError`. A ``503`` (queue
 full, session store down) is retried up to ``retries`` times after the
-``Retry-After`` the service sends (capped at ``max_retry_wait`` seconds).
+``Retry-After`` the service sends (capped at ``max_retry_wait`` seconds, with
+jitter), and so is a connection that could not be opened (nothing was sent).
+A session lives on the service: keep its ``id`` (and model) and reattach with
+``client.session(session_id, model)``.
 
 In an asyncio application (a FastAPI or aiohttp backend, say), :class:`AsyncClient`
 has the same calls, awaited, so that waiting for the service never blocks the event loop:
@@ -32,9 +40,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import io
 import itertools
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,29 +65,58 @@ def _json_number(value: Any, kind: type) -> Any:
     return value
 
 
-class ServiceError(Exception):
-    """An error answer: ``status``, ``title``, ``detail``, the whole ``problem`` document, and the
-    ``request_id`` the service gave the request (quote it to the service's operators: it is in their logs)."""
+class ClientError(Exception):
+    """What a call to the service raises: :class:`ServiceError` (it answered with an error) or
+    :class:`ServiceUnreachable` (it did not answer)."""
 
-    def __init__(self, status: int, problem: dict, request_id: str | None = None):
+
+class ServiceError(ClientError):
+    """An error answer: ``status``, ``title``, ``detail``, ``code`` (the problem type's name, e.g.
+    ``unknown-session``, ``invalid-tensor``: what to branch on), the whole ``problem`` document, and the
+    ``request_id`` the service gave the request (quote it to the service's operators: it is in their logs)::
+
+        try:
+            labels = session.predict(x)
+        except ServiceError as error:
+            if error.code != "unknown-session":   # expired, evicted, or the service restarted: adapt again
+                raise
+            session = client.adapt(model, support_x, support_y)
+    """
+
+    def __init__(self, status: int, problem: dict, request_id: str | None = None, retry_after: str | None = None):
         self.status = status
         self.problem = problem
         self.title = problem.get("title", "")
         self.detail = problem.get("detail", "")
+        kind = problem.get("type")
+        self.code = kind.rstrip("/").rsplit("/", 1)[-1] if isinstance(kind, str) and kind != "about:blank" else None
         self.request_id = request_id
-        self.retry_after = None
+        self.retry_after = retry_after
         where = f" (request id {request_id})" if request_id and status >= 500 else ""
         super().__init__(f"{status} {self.title}: {self.detail}{where}")
+
+    def __reduce__(self):  # (raised in a process pool's worker, it reaches the parent as itself)
+        return type(self), (self.status, self.problem, self.request_id, self.retry_after)
+
+
+class ServiceUnreachable(ClientError):
+    """No answer: the service could not be connected to (down, restarting, a wrong address) or did not
+    answer within the client's ``timeout``. ``__cause__`` is the ``httpx`` error."""
 
 
 def _as_numpy(value: Any, dtype=None) -> np.ndarray:
     if hasattr(value, "detach"):  # torch.Tensor, without importing torch
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        value = (value.float() if str(value.dtype) == "torch.bfloat16" else value).numpy()  # (numpy has no bfloat16)
     array = np.asarray(value)
+    if array.dtype.kind in "bcOUS":  # (cast, true/false would be 1/0 and complex numbers would lose their imaginary part)
+        raise TypeError(f"expected numbers (an int or float array), got an array of {array.dtype}" +
+                        (": send labels as class indices" if array.dtype.kind == "b" else ""))
     return array.astype(dtype) if dtype is not None else array
 
 
 def encode_tensor(value: Any, encoding: str = "base64", dtype=np.float32) -> Any:
+    """``value`` (numpy, torch, nested lists) as the service's wire form: ``{dtype, shape, base64}``, or nested lists."""
     array = np.ascontiguousarray(_as_numpy(value, dtype))
     if encoding == "json":
         return array.tolist()
@@ -113,14 +152,22 @@ def _pictures(x: Any) -> bool:
 
 
 def _seconds(retry_after: str | None, default: float) -> float:
+    """A ``Retry-After`` value (seconds, or an HTTP date) as seconds from now; ``default`` when absent or unreadable."""
     try:
         return max(0.0, float(retry_after))
-    except (TypeError, ValueError):  # absent, or an HTTP date
+    except (TypeError, ValueError):
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(retry_after).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
         return default
 
 
 @dataclass
 class Prediction:
+    """``predictions``: class indices ``[N]`` for classification, values ``[N]`` (one output) or ``[N, outputs]``
+    for regression; ``probabilities`` ``[N, n_way]`` (classification); ``raw``: the whole answer (losses, timing)."""
+
     predictions: np.ndarray
     probabilities: np.ndarray | None
     raw: dict = field(repr=False)
@@ -141,13 +188,23 @@ class _Calls:
         encoding: str = "base64",
         retries: int = 2,
         max_retry_wait: float = 10.0,
+        headers: dict[str, str] | None = None,
+        verify: Any = True,
         transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
     ):
+        """``base_url`` of the service; ``api_key``: one of the service's ``METALEARN_API_KEYS``; ``encoding``: ``base64`` or ``json`` (nested lists); ``headers`` sent with every call (a proxy's, say);
+        ``verify``: TLS verification as httpx takes it (a CA bundle's path for a company CA)."""
+        if encoding not in ("base64", "json"):
+            raise ValueError(f"encoding must be 'base64' or 'json', got {encoding!r}")
         self.encoding = encoding
         self.retries = retries
         self.max_retry_wait = max_retry_wait
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = self._http_class(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+        self.base_url = base_url.rstrip("/")
+        headers = {**({"Authorization": f"Bearer {api_key}"} if api_key else {}), **(headers or {})}
+        self._http = self._http_class(base_url=self.base_url, headers=headers, timeout=timeout, verify=verify, transport=transport)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.base_url!r})"
 
     def _x(self, x: Any) -> Any:
         if isinstance(x, dict):  # already encoded, e.g. encode_images(...)
@@ -183,13 +240,28 @@ class _Calls:
         body.update(query={"x": self._x(query_x)}, transductive=transductive)
         return body
 
-    def _retry_wait(self, response: httpx.Response, attempt: int) -> float | None:
-        """Seconds to wait before sending the request again, or None: the answer stands.
+    def _retry_wait(self, answer: httpx.Response | httpx.TransportError, attempt: int) -> float | None:
+        """Seconds to wait before sending the request again, or None: the answer (or the error) stands.
 
-        A 503 means "not now" (queue full, session store down): wait as the service says."""
-        if response.status_code != 503 or attempt >= self.retries:
+        A 503 means "not now" (queue full, session store down): wait as the service says. A connection that
+        could not be opened sent nothing: tried again after 1, 2, ... s. Each wait is drawn from its upper
+        half, so that clients turned away together do not come back together."""
+        if attempt >= self.retries:
             return None
-        return min(_seconds(response.headers.get("Retry-After"), default=2.0**attempt), self.max_retry_wait)
+        if isinstance(answer, httpx.Response):
+            if answer.status_code != 503:
+                return None
+            wait = _seconds(answer.headers.get("Retry-After"), default=2.0**attempt)
+        elif isinstance(answer, httpx.ConnectError):
+            wait = 2.0**attempt
+        else:
+            return None
+        wait = min(wait, self.max_retry_wait)
+        return wait * random.uniform(0.5, 1.0)
+
+    def _unreachable(self, error: httpx.TransportError) -> ServiceUnreachable:
+        what = "did not answer in time" if isinstance(error, httpx.TimeoutException) else "cannot be reached"
+        return ServiceUnreachable(f"the service at {self.base_url} {what} ({type(error).__name__}: {error})")
 
     @staticmethod
     def _answer(response: httpx.Response) -> Any:
@@ -198,14 +270,17 @@ class _Calls:
             try:
                 problem = response.json()
             except ValueError:
-                problem = {"title": response.reason_phrase, "detail": response.text[:500]}
+                problem = {"detail": response.text[:500]}
             problem = problem if isinstance(problem, dict) else {"detail": str(problem)}
-            error = ServiceError(response.status_code, problem, response.headers.get("X-Request-ID"))
-            error.retry_after = response.headers.get("Retry-After")
-            raise error
+            problem.setdefault("title", response.reason_phrase)
+            raise ServiceError(response.status_code, problem, response.headers.get("X-Request-ID"), response.headers.get("Retry-After"))
         if response.status_code == 204 or not response.content:
             return None
-        return response.json()
+        try:
+            return response.json()
+        except ValueError:  # (a proxy's or another server's page at that address)
+            raise ServiceError(response.status_code, {"title": "Not the service's answer", "detail": response.text[:200]},
+                               response.headers.get("X-Request-ID")) from None
 
     @staticmethod
     def _prediction(body: dict) -> Prediction:
@@ -223,7 +298,7 @@ class _SessionHandle:
         self.info = info
         self.id: str = info["session_id"]
         self.model: str = info["model"]
-        self.path = f"/v1/sessions/{self.id}"
+        self.path = f"/v1/sessions/{quote(self.id, safe='')}"  # (a stored id with / or # would reach another URL)
         self.probabilities: np.ndarray | None = None
 
     def _predict_body(self, x: Any, transductive: bool) -> dict:
@@ -245,12 +320,16 @@ class RemoteSession(_SessionHandle):
         return self._keep(self.predict_full(x, transductive))
 
     def predict_full(self, x: Any, transductive: bool = False) -> Prediction:
+        """The whole answer for ``x``: predictions, probabilities (classification) and ``raw`` (safer than
+        ``predict`` with one session shared by threads: nothing is kept on the handle)."""
         return self.client._prediction(self.client._request("POST", self.path + "/predict", self._predict_body(x, transductive)))
 
     def describe(self) -> dict:
+        """The session as the service has it: model, created, expires, size in bytes (a 404 ServiceError once gone)."""
         return self.client._request("GET", self.path)
 
     def delete(self) -> None:
+        """Remove the session from the service (a 404 ServiceError if it is already gone)."""
         self.client._request("DELETE", self.path)
 
     def __enter__(self) -> "RemoteSession":
@@ -298,25 +377,44 @@ class Client(_Calls):
 
     def _request(self, method: str, path: str, body: dict | None = None) -> Any:
         for attempt in itertools.count():
-            response = self._http.request(method, path, json=body)
-            wait = self._retry_wait(response, attempt)
+            try:
+                answer = self._http.request(method, path, json=body)
+            except httpx.TransportError as error:
+                answer = error
+            wait = self._retry_wait(answer, attempt)
             if wait is None:
-                return self._answer(response)
+                if isinstance(answer, httpx.TransportError):
+                    raise self._unreachable(answer) from answer
+                return self._answer(answer)
             time.sleep(wait)
 
     def health(self) -> dict:
+        """``{"status": "ok"}`` when the service's process answers."""
         return self._request("GET", "/healthz")
 
     def models(self) -> list[dict]:
+        """What ``model`` says, for every model served."""
         return self._request("GET", "/v1/models")["models"]
 
+    def limits(self) -> dict:
+        """The service's limits: examples per request (``max_support``, ``max_query``), inner steps and learning
+        rate, session lifetime, body and picture sizes. Split larger query sets into several predictions."""
+        return self._request("GET", "/v1/models")["limits"]
+
     def model(self, name: str) -> dict:
+        """A model's description: input shape, task type, n_way, loss, default inner steps and lr, metrics, ..."""
         return self._request("GET", self._model_path(name))
 
     def adapt(self, model: str, x: Any, y: Any, *, inner_steps: int | None = None, inner_lr: float | None = None, ttl_s: int | None = None) -> RemoteSession:
+        """Adapt ``model`` to the support set ``x`` ``[N, *input_shape]`` (or pictures) and ``y`` (class indices
+        ``[N]``, or targets ``[N]``/``[N, outputs]``); the session that keeps the adapted parameters for
+        ``ttl_s`` seconds (the service's default when None). ``session.info`` holds the service's answer
+        (expiry, support loss before and after, timing)."""
         return RemoteSession(self, self._request("POST", self._model_path(model, "adapt"), self._adapt_body(x, y, inner_steps, inner_lr, ttl_s)))
 
     def session(self, session_id: str, model: str = "") -> RemoteSession:
+        """A handle on a session adapted before (its id kept in a database or a cookie, say); nothing is asked of the
+        service until it is used. ``model`` only names it in the handle's repr."""
         return RemoteSession(self, {"session_id": session_id, "model": model})
 
     def predict(self, model: str, support_x: Any, support_y: Any, query_x: Any, *, inner_steps: int | None = None, inner_lr: float | None = None, transductive: bool = False) -> Prediction:
@@ -342,10 +440,15 @@ class AsyncClient(_Calls):
 
     async def _request(self, method: str, path: str, body: dict | None = None) -> Any:
         for attempt in itertools.count():
-            response = await self._http.request(method, path, json=body)
-            wait = self._retry_wait(response, attempt)
+            try:
+                answer = await self._http.request(method, path, json=body)
+            except httpx.TransportError as error:
+                answer = error
+            wait = self._retry_wait(answer, attempt)
             if wait is None:
-                return self._answer(response)
+                if isinstance(answer, httpx.TransportError):
+                    raise self._unreachable(answer) from answer
+                return self._answer(answer)
             await asyncio.sleep(wait)
 
     async def health(self) -> dict:
@@ -353,6 +456,9 @@ class AsyncClient(_Calls):
 
     async def models(self) -> list[dict]:
         return (await self._request("GET", "/v1/models"))["models"]
+
+    async def limits(self) -> dict:
+        return (await self._request("GET", "/v1/models"))["limits"]
 
     async def model(self, name: str) -> dict:
         return await self._request("GET", self._model_path(name))

@@ -111,7 +111,10 @@ class MetaConfig:
         if self.multi_step_loss_iterations < 1 or self.encoder_hidden < 1 or self.first_order_iterations < 0:
             raise ValueError("multi_step_loss_iterations and encoder_hidden must be >= 1, first_order_iterations >= 0")
         for name in ("first_order", "multi_step_loss", "learn_step_lrs", "checkpoint_inner"):
-            if not any(getattr(self, name) is allowed for allowed in (None, True, False)):
+            value = getattr(self, name)
+            if type(value).__name__ == "bool_":  # (numpy's, from a YAML or a sweep tool)
+                setattr(self, name, value := bool(value))
+            if not any(value is allowed for allowed in (None, True, False)):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.grad_clip is not None:
             if isinstance(self.grad_clip, bool) or not isinstance(self.grad_clip, numbers.Real) or not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
@@ -132,7 +135,7 @@ class MetaConfig:
             raise ValueError("reptile has no query loss: multi_step_loss and learn_step_lrs do not apply")
         if self.loss is None:
             self.loss = DEFAULT_LOSSES[self.task_type]
-        if self.loss not in LOSSES:
+        if not isinstance(self.loss, str) or self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}: the built-in ones are {', '.join(DEFAULT_LOSSES.values())}; register "
                              "one of your own with metalearn.register_loss (a service or metalearn eval imports the module "
                              "that registers it through METALEARN_MODEL_MODULES)")
@@ -370,8 +373,13 @@ class MetaLearner(nn.Module):
     def outputs_width(self, x: torch.Tensor) -> int:
         """How many outputs (classes) the model gives per example, found once from one task's inputs ``x``."""
         if getattr(self, "_outputs_width", None) is None:
-            with torch.no_grad():
-                outputs = self.forward_with(self.model_params(self.meta_params()), self.buffers_dict(), x)
+            training = self.model.training
+            self.model.eval()  # (a layer of the user's that keeps statistics leaves them as they are)
+            try:
+                with torch.no_grad():
+                    outputs = self.forward_with(self.model_params(self.meta_params()), self.buffers_dict(), x)
+            finally:
+                self.model.train(training)
             self._outputs_width = outputs.shape[-1]
         return self._outputs_width
 
@@ -513,9 +521,9 @@ class MetaLearner(nn.Module):
         if cfg.algorithm == "reptile":
             return self._reptile_task
         first_order = cfg.first_order or iteration < cfg.first_order_iterations
-        weights = (
+        weights = (  # (annealed: the final step's loss alone, without the other steps' query forwards)
             multi_step_loss_weights(cfg.inner_steps, iteration, cfg.multi_step_loss_iterations)
-            if cfg.multi_step_loss
+            if cfg.multi_step_loss and iteration < cfg.multi_step_loss_iterations
             else None
         )
 
@@ -627,7 +635,6 @@ class MetaLearner(nn.Module):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return result
-
 
     def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         # A parameter the optimiser does not hold would get a gradient and never move: a Meta-SGD

@@ -141,7 +141,10 @@ class TrainConfig:
     progress: bool = True
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        config = asdict(self)
+        if config["loss"] is None:
+            del config["loss"]  # (the task's own loss, said by omission: releases before losses were named resume it)
+        return config
 
     def update(self, values: dict[str, Any], where: str = "config") -> TrainConfig:
         """Set fields from a mapping; unknown keys are an error naming ``where``."""

@@ -162,9 +162,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.collect()
         gc.freeze()
         log.info("serving %d model(s) on %s: %s", len(app.state.registry.models), device, ", ".join(app.state.registry.names()))
-        if settings.short_keys():
+        if short := settings.short_keys():
             log.warning("%d of the API keys are shorter than %d characters, which can be guessed: use random ones, e.g. "
-                        "python -c 'import secrets; print(secrets.token_urlsafe(32))'", settings.short_keys(), SHORT_KEY)
+                        "python -c 'import secrets; print(secrets.token_urlsafe(32))'", short, SHORT_KEY)
         if settings.drain_s > 0 and not app.state.drains:
             log.warning("METALEARN_DRAIN_S=%g does nothing here: only `metalearn serve` drains on SIGTERM (under uvicorn or gunicorn, delay the signal instead, e.g. a Kubernetes preStop sleep)", settings.drain_s)
         hangup = hasattr(signal, "SIGHUP") and _on_signal(signal.SIGHUP, lambda: _reload_in_background(app))

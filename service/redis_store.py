@@ -62,8 +62,10 @@ DEFAULT_HELD = 64 * 1024 * 1024
 
 # Shared Lua: sweep sessions whose expiry (server time) has passed.
 # KEYS[1] lru, KEYS[2] exp, KEYS[3] size, KEYS[4] bytes, KEYS[5] tick, KEYS[6] evictions, KEYS[7] expirations,
-# KEYS[8] owner_of (id -> owner), KEYS[9] owners (owner -> the bytes of its sessions); ARGV[1] prefix.
-# Each owner also has its own recency order, prefix .. 'lru:' .. owner (what eviction takes from).
+# KEYS[8] owner_of (id -> "BYTES OWNER"), KEYS[9] owners (owner -> the bytes of its sessions); ARGV[1] prefix.
+# Each owner also has its own recency order, prefix .. 'lru:' .. owner (what eviction takes from). A session's
+# bytes are kept beside its owner because a replica of an earlier release forgets a session without these
+# records: what it leaves is found stale (no size) and taken off its owner's count.
 _LUA_COMMON = r"""
 local lru, exp, size, total, tick, evictions, expirations = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local owner_of, owners = KEYS[8], KEYS[9]
@@ -75,21 +77,26 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- their writes, and reads and deletions must still work (deleting is always allowed).
 local function count(key, n) redis.pcall('INCRBY', key, n) end
 
+-- Take a session off its owner's records (its recency order, its bytes); nothing for one stored without them.
+local function disown(id)
+  local record = redis.call('HGET', owner_of, id)
+  if not record then return end
+  local n, o = string.match(record, '^(%d+) (.*)$')
+  redis.call('HDEL', owner_of, id)
+  redis.call('ZREM', prefix .. 'lru:' .. o, id)
+  if redis.call('EXISTS', prefix .. 'lru:' .. o) == 0 then
+    redis.call('ZREM', owners, o)
+  else
+    redis.pcall('ZINCRBY', owners, -tonumber(n), o)
+  end
+end
+
 local function forget(id)
   local n = tonumber(redis.call('HGET', size, id) or '0')
-  local o = redis.call('HGET', owner_of, id)
+  disown(id)
   redis.call('ZREM', lru, id)
   redis.call('ZREM', exp, id)
   redis.call('HDEL', size, id)
-  if o then
-    redis.call('HDEL', owner_of, id)
-    redis.call('ZREM', prefix .. 'lru:' .. o, id)
-    if redis.call('EXISTS', prefix .. 'lru:' .. o) == 0 then
-      redis.call('ZREM', owners, o)
-    elseif n > 0 then
-      redis.pcall('ZINCRBY', owners, -n, o)
-    end
-  end
   if n > 0 then count(total, -n) end
   redis.call('DEL', prefix .. 's:' .. id)
 end
@@ -111,20 +118,24 @@ local nbytes, ttl, budget = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[
 if redis.call('HEXISTS', size, id) == 1 then forget(id) end
 -- The least recently used session of the owner holding the most bytes, this session counted as its
 -- owner's: a key adapting many sessions evicts its own rather than everyone's (one owner: plain LRU).
--- nil after it dropped a stale entry instead (each round makes progress).
+-- Sessions stored by an earlier release (no owner record) go first, oldest first. nil after it dropped a stale
+-- entry instead (each round makes progress).
 local function victim()
+  local oldest = redis.call('ZRANGE', lru, 0, 0)[1]
+  if oldest and redis.call('HEXISTS', owner_of, oldest) == 0 then return oldest end
   local ranked = redis.call('ZRANGE', owners, 0, -1, 'WITHSCORES')
   local heaviest, most = nil, -1
   for i = 1, #ranked, 2 do
     local held = tonumber(ranked[i + 1]) + (ranked[i] == owner and nbytes or 0)
     if held > most then heaviest, most = ranked[i], held end
   end
-  if not heaviest then return redis.call('ZRANGE', lru, 0, 0)[1] end  -- (sessions stored before owners were counted)
+  if not heaviest then return oldest end
   local order = prefix .. 'lru:' .. heaviest
   local id = redis.call('ZRANGE', order, 0, 0)[1]
   if not id then
     redis.call('ZREM', owners, heaviest)
-  elseif redis.call('HEXISTS', owner_of, id) == 0 then
+  elseif redis.call('HEXISTS', size, id) == 0 then
+    disown(id)  -- (forgotten by a replica of an earlier release: off its owner's count, not an eviction)
     redis.call('ZREM', order, id)
   else
     return id
@@ -145,7 +156,7 @@ end
 if redis.call('ZCARD', lru) == 0 then
   -- nothing else is live: resynchronise the byte counts (they drift only if keys were removed by hand)
   redis.call('SET', total, 0)
-  redis.call('DEL', owners)
+  redis.call('DEL', owners, owner_of)
 end
 local key = prefix .. 's:' .. id
 redis.call('HSET', key, 't', blob, 'm', meta, 'o', owner, 'n', nbytes)
@@ -155,7 +166,7 @@ redis.call('ZADD', lru, recent, id)
 redis.call('ZADD', prefix .. 'lru:' .. owner, recent, id)
 redis.call('ZADD', exp, now + ttl, id)
 redis.call('HSET', size, id, nbytes)
-redis.call('HSET', owner_of, id, owner)
+redis.call('HSET', owner_of, id, nbytes .. ' ' .. owner)
 redis.call('ZINCRBY', owners, nbytes, owner)
 redis.call('INCRBY', total, nbytes)
 return {1, evicted}

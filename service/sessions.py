@@ -18,6 +18,7 @@ import itertools
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
@@ -162,8 +163,6 @@ class MemorySessionStore(SessionStore):
     """
 
     def __init__(self, max_bytes: int = 512 * 1024 * 1024, clock=time.time):
-        from collections import OrderedDict
-
         self.max_bytes = int(max_bytes)
         self._clock = clock
         self._lock = threading.Lock()
@@ -171,6 +170,7 @@ class MemorySessionStore(SessionStore):
         self._sizes: dict[str, int] = {}  # as counted: a session's held_bytes may grow before its hook reports it
         self._bytes = 0
         self._owner_bytes: dict[str | None, int] = {}  # what each owner's sessions hold (their _sizes summed)
+        self._owner_order: dict[str | None, OrderedDict[str, None]] = {}  # each owner's sessions, least recent first
         self.evictions = 0
         self.expirations = 0
         self.prepared_dropped = 0  # sessions whose prepared tensors were dropped for room
@@ -193,6 +193,10 @@ class MemorySessionStore(SessionStore):
         session = self._sessions.pop(session_id)
         self._resize(session, -self._sizes[session_id])
         del self._sizes[session_id]
+        order = self._owner_order[session.owner]
+        del order[session_id]
+        if not order:
+            del self._owner_order[session.owner]
         self._with_prepared.discard(session_id)
         return session
 
@@ -210,8 +214,8 @@ class MemorySessionStore(SessionStore):
         while sessions_too and self._bytes + size > self.max_bytes and self._sessions:
             held = {o: n + (size if o == owner else 0) for o, n in self._owner_bytes.items()}
             heaviest = max(held, key=held.__getitem__, default=None)
-            victim = next((s for s in self._sessions.values() if s.owner == heaviest), next(iter(self._sessions.values())))
-            self._drop(victim.id)
+            order = self._owner_order.get(heaviest) or self._sessions  # (an owner's own order: no scan of the others')
+            self._drop(next(iter(order)))
             self.evictions += 1
 
     def _forget_prepared(self, session: Session) -> None:
@@ -253,6 +257,7 @@ class MemorySessionStore(SessionStore):
             size = session.held_bytes
             self._evict_for(size, owner=session.owner)
             self._sessions[session.id] = session
+            self._owner_order.setdefault(session.owner, OrderedDict())[session.id] = None
             self._sizes[session.id] = 0
             self._resize(session, size)
             heapq.heappush(self._expiries, (session.expires, next(self._expiry_order), session.id))
@@ -271,6 +276,7 @@ class MemorySessionStore(SessionStore):
             if session.owner != owner:
                 return None
             self._sessions.move_to_end(session_id)
+            self._owner_order[owner].move_to_end(session_id)
             return session
 
     def delete(self, session_id: str, owner: str | None) -> bool:

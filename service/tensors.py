@@ -234,8 +234,8 @@ def decode_inputs(value: Any, where: str, input_shape: tuple[int, ...], preproce
     if isinstance(value, ImageList):
         array = _from_images(value, where, preprocessing, max_count).numpy()
     else:
-        if isinstance(value, list):  # (counted before the numbers are read: a long list takes seconds)
-            _check_count(len(value), where, max_count)
+        if isinstance(value, list) and value and isinstance(value[0], list):  # (counted before the numbers are read;
+            _check_count(len(value), where, max_count)                      # a flat list is a shape error, below)
         array = _array_from(value, where, torch.float32, "nested lists, {dtype, shape, base64} or {images}")
         if isinstance(value, EncodedTensor) and value.dtype == "uint8":
             array = uint8_as_trained(array, preprocessing)

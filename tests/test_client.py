@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -196,3 +197,68 @@ def test_model_names_are_quoted_in_the_path():
     asyncio.run(calls())
     quoted = "/v1/models/a%23b%3F%20c%25"
     assert paths == [quoted, quoted + "/adapt", quoted + "/predict"] * 2
+
+
+def test_client_errors_pickle_name_their_type_and_cover_a_service_that_does_not_answer():
+    """ServiceError crosses a process pool as itself and carries ``code``; a refused connection is retried, then
+    raised as ServiceUnreachable; both are ClientError."""
+    import pickle
+    import socket
+
+    import httpx
+
+    from metalearn.client import ClientError, ServiceUnreachable
+
+    def handler(request):
+        problem = {"type": "https://metalearn.dev/problems/unknown-session", "title": "Unknown session", "status": 404, "detail": "no such session"}
+        return httpx.Response(404, headers={"X-Request-ID": "9c1d"}, json=problem)
+
+    with Client("http://service", transport=httpx.MockTransport(handler)) as client, pytest.raises(ServiceError) as error:
+        client.session("abc").predict([[0.5]])
+    copy = pickle.loads(pickle.dumps(error.value))
+    assert isinstance(copy, ClientError) and (copy.status, copy.code, copy.request_id, str(copy)) == (404, "unknown-session", "9c1d", str(error.value))
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.perf_counter()
+    with Client(f"http://127.0.0.1:{port}", retries=1, max_retry_wait=0.2) as client, pytest.raises(ServiceUnreachable, match="cannot be reached") as down:
+        client.health()
+    assert isinstance(down.value, ClientError) and isinstance(down.value.__cause__, httpx.ConnectError)
+    assert 0.1 <= time.perf_counter() - started < 5  # one retry after 0.1-0.2 s
+
+
+def test_client_quotes_session_ids_and_refuses_what_it_would_misread():
+    import httpx
+
+    paths = []
+
+    def handler(request):
+        paths.append(request.url.raw_path.decode())
+        return httpx.Response(200, json={"session_id": "x", "model": "m", "predictions": [0], "probabilities": [[1.0, 0.0]]})
+
+    with Client("http://service", transport=httpx.MockTransport(handler)) as client:
+        client.session("../models/m").describe()
+        client.session("a#b").predict([[0.5]])
+        assert paths == ["/v1/sessions/..%2Fmodels%2Fm", "/v1/sessions/a%23b/predict"]  # (not /v1/models/m, not session a)
+        with pytest.raises(TypeError, match="array of bool: send labels as class indices"):
+            client.adapt("m", np.zeros((2, 1)), np.array([True, False]))
+        with pytest.raises(TypeError, match="complex"):
+            client.adapt("m", np.zeros((2, 1), np.complex64), [0, 1])
+        bf16 = client._x(torch.ones(2, 3, dtype=torch.bfloat16))  # (numpy has no bfloat16: sent as float32)
+        assert bf16["dtype"] == "float32" and bf16["shape"] == [2, 3]
+    with pytest.raises(ValueError, match="encoding must be 'base64' or 'json'"):
+        Client("http://service", encoding="jsn")
+
+
+def test_client_retry_waits_follow_retry_after_dates_with_jitter():
+    import email.utils
+
+    import httpx
+
+    client = Client("http://service", retries=3, max_retry_wait=30)
+    in_ten = email.utils.formatdate(time.time() + 10, usegmt=True)
+    waits = [client._retry_wait(httpx.Response(503, headers={"Retry-After": value}), 0) for value in ("4", in_ten) for _ in range(50)]
+    assert all(2.0 <= w <= 4.0 for w in waits[:50]) and len({round(w, 3) for w in waits[:50]}) > 10  # (drawn, not lockstep)
+    assert all(3.5 <= w <= 10.0 for w in waits[50:])  # an HTTP date: about 10 s from now, halved at most
+    assert client._retry_wait(httpx.Response(500), 0) is None and client._retry_wait(httpx.Response(503), 3) is None
+    client.close()

@@ -277,17 +277,31 @@ def test_a_key_that_adapts_many_sessions_evicts_its_own(kind, request):
     assert all(store.get(s.id, "alice") is not None for s in alice[5:])
 
 
-def test_sessions_stored_before_owners_were_counted_are_evicted_in_lru_order(store, redis_server):
-    """Sessions an earlier version put (no owner record, no owner's recency order) still make room, oldest first."""
-    old = [make_session(nbytes=3000, seed=i) for i in range(3)]
+def test_sessions_an_earlier_release_stored_or_forgot_are_handled(store, redis_server):
+    """Sessions an earlier release put (no owner records) make room first, oldest first, even beside newer ones;
+    and what a replica of an earlier release leaves when it forgets a session (its owner records) is taken off
+    the owner's count without being counted as an eviction."""
+    client = redis.Redis.from_url(redis_server.url)
+    old = [make_session(nbytes=2000, seed=i) for i in range(3)]
     for s in old:
         store.put(s)
-    client = redis.Redis.from_url(redis_server.url)
-    client.delete(store.prefix + "owner_of", store.prefix + "owners", store.prefix + "lru:alice")
+    client.delete(store.prefix + "owner_of", store.prefix + "owners", store.prefix + "lru:alice")  # as stored before
+    bob = [make_session(owner="bob", nbytes=2000, seed=10 + i) for i in range(4)]
+    for s in bob:  # needs 4000 more than the budget: the two oldest earlier-release sessions go, not bob's
+        store.put(s)
+    assert [store.get(s.id, "alice") is not None for s in old] == [False, False, True]
+    assert all(store.get(s.id, "bob") is not None for s in bob) and store.stats().evictions == 2
+    # A replica of an earlier release forgets bob[0] (its sweep or eviction): size, orders and hash, not the owner records
+    client.zrem(store.prefix + "lru", bob[0].id), client.zrem(store.prefix + "exp", bob[0].id)
+    client.hdel(store.prefix + "size", bob[0].id), client.delete(store.prefix + "s:" + bob[0].id)
+    client.decrby(store.prefix + "bytes", 2000)
+    # 8000 + 6000: old[2] goes (an earlier release's), then from bob, who holds 6000 once bob[0] is found forgotten
+    store.put(make_session(owner="carol", nbytes=6000, seed=20))
+    assert float(client.zscore(store.prefix + "owners", "bob")) == 4000.0  # bob[0]'s 2000 off, bob[1]'s evicted
+    assert store.get(old[2].id, "alice") is None and store.get(bob[1].id, "bob") is None
+    assert all(store.get(s.id, "bob") is not None for s in bob[2:])
+    assert store.stats().evictions == 4 and store.stats().live_bytes == 10_000
     client.close()
-    store.put(make_session(owner="bob", nbytes=3000, seed=9))
-    assert [store.get(s.id, "alice") is not None for s in old] == [False, True, True]
-    assert (store.stats().live_sessions, store.stats().evictions) == (3, 1)
 
 
 def test_session_larger_than_budget_is_stored_alone(store):

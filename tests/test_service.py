@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import base64
-import os
 import io
 import json
+import os
+import re
 import time
 
 import httpx
@@ -570,7 +571,16 @@ def test_sigterm_answers_what_it_cannot_finish_with_503(model_dir, tmp_path):
     try:
         for thread in threads:
             thread.start()
-        time.sleep(1.0)
+        # Signalled once the app has every request (in flight, or answered), not after a fixed sleep: on a loaded
+        # machine some connections were still opening, and those the stopping server had not accepted were refused.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = httpx.get(proc.url + "/metrics", timeout=5).text
+            in_flight = float(re.search(r"^metalearn_http_requests_in_flight (\S+)$", text, re.M).group(1)) - 1  # (this scrape)
+            answered = sum(float(n) for n in re.findall(r'^metalearn_http_requests_total\{[^}]*route="/v1/models/\{name\}/adapt"[^}]*\} (\S+)$', text, re.M))
+            if in_flight + answered >= 150:
+                break
+            time.sleep(0.05)
         proc.process.send_signal(signal.SIGTERM)
         for thread in threads:
             thread.join(60)

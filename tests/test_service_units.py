@@ -312,7 +312,11 @@ def test_shed_answers_the_queue_and_what_comes_after_with_engine_stopped():
         async def scenario():
             computing = await occupied(engine)
             queued = [asyncio.ensure_future(engine.submit(fake_job())) for _ in range(3)]
-            await asyncio.sleep(0.05)
+            for _ in range(500):  # (until all three are queued: a fixed 50 ms was once too short on a loaded machine)
+                if engine.depth() == 3:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)  # (the longest recent batch is then over 0.05 s)
             assert engine.shed("stopping") == 3
             with pytest.raises(EngineStopped, match="stopping"):
                 await engine.submit(fake_job())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import math
-import os
 from typing import Any
 
 import anyio
@@ -13,6 +12,7 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from service.problems import Problem
+from service.settings import usable_cores
 
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key (when the service has keys configured).")
 bearer = HTTPBearer(auto_error=False, description="An API key as a bearer token (when the service has keys configured).")
@@ -84,7 +84,7 @@ async def decode_off_the_loop(request: Request, inputs: tuple, fn, *args):
     return fn(*args)
 
 
-DECODE_THREADS = max(1, len(os.sched_getaffinity(0)))  # (what decoding can use at once: the cores)
+DECODE_THREADS = usable_cores()  # (what decoding can use at once: the cores)
 
 
 async def store_call(request: Request, fn, *args):
