@@ -214,6 +214,7 @@ class Engine:
         self._scripts = ScriptCache(capacity=cpu_scripts) if cpu_scripts else None
         self._pending: deque[Job] = deque()
         self._batch_times: deque[tuple[float, float]] = deque(maxlen=256)  # (when, seconds) of the last batches
+        self._computing: dict[int, float] = {}  # worker thread -> when its batch began (monotonic), while it computes
         self._shed_reason: str | None = None  # set by shed(): the service is stopping
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)  # guards the queue; a worker filling a batch waits on it for company
@@ -302,10 +303,12 @@ class Engine:
         self._threads = []
 
     def longest_recent_batch(self, window_s: float = 60.0) -> float:
-        """The longest batch of the last ``window_s`` seconds (0 when none): a stopping server's margin."""
-        since = time.monotonic() - window_s
+        """The longest batch of the last ``window_s`` seconds, a batch still computing counted by its time so far
+        (0 when none): a stopping server's margin."""
+        now = time.monotonic()
         with self._cond:
-            return max((seconds for when, seconds in self._batch_times if when >= since), default=0.0)
+            done = (seconds for when, seconds in self._batch_times if when >= now - window_s)
+            return max([*done, *(now - began for began in list(self._computing.values()))], default=0.0)
 
     def shed(self, reason: str) -> int:
         """Fail every job still queued with :class:`EngineStopped` (answered ``503`` with ``Retry-After``), and
@@ -468,6 +471,14 @@ class Engine:
         return True
 
     def _execute(self, batch: list[Job]) -> None:
+        worker = threading.get_ident()
+        self._computing[worker] = time.monotonic()  # (longest_recent_batch counts a batch while it computes)
+        try:
+            self._execute_timed(batch)
+        finally:
+            self._computing.pop(worker, None)
+
+    def _execute_timed(self, batch: list[Job]) -> None:
         kind = batch[0].kind
         start = time.perf_counter()
         try:

@@ -299,8 +299,9 @@ class RedisSessionStore(SessionStore):
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
             # one immediate retry: a pooled connection that Redis dropped (restart) is
-            # replaced on the spot; with Redis down both tries fail fast
-            retry=Retry(NoBackoff(), 1),
+            # replaced on the spot; with Redis down both tries fail fast. Not after a timeout:
+            # a hung Redis would hold each call for two timeouts instead of one.
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
             health_check_interval=10,
             max_connections=64,
         )

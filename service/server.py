@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import signal
 import threading
+import time
 
 from service import logs
 from service.settings import Settings
@@ -50,8 +51,9 @@ def _loopback(host: str) -> bool:
 
 
 # How long requests in flight get once the server stops (uvicorn's graceful shutdown). Requests still
-# queued when less than SHED_MARGIN_S plus the longest recent batch is left are answered 503 (retry
-# elsewhere) instead of losing their connection: the batches computing then still finish in time.
+# queued when less than SHED_MARGIN_S plus twice the longest recent batch (one computing counted by its
+# time so far) is left are answered 503 (retry elsewhere) instead of losing their connection: the batches
+# computing then still finish in time.
 GRACE_S = 10.0
 SHED_MARGIN_S = 1.0
 
@@ -68,8 +70,13 @@ def _draining_server(config, app, drain_s: float):
         timer.daemon = True
         timer.start()
 
-    def shed() -> None:
-        count = app.state.engine.shed("the service is stopping; retry (another replica answers)")
+    def shed_in_time(deadline: float) -> None:
+        """Shed once less than the margin and twice the longest recent batch is left: looked at again every 50 ms,
+        so that a batch still computing counts by its time so far (at SIGTERM none may have finished yet)."""
+        engine = app.state.engine
+        while deadline - time.monotonic() > SHED_MARGIN_S + 2 * engine.longest_recent_batch():
+            time.sleep(0.05)
+        count = engine.shed("the service is stopping; retry (another replica answers)")
         if count:
             log.warning("stopping: answered %d queued request(s) with 503 before the grace period ends", count)
 
@@ -83,7 +90,8 @@ def _draining_server(config, app, drain_s: float):
                 later(drain_s, self.handle_exit, sig, frame)
                 return
             if not self.should_exit:
-                later(max(0.0, GRACE_S - SHED_MARGIN_S - 2 * app.state.engine.longest_recent_batch()), shed)
+                watcher = threading.Thread(target=shed_in_time, args=(time.monotonic() + GRACE_S,), daemon=True)
+                watcher.start()
             super().handle_exit(sig, frame)
 
     app.state.drains = True

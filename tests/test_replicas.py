@@ -223,25 +223,30 @@ def test_hung_redis_answers_503_quickly(replicas, redis_server):
         assert time.monotonic() - t0 < 5.0
         assert b.client.get("/healthz").status_code == 200
 
-        async def predict_many(n: int) -> list:
+        async def predict_many(n: int, path: str) -> list:
             limits = httpx.Limits(max_connections=n)
             async with httpx.AsyncClient(base_url=b.url, timeout=60, limits=limits, headers=A_HEADERS) as client:
                 async def one():
                     started = time.monotonic()
-                    answer = await client.post(f"/v1/sessions/{session_id}/predict", json={"x": query})
+                    answer = await client.post(path, json={"x": query})
                     return answer.status_code, time.monotonic() - started
                 return await asyncio.gather(*(one() for _ in range(n)))
 
         query = query_images()
+        # What 200 such bodies cost this machine now without the store (read and refused by the adapt route's
+        # schema: 422): the hung Redis may add about its timeout, not a wait per request (before: up to 9.7 s).
+        reference = asyncio.run(predict_many(200, "/v1/models/no-such-model/adapt"))
+        assert {status for status, _ in reference} == {422}
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(asyncio.run, predict_many(200))
+            pending = pool.submit(asyncio.run, predict_many(200, f"/v1/sessions/{session_id}/predict"))
             time.sleep(1.0)
             t0 = time.monotonic()
             assert b.client.get("/healthz").status_code == 200 and b.client.get("/readyz").status_code == 200
             probes = time.monotonic() - t0
             answers = pending.result()
         assert {status for status, _ in answers} == {503}
-        assert probes < 1.0 and max(seconds for _, seconds in answers) < 5.0, (probes, answers)
+        slowest, unhindered = max(seconds for _, seconds in answers), max(seconds for _, seconds in reference)
+        assert probes < 1.0 and slowest < unhindered + 2.0, (probes, slowest, unhindered, answers)
     finally:
         os.kill(redis_server.proc.pid, signal.SIGCONT)
     time.sleep(1.0)  # past the timeout during which calls fail at once

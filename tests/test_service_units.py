@@ -328,6 +328,23 @@ def test_shed_answers_the_queue_and_what_comes_after_with_engine_stopped():
         assert 0.05 < engine.longest_recent_batch() < 10
 
 
+def test_a_batch_still_computing_counts_in_the_longest_recent_batch():
+    """A stopping server sheds by the longest recent batch; right after start none may have finished, and the one
+    computing is then at least as long as it has run (a margin of 0 let a slow first batch be cancelled)."""
+    with blocking_engine(max_batch_size=1, max_wait_ms=0, request_timeout_s=10) as engine:
+        async def scenario():
+            computing = await occupied(engine)
+            await asyncio.sleep(0.3)
+            while_computing = engine.longest_recent_batch()
+            engine.release.set()
+            await computing
+            return while_computing
+
+        while_computing = asyncio.run(scenario())
+        assert 0.3 <= while_computing < 10 and engine.longest_recent_batch() >= while_computing
+        assert not engine._computing  # (none left counted once it finished)
+
+
 class FaultyEngine(Engine):
     """An engine whose loop fails outside the computation: while forming one batch, then after computing one."""
 
