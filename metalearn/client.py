@@ -259,9 +259,16 @@ class _Calls:
         wait = min(wait, self.max_retry_wait)
         return wait * random.uniform(0.5, 1.0)
 
-    def _unreachable(self, error: httpx.TransportError) -> ServiceUnreachable:
-        what = "did not answer in time" if isinstance(error, httpx.TimeoutException) else "cannot be reached"
-        return ServiceUnreachable(f"the service at {self.base_url} {what} ({type(error).__name__}: {error})")
+    def _settle(self, answer: httpx.Response | httpx.TransportError, attempt: int) -> tuple[float | None, Any]:
+        """``(seconds to wait before trying again, None)``, or ``(None, the answer's JSON)``; what both clients' calls
+        do with an answer or a transport error (raised as :class:`ServiceUnreachable` when not tried again)."""
+        wait = self._retry_wait(answer, attempt)
+        if wait is not None:
+            return wait, None
+        if isinstance(answer, httpx.TransportError):
+            what = "did not answer in time" if isinstance(answer, httpx.TimeoutException) else "cannot be reached"
+            raise ServiceUnreachable(f"the service at {self.base_url} {what} ({type(answer).__name__}: {answer})") from answer
+        return None, self._answer(answer)
 
     @staticmethod
     def _answer(response: httpx.Response) -> Any:
@@ -381,11 +388,9 @@ class Client(_Calls):
                 answer = self._http.request(method, path, json=body)
             except httpx.TransportError as error:
                 answer = error
-            wait = self._retry_wait(answer, attempt)
+            wait, value = self._settle(answer, attempt)
             if wait is None:
-                if isinstance(answer, httpx.TransportError):
-                    raise self._unreachable(answer) from answer
-                return self._answer(answer)
+                return value
             time.sleep(wait)
 
     def health(self) -> dict:
@@ -444,11 +449,9 @@ class AsyncClient(_Calls):
                 answer = await self._http.request(method, path, json=body)
             except httpx.TransportError as error:
                 answer = error
-            wait = self._retry_wait(answer, attempt)
+            wait, value = self._settle(answer, attempt)
             if wait is None:
-                if isinstance(answer, httpx.TransportError):
-                    raise self._unreachable(answer) from answer
-                return self._answer(answer)
+                return value
             await asyncio.sleep(wait)
 
     async def health(self) -> dict:

@@ -48,7 +48,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.func import functional_call, grad_and_value
 
-from metalearn.models import convert_batchnorm, head_module_name, head_parameter_names, norm_statistics
+from metalearn.models import convert_batchnorm, head_module_name, head_parameter_names, norm_statistics, same_definition
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "tamaml", "mamlpp")
 TASK_TYPES = ("classification", "regression")
@@ -225,7 +225,7 @@ def register_loss(name: str, fn: Callable[[torch.Tensor, torch.Tensor], torch.Te
         if not callable(function):
             raise TypeError(f"register_loss({name!r}) takes a function of (outputs, targets), got {function!r}")
         known = LOSSES.get(name, function)
-        if (known.__module__, known.__qualname__) != (function.__module__, function.__qualname__):
+        if not same_definition(known, function):
             raise ValueError(f"loss {name!r} is already registered for {known.__module__}.{known.__qualname__}")
         LOSSES[name] = function
         return function

@@ -270,6 +270,12 @@ _ARCHITECTURES: dict[str, Callable[..., nn.Module]] = dict(_BUILT_IN)
 MODEL_MODULES_VARIABLE = "METALEARN_MODEL_MODULES"
 
 
+def same_definition(a: Any, b: Any) -> bool:
+    """Whether two classes or functions are one definition (the same module and qualified name): one defined again,
+    re-running a notebook cell or importing a module twice, replaces its registration instead of clashing with it."""
+    return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+
+
 def register_architecture(name: str) -> Callable:
     """Class decorator: checkpoints may name this model class ``name``, and its instances get a ``spec``.
 
@@ -291,13 +297,10 @@ def register_architecture(name: str) -> Callable:
     def register(cls):
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise TypeError(f"register_architecture({name!r}) decorates an nn.Module subclass, got {cls!r}")
-        def same(a, b) -> bool:  # (a class defined again, re-running a notebook cell say: replaced)
-            return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
-
         known = _ARCHITECTURES.get(name, cls)
-        if not same(known, cls):
+        if not same_definition(known, cls):
             raise ValueError(f"architecture {name!r} is already registered for {known!r}")
-        other = next((n for n, c in _ARCHITECTURES.items() if n != name and same(c, cls)), None)
+        other = next((n for n, c in _ARCHITECTURES.items() if n != name and same_definition(c, cls)), None)
         if other is not None:  # its instances' spec can name only one
             raise ValueError(f"{cls.__qualname__} is already registered as {other!r}")
         signature = inspect.signature(cls.__init__)

@@ -169,7 +169,7 @@ class MemorySessionStore(SessionStore):
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._sizes: dict[str, int] = {}  # as counted: a session's held_bytes may grow before its hook reports it
         self._bytes = 0
-        self._owner_bytes: dict[str | None, int] = {}  # what each owner's sessions hold (their _sizes summed)
+        self._owner_bytes: dict[str | None, int] = {}  # what each owner's sessions hold (their _sizes summed), per owner holding one
         self._owner_order: dict[str | None, OrderedDict[str, None]] = {}  # each owner's sessions, least recent first
         self.evictions = 0
         self.expirations = 0
@@ -183,11 +183,7 @@ class MemorySessionStore(SessionStore):
     def _resize(self, session: Session, delta: int) -> None:
         self._sizes[session.id] += delta
         self._bytes += delta
-        left = self._owner_bytes.get(session.owner, 0) + delta
-        if left or session.id in self._sessions:
-            self._owner_bytes[session.owner] = left
-        else:
-            self._owner_bytes.pop(session.owner, None)
+        self._owner_bytes[session.owner] += delta
 
     def _drop(self, session_id: str) -> Session:
         session = self._sessions.pop(session_id)
@@ -195,8 +191,8 @@ class MemorySessionStore(SessionStore):
         del self._sizes[session_id]
         order = self._owner_order[session.owner]
         del order[session_id]
-        if not order:
-            del self._owner_order[session.owner]
+        if not order:  # (an owner is counted while it holds a session)
+            del self._owner_order[session.owner], self._owner_bytes[session.owner]
         self._with_prepared.discard(session_id)
         return session
 
@@ -212,10 +208,8 @@ class MemorySessionStore(SessionStore):
             if session_id in self._with_prepared and session_id != kept:
                 self._forget_prepared(self._sessions[session_id])
         while sessions_too and self._bytes + size > self.max_bytes and self._sessions:
-            held = {o: n + (size if o == owner else 0) for o, n in self._owner_bytes.items()}
-            heaviest = max(held, key=held.__getitem__, default=None)
-            order = self._owner_order.get(heaviest) or self._sessions  # (an owner's own order: no scan of the others')
-            self._drop(next(iter(order)))
+            heaviest = max(self._owner_bytes, key=lambda o: self._owner_bytes[o] + (size if o == owner else 0))
+            self._drop(next(iter(self._owner_order[heaviest])))  # (its own order: no scan of the others' sessions)
             self.evictions += 1
 
     def _forget_prepared(self, session: Session) -> None:
@@ -258,6 +252,7 @@ class MemorySessionStore(SessionStore):
             self._evict_for(size, owner=session.owner)
             self._sessions[session.id] = session
             self._owner_order.setdefault(session.owner, OrderedDict())[session.id] = None
+            self._owner_bytes.setdefault(session.owner, 0)
             self._sizes[session.id] = 0
             self._resize(session, size)
             heapq.heappush(self._expiries, (session.expires, next(self._expiry_order), session.id))
