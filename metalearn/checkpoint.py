@@ -42,6 +42,9 @@ FORMAT_VERSION = 1
 MANIFEST_KEY = "metalearn"
 STATE_PREFIX = "state/"
 SUFFIX = ".safetensors"
+# A training run directory's checkpoints (``metalearn train --out``): the best by validation (the one served
+# and evaluated), and the latest (resumed from; written from the first save, best only from the first validation)
+BEST, LAST = "best" + SUFFIX, "last" + SUFFIX
 
 
 class CheckpointError(ValueError):

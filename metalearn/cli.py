@@ -12,7 +12,7 @@
     metalearn serve --model-dir models --port 8000
 
 Errors (missing files, corrupt checkpoints, bad settings) end with a one-line
-message on stderr and exit status 2 (1 for an interrupted run), never a traceback.
+message on stderr and exit status 2 (130, as for Ctrl-C, for an interrupted run), never a traceback.
 """
 
 from __future__ import annotations
@@ -187,8 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def checkpoint_path(path: str) -> Path:
     """A checkpoint file, or a run directory's best (else last) checkpoint."""
-    from metalearn.checkpoint import CheckpointError
-    from metalearn.train import BEST, LAST
+    from metalearn.checkpoint import BEST, LAST, CheckpointError
 
     p = Path(path)
     if p.is_dir():
@@ -427,10 +426,11 @@ DEMO_MODELS = {
 
 def make_demo_models(model_dir: str | Path, threads: int | None = None) -> list[Path]:
     """Train the demo models into ``model_dir`` (one run directory each) unless it already has models."""
-    from metalearn.train import BEST, Trainer, resolve_config
+    from metalearn.checkpoint import BEST, LAST, SUFFIX
+    from metalearn.train import Trainer, resolve_config
 
     root = Path(model_dir)
-    existing = sorted(root.glob("*.safetensors")) + sorted(root.glob(f"*/{BEST}")) if root.is_dir() else []
+    existing = sorted(root.glob("*" + SUFFIX)) + sorted(root.glob(f"*/{BEST}")) if root.is_dir() else []
     if existing:
         print(f"{root}: {len(existing)} model(s) already there, not training demo models", file=sys.stderr)
         return existing
@@ -438,7 +438,7 @@ def make_demo_models(model_dir: str | Path, threads: int | None = None) -> list[
     for name, recipe in DEMO_MODELS.items():
         out = root / name
         overrides = {**recipe["overrides"], "out": str(out), "threads": threads}
-        resume = (out / "last.safetensors").exists()
+        resume = (out / LAST).exists()
         print(f"training demo model {name} -> {out}", file=sys.stderr)
         if resume:
             trainer = Trainer(resolve_config(recipe["config"], overrides), resume=True)

@@ -71,7 +71,8 @@ class MetaConfig:
     inner_steps: int = 1
     inner_lr: float = 0.01
     first_order: bool | None = None
-    # MAML++ options (usable with maml/anil/metasgd too where they make sense)
+    # MAML++ options (usable with the other variants too where they make sense: not with reptile, which has
+    # no query loss, and learn_step_lrs not with metasgd, whose learned rates are per element already)
     multi_step_loss: bool | None = None
     multi_step_loss_iterations: int = 500
     learn_step_lrs: bool | None = None
@@ -133,6 +134,8 @@ class MetaConfig:
             self.learn_step_lrs = self.algorithm == "mamlpp"
         if self.algorithm == "reptile" and (self.multi_step_loss or self.learn_step_lrs):
             raise ValueError("reptile has no query loss: multi_step_loss and learn_step_lrs do not apply")
+        if self.algorithm == "metasgd" and self.learn_step_lrs:
+            raise ValueError("metasgd learns a learning rate per parameter element already: learn_step_lrs does not apply")
         if self.loss is None:
             self.loss = DEFAULT_LOSSES[self.task_type]
         if not isinstance(self.loss, str) or self.loss not in LOSSES:
@@ -442,6 +445,12 @@ class MetaLearner(nn.Module):
         embedding = features.mean(0).detach()
         encoder = {n[len("task_encoder.") :]: p for n, p in meta_params.items() if n.startswith("task_encoder.")}
         return 2.0 * torch.sigmoid(functional_call(self.task_encoder, encoder, (embedding,)))
+
+    @property
+    def learned_lrs(self) -> bool:
+        """Whether the inner learning rates are meta-learned (Meta-SGD's, one per parameter element; with
+        ``learn_step_lrs``, one per step): ``step_lr`` reads them unless overridden."""
+        return self.config.algorithm == "metasgd" or self.config.learn_step_lrs
 
     def step_lr(self, meta_params: Params, name: str, step: int, override: float | None):
         """The inner learning rate of parameter ``name`` at ``step``: ``override``, else the learned

@@ -40,16 +40,15 @@ from typing import Any
 
 import torch
 
-from metalearn import distributed
+from metalearn import default_device, distributed
 from metalearn.adaptation import check_support_shift
 from metalearn.allocator import keep_freed_memory
-from metalearn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from metalearn.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
 from metalearn.evaluate import VALIDATION_SEED, EvalResult, better, evaluate
 from metalearn.learner import ALGORITHMS, MetaConfig, MetaLearner
 from metalearn.models import architecture, build_model
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-LAST, BEST = "last.safetensors", "best.safetensors"
 METRICS, PLOT = "metrics.jsonl", "curves.png"
 
 # Settings that may change when a run is resumed; everything else must match.
@@ -93,7 +92,7 @@ class TrainConfig:
     # Model: overrides of the default spec (e.g. {"channels": 32} or {"hidden": [64, 64]}), or another
     # architecture with its arguments (e.g. {"arch": "my-cnn", "width": 8}: a registered one, see build_learner)
     model: dict = field(default_factory=dict)
-    # MetaConfig extras (None = the algorithm's default)
+    # The rest of MetaConfig's fields, by the same names (meta_config; None = the algorithm's default)
     first_order: bool | None = None
     first_order_iterations: int = 0
     multi_step_loss: bool | None = None
@@ -188,23 +187,9 @@ class TrainConfig:
         self.meta_config()  # MetaConfig checks the algorithm settings
 
     def meta_config(self, task_type: str = "classification") -> MetaConfig:
-        return MetaConfig(
-            algorithm=self.algorithm,
-            task_type=task_type,
-            inner_steps=self.inner_steps,
-            inner_lr=self.inner_lr,
-            first_order=self.first_order,
-            multi_step_loss=self.multi_step_loss,
-            multi_step_loss_iterations=self.multi_step_loss_iterations,
-            learn_step_lrs=self.learn_step_lrs,
-            first_order_iterations=self.first_order_iterations,
-            encoder_hidden=self.encoder_hidden,
-            head_init=self.head_init,
-            loss=self.loss,
-            grad_clip=self.grad_clip,
-            checkpoint_inner=self.checkpoint_inner,
-            strategy=self.strategy,
-        )
+        """The algorithm's settings: each of MetaConfig's fields is the field of the same name here
+        (so a new MetaConfig option is a new field here, and nothing else)."""
+        return MetaConfig(task_type=task_type, **{f.name: getattr(self, f.name) for f in dataclasses.fields(MetaConfig) if f.name != "task_type"})
 
 
 def _typed(key: str, value: Any, hint: Any, where: str) -> Any:
@@ -286,7 +271,7 @@ def default_config(task: str = "sinusoid", algorithm: str = "maml", ways: int | 
                  iterations=15000, val_interval=1000, val_episodes=500, val_queries=100, eval_inner_steps=10, save_interval=500,
                  log_interval=50, threads=1)
         )
-        config.update(_SINUSOID[algorithm])
+        config.update(_SINUSOID.get(algorithm, {}))
         return config
     ways = ways or 5
     if ways >= 10:
@@ -296,7 +281,7 @@ def default_config(task: str = "sinusoid", algorithm: str = "maml", ways: int | 
                  iterations=600, val_interval=100, val_episodes=200, val_queries=1, eval_inner_steps=10,
                  save_interval=10, log_interval=5)
         )
-        config.update(_OMNIGLOT_20WAY[algorithm])
+        config.update(_OMNIGLOT_20WAY.get(algorithm, {}))
     else:
         # Omniglot 5-way 1-shot (MAML paper: one step of 0.4; three at test time).
         config.update(
@@ -304,7 +289,7 @@ def default_config(task: str = "sinusoid", algorithm: str = "maml", ways: int | 
                  iterations=2000, val_interval=250, val_episodes=200, val_queries=1, eval_inner_steps=3,
                  save_interval=50, log_interval=10)
         )
-        config.update(_OMNIGLOT_5WAY[algorithm])
+        config.update(_OMNIGLOT_5WAY.get(algorithm, {}))
     if kind == "omniglot":
         # Rotations make new training classes (MAML paper). Validation holds
         # out one whole alphabet (split_seed 0: Korean, 40 characters) without
@@ -365,7 +350,7 @@ def resolve_config(config_file: str | None = None, overrides: dict[str, Any] | N
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = default_device()
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise RuntimeError("--device cuda: no CUDA GPU is available")
@@ -649,18 +634,17 @@ class Trainer:
         from metalearn.checkpoint import read_manifest
 
         saved = TrainConfig().update(read_manifest(path).get("training", {}).get("config", {}), where=str(path))
-        for key, value in overrides.items():
-            if value is None or key == "resume":
-                continue
-            if key in RESUMABLE_CHANGES:
-                setattr(saved, key, value)
-            elif getattr(saved, key) != value:
+        # Through update: an unknown or mistyped setting is refused as it is without --resume.
+        changes = {key: value for key, value in overrides.items() if value is not None and key != "resume"}
+        resumed = dataclasses.replace(saved).update(changes, where="--resume")
+        for key in changes:
+            if key not in RESUMABLE_CHANGES and getattr(resumed, key) != getattr(saved, key):
                 raise ValueError(
-                    f"--resume: cannot change {key!r} of an existing run ({getattr(saved, key)!r} -> {value!r})"
+                    f"--resume: cannot change {key!r} of an existing run ({getattr(saved, key)!r} -> {getattr(resumed, key)!r})"
                 )
-        saved.out = str(self.out)
-        saved.validate()
-        return saved
+        resumed.out = str(self.out)
+        resumed.validate()
+        return resumed
 
     def _validation_source(self, source):
         if self.task_type == "regression":

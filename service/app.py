@@ -5,7 +5,8 @@
 
 The app loads every model of ``settings.model_dir`` at start (lifespan; again,
 what changed, on ``SIGHUP`` or when ``model_poll_s`` finds changes: ``reload_models``), runs
-adaptation in one worker thread that owns the device (``service.engine``),
+adaptation off the event loop in the engine's workers (one on a GPU, which owns the device; on the CPU as
+``METALEARN_WORKERS`` says: ``service.engine``),
 keeps sessions in the configured store, and answers every error as an RFC 9457
 problem document.
 """
@@ -61,9 +62,7 @@ def create_store(settings: Settings) -> SessionStore:
     if settings.session_backend == "redis":
         from service.redis_store import RedisSessionStore  # provided by the Redis store module
 
-        if hasattr(RedisSessionStore, "from_settings"):
-            return RedisSessionStore.from_settings(settings)
-        return RedisSessionStore(settings.redis_url)
+        return RedisSessionStore.from_settings(settings)
     return MemorySessionStore(max_bytes=settings.cache_bytes)
 
 

@@ -133,8 +133,10 @@ class Job:
     _key: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def key(self) -> tuple:
-        """What a batch's jobs share, and what names its trace, graph or compilation. Made once: a worker
-        asks again at every look at the queue (a session's signature sorts its 26 tensors' names)."""
+        """What a batch's jobs share, and what names its trace, graph or compilation. It starts with the
+        model object's id, not its name: while a checkpoint is reloaded, jobs for the replaced model and
+        its successor share a name and must not share a batch. Made once: a worker asks again at every
+        look at the queue (a session's signature sorts its 26 tensors' names)."""
         if self._key is None:
             self._key = self._make_key()
         return self._key
@@ -144,9 +146,9 @@ class Job:
             return None if t is None else (tuple(t.shape), t.dtype)
 
         if self.kind == "adapt":
-            return ("adapt", self.model.name, shape(self.support_x), shape(self.support_y), self.steps, self.lr, shape(self.query_x), self.transductive, self.keep_session)
+            return (id(self.model), "adapt", shape(self.support_x), shape(self.support_y), self.steps, self.lr, shape(self.query_x), self.transductive, self.keep_session)
         signature = tuple(sorted((n, tuple(t.shape)) for n, t in self.session.items()))
-        return ("predict", self.model.name, shape(self.query_x), self.transductive, signature)
+        return (id(self.model), "predict", shape(self.query_x), self.transductive, signature)
 
 
 def _compatible(job: Job, key: tuple) -> bool:
@@ -189,7 +191,6 @@ class Engine:
         threads: int = 0,
         workers: int = 1,
         metrics: Any = None,
-        strategy: str = "auto",
         cuda_graphs: int = 16,
         cpu_traces: int = 24,
         cpu_scripts: int = 8,
@@ -205,7 +206,6 @@ class Engine:
         self.threads = threads
         self.workers = workers
         self.metrics = metrics
-        self.strategy = strategy
         self.cuda_graphs = cuda_graphs  # graphs kept on a GPU with one worker; 0 = none (service.cuda_graphs)
         self.cpu_traces = cpu_traces  # traces kept per worker on the CPU; 0 = none (service.cpu_traces)
         self.worker_cpus = worker_cpus  # the cores each worker runs on (Settings.resolved_worker_cpus); None = anywhere
@@ -229,7 +229,6 @@ class Engine:
         self._served_generation = 0
         self._last_batch_size = 1
         self.batches = 0
-        self.jobs_done = 0
 
     # ------------------------------------------------------------------
     # Lifecycle
@@ -340,7 +339,7 @@ class Engine:
                 raise EngineStopped(self._shed_reason)
             if len(self._pending) >= self.queue_size:
                 # Retry-After: a rough time to drain what is queued.
-                raise QueueFull(max(1, int(self.request_timeout_s // 10) or 1))
+                raise QueueFull(max(1, int(self.request_timeout_s // 10)))
             self._pending.append(job)
             depth = len(self._pending)
             self._cond.notify_all()  # workers filling a batch: this job may join one
@@ -374,7 +373,7 @@ class Engine:
     def _may_compute_here(self, job: Job) -> bool:
         if job.kind != "predict" or job.session is None or self.inline_predict_s <= 0 or str(job.model.device) != "cpu":
             return False
-        per_image = getattr(job.model, "_engine_lone_predict_s", {}).get(job.transductive)
+        per_image = job.model.derived.get("lone_predict_s", {}).get(job.transductive)
         if per_image is None or per_image * len(job.query_x) > self.inline_predict_s:
             return False  # (not measured yet: a worker computes the model's first lone predictions)
         with self._cond:
@@ -488,7 +487,7 @@ class Engine:
             if len(batch) > 1:
                 log.warning("batch of %d %s jobs failed (%s); running them one by one", len(batch), kind, error)
                 for job in batch:
-                    self._execute_single(job)
+                    self._execute_timed([job])
                 return
             log.exception("%s job for model %s failed", kind, batch[0].model.name)
             batch[0].future.set_exception(error)
@@ -496,7 +495,7 @@ class Engine:
         elapsed = time.perf_counter() - start
         if kind == "predict" and len(batch) == 1 and batch[0].session is not None:
             # What the next lone session predict of this model would cost, per query image (see submit)
-            times = batch[0].model.__dict__.setdefault("_engine_lone_predict_s", {})
+            times = batch[0].model.derived.setdefault("lone_predict_s", {})
             times[batch[0].transductive] = elapsed / max(1, len(batch[0].query_x))
         for job, result in zip(batch, results):
             result["compute_seconds"] = elapsed
@@ -504,25 +503,9 @@ class Engine:
             job.future.set_result(result)
         with self._cond:  # several workers count
             self.batches += 1
-            self.jobs_done += len(batch)
             self._batch_times.append((time.monotonic(), elapsed))
         if self.metrics is not None:
             self.metrics.batch(kind, batch[0].model.name, len(batch), elapsed)
-
-    def _execute_single(self, job: Job) -> None:
-        start = time.perf_counter()
-        try:
-            with torch.no_grad():
-                result = self._compute([job])[0]
-        except Exception as error:  # noqa: BLE001
-            log.exception("%s job for model %s failed", job.kind, job.model.name)
-            job.future.set_exception(error)
-            return
-        result["compute_seconds"] = time.perf_counter() - start
-        result["batch_size"] = 1
-        job.future.set_result(result)
-        if self.metrics is not None:
-            self.metrics.batch(job.kind, job.model.name, 1, result["compute_seconds"])
 
     # ------------------------------------------------------------------
     # The computations
@@ -533,13 +516,9 @@ class Engine:
         return self._predict(batch)
 
     def _strategy(self, model) -> str:
-        if self.strategy != "auto":
-            return self.strategy
-        cached = getattr(model, "_engine_strategy", None)
-        if cached is None:
-            cached = choose_strategy(model.learner, model.device, training=False)
-            model._engine_strategy = cached
-        return cached
+        if "strategy" not in model.derived:
+            model.derived["strategy"] = choose_strategy(model.learner, model.device, training=False)
+        return model.derived["strategy"]
 
     def _fast(self, model):
         """The fast batched kernel for this model, or None (see service.fastpath).
@@ -547,13 +526,11 @@ class Engine:
         Both kernels beat the generic path even for a single request on the CPU;
         results agree with it to float rounding (tests/test_fastpath.py).
         """
-        if self.strategy != "auto":
-            return None
-        if not hasattr(model, "_engine_fast"):
+        if "fast" not in model.derived:
             from service import fastpath
 
-            model._engine_fast = fastpath.fast_kernel(model.learner)
-        return model._engine_fast
+            model.derived["fast"] = fastpath.fast_kernel(model.learner)
+        return model.derived["fast"]
 
     def _learner(self, model):
         """The learner this worker runs the generic path with: with several workers, its own copy.
@@ -589,11 +566,11 @@ class Engine:
         def record(rows: int) -> Callable:
             # Copied here, on the worker that queues the compilation: with one worker the model's
             # learner is that worker's (with several, every worker computes on a copy of its own).
-            if not hasattr(model, "_engine_compile_learner"):
+            if "compile_learner" not in model.derived:
                 with self._cond:  # (two workers may queue at once)
-                    if not hasattr(model, "_engine_compile_learner"):
-                        model._engine_compile_learner = copy.deepcopy(model.learner)
-            return build(rows=rows, learner=model._engine_compile_learner)[0]
+                    if "compile_learner" not in model.derived:
+                        model.derived["compile_learner"] = copy.deepcopy(model.learner)
+            return build(rows=rows, learner=model.derived["compile_learner"])[0]
 
         return record
 
@@ -653,11 +630,11 @@ class Engine:
         model = batch[0].model
         if replay == "script" and self._scripting(model):
             # The key leaves out the rows: the cache compiles a request's computation (and batch sizes itself).
-            return self._scripts.run((id(model),) + batch[0].key(), compute, tuple(inputs), owner=model, record=record)
+            return self._scripts.run(batch[0].key(), compute, tuple(inputs), owner=model, record=record)
         if graphs is None or (isinstance(graphs, TraceCache) and replay != "trace"):
             return compute(*inputs)
         inputs = tuple(pad_rows(t, rows) for t in inputs)
-        return graphs.run((id(model), rows) + batch[0].key(), compute, inputs, owner=model)
+        return graphs.run(batch[0].key() + (rows,), compute, inputs, owner=model)
 
     def _adapt(self, batch: list[Job]) -> list[dict]:
         model = batch[0].model
@@ -735,7 +712,8 @@ class Engine:
         count = len(batch)
         graphs = self._graphs(device)
         rows = self._rows(graphs, count)
-        key, make = self._session_inputs(model, first.transductive, lone_query=first.query_x if count == 1 else None)
+        # (alone: one row, as _predict_kernel decides it; with CUDA graphs one job is one row too: bucket(1) == 1)
+        key, make = self._session_inputs(model, first.transductive, lone_query=first.query_x if rows == 1 else None)
         sessions = [make(j.session) if j.session_prepared is None else j.session_prepared(key, make) for j in batch]
         names = sorted(sessions[0])
         inputs = [torch.stack([j.query_x for j in batch]).to(device, non_blocking=True)]

@@ -127,7 +127,6 @@ def _request_moments(h: torch.Tensor, R: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 class FastAnil:
-    head_only = True
     traceable_adapt = True  # tensor operations only, no autograd: the engine may replay a trace (service.cpu_traces)
 
     def __init__(self, learner):
@@ -305,7 +304,6 @@ class FastFull:
     input channels, runs fused (``metalearn.first_block``).
     """
 
-    head_only = False
     traceable_adapt = False  # the inner loop takes gradients with autograd, which the tracer refuses (service.cpu_scripts compiles it)
 
     def __init__(self, learner):

@@ -70,7 +70,7 @@ def problem_response(problem: Problem, instance: str | None = None) -> JSONRespo
 
 # Every problem the service answers with: title -> (status, when). A problem's ``type`` is
 # TYPE_BASE + the title's slug. Listed in /openapi.json's Problem schema and in the README, so that a
-# client can branch on ``type`` without finding the values by trial; tests/test_problem_types.py checks
+# client can branch on ``type`` without finding the values by trial; tests/test_api_contract.py checks
 # that every title the code raises is here and in the README.
 PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "Malformed JSON": (400, "the body is not valid JSON (the detail says where)"),

@@ -1,7 +1,7 @@
 """A session store in Redis, shared by every replica of the service.
 
 Select it with ``METALEARN_SESSION_BACKEND=redis`` and ``METALEARN_REDIS_URL``
-(see :func:`make_session_store`). Every replica pointed at the same Redis sees
+(``service.app.create_store``). Every replica pointed at the same Redis sees
 the same sessions: adapt on one, predict on another.
 
 Layout (``P`` is the key prefix, ``metalearn:`` by default)::
@@ -57,7 +57,6 @@ from service.sessions import MemorySessionStore, Session, SessionStore, SessionS
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "metalearn:"
-DEFAULT_BUDGET = 512 * 1024 * 1024
 DEFAULT_HELD = 64 * 1024 * 1024
 
 # Shared Lua: sweep sessions whose expiry (server time) has passed.
@@ -260,15 +259,10 @@ class RedisSessionStore(SessionStore):
 
     @classmethod
     def from_settings(cls, settings: Any, device: str | torch.device | None = None) -> "RedisSessionStore":
-        """The store ``METALEARN_SESSION_BACKEND=redis`` selects: ``METALEARN_REDIS_URL``, budget ``METALEARN_CACHE_BYTES``."""
-        return cls(
-            settings.redis_url,
-            int(_setting(settings, "cache_bytes", default=DEFAULT_BUDGET) or DEFAULT_BUDGET),
-            _setting(settings, "redis_prefix", default=DEFAULT_PREFIX),
-            device=device,
-            socket_timeout=float(_setting(settings, "redis_timeout_s", default=0.5)),
-            held_bytes=int(_setting(settings, "redis_held_bytes", default=DEFAULT_HELD)),
-        )
+        """The store ``METALEARN_SESSION_BACKEND=redis`` selects (``service.settings.Settings``):
+        ``METALEARN_REDIS_URL``, the budget ``METALEARN_CACHE_BYTES`` (all replicas' sessions together),
+        ``METALEARN_REDIS_HELD_BYTES``."""
+        return cls(settings.redis_url, settings.cache_bytes, device=device, held_bytes=settings.redis_held_bytes)
 
     def __init__(
         self,
@@ -448,27 +442,3 @@ def _redact(url: str) -> str:
         return urlunsplit(parts._replace(netloc=netloc, query="***" if parts.query else ""))
     except ValueError:
         return "(an unreadable URL)"
-
-
-def _setting(settings: Any, *names: str, default: Any = None) -> Any:
-    for name in names:
-        if hasattr(settings, name):
-            return getattr(settings, name)
-    return default
-
-
-def make_session_store(settings: Any, device: str | torch.device | None = None) -> SessionStore:
-    """The session store the settings ask for: ``memory`` (default) or ``redis``.
-
-    ``settings`` is ``service.settings.Settings`` (``session_backend``,
-    ``redis_url``, ``cache_bytes`` from ``METALEARN_SESSION_BACKEND``,
-    ``METALEARN_REDIS_URL``, ``METALEARN_CACHE_BYTES``).
-    """
-    backend = str(_setting(settings, "session_backend", default="memory")).lower()
-    if backend == "redis":
-        return RedisSessionStore.from_settings(settings, device=device)
-    if backend == "memory":
-        from service.sessions import MemorySessionStore
-
-        return MemorySessionStore(int(_setting(settings, "cache_bytes", default=DEFAULT_BUDGET)))
-    raise ValueError(f"unknown session backend {backend!r} (expected 'memory' or 'redis')")

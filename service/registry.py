@@ -25,13 +25,11 @@ from pathlib import Path
 import torch
 
 from metalearn.adaptation import check_support_shift
-from metalearn.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from metalearn.checkpoint import BEST, LAST, SUFFIX, Checkpoint, CheckpointError, load_checkpoint
 from metalearn.learner import MetaLearner
 
 log = logging.getLogger("service.registry")
 
-RUN_CHECKPOINT = "best.safetensors"
-RUN_LAST = "last.safetensors"  # written from the first save; best only from the first validation
 
 
 @dataclass
@@ -48,6 +46,10 @@ class LoadedModel:
     adapted_names: list[str] = field(default_factory=list)
     support_shift: int = 0  # test-time support augmentation (metalearn.adaptation.augment_support)
     source: tuple = ()  # the file it was loaded from, as _file_identity says: a reload keeps the model while it is unchanged
+    # What the engine works out once per model and keeps with it (so it goes when a reload replaces the
+    # model): "fast" its fast kernel or None, "strategy" its batching strategy, "lone_predict_s" the last
+    # lone session predict's time per query image, "compile_learner" the copy scripts are recorded on
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def learner(self) -> MetaLearner:
@@ -85,6 +87,7 @@ class LoadedModel:
             "output_size": self.out_features,
             "inner_steps": self.inner_steps,
             "inner_lr": self.inner_lr,
+            "learned_lrs": self.learner.learned_lrs,
             "support_shift": self.support_shift,
             "adapted_parameters": list(self.adapted_names),
             "accepts_images": self.accepts_images,
@@ -115,15 +118,6 @@ def _public_training(training: dict) -> dict:
     return public
 
 
-def _output_size(learner: MetaLearner, input_shape: tuple[int, ...], device: str) -> int:
-    head = getattr(learner.model, "head", None)
-    if isinstance(head, torch.nn.Linear):
-        return int(head.out_features)
-    with torch.no_grad():
-        out = learner.model(torch.zeros((2, *input_shape), device=device))
-    return int(out.shape[-1])
-
-
 def load_model(name: str, path: Path, device: str) -> LoadedModel:
     checkpoint = load_checkpoint(path, device)
     checkpoint.learner.float()  # (the service computes in float32, as requests' tensors arrive: a float64 checkpoint too)
@@ -145,7 +139,7 @@ def load_model(name: str, path: Path, device: str) -> LoadedModel:
         check_support_shift(support_shift, input_shape)
     except ValueError as error:
         raise CheckpointError(f"{path}: bad support_shift: {error}") from None
-    out_features = _output_size(checkpoint.learner, input_shape, device)
+    out_features = checkpoint.learner.outputs_width(torch.zeros((2, *input_shape), device=device))
     n_way = manifest.get("n_way")
     if task_type == "classification":
         n_way = int(n_way) if n_way else out_features
@@ -178,10 +172,10 @@ def discover(model_dir: str | Path) -> list[tuple[str, Path]]:
     found = []
     for entry in sorted(root.iterdir()):
         try:
-            if entry.is_file() and entry.suffix == ".safetensors" and not entry.name.startswith("."):
+            if entry.is_file() and entry.suffix == SUFFIX and not entry.name.startswith("."):
                 found.append((entry.stem, entry))
-            elif entry.is_dir() and (entry / RUN_CHECKPOINT).is_file():
-                found.append((entry.name, entry / RUN_CHECKPOINT))
+            elif entry.is_dir() and (entry / BEST).is_file():
+                found.append((entry.name, entry / BEST))
         except OSError as error:  # a directory this user may not enter (a volume's lost+found, a run of another user)
             if entry.name != "lost+found":
                 log.warning("skipping %s: %s", entry, error.strerror or error)
@@ -239,9 +233,9 @@ class ModelRegistry:
         if seen is None:
             log.warning("model directory %s does not exist: serving no models", model_dir)
         else:
-            for run in sorted(p.parent for p in Path(model_dir).glob("*/" + RUN_LAST) if not (p.parent / RUN_CHECKPOINT).exists()):
+            for run in sorted(p.parent for p in Path(model_dir).glob("*/" + LAST) if not (p.parent / BEST).exists()):
                 # Served once its best checkpoint appears (a reload sees it come).
-                log.info("not serving run directory %s yet: it has no %s (its training has not validated yet, or stopped first)", run, RUN_CHECKPOINT)
+                log.info("not serving run directory %s yet: it has no %s (its training has not validated yet, or stopped first)", run, BEST)
         for name, path in discover(model_dir):
             if name in models:
                 log.warning("skipping %s: a model named %r is already loaded from %s", path, name, models[name].checkpoint.path)

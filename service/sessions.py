@@ -121,7 +121,7 @@ class StoreStats:
 
 
 class SessionStore(abc.ABC):
-    """What the engine needs from a session store. Every method may raise :class:`SessionStoreUnavailable`."""
+    """What the routes need from a session store (the engine never sees one: it gets a session's tensors). Every method may raise :class:`SessionStoreUnavailable`."""
 
     @abc.abstractmethod
     def put(self, session: Session) -> None:

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     # Sessions
     session_ttl_s: int = Field(3600, ge=1, description="Session lifetime when the request gives no ttl_s.")
     max_session_ttl_s: int = Field(86400, ge=1, description="Largest ttl_s a request may ask for.")
-    cache_bytes: int = Field(512 * 1024 * 1024, ge=0, description="Byte budget of the in-memory session store (LRU eviction beyond): the sessions' tensors and what the workers prepare from them (for a MAML or ANIL session predicted alone on the CPU, a packed copy of the conv weights of the blocks where packing pays). When room is needed, what was prepared goes first, then least recently used sessions.")
+    cache_bytes: int = Field(512 * 1024 * 1024, ge=0, description="Byte budget of the session store (LRU eviction beyond; with session_backend=redis, every replica's sessions together): the sessions' tensors and what the workers prepare from them (for a MAML or ANIL session predicted alone on the CPU, a packed copy of the conv weights of the blocks where packing pays). When room is needed, what was prepared goes first, then least recently used sessions.")
     session_backend: Literal["memory", "redis"] = Field("memory", description="memory (per process) or redis (shared between replicas).")
     redis_url: str = Field("redis://localhost:6379/0", description="Redis URL when session_backend=redis.")
     redis_held_bytes: int = Field(64 * 1024 * 1024, ge=0, description="With session_backend=redis: bytes of the sessions each replica keeps decoded, counted as the in-memory store counts them (least recently used dropped, as in the in-memory store, which also keeps one larger session alone; 0 = none). A prediction with a held session fetches only its metadata from Redis, which still checks existence, expiry and owner.")
@@ -120,8 +120,6 @@ class Settings(BaseSettings):
     def resolved_worker_cpus(self) -> list[list[int]] | None:
         """The cores of each worker (``pin_workers``): consecutive ``threads`` of the allowed ones; None to
         leave them to the scheduler (off, on a GPU, no affinity control, or fewer cores than threads)."""
-        import os
-
         if not self.pin_workers or self.resolved_device() != "cpu" or not hasattr(os, "sched_getaffinity"):
             return None
         allowed, threads, workers = sorted(os.sched_getaffinity(0)), self.resolved_threads(), self.resolved_workers()
@@ -137,9 +135,9 @@ class Settings(BaseSettings):
     def resolved_device(self) -> str:
         if self.device != "auto":
             return self.device
-        import torch
+        from metalearn import default_device
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return default_device()
 
     def usable_device(self) -> str:
         """``resolved_device``, refused with a message when it names a GPU this process cannot use."""
@@ -181,8 +179,6 @@ class Settings(BaseSettings):
 
 def usable_cores() -> int:
     """The cores this process may run on (a container's cpuset, ``taskset``), not the machine's."""
-    import os
-
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1

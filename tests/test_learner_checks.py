@@ -79,10 +79,12 @@ def test_anil_refuses_a_model_whose_forward_is_not_head_of_body():
     ({"multi_step_loss_iterations": -5}, "multi_step_loss_iterations and encoder_hidden must be >= 1"),
     ({"first_order_iterations": -1}, "first_order_iterations >= 0"),
     ({"encoder_hidden": 0}, "encoder_hidden must be >= 1"),
+    ({"algorithm": "metasgd", "learn_step_lrs": True}, "metasgd learns a learning rate per parameter element already"),
+    ({"algorithm": "reptile", "multi_step_loss": True}, "reptile has no query loss"),
 ])
 def test_meta_config_refuses_bad_values_when_made(settings, message):
     with pytest.raises(ValueError, match=message):
-        MetaConfig("maml", **settings)
+        MetaConfig(**{"algorithm": "maml", **settings})
 
 
 def test_meta_config_takes_what_it_took_before():

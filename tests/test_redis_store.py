@@ -460,27 +460,25 @@ def test_loading_error_is_unavailable(store, monkeypatch):
         store.stats()
 
 
-def test_make_session_store_selects_backend(redis_server, monkeypatch):
-    from service.redis_store import make_session_store
+def test_the_settings_select_the_store_and_its_budget(redis_server, monkeypatch):
+    from service.app import create_store
     from service.sessions import MemorySessionStore
     from service.settings import Settings
 
     monkeypatch.setenv("METALEARN_SESSION_BACKEND", "redis")
     monkeypatch.setenv("METALEARN_REDIS_URL", redis_server.url)
-    monkeypatch.setenv("METALEARN_CACHE_BYTES", "12345")
-    settings = Settings()
-    for st in (make_session_store(settings), RedisSessionStore.from_settings(settings)):
+    monkeypatch.setenv("METALEARN_REDIS_HELD_BYTES", "777")
+    for budget in (12345, 0):  # 0 is a budget in both stores (each keeps the newest session alone), not "the default"
+        monkeypatch.setenv("METALEARN_CACHE_BYTES", str(budget))
+        st = create_store(Settings())
         try:
-            assert isinstance(st, RedisSessionStore) and st.budget_bytes == 12345
+            assert isinstance(st, RedisSessionStore) and st.budget_bytes == budget and st.held_bytes == 777
             assert st.stats().live_sessions >= 0
         finally:
             st.close()
     monkeypatch.setenv("METALEARN_SESSION_BACKEND", "memory")
-    assert isinstance(make_session_store(Settings()), MemorySessionStore)
-    from types import SimpleNamespace
-
-    with pytest.raises(ValueError, match="unknown session backend"):
-        make_session_store(SimpleNamespace(session_backend="memcached"))
+    memory = create_store(Settings())
+    assert isinstance(memory, MemorySessionStore) and memory.max_bytes == 0
 
 
 def test_app_builds_the_redis_store(redis_server, monkeypatch):

@@ -172,6 +172,42 @@ def test_a_reload_frees_the_models_it_replaced(trained):
         engine.stop()
 
 
+def test_a_replaced_model_and_its_successor_never_share_a_batch(trained):
+    """During a reload, jobs queued for the replaced model and new ones for its successor carry the same
+    name: each must still be computed with its own weights (a batch runs on its first job's model)."""
+    replaced, successor = ModelRegistry.load(trained).get("sine"), ModelRegistry.load(trained).get("sine")
+    with torch.no_grad():
+        for p in successor.learner.parameters():
+            p.add_(0.3)
+    tasks = sine_tasks(tasks=1)
+
+    def job(model):
+        return Job("adapt", model, support_x=tasks.support_x[0], support_y=tasks.support_y[0], steps=2, query_x=tasks.query_x[0], keep_session=False)
+
+    def predictions(engine, jobs):
+        futures = [engine.submit_nowait(j) for j in jobs]
+        return [torch.as_tensor(f.result(60)["predictions"]) for f in futures]
+
+    alone = Engine(workers=1, threads=1, max_batch_size=1, max_wait_ms=0, cpu_traces=0, cpu_scripts=0)
+    alone.start()
+    try:
+        expected = [predictions(alone, [job(model)])[0] for model in (replaced, successor)]
+    finally:
+        alone.stop()
+    assert not torch.allclose(expected[0], expected[1])
+
+    # A worker waits long for company, so both jobs would be one batch if they counted as compatible.
+    together = Engine(workers=1, threads=1, max_batch_size=8, max_wait_ms=300, cpu_traces=0, cpu_scripts=0)
+    together.start()
+    try:
+        got = predictions(together, [job(replaced), job(successor)])
+    finally:
+        together.stop()
+    assert together.batches == 2
+    for result, want in zip(got, expected):
+        torch.testing.assert_close(result, want, rtol=1e-5, atol=1e-6)
+
+
 def test_changed_on_disk_sees_each_change_once(trained, tmp_path):
     model_dir = shutil.copytree(trained, tmp_path / "models")
     registry = ModelRegistry.load(model_dir)

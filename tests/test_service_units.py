@@ -255,7 +255,7 @@ class BlockingEngine(Engine):
 
 
 def fake_job():
-    model = SimpleNamespace(name="m")
+    model = SimpleNamespace(name="m", derived={})
     return Job("predict", model, query_x=torch.zeros(1, 1), session={"param:w": torch.zeros(1)})
 
 
@@ -475,7 +475,7 @@ def test_workers_adapting_one_model_at_once_do_not_share_its_module():
 
     torch.manual_seed(0)
     learner = MetaLearner(MLP(1, [40, 40], 1), MetaConfig("maml", task_type="regression", inner_steps=20, inner_lr=0.02))
-    model = SimpleNamespace(name="sine", learner=learner, device="cpu", support_shift=0, task_type="regression", n_way=None)
+    model = SimpleNamespace(name="sine", learner=learner, device="cpu", support_shift=0, task_type="regression", n_way=None, derived={})
     original = {n: p.detach().clone() for n, p in learner.named_parameters()}
     generator = torch.Generator().manual_seed(1)
     tasks = []
@@ -805,7 +805,7 @@ def test_a_lone_session_predict_computes_on_the_event_loop_when_the_workers_idle
         assert predict(query, transductive=True)[1] != here  # measured apart: its own first
         assert predict(query, transductive=True)[1] == here
 
-        per_image = model._engine_lone_predict_s[False]
+        per_image = model.derived["lone_predict_s"][False]
         engine.inline_predict_s = per_image * len(query) / 2  # half the images fit the budget
         assert predict(query)[1] != here
         engine.inline_predict_s = 1.0
@@ -950,3 +950,36 @@ def test_redis_addresses_in_messages_lose_their_passwords():
     assert _redact("redis://user:s3cret@redis:6379/0") == "redis://user:***@redis:6379/0"
     assert _redact("redis://redis:6379/0?password=s3cret&socket_timeout=2") == "redis://redis:6379/0?***"
     assert _redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+def test_a_model_with_learned_learning_rates_adapts_with_them_and_says_so(tmp_path):
+    """Meta-SGD: a request without inner_lr adapts with the learned rates and its answer says null (not the
+    manifest's initial lr, which it did not use); one with inner_lr uses and echoes it."""
+    from metalearn import MLP, MetaConfig, MetaLearner, adapt, predict
+    from metalearn.checkpoint import save_checkpoint
+    from service.app import create_app
+    from test_service_helpers import sine_tasks
+
+    torch.manual_seed(0)
+    learner = MetaLearner(MLP(1, (8,), 1), MetaConfig("metasgd", task_type="regression", inner_steps=2, inner_lr=0.01))
+    with torch.no_grad():  # learned rates far from the initial 0.01, so that using either is visible
+        for rate in learner.lrs.values():
+            rate.uniform_(0.05, 0.2)
+    save_checkpoint(tmp_path / "msgd.safetensors", learner, input_shape=(1,))
+    tasks = sine_tasks(tasks=1)
+    sx, sy, qx = tasks.support_x[0], tasks.support_y[0], tasks.query_x[0]
+    with TestClient(create_app(Settings(model_dir=str(tmp_path), device="cpu"))) as client:
+        info = client.get("/v1/models/msgd").json()
+        assert info["learned_lrs"] is True and info["inner_lr"] == pytest.approx(0.01)
+        body = {"support": {"x": sx.tolist(), "y": sy.squeeze(-1).tolist()}, "query": {"x": qx.tolist()}}
+        learned = client.post("/v1/models/msgd/predict", json=body).json()
+        fixed = client.post("/v1/models/msgd/predict", json={**body, "inner_lr": 0.01}).json()
+        adapted = client.post("/v1/models/msgd/adapt", json={"support": body["support"]})
+    assert learned.get("inner_lr") is None and fixed["inner_lr"] == 0.01
+    assert adapted.status_code == 201 and adapted.json()["inner_lr"] is None
+    with torch.no_grad():
+        want_learned = predict(learner, adapt(learner, sx, sy, steps=2), qx).squeeze(-1)
+        want_fixed = predict(learner, adapt(learner, sx, sy, steps=2, lr=0.01), qx).squeeze(-1)
+    torch.testing.assert_close(torch.tensor(learned["predictions"]), want_learned, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(fixed["predictions"]), want_fixed, rtol=1e-4, atol=1e-5)
+    assert (want_learned - want_fixed).abs().max() > 1e-3

@@ -56,6 +56,23 @@ def test_defaults_exist_for_every_algorithm(task):
     assert default_config("sinusoid", "reptile").inner_steps > 1
 
 
+def test_a_train_config_carries_every_meta_config_field_with_its_default():
+    """TrainConfig.meta_config reads MetaConfig's fields by name: each must be there, defaulting alike, and
+    a setting given to the trainer reaches the learner."""
+    import dataclasses
+
+    from metalearn.learner import MetaConfig
+
+    train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for meta_field in dataclasses.fields(MetaConfig):
+        if meta_field.name != "task_type":
+            assert meta_field.name in train_fields, meta_field.name
+            assert train_fields[meta_field.name].default == meta_field.default, meta_field.name
+    config = TrainConfig(algorithm="anil", inner_steps=4, grad_clip=2.0, head_init="prototypes", learn_step_lrs=True)
+    meta = config.meta_config("classification")
+    assert (meta.algorithm, meta.inner_steps, meta.grad_clip, meta.head_init, meta.learn_step_lrs) == ("anil", 4, 2.0, "prototypes", True)
+
+
 def test_ready_configs_load_and_validate():
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
     for required in ["omniglot-5way", "omniglot-20way", "omniglot-20way-best"] + [f"sinusoid-{a}" for a in ALGORITHMS]:
@@ -127,6 +144,14 @@ def test_resume_refuses_changed_settings(tmp_path):
     Trainer(tiny_sine(out, iterations=10)).run()
     with pytest.raises(ValueError, match="cannot change 'inner_lr'"):
         Trainer(TrainConfig(out=str(out)), resume=True, resume_overrides={"inner_lr": 0.5})
+    # An unknown or mistyped setting is refused as without --resume (it was an AttributeError), and the
+    # same value given again (here as a YAML-style string) is no change.
+    with pytest.raises(ValueError, match="unknown setting.*nosuch"):
+        Trainer(TrainConfig(out=str(out)), resume=True, resume_overrides={"nosuch": 1})
+    with pytest.raises(ValueError, match="iterations must be an integer"):
+        Trainer(TrainConfig(out=str(out)), resume=True, resume_overrides={"iterations": "many"})
+    same_lr = Trainer(TrainConfig(out=str(out)), resume=True, resume_overrides={"inner_lr": str(tiny_sine(out).inner_lr)})
+    assert same_lr.config.inner_lr == tiny_sine(out).inner_lr
     with pytest.raises(FileNotFoundError):
         Trainer(TrainConfig(out=str(tmp_path / "none")), resume=True)
     # More iterations is allowed, and continues from where it stopped.

@@ -58,11 +58,18 @@ def get_model(request: Request, name: str):
     return model
 
 
-def check_inner(settings, steps: int | None, lr: float | None, model) -> tuple[int, float]:
+def check_inner(settings, steps: int | None, lr: float | None, model) -> tuple[int, float | None]:
+    """The request's inner steps and learning rate, else the model's; the lr is None when the request sets
+    none and the model learned its own (Meta-SGD, per-step rates): the engine then adapts with those."""
     steps = model.inner_steps if steps is None else steps
-    lr = model.inner_lr if lr is None else lr
+    if lr is None and model.learner.learned_lrs:
+        lr = None
+    elif lr is None:
+        lr = model.inner_lr
     if steps < 0 or steps > settings.max_inner_steps:
         raise Problem(422, "Invalid inner_steps", f"inner_steps must be in [0, {settings.max_inner_steps}], got {steps}")
+    if lr is None:
+        return int(steps), None
     if not isinstance(lr, (int, float)) or not math.isfinite(lr) or not (settings.min_inner_lr <= lr <= settings.max_inner_lr):
         raise Problem(422, "Invalid inner_lr", f"inner_lr must be in [{settings.min_inner_lr:g}, {settings.max_inner_lr:g}], got {lr}")
     return int(steps), float(lr)

@@ -50,14 +50,6 @@ def decode_support(model, support, settings):
     return x, y
 
 
-def engine_lr(model, requested: float | None, resolved: float) -> float | None:
-    """The lr the engine passes on: None keeps a learned learning rate (Meta-SGD, MAML++) when the request sets none."""
-    cfg = model.learner.config
-    if requested is None and (cfg.algorithm == "metasgd" or cfg.learn_step_lrs):
-        return None
-    return resolved
-
-
 def check_finite(result: dict, adapted: bool = True) -> dict:
     """A diverged adaptation (non-finite parameters or outputs) is the request's fault (its settings, or
     its inputs): 422, not a 500. ``adapted``: whether this request adapted (a session predict did not)."""
@@ -105,7 +97,7 @@ async def adapt_model(request: Request, response: Response, name: str, body: Ada
         raise Problem(422, "Invalid ttl_s", f"ttl_s must be in [1, {settings.max_session_ttl_s}], got {ttl}")
     x, y = await decode_off_the_loop(request, (body.support.x,), decode_support, model, body.support, settings)
     started = time.perf_counter()
-    job = Job("adapt", model, support_x=x, support_y=y, steps=steps, lr=engine_lr(model, body.inner_lr, lr), keep_session=True)
+    job = Job("adapt", model, support_x=x, support_y=y, steps=steps, lr=lr, keep_session=True)
     result = check_finite(await compute_unless_client_gone(request, state.engine, job))
     state.metrics.adaptation.labels(model.name).observe(time.perf_counter() - started)
     created = time.time()
@@ -160,7 +152,7 @@ async def predict_stateless(request: Request, name: str, body: PredictRequest = 
 
     sx, sy, qx = await decode_off_the_loop(request, (body.support.x, body.query.x), decode)
     started = time.perf_counter()
-    job = Job("adapt", model, support_x=sx, support_y=sy, steps=steps, lr=engine_lr(model, body.inner_lr, lr), query_x=qx, transductive=body.transductive, keep_session=False)
+    job = Job("adapt", model, support_x=sx, support_y=sy, steps=steps, lr=lr, query_x=qx, transductive=body.transductive, keep_session=False)
     result = check_finite(await compute_unless_client_gone(request, state.engine, job))
     state.metrics.adaptation.labels(model.name).observe(time.perf_counter() - started)
     return PredictResponse(
