@@ -569,6 +569,20 @@ class _StopRequest:
 # ----------------------------------------------------------------------
 
 
+class _Window:
+    """Sums over the meta-steps since the last metrics line (their means are the line)."""
+
+    def __init__(self) -> None:
+        self.loss = self.accuracy = 0.0
+        self.count = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: float, accuracy: float) -> None:
+        self.loss += loss
+        self.accuracy += accuracy
+        self.count += 1
+
+
 class Trainer:
     """Runs (or resumes) one meta-training run; see the module docstring."""
 
@@ -800,7 +814,7 @@ class Trainer:
             bar = tqdm(total=c.iterations, initial=self.iteration, desc=f"{c.algorithm} {Path(c.task).stem}",
                        dynamic_ncols=True, file=sys.stderr, unit="it")
         interrupted = False
-        window = {"loss": 0.0, "accuracy": 0.0, "count": 0, "start": time.perf_counter()}
+        window = _Window()
         started = time.perf_counter() - self.elapsed
         if main and self.iteration == 0 and not (self.out / METRICS).exists():
             (self.out / METRICS).touch()
@@ -824,27 +838,11 @@ class Trainer:
                     raise TrainingDiverged(self._diverged(i + 1, loss))
                 self.iteration = i + 1
                 self.elapsed = time.perf_counter() - started
-                window["loss"] += loss
-                window["accuracy"] += accuracy
-                window["count"] += 1
+                window.add(loss, accuracy)
                 done = self.iteration == c.iterations
                 if main and (self.iteration % c.log_interval == 0 or done or stop_any):
-                    seconds = time.perf_counter() - window["start"]
-                    n = window["count"]
-                    record = {"kind": "train", "iteration": self.iteration, "loss": window["loss"] / n,
-                              "lr": lr, "steps_per_s": n / max(seconds, 1e-9), "elapsed": round(self.elapsed, 3)}
-                    if self.task_type == "classification":
-                        record["accuracy"] = window["accuracy"] / n
-                    self._log(record)
-                    if bar is not None:
-                        postfix = {"loss": f"{record['loss']:.4f}"}
-                        if "accuracy" in record:
-                            postfix["acc"] = f"{record['accuracy']:.3f}"
-                        postfix["steps/s"] = f"{record['steps_per_s']:.2f}"
-                        if self.last_val:
-                            postfix["val"] = f"{self.last_val['mean']:.4f}"
-                        bar.set_postfix(postfix, refresh=False)
-                    window = {"loss": 0.0, "accuracy": 0.0, "count": 0, "start": time.perf_counter()}
+                    self._log_train(window, lr, bar)
+                    window = _Window()
                 if bar is not None:
                     bar.update(1)
                 if stop_any:
@@ -876,6 +874,22 @@ class Trainer:
         if main:
             self._plot()
         return summary
+
+    def _log_train(self, window: "_Window", lr: float, bar) -> None:
+        """One line of metrics.jsonl for the steps since the last one, and the progress bar's figures."""
+        record = {"kind": "train", "iteration": self.iteration, "loss": window.loss / window.count, "lr": lr,
+                  "steps_per_s": window.count / max(time.perf_counter() - window.start, 1e-9), "elapsed": round(self.elapsed, 3)}
+        if self.task_type == "classification":
+            record["accuracy"] = window.accuracy / window.count
+        self._log(record)
+        if bar is not None:
+            postfix = {"loss": f"{record['loss']:.4f}"}
+            if "accuracy" in record:
+                postfix["acc"] = f"{record['accuracy']:.3f}"
+            postfix["steps/s"] = f"{record['steps_per_s']:.2f}"
+            if self.last_val:
+                postfix["val"] = f"{self.last_val['mean']:.4f}"
+            bar.set_postfix(postfix, refresh=False)
 
     def _diverged(self, iteration: int, loss: float) -> str:
         c = self.config

@@ -137,8 +137,8 @@ def _on_signal(signum: int, callback) -> bool:
     return True
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings.from_environment()
+def _lifespan(settings: Settings):
+    """What the app does at start (load the models, start the engine) and at shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -182,40 +182,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             except Exception:  # noqa: BLE001
                 log.exception("closing the session store failed")
 
-    app = FastAPI(
-        title="metalearn adaptation service",
-        version=metalearn.__version__,
-        description=DESCRIPTION,
-        docs_url=None,
-        redoc_url=None,
-        lifespan=lifespan,
-        generate_unique_id_function=lambda route: route.name,  # operationIds a generated client reads well: adapt_model, predict_session, ...
-    )
-    app.state.settings = settings
-    app.state.owners = settings.owner_hashes()
-    app.state.registry = ModelRegistry()
-    app.state.device = "cpu"
-    app.state.drains = False  # metalearn serve's server sets it: it answers SIGTERM with METALEARN_DRAIN_S's drain
-    app.state.reload_lock = asyncio.Lock()
-    app.state.reloads = set()  # reloads running in the background (the loop keeps only weak references to tasks)
-    app.state.metrics = metrics.ServiceMetrics(app.state)
-    app.state.store = create_store(settings)
-    app.state.engine = Engine(
-        max_batch_size=settings.resolved_max_batch_size(),
-        max_wait_ms=settings.max_wait_ms,
-        queue_size=settings.queue_size,
-        request_timeout_s=settings.request_timeout_s,
-        threads=settings.resolved_threads(),
-        workers=settings.resolved_workers(),
-        metrics=app.state.metrics,
-        cuda_graphs=settings.cuda_graphs,
-        cpu_traces=settings.cpu_traces,
-        cpu_scripts=settings.cpu_scripts,
-        worker_cpus=settings.resolved_worker_cpus(),
-        inline_predict_ms=settings.inline_predict_ms,
-    )
+    return lifespan
 
-    problems.install(app)
+
+def _install_service_errors(app: FastAPI) -> None:
+    """The engine's and the session store's refusals as 503 problems, with Retry-After and metrics."""
 
     @app.exception_handler(QueueFull)
     async def _queue_full(request: Request, exc: QueueFull):
@@ -251,12 +222,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("%s: %s", said, exc)
         return problem_response(Problem(503, "Session store unavailable", detail, headers={"Retry-After": "5"}), request.url.path)
 
-    # Routes match in this order: the /v1 ones, the busiest, first.
-    app.include_router(sessions.router)
-    app.include_router(models.router)
-    app.include_router(health.router)
-    app.include_router(metrics.router)
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+def _install_docs(app: FastAPI) -> None:
+    """/docs and /redoc from the assets under /static: they work with no internet."""
 
     @app.get("/docs", include_in_schema=False)
     def swagger_ui() -> HTMLResponse:
@@ -280,6 +248,56 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with_google_fonts=False,
         )
 
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The service, configured by ``settings`` (default: the METALEARN_* environment). Its models load when
+    it starts (the lifespan), not here: creating it reads nothing from the model directory."""
+    settings = settings or Settings.from_environment()
+
+    app = FastAPI(
+        title="metalearn adaptation service",
+        version=metalearn.__version__,
+        description=DESCRIPTION,
+        docs_url=None,
+        redoc_url=None,
+        lifespan=_lifespan(settings),
+        generate_unique_id_function=lambda route: route.name,  # operationIds a generated client reads well: adapt_model, predict_session, ...
+    )
+    app.state.settings = settings
+    app.state.owners = settings.owner_hashes()
+    app.state.registry = ModelRegistry()
+    app.state.device = "cpu"
+    app.state.drains = False  # metalearn serve's server sets it: it answers SIGTERM with METALEARN_DRAIN_S's drain
+    app.state.reload_lock = asyncio.Lock()
+    app.state.reloads = set()  # reloads running in the background (the loop keeps only weak references to tasks)
+    app.state.metrics = metrics.ServiceMetrics(app.state)
+    app.state.store = create_store(settings)
+    app.state.engine = Engine(
+        max_batch_size=settings.resolved_max_batch_size(),
+        max_wait_ms=settings.max_wait_ms,
+        queue_size=settings.queue_size,
+        request_timeout_s=settings.request_timeout_s,
+        threads=settings.resolved_threads(),
+        workers=settings.resolved_workers(),
+        metrics=app.state.metrics,
+        cuda_graphs=settings.cuda_graphs,
+        cpu_traces=settings.cpu_traces,
+        cpu_scripts=settings.cpu_scripts,
+        worker_cpus=settings.resolved_worker_cpus(),
+        inline_predict_ms=settings.inline_predict_ms,
+    )
+
+    problems.install(app)
+    _install_service_errors(app)
+
+    # Routes match in this order: the /v1 ones, the busiest, first.
+    app.include_router(sessions.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    app.include_router(metrics.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    _install_docs(app)
     install_openapi(app)
     # Each added one wraps the ones before: metrics see every answer, including 413s from the size
     # limit, and every answer carries its request id.
