@@ -265,12 +265,17 @@ def held_out_as_recorded(source, split: str, recorded: list[str], same_task: boo
 
 def eval_settings(manifest: dict, args: argparse.Namespace) -> tuple[Any, dict]:
     """The held-out task source and the evaluate() arguments for a checkpoint and the eval flags."""
-    from metalearn.evaluate import EVAL_SEED
-    from metalearn.adaptation import check_support_shift
-    from metalearn.train import PICTURE_SETTINGS, TrainConfig, check_ways, load_source, task_kind
+    config, same_task = _eval_config(manifest, args)
+    source = _heldout_source(config, manifest, args, same_task)
+    return source, _evaluate_kwargs(config, manifest, args, source)
 
-    training = manifest.get("training") or {}
-    saved = training.get("config")
+
+def _eval_config(manifest: dict, args: argparse.Namespace) -> tuple[Any, bool]:
+    """The training config the checkpoint records, with eval's task and task shape (ways, shots, queries);
+    and whether the task is the one it was trained on."""
+    from metalearn.train import PICTURE_SETTINGS, TrainConfig, check_ways
+
+    saved = (manifest.get("training") or {}).get("config")
     config = TrainConfig()
     if saved:
         config.update({k: v for k, v in saved.items() if k in {f for f in TrainConfig.__dataclass_fields__}})
@@ -283,21 +288,28 @@ def eval_settings(manifest: dict, args: argparse.Namespace) -> tuple[Any, dict]:
         if str(args.task).lower().endswith(".npz"):  # pictures' settings of the training data do not apply to it
             for name in PICTURE_SETTINGS:
                 setattr(config, name, getattr(TrainConfig, name))
-    classification = manifest.get("task_type") == "classification"
     n_way = manifest.get("n_way")
     ways = args.ways or config.val_ways or n_way or config.ways
-    if classification and n_way and ways > n_way:
-        raise UsageError(f"metalearn eval: --ways {ways} is more than the {n_way} classes the model was trained to tell apart (its n_way)")
-    if classification:
+    if manifest.get("task_type") == "classification":
+        if n_way and ways > n_way:
+            raise UsageError(f"metalearn eval: --ways {ways} is more than the {n_way} classes the model was trained to tell apart (its n_way)")
         try:
             check_ways(ways, "--ways")
         except ValueError as error:
             raise UsageError(f"metalearn eval: {error}") from None
-    shots = args.shots or config.val_shots or config.shots
-    queries = args.queries or (config.val_queries if same_task else None) or config.queries
-    config.ways, config.shots, config.queries = ways, shots, queries
+    config.ways = ways
+    config.shots = args.shots or config.val_shots or config.shots
+    config.queries = args.queries or (config.val_queries if same_task else None) or config.queries
     if not same_task:
         config.rotations = False
+    return config, same_task
+
+
+def _heldout_source(config, manifest: dict, args: argparse.Namespace, same_task: bool):
+    """The task source to evaluate on: the classes training held out (as it recorded them), or all of
+    another task's; refused if it does not fit the model."""
+    from metalearn.train import load_source, task_kind
+
     try:
         source = load_source(config)
     except (ValueError, FileNotFoundError) as error:
@@ -315,20 +327,26 @@ def eval_settings(manifest: dict, args: argparse.Namespace) -> tuple[Any, dict]:
             f"metalearn eval: task inputs have shape {list(source.input_shape)}, the model expects "
             f"{manifest.get('input_shape')}"
         )
-    recorded = ((training.get("data") or {}).get("classes") or {})
+    recorded = (((manifest.get("training") or {}).get("data") or {}).get("classes") or {})
     # Other data (another path, a zip) holding the recorded held-out classes is held out as they were;
     # data without them (a transfer test) is evaluated whole, as before.
     held_out_there = "val" in recorded and bool(set(recorded["val"]) & set(getattr(source, "base_class_names", [])))
     split = args.split or ("val" if (same_task or held_out_there) and config.val_fraction > 0 else "all")
     if split in recorded:
-        source = held_out_as_recorded(source, split, recorded[split], same_task)
-    else:
-        source = source.split(split)
+        return held_out_as_recorded(source, split, recorded[split], same_task)
+    return source.split(split)
+
+
+def _evaluate_kwargs(config, manifest: dict, args: argparse.Namespace, source) -> dict:
+    """evaluate()'s arguments: eval's flags, else what the checkpoint records for test time."""
+    from metalearn.adaptation import check_support_shift
+    from metalearn.evaluate import EVAL_SEED
+
     inner = manifest.get("inner") or {}
     kwargs = dict(
         episodes=args.episodes,
-        shots=shots,
-        queries=queries,
+        shots=config.shots,
+        queries=config.queries,
         inner_steps=args.inner_steps if args.inner_steps is not None else inner.get("steps"),
         inner_lr=args.inner_lr if args.inner_lr is not None else config.eval_inner_lr,
         transductive=args.transductive,
@@ -339,18 +357,18 @@ def eval_settings(manifest: dict, args: argparse.Namespace) -> tuple[Any, dict]:
         check_support_shift(kwargs["support_shift"], source.input_shape)
     except ValueError as error:
         raise UsageError(f"metalearn eval: {error}") from None
-    if classification:
-        kwargs["ways"] = ways
+    if manifest.get("task_type") == "classification":
+        kwargs["ways"] = config.ways
         within = config.val_within_group if args.within_group is None else args.within_group
         if within:
             try:
-                source.sample(1, None, ways=ways, shots=shots, queries=queries, within_group=True)
+                source.sample(1, None, ways=config.ways, shots=config.shots, queries=config.queries, within_group=True)
             except ValueError as error:
                 if args.within_group:
                     raise UsageError(f"metalearn eval: --within-group: {error}") from None
                 within = False
         kwargs["within_group"] = within
-    return source, kwargs
+    return kwargs
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -32,6 +32,16 @@ loop talks to::
         batch = source.sample(32, generator, ways=5, shots=1, queries=15)
         result = learner.meta_step(batch, optimizer, iteration=iteration)
         print(result.loss, result.accuracy)
+
+A new variant touches these places, in this order: its name in ``ALGORITHMS``
+and the table above; what it changes in ``MetaConfig.__post_init__`` (defaults,
+refused combinations), ``MetaLearner.__init__`` (parameters it learns besides
+the model's: ``lrs``, ``task_encoder``), ``step_lr`` (its learning rate) and
+``task_gradient_fn`` (how the outer gradient is formed); a config
+``metalearn/configs/sinusoid-NAME.yaml`` (and, if it needs them, defaults in
+``metalearn.train``'s per-task tables); its meta-gradient checked against an
+independent computation in ``tests/``. The service serves it through the
+generic path; ``service.fastpath`` takes only the variants it names.
 """
 
 from __future__ import annotations
