@@ -35,7 +35,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 import metalearn
-from metalearn.learner import MetaConfig, MetaLearner
+from metalearn.learner import MetaConfig, MetaLearner, as_recorded
 from metalearn.models import build_model
 
 FORMAT_VERSION = 1
@@ -229,7 +229,7 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def _build(path: Path, manifest: dict) -> MetaLearner:
     try:
-        config = MetaConfig(**manifest["meta_config"])
+        config = MetaConfig(**as_recorded(manifest["meta_config"]))
         return MetaLearner(build_model(manifest["model_spec"]), config)
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: incompatible manifest ({error})") from None
@@ -259,7 +259,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     # for hidden layers of 10^5 units) is refused before anything is allocated.
     try:
         with torch.device("meta"):
-            shapes = MetaLearner(build_model(manifest["model_spec"]), MetaConfig(**manifest["meta_config"])).state_dict()
+            shapes = MetaLearner(build_model(manifest["model_spec"]), MetaConfig(**as_recorded(manifest["meta_config"]))).state_dict()
     except Exception:  # noqa: BLE001 - a bad manifest is reported by the real build below; a registered
         shapes = None  # constructor that cannot run on the meta device is compared once built
     if shapes is not None:

@@ -67,6 +67,15 @@ HEAD_INITS = ("learned", "prototypes")
 Params = dict[str, torch.Tensor]
 
 
+def as_recorded(values: dict) -> dict:
+    """MetaConfig's fields as a checkpoint or a run recorded them, made acceptable to this release. Earlier
+    releases took ``learn_step_lrs`` with metasgd and ignored it (its learned rates were per element, as they
+    are now): such a config, refused when made now, still loads and resumes, as the plain metasgd it was."""
+    if values.get("algorithm") == "metasgd" and values.get("learn_step_lrs"):
+        return {**values, "learn_step_lrs": False}
+    return values
+
+
 @dataclass
 class MetaConfig:
     """Everything that defines a meta-learning algorithm (not the optimiser).

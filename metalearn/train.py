@@ -45,7 +45,7 @@ from metalearn.adaptation import check_support_shift
 from metalearn.allocator import keep_freed_memory
 from metalearn.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
 from metalearn.evaluate import VALIDATION_SEED, EvalResult, better, evaluate
-from metalearn.learner import ALGORITHMS, MetaConfig, MetaLearner
+from metalearn.learner import ALGORITHMS, MetaConfig, MetaLearner, as_recorded
 from metalearn.models import architecture, build_model
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -647,7 +647,7 @@ class Trainer:
             raise FileNotFoundError(f"--resume: {path} does not exist (nothing to resume)")
         from metalearn.checkpoint import read_manifest
 
-        saved = TrainConfig().update(read_manifest(path).get("training", {}).get("config", {}), where=str(path))
+        saved = TrainConfig().update(as_recorded(read_manifest(path).get("training", {}).get("config", {})), where=str(path))
         # Through update: an unknown or mistyped setting is refused as it is without --resume.
         changes = {key: value for key, value in overrides.items() if value is not None and key != "resume"}
         resumed = dataclasses.replace(saved).update(changes, where="--resume")

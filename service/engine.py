@@ -517,7 +517,7 @@ class Engine:
 
     def _strategy(self, model) -> str:
         if "strategy" not in model.derived:
-            model.derived["strategy"] = choose_strategy(model.learner, model.device, training=False)
+            model.derived.setdefault("strategy", choose_strategy(model.learner, model.device, training=False))
         return model.derived["strategy"]
 
     def _fast(self, model):
@@ -529,7 +529,8 @@ class Engine:
         if "fast" not in model.derived:
             from service import fastpath
 
-            model.derived["fast"] = fastpath.fast_kernel(model.learner)
+            # (setdefault: two workers building it at once all use the first one's)
+            model.derived.setdefault("fast", fastpath.fast_kernel(model.learner))
         return model.derived["fast"]
 
     def _learner(self, model):

@@ -160,6 +160,25 @@ def test_resume_refuses_changed_settings(tmp_path):
     assert trainer.run()["iterations"] == 15
 
 
+
+def test_an_earlier_releases_metasgd_run_with_learn_step_lrs_still_loads_and_resumes(tmp_path):
+    """Earlier releases took metasgd with learn_step_lrs and ignored it; refused for new configs now, such a
+    run's checkpoints still load (as the plain metasgd they were, same outputs) and the run resumes."""
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_sine(out, algorithm="metasgd", iterations=10))
+    trainer.config.learn_step_lrs = trainer.learner.config.learn_step_lrs = True  # as the earlier release recorded it
+    trainer.run()
+    assert read_manifest(out / "last.safetensors")["meta_config"]["learn_step_lrs"] is True
+    loaded = load_checkpoint(out / "last.safetensors").learner
+    assert loaded.config.learn_step_lrs is False
+    x = torch.linspace(-5, 5, 7).unsqueeze(1)
+    torch.testing.assert_close(loaded.model(x), trainer.learner.model(x))
+    for name, rate in trainer.learner.lrs.items():
+        torch.testing.assert_close(loaded.lrs[name], rate)  # per element, as before
+    resumed = Trainer(TrainConfig(out=str(out)), resume=True, resume_overrides={"iterations": 12})
+    assert resumed.run()["iterations"] == 12
+
+
 ITERATIONS = 150
 
 

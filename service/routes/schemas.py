@@ -70,7 +70,7 @@ class AdaptResponse(BaseModel):
     expires_at: str = Field(..., description="ISO 8601, UTC")
     ttl_s: int
     inner_steps: int
-    inner_lr: Optional[float] = Field(None, description="The inner learning rate adaptation used; null: the model's learned rates (learned_lrs).")
+    inner_lr: Optional[float] = Field(..., description="The inner learning rate adaptation used; null: the model's learned rates (learned_lrs).")
     support_loss_before: float
     support_loss_after: float
     adaptation_ms: float
@@ -85,7 +85,7 @@ class PredictResponse(BaseModel):
     support_loss_before: Optional[float] = None
     support_loss_after: Optional[float] = None
     inner_steps: Optional[int] = None
-    inner_lr: Optional[float] = Field(None, description="The inner learning rate adaptation used; null: the model's learned rates (learned_lrs).")
+    inner_lr: Optional[float] = Field(None, description="Stateless predictions: the inner learning rate adaptation used; absent with the model's learned rates (learned_lrs).")
     session_id: Optional[str] = None
     timing: Timing
 
@@ -111,8 +111,8 @@ class ModelInfo(BaseModel):
     n_way: Optional[int] = Field(..., description="Classification: the number of classes; labels are in [0, n_way) and every class needs a support example.")
     output_size: int = Field(..., description="Outputs per input: n_way for classification, the target size for regression.")
     inner_steps: int = Field(..., description="Default inner steps.")
-    inner_lr: float = Field(..., description="Default inner learning rate (with learned_lrs: the one a request's inner_lr is bounded by, not used by default).")
-    learned_lrs: bool = Field(False, description="Whether the model meta-learned its inner learning rates (Meta-SGD: per parameter element; MAML++: per step): a request without inner_lr adapts with them.")
+    inner_lr: float = Field(..., description="Default inner learning rate (with learned_lrs: the rate training started from, used only where a request sets inner_lr).")
+    learned_lrs: bool = Field(..., description="Whether the model meta-learned its inner learning rates (Meta-SGD: per parameter element; MAML++: per step): a request without inner_lr adapts with them.")
     support_shift: int = Field(0, description="> 0: adaptation also sees each support image shifted by this many pixels (4 more views).")
     adapted_parameters: list[str] = Field(..., description="The parameters adaptation changes (what a session stores).")
     accepts_images: bool = Field(..., description="Whether x may be {images: [...]}, preprocessed as the training data was.")
