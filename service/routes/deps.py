@@ -62,9 +62,7 @@ def check_inner(settings, steps: int | None, lr: float | None, model) -> tuple[i
     """The request's inner steps and learning rate, else the model's; the lr is None when the request sets
     none and the model learned its own (Meta-SGD, per-step rates): the engine then adapts with those."""
     steps = model.inner_steps if steps is None else steps
-    if lr is None and model.learner.learned_lrs:
-        lr = None
-    elif lr is None:
+    if lr is None and not model.learner.learned_lrs:
         lr = model.inner_lr
     if steps < 0 or steps > settings.max_inner_steps:
         raise Problem(422, "Invalid inner_steps", f"inner_steps must be in [0, {settings.max_inner_steps}], got {steps}")
