@@ -27,6 +27,14 @@ jitter), and so is a connection that could not be opened (nothing was sent).
 A session lives on the service: keep its ``id`` (and model) and reattach with
 ``client.session(session_id, model)``.
 
+A query set the service refuses as too large (more than its ``max_query``
+examples, a body over its byte or value limits) is sent again in parts that
+fit (the limits read from ``GET /v1/models``), and the answers are joined in
+order: every query's prediction depends on it alone. Not with
+``transductive=True`` (statistics of the whole query batch: the refusal is
+raised), nor for ``x`` already encoded as a dict. A stateless ``predict`` in
+parts adapts once per part: for many queries, adapt a session.
+
 In an asyncio application (a FastAPI or aiohttp backend, say), :class:`AsyncClient`
 has the same calls, awaited, so that waiting for the service never blocks the event loop:
 
@@ -43,12 +51,13 @@ import base64
 import email.utils
 import io
 import itertools
+import json
 import os
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import quote
 
 import httpx
@@ -151,6 +160,16 @@ def _pictures(x: Any) -> bool:
     return isinstance(x[0], (bytes, bytearray, memoryview, str, os.PathLike)) or _is_pil(x[0])
 
 
+# The refusals a query set too large for one request gets (see _Calls._query_parts).
+_SIZE_PROBLEMS = ("too-many-examples", "request-body-too-large")
+
+
+def _body_measures(body: str) -> tuple[int, int, int]:
+    """What the service's size limits count in a JSON body: bytes (as ``json.dumps`` writes them, with spaces: at
+    least what httpx sends), comma-separated values, lists."""
+    return len(body.encode()), body.count(",") + 1, body.count("[")
+
+
 def _seconds(retry_after: str | None, default: float) -> float:
     """A ``Retry-After`` value (seconds, or an HTTP date) as seconds from now; ``default`` when absent or unreadable."""
     try:
@@ -166,7 +185,8 @@ def _seconds(retry_after: str | None, default: float) -> float:
 @dataclass
 class Prediction:
     """``predictions``: class indices ``[N]`` for classification, values ``[N]`` (one output) or ``[N, outputs]``
-    for regression; ``probabilities`` ``[N, n_way]`` (classification); ``raw``: the whole answer (losses, timing)."""
+    for regression; ``probabilities`` ``[N, n_way]`` (classification); ``raw``: the whole answer (losses, timing; for
+    a query set sent in parts, the first part's answer with every part's predictions, and ``requests``: how many)."""
 
     predictions: np.ndarray
     probabilities: np.ndarray | None
@@ -298,6 +318,53 @@ class _Calls:
             raw=body,
         )
 
+    @staticmethod
+    def _splittable(error: ServiceError, x: Any, transductive: bool) -> bool:
+        """Whether a prediction refused for its size may be sent again in parts: the service counted too many
+        examples or too large a body, and each query's prediction is its own (not ``transductive``, whose
+        statistics come from the whole query batch), and ``x`` is not already encoded."""
+        return error.code in _SIZE_PROBLEMS and not transductive and not isinstance(x, dict)
+
+    def _query_parts(self, x: Any, limits: dict, body_for: Callable[[Any], dict]) -> list | None:
+        """``x`` cut, in order, into parts whose requests (``body_for(part)``) fit the service's ``limits``: at
+        most ``max_query`` examples, ``max_body_bytes``, ``max_list_values`` comma-separated values and a
+        sixteenth of that in lists, counted on each example's own encoding (pictures differ in size) and on
+        the rest of the body (a stateless prediction's support set). None when no cut helps: one example
+        alone is too large, or ``x`` fits whole (the refusal was about something else, the support set say)."""
+        pictures = _pictures(x)
+        examples = list(x) if pictures else _as_numpy(x)
+        if len(examples) == 0:
+            return None
+        alone = [_body_measures(json.dumps(self._x(examples[i : i + 1]))) for i in range(len(examples))]
+        empty = _body_measures(json.dumps(encode_images([]) if pictures else self._x(examples[:0])))
+        rest = [whole - own for whole, own in zip(_body_measures(json.dumps(body_for(examples[:1]))), alone[0])]
+        # an example's share of a part's encoding, and its separator (", ": 2 bytes, a value)
+        shares = [[own - none + separator for own, none, separator in zip(measures, empty, (2, 1, 0))] for measures in alone]
+        room = (limits["max_body_bytes"] - 64, limits["max_list_values"] - 1, limits["max_list_values"] // 16)  # (64: a part's shape digits, base64's padding)
+        nothing = [r + e for r, e in zip(rest, empty)]  # a part's body with no example in it
+        parts, start, used = [], 0, nothing
+        for index, share in enumerate(shares):
+            full = index - start >= limits["max_query"] or any(u + s > r for u, s, r in zip(used, share, room))
+            if full and index > start:
+                parts.append(examples[start:index])
+                start, used = index, nothing
+            used = [u + s for u, s in zip(used, share)]
+            if any(u > r for u, r in zip(used, room)):
+                return None
+        parts.append(examples[start:])
+        return parts if len(parts) > 1 else None
+
+    @staticmethod
+    def _joined(parts: list[Prediction]) -> Prediction:
+        """One :class:`Prediction` from the answers to a query set's parts, in order: ``raw`` is the first
+        answer with every part's predictions and probabilities, and ``requests``: how many were sent."""
+        predictions = np.concatenate([part.predictions for part in parts])
+        probabilities = None if parts[0].probabilities is None else np.concatenate([part.probabilities for part in parts])
+        raw = {**parts[0].raw, "predictions": predictions.tolist(), "requests": len(parts)}
+        if probabilities is not None:
+            raw["probabilities"] = probabilities.tolist()
+        return Prediction(predictions=predictions, probabilities=probabilities, raw=raw)
+
 
 class _SessionHandle:
     def __init__(self, client: "Client | AsyncClient", info: dict):
@@ -328,8 +395,9 @@ class RemoteSession(_SessionHandle):
 
     def predict_full(self, x: Any, transductive: bool = False) -> Prediction:
         """The whole answer for ``x``: predictions, probabilities (classification) and ``raw`` (safer than
-        ``predict`` with one session shared by threads: nothing is kept on the handle)."""
-        return self.client._prediction(self.client._request("POST", self.path + "/predict", self._predict_body(x, transductive)))
+        ``predict`` with one session shared by threads: nothing is kept on the handle). A query set over the
+        service's limits goes in several requests (see :class:`Client`)."""
+        return self.client._predict(self.path + "/predict", lambda part: self._predict_body(part, transductive), x, transductive)
 
     def describe(self) -> dict:
         """The session as the service has it: model, created, expires, size in bytes (a 404 ServiceError once gone)."""
@@ -358,7 +426,7 @@ class AsyncRemoteSession(_SessionHandle):
         return self._keep(await self.predict_full(x, transductive))
 
     async def predict_full(self, x: Any, transductive: bool = False) -> Prediction:
-        return self.client._prediction(await self.client._request("POST", self.path + "/predict", self._predict_body(x, transductive)))
+        return await self.client._predict(self.path + "/predict", lambda part: self._predict_body(part, transductive), x, transductive)
 
     async def describe(self) -> dict:
         return await self.client._request("GET", self.path)
@@ -393,6 +461,17 @@ class Client(_Calls):
                 return value
             time.sleep(wait)
 
+    def _predict(self, path: str, body_for: Callable[[Any], dict], x: Any, transductive: bool) -> Prediction:
+        """One prediction request for the queries ``x``; or, where the service refuses it as too large, one per
+        part of ``x`` that fits its limits (``_query_parts``), the answers joined."""
+        try:
+            return self._prediction(self._request("POST", path, body_for(x)))
+        except ServiceError as error:
+            parts = self._query_parts(x, self.limits(), body_for) if self._splittable(error, x, transductive) else None
+            if parts is None:
+                raise
+        return self._joined([self._prediction(self._request("POST", path, body_for(part))) for part in parts])
+
     def health(self) -> dict:
         """``{"status": "ok"}`` when the service's process answers."""
         return self._request("GET", "/healthz")
@@ -403,7 +482,7 @@ class Client(_Calls):
 
     def limits(self) -> dict:
         """The service's limits: examples per request (``max_support``, ``max_query``), inner steps and learning
-        rate, session lifetime, body and picture sizes. Split larger query sets into several predictions."""
+        rate, session lifetime, body and picture sizes."""
         return self._request("GET", "/v1/models")["limits"]
 
     def model(self, name: str) -> dict:
@@ -423,9 +502,12 @@ class Client(_Calls):
         return RemoteSession(self, {"session_id": session_id, "model": model})
 
     def predict(self, model: str, support_x: Any, support_y: Any, query_x: Any, *, inner_steps: int | None = None, inner_lr: float | None = None, transductive: bool = False) -> Prediction:
-        """Stateless adapt-and-predict: nothing is kept on the service."""
-        body = self._predict_body(support_x, support_y, query_x, inner_steps, inner_lr, transductive)
-        return self._prediction(self._request("POST", self._model_path(model, "predict"), body))
+        """Stateless adapt-and-predict: nothing is kept on the service. A query set over the service's limits
+        goes in several requests, each adapting again: for many queries, adapt a session once."""
+        def body_for(part: Any) -> dict:
+            return self._predict_body(support_x, support_y, part, inner_steps, inner_lr, transductive)
+
+        return self._predict(self._model_path(model, "predict"), body_for, query_x, transductive)
 
     def close(self) -> None:
         self._http.close()
@@ -454,6 +536,15 @@ class AsyncClient(_Calls):
                 return value
             await asyncio.sleep(wait)
 
+    async def _predict(self, path: str, body_for: Callable[[Any], dict], x: Any, transductive: bool) -> Prediction:
+        try:
+            return self._prediction(await self._request("POST", path, body_for(x)))
+        except ServiceError as error:
+            parts = self._query_parts(x, await self.limits(), body_for) if self._splittable(error, x, transductive) else None
+            if parts is None:
+                raise
+        return self._joined([self._prediction(await self._request("POST", path, body_for(part))) for part in parts])
+
     async def health(self) -> dict:
         return await self._request("GET", "/healthz")
 
@@ -474,8 +565,10 @@ class AsyncClient(_Calls):
 
     async def predict(self, model: str, support_x: Any, support_y: Any, query_x: Any, *, inner_steps: int | None = None, inner_lr: float | None = None, transductive: bool = False) -> Prediction:
         """Stateless adapt-and-predict: nothing is kept on the service."""
-        body = self._predict_body(support_x, support_y, query_x, inner_steps, inner_lr, transductive)
-        return self._prediction(await self._request("POST", self._model_path(model, "predict"), body))
+        def body_for(part: Any) -> dict:
+            return self._predict_body(support_x, support_y, part, inner_steps, inner_lr, transductive)
+
+        return await self._predict(self._model_path(model, "predict"), body_for, query_x, transductive)
 
     async def aclose(self) -> None:
         await self._http.aclose()

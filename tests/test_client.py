@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import numpy as np
@@ -262,3 +263,94 @@ def test_client_retry_waits_follow_retry_after_dates_with_jitter():
     assert all(3.5 <= w <= 10.0 for w in waits[50:])  # an HTTP date: about 10 s from now, halved at most
     assert client._retry_wait(httpx.Response(500), 0) is None and client._retry_wait(httpx.Response(503), 3) is None
     client.close()
+
+
+@pytest.fixture(scope="module")
+def limited(served, tmp_path_factory):
+    """The same models behind small limits: 16 queries a request, 40 kB a body (about 8 of the 28x28 images)."""
+    _, model_dir = served
+    proc = ServerProcess(model_dir, tmp_path_factory.mktemp("log") / "limited.log", api_keys="k1", max_query=16, max_body_bytes=40_000)
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+def test_client_sends_a_query_set_over_the_limits_in_parts(served, limited):
+    """Refused whole (413 for its bytes, 422 for its count), a query set goes in parts that fit, and the joined
+    answer is the offline computation's; not with transductive statistics, which need the whole batch."""
+    _, model_dir = served
+    task = image_tasks(tasks=1, queries=3, seed=8)
+    sx, sy, qx = task.support_x[0], task.support_y[0], task.query_x[0]  # 15 images: over 40 kB as base64
+    learner = load_checkpoint(model_dir / "conv_maml.safetensors").learner
+    reference = torch.softmax(predict(learner, adapt(learner, sx, sy), qx), -1).numpy()
+    sine = sine_tasks(tasks=1, queries=40, seed=3)
+    sine_learner = load_checkpoint(model_dir / "sine.safetensors").learner
+    sine_reference = predict(sine_learner, adapt(sine_learner, sine.support_x[0], sine.support_y[0]), sine.query_x[0]).squeeze(1).numpy()
+    with Client(limited.url, api_key="k1") as client:
+        session = client.adapt("conv_maml", sx, sy)
+        with pytest.raises(ServiceError) as whole:
+            client._request("POST", session.path + "/predict", {"x": client._x(qx)})
+        assert whole.value.status == 413
+        answer = session.predict_full(qx)
+        assert answer.raw["requests"] > 1 and answer.predictions.tolist() == reference.argmax(-1).tolist()
+        np.testing.assert_allclose(answer.probabilities, reference, atol=1e-5)
+        assert len(answer.raw["probabilities"]) == 15 and answer.raw["model"] == "conv_maml"
+        stateless = client.predict("conv_maml", sx, sy, qx)  # the support set shares each part's body
+        assert stateless.raw["requests"] > answer.raw["requests"]
+        np.testing.assert_allclose(stateless.probabilities, reference, atol=1e-5)
+        with pytest.raises(ServiceError) as refused:
+            session.predict(qx, transductive=True)
+        assert refused.value.code == "request-body-too-large"
+
+        values = client.adapt("sine", sine.support_x[0], sine.support_y[0]).predict_full(sine.query_x[0])  # 40 > 16
+        assert values.raw["requests"] == 3
+        np.testing.assert_allclose(values.predictions, sine_reference, rtol=1e-5, atol=1e-5)
+
+    async def main():
+        async with AsyncClient(limited.url, api_key="k1") as client:
+            session = await client.adapt("conv_maml", sx, sy)
+            return await session.predict_full(qx), await client.predict("conv_maml", sx, sy, qx)
+
+    for answer in asyncio.run(main()):
+        assert answer.raw["requests"] > 1
+        np.testing.assert_allclose(answer.probabilities, reference, atol=1e-5)
+
+
+def _fits(body: dict, count: int, limits: dict) -> bool:
+    """Whether the service would take ``body`` of ``count`` queries as httpx sends it (compact JSON)."""
+    text = json.dumps(body, separators=(",", ":"))
+    return (count <= limits["max_query"] and len(text.encode()) <= limits["max_body_bytes"] and text.count(",") + 1 <= limits["max_list_values"]
+            and text.count("[") <= limits["max_list_values"] // 16)
+
+
+@pytest.mark.parametrize("encoding, binding, shape", [
+    ("base64", "max_query", (1, 4, 4)), ("base64", "max_body_bytes", (1, 4, 4)), ("json", "max_query", (1, 4, 4)),
+    ("json", "max_body_bytes", (1, 4, 4)), ("json", "max_list_values", (1, 4, 4)),  # (the lists bind: 6 a row of 16 values)
+    ("json", "max_list_values", (64,)),  # (the values bind)
+])
+def test_query_parts_fit_every_limit_and_are_not_much_smaller(encoding, binding, shape):
+    """Each part's request fits every limit the service counts, whichever binds, and holds at least 80% of the
+    most that would fit; pictures of different sizes are cut for the largest."""
+    client = Client("http://service", encoding=encoding)
+    x = np.random.default_rng(0).random((60, *shape))
+    support = (np.zeros((5, *shape)), np.arange(5))
+    limits = {"max_query": 1000, "max_body_bytes": 10**9, "max_list_values": 10**9}
+    limits[binding] = {"max_query": 7, "max_body_bytes": 4000 if encoding == "json" else 1500, "max_list_values": 1024}[binding]
+
+    def body_for(part):
+        return client._predict_body(*support, part, None, None, False)
+
+    assert not _fits(body_for(x), len(x), limits)
+    parts = client._query_parts(x, limits, body_for)
+    np.testing.assert_array_equal(np.concatenate(parts), x)
+    most = max(k for k in range(1, 61) if _fits(body_for(x[:k]), k, limits))
+    assert all(len(part) <= most and _fits(body_for(part), len(part), limits) for part in parts)
+    assert len(parts[0]) >= 0.8 * most and len(parts) > 1
+    assert client._query_parts(x[:len(parts[0])], limits, body_for) is None  # fits whole: the refusal was something else
+
+    pictures = [bytes(range(256)) * n for n in (1, 5, 2, 5, 1, 3, 4, 1, 2, 5)]  # (the client sends bytes as they are)
+    tight = {"max_query": 100, "max_body_bytes": 6000, "max_list_values": 10**9}
+    parts = client._query_parts(pictures, tight, lambda part: {"x": client._x(part)})
+    assert sum(parts, []) == pictures and len(parts) > 1 and all(_fits({"x": client._x(part)}, len(part), tight) for part in parts)
+    assert client._query_parts(pictures, {**tight, "max_body_bytes": 1500}, lambda part: {"x": client._x(part)}) is None  # none fits
