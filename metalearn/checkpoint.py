@@ -259,7 +259,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     # for hidden layers of 10^5 units) is refused before anything is allocated.
     try:
         with torch.device("meta"):
-            shapes = MetaLearner(build_model(manifest["model_spec"]), MetaConfig(**as_recorded(manifest["meta_config"]))).state_dict()
+            shapes = _build(path, manifest).state_dict()
     except Exception:  # noqa: BLE001 - a bad manifest is reported by the real build below; a registered
         shapes = None  # constructor that cannot run on the meta device is compared once built
     if shapes is not None:

@@ -67,6 +67,11 @@ HEAD_INITS = ("learned", "prototypes")
 Params = dict[str, torch.Tensor]
 
 
+def check_algorithm(name: str) -> None:
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
+
+
 def as_recorded(values: dict) -> dict:
     """MetaConfig's fields as a checkpoint or a run recorded them, made acceptable to this release. Earlier
     releases took ``learn_step_lrs`` with metasgd and ignored it (its learned rates were per element, as they
@@ -113,8 +118,7 @@ class MetaConfig:
     loss: str | None = None
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        check_algorithm(self.algorithm)
         if self.task_type not in TASK_TYPES:
             raise ValueError(f"task_type must be one of {TASK_TYPES}, got {self.task_type!r}")
         if self.inner_steps < 0:

@@ -45,7 +45,7 @@ from metalearn.adaptation import check_support_shift
 from metalearn.allocator import keep_freed_memory
 from metalearn.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
 from metalearn.evaluate import VALIDATION_SEED, EvalResult, better, evaluate
-from metalearn.learner import ALGORITHMS, MetaConfig, MetaLearner, as_recorded
+from metalearn.learner import MetaConfig, MetaLearner, as_recorded, check_algorithm
 from metalearn.models import architecture, build_model
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -165,8 +165,7 @@ class TrainConfig:
         return self
 
     def validate(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        check_algorithm(self.algorithm)  # (first: a misspelt algorithm is the likelier mistake than the rest)
         for name in ("ways", "shots", "meta_batch", "iterations", "val_interval", "val_episodes", "save_interval", "log_interval"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -261,8 +260,7 @@ def task_kind(task: str) -> str:
 
 def default_config(task: str = "sinusoid", algorithm: str = "maml", ways: int | None = None) -> TrainConfig:
     """What works for a (task, algorithm) pair; every field can still be overridden."""
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    check_algorithm(algorithm)
     kind = task_kind(task)
     config = TrainConfig(task=task, algorithm=algorithm)
     if kind == "sinusoid":
