@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="all classes of a task from one group/alphabet (default for image tasks)")
     group.add_argument("--across-groups", dest="within_group", action="store_false")
     evaluate.add_argument("--transductive", action="store_true", help="normalise queries with query-batch statistics")
-    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     evaluate.add_argument("--threads", type=_positive_int)
     evaluate.add_argument("--json", action="store_true", help="print the result as one JSON line")
     evaluate.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -21,9 +21,10 @@ Every error answer raises :class:`ServiceError` carrying the RFC 9457 problem
 document (``code`` names its type, e.g. ``unknown-session``); a service that
 cannot be reached or does not answer in ``timeout`` seconds raises
 :class:`ServiceUnreachable`; both are :class:`ClientError`. A ``503`` (queue
-full, session store down) is retried up to ``retries`` times after the
-``Retry-After`` the service sends (capped at ``max_retry_wait`` seconds, with
-jitter), and so is a connection that could not be opened (nothing was sent).
+full, session store down) or a ``429`` (a proxy's rate limit, ``deploy/nginx.conf``)
+is retried up to ``retries`` times after the ``Retry-After`` the answer gives
+(capped at ``max_retry_wait`` seconds, with jitter), and so is a connection that
+could not be opened (nothing was sent).
 A session lives on the service: keep its ``id`` (and model) and reattach with
 ``client.session(session_id, model)``.
 
@@ -194,7 +195,7 @@ class Prediction:
 
 
 class _Calls:
-    """What both clients share: their settings, how each call's body is written, when a 503 is retried, how an
+    """What both clients share: their settings, how each call's body is written, when a 503 or 429 is retried, how an
     answer is read. A subclass names its ``httpx`` client class and sends the requests (blocking or awaited)."""
 
     _http_class: type[httpx.Client] | type[httpx.AsyncClient]
@@ -263,13 +264,14 @@ class _Calls:
     def _retry_wait(self, answer: httpx.Response | httpx.TransportError, attempt: int) -> float | None:
         """Seconds to wait before sending the request again, or None: the answer (or the error) stands.
 
-        A 503 means "not now" (queue full, session store down): wait as the service says. A connection that
+        A 503 means "not now" (queue full, session store down), a 429 "not so fast" (a proxy's rate limit in
+        front of the service): wait as the answer says. A connection that
         could not be opened sent nothing: tried again after 1, 2, ... s. Each wait is drawn from its upper
         half, so that clients turned away together do not come back together."""
         if attempt >= self.retries:
             return None
         if isinstance(answer, httpx.Response):
-            if answer.status_code != 503:
+            if answer.status_code not in (429, 503):
                 return None
             wait = _seconds(answer.headers.get("Retry-After"), default=2.0**attempt)
         elif isinstance(answer, httpx.ConnectError):

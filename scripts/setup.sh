@@ -18,10 +18,12 @@ python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -e ".${extras}"
 
 if [ "${1:-}" = "test" ]; then
-    # System packages the tests use: a real Redis (shared sessions) and
-    # Chromium (renders /docs offline). Installed only where missing.
+    # System packages the tests use: a real Redis (shared sessions), nginx
+    # (deploy/nginx.conf in front of two replicas) and Chromium (renders /docs
+    # offline). Installed only where missing.
     missing=()
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+    command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
     command -v chromium >/dev/null 2>&1 || missing+=(chromium)
     if [ "${#missing[@]}" -gt 0 ]; then
         if [ "$(id -u)" = "0" ]; then

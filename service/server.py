@@ -37,7 +37,7 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, **settings_
     logs.configure(log_level, settings.log_format)
     if not settings.key_list() and not _loopback(host):
         log.warning("serving on %s without API keys: whoever reaches this address can adapt, predict and read or delete any "
-                    "session by its id; set METALEARN_API_KEYS (and put a TLS proxy in front: README, Deploying)", host)
+                    "session by its id; set METALEARN_API_KEYS (and put a TLS proxy in front: README, Deployment)", host)
     app = create_app(settings)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None, access_log=False, timeout_graceful_shutdown=GRACE_S)
     _draining_server(config, app, settings.drain_s).run()

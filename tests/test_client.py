@@ -84,10 +84,11 @@ def test_client_regression_and_errors(served):
     assert error.value.status == 401
 
 
-def test_client_retries_503_after_retry_after():
+@pytest.mark.parametrize("status", [503, 429])  # (429: the proxy's rate limit, deploy/nginx.conf)
+def test_client_retries_503_after_retry_after(status):
     import httpx
 
-    answers = [httpx.Response(503, headers={"Retry-After": "0"}, json={"title": "Service busy", "detail": "queue full", "status": 503})] * 2
+    answers = [httpx.Response(status, headers={"Retry-After": "0"}, json={"title": "Service busy", "detail": "queue full", "status": status})] * 2
     answers.append(httpx.Response(200, json={"status": "ok"}))
     calls = []
 
@@ -100,7 +101,7 @@ def test_client_retries_503_after_retry_after():
     calls.clear()
     with Client("http://service", retries=1, transport=httpx.MockTransport(handler)) as client, pytest.raises(ServiceError) as error:
         client.health()
-    assert len(calls) == 2 and error.value.status == 503 and error.value.retry_after == "0" and error.value.detail == "queue full"
+    assert len(calls) == 2 and error.value.status == status and error.value.retry_after == "0" and error.value.detail == "queue full"
 
 
 def test_client_errors_quote_the_request_id_of_a_server_error():

@@ -22,8 +22,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +29,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers, however pytest imports
+from test_service_helpers import free_port, stop_process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -126,12 +127,6 @@ def as_list(command) -> list[str]:
 
 def flag(command: list[str], name: str) -> str:
     return command[command.index(name) + 1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def venv_tool(name: str) -> str | None:
@@ -381,6 +376,28 @@ def test_compose_ports_match_the_commands():
     assert any(str(v).split(":")[1] == model_dir and not str(v).endswith(":ro") for v in compose["services"]["trainer"]["volumes"])
 
 
+def test_compose_proxy_matches_its_config():
+    """The proxy's config reaches the api service's port, listens where compose publishes it, and its limits sit
+    above the service's own (tests/test_replicas.py runs it in front of two replicas)."""
+    from service.settings import Settings
+
+    compose = load_compose()
+    proxy, api = compose["services"]["proxy"], compose["services"]["api"]
+    conf_path = next(v.split(":")[0] for v in proxy["volumes"] if v.split(":")[1] == "/etc/nginx/nginx.conf")
+    conf = (ROOT / conf_path).read_text()
+    assert re.search(rf"server api:{flag(as_list(api['command']), '--port')} resolve;", conf)
+    listen = re.search(r"listen (\d+);", conf).group(1)
+    assert [str(m).rsplit(":", 1)[-1] for m in proxy["ports"]] == [listen]
+    assert str(proxy["ports"][0]).startswith("127.0.0.1:")  # (PUBLISH_ADDRESS unset)
+    assert f"127.0.0.1:{listen}/healthz" in " ".join(proxy["healthcheck"]["test"])
+    assert proxy["depends_on"]["api"]["condition"] == "service_healthy"
+    settings = Settings()
+    assert int(re.search(r"client_max_body_size (\d+)m;", conf).group(1)) << 20 > settings.max_body_bytes
+    assert int(re.search(r"proxy_read_timeout (\d+)s;", conf).group(1)) > settings.request_timeout_s
+    version = tuple(int(p) for p in proxy["image"].split(":")[1].split("-")[0].split("."))
+    assert version >= (1, 28) or version >= (1, 27, 3)  # the upstream's `resolve` ("1.27" could be older)
+
+
 # ----------------------------------------------------------------------------
 # Every command the containers run, outside Docker
 # ----------------------------------------------------------------------------
@@ -398,16 +415,6 @@ def test_cli_help_of_container_commands():
 
 def _start(args, env, log: Path, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(args, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=cwd)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def test_container_commands_work_outside_docker(tmp_path):
@@ -507,5 +514,5 @@ def test_container_commands_work_outside_docker(tmp_path):
             assert subprocess.run(bad, capture_output=True, timeout=30).returncode != 0
     finally:
         if api_proc is not None:
-            _stop(api_proc)
-        _stop(redis_proc)
+            stop_process(api_proc)
+        stop_process(redis_proc)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -21,16 +20,11 @@ import torch
 
 redis = pytest.importorskip("redis")
 
+from test_service_helpers import free_port  # noqa: E402
 from service.redis_store import RedisSessionStore, decode_tensors, encode_tensors  # noqa: E402
 from service.sessions import Session, SessionStoreUnavailable, new_session_id  # noqa: E402
 
 REDIS_SERVER = shutil.which("redis-server")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

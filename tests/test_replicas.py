@@ -23,7 +23,8 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("redis")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared redis-server helper, however pytest imports
-from test_redis_store import free_port, redis_server  # noqa: E402,F401 (redis_server: the shared fixture)
+from test_redis_store import redis_server  # noqa: E402,F401 (the shared fixture)
+from test_service_helpers import free_port, stop_process  # noqa: E402
 
 from metalearn import MLP, Conv4, MetaConfig, MetaLearner  # noqa: E402
 from metalearn.checkpoint import save_checkpoint  # noqa: E402
@@ -75,13 +76,7 @@ class Replica:
 
     def stop(self) -> None:
         self.client.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         self.log.close()
 
 
@@ -205,6 +200,124 @@ def test_session_metrics_are_shared(replicas):
     adapt(a)
     assert metric(a, "metalearn_sessions_live") == metric(b, "metalearn_sessions_live") >= 1
     assert metric(a, "metalearn_sessions_bytes") == metric(b, "metalearn_sessions_bytes") > 0
+
+
+# ----------------------------------------------------------------------------
+# The compose file's proxy (deploy/nginx.conf) in front of the two replicas
+# ----------------------------------------------------------------------------
+NGINX_CONF = Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf"
+
+
+class Proxy:
+    """nginx with ``deploy/nginx.conf``, its upstream the given loopback ports instead of compose's replicas,
+    listening on a free loopback port instead of 8080 (the two lines compose's network gives)."""
+
+    def __init__(self, ports: list[int], workdir: Path):
+        nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+        if nginx is None:
+            pytest.skip("nginx is not installed (scripts/setup.sh test installs nginx-light)")
+        text = NGINX_CONF.read_text()
+        upstream, listen = "server api:8000 resolve;", "listen 8080;"
+        assert text.count(upstream) == 1 and text.count(listen) == 1, "the lines the test replaces moved"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        conf = workdir / "nginx.conf"
+        conf.write_text(text.replace(upstream, " ".join(f"server 127.0.0.1:{p};" for p in ports))
+                        .replace(listen, f"listen 127.0.0.1:{self.port};"))
+        self.log_path = workdir / "nginx.log"
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([nginx, "-e", "stderr", "-p", str(workdir), "-c", str(conf),
+                                      "-g", f"daemon off; pid {workdir / 'nginx.pid'};"], stdout=self.log, stderr=subprocess.STDOUT)
+        self.client = httpx.Client(base_url=self.url, timeout=30.0)
+        deadline = time.monotonic() + 20
+        while True:
+            assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
+            try:
+                self.client.get("/healthz")
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, self.log_path.read_text()[-3000:]
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.client.close()
+        stop_process(self.proc, signal.SIGQUIT)  # (nginx's graceful stop)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def proxy(replicas, tmp_path_factory):
+    front = Proxy([replica.port for replica in replicas], tmp_path_factory.mktemp("proxy"))
+    try:
+        yield front
+    finally:
+        front.stop()
+
+
+def requests_for(replica: Replica, route: str) -> float:
+    """``metalearn_http_requests_total`` of ``route``, over every method and status."""
+    lines = replica.client.get("/metrics").text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("metalearn_http_requests_total{") and f'route="{route}"' in line)
+
+
+def test_proxy_spreads_requests_and_shares_sessions(replicas, proxy):
+    """Through the proxy: both replicas serve, a session adapted through it predicts through it (whichever
+    replica answers, Redis has it), the docs and their schema load, and /metrics is kept to the replicas."""
+    before = [requests_for(replica, "/v1/models/{name}") for replica in replicas]
+    for _ in range(12):
+        assert proxy.client.get("/v1/models/sine", headers=A_HEADERS).status_code == 200
+    after = [requests_for(replica, "/v1/models/{name}") for replica in replicas]
+    assert all(a > b for a, b in zip(after, before)) and sum(after) - sum(before) == 12
+    created = proxy.client.post("/v1/models/tiny/adapt", json={"support": support_images()}, headers=A_HEADERS)
+    assert created.status_code == 201, created.text
+    path = f"/v1/sessions/{created.json()['session_id']}/predict"
+    answers = [proxy.client.post(path, json={"x": query_images()}, headers=A_HEADERS) for _ in range(6)]
+    assert {a.status_code for a in answers} == {200} and len({str(a.json()["probabilities"]) for a in answers}) == 1
+    assert_problem(proxy.client.post(path, json={"x": query_images()}, headers=B_HEADERS), 404)  # keys still isolate
+    schema = proxy.client.get("/openapi.json")  # (larger than nginx's response buffers)
+    assert schema.status_code == 200 and "/v1/models/{name}/adapt" in schema.json()["paths"]
+    assert proxy.client.get("/docs").status_code == 200
+    assert_problem(proxy.client.get("/metrics"), 404, "scrape the replicas")
+    assert "x-request-id" in created.headers  # the service's, passed through
+
+
+def test_proxy_limits_adaptations_per_key_in_the_problem_format(replicas, proxy):
+    """Past 20 adaptations a second (bursts of 40) a key gets 429 problems with Retry-After, which the Python
+    client retries; another key is not held back, and session predictions are not limited."""
+    from metalearn.client import Client
+
+    session = adapt(proxy, "sine", sine_support()).json()["session_id"]
+    # Adaptations of a model no replica has: the proxy counts them as any, and the replicas answer them at once
+    # (404), so that 120 go by in well under the 4 s in which the limit would let them all through.
+    start = time.monotonic()
+    answers = [proxy.client.post("/v1/models/nosuch/adapt", json={"support": sine_support()}, headers=A_HEADERS) for _ in range(120)]
+    elapsed = time.monotonic() - start
+    statuses = [answer.status_code for answer in answers]
+    assert set(statuses) == {404, 429} and statuses[:39] == [404] * 39, statuses  # (the burst: the first 40, one used above)
+    assert statuses.count(404) <= 40 + 20 * elapsed + 1, (statuses.count(404), elapsed)
+    refused = answers[statuses.index(429)]
+    assert assert_problem(refused, 429, "per key")["type"].endswith("/too-many-requests")
+    assert refused.headers["retry-after"] == "1"
+    assert adapt(proxy, "sine", sine_support(), headers=B_HEADERS).status_code == 201
+    predicts = [proxy.client.post(f"/v1/sessions/{session}/predict", json={"x": [[0.5]]}, headers=A_HEADERS) for _ in range(60)]
+    assert {p.status_code for p in predicts} == {200}
+    with Client(proxy.url, api_key=KEY_A, retries=3) as client:
+        for _ in range(50):  # beyond the burst again: each 429 waits its second and goes through
+            assert client.adapt("sine", [[v] for v in (-1.0, 0.0, 1.0)], [[0.1], [0.2], [0.3]]).id
+
+
+def test_proxy_answers_its_own_refusals_as_problems(replicas, proxy, tmp_path):
+    """A body over the proxy's 17 MiB is a 413 problem before any replica reads it; with no replica answering,
+    a 503 problem with Retry-After (which the client retries) instead of nginx's HTML page."""
+    too_large = proxy.client.post("/v1/models/tiny/adapt", content=b"0" * (18 << 20), headers={**A_HEADERS, "Content-Type": "application/json"})
+    assert assert_problem(too_large, 413)["type"].endswith("/request-body-too-large")
+    nobody = Proxy([free_port()], tmp_path / "nobody")
+    try:
+        down = nobody.client.get("/v1/models", headers=A_HEADERS)
+        assert assert_problem(down, 503, "no replica")["type"].endswith("/not-ready") and down.headers["retry-after"] == "5"
+    finally:
+        nobody.stop()
 
 
 def test_hung_redis_answers_503_quickly(replicas, redis_server):

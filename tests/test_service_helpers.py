@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -118,14 +119,19 @@ class ServerProcess:
         return self.process.poll() is None
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process)
         self._log.close()
+
+
+def stop_process(process: subprocess.Popen, stop_signal: int = signal.SIGTERM, wait_s: float = 15.0) -> None:
+    """Send ``stop_signal`` (a graceful stop) and wait; killed if it is still running after ``wait_s``."""
+    if process.poll() is None:
+        process.send_signal(stop_signal)
+        try:
+            process.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
 
 
 def png_header_only(width: int, height: int) -> bytes:
