@@ -33,8 +33,10 @@ examples, a body over its byte or value limits) is sent again in parts that
 fit (the limits read from ``GET /v1/models``), and the answers are joined in
 order: every query's prediction depends on it alone. Not with
 ``transductive=True`` (statistics of the whole query batch: the refusal is
-raised), nor for ``x`` already encoded as a dict. A stateless ``predict`` in
-parts adapts once per part: for many queries, adapt a session.
+raised), nor for ``x`` already encoded as a dict, nor for a list of pictures
+over the service's ``max_list_pixels`` (an ``invalid-tensor`` refusal). A
+stateless ``predict`` in parts adapts once per part: for many queries, adapt
+a session.
 
 In an asyncio application (a FastAPI or aiohttp backend, say), :class:`AsyncClient`
 has the same calls, awaited, so that waiting for the service never blocks the event loop:
@@ -428,6 +430,7 @@ class AsyncRemoteSession(_SessionHandle):
         return self._keep(await self.predict_full(x, transductive))
 
     async def predict_full(self, x: Any, transductive: bool = False) -> Prediction:
+        """:meth:`RemoteSession.predict_full`, awaited (a query set over the service's limits in parts, one after another)."""
         return await self.client._predict(self.path + "/predict", lambda part: self._predict_body(part, transductive), x, transductive)
 
     async def describe(self) -> dict:
@@ -469,7 +472,13 @@ class Client(_Calls):
         try:
             return self._prediction(self._request("POST", path, body_for(x)))
         except ServiceError as error:
-            parts = self._query_parts(x, self.limits(), body_for) if self._splittable(error, x, transductive) else None
+            if not self._splittable(error, x, transductive):
+                raise
+            try:
+                limits = self.limits()
+            except ClientError:  # (the refusal is what the caller needs to see)
+                raise error from None
+            parts = self._query_parts(x, limits, body_for)
             if parts is None:
                 raise
         return self._joined([self._prediction(self._request("POST", path, body_for(part))) for part in parts])
@@ -542,7 +551,13 @@ class AsyncClient(_Calls):
         try:
             return self._prediction(await self._request("POST", path, body_for(x)))
         except ServiceError as error:
-            parts = self._query_parts(x, await self.limits(), body_for) if self._splittable(error, x, transductive) else None
+            if not self._splittable(error, x, transductive):
+                raise
+            try:
+                limits = await self.limits()
+            except ClientError:
+                raise error from None
+            parts = self._query_parts(x, limits, body_for)
             if parts is None:
                 raise
         return self._joined([self._prediction(await self._request("POST", path, body_for(part))) for part in parts])
@@ -566,7 +581,8 @@ class AsyncClient(_Calls):
         return AsyncRemoteSession(self, {"session_id": session_id, "model": model})
 
     async def predict(self, model: str, support_x: Any, support_y: Any, query_x: Any, *, inner_steps: int | None = None, inner_lr: float | None = None, transductive: bool = False) -> Prediction:
-        """Stateless adapt-and-predict: nothing is kept on the service."""
+        """Stateless adapt-and-predict: nothing is kept on the service (a query set over the service's limits in
+        parts, one after another, each adapting again)."""
         def body_for(part: Any) -> dict:
             return self._predict_body(support_x, support_y, part, inner_steps, inner_lr, transductive)
 

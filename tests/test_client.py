@@ -85,7 +85,7 @@ def test_client_regression_and_errors(served):
 
 
 @pytest.mark.parametrize("status", [503, 429])  # (429: the proxy's rate limit, deploy/nginx.conf)
-def test_client_retries_503_after_retry_after(status):
+def test_client_retries_503_and_429_after_retry_after(status):
     import httpx
 
     answers = [httpx.Response(status, headers={"Retry-After": "0"}, json={"title": "Service busy", "detail": "queue full", "status": status})] * 2
@@ -332,7 +332,7 @@ def _fits(body: dict, count: int, limits: dict) -> bool:
 ])
 def test_query_parts_fit_every_limit_and_are_not_much_smaller(encoding, binding, shape):
     """Each part's request fits every limit the service counts, whichever binds, and holds at least 80% of the
-    most that would fit; pictures of different sizes are cut for the largest."""
+    most that would fit; pictures of different sizes, each counted at its own size."""
     client = Client("http://service", encoding=encoding)
     x = np.random.default_rng(0).random((60, *shape))
     support = (np.zeros((5, *shape)), np.arange(5))
@@ -355,3 +355,18 @@ def test_query_parts_fit_every_limit_and_are_not_much_smaller(encoding, binding,
     parts = client._query_parts(pictures, tight, lambda part: {"x": client._x(part)})
     assert sum(parts, []) == pictures and len(parts) > 1 and all(_fits({"x": client._x(part)}, len(part), tight) for part in parts)
     assert client._query_parts(pictures, {**tight, "max_body_bytes": 1500}, lambda part: {"x": client._x(part)}) is None  # none fits
+
+
+def test_a_refusal_stands_when_the_limits_cannot_be_read():
+    """The client asks for the limits only to cut a refused query set; if that fails, the refusal is raised."""
+    import httpx
+
+    def handler(request):
+        if request.url.path == "/v1/models":
+            return httpx.Response(500, json={"title": "Internal error", "detail": "boom", "status": 500})
+        return httpx.Response(422, json={"type": "https://metalearn.dev/problems/too-many-examples", "title": "Too many examples",
+                                         "detail": "x: 40 examples, the limit is 16", "status": 422})
+
+    with Client("http://service", transport=httpx.MockTransport(handler)) as client, pytest.raises(ServiceError) as error:
+        client.session("s").predict(np.zeros((40, 1)))
+    assert error.value.code == "too-many-examples" and error.value.__suppress_context__

@@ -223,12 +223,16 @@ class Proxy:
         self.url = f"http://127.0.0.1:{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
         conf = workdir / "nginx.conf"
+        # (and its temporary files in workdir: the compiled-in /var/lib/nginx is not everyone's to write)
+        temp = " ".join(f"{kind}_temp_path {workdir / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         conf.write_text(text.replace(upstream, " ".join(f"server 127.0.0.1:{p};" for p in ports))
-                        .replace(listen, f"listen 127.0.0.1:{self.port};"))
+                        .replace(listen, f"listen 127.0.0.1:{self.port};").replace("http {", "http {\n    " + temp, 1))
         self.log_path = workdir / "nginx.log"
         self.log = open(self.log_path, "wb")
+        # (as root, nginx's workers would run as nobody, who cannot reach pytest's directories)
+        user = "user root;" if os.geteuid() == 0 else ""
         self.proc = subprocess.Popen([nginx, "-e", "stderr", "-p", str(workdir), "-c", str(conf),
-                                      "-g", f"daemon off; pid {workdir / 'nginx.pid'};"], stdout=self.log, stderr=subprocess.STDOUT)
+                                      "-g", f"daemon off; pid {workdir / 'nginx.pid'}; {user}"], stdout=self.log, stderr=subprocess.STDOUT)
         self.client = httpx.Client(base_url=self.url, timeout=30.0)
         deadline = time.monotonic() + 20
         while True:
@@ -279,6 +283,8 @@ def test_proxy_spreads_requests_and_shares_sessions(replicas, proxy):
     assert schema.status_code == 200 and "/v1/models/{name}/adapt" in schema.json()["paths"]
     assert proxy.client.get("/docs").status_code == 200
     assert_problem(proxy.client.get("/metrics"), 404, "scrape the replicas")
+    redirect = proxy.client.get("/readyz/")  # (the service's redirects point back at the proxy, port included)
+    assert redirect.status_code == 307 and redirect.headers["location"] == f"{proxy.url}/readyz"
     assert "x-request-id" in created.headers  # the service's, passed through
 
 
@@ -289,12 +295,15 @@ def test_proxy_limits_adaptations_per_key_in_the_problem_format(replicas, proxy)
 
     session = adapt(proxy, "sine", sine_support()).json()["session_id"]
     # Adaptations of a model no replica has: the proxy counts them as any, and the replicas answer them at once
-    # (404), so that 120 go by in well under the 4 s in which the limit would let them all through.
+    # (404), so that 120 go by in well under the 4 s in which the limit would let them all through. The key goes
+    # in each of the ways the service reads it, a made-up bearer token beside X-API-Key too: one limit for all.
+    forms = [A_HEADERS, {"Authorization": f"bearer   {KEY_A}"}, {"X-API-Key": KEY_A, "Authorization": "Bearer made-up-{}"}]
     start = time.monotonic()
-    answers = [proxy.client.post("/v1/models/nosuch/adapt", json={"support": sine_support()}, headers=A_HEADERS) for _ in range(120)]
+    answers = [proxy.client.post("/v1/models/nosuch/adapt", json={"support": sine_support()},
+                                 headers={k: v.format(i) for k, v in forms[i % 3].items()}) for i in range(120)]
     elapsed = time.monotonic() - start
     statuses = [answer.status_code for answer in answers]
-    assert set(statuses) == {404, 429} and statuses[:39] == [404] * 39, statuses  # (the burst: the first 40, one used above)
+    assert set(statuses) == {404, 429} and statuses[:39] == [404] * 39, statuses  # (the burst: 41 at once, one used above)
     assert statuses.count(404) <= 40 + 20 * elapsed + 1, (statuses.count(404), elapsed)
     refused = answers[statuses.index(429)]
     assert assert_problem(refused, 429, "per key")["type"].endswith("/too-many-requests")
