@@ -289,7 +289,7 @@ class Connection:
         await self.writer.drain()
         status_line = await self.reader.readline()
         status = int(status_line.split()[1])
-        length = 0
+        length, closing = 0, False
         while True:
             line = await self.reader.readline()
             if line in (b"\r\n", b""):
@@ -297,7 +297,12 @@ class Connection:
             name, _, value = line.partition(b":")
             if name.strip().lower() == b"content-length":
                 length = int(value)
+            elif name.strip().lower() == b"connection":
+                closing = value.strip().lower() == b"close"
         payload = await self.reader.readexactly(length)
+        if closing:  # (a proxy closes a connection after so many requests: nginx's keepalive_requests)
+            self.close()
+            await self.open()
         return status, payload
 
     def close(self):

@@ -28,6 +28,11 @@ if [ "${1:-}" = "test" ]; then
     if [ "${#missing[@]}" -gt 0 ]; then
         if [ "$(id -u)" = "0" ]; then
             apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+            if [[ " ${missing[*]} " == *" nginx-light "* ]]; then
+                # Where systemd runs, the package starts a web server on every interface's port 80:
+                # the tests start their own nginx on loopback, so stop that one and keep it off.
+                (systemctl disable --now nginx || service nginx stop) >/dev/null 2>&1 || true
+            fi
         else
             echo "note: ${missing[*]} not installed (need root: apt-get install ${missing[*]}); those tests will be skipped" >&2
         fi

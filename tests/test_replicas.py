@@ -26,6 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared redis-ser
 from test_redis_store import redis_server  # noqa: E402,F401 (the shared fixture)
 from test_service_helpers import free_port, stop_process  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from local_proxy import nginx_binary, start_proxy  # noqa: E402  (the deployment's proxy, run outside Docker)
+
 from metalearn import MLP, Conv4, MetaConfig, MetaLearner  # noqa: E402
 from metalearn.checkpoint import save_checkpoint  # noqa: E402
 
@@ -205,49 +208,20 @@ def test_session_metrics_are_shared(replicas):
 # ----------------------------------------------------------------------------
 # The compose file's proxy (deploy/nginx.conf) in front of the two replicas
 # ----------------------------------------------------------------------------
-NGINX_CONF = Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf"
-
-
 class Proxy:
-    """nginx with ``deploy/nginx.conf``, its upstream the given loopback ports instead of compose's replicas,
-    listening on a free loopback port instead of 8080 (the two lines compose's network gives)."""
+    """``deploy/nginx.conf`` in front of the given loopback ports (``bench/local_proxy.py``: the lines compose's
+    network gives replaced), on a free loopback port."""
 
     def __init__(self, ports: list[int], workdir: Path):
-        nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-        if nginx is None:
+        if nginx_binary() is None:
             pytest.skip("nginx is not installed (scripts/setup.sh test installs nginx-light)")
-        text = NGINX_CONF.read_text()
-        upstream, listen = "server api:8000 resolve;", "listen 8080;"
-        assert text.count(upstream) == 1 and text.count(listen) == 1, "the lines the test replaces moved"
-        self.port = free_port()
+        self.proc, self.port = start_proxy(ports, workdir)
         self.url = f"http://127.0.0.1:{self.port}"
-        workdir.mkdir(parents=True, exist_ok=True)
-        conf = workdir / "nginx.conf"
-        # (and its temporary files in workdir: the compiled-in /var/lib/nginx is not everyone's to write)
-        temp = " ".join(f"{kind}_temp_path {workdir / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        conf.write_text(text.replace(upstream, " ".join(f"server 127.0.0.1:{p};" for p in ports))
-                        .replace(listen, f"listen 127.0.0.1:{self.port};").replace("http {", "http {\n    " + temp, 1))
-        self.log_path = workdir / "nginx.log"
-        self.log = open(self.log_path, "wb")
-        # (as root, nginx's workers would run as nobody, who cannot reach pytest's directories)
-        user = "user root;" if os.geteuid() == 0 else ""
-        self.proc = subprocess.Popen([nginx, "-e", "stderr", "-p", str(workdir), "-c", str(conf),
-                                      "-g", f"daemon off; pid {workdir / 'nginx.pid'}; {user}"], stdout=self.log, stderr=subprocess.STDOUT)
         self.client = httpx.Client(base_url=self.url, timeout=30.0)
-        deadline = time.monotonic() + 20
-        while True:
-            assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
-            try:
-                self.client.get("/healthz")
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, self.log_path.read_text()[-3000:]
-                time.sleep(0.1)
 
     def stop(self) -> None:
         self.client.close()
         stop_process(self.proc, signal.SIGQUIT)  # (nginx's graceful stop)
-        self.log.close()
 
 
 @pytest.fixture(scope="module")

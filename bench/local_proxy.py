@@ -1,0 +1,71 @@
+"""``deploy/nginx.conf`` run outside Docker: nginx on a free 127.0.0.1 port in front of services on loopback
+ports (``apt-get install nginx-light``). The tests (``tests/test_replicas.py``) and the benchmarks use it.
+
+Compose's network gives two lines of the file that loopback cannot: the upstream (``server api:8000
+resolve;``, every replica of the api service) and the port (``listen 8080;``). They are replaced, and nginx
+keeps its pid file and temporary files in a directory of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "nginx.conf"
+UPSTREAM, LISTEN = "server api:8000 resolve;", "listen 8080;"
+
+
+def nginx_binary() -> str | None:
+    return shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+
+
+def render_config(upstream_ports: list[int], port: int, workdir: Path, replace: dict[str, str] | None = None) -> Path:
+    """``workdir/nginx.conf``: the deployment's config with the upstream and the port on loopback, and
+    ``replace``'s other text replaced (a benchmark lifting the rate limits, say)."""
+    text = CONFIG.read_text()
+    for line in (UPSTREAM, LISTEN, *(replace or {})):
+        if text.count(line) != 1:
+            raise ValueError(f"{CONFIG} no longer holds {line!r} once")
+    for old, new in (replace or {}).items():
+        text = text.replace(old, new)
+    temp = " ".join(f"{kind}_temp_path {workdir / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    text = (text.replace(UPSTREAM, " ".join(f"server 127.0.0.1:{p};" for p in upstream_ports))
+                .replace(LISTEN, f"listen 127.0.0.1:{port};")
+                .replace("http {", "http {\n    " + temp, 1))
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "nginx.conf"
+    path.write_text(text)
+    return path
+
+
+def start_proxy(upstream_ports: list[int], workdir: Path, replace: dict[str, str] | None = None, timeout_s: float = 20.0) -> tuple[subprocess.Popen, int]:
+    """nginx in front of ``upstream_ports``, its output in ``workdir/nginx.log``: the process and its port, once
+    it accepts connections. Stop it with SIGQUIT (nginx's graceful stop)."""
+    nginx = nginx_binary()
+    if nginx is None:
+        raise FileNotFoundError("nginx is not installed (apt-get install nginx-light)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = render_config(upstream_ports, port, workdir, replace)
+    user = "user root;" if os.geteuid() == 0 else ""  # (as root its workers would run as nobody, who may not reach workdir)
+    log = open(workdir / "nginx.log", "wb")
+    process = subprocess.Popen([nginx, "-e", "stderr", "-p", str(workdir), "-c", str(config),
+                                "-g", f"daemon off; pid {workdir / 'nginx.pid'}; {user}"], stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"nginx exited: {(workdir / 'nginx.log').read_text()[-3000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process, port
+        except OSError:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"nginx did not listen within {timeout_s} s") from None
+            time.sleep(0.05)
