@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     api_keys: str = Field("", description="Comma-separated API keys; when set every /v1 call needs one (Authorization: Bearer KEY or X-API-Key).")
     cors_origins: str = Field("", description="Comma-separated origins (scheme://host[:port], e.g. https://app.example.com) whose web pages may call the API from a browser (CORS), or * for any; empty: none (browsers refuse cross-origin calls). The API key headers are allowed; no cookies are used.")
 
+    forwarded_allow_ips: str = Field("127.0.0.1,::1", description="metalearn serve only: comma-separated addresses (or *) of the proxies whose X-Forwarded-For and X-Forwarded-Proto are believed: the client's address in the access lines, the scheme of the service's redirects (uvicorn's forwarded_allow_ips; plain uvicorn users pass --forwarded-allow-ips).")
+
     # Stopping
     drain_s: float = Field(0.0, ge=0, description="metalearn serve only: on SIGTERM, answer /readyz with 503 for this many seconds while serving every other request, then stop (a load balancer that checks readiness stops sending requests first; 0 = stop at once). A second signal ends the drain.")
 

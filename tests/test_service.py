@@ -750,13 +750,23 @@ def test_docs_render_offline_in_headless_chromium(small_server, tmp_path, page):
 
 def test_metalearn_serve_writes_json_logs_with_access_lines(model_dir, tmp_path):
     """METALEARN_LOG_FORMAT=json: every line metalearn serve writes, uvicorn's included, is one JSON object; a
-    request's access line carries its id, route, status and duration."""
-    proc = ServerProcess(model_dir, tmp_path / "serve.log", cli=True, log_format="json").wait_ready()
+    request's access line carries its id, route, status and duration, and the client's address: its own, or a
+    proxy's X-Forwarded-For where METALEARN_FORWARDED_ALLOW_IPS believes the proxy (by default loopback)."""
+    proc = ServerProcess(model_dir, tmp_path / "serve.log", cli=True, log_format="json", forwarded_allow_ips="10.9.9.9").wait_ready()
     try:
         body = {"support": {"x": [[0.0], [1.0]], "y": [0.0, 0.5]}, "query": {"x": [[0.5]]}}
-        assert httpx.post(proc.url + "/v1/models/sine/predict", json=body, headers={"X-Request-ID": "json-log-1"}).status_code == 200
+        # (from 127.0.0.1, not the believed 10.9.9.9: the header is not believed, as uvicorn's default would)
+        headers = {"X-Request-ID": "json-log-1", "X-Forwarded-For": "203.0.113.7"}
+        assert httpx.post(proc.url + "/v1/models/sine/predict", json=body, headers=headers).status_code == 200
     finally:
         proc.stop()
+    believing = ServerProcess(model_dir, tmp_path / "believing.log", cli=True, log_format="json", forwarded_allow_ips="127.0.0.1").wait_ready()
+    try:
+        assert httpx.get(believing.url + "/healthz", headers={"X-Request-ID": "json-log-2", "X-Forwarded-For": "203.0.113.7"}).status_code == 200
+    finally:
+        believing.stop()
+    believed = [json.loads(line) for line in believing.log_path.read_text().splitlines() if "json-log-2" in line]
+    assert len(believed) == 1 and believed[0]["client"] == "203.0.113.7"
     lines = [json.loads(line) for line in proc.log_path.read_text().splitlines() if line.strip()]
     access = [line for line in lines if line.get("request_id") == "json-log-1"]
     assert len(access) == 1 and access[0]["logger"] == "service.access"
