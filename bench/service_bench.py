@@ -288,6 +288,12 @@ class Connection:
         self.writer.write(head + body)
         await self.writer.drain()
         status_line = await self.reader.readline()
+        if not status_line:  # closed before this request was read (an idle connection a server let go): once more
+            self.close()
+            await self.open()
+            self.writer.write(head + body)
+            await self.writer.drain()
+            status_line = await self.reader.readline()
         status = int(status_line.split()[1])
         length, closing = 0, False
         while True:

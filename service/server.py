@@ -40,7 +40,7 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, **settings_
                     "session by its id; set METALEARN_API_KEYS (and put a TLS proxy in front: README, Deployment)", host)
     app = create_app(settings)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=GRACE_S, forwarded_allow_ips=settings.forwarded_allow_ips)
+                            timeout_graceful_shutdown=GRACE_S, forwarded_allow_ips=settings.forwarded_allow_list())
     _draining_server(config, app, settings.drain_s).run()
 
 

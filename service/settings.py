@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import ipaddress
 import os
 import re
 from typing import Literal
@@ -62,7 +63,7 @@ class Settings(BaseSettings):
     api_keys: str = Field("", description="Comma-separated API keys; when set every /v1 call needs one (Authorization: Bearer KEY or X-API-Key).")
     cors_origins: str = Field("", description="Comma-separated origins (scheme://host[:port], e.g. https://app.example.com) whose web pages may call the API from a browser (CORS), or * for any; empty: none (browsers refuse cross-origin calls). The API key headers are allowed; no cookies are used.")
 
-    forwarded_allow_ips: str = Field("127.0.0.1,::1", description="metalearn serve only: comma-separated addresses (or *) of the proxies whose X-Forwarded-For and X-Forwarded-Proto are believed: the client's address in the access lines, the scheme of the service's redirects (uvicorn's forwarded_allow_ips; plain uvicorn users pass --forwarded-allow-ips).")
+    forwarded_allow_ips: str = Field("127.0.0.1,::1", description="metalearn serve only: comma-separated addresses or networks (10.0.0.0/8), or *, of the proxies whose X-Forwarded-For and X-Forwarded-Proto are believed: the client's address in the access lines, the scheme of the service's redirects (uvicorn's forwarded_allow_ips, whose FORWARDED_ALLOW_IPS variable metalearn serve does not read; plain uvicorn users pass --forwarded-allow-ips).")
 
     # Stopping
     drain_s: float = Field(0.0, ge=0, description="metalearn serve only: on SIGTERM, answer /readyz with 503 for this many seconds while serving every other request, then stop (a load balancer that checks readiness stops sending requests first; 0 = stop at once). A second signal ends the drain.")
@@ -86,12 +87,22 @@ class Settings(BaseSettings):
             raise ValueError("min_inner_lr must be <= max_inner_lr")
         if self.session_ttl_s > self.max_session_ttl_s:
             raise ValueError("session_ttl_s must be <= max_session_ttl_s")
+        for entry in self.forwarded_allow_list():
+            # (uvicorn would take anything else as a name that never matches: a typo would trust nobody, silently)
+            if entry != "*":
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"forwarded_allow_ips: {entry!r} is not an IP address, a network (10.0.0.0/8) or *") from None
         for origin in self.cors_origin_list():
             # A browser sends scheme://host[:port] and nothing else: a path or trailing slash never matches.
             if origin != "*" and not re.fullmatch(r"https?://[^/\s?#]+", origin):
                 raise ValueError(f"cors_origins: {origin!r} is not an origin (scheme://host[:port], no path or "
                                  "trailing slash, e.g. https://app.example.com), nor *")
         return self
+
+    def forwarded_allow_list(self) -> list[str]:
+        return [entry.strip() for entry in self.forwarded_allow_ips.split(",") if entry.strip()]
 
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]

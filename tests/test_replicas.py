@@ -8,6 +8,7 @@ container runs) on two 127.0.0.1 ports, both with
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -55,6 +56,7 @@ class Replica:
             METALEARN_THREADS="1",
             METALEARN_MAX_WAIT_MS="0",
             OMP_NUM_THREADS="1",
+            METALEARN_LOG_FORMAT="json",  # (access lines with the client's address)
         )
         self.log_path = logdir / f"{name}.log"
         self.log = open(self.log_path, "wb")
@@ -260,6 +262,13 @@ def test_proxy_spreads_requests_and_shares_sessions(replicas, proxy):
     redirect = proxy.client.get("/readyz/")  # (the service's redirects point back at the proxy, port included)
     assert redirect.status_code == 307 and redirect.headers["location"] == f"{proxy.url}/readyz"
     assert "x-request-id" in created.headers  # the service's, passed through
+    # A client's made-up X-Forwarded-For does not reach the replicas' access lines: the proxy sets the header
+    # to the address it sees, and the replicas believe the proxy (loopback here, METALEARN_FORWARDED_ALLOW_IPS).
+    forged = proxy.client.get("/healthz", headers={"X-Forwarded-For": "6.6.6.6", "X-Request-ID": "forged-address-1"})
+    assert forged.status_code == 200
+    time.sleep(0.2)  # (the access line is written after the answer)
+    lines = [json.loads(line) for replica in replicas for line in replica.log_path.read_text().splitlines() if "forged-address-1" in line]
+    assert len(lines) == 1 and lines[0]["client"] == "127.0.0.1", lines
 
 
 def test_proxy_limits_adaptations_per_key_in_the_problem_format(replicas, proxy):

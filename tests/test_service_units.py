@@ -559,6 +559,16 @@ def test_cors_lets_the_configured_origins_call_from_a_browser(tmp_path):
             Settings(cors_origins=bad)
 
 
+def test_forwarded_allow_ips_are_addresses_networks_or_a_star():
+    """What uvicorn would take as a name that never matches (a typo: no proxy believed, silently) is refused;
+    the entries reach uvicorn stripped (" *" would otherwise be a name too)."""
+    assert Settings(forwarded_allow_ips=" 10.0.0.1, 172.16.0.0/12 ,::1").forwarded_allow_list() == ["10.0.0.1", "172.16.0.0/12", "::1"]
+    assert Settings(forwarded_allow_ips=" *").forwarded_allow_list() == ["*"]
+    for bad in ("proxy", "10.0.0.300", "*.example.com"):
+        with pytest.raises(ValueError, match="forwarded_allow_ips: .* is not an IP address"):
+            Settings(forwarded_allow_ips=bad)
+
+
 def test_every_answer_carries_a_request_id(tmp_path, caplog):
     """X-Request-ID on every answer (a valid one the caller sent is echoed), and in a 500's body and log line."""
     from service.app import create_app

@@ -42,9 +42,10 @@ def main() -> None:
     work, model_dir = sb.checkpoint_workspace("proxy_overhead_")
     batch, origin = sb.make_tasks(8)
     service, port = sb.start_server("service", model_dir, 1, work, 8)
-    proxy, proxy_port = start_proxy([port], Path(tempfile.mkdtemp(prefix="proxy_", dir=work)), replace=UNLIMITED)
+    proxy = None
     results: dict[tuple, list[dict]] = {}
     try:
+        proxy, proxy_port = start_proxy([port], Path(tempfile.mkdtemp(prefix="proxy_", dir=work)), replace=UNLIMITED)
         for model, mode in cases:
             requests = sb.build_requests(batch, model, port, mode, 8)
             sb.warm_up(port, requests)
@@ -55,8 +56,9 @@ def main() -> None:
                         run = asyncio.run(sb.run_level(target, requests, concurrency, args.duration, 1.0))
                         results.setdefault((model, mode, concurrency, route), []).append(run)
     finally:
-        proxy.send_signal(signal.SIGQUIT)
-        proxy.wait(15)
+        if proxy is not None:
+            proxy.send_signal(signal.SIGQUIT)
+            proxy.wait(15)
         service.terminate()
         service.wait(15)
 
