@@ -394,6 +394,17 @@ def test_compose_proxy_matches_its_config():
     settings = Settings(**{k.removeprefix("METALEARN_").lower(): v for k, v in api["environment"].items()})
     assert int(re.search(r"client_max_body_size (\d+)m;", conf).group(1)) << 20 > settings.max_body_bytes
     assert int(re.search(r"proxy_read_timeout (\d+)s;", conf).group(1)) > settings.request_timeout_s
+    # A body over nginx's memory buffer reaches a replica in a second small write, which waits for TCP's delayed
+    # acknowledgement (40 ms on Linux: bench/experiments/proxy_overhead.py): the buffer holds an Omniglot
+    # adapt-and-predict (5 support and 5 query images, float32 as base64) many times over.
+    import numpy as np
+
+    from metalearn.client import Client
+
+    images = np.zeros((5, 1, 28, 28), np.float32)
+    body = Client("http://service")._predict_body(images, np.arange(5), images, None, None, False)
+    buffer = re.search(r"client_body_buffer_size (\d+)([km]);", conf)
+    assert int(buffer.group(1)) << {"k": 10, "m": 20}[buffer.group(2)] >= 10 * len(json.dumps(body))
     version = tuple(int(p) for p in proxy["image"].split(":")[1].split("-")[0].split("."))
     assert version >= (1, 27, 3)  # the upstream's `resolve` ("1.27" could be older: (1, 27) < (1, 27, 3))
 
