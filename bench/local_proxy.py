@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from service_bench import free_port
+
 CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "nginx.conf"
 UPSTREAM, LISTEN = "server api:8000 resolve;", "listen 8080;"
 
@@ -48,9 +50,7 @@ def start_proxy(upstream_ports: list[int], workdir: Path, replace: dict[str, str
     nginx = nginx_binary()
     if nginx is None:
         raise FileNotFoundError("nginx is not installed (apt-get install nginx-light)")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     config = render_config(upstream_ports, port, workdir, replace)
     user = "user root;" if os.geteuid() == 0 else ""  # (as root its workers would run as nobody, who may not reach workdir)
     log = open(workdir / "nginx.log", "wb")

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
+
+from service_bench import free_port
 
 
 @contextlib.contextmanager
@@ -17,9 +18,7 @@ def local_redis(timeout_s: float = 10.0) -> Iterator[str]:
     """Start one, yield its URL once it answers PING, stop it at the end."""
     if shutil.which("redis-server") is None:
         raise SystemExit("redis-server is not installed (apt-get install redis-server)")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
                               stdout=subprocess.DEVNULL)
     try:

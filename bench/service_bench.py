@@ -288,12 +288,8 @@ class Connection:
         self.writer.write(head + body)
         await self.writer.drain()
         status_line = await self.reader.readline()
-        if not status_line:  # closed before this request was read (an idle connection a server let go): once more
-            self.close()
-            await self.open()
-            self.writer.write(head + body)
-            await self.writer.drain()
-            status_line = await self.reader.readline()
+        if not status_line:  # (resent, an adaptation could run twice: the level's numbers would not be its own)
+            raise ConnectionError(f"the server on port {self.port} closed the connection without answering {method} {path}")
         status = int(status_line.split()[1])
         length, closing = 0, False
         while True:

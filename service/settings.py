@@ -18,6 +18,11 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def _comma_list(text: str) -> list[str]:
+    """A comma-separated setting's entries, stripped, the empty ones left out."""
+    return [entry.strip() for entry in text.split(",") if entry.strip()]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="METALEARN_", env_file=".env", extra="ignore", protected_namespaces=())
 
@@ -102,13 +107,13 @@ class Settings(BaseSettings):
         return self
 
     def forwarded_allow_list(self) -> list[str]:
-        return [entry.strip() for entry in self.forwarded_allow_ips.split(",") if entry.strip()]
+        return _comma_list(self.forwarded_allow_ips)
 
     def cors_origin_list(self) -> list[str]:
-        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+        return _comma_list(self.cors_origins)
 
     def key_list(self) -> list[str]:
-        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+        return _comma_list(self.api_keys)
 
     def short_keys(self) -> int:
         """How many keys are short enough to guess (under ``SHORT_KEY`` characters): warned about at start."""
