@@ -272,20 +272,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.reloads = set()  # reloads running in the background (the loop keeps only weak references to tasks)
     app.state.metrics = metrics.ServiceMetrics(app.state)
     app.state.store = create_store(settings)
-    app.state.engine = Engine(
-        max_batch_size=settings.resolved_max_batch_size(),
-        max_wait_ms=settings.max_wait_ms,
-        queue_size=settings.queue_size,
-        request_timeout_s=settings.request_timeout_s,
-        threads=settings.resolved_threads(),
-        workers=settings.resolved_workers(),
-        metrics=app.state.metrics,
-        cuda_graphs=settings.cuda_graphs,
-        cpu_traces=settings.cpu_traces,
-        cpu_scripts=settings.cpu_scripts,
-        worker_cpus=settings.resolved_worker_cpus(),
-        inline_predict_ms=settings.inline_predict_ms,
-    )
+    app.state.engine = Engine(settings.engine_config(), metrics=app.state.metrics)
 
     problems.install(app)
     _install_service_errors(app)

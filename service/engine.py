@@ -60,7 +60,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Callable, Hashable
 
@@ -180,38 +180,53 @@ def _finite_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     return finite
 
 
-class Engine:
-    def __init__(
-        self,
-        *,
-        max_batch_size: int = 32,
-        max_wait_ms: float = 1.0,
-        queue_size: int = 256,
-        request_timeout_s: float = 30.0,
-        threads: int = 0,
-        workers: int = 1,
-        metrics: Any = None,
-        cuda_graphs: int = 16,
-        cpu_traces: int = 24,
-        cpu_scripts: int = 8,
-        worker_cpus: list[list[int]] | None = None,
-        inline_predict_ms: float = 5.0,
-    ):
-        if workers < 1:
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine batches and computes. The service fills one from its settings
+    (``Settings.engine_config``, whose METALEARN_* variables document each field); the defaults here are
+    the settings' defaults on a 2-core CPU, for an engine built in code or a test."""
+
+    max_batch_size: int = 8  # requests computed together as one batch
+    max_wait_ms: float = 1.0  # how long a worker waits for more requests to fill a batch
+    queue_size: int = 256  # pending requests beyond this are refused (QueueFull)
+    request_timeout_s: float = 30.0
+    threads: int = 0  # torch threads of each worker; 0 = leave torch's setting
+    workers: int = 1
+    cuda_graphs: int = 16  # graphs kept on a GPU with one worker; 0 = none (service.cuda_graphs)
+    cpu_traces: int = 24  # traces kept per worker on the CPU; 0 = none (service.cpu_traces)
+    cpu_scripts: int = 8  # compiled computations on the CPU, shared by the workers; 0 = none (service.cpu_scripts)
+    worker_cpus: list[list[int]] | None = None  # the cores each worker runs on (Settings.resolved_worker_cpus); None = anywhere
+    inline_predict_ms: float = 5.0  # lone session predicts this cheap compute on the caller's thread; 0 = never
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
             raise ValueError("workers must be >= 1")
-        self.max_batch_size = max_batch_size
-        self.max_wait = max_wait_ms / 1000.0
-        self.queue_size = queue_size
-        self.request_timeout_s = request_timeout_s
-        self.threads = threads
-        self.workers = workers
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+
+
+class Engine:
+    """Runs adaptations and predictions in worker threads, micro-batched (see the module docstring).
+
+    ``Engine(settings.engine_config(), metrics=...)`` in the service; ``Engine(workers=2, threads=1)`` changes
+    the default :class:`EngineConfig`'s fields (or those of the config given)."""
+
+    def __init__(self, config: EngineConfig | None = None, *, metrics: Any = None, **changes: Any):
+        config = replace(config or EngineConfig(), **changes)
+        self.config = config
+        self.max_batch_size = config.max_batch_size
+        self.max_wait = config.max_wait_ms / 1000.0
+        self.queue_size = config.queue_size
+        self.request_timeout_s = config.request_timeout_s
+        self.threads = config.threads
+        self.workers = config.workers
         self.metrics = metrics
-        self.cuda_graphs = cuda_graphs  # graphs kept on a GPU with one worker; 0 = none (service.cuda_graphs)
-        self.cpu_traces = cpu_traces  # traces kept per worker on the CPU; 0 = none (service.cpu_traces)
-        self.worker_cpus = worker_cpus  # the cores each worker runs on (Settings.resolved_worker_cpus); None = anywhere
-        self.inline_predict_s = inline_predict_ms / 1000.0  # lone session predicts this cheap compute on the caller's thread; 0 = never
+        self.cuda_graphs = config.cuda_graphs
+        self.cpu_traces = config.cpu_traces
+        self.worker_cpus = config.worker_cpus
+        self.inline_predict_s = config.inline_predict_ms / 1000.0  # (tests change it on a running engine)
         # Compiled adaptations on the CPU (those traces cannot hold), shared by the workers; None = none (service.cpu_scripts)
-        self._scripts = ScriptCache(capacity=cpu_scripts) if cpu_scripts else None
+        self._scripts = ScriptCache(capacity=config.cpu_scripts) if config.cpu_scripts else None
         self._pending: deque[Job] = deque()
         self._batch_times: deque[tuple[float, float]] = deque(maxlen=256)  # (when, seconds) of the last batches
         self._computing: dict[int, float] = {}  # worker thread -> when its batch began (monotonic), while it computes

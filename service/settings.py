@@ -17,6 +17,10 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.engine import EngineConfig
+
+ENGINE = EngineConfig()  # the engine settings' defaults (0 = auto for threads, workers and max_batch_size here)
+
 
 def _comma_list(text: str) -> list[str]:
     """A comma-separated setting's entries, stripped, the empty ones left out."""
@@ -34,17 +38,17 @@ class Settings(BaseSettings):
 
     # Engine
     max_batch_size: int = Field(0, ge=0, description="Most requests run together as one batched computation (0 = auto: 8 on the CPU, where bigger batches spill the caches, 64 on a GPU).")
-    max_wait_ms: float = Field(1.0, ge=0, description="How long the worker waits for more requests to fill a batch.")
-    queue_size: int = Field(256, ge=1, description="Pending requests beyond this are answered 503 with Retry-After.")
-    request_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline for adaptation/prediction (503 when exceeded).")
+    max_wait_ms: float = Field(ENGINE.max_wait_ms, ge=0, description="How long the worker waits for more requests to fill a batch.")
+    queue_size: int = Field(ENGINE.queue_size, ge=1, description="Pending requests beyond this are answered 503 with Retry-After.")
+    request_timeout_s: float = Field(ENGINE.request_timeout_s, gt=0, description="Per-request deadline for adaptation/prediction (503 when exceeded).")
     threads: int = Field(0, ge=0, description="torch intra-op threads of each worker (0 = auto: one less than the cores the process may use, at least 1, leaving a core to the HTTP event loop).")
     workers: int = Field(0, ge=0, description="Worker threads running micro-batches side by side (0 = auto: 1 on a GPU; on the CPU the cores the process may use divided by threads, at least 1). With more than one, each keeps its own copy of a model that takes the generic path.")
     pin_workers: bool = Field(True, description="On the CPU, each worker (with its torch threads) runs on cores of its own: worker i on the i-th `threads` of the cores the process may use, when workers x threads fit in them (else none is pinned); the HTTP event loop runs anywhere. Under load a worker's batches are not moved between cores and its caches stay warm: on 2 cores, 8% more ANIL requests/s and 20% more MAML session predicts/s at concurrency 16; lone requests the same within 3% (bench/experiments/settings_ab.py). Turn it off when several server processes share the same cores (gunicorn -w N, each without a cpuset of its own).")
-    inline_predict_ms: float = Field(5.0, ge=0, description="On the CPU, a session predict whose request is the only one the service is handling, every worker idle, computes on the event loop's thread, without the hand-off to a worker and back, when its model's last lone prediction took at most this many ms for as many query images (0 = never): a lone Conv4-64 MAML session predict 3.23 against 3.81 ms p50 on a 2-core AVX2 EPYC. Concurrent requests still go to the workers and batch. The event loop then keeps its own CPU traces of those predictions (and, with several workers, its own copy of a model on the generic path), as a worker does.")
+    inline_predict_ms: float = Field(ENGINE.inline_predict_ms, ge=0, description="On the CPU, a session predict whose request is the only one the service is handling, every worker idle, computes on the event loop's thread, without the hand-off to a worker and back, when its model's last lone prediction took at most this many ms for as many query images (0 = never): a lone Conv4-64 MAML session predict 3.23 against 3.81 ms p50 on a 2-core AVX2 EPYC. Concurrent requests still go to the workers and batch. The event loop then keeps its own CPU traces of those predictions (and, with several workers, its own copy of a model on the generic path), as a worker does.")
 
-    cuda_graphs: int = Field(16, ge=0, description="On a GPU with one worker (the default), CUDA graphs kept: a request shape seen twice is captured once and replayed, one launch instead of ~1000 (0 = off; with several workers there are none).")
-    cpu_traces: int = Field(24, ge=0, description="On the CPU, TorchScript traces kept per worker (and by the event loop, for the lone session predicts it computes: inline_predict_ms): a request shape seen twice is traced once and replayed without the GIL (ANIL adaptations and every prediction of the fast kernels; 0 = off). A trace holds 1-12 MB (12: an ANIL adaptation of 8 requests, 10 steps).")
-    cpu_scripts: int = Field(8, ge=0, description="On the CPU, compiled computations kept (shared by the workers; what the CPU traces do not cover: MAML's adaptations, and the generic path's adaptations and session predictions: Meta-SGD, regression, any module): a request shape seen in 3 batches is recorded and compiled on a background thread (seconds), then every request of that shape runs through it without the GIL (a small model's whole batches too; 0 = off).")
+    cuda_graphs: int = Field(ENGINE.cuda_graphs, ge=0, description="On a GPU with one worker (the default), CUDA graphs kept: a request shape seen twice is captured once and replayed, one launch instead of ~1000 (0 = off; with several workers there are none).")
+    cpu_traces: int = Field(ENGINE.cpu_traces, ge=0, description="On the CPU, TorchScript traces kept per worker (and by the event loop, for the lone session predicts it computes: inline_predict_ms): a request shape seen twice is traced once and replayed without the GIL (ANIL adaptations and every prediction of the fast kernels; 0 = off). A trace holds 1-12 MB (12: an ANIL adaptation of 8 requests, 10 steps).")
+    cpu_scripts: int = Field(ENGINE.cpu_scripts, ge=0, description="On the CPU, compiled computations kept (shared by the workers; what the CPU traces do not cover: MAML's adaptations, and the generic path's adaptations and session predictions: Meta-SGD, regression, any module): a request shape seen in 3 batches is recorded and compiled on a background thread (seconds), then every request of that shape runs through it without the GIL (a small model's whole batches too; 0 = off).")
 
     # Limits
     max_support: int = Field(512, ge=1, description="Most support examples in one request.")
@@ -148,7 +152,23 @@ class Settings(BaseSettings):
     def resolved_max_batch_size(self) -> int:
         if self.max_batch_size:
             return self.max_batch_size
-        return 64 if self.resolved_device().startswith("cuda") else 8
+        return 64 if self.resolved_device().startswith("cuda") else ENGINE.max_batch_size
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's configuration, the automatic values resolved for this machine."""
+        return EngineConfig(
+            max_batch_size=self.resolved_max_batch_size(),
+            max_wait_ms=self.max_wait_ms,
+            queue_size=self.queue_size,
+            request_timeout_s=self.request_timeout_s,
+            threads=self.resolved_threads(),
+            workers=self.resolved_workers(),
+            cuda_graphs=self.cuda_graphs,
+            cpu_traces=self.cpu_traces,
+            cpu_scripts=self.cpu_scripts,
+            worker_cpus=self.resolved_worker_cpus(),
+            inline_predict_ms=self.inline_predict_ms,
+        )
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -16,7 +16,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from service.engine import Engine, Job, JobTimeout, QueueFull
+from service.engine import Engine, EngineConfig, Job, JobTimeout, QueueFull
 from service.problems import Problem
 from service.routes.schemas import SessionPredictRequest
 from service.sessions import MemorySessionStore, Session, SessionStoreUnavailable
@@ -168,6 +168,21 @@ def test_settings_from_environment(monkeypatch):
     assert Settings(device="cpu").resolved_max_batch_size() == 8
     with pytest.raises(ValueError):
         Settings(device="tpu")
+
+
+def test_engine_config_from_settings(monkeypatch):
+    """The service's engine gets every engine setting, the automatic ones resolved; an engine built in code
+    without a config batches as the service does on the CPU."""
+    monkeypatch.setenv("METALEARN_MAX_WAIT_MS", "7")
+    monkeypatch.setenv("METALEARN_CPU_SCRIPTS", "0")
+    config = Settings(device="cpu", threads=1, workers=2, pin_workers=False).engine_config()
+    assert config == EngineConfig(max_wait_ms=7.0, threads=1, workers=2, cpu_scripts=0)
+    assert config.max_batch_size == Settings(device="cpu").resolved_max_batch_size() == Engine().max_batch_size
+    assert Settings(device="cuda").engine_config().max_batch_size == 64
+    engine = Engine(config, queue_size=3)  # fields of a config changed as keywords
+    assert (engine.max_wait, engine.workers, engine.queue_size, engine._scripts) == (0.007, 2, 3, None)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Engine(max_batch_size=0)
 
 
 def test_a_misspelt_setting_is_refused_not_ignored(monkeypatch, tmp_path):
