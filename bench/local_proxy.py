@@ -8,7 +8,9 @@ keeps its pid file and temporary files in a directory of its own.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -44,17 +46,29 @@ def render_config(upstream_ports: list[int], port: int, workdir: Path, replace: 
     return path
 
 
-def start_proxy(upstream_ports: list[int], workdir: Path, replace: dict[str, str] | None = None, timeout_s: float = 20.0) -> tuple[subprocess.Popen, int]:
+def start_proxy(upstream_ports: list[int], workdir: Path, replace: dict[str, str] | None = None, timeout_s: float = 20.0,
+                capabilities: list[str] | None = None) -> tuple[subprocess.Popen, int]:
     """nginx in front of ``upstream_ports``, its output in ``workdir/nginx.log``: the process and its port, once
-    it accepts connections. Stop it with SIGQUIT (nginx's graceful stop)."""
+    it accepts connections. Stop it with SIGQUIT (nginx's graceful stop).
+
+    ``capabilities`` (as root): run it as the compose file's container does, with only these capabilities
+    (``cap_add`` after ``cap_drop: ALL``) and no-new-privileges, its workers as ``nobody``; ``workdir``
+    must then be open to them, as the container's tmpfs is (mode 1777)."""
     nginx = nginx_binary()
     if nginx is None:
         raise FileNotFoundError("nginx is not installed (apt-get install nginx-light)")
     port = free_port()
     config = render_config(upstream_ports, port, workdir, replace)
-    user = "user root;" if os.geteuid() == 0 else ""  # (as root its workers would run as nobody, who may not reach workdir)
+    prefix, user = [], "user root;" if os.geteuid() == 0 else ""  # (as root its workers would run as nobody, who may not reach workdir)
+    if capabilities is not None:
+        if os.geteuid() != 0:
+            raise PermissionError("running nginx with chosen capabilities needs root")
+        allowed = ",".join(["-all", *("+" + name.lower() for name in capabilities)])
+        prefix = ["setpriv", f"--bounding-set={allowed}", "--inh-caps=-all", "--no-new-privs"]
+        nobody = pwd.getpwnam("nobody")
+        user = f"user nobody {grp.getgrgid(nobody.pw_gid).gr_name};"
     log = open(workdir / "nginx.log", "wb")
-    process = subprocess.Popen([nginx, "-e", "stderr", "-p", str(workdir), "-c", str(config),
+    process = subprocess.Popen([*prefix, nginx, "-e", "stderr", "-p", str(workdir), "-c", str(config),
                                 "-g", f"daemon off; pid {workdir / 'nginx.pid'}; {user}"], stdout=log, stderr=subprocess.STDOUT)
     log.close()
     deadline = time.monotonic() + timeout_s

@@ -409,6 +409,88 @@ def test_compose_proxy_matches_its_config():
     assert version >= (1, 27, 3)  # the upstream's `resolve` ("1.27" could be older: (1, 27) < (1, 27, 3))
 
 
+def test_compose_containers_are_locked_down():
+    """The service and the proxy run on a read-only root, with no-new-privileges and every capability dropped but
+    the proxy's three (which test_proxy_runs_with_only_its_capabilities shows it needs and that they suffice)."""
+    services = load_compose()["services"]
+    for name in ("api", "proxy"):
+        service = services[name]
+        assert service["read_only"] is True and "no-new-privileges:true" in service["security_opt"]
+        assert service["cap_drop"] == ["ALL"]
+    assert "cap_add" not in services["api"]
+    assert sorted(services["proxy"]["cap_add"]) == ["CHOWN", "SETGID", "SETUID"]
+    # The official image's nginx is built to write its pid file to /var/run and its temporary files under
+    # /var/cache/nginx: nginx.conf moves neither, and both are tmpfs in the container.
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    assert not re.search(r"^\s*(pid|\w+_temp_path)\s", conf, re.M)
+    assert {"/var/cache/nginx", "/var/run"} <= set(services["proxy"]["tmpfs"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not shutil.which("nginx"), reason="needs root, setpriv and nginx")
+def test_proxy_runs_with_only_its_capabilities():
+    """deploy/nginx.conf under nginx as the proxy container runs it: the master as root with only the compose
+    file's cap_add, no-new-privileges, its workers as nobody, its temporary files in a world-writable directory
+    (a tmpfs): it starts, and a body over its memory buffer (written to a temporary file by a worker) reaches
+    the replica whole. Without any one of the three capabilities it does not start."""
+    import http.server
+    import tempfile
+    import threading
+
+    import httpx
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from local_proxy import start_proxy
+
+    class Replica(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            size = len(self.rfile.read(int(self.headers["Content-Length"])))
+            answer = json.dumps({"bytes": size}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    def serves(capabilities: list[str]) -> bool:
+        """Whether the proxy, started with only ``capabilities``, passes a large body to the replica whole."""
+        workdir = Path(tempfile.mkdtemp(prefix="proxy_caps_"))
+        workdir.chmod(0o1777)
+        workdirs.append(workdir)
+        try:
+            process, port = start_proxy([replica.server_address[1]], workdir, capabilities=capabilities, timeout_s=10)
+        except RuntimeError:  # (it exited: without CHOWN, say, it cannot give the workers its temporary directories)
+            return False
+        try:
+            body = b"0" * (3 << 20)  # over client_body_buffer_size (1m)
+            try:
+                answer = httpx.post(f"http://127.0.0.1:{port}/v1/sessions/s/predict", content=body, timeout=4)
+            except httpx.TransportError:  # (its master listens, but no worker could start: without SETUID, say)
+                return False
+            statuses = [Path(f"/proc/{pid}/status") for pid in os.listdir("/proc") if pid.isdigit()]
+            workers = [status for status in statuses if status.exists() and f"PPid:\t{process.pid}\n" in status.read_text()]
+            assert workers and all(status.stat().st_uid != 0 for status in workers)  # (the workers are nobody's)
+            return answer.status_code == 200 and answer.json() == {"bytes": len(body)}
+        finally:
+            process.terminate()
+            process.wait(10)
+
+    capabilities = load_compose()["services"]["proxy"]["cap_add"]
+    replica = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Replica)
+    threading.Thread(target=replica.serve_forever, daemon=True).start()
+    workdirs: list[Path] = []
+    try:
+        assert serves(capabilities)
+        for missing in capabilities:
+            assert not serves([c for c in capabilities if c != missing]), missing
+    finally:
+        replica.shutdown()
+        for path in workdirs:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------
 # Every command the containers run, outside Docker
 # ----------------------------------------------------------------------------
