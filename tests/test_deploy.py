@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -410,14 +412,18 @@ def test_compose_proxy_matches_its_config():
 
 
 def test_compose_containers_are_locked_down():
-    """The service and the proxy run on a read-only root, with no-new-privileges and every capability dropped but
-    the proxy's three (which test_proxy_runs_with_only_its_capabilities shows it needs and that they suffice)."""
+    """The service, the proxy and Redis run on a read-only root, with no-new-privileges and every capability dropped
+    but the proxy's three (which test_proxy_runs_with_only_its_capabilities shows it needs and that they suffice)."""
     services = load_compose()["services"]
-    for name in ("api", "proxy"):
+    for name in ("api", "proxy", "redis"):
         service = services[name]
         assert service["read_only"] is True and "no-new-privileges:true" in service["security_opt"]
         assert service["cap_drop"] == ["ALL"]
-    assert "cap_add" not in services["api"]
+    assert "cap_add" not in services["api"] and "cap_add" not in services["redis"]
+    # The image's entry point changes to user redis itself only when started as root, which needs capabilities:
+    # started as redis, it runs the server directly (test_container_commands_work_outside_docker runs the
+    # command as nobody, without capabilities, in a directory it cannot write to).
+    assert services["redis"]["user"] == "redis"
     assert sorted(services["proxy"]["cap_add"]) == ["CHOWN", "SETGID", "SETUID"]
     # The official image's nginx is built to write its pid file to /var/run and its temporary files under
     # /var/cache/nginx: nginx.conf moves neither, and both are tmpfs in the container.
@@ -433,7 +439,6 @@ def test_proxy_runs_with_only_its_capabilities():
     (a tmpfs): it starts, and a body over its memory buffer (written to a temporary file by a worker) reaches
     the replica whole. Without any one of the three capabilities it does not start."""
     import http.server
-    import tempfile
     import threading
 
     import httpx
@@ -541,8 +546,16 @@ def test_container_commands_work_outside_docker(tmp_path):
     redis_port = free_port()
     redis_command = as_list(services["redis"]["command"])
     assert redis_command[0] == "redis-server"
-    redis_proc = _start([redis_server, *redis_command[1:], "--port", str(redis_port), "--bind", "127.0.0.1",
-                         "--dir", str(tmp_path)], dict(os.environ), tmp_path / "redis.log", tmp_path)
+    # As its container runs it (not root, no capabilities, a read-only root file system), where this machine
+    # allows: as nobody, with none, in a directory it cannot write to (it keeps nothing on disk).
+    redis_dir = Path(tempfile.mkdtemp(prefix="redis_ro_"))
+    redis_dir.chmod(0o555)
+    unprivileged = []
+    if os.geteuid() == 0 and shutil.which("setpriv"):
+        unprivileged = ["setpriv", f"--reuid={pwd.getpwnam('nobody').pw_uid}", f"--regid={pwd.getpwnam('nobody').pw_gid}",
+                        "--clear-groups", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs"]
+    redis_proc = _start([*unprivileged, redis_server, *redis_command[1:], "--port", str(redis_port), "--bind", "127.0.0.1",
+                         "--dir", str(redis_dir)], dict(os.environ), tmp_path / "redis.log", redis_dir)
     api_proc = None
     try:
         health = [a.replace("redis-cli", shutil.which("redis-cli") or "redis-cli") for a in services["redis"]["healthcheck"]["test"][1:]]
@@ -605,7 +618,11 @@ def test_container_commands_work_outside_docker(tmp_path):
             # the healthcheck fails when nothing listens (it is a real check)
             bad = [sys.executable if a == "python" else a.replace("127.0.0.1:8000", f"127.0.0.1:{free_port()}") for a in checks[0]]
             assert subprocess.run(bad, capture_output=True, timeout=30).returncode != 0
+        assert not any(redis_dir.iterdir())  # (Redis wrote nothing to disk)
+        if unprivileged:
+            assert Path(f"/proc/{redis_proc.pid}").stat().st_uid == pwd.getpwnam("nobody").pw_uid
     finally:
         if api_proc is not None:
             stop_process(api_proc)
         stop_process(redis_proc)
+        shutil.rmtree(redis_dir, ignore_errors=True)
