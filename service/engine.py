@@ -183,8 +183,9 @@ def _finite_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
 @dataclass(frozen=True)
 class EngineConfig:
     """How the engine batches and computes. The service fills one from its settings
-    (``Settings.engine_config``, whose METALEARN_* variables document each field); the defaults here are
-    the settings' defaults on a 2-core CPU, for an engine built in code or a test."""
+    (``Settings.engine_config``, whose METALEARN_* variables document each field). The defaults here are
+    the settings' defaults, for an engine built in code or a test: the CPU's batch size, and one worker
+    at torch's own thread count where the settings work out workers and threads from the machine."""
 
     max_batch_size: int = 8  # requests computed together as one batch
     max_wait_ms: float = 1.0  # how long a worker waits for more requests to fill a batch
