@@ -586,12 +586,12 @@ def main() -> None:
         for c in levels:
             s, b = find("service", model, "stateless", c), find("baseline", model, "stateless", c)
             if s and b and b["throughput"]:
-                print(f"{model} stateless c={c}: {s['throughput'] / b['throughput']:.1f}x throughput, p50 {s['p50_ms']:.0f} vs {b['p50_ms']:.0f} ms")
+                print(f"{model} stateless c={c}: {s['throughput'] / b['throughput']:.2f}x throughput, p50 {s['p50_ms']:.0f} vs {b['p50_ms']:.0f} ms")
             # The issue states its targets against one straightforward service, measured on MAML requests
             # (3 GFLOP each); against that reference too, when this run measured it.
             m = find("baseline", "maml", "stateless", c)
             if model != "maml" and s and m and m["throughput"]:
-                print(f"{model} stateless c={c}: {s['throughput'] / m['throughput']:.1f}x the baseline's MAML throughput ({m['throughput']:.1f} req/s)")
+                print(f"{model} stateless c={c}: {s['throughput'] / m['throughput']:.2f}x the baseline's MAML throughput ({m['throughput']:.1f} req/s)")
         for mode in modes:
             for c in levels:
                 for other, what in (("service-eager", "CUDA graphs"), ("service-untraced", "CPU traces"), ("service-unscripted", "CPU scripts")):

@@ -183,9 +183,10 @@ def _finite_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
 @dataclass(frozen=True)
 class EngineConfig:
     """How the engine batches and computes. The service fills one from its settings
-    (``Settings.engine_config``, whose METALEARN_* variables document each field). The defaults here are
-    the settings' defaults, for an engine built in code or a test: the CPU's batch size, and one worker
-    at torch's own thread count where the settings work out workers and threads from the machine."""
+    (``Settings.engine_config``, whose METALEARN_* variables document each field). For an engine built in
+    code or a test, the defaults here are the settings' own, except where the settings work a value out
+    from the machine (0 = auto there): ``max_batch_size`` is the CPU's 8, and one worker computes at
+    torch's own thread count."""
 
     max_batch_size: int = 8  # requests computed together as one batch
     max_wait_ms: float = 1.0  # how long a worker waits for more requests to fill a batch
@@ -214,7 +215,6 @@ class Engine:
 
     def __init__(self, config: EngineConfig | None = None, *, metrics: Any = None, **changes: Any):
         config = replace(config or EngineConfig(), **changes)
-        self.config = config
         self.max_batch_size = config.max_batch_size
         self.max_wait = config.max_wait_ms / 1000.0
         self.queue_size = config.queue_size

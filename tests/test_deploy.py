@@ -23,6 +23,7 @@ import pwd
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -425,26 +426,56 @@ def test_compose_containers_are_locked_down():
     # command as nobody, without capabilities, in a directory it cannot write to).
     assert services["redis"]["user"] == "redis"
     assert sorted(services["proxy"]["cap_add"]) == ["CHOWN", "SETGID", "SETUID"]
-    # The official image's nginx is built to write its pid file to /var/run and its temporary files under
-    # /var/cache/nginx: nginx.conf moves neither, and both are tmpfs in the container.
+    # The official image's nginx is built to write its pid file to /run (/var/run before 1.27.5, a link to
+    # /run on Alpine) and its temporary files under /var/cache/nginx: nginx.conf moves neither, both are
+    # tmpfs in the container, and its logs go to the container's output, not to files.
     conf = (ROOT / "deploy" / "nginx.conf").read_text()
     assert not re.search(r"^\s*(pid|\w+_temp_path)\s", conf, re.M)
-    assert {"/var/cache/nginx", "/var/run"} <= set(services["proxy"]["tmpfs"])
+    assert {"/var/cache/nginx", "/run"} <= {entry.split(":")[0] for entry in services["proxy"]["tmpfs"]}
+    logs = re.findall(r"^\s*(?:error_log|access_log)\s+(\S+?);?\s", conf, re.M)
+    assert logs and set(logs) <= {"stderr", "/dev/stdout", "/dev/stderr", "off"}, logs
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not shutil.which("nginx"), reason="needs root, setpriv and nginx")
+def _unprivileged_prefix(capabilities: list[str]) -> list[str] | None:
+    """``setpriv`` arguments that run a command as a container without privileges would: as ``nobody``, with
+    only ``capabilities`` left and no-new-privileges; None where this machine cannot (not root, no setpriv,
+    or a root already without the capabilities asked for)."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        return None
+    nobody = pwd.getpwnam("nobody")
+    allowed = ",".join(["-all", *("+" + name.lower() for name in capabilities)])
+    prefix = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
+              f"--bounding-set={allowed}", "--inh-caps=-all", "--no-new-privs"]
+    return prefix if subprocess.run([*prefix, "true"], capture_output=True).returncode == 0 else None
+
+
+def _open_directory(prefix: str) -> Path:
+    """A new directory under /tmp that anyone may write to, as a container's tmpfs (pytest's own are the owner's only)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o1777)
+    return path
+
+
+PROXY_CAPABILITIES = load_compose()["services"]["proxy"]["cap_add"]
+
+
+@pytest.mark.skipif(_unprivileged_prefix(PROXY_CAPABILITIES) is None, reason="needs root with setpriv")
 def test_proxy_runs_with_only_its_capabilities():
     """deploy/nginx.conf under nginx as the proxy container runs it: the master as root with only the compose
     file's cap_add, no-new-privileges, its workers as nobody, its temporary files in a world-writable directory
     (a tmpfs): it starts, and a body over its memory buffer (written to a temporary file by a worker) reaches
-    the replica whole. Without any one of the three capabilities it does not start."""
+    the replica whole; one it cannot write down gets a 503 problem. Without any one of the three capabilities
+    it does not serve."""
     import http.server
     import threading
 
     import httpx
 
     sys.path.insert(0, str(ROOT / "bench"))
-    from local_proxy import start_proxy
+    from local_proxy import nginx_binary, start_proxy
+
+    if nginx_binary() is None:
+        pytest.skip("nginx is not installed (apt-get install nginx-light)")
 
     class Replica(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
@@ -459,39 +490,65 @@ def test_proxy_runs_with_only_its_capabilities():
         def log_message(self, *args):
             pass
 
-    def serves(capabilities: list[str]) -> bool:
-        """Whether the proxy, started with only ``capabilities``, passes a large body to the replica whole."""
-        workdir = Path(tempfile.mkdtemp(prefix="proxy_caps_"))
-        workdir.chmod(0o1777)
+    def workers_of(pid: int) -> list[Path]:
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                if entry.isdigit() and f"PPid:\t{pid}\n" in Path(f"/proc/{entry}/status").read_text():
+                    found.append(Path(f"/proc/{entry}"))
+            except OSError:  # (a process that ended meanwhile)
+                pass
+        return found
+
+    def serves(capabilities: list[str]) -> tuple[bool, str]:
+        """Whether the proxy, started with only ``capabilities``, passes a large body to the replica whole; and its log."""
+        workdir = _open_directory("proxy_caps_")
         workdirs.append(workdir)
+        log = workdir / "nginx.log"
         try:
-            process, port = start_proxy([replica.server_address[1]], workdir, capabilities=capabilities, timeout_s=10)
-        except RuntimeError:  # (it exited: without CHOWN, say, it cannot give the workers its temporary directories)
-            return False
+            process, port = start_proxy([replica.server_address[1]], workdir, capabilities=capabilities, timeout_s=30)
+        except RuntimeError as error:  # (it exited: without CHOWN, say, it cannot give the workers its temporary directories)
+            return False, str(error)
         try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # its workers started as nobody, or could not start (without SETUID, say)
+                if "cannot be respawned" in log.read_text():
+                    return False, log.read_text()
+                workers = workers_of(process.pid)
+                if workers and all(worker.stat().st_uid != 0 for worker in workers):
+                    break
+                time.sleep(0.05)
             body = b"0" * (3 << 20)  # over client_body_buffer_size (1m)
             try:
-                answer = httpx.post(f"http://127.0.0.1:{port}/v1/sessions/s/predict", content=body, timeout=4)
-            except httpx.TransportError:  # (its master listens, but no worker could start: without SETUID, say)
-                return False
-            statuses = [Path(f"/proc/{pid}/status") for pid in os.listdir("/proc") if pid.isdigit()]
-            workers = [status for status in statuses if status.exists() and f"PPid:\t{process.pid}\n" in status.read_text()]
-            assert workers and all(status.stat().st_uid != 0 for status in workers)  # (the workers are nobody's)
-            return answer.status_code == 200 and answer.json() == {"bytes": len(body)}
+                answer = httpx.post(f"http://127.0.0.1:{port}/v1/sessions/s/predict", content=body, timeout=30)
+            except httpx.TransportError as error:
+                return False, f"{error!r}\n{log.read_text()}"
+            workers = workers_of(process.pid)
+            assert workers and all(worker.stat().st_uid != 0 for worker in workers)  # (the workers are nobody's)
+            if answer.status_code != 200 or answer.json() != {"bytes": len(body)}:
+                return False, f"{answer.status_code} {answer.text}\n{log.read_text()}"
+            # A body its workers cannot write down (as with its tmpfs full) is nginx's own failure: a 503
+            # problem to retry, not its HTML page for a 500.
+            (workdir / "client_body").chmod(0)
+            refused = httpx.post(f"http://127.0.0.1:{port}/v1/sessions/s/predict", content=body, timeout=30)
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+            assert refused.json()["type"].endswith("/overloaded") and "room for request bodies" in refused.json()["detail"]
+            return True, log.read_text()
         finally:
-            process.terminate()
-            process.wait(10)
+            stop_process(process, signal.SIGQUIT)
 
-    capabilities = load_compose()["services"]["proxy"]["cap_add"]
     replica = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Replica)
     threading.Thread(target=replica.serve_forever, daemon=True).start()
     workdirs: list[Path] = []
     try:
-        assert serves(capabilities)
-        for missing in capabilities:
-            assert not serves([c for c in capabilities if c != missing]), missing
+        ok, log = serves(PROXY_CAPABILITIES)
+        assert ok, log[-3000:]
+        for missing in PROXY_CAPABILITIES:
+            ok, log = serves([c for c in PROXY_CAPABILITIES if c != missing])
+            assert not ok, (missing, log[-3000:])
     finally:
         replica.shutdown()
+        replica.server_close()
         for path in workdirs:
             shutil.rmtree(path, ignore_errors=True)
 
@@ -547,17 +604,14 @@ def test_container_commands_work_outside_docker(tmp_path):
     redis_command = as_list(services["redis"]["command"])
     assert redis_command[0] == "redis-server"
     # As its container runs it (not root, no capabilities, a read-only root file system), where this machine
-    # allows: as nobody, with none, in a directory it cannot write to (it keeps nothing on disk).
-    redis_dir = Path(tempfile.mkdtemp(prefix="redis_ro_"))
+    # allows: as nobody, with none, in a directory it cannot write to.
+    unprivileged = _unprivileged_prefix([]) or []
+    redis_dir = _open_directory("redis_ro_")
     redis_dir.chmod(0o555)
-    unprivileged = []
-    if os.geteuid() == 0 and shutil.which("setpriv"):
-        unprivileged = ["setpriv", f"--reuid={pwd.getpwnam('nobody').pw_uid}", f"--regid={pwd.getpwnam('nobody').pw_gid}",
-                        "--clear-groups", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs"]
-    redis_proc = _start([*unprivileged, redis_server, *redis_command[1:], "--port", str(redis_port), "--bind", "127.0.0.1",
-                         "--dir", str(redis_dir)], dict(os.environ), tmp_path / "redis.log", redis_dir)
-    api_proc = None
+    redis_proc = api_proc = None
     try:
+        redis_proc = _start([*unprivileged, redis_server, *redis_command[1:], "--port", str(redis_port), "--bind", "127.0.0.1",
+                             "--dir", str(redis_dir)], dict(os.environ), tmp_path / "redis.log", redis_dir)
         health = [a.replace("redis-cli", shutil.which("redis-cli") or "redis-cli") for a in services["redis"]["healthcheck"]["test"][1:]]
         for _ in range(100):
             ping = subprocess.run([health[0], "-p", str(redis_port), *health[1:]], capture_output=True, text=True)
@@ -618,11 +672,15 @@ def test_container_commands_work_outside_docker(tmp_path):
             # the healthcheck fails when nothing listens (it is a real check)
             bad = [sys.executable if a == "python" else a.replace("127.0.0.1:8000", f"127.0.0.1:{free_port()}") for a in checks[0]]
             assert subprocess.run(bad, capture_output=True, timeout=30).returncode != 0
-        assert not any(redis_dir.iterdir())  # (Redis wrote nothing to disk)
+        # It keeps nothing on disk (its container's root is read-only): no snapshots, no append-only file.
+        for name, value in (("save", ""), ("appendonly", "no")):
+            got = subprocess.run([health[0], "-p", str(redis_port), "--raw", "config", "get", name], capture_output=True, text=True)
+            assert got.stdout.split("\n")[:2] == [name, value], got.stdout
         if unprivileged:
             assert Path(f"/proc/{redis_proc.pid}").stat().st_uid == pwd.getpwnam("nobody").pw_uid
     finally:
         if api_proc is not None:
             stop_process(api_proc)
-        stop_process(redis_proc)
+        if redis_proc is not None:
+            stop_process(redis_proc)
         shutil.rmtree(redis_dir, ignore_errors=True)
