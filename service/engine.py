@@ -71,6 +71,7 @@ from metalearn.batching import choose_strategy
 from service.cpu_scripts import ScriptCache, load_recorder
 from service.cpu_traces import TraceCache
 from service.cuda_graphs import GraphCache, bucket, pad_rows
+from service.settings import EngineConfig
 
 log = logging.getLogger("service.engine")
 
@@ -178,33 +179,6 @@ def _finite_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     for tensor in tensors:
         finite &= torch.isfinite(tensor.reshape(rows, -1)).all(1)
     return finite
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """How the engine batches and computes. The service fills one from its settings
-    (``Settings.engine_config``, whose METALEARN_* variables document each field). For an engine built in
-    code or a test, the defaults here are the settings' own, except where the settings work a value out
-    from the machine (0 = auto there): ``max_batch_size`` is the CPU's 8, and one worker computes at
-    torch's own thread count."""
-
-    max_batch_size: int = 8  # requests computed together as one batch
-    max_wait_ms: float = 1.0  # how long a worker waits for more requests to fill a batch
-    queue_size: int = 256  # pending requests beyond this are refused (QueueFull)
-    request_timeout_s: float = 30.0
-    threads: int = 0  # torch threads of each worker; 0 = leave torch's setting
-    workers: int = 1
-    cuda_graphs: int = 16  # graphs kept on a GPU with one worker; 0 = none (service.cuda_graphs)
-    cpu_traces: int = 24  # traces kept per worker on the CPU; 0 = none (service.cpu_traces)
-    cpu_scripts: int = 8  # compiled computations on the CPU, shared by the workers; 0 = none (service.cpu_scripts)
-    worker_cpus: list[list[int]] | None = None  # the cores each worker runs on (Settings.resolved_worker_cpus); None = anywhere
-    inline_predict_ms: float = 5.0  # lone session predicts this cheap compute on the caller's thread; 0 = never
-
-    def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ValueError("workers must be >= 1")
-        if self.max_batch_size < 1:
-            raise ValueError("max_batch_size must be >= 1")
 
 
 class Engine:

@@ -2,7 +2,8 @@
 
 Every field below is an environment variable named ``METALEARN_`` + the field
 name in upper case, e.g. ``METALEARN_MODEL_DIR=runs METALEARN_DEVICE=cuda``.
-A ``.env`` file in the working directory is read too.
+A ``.env`` file in the working directory is read too. ``EngineConfig`` is the
+engine's part of them as ``service.engine.Engine`` takes it (``Settings.engine_config``).
 """
 
 from __future__ import annotations
@@ -12,12 +13,39 @@ import hashlib
 import ipaddress
 import os
 import re
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.engine import EngineConfig
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine batches and computes. The service fills one from its settings
+    (``Settings.engine_config``, whose METALEARN_* variables document each field). For an engine built in
+    code or a test, the defaults here are the settings' own, except where the settings work a value out
+    from the machine (0 = auto there): ``max_batch_size`` is the CPU's 8, and one worker computes at
+    torch's own thread count."""
+
+    max_batch_size: int = 8  # requests computed together as one batch
+    max_wait_ms: float = 1.0  # how long a worker waits for more requests to fill a batch
+    queue_size: int = 256  # pending requests beyond this are refused (QueueFull)
+    request_timeout_s: float = 30.0
+    threads: int = 0  # torch threads of each worker; 0 = leave torch's setting
+    workers: int = 1
+    cuda_graphs: int = 16  # graphs kept on a GPU with one worker; 0 = none (service.cuda_graphs)
+    cpu_traces: int = 24  # traces kept per worker on the CPU; 0 = none (service.cpu_traces)
+    cpu_scripts: int = 8  # compiled computations on the CPU, shared by the workers; 0 = none (service.cpu_scripts)
+    worker_cpus: list[list[int]] | None = None  # the cores each worker runs on (Settings.resolved_worker_cpus); None = anywhere
+    inline_predict_ms: float = 5.0  # lone session predicts this cheap compute on the caller's thread; 0 = never
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError("workers must be >= 1")
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+
 
 ENGINE = EngineConfig()  # the engine settings' defaults (0 = auto for threads, workers and max_batch_size here)
 
