@@ -46,6 +46,17 @@ def render_config(upstream_ports: list[int], port: int, workdir: Path, replace: 
     return path
 
 
+def without_privileges(capabilities: list[str], user: str | None = None) -> list[str]:
+    """``setpriv`` arguments that run a command as a container with ``cap_drop: ALL``, ``cap_add: capabilities``
+    and no-new-privileges runs it (as root, or as ``user``: its uid and group, no other groups)."""
+    allowed = ",".join(["-all", *("+" + name.lower() for name in capabilities)])
+    switch = []
+    if user is not None:
+        account = pwd.getpwnam(user)
+        switch = [f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups"]
+    return ["setpriv", *switch, f"--bounding-set={allowed}", "--inh-caps=-all", "--no-new-privs"]
+
+
 def start_proxy(upstream_ports: list[int], workdir: Path, replace: dict[str, str] | None = None, timeout_s: float = 20.0,
                 capabilities: list[str] | None = None) -> tuple[subprocess.Popen, int]:
     """nginx in front of ``upstream_ports``, its output in ``workdir/nginx.log``: the process and its port, once
@@ -63,8 +74,7 @@ def start_proxy(upstream_ports: list[int], workdir: Path, replace: dict[str, str
     if capabilities is not None:
         if os.geteuid() != 0:
             raise PermissionError("running nginx with chosen capabilities needs root")
-        allowed = ",".join(["-all", *("+" + name.lower() for name in capabilities)])
-        prefix = ["setpriv", f"--bounding-set={allowed}", "--inh-caps=-all", "--no-new-privs"]
+        prefix = without_privileges(capabilities)
         nobody = pwd.getpwnam("nobody")
         user = f"user nobody {grp.getgrgid(nobody.pw_gid).gr_name};"
     log = open(workdir / "nginx.log", "wb")

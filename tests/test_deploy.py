@@ -36,6 +36,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers, however pytest imports
 from test_service_helpers import free_port, stop_process  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from local_proxy import nginx_binary, start_proxy, without_privileges  # noqa: E402  (the deployment's proxy, run outside Docker)
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
@@ -437,15 +440,11 @@ def test_compose_containers_are_locked_down():
 
 
 def _unprivileged_prefix(capabilities: list[str]) -> list[str] | None:
-    """``setpriv`` arguments that run a command as a container without privileges would: as ``nobody``, with
-    only ``capabilities`` left and no-new-privileges; None where this machine cannot (not root, no setpriv,
-    or a root already without the capabilities asked for)."""
+    """``setpriv`` arguments that run a command as ``nobody`` with only ``capabilities`` and no-new-privileges;
+    None where this machine cannot (not root, no setpriv, or a root already without those capabilities)."""
     if os.geteuid() != 0 or not shutil.which("setpriv"):
         return None
-    nobody = pwd.getpwnam("nobody")
-    allowed = ",".join(["-all", *("+" + name.lower() for name in capabilities)])
-    prefix = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
-              f"--bounding-set={allowed}", "--inh-caps=-all", "--no-new-privs"]
+    prefix = without_privileges(capabilities, "nobody")
     return prefix if subprocess.run([*prefix, "true"], capture_output=True).returncode == 0 else None
 
 
@@ -470,9 +469,6 @@ def test_proxy_runs_with_only_its_capabilities():
     import threading
 
     import httpx
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    from local_proxy import nginx_binary, start_proxy
 
     if nginx_binary() is None:
         pytest.skip("nginx is not installed (apt-get install nginx-light)")
