@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from metalearn.learner import ALGORITHMS, HEAD_INITS
+from metalearn.names import ALGORITHMS, HEAD_INITS
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -484,17 +484,13 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from metalearn.checkpoint import CheckpointError
-    from metalearn.models import MODEL_MODULES_VARIABLE, import_model_modules
-
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(argv)  # --help and bad flags: answered before torch loads
+        from metalearn.models import MODEL_MODULES_VARIABLE, import_model_modules
+
         import_model_modules(os.environ.get(MODEL_MODULES_VARIABLE, ""))  # architectures of the user's own
         return COMMANDS[args.command](args)
     except UsageError as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
-        return EXIT_ERROR
-    except CheckpointError as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
@@ -503,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
-    except (ValueError, TypeError, RuntimeError, OSError) as error:
+    except (ValueError, TypeError, RuntimeError, OSError) as error:  # a CheckpointError is a ValueError
         if os.environ.get("METALEARN_DEBUG"):
             raise
         print(f"error: {_one_line(error)}", file=sys.stderr)

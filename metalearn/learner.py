@@ -33,8 +33,8 @@ loop talks to::
         result = learner.meta_step(batch, optimizer, iteration=iteration)
         print(result.loss, result.accuracy)
 
-A new variant touches these places, in this order: its name in ``ALGORITHMS``
-and the table above; what it changes in ``MetaConfig.__post_init__`` (defaults,
+A new variant touches these places, in this order: its name in
+``metalearn.names.ALGORITHMS`` and the table above; what it changes in ``MetaConfig.__post_init__`` (defaults,
 refused combinations), ``MetaLearner.__init__`` (parameters it learns besides
 the model's: ``lrs``, ``task_encoder``), ``step_lr`` (its learning rate) and
 ``task_gradient_fn`` (how the outer gradient is formed); a config
@@ -59,10 +59,8 @@ from torch import nn
 from torch.func import functional_call, grad_and_value
 
 from metalearn.models import convert_batchnorm, head_module_name, head_parameter_names, norm_statistics, same_definition
+from metalearn.names import ALGORITHMS, HEAD_INITS, TASK_TYPES
 
-ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "tamaml", "mamlpp")
-TASK_TYPES = ("classification", "regression")
-HEAD_INITS = ("learned", "prototypes")
 
 Params = dict[str, torch.Tensor]
 

@@ -136,6 +136,32 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     assert str(bad) in done.stderr
 
 
+def test_help_and_bad_flags_answer_before_torch_loads():
+    """Importing torch takes about 2 s: ``metalearn --help`` and a bad flag must not wait for it, and the
+    package's public names still resolve (imported on first use)."""
+    code = """
+import sys
+from metalearn.cli import main
+for argv in (["train", "--algorithm", "nope"], ["info"], ["eval", "x", "--episodes", "0"]):
+    assert main(argv) == 2, argv
+try:
+    main(["--help"])
+except SystemExit as exit:
+    assert exit.code == 0
+print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
+import metalearn
+print(sorted(set(metalearn.__all__) - set(dir(metalearn))))
+from metalearn import *
+print(MetaLearner.__module__, adapt.__module__, ALGORITHMS == metalearn.names.ALGORITHMS)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    torch_modules, missing, names = done.stdout.strip().splitlines()[-3:]
+    assert torch_modules == "[]" and missing == "[]"
+    assert names == "metalearn.learner metalearn.adaptation True"
+
+
 def test_serve_and_demo_call_the_service(monkeypatch, tmp_path, capsys):
     calls = []
     import types
