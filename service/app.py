@@ -300,6 +300,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.add_middleware(metrics.RequestMetrics, metrics=app.state.metrics)
     app.add_middleware(RequestIds)
+    app.add_middleware(problems.UnexpectedErrors)  # (outside them all: their own failures are answered too)
     return app
 
 

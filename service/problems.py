@@ -6,8 +6,8 @@ a route gives::
     {"type": "https://metalearn.dev/problems/wrong-tensor-shape", "title": "Wrong tensor shape",
      "status": 422, "detail": "support.x: expected rank 4 ...", "instance": "/v1/models/m/adapt"}
 
-:func:`install` adds handlers for request validation errors, HTTP errors (404,
-405, ...), and a last-resort handler so even an unexpected exception is a JSON
+:func:`install` adds handlers for request validation errors and HTTP errors (404,
+405, ...); the middleware :class:`UnexpectedErrors` makes even an unexpected exception a JSON
 problem (with the request's id, ``service.request_ids``); :class:`BodySizeLimit` answers ``413`` for bodies over the limit,
 counting the bytes as they arrive (a lying or missing Content-Length does not help).
 """
@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
 
-from service.request_ids import logged_path, request_id
+from service.request_ids import logged_path
 
 log = logging.getLogger("service")
 
@@ -160,14 +160,40 @@ def install(app: FastAPI) -> None:
         problem = Problem(exc.status_code, title, detail, headers=headers)
         return problem_response(problem, request.url.path)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        # Answered outside the middleware (Starlette's outermost layer catches it): the id goes in by hand.
-        rid = request_id(request)
-        log.exception("unexpected error on %s %s (request id %s)", request.method, logged_path(request.scope), rid)
-        extra = {"request_id": rid, "headers": {"X-Request-ID": rid}} if rid else {}
-        problem = Problem(500, "Internal error", f"unexpected {type(exc).__name__}; the service keeps running", **extra)
-        return problem_response(problem, request.url.path)
+
+
+class UnexpectedErrors:
+    """ASGI middleware, the outermost: an exception no handler took (a bug) is logged once, with its request id,
+    and answered with a 500 problem; the connection stays open for the client's next request.
+
+    Not ``app.exception_handler(Exception)``: Starlette answers with that handler from its outermost layer and
+    then raises the exception again for the server, which logs it a second time and closes the connection, so
+    a client's next request on it (a keep-alive reuse, or one already sent) failed with a reset."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:
+            if started:  # an answer half sent: only closing the connection can end it
+                raise
+            # Outside the middleware that sets the id header: it goes in by hand.
+            rid = scope.get("state", {}).get("request_id")
+            log.exception("unexpected error on %s %s (request id %s)", scope["method"], logged_path(scope), rid)
+            extra = {"request_id": rid, "headers": {"X-Request-ID": rid}} if rid else {}
+            problem = Problem(500, "Internal error", f"unexpected {type(exc).__name__}; the service keeps running", **extra)
+            await problem_response(problem, scope["path"])(scope, receive, send)
 
 
 class _BodyRefused(StarletteHTTPException):

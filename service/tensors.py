@@ -154,7 +154,7 @@ def _from_images(value: ImageList, where: str, preprocessing: dict | None, max_c
     pixels = 0
     from PIL import Image, UnidentifiedImageError
 
-    from metalearn.data.preprocess import preprocess_images
+    from metalearn.data.preprocess import ACCEPTED, IMAGE_FORMATS, preprocess_images
 
     blobs = []
     for i, text in enumerate(value.images):
@@ -164,12 +164,14 @@ def _from_images(value: ImageList, where: str, preprocessing: dict | None, max_c
                 raise invalid(f"{where}.images[{i}]: a data URL must be base64 (data:image/png;base64,...), got {header[:60]!r}")
         blob = b64decode(text, f"{where}.images[{i}]")
         try:
-            with Image.open(io.BytesIO(blob)) as img:
+            with Image.open(io.BytesIO(blob), formats=IMAGE_FORMATS) as img:
                 width, height = img.size
         except Image.DecompressionBombError:  # Pillow's own limit, reached before ours by its header alone
             width = height = math.inf
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-            raise invalid(f"{where}.images[{i}]: not a decodable image (PNG, JPEG, ...)") from None
+        except UnidentifiedImageError:
+            raise invalid(f"{where}.images[{i}]: not a picture in a format read here ({ACCEPTED})") from None
+        except Exception as error:  # noqa: BLE001 - a decoder's own failure on a malformed header is the upload's fault
+            raise invalid(f"{where}.images[{i}]: not a decodable image ({type(error).__name__})") from None
         if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
             size = f"of {width}x{height} pixels" if math.isfinite(width) else f"of over {2 * Image.MAX_IMAGE_PIXELS} pixels"
             raise invalid(f"{where}.images[{i}]: image {size} exceeds {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}")
@@ -236,6 +238,7 @@ def decode_inputs(value: Any, where: str, input_shape: tuple[int, ...], preproce
     else:
         if isinstance(value, list) and value and isinstance(value[0], list):  # (counted before the numbers are read;
             _check_count(len(value), where, max_count)                      # a flat list is a shape error, below)
+        _refuse_booleans(value, where, "an input value", "Invalid tensor")
         array = _array_from(value, where, torch.float32, "nested lists, {dtype, shape, base64} or {images}")
         if isinstance(value, EncodedTensor) and value.dtype == "uint8":
             array = uint8_as_trained(array, preprocessing)
@@ -254,11 +257,17 @@ def decode_inputs(value: Any, where: str, input_shape: tuple[int, ...], preproce
 
 
 def _refuse_booleans(value: Any, where: str, what: str, title: str) -> None:
-    """``true``/``false`` among labels or targets (a client's ``label === "cat"``) would be read as 1 and 0.
-    Labels and targets are short lists (at most the support set, one level deep), so looking costs microseconds."""
-    rows = value if isinstance(value, list) else ()
-    if any(isinstance(v, bool) or (isinstance(v, list) and any(isinstance(u, bool) for u in v)) for v in rows):
-        raise invalid(f"{where}: true/false is not {what}: send numbers", title=title)
+    """``true``/``false`` in nested lists (a client's ``label === "cat"``) would be read as 1 and 0. Each list's
+    element types are collected in C (``map(type, ...)``): 0.15 ms for 5 Conv4 pictures sent as lists (torch reads
+    them in 0.28), and lists are the slow form anyway (fast clients send base64)."""
+    pending = [value] if isinstance(value, list) else []
+    while pending:
+        items = pending.pop()
+        types = set(map(type, items))
+        if bool in types:
+            raise invalid(f"{where}: true/false is not {what}: send numbers", title=title)
+        if list in types:
+            pending.extend(item for item in items if type(item) is list)
 
 
 def decode_labels(value: Any, where: str, count: int, n_way: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from metalearn.adaptation import adapt, predict
 from metalearn.checkpoint import load_checkpoint
-from metalearn.client import AsyncClient, Client, ServiceError
+from metalearn.client import AsyncClient, Client, ServiceError, encode_tensor
 from test_service_helpers import ServerProcess, image_tasks, make_model_dir, sine_tasks
 
 
@@ -246,6 +246,9 @@ def test_client_quotes_session_ids_and_refuses_what_it_would_misread():
             client.adapt("m", np.zeros((2, 1)), np.array([True, False]))
         with pytest.raises(TypeError, match="complex"):
             client.adapt("m", np.zeros((2, 1), np.complex64), [0, 1])
+        with pytest.raises(ValueError, match="label 18446744073709551615 is beyond any class index"):  # (not wrapped to -1)
+            client.adapt("m", np.zeros((2, 1)), np.array([0, 2**64 - 1], np.uint64))
+        assert client._y(np.array([0, 3], np.uint64)) == encode_tensor(np.array([0, 3]), "base64", np.int64)
         bf16 = client._x(torch.ones(2, 3, dtype=torch.bfloat16))  # (numpy has no bfloat16: sent as float32)
         assert bf16["dtype"] == "float32" and bf16["shape"] == [2, 3]
     with pytest.raises(ValueError, match="encoding must be 'base64' or 'json'"):

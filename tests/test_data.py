@@ -381,7 +381,7 @@ def test_preprocess_images_matches_loader(omniglot):
     assert torch.equal(preprocess_images([Image.open(io.BytesIO(raw))])[0], from_loader)
 
 
-def test_preprocess_images_uploads():
+def test_preprocess_images_uploads(monkeypatch):
     # A canvas export: black stroke on a transparent background, 100x100 RGBA.
     canvas = Image.new("RGBA", (100, 100), (0, 0, 0, 0))
     canvas.paste((0, 0, 0, 255), (40, 0, 60, 100))
@@ -397,6 +397,22 @@ def test_preprocess_images_uploads():
         preprocess_images([b"not an image"], names=["upload.png"])
     with pytest.raises(ValueError, match="bomb.png: image too large to decode"):  # a ValueError, not Pillow's own
         preprocess_images([png_header_only(20000, 20000)], names=["bomb.png"])
+    # Formats outside IMAGE_FORMATS are not opened: Pillow's rarer plugins fail on malformed files with exceptions
+    # of their own (a DDS header with a pixel format it does not know: NotImplementedError), and EPS runs Ghostscript.
+    dds = b"DDS |" + bytes(71) + (32).to_bytes(4, "little") + (0x2000).to_bytes(4, "little") + bytes(48)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    for name, data in (("a.dds", dds), ("b.eps", eps)):
+        with pytest.raises(ValueError, match=name.replace(".", r"\.") + r": cannot decode image: not a picture in a format read here"):
+            preprocess_images([data], names=[name])
+    # A read format's decoder failing with an exception of its own names the file too (not a traceback).
+    from PIL import PngImagePlugin
+
+    def broken_decoder(self):
+        raise NotImplementedError("a decoder's own failure")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", broken_decoder)
+    with pytest.raises(ValueError, match=r"c\.png: cannot decode image \(NotImplementedError: a decoder's own failure\)"):
+        preprocess_images([buf.getvalue()], names=["c.png"])
     with pytest.raises(ValueError, match="kind='image'"):
         preprocess_images([buf.getvalue()], {"kind": "array"})
 
@@ -539,7 +555,7 @@ def test_pictures_as_companies_have_them(tmp_path):
 
     wide, narrow = preprocess_images([encoded(levels.astype(np.uint16) * 257), encoded(levels)], prep)
     assert torch.equal(wide, narrow) and 0.45 < float(narrow.mean()) < 0.55
-    with pytest.raises(ValueError, match=r"^3 picture\(s\) cannot be used; fix or remove them: a\.tif: .*32-bit float pictures .*; b\.png: cannot decode image: not a picture Pillow can read .*; c\.png: "):
+    with pytest.raises(ValueError, match=r"^3 picture\(s\) cannot be used; fix or remove them: a\.tif: .*32-bit float pictures .*; b\.png: cannot decode image: not a picture in a format read here \(PNG, JPEG, .*; c\.png: "):
         preprocess_images([encoded(np.ones((8, 8), np.float32), "TIFF"), b"nope", b"", encoded(levels)], prep, names=["a.tif", "b.png", "c.png", "d.png"])
     archive = tmp_path / "windows.zip"
     with zipfile.ZipFile(archive, "w") as z:

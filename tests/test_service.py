@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import socket
 import time
 
 import httpx
@@ -88,6 +89,9 @@ def test_health_ready_and_models(server, http, model_dir):
     ready = httpx.get(server.url + "/readyz").json()
     assert ready["models"] == ["anil_run", "conv_maml", "sine"]  # broken.safetensors skipped, run dir named after the dir
     assert list(ready["skipped"]) == ["broken.safetensors"]  # its place in the model directory, not the host's path
+    for probe in ("/healthz", "/readyz"):  # (some load balancers and uptime checks probe with HEAD)
+        head = httpx.head(server.url + probe)
+        assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
     assert str(model_dir) not in str(ready["skipped"]) and ready["skipped"]["broken.safetensors"].startswith("broken.safetensors: ")
     models = {m["name"]: m for m in http.get("/v1/models").json()["models"]}
     assert models["conv_maml"]["task_type"] == "classification" and models["conv_maml"]["n_way"] == 5
@@ -364,6 +368,10 @@ BAD_CASES = {
     "byte count mismatch": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"dtype": "float32", "shape": [5, 1, 28, 28], "base64": base64.b64encode(b"\0" * 100).decode()})}, 422, "do not match"),
     "unknown dtype": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"dtype": "complex64", "shape": [1], "base64": ""})}, 422, None),
     "malformed image": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"images": [base64.b64encode(b"not a png").decode()] * 5})}, 422, "image"),
+    # Pillow's rarer plugins fail on malformed files with exceptions of their own (this DDS: NotImplementedError, a 500 before)
+    "picture in a format not read": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"images": [base64.b64encode(b"DDS |" + bytes(71) + (32).to_bytes(4, "little") + (0x2000).to_bytes(4, "little") + bytes(48)).decode()] * 5})}, 422, "images[0]: not a picture in a format read here (PNG, JPEG"),
+    "a boolean among the inputs": ("POST", "/v1/models/sine/adapt", {"support": {"x": [[True], [2.0]], "y": [1.0, 2.0]}}, 422, "support.x: true/false is not an input value"),
+    "query beyond the model's range": ("POST", "/v1/models/conv_maml/predict", {"support": support(), "query": {"x": b64(torch.full((1, 1, 28, 28), 3e38))}}, 422, "the adaptation held"),
     "data URL not base64": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"images": ["data:image/png,%89PNG"] * 5})}, 422, "images[0]: a data URL must be base64"),
     "image too large": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"images": [png(np.zeros((8, 5000), np.uint8))] * 5})}, 422, "image of 5000x8 pixels exceeds 4096x4096"),
     "decompression bomb": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"images": [base64.b64encode(png_header_only(20000, 20000)).decode()] * 5})}, 422, "exceeds 4096x4096"),
@@ -386,6 +394,46 @@ def test_bad_input_is_a_4xx_problem(server, http, case):
     response = http.request(method, path, json=body)
     assert_problem(response, status, *([fragment] if fragment else []))
     assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+def test_an_unexpected_error_is_one_500_problem_and_the_connection_serves_on(model_dir, tmp_path, monkeypatch):
+    """A bug (an exception no handler takes) is answered with a 500 problem carrying the request's id, logged
+    once, and the connection goes on to the client's next request. (Starlette's own last-resort handler raised
+    the exception again after answering: uvicorn logged it a second time and closed the connection, so a
+    request already sent on it, or a keep-alive reuse, failed with a reset.)"""
+    (tmp_path / "buggy_app.py").write_text(
+        "from service.app import create_app\n"
+        "app = create_app()\n"
+        "@app.get('/v1/bug')\n"
+        "async def bug():\n"
+        "    raise KeyError('a bug')\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    proc = ServerProcess(model_dir, tmp_path / "server.log", app="buggy_app:app")
+    try:
+        proc.wait_ready()
+        with socket.create_connection(("127.0.0.1", proc.port), timeout=30) as connection:
+            # Two requests at once, the second behind the first on the same connection.
+            connection.sendall(b"GET /v1/bug HTTP/1.1\r\nHost: t\r\nX-Request-ID: bug-report-1\r\n\r\n"
+                               b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            received = b""
+            while received.count(b"HTTP/1.1 ") < 2 or not received.endswith(b"}"):
+                chunk = connection.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+        answers = received.split(b"HTTP/1.1 ")[1:]
+        assert len(answers) == 2 and answers[1].startswith(b"200 "), received
+        head, _, body = answers[0].partition(b"\r\n\r\n")
+        assert head.startswith(b"500 ") and b"content-type: application/problem+json" in head.lower()
+        assert b"x-request-id: bug-report-1" in head.lower() and b"connection: close" not in head.lower()
+        problem = json.loads(body)
+        assert problem["type"].endswith("/internal-error") and problem["request_id"] == "bug-report-1"
+        assert problem["detail"] == "unexpected KeyError; the service keeps running"
+        log = proc.log()
+        assert log.count("Traceback") == 1 and "bug-report-1" in log and "Exception in ASGI application" not in log, log
+    finally:
+        proc.stop()
 
 
 def test_malformed_json_and_body_limit(server, http):

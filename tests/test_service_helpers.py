@@ -76,10 +76,10 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``uvicorn service.app:app`` in a subprocess on a free loopback port, configured by METALEARN_* env;
-    with ``cli``, ``metalearn serve`` (what the Dockerfile and compose file run) instead."""
+    """``uvicorn service.app:app`` (or another ``app``) in a subprocess on a free loopback port, configured by
+    METALEARN_* env; with ``cli``, ``metalearn serve`` (what the Dockerfile and compose file run) instead."""
 
-    def __init__(self, model_dir: Path, log_path: Path, cli: bool = False, **settings):
+    def __init__(self, model_dir: Path, log_path: Path, cli: bool = False, app: str = "service.app:app", **settings):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ)
@@ -94,7 +94,7 @@ class ServerProcess:
         if cli:
             command = ["-m", "metalearn.cli", "serve", "--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port)]
         else:
-            command = ["-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+            command = ["-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
         self.process = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 90.0) -> "ServerProcess":

@@ -29,6 +29,11 @@ from torch import Tensor
 
 ImageInput = Union[bytes, bytearray, memoryview, Image.Image, str, os.PathLike]
 
+# The picture formats read (Pillow's names; JPEG's covers cameras' multi-picture MPO files). Pillow opens many more, but
+# its rarer plugins fail on malformed files with exceptions of their own (DDS, BLP, SPIDER), and EPS runs
+# Ghostscript: uploads are untrusted bytes.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
+
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "box": Image.Resampling.BOX,
@@ -86,13 +91,16 @@ def _validate(prep: dict[str, Any]) -> tuple[tuple[int, int], bool, Image.Resamp
     return (size[0], size[1]), bool(prep.get("invert", True)), _RESAMPLE[resample]
 
 
+ACCEPTED = "PNG, JPEG, GIF, BMP, TIFF, WebP"  # IMAGE_FORMATS, as people name them
+
+
 def _open(item: ImageInput) -> Image.Image:
     if isinstance(item, Image.Image):
         return item
     if isinstance(item, (bytes, bytearray, memoryview)):
-        img = Image.open(io.BytesIO(item))
+        img = Image.open(io.BytesIO(item), formats=IMAGE_FORMATS)
     elif isinstance(item, (str, os.PathLike)):
-        img = Image.open(item)
+        img = Image.open(item, formats=IMAGE_FORMATS)
     else:
         raise TypeError(f"expected image bytes, a PIL image or a path, got {type(item).__name__}")
     img.load()  # decode now, so errors surface here with the item's name
@@ -159,11 +167,13 @@ def preprocess_images(
         try:
             img, white = _decode(_open(images[i]), grayscale)
         except UnidentifiedImageError:
-            failures.append((i, f"{label}: cannot decode image: not a picture Pillow can read (PNG, JPEG, ...)"))
+            failures.append((i, f"{label}: cannot decode image: not a picture in a format read here ({ACCEPTED})"))
         except (OSError, SyntaxError, ValueError) as e:
             failures.append((i, f"{label}: cannot decode image ({e})"))
         except Image.DecompressionBombError as e:  # (not an OSError: it would go up as a traceback)
             failures.append((i, f"{label}: image too large to decode ({e})"))
+        except Exception as e:  # noqa: BLE001 - a decoder's own failure on a malformed file is the file's fault
+            failures.append((i, f"{label}: cannot decode image ({type(e).__name__}: {e})"))
         else:
             # PIL sizes are (width, height).
             img = img.resize((width, height), resample)

@@ -50,3 +50,9 @@ async def readyz(request: Request) -> dict:
     relative = {path: os.path.relpath(path, state.settings.model_dir) for path in registry.errors}
     skipped = {relative[path]: reason.replace(path, relative[path]) for path, reason in registry.errors.items()}
     return {"status": "ready", "models": registry.names(), "queue_depth": engine.depth(), "skipped": skipped}
+
+
+# HEAD too, for the load balancers and uptime checks that probe with it (the server sends the answer without its
+# body); left out of the OpenAPI document, where it would be a second operation of the same id.
+for _path, _probe in (("/healthz", healthz), ("/readyz", readyz)):
+    router.add_api_route(_path, _probe, methods=["HEAD"], include_in_schema=False)

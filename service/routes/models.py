@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime, timezone
 
@@ -50,12 +51,18 @@ def decode_support(model, support, settings):
     return x, y
 
 
-def check_finite(result: dict, adapted: bool = True) -> dict:
+def check_finite(result: dict, adapted: bool = True, predicted: bool = False) -> dict:
     """A diverged adaptation (non-finite parameters or outputs) is the request's fault (its settings, or
-    its inputs): 422, not a 500. ``adapted``: whether this request adapted (a session predict did not)."""
+    its inputs): 422, not a 500. ``adapted``: whether this request adapted (a session predict did not);
+    ``predicted``: whether it predicted a query too (a stateless predict)."""
     if result.get("diverged"):
         if not adapted:
             raise Problem(422, "Adaptation diverged", "the prediction produced non-finite outputs: are the inputs in the range the model was trained on?")
+        losses = (result.get("support_loss_before"), result.get("support_loss_after"))
+        if all(isinstance(v, float) and math.isfinite(v) for v in losses) and predicted:
+            # The loss after is taken at the adapted parameters: finite, they held; the query's outputs did not.
+            raise Problem(422, "Adaptation diverged", f"the adaptation held (support loss {losses[0]} -> {losses[1]}), but the "
+                          "query's predictions are non-finite: are the query inputs in the range the model was trained on?")
         raise Problem(
             422,
             "Adaptation diverged",
@@ -153,7 +160,7 @@ async def predict_stateless(request: Request, name: str, body: PredictRequest = 
     sx, sy, qx = await decode_off_the_loop(request, (body.support.x, body.query.x), decode)
     started = time.perf_counter()
     job = Job("adapt", model, support_x=sx, support_y=sy, steps=steps, lr=lr, query_x=qx, transductive=body.transductive, keep_session=False)
-    result = check_finite(await compute_unless_client_gone(request, state.engine, job))
+    result = check_finite(await compute_unless_client_gone(request, state.engine, job), predicted=True)
     state.metrics.adaptation.labels(model.name).observe(time.perf_counter() - started)
     return PredictResponse(
         model=model.name,
