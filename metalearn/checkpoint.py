@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -61,6 +62,18 @@ class Checkpoint:
     @property
     def name(self) -> str:
         return self.path.stem
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with each non-finite float (a diverged evaluation's NaN, an infinity) as None: JSON has no NaN,
+    and ``json.dumps`` would write one that strict parsers refuse."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    return value
 
 
 def content_hash(tensors: dict[str, torch.Tensor], manifest: dict) -> str:
@@ -173,11 +186,12 @@ def save_checkpoint(
     manifest = build_manifest(learner, **manifest_fields)
     if state is not None:
         manifest["state"] = state
+    manifest = json_ready(manifest)
     tensors = {name: p.detach().cpu().contiguous() for name, p in learner.state_dict().items()}
     for name, tensor in (state_tensors or {}).items():
         tensors[STATE_PREFIX + name] = tensor.detach().cpu().contiguous()
     manifest["content_hash"] = content_hash(tensors, manifest)
-    data = save_bytes(tensors, metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True)})
+    data = save_bytes(tensors, metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True, allow_nan=False)})
     atomic_write_bytes(path, data)
     return manifest
 
@@ -209,6 +223,8 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if not path.is_file():  # (a FIFO would hang the read, a device never end it)
+        raise CheckpointError(f"{path}: not a regular file, so not a checkpoint")
     raw = path.read_bytes()
     manifest = _parse_header(path, raw)
     version = manifest.get("format_version")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -164,11 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="the manifest as JSON only")
 
     demo = commands.add_parser("demo", help="train small demo models (if there are none) and serve them")
-    demo.add_argument("--model-dir", default="models")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=_port, default=8000)
+    demo.add_argument("--model-dir", default="models", help="where the models are, or the demo models go (default: models)")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    demo.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
     demo.add_argument("--no-serve", action="store_true", help="only make the demo models")
-    demo.add_argument("--threads", type=_positive_int)
+    demo.add_argument("--threads", type=_positive_int, help="torch CPU threads while training")
 
     serve = commands.add_parser("serve", help="serve the models of a directory over HTTP")
     serve.add_argument("--model-dir", help="default: METALEARN_MODEL_DIR, else models")
@@ -214,6 +215,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if not args.out:
             raise UsageError("metalearn train: --resume needs --out (the run directory to continue)")
+        if args.config:  # (it would be ignored: the run goes on with the config it recorded)
+            raise UsageError("metalearn train: --resume continues the run in --out with the config it recorded; "
+                             "leave out --config (flags such as --iterations or --time-budget may change)")
         from metalearn.train import TrainConfig
 
         config = TrainConfig(out=args.out)
@@ -236,7 +240,8 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"--time-budget SECONDS (more than {budget:g})", file=sys.stderr)
     line = f"done: {summary['iterations']} iterations in {summary['wall_seconds']:.1f}s -> {summary['out']}"
     if best.get("metric"):
-        line += f"; best {best['metric']} {best['mean']:.4f} +- {best['ci95']:.4f} at iteration {best['iteration']}"
+        mean, ci95 = (math.nan if best.get(key) is None else best[key] for key in ("mean", "ci95"))  # (NaN is kept as null)
+        line += f"; best {best['metric']} {mean:.4f} +- {ci95:.4f} at iteration {best['iteration']}"
     print(line)
     return 0
 
@@ -375,7 +380,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from metalearn.allocator import keep_freed_memory
-    from metalearn.checkpoint import load_checkpoint
+    from metalearn.checkpoint import json_ready, load_checkpoint
     from metalearn.evaluate import evaluate
     from metalearn.train import resolve_device
 
@@ -389,17 +394,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(checkpoint.learner, source, progress=args.progress, **kwargs)
     record = {**result.to_dict(), "checkpoint": str(path), "split": getattr(source, "split_name", None)}
     where = f" ({record['split']} split, {source.num_classes} classes)" if record["split"] else ""
-    print(json.dumps(record) if args.json else f"{path}{where}: {result.describe()}")
+    print(json.dumps(json_ready(record), allow_nan=False) if args.json else f"{path}{where}: {result.describe()}")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from metalearn.checkpoint import read_manifest
+    from metalearn.checkpoint import json_ready, read_manifest
 
     path = checkpoint_path(args.path)
-    manifest = read_manifest(path)
+    manifest = json_ready(read_manifest(path))  # (checkpoints before this release may hold NaN)
     if args.json:
-        print(json.dumps(manifest, indent=2, sort_keys=True))
+        print(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False))
         return 0
     shown = {k: v for k, v in manifest.items() if k != "state"}
     print(f"# {path}")
@@ -443,26 +448,40 @@ DEMO_MODELS = {
 
 
 def make_demo_models(model_dir: str | Path, threads: int | None = None) -> list[Path]:
-    """Train the demo models into ``model_dir`` (one run directory each) unless it already has models."""
-    from metalearn.checkpoint import BEST, LAST, SUFFIX
+    """Train the demo models into ``model_dir`` (one run directory each), unless it holds models of its own (the
+    user's: left alone, no demo added); a demo model already trained is kept, one interrupted goes on."""
+    from metalearn.checkpoint import BEST, LAST, CheckpointError, read_manifest
     from metalearn.train import Trainer, resolve_config
 
     root = Path(model_dir)
-    existing = sorted(root.glob("*" + SUFFIX)) + sorted(root.glob(f"*/{BEST}")) if root.is_dir() else []
-    if existing:
-        print(f"{root}: {len(existing)} model(s) already there, not training demo models", file=sys.stderr)
-        return existing
+    usable = []
+    for _, path in _service("registry").discover(root):  # (what the service would serve)
+        try:
+            read_manifest(path)
+            usable.append(path)
+        except CheckpointError as error:
+            print(f"note: {_one_line(error)}: not a model (the service skips it too)", file=sys.stderr)
+    demo_paths = {root / name / BEST for name in DEMO_MODELS}
+    own = [path for path in usable if path not in demo_paths]
+    if own:
+        print(f"{root}: {len(own)} model(s) of its own already there, not training demo models", file=sys.stderr)
+        return usable
     made = []
     for name, recipe in DEMO_MODELS.items():
         out = root / name
-        overrides = {**recipe["overrides"], "out": str(out), "threads": threads}
-        resume = (out / LAST).exists()
-        print(f"training demo model {name} -> {out}", file=sys.stderr)
-        if resume:
-            trainer = Trainer(resolve_config(recipe["config"], overrides), resume=True)
+        config = resolve_config(recipe["config"], {**recipe["overrides"], "out": str(out), "threads": threads})
+        try:
+            trained = read_manifest(out / LAST).get("state", {}).get("iteration", 0)
+        except CheckpointError:  # none yet (a broken one is said when the run goes on from it)
+            trained = 0
+        if trained >= config.iterations and (out / BEST).is_file():
+            print(f"demo model {name}: already trained ({out})", file=sys.stderr)
         else:
-            trainer = Trainer(resolve_config(recipe["config"], overrides))
-        trainer.run()
+            resume = (out / LAST).exists()
+            print(f"training demo model {name} -> {out}" + (" (going on from its last checkpoint)" if resume else ""), file=sys.stderr)
+            overrides = {"iterations": config.iterations, **({"threads": threads} if threads else {})}
+            trainer = Trainer(config, resume=True, resume_overrides=overrides) if resume else Trainer(config)
+            trainer.run()
         made.append(out / BEST)
     return made
 
@@ -496,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except MemoryError:
+        print("error: out of memory: use smaller pictures (image_size), tasks or meta_batch, or fewer data", file=sys.stderr)
+        return EXIT_ERROR
     except (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return EXIT_ERROR

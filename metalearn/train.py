@@ -25,7 +25,9 @@ tasks and the meta-gradients are averaged (see :mod:`metalearn.distributed`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import inspect
 import json
@@ -43,13 +45,14 @@ import torch
 from metalearn import default_device, distributed
 from metalearn.adaptation import check_support_shift
 from metalearn.allocator import keep_freed_memory
-from metalearn.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
+from metalearn.checkpoint import BEST, LAST, CheckpointError, json_ready, load_checkpoint, save_checkpoint
 from metalearn.evaluate import VALIDATION_SEED, EvalResult, better, evaluate
 from metalearn.learner import MetaConfig, MetaLearner, as_recorded, check_algorithm
 from metalearn.models import architecture, build_model
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 METRICS, PLOT = "metrics.jsonl", "curves.png"
+LOCK = ".train.lock"  # held (flock) by the run writing the directory
 
 # Settings that may change when a run is resumed; everything else must match.
 RESUMABLE_CHANGES = {
@@ -64,6 +67,9 @@ RESUMABLE_CHANGES = {
     "progress",
     "time_budget",
 }
+
+
+MAX_IMAGE_SIZE = 1024  # pictures' side at the model's input (a Conv4 of 1024x1024 inputs is already far past a few-shot model)
 
 
 @dataclass
@@ -175,8 +181,21 @@ class TrainConfig:
             raise ValueError(f"eval_support_shift must be >= 0, got {self.eval_support_shift}")
         if not (self.meta_lr > 0 and math.isfinite(self.meta_lr)):
             raise ValueError(f"meta_lr must be a positive number, got {self.meta_lr}")
-        if int(self.image_size) < 4:
-            raise ValueError(f"image_size must be >= 4, got {self.image_size}")
+        if not 4 <= int(self.image_size) <= MAX_IMAGE_SIZE:
+            raise ValueError(f"image_size must be from 4 to {MAX_IMAGE_SIZE}, got {self.image_size}")
+        # The settings read only at validation or at the end, checked now: not after hours of training.
+        for name in ("val_ways", "val_shots", "val_queries", "eval_inner_steps", "max_shift"):  # (0 or None: the default)
+            value = getattr(self, name)
+            if value is not None and int(value) < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        for name in ("eval_inner_lr", "time_budget"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number, got {value}")
+        if not 0 <= self.min_lr_fraction <= 1:
+            raise ValueError(f"min_lr_fraction must be from 0 to 1 (of meta_lr), got {self.min_lr_fraction}")
+        if not -2**63 <= self.seed < 2**64:  # (torch's generators take 64 bits)
+            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if self.lr_schedule not in ("constant", "cosine", "linear"):
@@ -620,7 +639,6 @@ class Trainer:
         check_support_shift(config.eval_support_shift, source.input_shape)
         self.train_source = source.split("train")
         self.val_source = self._validation_source(source)
-        self.val_kwargs = self._validation_kwargs()
         self.data_record = data_record(source)
         if self.context.is_main and self.data_record:
             print(f"data: {describe_data(source, self.data_record)}", file=sys.stderr)
@@ -628,6 +646,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.learner = build_learner(config, source).to(self.device)
         self.optimizer = make_optimizer(config, self.learner)
+        self.val_kwargs = self._validation_kwargs()  # (after the model: inputs it cannot take are the likelier mistake)
         self.iteration = 0
         self.best: dict | None = None
         self.saved_at: int | None = None  # the iteration last.safetensors holds (written or resumed from)
@@ -681,10 +700,14 @@ class Trainer:
             kwargs["within_group"] = c.val_within_group
             if self.val_source is not None and c.val_within_group:
                 within = self._sampling_error(kwargs, within_group=True)
-                # (a split too small for any task is left to fail with its own error, without the note)
                 if within is not None and self._sampling_error(kwargs, within_group=False) is None:
                     print(f"note: validating across groups ({within})", file=sys.stderr)
                     kwargs["within_group"] = False
+            if self.val_source is not None:  # a split too small for any validation task: said now, not at the first validation
+                error = self._sampling_error(kwargs, within_group=kwargs["within_group"])
+                if error is not None:
+                    raise ValueError(f"validation cannot draw its tasks: {error}; set val_ways, val_shots or val_queries "
+                                     "(--set), or a larger val_fraction")
         return kwargs
 
     def _sampling_error(self, kwargs: dict, within_group: bool) -> ValueError | None:
@@ -780,7 +803,7 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         with open(self.out / METRICS, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(json_ready(record), allow_nan=False) + "\n")
 
     def validate(self) -> EvalResult | None:
         if self.val_source is None:
@@ -793,15 +816,31 @@ class Trainer:
         """Train to ``config.iterations`` (or the time budget); returns a summary dict."""
         context = distributed.setup(self.device)
         try:
-            return self._run(context)
+            with self._run_directory(context.is_main):
+                return self._run(context)
         finally:
             distributed.teardown(context)
+
+    @contextlib.contextmanager
+    def _run_directory(self, main: bool):
+        """The run directory, made and held by this run alone (the main process's): a second ``metalearn train``
+        on the same ``--out`` is refused, instead of interleaving its metrics with this one's and overwriting
+        its checkpoints."""
+        if not main:
+            yield
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / LOCK, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (released when the file closes, or the process ends)
+            except BlockingIOError:
+                raise FileExistsError(f"{self.out}: another metalearn train is writing this run directory; "
+                                      "wait for it to end or choose another --out") from None
+            yield
 
     def _run(self, context: distributed.Context) -> dict:
         c = self.config
         main = context.is_main
-        if main:
-            self.out.mkdir(parents=True, exist_ok=True)
         if not self.resume:
             distributed.broadcast_parameters(self.learner, context)
         reduce = distributed.gradient_reducer(context)
@@ -814,8 +853,11 @@ class Trainer:
         interrupted = False
         window = _Window()
         started = time.perf_counter() - self.elapsed
-        if main and self.iteration == 0 and not (self.out / METRICS).exists():
-            (self.out / METRICS).touch()
+        if main and not self.resume:
+            if (self.out / METRICS).exists() and (self.out / METRICS).stat().st_size:
+                print(f"note: {self.out / METRICS} held the log of a run that saved no checkpoint: this run's log "
+                      "replaces it", file=sys.stderr)
+            (self.out / METRICS).write_text("")  # a fresh run, a fresh log (not appended to another run's)
         with _StopRequest() as stop:
             while self.iteration < c.iterations:
                 i = self.iteration

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from metalearn.checkpoint import read_manifest
+from metalearn import MLP, MetaConfig, MetaLearner
+from metalearn.checkpoint import read_manifest, save_checkpoint
 from metalearn.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,6 +114,8 @@ def test_support_shift_is_recorded_and_used_by_eval(tmp_path, capsys):
         (["train", "--config", "no-such-config"], "no config named"),
         (["train", "--task", "/no/such/data.zip", "--iterations", "1"], "no such file"),
         (["train", "--resume"], "--resume needs --out"),
+        (["train", "--resume", "--out", "OUT", "--config", "omniglot-5way"], "leave out --config"),  # (it was ignored)
+        (["info", "/dev/null"], "not a regular file"),  # (a FIFO hung the read)
         (["train", "--task", "sinusoid", "--eval-support-shift", "1", "--iterations", "1"], "needs image inputs"),
         (["bogus"], "invalid choice"),
         ([], "required"),
@@ -123,6 +126,17 @@ def test_errors_are_one_line(capsys, tmp_path, args, fragment):
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], err
+
+
+def test_running_out_of_memory_is_one_line(monkeypatch, capsys):
+    from metalearn import cli
+
+    def needs_too_much(args):
+        raise MemoryError()
+
+    monkeypatch.setitem(cli.COMMANDS, "info", needs_too_much)
+    code, _, err = run(capsys, "info", "x")
+    assert code == 2 and err.strip().splitlines() == ["error: out of memory: use smaller pictures (image_size), tasks or meta_batch, or fewer data"]
 
 
 def test_console_script_reports_errors_without_traceback(tmp_path):
@@ -171,7 +185,8 @@ def test_serve_and_demo_call_the_service(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "service.server", fake)
     models = tmp_path / "models"
     models.mkdir()
-    (models / "x.safetensors").write_bytes(b"")  # demo does not retrain when models exist
+    save_checkpoint(models / "x.safetensors", MetaLearner(MLP(1, (4,), 1), MetaConfig("maml", task_type="regression")),
+                    input_shape=(1,))  # demo does not train its models beside one of the user's
     assert main(["serve", "--model-dir", str(models), "--port", "8123"]) == 0
     assert main(["demo", "--model-dir", str(models), "--host", "0.0.0.0", "--port", "8124"]) == 0
     assert calls == [(str(models), "127.0.0.1", 8123), (str(models), "0.0.0.0", 8124)]
@@ -181,6 +196,30 @@ def test_serve_and_demo_call_the_service(monkeypatch, tmp_path, capsys):
         code, _, err = run(capsys, command, "--model-dir", str(models), "--port", port)
         assert code == 2 and f"--port: must be from 1 to 65535, got {port}" in err
     assert len(calls) == 2
+
+
+def test_demo_keeps_its_trained_models_finishes_an_interrupted_one_and_counts_only_real_models(tmp_path, monkeypatch, capsys):
+    from metalearn import cli
+    from metalearn.train import Trainer, resolve_config
+
+    tiny = {"iterations": 4, "val_interval": 2, "val_episodes": 2, "meta_batch": 2, "progress": False}
+    monkeypatch.setattr(cli, "DEMO_MODELS", {"first": {"config": "sinusoid-maml", "overrides": tiny},
+                                             "second": {"config": "sinusoid-reptile", "overrides": tiny}})
+    models = tmp_path / "models"
+    # "second" interrupted half way: 2 of its 4 iterations; and a file that only looks like a model
+    Trainer(resolve_config("sinusoid-reptile", {**tiny, "iterations": 2, "out": str(models / "second")})).run()
+    (models / "notes.safetensors").write_text("not a checkpoint")
+    made = cli.make_demo_models(models)
+    err = capsys.readouterr().err
+    assert made == [models / "first" / "best.safetensors", models / "second" / "best.safetensors"]
+    assert "notes.safetensors" in err and "not a model" in err  # (before: counted as a model, so no demo was trained)
+    assert "training demo model first" in err and "training demo model second" in err and "going on from its last checkpoint" in err
+    for name in ("first", "second"):
+        assert read_manifest(models / name / "last.safetensors")["state"]["iteration"] == 4
+    written = {p: p.stat().st_mtime_ns for p in models.glob("*/*.safetensors")}
+    assert cli.make_demo_models(models) == made  # both trained: kept as they are
+    assert "demo model first: already trained" in capsys.readouterr().err
+    assert written == {p: p.stat().st_mtime_ns for p in models.glob("*/*.safetensors")}
 
 
 def test_validation_falls_back_to_tasks_across_groups_only_where_those_exist(tmp_path, capsys):

@@ -45,7 +45,7 @@ def test_two_processes_match_one_process_with_the_combined_meta_batch(tmp_path):
     done = torchrun(out)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done: 1 iterations") == 1  # only rank 0 reports
-    assert sorted(p.name for p in out.iterdir()) == ["best.safetensors", "curves.png", "last.safetensors",
+    assert sorted(p.name for p in out.iterdir()) == [".train.lock", "best.safetensors", "curves.png", "last.safetensors",
                                                       "metrics.jsonl"]
     checkpoint = load_checkpoint(out / "last.safetensors")
     assert checkpoint.manifest["training"]["world_size"] == 2

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,6 +24,7 @@ from metalearn.train import (
     TrainingDiverged,
     default_config,
     learning_rate,
+    read_metrics,
     resolve_config,
     task_generator,
 )
@@ -296,3 +298,62 @@ def test_classification_needs_two_ways_at_least(tmp_path):
     with pytest.raises(ValueError, match="val_ways must be >= 2 for classification, got 1"):
         Trainer(config.update(dict(ways=5, val_ways=1)))
     assert Trainer(tiny_sine(tmp_path / "sine", ways=1)).task_type == "regression"  # ways means nothing there
+
+
+def test_settings_read_late_are_checked_before_training(tmp_path):
+    """What only validation or the end of a run reads is refused before the first meta-step, not after hours of
+    training (before: a validation split too small for its tasks, or eval_inner_steps=-1, failed at the first
+    validation, with no checkpoint written)."""
+    for change, message in [({"eval_inner_steps": -1}, "eval_inner_steps must be >= 0"), ({"val_queries": -1}, "val_queries must be >= 0"),
+                            ({"eval_inner_lr": -1.0}, "eval_inner_lr must be a positive number"),
+                            ({"eval_inner_lr": 0.0}, "eval_inner_lr must be a positive number"),
+                            ({"time_budget": 0.0}, "time_budget must be a positive number"),
+                            ({"min_lr_fraction": 5.0}, "min_lr_fraction must be from 0 to 1"),
+                            ({"image_size": 10**6}, "image_size must be from 4 to 1024"),
+                            ({"seed": 10**23}, "seed must fit in 64 bits")]:
+        with pytest.raises(ValueError, match=message):
+            Trainer(tiny_sine(tmp_path / "refused", **change))
+    assert not (tmp_path / "refused").exists()
+    data = tmp_path / "d.npz"  # 12 classes: 10 to train on, 2 held out, too few for 5-way validation tasks
+    np.savez(data, x=np.random.default_rng(0).random((120, 6), dtype=np.float32), y=np.repeat(list("abcdefghijkl"), 10))
+    config = default_config(str(data), "maml").update(dict(out=str(tmp_path / "late"), iterations=5, progress=False))
+    with pytest.raises(ValueError, match=r"validation cannot draw its tasks: .*fewer than ways=5.*val_ways"):
+        Trainer(config)
+    assert Trainer(config.update(dict(val_ways=2))).val_kwargs["ways"] == 2
+
+
+def test_a_fresh_run_starts_its_own_log_and_one_run_writes_a_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"kind": "train", "iteration": 300, "loss": 1.0}\n')  # a run that saved nothing
+    Trainer(tiny_sine(out, iterations=10, val_interval=10)).run()
+    assert "this run's log replaces it" in capsys.readouterr().err
+    assert [r["iteration"] for r in read_metrics(out / "metrics.jsonl")] == [5, 10, 10]  # (not 300, 5, 10, 10)
+    # A second run on the same directory while one writes it is refused (before: both wrote it at once).
+    import fcntl
+
+    with open(out / ".train.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(FileExistsError, match="another metalearn train is writing this run directory"):
+            Trainer(TrainConfig(out=str(out)), resume=True, resume_overrides={"iterations": 20}).run()
+    Trainer(TrainConfig(out=str(out)), resume=True, resume_overrides={"iterations": 20}).run()  # released: goes on
+
+
+def test_non_finite_results_are_written_as_json_null(tmp_path, capsys):
+    """A validation that diverges (an absurd test-time learning rate) gives NaN: metrics.jsonl, the checkpoint's
+    manifest and `metalearn eval --json` write null, which every JSON parser reads (not NaN, which strict ones refuse)."""
+    out = tmp_path / "run"
+    Trainer(tiny_sine(out, iterations=5, val_interval=5, eval_inner_lr=1e30)).run()
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text[:200]}"))
+
+    val = [strict(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
+    assert val and val[-1]["mean"] is None
+    assert read_manifest(out / "best.safetensors")["metrics"]["mean"] is None
+    from metalearn.cli import main
+
+    assert main(["eval", str(out), "--episodes", "2", "--inner-lr", "1e30", "--json", "--no-progress"]) == 0
+    assert strict(capsys.readouterr().out.strip().splitlines()[-1])["mean"] is None
+    assert main(["info", str(out), "--json"]) == 0
+    strict(capsys.readouterr().out)
