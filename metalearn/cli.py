@@ -302,6 +302,8 @@ def _eval_config(manifest: dict, args: argparse.Namespace) -> tuple[Any, bool]:
             check_ways(ways, "--ways")
         except ValueError as error:
             raise UsageError(f"metalearn eval: {error}") from None
+    elif args.ways:  # (it would be ignored)
+        raise UsageError(f"metalearn eval: --ways is for classification models; this one is a {manifest.get('task_type')} model")
     config.ways = ways
     config.shots = args.shots or config.val_shots or config.shots
     config.queries = args.queries or (config.val_queries if same_task else None) or config.queries

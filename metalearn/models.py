@@ -201,6 +201,8 @@ class MLP(nn.Module):
 
     def __init__(self, in_features: int = 1, hidden: tuple[int, ...] | list[int] = (40, 40), out_features: int = 1):
         super().__init__()
+        if min([in_features, *hidden, out_features]) < 1:  # (torch builds a layer of width 0, which learns nothing)
+            raise ValueError(f"MLP sizes must be >= 1, got in_features={in_features}, hidden={list(hidden)}, out_features={out_features}")
         layers: list[nn.Module] = []
         width = in_features
         for size in hidden:
@@ -228,6 +230,8 @@ class Conv4(nn.Module):
 
     def __init__(self, in_channels: int = 1, out_features: int = 5, channels: int = 64, image_size: int = 28):
         super().__init__()
+        if min(in_channels, out_features, channels) < 1:
+            raise ValueError(f"Conv4 sizes must be >= 1, got in_channels={in_channels}, out_features={out_features}, channels={channels}")
         blocks: list[nn.Module] = []
         width, size = in_channels, image_size
         for _ in range(4):

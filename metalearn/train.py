@@ -655,6 +655,11 @@ class Trainer:
         if resume:
             self._load_state()
             self.saved_at = self.iteration
+            budget = config.time_budget
+            if budget is not None and self.elapsed >= budget and self.iteration < config.iterations:
+                # (it would train one more meta-step, then stop, validate and save again)
+                raise ValueError(f"--resume: the run's time budget ({budget:g} s) is used up ({self.elapsed:.0f} s of training); "
+                                 "pass --time-budget SECONDS, more than that, to go on")
 
     # -- setup ------------------------------------------------------------
 

@@ -55,6 +55,8 @@ def test_sinusoid_train_eval_info(tmp_path, capsys):
     assert "/20 [" in err and "episode" in err  # the progress bar
     code, stdout, err = run(capsys, "eval", str(out), "--episodes", "20", "--no-progress")
     assert code == 0 and "episode" not in err
+    code, _, err = run(capsys, "eval", str(out), "--ways", "3")  # (it was ignored)
+    assert code == 2 and "--ways is for classification models; this one is a regression model" in err
     assert stdout.strip().count("\n") == 0 and re.search(r"best\.safetensors: mse \d+\.\d{4} \+- \d+\.\d{4} \(95% CI, 20 episodes", stdout)
     code, stdout, _ = run(capsys, "info", str(out / "last.safetensors"), "--json")
     manifest = json.loads(stdout)
@@ -265,6 +267,8 @@ def test_a_time_budget_stops_and_saves_the_run_and_says_how_to_go_on(tmp_path, c
     assert code == 0, err
     assert read_manifest(out / "last.safetensors")["training"]["iterations_done"] > done
     assert "ran out at iteration" in err
+    code, _, err = run(capsys, *args, "--resume")  # (before: one more meta-step, then the same stop, validation and save)
+    assert code == 2 and "the run's time budget (0.6 s) is used up" in err and "--time-budget SECONDS" in err
 
 
 def test_serve_takes_its_model_dir_from_the_environment(tmp_path, capsys, monkeypatch):

@@ -357,3 +357,13 @@ def test_non_finite_results_are_written_as_json_null(tmp_path, capsys):
     assert strict(capsys.readouterr().out.strip().splitlines()[-1])["mean"] is None
     assert main(["info", str(out), "--json"]) == 0
     strict(capsys.readouterr().out)
+
+
+def test_layers_of_no_width_are_refused(tmp_path):
+    """torch builds a Linear of width 0 with only a warning, and it learns nothing: a model spec asking for one
+    (``--set "model={hidden: [0]}"``) is refused."""
+    with pytest.raises(ValueError, match=r"MLP sizes must be >= 1, got in_features=1, hidden=\[16, 0\]"):
+        Trainer(tiny_sine(tmp_path / "zero", model={"hidden": [16, 0]}))
+    config = default_config("omniglot", "maml").update(dict(out=str(tmp_path / "conv"), progress=False, model={"channels": 0}))
+    with pytest.raises(ValueError, match="Conv4 sizes must be >= 1"):
+        Trainer(config)
