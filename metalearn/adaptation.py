@@ -36,8 +36,9 @@ from dataclasses import dataclass
 import torch
 from torch.func import vmap
 
+from metalearn.batching import check_label_range, check_sets
 from metalearn.data.images import SHIFTED_VIEWS, shifted_views
-from metalearn.learner import MetaLearner, Params
+from metalearn.learner import MetaLearner, Params, check_integer, check_learning_rate
 from metalearn.models import has_batchnorm, norm_statistics
 
 NormStats = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -94,11 +95,34 @@ def _predict_one(learner: MetaLearner, meta_params, buffers, adapted, norm_stats
         return learner.forward_with(params, buffers, query_x)
 
 
-def _resolve(learner: MetaLearner, steps: int | None) -> int:
-    steps = learner.config.inner_steps if steps is None else steps
+def _resolve(learner: MetaLearner, steps: int | None, lr: float | None) -> tuple[int, float | None]:
+    """``steps`` (None: the trained number) and ``lr`` (None: the trained rates), checked."""
+    steps = learner.config.inner_steps if steps is None else check_integer("steps", steps)
     if steps < 0:
-        raise ValueError("steps must be >= 0")
-    return steps
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    return steps, None if lr is None else check_learning_rate("lr", lr)
+
+
+def _at_hand(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be read at no cost and decide nothing that is recorded: a plain tensor on
+    the CPU, outside a trace and ``vmap``. Not one on a GPU (reading it waits for the GPU, and fails while
+    a CUDA graph captures), nor the service's CPU scripts' fake tensors (they record shapes, not values):
+    the service checks a request's labels itself before they reach the device."""
+    return (t.device.type == "cpu" and type(t) is torch.Tensor and not torch.jit.is_tracing()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def _checked_support(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, stacked: bool) -> torch.Tensor:
+    """``support_y`` checked as a meta-batch's tasks are (``metalearn.batching``): labels or targets shaped
+    as the task type needs, support sets not empty, ANIL's model, and classification labels in
+    ``[0, outputs)`` where they are at hand (:func:`_at_hand`; on a GPU, check them before moving them there)."""
+    support_y = learner.check_targets(support_y, stacked=stacked)
+    check_sets(support_x if stacked else (support_x,), what="the stack of support sets")
+    one_task = support_x[0] if stacked else support_x
+    learner.check_head_only(one_task)  # (ANIL's; once, and then the label range needs no forward of its own)
+    if _at_hand(support_y):
+        check_label_range(learner, one_task, [support_y])
+    return support_y
 
 
 def check_support_shift(support_shift: int, input_shape) -> None:
@@ -139,11 +163,14 @@ def adapt(
     ``lr`` replaces the base (or learned) inner learning rate; Task-Adaptive
     scales still apply on top of it. ``support_shift`` > 0 adds shifted views
     of every support image (:func:`augment_support`).
+
+    Refused with a ``ValueError``: steps that are not an integer >= 0, an ``lr`` that is not a positive
+    finite number, an empty support set, labels or targets of the wrong shape or type, and (for labels
+    on the CPU) class indices outside the model's outputs.
     """
-    steps = _resolve(learner, steps)
-    support_y = learner.check_targets(support_y)
+    steps, lr = _resolve(learner, steps, lr)
+    support_y = _checked_support(learner, support_x, support_y, stacked=False)
     support_x, support_y = augment_support(support_x, support_y, support_shift)
-    learner.check_head_only(support_x)
     adapted, stats, before, after = _adapt_one(
         learner, steps, lr, learner.meta_params(), learner.buffers_dict(), support_x, support_y
     )
@@ -159,11 +186,11 @@ def adapt_many(
     lr: float | None = None,
     support_shift: int = 0,
 ) -> Adaptation:
-    """``adapt`` for a stack of independent support sets ``[R, S, ...]``, as one vmapped computation."""
-    steps = _resolve(learner, steps)
-    support_y = learner.check_targets(support_y, stacked=True)
+    """``adapt`` for a stack of independent support sets ``[R, S, ...]``, as one vmapped computation
+    (checked as ``adapt`` checks one)."""
+    steps, lr = _resolve(learner, steps, lr)
+    support_y = _checked_support(learner, support_x, support_y, stacked=True)
     support_x, support_y = augment_support(support_x, support_y, support_shift, stacked=True)
-    learner.check_head_only(support_x[0])
 
     def one(meta_params, buffers, x, y):
         return _adapt_one(learner, steps, lr, meta_params, buffers, x, y)

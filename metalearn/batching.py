@@ -54,29 +54,50 @@ def choose_strategy(learner: MetaLearner, device: str | torch.device, training: 
     return "vmap"
 
 
-def _checked(learner: MetaLearner, tasks: tuple) -> tuple:
-    """The meta-batch's tasks, checked where a mistake would otherwise train silently or fail deep inside
-    (under ``vmap``, a label too large is an index error from a decomposition): labels or targets shaped as
-    the task type needs (:meth:`MetaLearner.check_targets`), classification labels in ``[0, outputs)``
-    (cross_entropy ignores -100), support and query sets not empty."""
-    support_x, support_y, query_x, query_y = tasks
+def check_sets(support_x, query_x=None, what: str = "the meta-batch") -> None:
+    """Raise ``ValueError`` unless there are tasks and every task's support set, and query set when
+    ``query_x`` is given (a query loss needs one), has examples (with none, the loss is a silent NaN).
+    ``support_x``/``query_x``: the tasks' inputs stacked ``[T, S, ...]``, or a sequence of ``[S, ...]``."""
     if len(support_x) == 0:
-        raise ValueError("the meta-batch has no tasks")
-    if support_x[0].shape[0] == 0 or (learner.config.algorithm != "reptile" and query_x[0].shape[0] == 0):
-        raise ValueError("every task needs support examples, and query examples for its query loss (a set of size 0)")
+        raise ValueError(f"{what} has no tasks")
+    for name, sets in (("support", support_x), ("query", query_x)):
+        empty = sets is not None and (sets.shape[1:2] == (0,) if isinstance(sets, torch.Tensor)
+                                      else any(x.shape[:1] == (0,) for x in sets))
+        if empty:
+            needs = "support examples" + (", and query examples for its query loss" if query_x is not None else "")
+            raise ValueError(f"every task needs {needs}: got a {name} set of size 0")
+
+
+def check_label_range(learner: MetaLearner, x: torch.Tensor, labels) -> None:
+    """Raise ``ValueError`` unless the classification ``labels`` (tensors of class indices, as
+    :meth:`MetaLearner.check_targets` returns them) are in ``[0, outputs)`` for the model's outputs on
+    inputs like ``x`` (one task's): cross_entropy ignores -100, and a label too large is an index error
+    (under ``vmap``, from a decomposition). Nothing to check for regression. Reads the labels' values:
+    for labels on a GPU, that waits for it."""
+    if learner.config.task_type != "classification":
+        return
+    ways = learner.outputs_width(x)
+    labels = torch.cat([t.flatten() for t in labels])
+    low, high = torch.stack(torch.aminmax(labels)).tolist() if labels.numel() else (0, 0)
+    if not 0 <= low <= high < ways:
+        raise ValueError(f"classification labels must be class indices in [0, {ways}) for a model with {ways} "
+                         f"outputs, got labels from {low} to {high}")
+
+
+def _checked(learner: MetaLearner, tasks: tuple) -> tuple:
+    """The meta-batch's tasks, checked where a mistake would otherwise train silently or fail deep inside:
+    labels or targets shaped as the task type needs (:meth:`MetaLearner.check_targets`), classification
+    labels in ``[0, outputs)`` (:func:`check_label_range`; one sync a step), support and query sets not
+    empty (:func:`check_sets`)."""
+    support_x, support_y, query_x, query_y = tasks
+    check_sets(support_x, None if learner.config.algorithm == "reptile" else query_x)
     # (a list of unequal tasks gives tuples of tensors, one per task)
     stacked = isinstance(support_y, torch.Tensor)
     checked = lambda labels: (learner.check_targets(labels, stacked=True) if stacked  # noqa: E731
                               else tuple(learner.check_targets(t) for t in labels))
     support_y, query_y = checked(support_y), checked(query_y)
-    if learner.config.task_type == "classification":
-        ways = learner.outputs_width(support_x[0])
-        labels = torch.cat([t.flatten() for y in (support_y, query_y) for t in ([y] if stacked else y)])
-        low, high = torch.stack(torch.aminmax(labels)).tolist() if labels.numel() else (0, 0)  # (one sync a step)
-        if not 0 <= low <= high < ways:
-            raise ValueError(f"classification labels must be class indices in [0, {ways}) for a model with {ways} "
-                             f"outputs, got labels from {low} to {high}")
-    learner.check_head_only(support_x[0])  # (ANIL's; once)
+    learner.check_head_only(support_x[0])  # (ANIL's; once, and then the label range needs no forward of its own)
+    check_label_range(learner, support_x[0], [t for y in (support_y, query_y) for t in ([y] if stacked else y)])
     return support_x, support_y, query_x, query_y
 
 

@@ -70,6 +70,22 @@ def check_algorithm(name: str) -> None:
         raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
 
 
+def check_integer(name: str, value) -> int:
+    """``value`` as an ``int`` (numpy's integers too), or a ``ValueError`` naming ``name`` for anything else
+    (a bool, a float such as 1.5)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def check_learning_rate(name: str, value) -> float:
+    """``value`` as a ``float``, or a ``ValueError`` naming ``name`` unless it is a positive finite number
+    (not a bool, NaN, infinity, 0 or negative)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
 def as_recorded(values: dict) -> dict:
     """MetaConfig's fields as a checkpoint or a run recorded them, made acceptable to this release. Earlier
     releases took ``learn_step_lrs`` with metasgd and ignored it (its learned rates were per element, as they
@@ -123,13 +139,9 @@ class MetaConfig:
             raise ValueError("inner_steps must be >= 0")
         if self.algorithm != "reptile" and self.inner_steps < 1:
             raise ValueError(f"{self.algorithm} needs at least one inner step")
-        if not (self.inner_lr > 0 and math.isfinite(self.inner_lr)):
-            raise ValueError("inner_lr must be a positive finite number")
+        check_learning_rate("inner_lr", self.inner_lr)
         for name in ("inner_steps", "multi_step_loss_iterations", "first_order_iterations", "encoder_hidden"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
-            setattr(self, name, int(value))  # (a numpy integer, say: the manifest's JSON takes ints)
+            setattr(self, name, check_integer(name, getattr(self, name)))  # (a numpy integer, say: the manifest's JSON takes ints)
         if self.multi_step_loss_iterations < 1 or self.encoder_hidden < 1 or self.first_order_iterations < 0:
             raise ValueError("multi_step_loss_iterations and encoder_hidden must be >= 1, first_order_iterations >= 0")
         for name in ("first_order", "multi_step_loss", "learn_step_lrs", "checkpoint_inner"):
@@ -373,13 +385,14 @@ class MetaLearner(nn.Module):
                              "the head adapted on its features); make forward return self.head(self.body(x)), or "
                              "use another algorithm (maml, fomaml) for this model")
         self._head_only_checked = True
+        self._outputs_width = full.shape[-1]  # (what outputs_width would run the model once more for)
 
     def check_targets(self, y: torch.Tensor, stacked: bool = False) -> torch.Tensor:
         """One task's labels or targets (``stacked``: a stack of tasks'), checked for what would otherwise
         train on the wrong thing or fail deep inside: classification labels are one integer class index per
         example (``[S]``; int32 taken as int64), regression targets one row per example (``[S, outputs]``,
         e.g. ``[S, 1]`` for one value). Returns them as the loss takes them. (Shapes and dtypes only: the
-        values' range is checked where a meta-batch is, in ``metalearn.batching``.)"""
+        values' range is checked by ``metalearn.batching.check_label_range``, for meta-batches and adaptation.)"""
         lead = "[T, S" if stacked else "[S"
         if self.config.task_type == "classification":
             if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:

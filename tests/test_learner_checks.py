@@ -299,3 +299,86 @@ def test_meta_step_in_eval_mode_warns_once():
         warnings.simplefilter("error")
         learner.meta_step(sine_batch(), optimizer)  # (once is enough)
         learner.train().meta_step(sine_batch(), optimizer)
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_adapt_refuses_what_a_meta_step_refuses(many):
+    """An empty support set (a silent NaN adaptation before) and labels outside the model's outputs (torch's
+    "Target 3 is out of bounds", or -100 ignored) get meta_step's messages from adapt and adapt_many."""
+    classifier = MetaLearner(MLP(4, (8,), 3), MetaConfig("maml", inner_steps=1, inner_lr=0.1))
+    tasks = label_batch(torch.tensor([0, 1, 2, 0, 1, 2]))
+    run = (lambda x, y: adapt_many(classifier, x, y)) if many else (lambda x, y: adapt(classifier, x[0], y[0]))
+    with pytest.raises(ValueError, match="every task needs support examples: got a support set of size 0"):
+        run(tasks.support_x[:, :0], tasks.support_y[:, :0])
+    for labels, shown in (([0, 1, 2, 0, 1, 3], "0 to 3"), ([0, 1, 2, 0, 1, -100], "-100 to 2"), ([0, -1, 2, 0, 1, 2], "-1 to 2")):
+        bad = torch.tensor(labels).expand(2, -1)
+        with pytest.raises(ValueError, match=rf"class indices in \[0, 3\) for a model with 3 outputs, got labels from {shown}"):
+            run(tasks.support_x, bad)
+        with pytest.raises(ValueError, match=rf"class indices in \[0, 3\) for a model with 3 outputs, got labels from {shown}"):
+            classifier.meta_gradient(TaskBatch(tasks.support_x, bad, tasks.query_x, tasks.query_y))  # (the same words)
+    regression = MetaLearner(MLP(1, (8,), 1), MetaConfig("maml", task_type="regression", inner_steps=1, inner_lr=0.1))
+    batch = sine_batch()
+    with pytest.raises(ValueError, match="every task needs support examples: got a support set of size 0"):
+        (adapt_many(regression, batch.support_x[:, :0], batch.support_y[:, :0]) if many
+         else adapt(regression, batch.support_x[0, :0], batch.support_y[0, :0]))
+    assert torch.isfinite(run(tasks.support_x, tasks.support_y).support_loss_after).all()
+
+
+def test_adapt_many_refuses_an_empty_stack_and_meta_batches_any_empty_task():
+    classifier = MetaLearner(MLP(4, (8,), 3), MetaConfig("maml", inner_steps=1, inner_lr=0.1))
+    tasks = label_batch(torch.tensor([0, 1, 2, 0, 1, 2]))
+    with pytest.raises(ValueError, match="the stack of support sets has no tasks"):  # (an IndexError before)
+        adapt_many(classifier, tasks.support_x[:0], tasks.support_y[:0])
+    g = torch.Generator().manual_seed(0)
+    unequal = [(torch.rand(n, 4, generator=g), torch.arange(n) % 3, torch.rand(6, 4, generator=g), torch.arange(6) % 3) for n in (3, 0)]
+    with pytest.raises(ValueError, match="support examples, and query examples for its query loss: got a support set of size 0"):
+        classifier.meta_gradient(unequal)  # (only the first task's sets were looked at)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"lr": -1}, "lr must be a positive finite number, got -1"),
+    ({"lr": 0}, "lr must be a positive finite number, got 0"),
+    ({"lr": float("nan")}, "lr must be a positive finite number, got nan"),
+    ({"lr": float("inf")}, "lr must be a positive finite number, got inf"),
+    ({"lr": True}, "lr must be a positive finite number, got True"),
+    ({"lr": "0.1"}, "lr must be a positive finite number, got '0.1'"),
+    ({"steps": 1.5}, "steps must be an integer, got 1.5"),
+    ({"steps": True}, "steps must be an integer, got True"),
+    ({"steps": -1}, "steps must be >= 0, got -1"),
+])
+@pytest.mark.parametrize("many", [False, True])
+def test_adapt_refuses_bad_steps_and_learning_rates(settings, message, many):
+    learner = MetaLearner(MLP(1, (8,), 1), MetaConfig("maml", task_type="regression", inner_steps=1, inner_lr=0.1))
+    batch = sine_batch()
+    with pytest.raises(ValueError, match=message):
+        if many:
+            adapt_many(learner, batch.support_x, batch.support_y, **settings)
+        else:
+            adapt(learner, batch.support_x[0], batch.support_y[0], **settings)
+
+
+def test_adapt_takes_numpy_numbers_and_bools_are_no_learning_rate():
+    import numpy as np
+
+    learner = MetaLearner(MLP(1, (8,), 1), MetaConfig("maml", task_type="regression", inner_steps=1, inner_lr=0.1))
+    batch = sine_batch()
+    with_numpy = adapt(learner, batch.support_x[0], batch.support_y[0], steps=np.int64(2), lr=np.float32(0.25))
+    plain = adapt(learner, batch.support_x[0], batch.support_y[0], steps=2, lr=0.25)
+    torch.testing.assert_close(with_numpy.params, plain.params)
+    with pytest.raises(ValueError, match="inner_lr must be a positive finite number, got True"):
+        MetaConfig("maml", inner_lr=True)
+
+
+def test_adapt_reads_no_label_values_where_that_would_wait_or_be_recorded():
+    """The service records adaptations on fake tensors (service.cpu_scripts) and captures them in CUDA graphs:
+    a check that read the labels' values would fail to record, or wait for the GPU, on every request. The
+    service checks a request's labels itself, before they reach the device."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    classifier = MetaLearner(MLP(4, (8,), 3), MetaConfig("maml", inner_steps=1, inner_lr=0.1))
+    tasks = label_batch(torch.tensor([0, 1, 2, 0, 1, 2]))
+    for fn, args in ((lambda x, y: adapt_many(classifier, x, y, steps=2, lr=0.1).support_loss_after, (tasks.support_x, tasks.support_y)),
+                     (lambda x, y: adapt(classifier, x, y, steps=2, lr=0.1).support_loss_after, (tasks.support_x[0], tasks.support_y[0]))):
+        recorded = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*args)
+        assert "aminmax" not in recorded.code
+        torch.testing.assert_close(recorded(*args), fn(*args))
