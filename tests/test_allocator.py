@@ -14,9 +14,11 @@ from metalearn.allocator import is_glibc
 # its activations. Transparent huge pages are switched off for the child: where the host sets
 # them to "always" (as one CI host did), a fault maps 2 MB instead of 4 KB and the counts below
 # would no longer count pages.
+# The child loads what a training process loads (metalearn.train): glibc's own thresholds depend on the heap's
+# layout, and with only the package imported (its names load on first use) glibc kept the memory in nearly all.
 SCRIPT = """
 import ctypes, resource, sys, torch
-import metalearn
+import metalearn.train
 PR_SET_THP_DISABLE = 41
 assert ctypes.CDLL(None).prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0
 applied = metalearn.keep_freed_memory() if sys.argv[1] == "keep" else False

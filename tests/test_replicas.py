@@ -338,10 +338,19 @@ def test_hung_redis_answers_503_quickly(replicas, redis_server):
                 return await asyncio.gather(*(one() for _ in range(n)))
 
         query = query_images()
-        # What 200 such bodies cost this machine now without the store (read and refused by the adapt route's
-        # schema: 422): the hung Redis may add about its timeout, not a wait per request (before: up to 9.7 s).
-        reference = asyncio.run(predict_many(200, "/v1/models/no-such-model/adapt"))
-        assert {status for status, _ in reference} == {422}
+
+        def unhindered() -> float:
+            """What 200 such bodies cost this machine now without the store (read and refused by the adapt
+            route's schema: 422): the slowest answer's seconds."""
+            reference = asyncio.run(predict_many(200, "/v1/models/no-such-model/adapt"))
+            assert {status for status, _ in reference} == {422}
+            return max(seconds for _, seconds in reference)
+
+        # The hung Redis may add about its timeout, not a wait per request (before: up to 9.7 s). The reference
+        # is taken before and after, the slower of the two (on 2 cores the machine's pace moves within seconds:
+        # measured once, before, it made the suite fail by 0.09 s once, the session predicts' slowest at 3.99 s
+        # against 1.90 + 2).
+        reference_before = unhindered()
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             pending = pool.submit(asyncio.run, predict_many(200, f"/v1/sessions/{session_id}/predict"))
             time.sleep(1.0)
@@ -350,8 +359,9 @@ def test_hung_redis_answers_503_quickly(replicas, redis_server):
             probes = time.monotonic() - t0
             answers = pending.result()
         assert {status for status, _ in answers} == {503}
-        slowest, unhindered = max(seconds for _, seconds in answers), max(seconds for _, seconds in reference)
-        assert probes < 1.0 and slowest < unhindered + 2.0, (probes, slowest, unhindered, answers)
+        slowest = max(seconds for _, seconds in answers)
+        reference = max(reference_before, unhindered())
+        assert probes < 1.0 and slowest < reference + 2.0, (probes, slowest, reference_before, reference, answers)
     finally:
         os.kill(redis_server.proc.pid, signal.SIGCONT)
     time.sleep(1.0)  # past the timeout during which calls fail at once
