@@ -38,7 +38,7 @@ from torch.func import vmap
 
 from metalearn.batching import check_label_range, check_sets
 from metalearn.data.images import SHIFTED_VIEWS, shifted_views
-from metalearn.learner import MetaLearner, Params, check_integer, check_learning_rate
+from metalearn.learner import MetaLearner, Params, check_integer, check_positive_number
 from metalearn.models import has_batchnorm, norm_statistics
 
 NormStats = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -100,7 +100,7 @@ def _resolve(learner: MetaLearner, steps: int | None, lr: float | None) -> tuple
     steps = learner.config.inner_steps if steps is None else check_integer("steps", steps)
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    return steps, None if lr is None else check_learning_rate("lr", lr)
+    return steps, None if lr is None else check_positive_number("lr", lr)
 
 
 def _at_hand(t: torch.Tensor) -> bool:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -240,8 +239,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"--time-budget SECONDS (more than {budget:g})", file=sys.stderr)
     line = f"done: {summary['iterations']} iterations in {summary['wall_seconds']:.1f}s -> {summary['out']}"
     if best.get("metric"):
-        mean, ci95 = (math.nan if best.get(key) is None else best[key] for key in ("mean", "ci95"))  # (NaN is kept as null)
-        line += f"; best {best['metric']} {mean:.4f} +- {ci95:.4f} at iteration {best['iteration']}"
+        line += f"; best {best['metric']} {best['mean']:.4f} +- {best['ci95']:.4f} at iteration {best['iteration']}"
     print(line)
     return 0
 
@@ -476,7 +474,7 @@ def make_demo_models(model_dir: str | Path, threads: int | None = None) -> list[
             trained = read_manifest(out / LAST).get("state", {}).get("iteration", 0)
         except CheckpointError:  # none yet (a broken one is said when the run goes on from it)
             trained = 0
-        if trained >= config.iterations and (out / BEST).is_file():
+        if trained >= config.iterations and out / BEST in usable:
             print(f"demo model {name}: already trained ({out})", file=sys.stderr)
         else:
             resume = (out / LAST).exists()
@@ -517,8 +515,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except MemoryError:
-        print("error: out of memory: use smaller pictures (image_size), tasks or meta_batch, or fewer data", file=sys.stderr)
+    except MemoryError:  # (Python's; torch's own allocation failures are RuntimeErrors, below)
+        if os.environ.get("METALEARN_DEBUG"):
+            raise
+        print("error: out of memory: the data, pictures or tasks asked for do not fit in this machine's memory", file=sys.stderr)
         return EXIT_ERROR
     except (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)

@@ -241,7 +241,7 @@ class _Calls:
 
     def _y(self, y: Any) -> Any:
         array = _as_numpy(y)
-        if array.dtype == np.uint64 and array.size and array.max() > np.iinfo(np.int64).max:  # (the cast below would wrap it)
+        if array.dtype == np.uint64 and array.size and array.max() > np.uint64(np.iinfo(np.int64).max):  # (the cast below would wrap it)
             raise ValueError(f"label {array.max()} is beyond any class index")
         if np.issubdtype(array.dtype, np.integer):
             return array.astype(np.int64).tolist() if self.encoding == "json" else encode_tensor(array, self.encoding, np.int64)

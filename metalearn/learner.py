@@ -78,7 +78,7 @@ def check_integer(name: str, value) -> int:
     return int(value)
 
 
-def check_learning_rate(name: str, value) -> float:
+def check_positive_number(name: str, value) -> float:
     """``value`` as a ``float``, or a ``ValueError`` naming ``name`` unless it is a positive finite number
     (not a bool, NaN, infinity, 0 or negative)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
@@ -139,7 +139,7 @@ class MetaConfig:
             raise ValueError("inner_steps must be >= 0")
         if self.algorithm != "reptile" and self.inner_steps < 1:
             raise ValueError(f"{self.algorithm} needs at least one inner step")
-        check_learning_rate("inner_lr", self.inner_lr)
+        check_positive_number("inner_lr", self.inner_lr)
         for name in ("inner_steps", "multi_step_loss_iterations", "first_order_iterations", "encoder_hidden"):
             setattr(self, name, check_integer(name, getattr(self, name)))  # (a numpy integer, say: the manifest's JSON takes ints)
         if self.multi_step_loss_iterations < 1 or self.encoder_hidden < 1 or self.first_order_iterations < 0:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import inspect
 import json
@@ -45,9 +44,9 @@ import torch
 from metalearn import default_device, distributed
 from metalearn.adaptation import check_support_shift
 from metalearn.allocator import keep_freed_memory
-from metalearn.checkpoint import BEST, LAST, CheckpointError, json_ready, load_checkpoint, save_checkpoint
+from metalearn.checkpoint import BEST, LAST, CheckpointError, json_ready, load_checkpoint, read_manifest, save_checkpoint
 from metalearn.evaluate import VALIDATION_SEED, EvalResult, better, evaluate
-from metalearn.learner import MetaConfig, MetaLearner, as_recorded, check_algorithm
+from metalearn.learner import MetaConfig, MetaLearner, as_recorded, check_algorithm, check_positive_number
 from metalearn.models import architecture, build_model
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -179,8 +178,7 @@ class TrainConfig:
             raise ValueError(f"queries must be >= 1, got {self.queries}")
         if int(self.eval_support_shift) < 0:
             raise ValueError(f"eval_support_shift must be >= 0, got {self.eval_support_shift}")
-        if not (self.meta_lr > 0 and math.isfinite(self.meta_lr)):
-            raise ValueError(f"meta_lr must be a positive number, got {self.meta_lr}")
+        check_positive_number("meta_lr", self.meta_lr)
         if not 4 <= int(self.image_size) <= MAX_IMAGE_SIZE:
             raise ValueError(f"image_size must be from 4 to {MAX_IMAGE_SIZE}, got {self.image_size}")
         # The settings read only at validation or at the end, checked now: not after hours of training.
@@ -189,9 +187,8 @@ class TrainConfig:
             if value is not None and int(value) < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         for name in ("eval_inner_lr", "time_budget"):
-            value = getattr(self, name)
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a positive number, got {value}")
+            if getattr(self, name) is not None:
+                check_positive_number(name, getattr(self, name))
         if not 0 <= self.min_lr_fraction <= 1:
             raise ValueError(f"min_lr_fraction must be from 0 to 1 (of meta_lr), got {self.min_lr_fraction}")
         if not -2**63 <= self.seed < 2**64:  # (torch's generators take 64 bits)
@@ -614,10 +611,8 @@ class Trainer:
         self.context = distributed.from_environment()
         if resume:
             config = self._resumed_config(config, resume_overrides or {})
-        elif (self.out / LAST).exists():
-            raise FileExistsError(
-                f"{self.out} already holds a run ({LAST}); pass --resume to continue it or choose another --out"
-            )
+        else:
+            self._refuse_a_run_there()
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -667,8 +662,6 @@ class Trainer:
         path = self.out / LAST
         if not path.exists():
             raise FileNotFoundError(f"--resume: {path} does not exist (nothing to resume)")
-        from metalearn.checkpoint import read_manifest
-
         saved = TrainConfig().update(as_recorded(read_manifest(path).get("training", {}).get("config", {})), where=str(path))
         # Through update: an unknown or mistyped setting is refused as it is without --resume.
         changes = {key: value for key, value in overrides.items() if value is not None and key != "resume"}
@@ -786,8 +779,10 @@ class Trainer:
         self.best = state.get("best")
         self.last_val = state.get("last_val")
         self.elapsed = float(state.get("elapsed", 0.0))
-        if self.context.is_main:
-            self._truncate_metrics(self.iteration)
+        for record in (self.best, self.last_val):  # (a diverged validation's NaN is kept as null)
+            for key, value in (record or {}).items():
+                if value is None and key in ("mean", "ci95", "std"):
+                    record[key] = math.nan
 
     def _truncate_metrics(self, iteration: int) -> None:
         """Drop log lines written after the checkpoint we resume from (they will be written again)."""
@@ -826,21 +821,44 @@ class Trainer:
         finally:
             distributed.teardown(context)
 
+    def _refuse_a_run_there(self) -> None:
+        if (self.out / LAST).exists():
+            raise FileExistsError(
+                f"{self.out} already holds a run ({LAST}); pass --resume to continue it or choose another --out"
+            )
+
     @contextlib.contextmanager
     def _run_directory(self, main: bool):
         """The run directory, made and held by this run alone (the main process's): a second ``metalearn train``
-        on the same ``--out`` is refused, instead of interleaving its metrics with this one's and overwriting
-        its checkpoints."""
+        on the same ``--out`` is refused before it writes anything there, instead of interleaving its metrics
+        with this one's and overwriting its checkpoints. What the constructor read of the directory is read
+        again once it is held (another run may have written it in between)."""
         if not main:
             yield
             return
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / LOCK, "a") as lock:
             try:
+                import fcntl  # (POSIX)
+
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (released when the file closes, or the process ends)
             except BlockingIOError:
                 raise FileExistsError(f"{self.out}: another metalearn train is writing this run directory; "
                                       "wait for it to end or choose another --out") from None
+            except (ImportError, OSError) as error:  # a file system without locks (some network mounts), or no fcntl
+                print(f"note: {self.out} cannot be locked ({error}): nothing stops a second run from writing it at once",
+                      file=sys.stderr)
+            if not self.resume:
+                self._refuse_a_run_there()
+            elif read_manifest(self.out / LAST).get("state", {}).get("iteration") != self.saved_at:
+                raise FileExistsError(f"{self.out}: another run wrote {LAST} after this one read it; resume again")
+            if self.resume:  # (log lines past the checkpoint resumed from: written again)
+                self._truncate_metrics(self.iteration)
+            else:
+                if (self.out / METRICS).exists() and (self.out / METRICS).stat().st_size:
+                    print(f"note: {self.out / METRICS} held the log of a run that saved no checkpoint: this run's log "
+                          "replaces it", file=sys.stderr)
+                (self.out / METRICS).write_text("")  # a fresh run, a fresh log (not appended to another run's)
             yield
 
     def _run(self, context: distributed.Context) -> dict:
@@ -858,11 +876,6 @@ class Trainer:
         interrupted = False
         window = _Window()
         started = time.perf_counter() - self.elapsed
-        if main and not self.resume:
-            if (self.out / METRICS).exists() and (self.out / METRICS).stat().st_size:
-                print(f"note: {self.out / METRICS} held the log of a run that saved no checkpoint: this run's log "
-                      "replaces it", file=sys.stderr)
-            (self.out / METRICS).write_text("")  # a fresh run, a fresh log (not appended to another run's)
         with _StopRequest() as stop:
             while self.iteration < c.iterations:
                 i = self.iteration
@@ -988,15 +1001,19 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
+
+    def values(rows: list[dict], key: str) -> list[float]:
+        return [math.nan if r.get(key) is None else r[key] for r in rows]  # (NaN is written as null: a gap)
+
     train = [r for r in records if r.get("kind") == "train"]
     val = [r for r in records if r.get("kind") == "val"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     if train:
         its = [r["iteration"] for r in train]
-        axes[0].plot(its, [r["loss"] for r in train], label="query loss (train)")
+        axes[0].plot(its, values(train, "loss"), label="query loss (train)")
         if "accuracy" in train[0]:
             twin = axes[0].twinx()
-            twin.plot(its, [r["accuracy"] for r in train], color="tab:orange", alpha=0.7, label="accuracy (train)")
+            twin.plot(its, values(train, "accuracy"), color="tab:orange", alpha=0.7, label="accuracy (train)")
             twin.set_ylabel("accuracy")
             twin.legend(loc="upper right")
         axes[0].set_xlabel("iteration")
@@ -1005,9 +1022,7 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> None:
         axes[0].set_title("meta-training")
     if val:
         its = [r["iteration"] for r in val]
-        means = [r["mean"] for r in val]
-        ci = [r["ci95"] for r in val]
-        axes[1].errorbar(its, means, yerr=ci, marker="o", capsize=3)
+        axes[1].errorbar(its, values(val, "mean"), yerr=values(val, "ci95"), marker="o", capsize=3)
         axes[1].set_xlabel("iteration")
         axes[1].set_ylabel(val[-1]["metric"])
         axes[1].set_title(f"validation ({val[-1]['episodes']} tasks, 95% CI)")

@@ -54,7 +54,7 @@ class RequestIds:
         rid = given if given is not None and _ACCEPTED.fullmatch(given) else os.urandom(12).hex().encode()
         # The server's per-request copy of the lifespan state, or a new one: starlette's request.state reads it.
         scope.setdefault("state", {})["request_id"] = rid.decode()
-        status = 500  # unless an answer starts: an exception goes on to Starlette's outermost layer, which says 500
+        status = 500  # unless an answer starts: an exception goes on to problems.UnexpectedErrors, which says 500
 
         async def send_with_id(message):
             nonlocal status

@@ -170,6 +170,8 @@ def _from_images(value: ImageList, where: str, preprocessing: dict | None, max_c
             width = height = math.inf
         except UnidentifiedImageError:
             raise invalid(f"{where}.images[{i}]: not a picture in a format read here ({ACCEPTED})") from None
+        except MemoryError:  # (the machine's, not the upload's)
+            raise
         except Exception as error:  # noqa: BLE001 - a decoder's own failure on a malformed header is the upload's fault
             raise invalid(f"{where}.images[{i}]: not a decodable image ({type(error).__name__})") from None
         if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:

@@ -138,7 +138,7 @@ def test_running_out_of_memory_is_one_line(monkeypatch, capsys):
 
     monkeypatch.setitem(cli.COMMANDS, "info", needs_too_much)
     code, _, err = run(capsys, "info", "x")
-    assert code == 2 and err.strip().splitlines() == ["error: out of memory: use smaller pictures (image_size), tasks or meta_batch, or fewer data"]
+    assert code == 2 and err.strip().splitlines() == ["error: out of memory: the data, pictures or tasks asked for do not fit in this machine's memory"]
 
 
 def test_console_script_reports_errors_without_traceback(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -305,9 +306,9 @@ def test_settings_read_late_are_checked_before_training(tmp_path):
     training (before: a validation split too small for its tasks, or eval_inner_steps=-1, failed at the first
     validation, with no checkpoint written)."""
     for change, message in [({"eval_inner_steps": -1}, "eval_inner_steps must be >= 0"), ({"val_queries": -1}, "val_queries must be >= 0"),
-                            ({"eval_inner_lr": -1.0}, "eval_inner_lr must be a positive number"),
-                            ({"eval_inner_lr": 0.0}, "eval_inner_lr must be a positive number"),
-                            ({"time_budget": 0.0}, "time_budget must be a positive number"),
+                            ({"eval_inner_lr": -1.0}, "eval_inner_lr must be a positive finite number, got -1.0"),
+                            ({"eval_inner_lr": 0.0}, "eval_inner_lr must be a positive finite number, got 0.0"),
+                            ({"time_budget": 0.0}, "time_budget must be a positive finite number, got 0.0"),
                             ({"min_lr_fraction": 5.0}, "min_lr_fraction must be from 0 to 1"),
                             ({"image_size": 10**6}, "image_size must be from 4 to 1024"),
                             ({"seed": 10**23}, "seed must fit in 64 bits")]:
@@ -329,14 +330,27 @@ def test_a_fresh_run_starts_its_own_log_and_one_run_writes_a_directory(tmp_path,
     Trainer(tiny_sine(out, iterations=10, val_interval=10)).run()
     assert "this run's log replaces it" in capsys.readouterr().err
     assert [r["iteration"] for r in read_metrics(out / "metrics.jsonl")] == [5, 10, 10]  # (not 300, 5, 10, 10)
-    # A second run on the same directory while one writes it is refused (before: both wrote it at once).
+    # A second run on the same directory while one writes it is refused before it writes anything there (before:
+    # both wrote it at once); here the running one has logged past its last checkpoint, which a resume would drop.
     import fcntl
 
+    running = '{"kind": "train", "iteration": 15, "loss": 1.0}\n'
+    with open(out / "metrics.jsonl", "a") as log:
+        log.write(running)
     with open(out / ".train.lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(FileExistsError, match="another metalearn train is writing this run directory"):
             Trainer(TrainConfig(out=str(out)), resume=True, resume_overrides={"iterations": 20}).run()
+        assert (out / "metrics.jsonl").read_text().endswith(running)
+    # What a run read of the directory before it held it is read again: another run may have written it since.
+    stale = Trainer(TrainConfig(out=str(out)), resume=True, resume_overrides={"iterations": 20})
     Trainer(TrainConfig(out=str(out)), resume=True, resume_overrides={"iterations": 20}).run()  # released: goes on
+    with pytest.raises(FileExistsError, match="another run wrote last.safetensors after this one read it"):
+        stale.run()
+    fresh = Trainer(tiny_sine(tmp_path / "other", iterations=5, val_interval=5))
+    Trainer(tiny_sine(tmp_path / "other", iterations=5, val_interval=5)).run()
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        fresh.run()
 
 
 def test_non_finite_results_are_written_as_json_null(tmp_path, capsys):
@@ -357,6 +371,11 @@ def test_non_finite_results_are_written_as_json_null(tmp_path, capsys):
     assert strict(capsys.readouterr().out.strip().splitlines()[-1])["mean"] is None
     assert main(["info", str(out), "--json"]) == 0
     strict(capsys.readouterr().out)
+    # Resumed, the null is a NaN again (the progress bar shows the last validation's mean), and the curves draw.
+    resumed = Trainer(TrainConfig(out=str(out)), resume=True, resume_overrides={"iterations": 10, "progress": True})
+    assert math.isnan(resumed.last_val["mean"]) and math.isnan(resumed.best["mean"])
+    resumed.run()
+    assert "could not draw" not in capsys.readouterr().err and (out / "curves.png").stat().st_size > 0
 
 
 def test_layers_of_no_width_are_refused(tmp_path):

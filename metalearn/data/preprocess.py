@@ -91,7 +91,7 @@ def _validate(prep: dict[str, Any]) -> tuple[tuple[int, int], bool, Image.Resamp
     return (size[0], size[1]), bool(prep.get("invert", True)), _RESAMPLE[resample]
 
 
-ACCEPTED = "PNG, JPEG, GIF, BMP, TIFF, WebP"  # IMAGE_FORMATS, as people name them
+ACCEPTED = ", ".join(IMAGE_FORMATS)  # (for messages)
 
 
 def _open(item: ImageInput) -> Image.Image:
@@ -172,6 +172,8 @@ def preprocess_images(
             failures.append((i, f"{label}: cannot decode image ({e})"))
         except Image.DecompressionBombError as e:  # (not an OSError: it would go up as a traceback)
             failures.append((i, f"{label}: image too large to decode ({e})"))
+        except MemoryError:  # (the machine's, not the file's)
+            raise
         except Exception as e:  # noqa: BLE001 - a decoder's own failure on a malformed file is the file's fault
             failures.append((i, f"{label}: cannot decode image ({type(e).__name__}: {e})"))
         else:
