@@ -307,6 +307,9 @@ def _eval_config(manifest: dict, args: argparse.Namespace) -> tuple[Any, bool]:
     config.queries = args.queries or (config.val_queries if same_task else None) or config.queries
     if not same_task:
         config.rotations = False
+        # Holding out whole groups (alphabets) was the training data's split: other data, without groups
+        # (a .npz, a folder of classes) or with its own, is split by class.
+        config.split_by = TrainConfig.split_by
     return config, same_task
 
 

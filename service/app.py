@@ -25,7 +25,6 @@ from pathlib import Path
 import anyio
 import torch
 from fastapi import FastAPI, Request
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
@@ -291,7 +290,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(problems.BodySizeLimit, max_bytes=settings.max_body_bytes, idle_s=settings.body_timeout_s)
     if settings.cors_origin_list():  # (outside the size limit: a browser reads a 413's body only with CORS headers)
         app.add_middleware(
-            CORSMiddleware,
+            problems.ProblemCORS,
             allow_origins=settings.cors_origin_list(),
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],

@@ -23,7 +23,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
 
@@ -194,6 +195,24 @@ class UnexpectedErrors:
             extra = {"request_id": rid, "headers": {"X-Request-ID": rid}} if rid else {}
             problem = Problem(500, "Internal error", f"unexpected {type(exc).__name__}; the service keeps running", **extra)
             await problem_response(problem, scope["path"])(scope, receive, send)
+
+
+class ProblemCORS(CORSMiddleware):
+    """Starlette's CORS middleware, with a refused preflight answered as a ``bad-request`` problem (its own
+    answer is the plain text "Disallowed CORS origin", say)."""
+
+    def preflight_response(self, request_headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        refused = response.body.decode().removeprefix("Disallowed CORS ")  # what Starlette lists: origin, method, headers
+        problem = Problem(400, "Bad request", f"this cross-origin request's {refused} is not allowed here "
+                                              "(METALEARN_CORS_ORIGINS, and the methods and headers the API takes)")
+        answer = problem_response(problem)
+        for name, value in response.headers.items():  # (its Vary and Access-Control-* headers)
+            if name not in ("content-type", "content-length"):
+                answer.headers[name] = value
+        return answer
 
 
 class _BodyRefused(StarletteHTTPException):

@@ -85,6 +85,15 @@ def test_omniglot_tiny_conv(tmp_path, capsys):
     assert code == 2 and "more than the 5 classes the model was trained to tell apart" in err
     code, stdout, err = run(capsys, "eval", str(out), "--ways", "1")
     assert code == 2 and "--ways must be >= 2 for classification" in err
+    # Other data: the training data's hold-out of whole alphabets does not apply (a .npz has no groups; before:
+    # "split_by='group' with 1 groups (all) cannot hold out ...", even with --split all).
+    import numpy as np
+
+    np.savez(tmp_path / "other.npz", x=np.random.default_rng(0).integers(0, 255, (120, 1, 28, 28), dtype=np.uint8), y=np.arange(120) % 10)
+    for split, classes in (("all", 10), (None, 10)):
+        code, stdout, err = run(capsys, "eval", str(out), "--task", str(tmp_path / "other.npz"), "--episodes", "2", "--no-progress",
+                                *(["--split", split] if split else []))
+        assert code == 0 and f"({split or 'all'} split, {classes} classes)" in stdout, err
 
 
 def test_support_shift_is_recorded_and_used_by_eval(tmp_path, capsys):

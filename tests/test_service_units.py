@@ -570,6 +570,11 @@ def test_cors_lets_the_configured_origins_call_from_a_browser(tmp_path):
         assert too_big.status_code == 413 and too_big.headers["access-control-allow-origin"] == page
         other = client.options("/v1/models/any/predict", headers={**preflight, "Origin": "https://evil.example"})
         assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        # a problem, as every refusal is (Starlette's own answer: the plain text "Disallowed CORS origin")
+        assert other.headers["content-type"] == "application/problem+json" and other.json()["type"].endswith("/bad-request")
+        assert "request's origin is not allowed here" in other.json()["detail"] and other.headers["x-request-id"]
+        wrong_method = client.options("/v1/models/any/predict", headers={**preflight, "Access-Control-Request-Method": "PUT"})
+        assert wrong_method.status_code == 400 and "request's method is not allowed" in wrong_method.json()["detail"]
         assert "access-control-allow-origin" not in client.get("/healthz", headers={"Origin": "https://evil.example"}).headers
     with TestClient(create_app(Settings(model_dir=str(tmp_path)))) as client:
         assert "access-control-allow-origin" not in client.get("/healthz", headers={"Origin": page}).headers
