@@ -220,7 +220,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         from metalearn.train import TrainConfig
 
         config = TrainConfig(out=args.out)
-        trainer = Trainer(config, resume=True, resume_overrides={k: v for k, v in overrides.items() if v is not None})
+        # (a flag left out is None, a --set null is a value: --set time_budget=null removes the run's budget)
+        changes = {**{k: v for k, v in overrides.items() if v is not None}, **settings}
+        trainer = Trainer(config, resume=True, resume_overrides=changes)
     else:
         config = resolve_config(args.config, overrides)
         trainer = Trainer(config)

@@ -664,7 +664,7 @@ class Trainer:
             raise FileNotFoundError(f"--resume: {path} does not exist (nothing to resume)")
         saved = TrainConfig().update(as_recorded(read_manifest(path).get("training", {}).get("config", {})), where=str(path))
         # Through update: an unknown or mistyped setting is refused as it is without --resume.
-        changes = {key: value for key, value in overrides.items() if value is not None and key != "resume"}
+        changes = {key: value for key, value in overrides.items() if key != "resume"}
         resumed = dataclasses.replace(saved).update(changes, where="--resume")
         for key in changes:
             if key not in RESUMABLE_CHANGES and getattr(resumed, key) != getattr(saved, key):

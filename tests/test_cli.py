@@ -278,6 +278,10 @@ def test_a_time_budget_stops_and_saves_the_run_and_says_how_to_go_on(tmp_path, c
     assert "ran out at iteration" in err
     code, _, err = run(capsys, *args, "--resume")  # (before: one more meta-step, then the same stop, validation and save)
     assert code == 2 and "the run's time budget (0.6 s) is used up" in err and "--time-budget SECONDS" in err
+    done = read_manifest(out / "last.safetensors")["training"]["iterations_done"]
+    code, stdout, err = run(capsys, *args, "--resume", "--set", "time_budget=null", "--iterations", str(done + 3))  # (was ignored)
+    assert code == 0 and f"done: {done + 3} iterations" in stdout and "ran out" not in err, err
+    assert read_manifest(out / "last.safetensors")["training"]["config"]["time_budget"] is None
 
 
 def test_serve_takes_its_model_dir_from_the_environment(tmp_path, capsys, monkeypatch):
