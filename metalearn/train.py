@@ -696,16 +696,14 @@ class Trainer:
         if self.task_type == "classification":
             kwargs["ways"] = c.val_ways or c.ways
             kwargs["within_group"] = c.val_within_group
-            if self.val_source is not None and c.val_within_group:
-                within = self._sampling_error(kwargs, within_group=True)
-                if within is not None and self._sampling_error(kwargs, within_group=False) is None:
-                    print(f"note: validating across groups ({within})", file=sys.stderr)
-                    kwargs["within_group"] = False
-            if self.val_source is not None:  # a split too small for any validation task: said now, not at the first validation
-                error = self._sampling_error(kwargs, within_group=kwargs["within_group"])
-                if error is not None:
-                    raise ValueError(f"validation cannot draw its tasks: {error}; set val_ways, val_shots or val_queries "
-                                     "(--set), or a larger val_fraction")
+            # A split too small for any validation task: said now, not at the first validation.
+            error = None if self.val_source is None else self._sampling_error(kwargs, within_group=c.val_within_group)
+            if error is not None and c.val_within_group and self._sampling_error(kwargs, within_group=False) is None:
+                print(f"note: validating across groups ({error})", file=sys.stderr)
+                kwargs["within_group"] = False
+            elif error is not None:
+                raise ValueError(f"validation cannot draw its tasks: {error}; set val_ways, val_shots or val_queries "
+                                 "(--set), or a larger val_fraction")
         return kwargs
 
     def _sampling_error(self, kwargs: dict, within_group: bool) -> ValueError | None:
@@ -848,13 +846,12 @@ class Trainer:
             except (ImportError, OSError) as error:  # a file system without locks (some network mounts), or no fcntl
                 print(f"note: {self.out} cannot be locked ({error}): nothing stops a second run from writing it at once",
                       file=sys.stderr)
-            if not self.resume:
-                self._refuse_a_run_there()
-            elif read_manifest(self.out / LAST).get("state", {}).get("iteration") != self.saved_at:
-                raise FileExistsError(f"{self.out}: another run wrote {LAST} after this one read it; resume again")
-            if self.resume:  # (log lines past the checkpoint resumed from: written again)
-                self._truncate_metrics(self.iteration)
+            if self.resume:
+                if read_manifest(self.out / LAST).get("state", {}).get("iteration") != self.saved_at:
+                    raise FileExistsError(f"{self.out}: another run wrote {LAST} after this one read it; resume again")
+                self._truncate_metrics(self.iteration)  # (log lines past the checkpoint resumed from: written again)
             else:
+                self._refuse_a_run_there()
                 if (self.out / METRICS).exists() and (self.out / METRICS).stat().st_size:
                     print(f"note: {self.out / METRICS} held the log of a run that saved no checkpoint: this run's log "
                           "replaces it", file=sys.stderr)

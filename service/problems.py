@@ -28,7 +28,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
 
-from service.request_ids import logged_path
+from service.request_ids import logged_path, request_id
 
 log = logging.getLogger("service")
 
@@ -162,7 +162,6 @@ def install(app: FastAPI) -> None:
         return problem_response(problem, request.url.path)
 
 
-
 class UnexpectedErrors:
     """ASGI middleware, the outermost: an exception no handler took (a bug) is logged once, with its request id,
     and answered with a 500 problem; the connection stays open for the client's next request.
@@ -190,7 +189,7 @@ class UnexpectedErrors:
             if started:  # an answer half sent: only closing the connection can end it
                 raise
             # Outside the middleware that sets the id header: it goes in by hand.
-            rid = scope.get("state", {}).get("request_id")
+            rid = request_id(Request(scope))
             log.exception("unexpected error on %s %s (request id %s)", scope["method"], logged_path(scope), rid)
             extra = {"request_id": rid, "headers": {"X-Request-ID": rid}} if rid else {}
             problem = Problem(500, "Internal error", f"unexpected {type(exc).__name__}; the service keeps running", **extra)

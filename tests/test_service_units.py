@@ -360,6 +360,10 @@ def test_a_batch_still_computing_counts_in_the_longest_recent_batch():
             return while_computing
 
         while_computing = asyncio.run(scenario())
+        # (the worker hands out the result, then does its bookkeeping: give it a moment on a loaded machine)
+        deadline = time.monotonic() + 5
+        while engine._computing and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert 0.3 <= while_computing < 10 and engine.longest_recent_batch() >= while_computing
         assert not engine._computing  # (none left counted once it finished)
 

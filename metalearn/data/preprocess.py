@@ -33,6 +33,7 @@ ImageInput = Union[bytes, bytearray, memoryview, Image.Image, str, os.PathLike]
 # its rarer plugins fail on malformed files with exceptions of their own (DDS, BLP, SPIDER), and EPS runs
 # Ghostscript: uploads are untrusted bytes.
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
+ACCEPTED = ", ".join(IMAGE_FORMATS)  # (for messages)
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -89,9 +90,6 @@ def _validate(prep: dict[str, Any]) -> tuple[tuple[int, int], bool, Image.Resamp
     if resample not in _RESAMPLE:
         raise ValueError(f"unknown resample {resample!r}; expected one of {sorted(_RESAMPLE)}")
     return (size[0], size[1]), bool(prep.get("invert", True)), _RESAMPLE[resample]
-
-
-ACCEPTED = ", ".join(IMAGE_FORMATS)  # (for messages)
 
 
 def _open(item: ImageInput) -> Image.Image:
