@@ -18,7 +18,6 @@ leaves the version already served in place.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,20 +120,13 @@ def _public_training(training: dict) -> dict:
 def load_model(name: str, path: Path, device: str) -> LoadedModel:
     checkpoint = load_checkpoint(path, device)
     checkpoint.learner.float()  # (the service computes in float32, as requests' tensors arrive: a float64 checkpoint too)
-    manifest = checkpoint.manifest
-    try:
-        input_shape = tuple(int(s) for s in manifest["input_shape"])
-        task_type = manifest["task_type"]
-        inner = manifest.get("inner") or {}
-        steps = int(inner.get("steps", checkpoint.learner.config.inner_steps))
-        lr = float(inner.get("lr", checkpoint.learner.config.inner_lr))
-        support_shift = int(inner.get("support_shift", 0))
-    except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: incomplete manifest ({error})") from None
-    if not input_shape or any(s < 1 for s in input_shape):
-        raise CheckpointError(f"{path}: bad input_shape {input_shape}")
-    if not math.isfinite(lr) or lr <= 0 or steps < 0:
-        raise CheckpointError(f"{path}: bad inner steps/lr {steps}/{lr}")
+    manifest = checkpoint.manifest  # (its fields' types and ranges are checked by load_checkpoint)
+    input_shape = tuple(manifest["input_shape"])
+    task_type = manifest["task_type"]
+    inner = manifest.get("inner") or {}
+    steps = int(inner.get("steps", checkpoint.learner.config.inner_steps))
+    lr = float(inner.get("lr", checkpoint.learner.config.inner_lr))
+    support_shift = int(inner.get("support_shift", 0))
     try:
         check_support_shift(support_shift, input_shape)
     except ValueError as error:

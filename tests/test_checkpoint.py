@@ -145,17 +145,56 @@ def test_incompatible_checkpoints_are_refused(checkpoint_file, tmp_path):
     _expect_error(edited, "hash mismatch")
 
     # A consistent file whose manifest describes another model than its weights.
-    other = tmp_path / "other.safetensors"
-    learner = _conv_learner("maml")
-    save_checkpoint(other, learner, input_shape=(1, 28, 28), n_way=5)
+    other = _rehashed(checkpoint_file, tmp_path / "other.safetensors", lambda m: m["model_spec"].update(channels=8))
+    _expect_error(other, "do not match")
+
+
+def _rehashed(source, target, change):
+    """A copy of checkpoint ``source`` at ``target`` whose manifest ``change`` edited, its hash recomputed
+    (what a hand edit that knows the format leaves)."""
     from metalearn.checkpoint import _read, atomic_write_bytes, content_hash
     from safetensors.torch import save as save_bytes
 
-    manifest, tensors = _read(other)
-    manifest["model_spec"]["channels"] = 8
+    manifest, tensors = _read(source)
+    change(manifest)
     manifest["content_hash"] = content_hash(tensors, manifest)
-    atomic_write_bytes(other, save_bytes(dict(tensors), metadata={"metalearn": json.dumps(manifest)}))
-    _expect_error(other, "do not match")
+    atomic_write_bytes(target, save_bytes(dict(tensors), metadata={"metalearn": json.dumps(manifest)}))
+    return target
+
+
+MANIFEST_EDITS = {  # a field training, eval or the service reads, made the wrong type or out of range
+    "inner": lambda m: m.update(inner=[1]),
+    "inner.steps": lambda m: m["inner"].update(steps="ten"),
+    "inner.lr": lambda m: m["inner"].update(lr=-1),
+    "inner.support_shift": lambda m: m["inner"].update(support_shift=True),
+    "input_shape": lambda m: m.update(input_shape=[1, -28, 28]),
+    "n_way": lambda m: m.update(n_way="five"),
+    "task_type": lambda m: m.update(task_type="ranking"),
+    "training": lambda m: m.update(training=[1]),
+    "training.config": lambda m: m.update(training={"config": "x"}),
+    "metrics": lambda m: m.update(metrics="x"),
+    "preprocessing": lambda m: m.update(preprocessing=[1]),
+    "model_spec": lambda m: m.update(model_spec=None),
+}
+
+
+@pytest.mark.parametrize("field", sorted(MANIFEST_EDITS))
+def test_a_hand_edited_manifest_is_refused_naming_the_file_and_field(checkpoint_file, tmp_path, field):
+    edited = _rehashed(checkpoint_file, tmp_path / "edited.safetensors", MANIFEST_EDITS[field])
+    _expect_error(edited, "incompatible manifest", f"({field} must be")
+
+
+def test_the_service_skips_a_hand_edited_checkpoint_and_serves_the_others(checkpoint_file, tmp_path):
+    """A list where the manifest's ``inner`` object belongs stopped the whole model directory from loading."""
+    from service.registry import ModelRegistry
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "good.safetensors").write_bytes(checkpoint_file.read_bytes())
+    _rehashed(checkpoint_file, models / "edited.safetensors", MANIFEST_EDITS["inner"])
+    registry = ModelRegistry.load(models)
+    assert registry.names() == ["good"]
+    assert "inner must be a JSON object" in registry.errors[str(models / "edited.safetensors")]
 
 
 def test_cli_reports_bad_checkpoints_in_one_line(checkpoint_file, capsys):
