@@ -247,10 +247,10 @@ class ModelRegistry:
                 loaded.source = source
                 models[name] = loaded
                 log.info("loaded model %r from %s (%s, %s)", name, path, loaded.manifest.get("algorithm"), device)
-            except (CheckpointError, ValueError, RuntimeError, OSError) as error:
+            except Exception as error:  # noqa: BLE001 - one bad checkpoint (or a registered model's forward that fails) is skipped, not fatal
                 # Logged as text: a log record keeps its arguments, and the exception's traceback holds
                 # this call's models (a handler keeping records, as pytest's does, kept replaced models alive).
-                reason = str(error)
+                reason = str(error) if isinstance(error, (CheckpointError, OSError)) else f"{path}: {error.__class__.__name__}: {error}"
                 if served is None:
                     log.error("skipping checkpoint %s: %s", path, reason)
                     errors[str(path)] = reason

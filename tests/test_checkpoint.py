@@ -197,6 +197,24 @@ def test_the_service_skips_a_hand_edited_checkpoint_and_serves_the_others(checkp
     assert "inner must be a JSON object" in registry.errors[str(models / "edited.safetensors")]
 
 
+def test_the_service_skips_a_model_whose_forward_fails_at_load(checkpoint_file, tmp_path, monkeypatch):
+    """A registered architecture's forward can raise anything when the registry runs it once (its outputs'
+    width): that model is skipped with the error, the directory still loads."""
+    from service.registry import ModelRegistry
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "good.safetensors").write_bytes(checkpoint_file.read_bytes())
+
+    def failing(self, x):
+        raise TypeError("the user's forward failed")
+
+    monkeypatch.setattr(MetaLearner, "outputs_width", failing)
+    registry = ModelRegistry.load(models)
+    assert registry.names() == []
+    assert "TypeError: the user's forward failed" in registry.errors[str(models / "good.safetensors")]
+
+
 def test_cli_reports_bad_checkpoints_in_one_line(checkpoint_file, capsys):
     data = checkpoint_file.read_bytes()
     checkpoint_file.write_bytes(data[: len(data) // 3])
