@@ -13,8 +13,12 @@ Tensors travel as ``{"dtype", "shape", "base64"}`` (raw little-endian float32)
 by default, ``encoding="json"`` sends nested lists. uint8 arrays travel as
 uint8 whatever the encoding: the service maps them to 0-1 as the model's
 training data was mapped (pixels, a uint8 .npz). Pictures go as themselves:
-``x`` may be a list of encoded files (``bytes``), paths to them or PIL images,
-which the service preprocesses as the training data was. Pixels are scaled only
+``x`` may be a list of encoded files (``bytes``), data URLs
+(``data:image/png;base64,...``, passed on as they are), paths to files or PIL
+images, which the service preprocesses as the training data was. Any other
+string is a path that the client reads and uploads: pass pictures that come
+from your own users as ``bytes`` or data URLs, never as strings that might
+name a file on your machine. Pixels are scaled only
 when they are uint8: an int32 or int64 array of 0-255 goes as those numbers.
 
 Every error answer raises :class:`ServiceError` carrying the RFC 9457 problem
@@ -58,6 +62,7 @@ import json
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -137,12 +142,18 @@ def encode_tensor(value: Any, encoding: str = "base64", dtype=np.float32) -> Any
 
 
 def encode_images(images: list) -> dict:
-    """``x`` for image models from pictures: encoded files (PNG, JPEG, ...) as ``bytes``, paths to them, or
-    PIL images (sent as PNG)."""
+    """``x`` for image models from pictures: encoded files (PNG, JPEG, ...) as ``bytes``, data URLs (sent as
+    they are), paths to regular files, or PIL images (sent as PNG)."""
     encoded = []
     for image in images:
+        if isinstance(image, str) and image.startswith("data:"):  # (the service reads data URLs itself)
+            encoded.append(image)
+            continue
         if isinstance(image, (str, os.PathLike)):
-            image = Path(image).read_bytes()
+            path = Path(image)
+            if path.exists() and not path.is_file():  # (a FIFO or /dev/zero would never finish reading)
+                raise ValueError(f"picture {str(path)[:200]!r} is not a regular file")
+            image = path.read_bytes()
         elif _is_pil(image):
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
@@ -219,6 +230,16 @@ class _Calls:
         ``verify``: TLS verification as httpx takes it (a CA bundle's path for a company CA)."""
         if encoding not in ("base64", "json"):
             raise ValueError(f"encoding must be 'base64' or 'json', got {encoding!r}")
+        if not isinstance(base_url, str) or not base_url.lower().startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
+        if not (max_retry_wait >= 0 and timeout > 0):
+            raise ValueError(f"timeout must be > 0 and max_retry_wait >= 0, got {timeout!r} and {max_retry_wait!r}")
+        if api_key is not None:
+            api_key = api_key.strip()  # (read from a file or a secret store, a key often ends in a newline)
+            if not all("!" <= c <= "~" for c in api_key):  # (the message leaves the key out: it would end up in logs)
+                raise ValueError("api_key holds a character an HTTP header cannot carry (a space, a control or a non-ASCII character)")
         self.encoding = encoding
         self.retries = retries
         self.max_retry_wait = max_retry_wait
@@ -228,6 +249,9 @@ class _Calls:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.base_url!r})"
+
+    def __reduce__(self):
+        raise TypeError(f"a {type(self).__name__} cannot be pickled: make one in each process")
 
     def _x(self, x: Any) -> Any:
         if isinstance(x, dict):  # already encoded, e.g. encode_images(...)
@@ -292,7 +316,12 @@ class _Calls:
         if wait is not None:
             return wait, None
         if isinstance(answer, httpx.TransportError):
-            what = "did not answer in time" if isinstance(answer, httpx.TimeoutException) else "cannot be reached"
+            if isinstance(answer, httpx.TimeoutException):
+                what = "did not answer in time"
+            elif isinstance(answer, (httpx.ConnectError, httpx.UnsupportedProtocol)):
+                what = "cannot be reached"
+            else:  # (the request went out: the service may have carried it out, a session been adapted, say)
+                what = "lost the connection before answering (the request was sent and may have been carried out)"
             raise ServiceUnreachable(f"the service at {self.base_url} {what} ({type(answer).__name__}: {answer})") from answer
         return None, self._answer(answer)
 
@@ -315,11 +344,22 @@ class _Calls:
             raise ServiceError(response.status_code, {"title": "Not the service's answer", "detail": response.text[:200]},
                                response.headers.get("X-Request-ID")) from None
 
-    @staticmethod
-    def _prediction(body: dict) -> Prediction:
+    def _closed(self) -> ClientError:
+        return ClientError(f"this {type(self).__name__} is closed: make a new one")
+
+    def _expect(self, body: Any, key: str) -> Any:
+        """``body[key]`` of a successful answer, or :class:`ServiceError` where the answer is not the service's
+        (another server at that address answering 200 with JSON of its own)."""
+        if not isinstance(body, dict) or key not in body:
+            raise ServiceError(200, {"title": "Not the service's answer",
+                                     "detail": f"the answer has no {key!r}: is {self.base_url} the metalearn service?"})
+        return body[key]
+
+    def _prediction(self, body: dict) -> Prediction:
+        predictions = np.asarray(self._expect(body, "predictions"))
         probabilities = body.get("probabilities")
         return Prediction(
-            predictions=np.asarray(body["predictions"]),
+            predictions=predictions.astype(np.float32) if predictions.dtype.kind == "f" else predictions,  # (as the model computed them)
             probabilities=None if probabilities is None else np.asarray(probabilities, dtype=np.float32),
             raw=body,
         )
@@ -331,12 +371,13 @@ class _Calls:
         statistics come from the whole query batch), and ``x`` is not already encoded."""
         return error.code in _SIZE_PROBLEMS and not transductive and not isinstance(x, dict)
 
-    def _query_parts(self, x: Any, limits: dict, body_for: Callable[[Any], dict]) -> list | None:
+    def _query_parts(self, x: Any, limits: dict, body_for: Callable[[Any], dict], adapts: bool = False) -> list | None:
         """``x`` cut, in order, into parts whose requests (``body_for(part)``) fit the service's ``limits``: at
         most ``max_query`` examples, ``max_body_bytes``, ``max_list_values`` comma-separated values and a
         sixteenth of that in lists, counted on each example's own encoding (pictures differ in size) and on
         the rest of the body (a stateless prediction's support set). None when no cut helps: one example
-        alone is too large, or ``x`` fits whole (the refusal was about something else, the support set say)."""
+        alone is too large, or ``x`` fits whole (the refusal was about something else, the support set say).
+        ``adapts``: each part's request adapts again (a stateless prediction): a warning says so."""
         pictures = _pictures(x)
         examples = list(x) if pictures else _as_numpy(x)
         if len(examples) == 0:
@@ -358,7 +399,12 @@ class _Calls:
             if any(u > r for u, r in zip(used, room)):
                 return None
         parts.append(examples[start:])
-        return parts if len(parts) > 1 else None
+        if len(parts) == 1:
+            return None
+        if adapts:
+            warnings.warn(f"the query set goes in {len(parts)} requests, each sending the support set and adapting again: "
+                          "for many queries, adapt a session once (client.adapt) and predict from it", RuntimeWarning, stacklevel=4)
+        return parts
 
     @staticmethod
     def _joined(parts: list[Prediction]) -> Prediction:
@@ -376,8 +422,8 @@ class _SessionHandle:
     def __init__(self, client: "Client | AsyncClient", info: dict):
         self.client = client
         self.info = info
-        self.id: str = info["session_id"]
-        self.model: str = info["model"]
+        self.id: str = client._expect(info, "session_id")
+        self.model: str = info.get("model", "")
         self.path = f"/v1/sessions/{quote(self.id, safe='')}"  # (a stored id with / or # would reach another URL)
         self.probabilities: np.ndarray | None = None
 
@@ -390,6 +436,16 @@ class _SessionHandle:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.id[:8]}..., model={self.model!r})"
+
+    def __reduce__(self):
+        raise TypeError(f"a {type(self).__name__} cannot be pickled: keep its id (and model) and reattach with client.session(id, model)")
+
+    def _left(self, exc_type, error: ClientError) -> None:
+        """What leaving a ``with`` block does with the deletion's ``error``: a 404 is fine (already gone); with an
+        exception of the block's own in flight, any error is dropped (the session expires with its TTL) so that
+        the block's exception is the one raised; else it is raised."""
+        if exc_type is None and not (isinstance(error, ServiceError) and error.status == 404):
+            raise error
 
 
 class RemoteSession(_SessionHandle):
@@ -416,13 +472,12 @@ class RemoteSession(_SessionHandle):
     def __enter__(self) -> "RemoteSession":
         return self
 
-    def __exit__(self, *exc) -> None:
-        """Deleted on leaving a ``with`` block (already gone, expired or evicted: fine)."""
+    def __exit__(self, exc_type, *exc) -> None:
+        """Deleted on leaving a ``with`` block (already gone, expired or evicted: fine; see ``_left``)."""
         try:
             self.delete()
-        except ServiceError as error:
-            if error.status != 404:
-                raise
+        except ClientError as error:
+            self._left(exc_type, error)
 
 
 class AsyncRemoteSession(_SessionHandle):
@@ -444,12 +499,11 @@ class AsyncRemoteSession(_SessionHandle):
     async def __aenter__(self) -> "AsyncRemoteSession":
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, exc_type, *exc) -> None:
         try:
             await self.delete()
-        except ServiceError as error:
-            if error.status != 404:
-                raise
+        except ClientError as error:
+            self._left(exc_type, error)
 
 
 class Client(_Calls):
@@ -458,6 +512,8 @@ class Client(_Calls):
     _http_class = httpx.Client
 
     def _request(self, method: str, path: str, body: dict | None = None) -> Any:
+        if self._http.is_closed:
+            raise self._closed()
         for attempt in itertools.count():
             try:
                 answer = self._http.request(method, path, json=body)
@@ -468,7 +524,7 @@ class Client(_Calls):
                 return value
             time.sleep(wait)
 
-    def _predict(self, path: str, body_for: Callable[[Any], dict], x: Any, transductive: bool) -> Prediction:
+    def _predict(self, path: str, body_for: Callable[[Any], dict], x: Any, transductive: bool, adapts: bool = False) -> Prediction:
         """One prediction request for the queries ``x``; or, where the service refuses it as too large, one per
         part of ``x`` that fits its limits (``_query_parts``), the answers joined."""
         try:
@@ -480,7 +536,7 @@ class Client(_Calls):
                 limits = self.limits()
             except ClientError:  # (the refusal is what the caller needs to see)
                 raise error from None
-            parts = self._query_parts(x, limits, body_for)
+            parts = self._query_parts(x, limits, body_for, adapts)
             if parts is None:
                 raise
         return self._joined([self._prediction(self._request("POST", path, body_for(part))) for part in parts])
@@ -491,12 +547,12 @@ class Client(_Calls):
 
     def models(self) -> list[dict]:
         """What ``model`` says, for every model served."""
-        return self._request("GET", "/v1/models")["models"]
+        return self._expect(self._request("GET", "/v1/models"), "models")
 
     def limits(self) -> dict:
         """The service's limits: examples per request (``max_support``, ``max_query``), inner steps and learning
         rate, session lifetime, body and picture sizes."""
-        return self._request("GET", "/v1/models")["limits"]
+        return self._expect(self._request("GET", "/v1/models"), "limits")
 
     def model(self, name: str) -> dict:
         """A model's description: input shape, task type, n_way, loss, default inner steps and lr, metrics, ..."""
@@ -520,7 +576,7 @@ class Client(_Calls):
         def body_for(part: Any) -> dict:
             return self._predict_body(support_x, support_y, part, inner_steps, inner_lr, transductive)
 
-        return self._predict(self._model_path(model, "predict"), body_for, query_x, transductive)
+        return self._predict(self._model_path(model, "predict"), body_for, query_x, transductive, adapts=True)
 
     def close(self) -> None:
         self._http.close()
@@ -539,6 +595,8 @@ class AsyncClient(_Calls):
     _http_class = httpx.AsyncClient
 
     async def _request(self, method: str, path: str, body: dict | None = None) -> Any:
+        if self._http.is_closed:
+            raise self._closed()
         for attempt in itertools.count():
             try:
                 answer = await self._http.request(method, path, json=body)
@@ -549,7 +607,7 @@ class AsyncClient(_Calls):
                 return value
             await asyncio.sleep(wait)
 
-    async def _predict(self, path: str, body_for: Callable[[Any], dict], x: Any, transductive: bool) -> Prediction:
+    async def _predict(self, path: str, body_for: Callable[[Any], dict], x: Any, transductive: bool, adapts: bool = False) -> Prediction:
         try:
             return self._prediction(await self._request("POST", path, body_for(x)))
         except ServiceError as error:
@@ -559,7 +617,7 @@ class AsyncClient(_Calls):
                 limits = await self.limits()
             except ClientError:
                 raise error from None
-            parts = self._query_parts(x, limits, body_for)
+            parts = self._query_parts(x, limits, body_for, adapts)
             if parts is None:
                 raise
         return self._joined([self._prediction(await self._request("POST", path, body_for(part))) for part in parts])
@@ -568,10 +626,10 @@ class AsyncClient(_Calls):
         return await self._request("GET", "/healthz")
 
     async def models(self) -> list[dict]:
-        return (await self._request("GET", "/v1/models"))["models"]
+        return self._expect(await self._request("GET", "/v1/models"), "models")
 
     async def limits(self) -> dict:
-        return (await self._request("GET", "/v1/models"))["limits"]
+        return self._expect(await self._request("GET", "/v1/models"), "limits")
 
     async def model(self, name: str) -> dict:
         return await self._request("GET", self._model_path(name))
@@ -588,7 +646,7 @@ class AsyncClient(_Calls):
         def body_for(part: Any) -> dict:
             return self._predict_body(support_x, support_y, part, inner_steps, inner_lr, transductive)
 
-        return await self._predict(self._model_path(model, "predict"), body_for, query_x, transductive)
+        return await self._predict(self._model_path(model, "predict"), body_for, query_x, transductive, adapts=True)
 
     async def aclose(self) -> None:
         await self._http.aclose()

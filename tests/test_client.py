@@ -12,7 +12,7 @@ import torch
 
 from metalearn.adaptation import adapt, predict
 from metalearn.checkpoint import load_checkpoint
-from metalearn.client import AsyncClient, Client, ServiceError, encode_tensor
+from metalearn.client import AsyncClient, Client, ClientError, ServiceError, ServiceUnreachable, encode_images, encode_tensor
 from test_service_helpers import ServerProcess, image_tasks, make_model_dir, sine_tasks
 
 
@@ -300,7 +300,8 @@ def test_client_sends_a_query_set_over_the_limits_in_parts(served, limited):
         assert answer.raw["requests"] > 1 and answer.predictions.tolist() == reference.argmax(-1).tolist()
         np.testing.assert_allclose(answer.probabilities, reference, atol=1e-5)
         assert len(answer.raw["probabilities"]) == 15 and answer.raw["model"] == "conv_maml"
-        stateless = client.predict("conv_maml", sx, sy, qx)  # the support set shares each part's body
+        with pytest.warns(RuntimeWarning, match="adapting again"):
+            stateless = client.predict("conv_maml", sx, sy, qx)  # the support set shares each part's body
         assert stateless.raw["requests"] > answer.raw["requests"]
         np.testing.assert_allclose(stateless.probabilities, reference, atol=1e-5)
         with pytest.raises(ServiceError) as refused:
@@ -314,7 +315,8 @@ def test_client_sends_a_query_set_over_the_limits_in_parts(served, limited):
     async def main():
         async with AsyncClient(limited.url, api_key="k1") as client:
             session = await client.adapt("conv_maml", sx, sy)
-            return await session.predict_full(qx), await client.predict("conv_maml", sx, sy, qx)
+            with pytest.warns(RuntimeWarning, match="adapting again"):
+                return await session.predict_full(qx), await client.predict("conv_maml", sx, sy, qx)
 
     for answer in asyncio.run(main()):
         assert answer.raw["requests"] > 1
@@ -373,3 +375,99 @@ def test_a_refusal_stands_when_the_limits_cannot_be_read():
     with Client("http://service", transport=httpx.MockTransport(handler)) as client, pytest.raises(ServiceError) as error:
         client.session("s").predict(np.zeros((40, 1)))
     assert error.value.code == "too-many-examples" and error.value.__suppress_context__
+
+
+def test_client_settings_are_checked_and_a_bad_key_is_never_quoted():
+    import httpx
+
+    for bad in (dict(base_url="127.0.0.1:8000"), dict(retries=-1), dict(retries=1.5), dict(timeout=0)):
+        with pytest.raises(ValueError):
+            Client(**{"base_url": "http://service", **bad})
+    with pytest.raises(ValueError) as refused:
+        Client("http://service", api_key="cl\u00e9-secret")
+    assert "secret" not in str(refused.value) and "header" in str(refused.value)
+    seen = []
+
+    def handler(request):
+        seen.append(request.headers["Authorization"])
+        return httpx.Response(200, json={"status": "ok"})
+
+    with Client("http://service", api_key="key-1\n", transport=httpx.MockTransport(handler)) as client:  # (read from a file)
+        client.health()
+    assert seen == ["Bearer key-1"]
+
+
+def test_leaving_a_session_block_keeps_the_block_s_own_exception():
+    """The session's deletion on leaving a ``with`` block fails (the service went away): with an exception of the
+    block in flight, that exception is the one raised; without, the deletion's failure is."""
+    import httpx
+
+    def handler(request):
+        if request.method == "DELETE":
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(201, json={"session_id": "s1", "model": "m"})
+
+    with Client("http://service", retries=0, transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(KeyError, match="the application's"):
+            with client.adapt("m", np.zeros((2, 3)), [0, 1]):
+                raise KeyError("the application's own error")
+        with pytest.raises(ServiceUnreachable):
+            with client.adapt("m", np.zeros((2, 3)), [0, 1]):
+                pass
+
+    async def leave_async():
+        async with AsyncClient("http://service", retries=0, transport=httpx.MockTransport(handler)) as client:
+            async with await client.adapt("m", np.zeros((2, 3)), [0, 1]):
+                raise KeyError("the application's own error")
+
+    with pytest.raises(KeyError, match="the application's"):
+        asyncio.run(leave_async())
+
+
+def test_client_tells_a_lost_connection_a_foreign_answer_and_a_closed_client_apart():
+    import httpx
+
+    def lost(request):
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+
+    with Client("http://service", transport=httpx.MockTransport(lost)) as client, pytest.raises(ServiceUnreachable) as error:
+        client.adapt("m", np.zeros((2, 3)), [0, 1])
+    assert "may have been carried out" in str(error.value)
+
+    def foreign(request):
+        return httpx.Response(200, json={"hello": "world"})
+
+    with Client("http://service", transport=httpx.MockTransport(foreign)) as client:
+        for call in (lambda: client.adapt("m", np.zeros((2, 3)), [0, 1]), client.models, client.limits,
+                     lambda: client.session("s1").predict(np.zeros((1, 3)))):
+            with pytest.raises(ServiceError, match="Not the service's answer"):
+                call()
+    with pytest.raises(ClientError, match="closed"):
+        client.health()
+
+
+def test_regression_predictions_are_float32_and_handles_refuse_pickling():
+    import pickle
+
+    import httpx
+
+    def handler(request):
+        return httpx.Response(200, json={"predictions": [0.5, 1.25]})
+
+    with Client("http://service", transport=httpx.MockTransport(handler)) as client:
+        session = client.session("s1", "sine")
+        assert session.predict(np.zeros((2, 1))).dtype == np.float32
+        for thing in (client, session):
+            with pytest.raises(TypeError, match="cannot be pickled"):
+                pickle.dumps(thing)
+
+
+def test_pictures_as_data_urls_go_as_they_are_and_a_path_must_be_a_regular_file(tmp_path):
+    import os
+
+    url = "data:image/png;base64,iVBORw0KGgo="
+    assert encode_images([url]) == {"images": [url]}
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        encode_images([str(fifo)])

@@ -93,7 +93,7 @@ def _check_list_values(raw: bytes, limit: int) -> None:
     if values > limit or lists > limit // 16:
         raise Problem(413, "Request body too large", f"the body holds {values} or so values in {lists} JSON lists, over the limit "
                       f"of {limit} values in {limit // 16} lists (METALEARN_MAX_LIST_VALUES): send large tensors as "
-                      "{dtype, shape, base64} (the Python client does)")
+                      "{dtype, shape, base64} (the Python client does by default)")
 
 
 class JSONRoute(APIRoute):
