@@ -163,6 +163,11 @@ def _lifespan(settings: Settings):
         if short := settings.short_keys():
             log.warning("%d of the API keys are shorter than %d characters, which can be guessed: use random ones, e.g. "
                         "python -c 'import secrets; print(secrets.token_urlsafe(32))'", short, SHORT_KEY)
+        if settings.session_backend == "memory" and "redis_url" in settings.model_fields_set:
+            log.warning("METALEARN_REDIS_URL is set but METALEARN_SESSION_BACKEND is memory: sessions stay in this process, "
+                        "not shared with other replicas (set METALEARN_SESSION_BACKEND=redis to share them)")
+        if settings.session_backend == "redis" and not await anyio.to_thread.run_sync(app.state.store.ping):
+            log.warning("the session store (%r) does not answer now: session calls answer 503 until it does", app.state.store)
         if settings.drain_s > 0 and not app.state.drains:
             log.warning("METALEARN_DRAIN_S=%g does nothing here: only `metalearn serve` drains on SIGTERM (under uvicorn or gunicorn, delay the signal instead, e.g. a Kubernetes preStop sleep)", settings.drain_s)
         hangup = hasattr(signal, "SIGHUP") and _on_signal(signal.SIGHUP, lambda: _reload_in_background(app))

@@ -228,11 +228,41 @@ def encode_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
     return st_save({name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()})
 
 
+class CorruptRecord(ValueError):
+    """A session record in Redis that this service did not write (by hand, another program, a bug): dropped."""
+
+
 def decode_tensors(blob: bytes, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
-    tensors = st_load(blob)
+    """The session tensors of a record's safetensors bytes (:class:`CorruptRecord` for bytes that are not
+    safetensors data; safetensors never unpickles). Whether they fit the session's model is the route's check
+    (``LoadedModel.session_problem``)."""
+    try:
+        tensors = st_load(blob)
+    except Exception as error:  # noqa: BLE001 - safetensors raises several kinds for bytes that are not its own
+        raise CorruptRecord(f"its tensors are not safetensors data ({type(error).__name__}: {str(error)[:100]})") from None
     if device is not None and torch.device(device).type != "cpu":
         tensors = {name: t.to(device) for name, t in tensors.items()}
     return tensors
+
+
+def decode_metadata(raw: Any) -> dict:
+    """A record's JSON metadata, checked for the fields and types :meth:`RedisSessionStore.put` writes
+    (:class:`CorruptRecord` otherwise: a string expiry in the replica's held sessions broke every later sweep)."""
+    try:
+        m = json.loads(raw)
+    except (TypeError, ValueError):
+        raise CorruptRecord("its metadata is not JSON") from None
+    if not isinstance(m, dict):
+        raise CorruptRecord("its metadata is not a JSON object")
+    if not isinstance(m.get("model"), str) or not (m.get("owner") is None or isinstance(m["owner"], str)):
+        raise CorruptRecord("its metadata has no model name, or an owner that is not a string")
+    for key in ("created", "expires"):
+        value = m.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise CorruptRecord(f"its metadata's {key!r} is not a time ({str(value)[:40]!r})")
+    if not isinstance(m.get("meta") or {}, dict):
+        raise CorruptRecord("its metadata's 'meta' is not a JSON object")
+    return m
 
 
 class RedisSessionStore(SessionStore):
@@ -261,8 +291,9 @@ class RedisSessionStore(SessionStore):
     def from_settings(cls, settings: Any, device: str | torch.device | None = None) -> "RedisSessionStore":
         """The store ``METALEARN_SESSION_BACKEND=redis`` selects (``service.settings.Settings``):
         ``METALEARN_REDIS_URL``, the budget ``METALEARN_CACHE_BYTES`` (all replicas' sessions together),
-        ``METALEARN_REDIS_HELD_BYTES``."""
-        return cls(settings.redis_url, settings.cache_bytes, device=device, held_bytes=settings.redis_held_bytes)
+        ``METALEARN_REDIS_HELD_BYTES``, ``METALEARN_REDIS_TIMEOUT_S``."""
+        return cls(settings.redis_url, settings.cache_bytes, device=device, held_bytes=settings.redis_held_bytes,
+                   socket_timeout=settings.redis_timeout_s)
 
     def __init__(
         self,
@@ -353,26 +384,41 @@ class RedisSessionStore(SessionStore):
                 self._held.delete(session_id, owner)
             return None
         blob, meta = found
-        m = json.loads(meta)
-        if held is not None:
-            if held.created == m["created"]:
-                self._count("held_gets")
-                return held
-            self._held.delete(session_id, owner)  # put again under the same id since: fetch what is there now
-            return self.get(session_id, owner)
-        session = Session(
-            id=session_id,
-            model=m["model"],
-            owner=m["owner"],
-            created=m["created"],
-            expires=m["expires"],
-            tensors=decode_tensors(blob, self.device),
-            meta=m.get("meta") or {},
-        )
+        try:
+            m = decode_metadata(meta)
+            if held is not None:
+                if held.created == m["created"]:
+                    self._count("held_gets")
+                    return held
+                self._held.delete(session_id, owner)  # put again under the same id since: fetch what is there now
+                return self.get(session_id, owner)
+            session = Session(
+                id=session_id,
+                model=m["model"],
+                owner=m.get("owner"),
+                created=m["created"],
+                expires=m["expires"],
+                tensors=decode_tensors(blob, self.device),
+                meta=m.get("meta") or {},
+            )
+        except CorruptRecord as error:
+            return self._drop_corrupt(session_id, owner, error)
         if self._held is not None:
             self._held.put(session)
         self._count("fetched_gets")
         return session
+
+    def _drop_corrupt(self, session_id: str, owner: str | None, error: CorruptRecord) -> None:
+        """A record this service did not write: logged with its key, deleted (its caller adapts again, as for a
+        session that expired), and answered as no session."""
+        log.error("dropping session record %ss:%s... in %s: %s", self.prefix, session_id[:8], self._where, error)
+        if self._held is not None:
+            self._held.delete(session_id, owner)
+        try:
+            self._call(self._delete, session_id, _owner_field(owner))
+        except SessionStoreUnavailable:
+            pass  # (it stays unusable and is dropped again next time)
+        return None
 
     def delete(self, session_id: str, owner: str | None) -> bool:
         deleted = bool(self._call(self._delete, session_id, _owner_field(owner)))

@@ -26,6 +26,8 @@ import torch
 from metalearn.adaptation import check_support_shift
 from metalearn.checkpoint import BEST, LAST, SUFFIX, Checkpoint, CheckpointError, load_checkpoint
 from metalearn.learner import MetaLearner
+from metalearn.models import BatchNorm
+from service.engine import MEAN, PARAM, VAR
 
 log = logging.getLogger("service.registry")
 
@@ -72,6 +74,30 @@ class LoadedModel:
     def version(self) -> str:
         digest = str(self.manifest.get("content_hash", "")).split(":")[-1]
         return digest[:12] or "unknown"
+
+    def session_problem(self, tensors: dict[str, torch.Tensor]) -> str | None:
+        """Why ``tensors`` (a stored session's, ``service.engine.session_tensors``) cannot be an adaptation of
+        this model, or None: they are each adapted parameter in its shape and each BatchNorm layer's (mean, var)
+        of its channels, and nothing else, finite, in the model's dtype. A session read back from a shared store (Redis) whose record was
+        written by something else could otherwise predict with the unadapted model (no tensors), or fail deep
+        inside the engine."""
+        layout = self.derived.get("session_layout")
+        if layout is None:  # name -> the shape of a parameter, or the element count of a layer's statistics
+            params = dict(self.learner.model.named_parameters())
+            layout = {PARAM + name: tuple(params[name].shape) for name in self.adapted_names}
+            for name, module in self.learner.model.named_modules():
+                if isinstance(module, BatchNorm):
+                    layout[MEAN + name] = layout[VAR + name] = module.num_features
+            self.derived["session_layout"] = layout
+        missing, unexpected = sorted(set(layout) - set(tensors)), sorted(set(tensors) - set(layout))
+        wrong = sorted(name for name in set(layout) & set(tensors)
+                       if (tuple(tensors[name].shape) if name.startswith(PARAM) else tensors[name].numel()) != layout[name])
+        if not (missing or unexpected or wrong):
+            dtype = next(iter(self.learner.model.parameters())).dtype
+            odd = sorted(name for name, t in tensors.items() if t.dtype != dtype or not bool(torch.isfinite(t).all()))
+            return f"not finite {dtype}: {', '.join(odd[:3])}" if odd else None
+        return "; ".join(f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                         for what, names in (("missing", missing), ("unexpected", unexpected), ("of other sizes", wrong)) if names)
 
     def info(self) -> dict:
         manifest = self.manifest

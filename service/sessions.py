@@ -53,6 +53,8 @@ class Session:
     meta: dict = field(default_factory=dict)
     _prepared: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     prepared_bytes: int = field(default=0, init=False, repr=False, compare=False)
+    # The model version whose layout the tensors were found to fit (routes.sessions: checked once per object)
+    fits_version: str | None = field(default=None, init=False, repr=False, compare=False)
     _on_grow: Callable[[Session, int], None] | None = field(default=None, init=False, repr=False, compare=False)
 
     def prepared(self, key: Hashable, make: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

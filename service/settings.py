@@ -47,7 +47,7 @@ class EngineConfig:
             raise ValueError("max_batch_size must be >= 1")
 
 
-ENGINE = EngineConfig()  # the engine settings' defaults (0 = auto for threads, workers and max_batch_size here)
+ENGINE = EngineConfig()  # the engine's defaults (Settings works threads, workers and max_batch_size out from the machine instead)
 
 
 def _comma_list(text: str) -> list[str]:
@@ -93,7 +93,8 @@ class Settings(BaseSettings):
     max_session_ttl_s: int = Field(86400, ge=1, description="Largest ttl_s a request may ask for.")
     cache_bytes: int = Field(512 * 1024 * 1024, ge=0, description="Byte budget of the session store (LRU eviction beyond; with session_backend=redis, every replica's sessions together): the sessions' tensors and what the workers prepare from them (for a MAML or ANIL session predicted alone on the CPU, a packed copy of the conv weights of the blocks where packing pays). When room is needed, what was prepared goes first, then sessions: the least recently used one of the API key holding the most bytes (the new session counted as its key's; without keys, plain LRU).")
     session_backend: Literal["memory", "redis"] = Field("memory", description="memory (per process) or redis (shared between replicas).")
-    redis_url: str = Field("redis://localhost:6379/0", description="Redis URL when session_backend=redis.")
+    redis_url: str = Field("redis://localhost:6379/0", description="Redis URL when session_backend=redis (redis://, rediss:// with TLS, or unix://). One Redis database per deployment: the keys' prefix is fixed, so two deployments sharing a database would share one session budget.")
+    redis_timeout_s: float = Field(0.5, gt=0, le=60, description="With session_backend=redis: how long a Redis call may take (connecting, or an answer) before the session call answers 503; after one times out, session calls fail at once for that long. Raise it for a distant Redis or large sessions (a 100 MB session took 0.86 s to read on loopback).")
     redis_held_bytes: int = Field(64 * 1024 * 1024, ge=0, description="With session_backend=redis: bytes of the sessions each replica keeps decoded, counted as the in-memory store counts them (least recently used dropped, as in the in-memory store, which also keeps one larger session alone; 0 = none). A prediction with a held session fetches only its metadata from Redis, which still checks existence, expiry and owner.")
 
     # Security
@@ -107,6 +108,20 @@ class Settings(BaseSettings):
 
     # Logs
     log_format: Literal["text", "json"] = Field("text", description="metalearn serve's log lines: text, or one JSON object per line (ts, level, logger, message; access lines add method, path, status, duration_ms, request_id, client).")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value)
+            parts.port  # (raises for a port that is not a number)
+        except ValueError as error:
+            raise ValueError(f"not a URL redis can use ({error})") from None
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// (TLS) or unix://, e.g. redis://127.0.0.1:6379/0")
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod

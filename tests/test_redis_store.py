@@ -531,3 +531,60 @@ def test_a_full_redis_still_reads_and_says_it_is_full(store, redis_server):
     finally:
         client.config_set("maxmemory", 0)
         client.close()
+
+
+CORRUPT = {  # what a session record's fields were replaced with, by hand or by another program
+    "expiry as text": lambda good: {"m": good[b"m"].replace(b'"expires": ', b'"expires": "soon", "x": ')},
+    "metadata not JSON": lambda good: {"m": b"{not json"},
+    "metadata a list": lambda good: {"m": b"[1, 2]"},
+    "no model name": lambda good: {"m": good[b"m"].replace(b'"model"', b'"modell"')},
+    "tensors not safetensors": lambda good: {"t": b"\x80\x04garbage"},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPT))
+def test_a_corrupt_record_is_dropped_and_the_replica_keeps_working(store, redis_server, kind, caplog):
+    """A record this service did not write is no session (logged with its key, deleted). A string expiry once
+    reached the replica's held sessions and broke every later sweep of them: each later put failed."""
+    client = redis.Redis.from_url(redis_server.url)
+    bad, good = make_session(), make_session(seed=1)
+    store.put(bad)
+    key = f"{store.prefix}s:{bad.id}"
+    client.hset(key, mapping=CORRUPT[kind](client.hgetall(key)))
+    replica = RedisSessionStore(redis_server.url, budget_bytes=10_000, prefix=store.prefix)  # holds nothing yet: decodes
+    assert replica.get(bad.id, "alice") is None
+    assert not client.exists(key) and "dropping session record" in caplog.text
+    for _ in range(3):  # the held sessions' sweeps run on each put and get
+        replica.put(make_session())
+    replica.put(good)
+    assert replica.get(good.id, "alice") is good and store.get(good.id, "alice") is not None
+    replica.close()
+    client.close()
+
+
+def test_redis_settings_are_checked_and_a_misconfiguration_is_logged_at_start(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app, create_store
+    from service.settings import Settings
+
+    for bad in ("http://127.0.0.1:6379/0", "127.0.0.1:6379", "redis://127.0.0.1:notaport/0", ""):
+        monkeypatch.setenv("METALEARN_REDIS_URL", bad)
+        with pytest.raises(ValueError, match="METALEARN_REDIS_URL="):
+            Settings.from_environment()
+    monkeypatch.delenv("METALEARN_REDIS_URL")
+    with pytest.raises(ValueError):
+        Settings(redis_timeout_s=0)
+    unanswered = f"redis://127.0.0.1:{free_port()}/0"
+    store = create_store(Settings(session_backend="redis", redis_url=unanswered, redis_timeout_s=2.5))
+    assert store.socket_timeout == 2.5
+    store.close()
+    with caplog.at_level(logging.WARNING, logger="service"):
+        with TestClient(create_app(Settings(model_dir=str(tmp_path), redis_url=unanswered))):
+            pass
+        assert "METALEARN_REDIS_URL is set but METALEARN_SESSION_BACKEND is memory" in caplog.text
+        with TestClient(create_app(Settings(model_dir=str(tmp_path), session_backend="redis", redis_url=unanswered))):
+            pass
+        assert "does not answer now" in caplog.text

@@ -1021,3 +1021,35 @@ def test_a_model_with_learned_learning_rates_adapts_with_them_and_says_so(tmp_pa
     torch.testing.assert_close(torch.tensor(learned["predictions"]), want_learned, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.tensor(fixed["predictions"]), want_fixed, rtol=1e-4, atol=1e-5)
     assert (want_learned - want_fixed).abs().max() > 1e-3
+
+
+def test_a_stored_session_that_does_not_fit_its_model_is_unknown_not_unadapted(tmp_path, caplog):
+    """A session record a shared store holds but this service did not write (by hand, another program): with
+    no tensors it predicted with the unadapted model, silently; with others it failed deep in the engine."""
+    from service.app import create_app
+    from service.sessions import new_session_id
+    from test_service_helpers import image_tasks, make_model_dir
+
+    app = create_app(Settings(model_dir=str(make_model_dir(tmp_path / "models"))))
+    task = image_tasks(seed=3)
+    support = {"x": task.support_x[0].tolist(), "y": task.support_y[0].tolist()}
+    query = {"x": task.query_x[0][:2].tolist()}
+    with TestClient(app) as client, caplog.at_level(logging.ERROR, logger="service"):
+        adapted = client.post("/v1/models/conv_maml/adapt", json={"support": support})
+        assert adapted.status_code == 201
+        real = app.state.store.get(adapted.json()["session_id"], None)
+        first = next(iter(real.tensors))
+        variants = {
+            "nothing": {},
+            "a tensor too few": {k: v for k, v in real.tensors.items() if k != first},
+            "another shape": {**real.tensors, first: real.tensors[first][:1]},
+            "not finite": {**real.tensors, first: torch.full_like(real.tensors[first], float("nan"))},
+            "float64": {**real.tensors, first: real.tensors[first].double()},
+        }
+        for name, tensors in variants.items():
+            forged = Session(new_session_id(), "conv_maml", None, time.time(), time.time() + 60, tensors, dict(real.meta))
+            app.state.store.put(forged)
+            answer = client.post(f"/v1/sessions/{forged.id}/predict", json=query)
+            assert answer.status_code == 404 and "does not fit model 'conv_maml'" in answer.json()["detail"], name
+        assert "does not fit model" in caplog.text
+        assert client.post(f"/v1/sessions/{real.id}/predict", json=query).status_code == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from fastapi import APIRouter, Body, Depends, Request, Response
@@ -14,6 +15,7 @@ from service.routes.models import ERRORS, check_finite, iso, timing
 from service.routes.schemas import PredictResponse, SessionInfo, SessionPredictRequest
 from service.tensors import decode_inputs
 
+log = logging.getLogger("service.routes.sessions")
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], route_class=JSONRoute)
 
 
@@ -26,6 +28,12 @@ async def _session(request: Request, session_id: str, caller: str | None):
     model = request.app.state.registry.get(session.model)
     if model is None or session.meta.get("model_version") not in (None, model.version):
         raise Problem(404, "Unknown session", f"the session's model {session.model!r} is no longer served in that version; adapt again")
+    if session.fits_version != model.version:
+        problem = model.session_problem(session.tensors)
+        if problem:  # (a record in a shared store that this service did not write: the operators need to know)
+            log.error("session %s... does not fit model %r version %s: %s", session_id[:8], model.name, model.version, problem)
+            raise Problem(404, "Unknown session", f"the stored session does not fit model {model.name!r} ({problem}); adapt again")
+        session.fits_version = model.version
     return session, model
 
 
