@@ -334,7 +334,8 @@ class MetaLearner(nn.Module):
     # Parameter dicts
     # ------------------------------------------------------------------
     def meta_params(self) -> Params:
-        """Detached copies of every meta-parameter, keyed like ``named_parameters``."""
+        """Every meta-parameter detached (views of the same storage: an optimiser step changes them), keyed like
+        ``named_parameters``."""
         return {name: p.detach() for name, p in self.named_parameters()}
 
     def buffers_dict(self) -> Params:

@@ -182,7 +182,7 @@ class TrainConfig:
         if not 4 <= int(self.image_size) <= MAX_IMAGE_SIZE:
             raise ValueError(f"image_size must be from 4 to {MAX_IMAGE_SIZE}, got {self.image_size}")
         # The settings read only at validation or at the end, checked now: not after hours of training.
-        for name in ("val_ways", "val_shots", "val_queries", "eval_inner_steps", "max_shift"):  # (0 or None: the default)
+        for name in ("val_ways", "val_shots", "val_queries", "eval_inner_steps", "max_shift"):  # (None: the default; 0 too for val_*)
             value = getattr(self, name)
             if value is not None and int(value) < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -774,6 +774,11 @@ class Trainer:
         if "rng/torch" in checkpoint.state_tensors:
             torch.set_rng_state(checkpoint.state_tensors["rng/torch"])
         self.iteration = int(state["iteration"])
+        recorded = state.get("world_size", 1)
+        if recorded != self.context.world_size and self.context.is_main:
+            # (each process draws its own tasks: the run goes on, but not as it would have without the stop)
+            print(f"note: resuming a run trained by {recorded} process(es) with {self.context.world_size}: its "
+                  "meta-batches are drawn differently from here on", file=sys.stderr)
         self.best = state.get("best")
         self.last_val = state.get("last_val")
         self.elapsed = float(state.get("elapsed", 0.0))

@@ -94,11 +94,11 @@ class EngineStopped(Exception):
     """The worker is not running."""
 
 
-def session_tensors(adaptation: Adaptation, index: int | None = None) -> dict[str, torch.Tensor]:
-    """Flatten an adaptation (or one entry of a stacked one) into the session store's ``{name: tensor}``."""
+def session_tensors(adaptation: Adaptation, index: int) -> dict[str, torch.Tensor]:
+    """Entry ``index`` of a stacked adaptation as the session store's ``{name: tensor}``."""
 
     def pick(t: torch.Tensor) -> torch.Tensor:
-        return (t if index is None else t[index]).detach().clone()
+        return t[index].detach().clone()
 
     out = {PARAM + n: pick(t) for n, t in adaptation.params.items()}
     for layer, (mean, var) in adaptation.norm_stats.items():
@@ -787,6 +787,3 @@ class Engine:
         if values.shape[-1] == 1:
             values = values.squeeze(-1)
         return {"predictions": values.tolist()}
-
-
-Callback = Callable[..., None]

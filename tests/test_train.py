@@ -386,3 +386,21 @@ def test_layers_of_no_width_are_refused(tmp_path):
     config = default_config("omniglot", "maml").update(dict(out=str(tmp_path / "conv"), progress=False, model={"channels": 0}))
     with pytest.raises(ValueError, match="Conv4 sizes must be >= 1"):
         Trainer(config)
+
+
+def test_resuming_with_another_process_count_says_the_run_changes(tmp_path, capsys):
+    """The resume state records how many processes trained the run; another count goes on, with a note (each
+    process draws its own tasks, so the run is no longer the one it would have been)."""
+    from metalearn.checkpoint import _read, atomic_write_bytes, content_hash
+    from safetensors.torch import save as save_bytes
+
+    out = tmp_path / "run"
+    Trainer(tiny_sine(out, iterations=10)).run()
+    Trainer(TrainConfig(out=str(out)), resume=True)
+    assert "resuming a run trained by" not in capsys.readouterr().err
+    manifest, tensors = _read(out / "last.safetensors")
+    manifest["state"]["world_size"] = 2
+    manifest["content_hash"] = content_hash(tensors, manifest)
+    atomic_write_bytes(out / "last.safetensors", save_bytes(dict(tensors), metadata={"metalearn": json.dumps(manifest)}))
+    Trainer(TrainConfig(out=str(out)), resume=True)
+    assert "resuming a run trained by 2 process(es) with 1" in capsys.readouterr().err

@@ -25,9 +25,11 @@ is ever silently left unfilled (``app.dependency_overrides`` does not apply to
 these routes either). The endpoint returns a ``Response`` (sent as is)
 or its ``response_model`` (an instance, or data validated into one), written by
 ``model_dump_json`` with the route's ``response_model_exclude_none``. Errors
-are the same as FastAPI's: the caller is checked first (401), then a body that
-is not JSON is a ``RequestValidationError`` of type ``json_invalid`` and a body
-that does not fit the model one with pydantic's errors under ``body``.
+are FastAPI's: the caller is checked first (401), then a body that is not JSON
+is a ``RequestValidationError`` of type ``json_invalid`` and a body that does
+not fit the model one with pydantic's errors under ``body``; and two of this
+route's own: a body that is not ``application/json`` or is compressed (415),
+and one with more list values than the limit (413).
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ class ServiceMetrics:
         self.timeouts = Counter("metalearn_engine_timeouts", "Jobs that exceeded the request timeout", registry=r)
         self.models = Gauge("metalearn_models_loaded", "Models being served", registry=r)
         self.skipped = Gauge("metalearn_models_skipped", "Checkpoints of the model directory that failed to load (listed by /readyz)", registry=r)
-        self.reloads = Counter("metalearn_model_reloads", "Reloads of the model directory (SIGHUP) by outcome (done | failed)", ["outcome"], registry=r)
+        self.reloads = Counter("metalearn_model_reloads", "Reloads of the model directory (SIGHUP, or a change METALEARN_MODEL_POLL_S saw) by outcome (done | failed)", ["outcome"], registry=r)
         for outcome in ("done", "failed"):  # (each series from the start at 0: an alert on 'failed' sees its rise)
             self.reloads.labels(outcome=outcome)
         self.inline = Counter("metalearn_engine_predicts_on_event_loop", "Lone session predicts computed on the event loop, the workers idle (service.engine)", registry=r)

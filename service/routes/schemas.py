@@ -56,7 +56,7 @@ class SessionPredictRequest(BaseModel):
 
 
 class Timing(BaseModel):
-    total_ms: float = Field(..., description="Time in the engine: queue wait plus computation.")
+    total_ms: float = Field(..., description="Time in the service from the decoded inputs to the answer: queue wait, computation and, for adapt, storing the session.")
     compute_ms: float = Field(..., description="Time of the batched computation this request was part of.")
     batch_size: int = Field(..., description="Requests computed together with this one.")
 
