@@ -484,8 +484,9 @@ class MetaLearner(nn.Module):
     @property
     def learned_lrs(self) -> bool:
         """Whether the inner learning rates are meta-learned (Meta-SGD's, one per parameter element; with
-        ``learn_step_lrs``, one per step): ``step_lr`` reads them unless overridden."""
-        return self.config.algorithm == "metasgd" or self.config.learn_step_lrs
+        ``learn_step_lrs``, one per step): ``step_lr`` reads them unless overridden. Told by the ``lrs`` that
+        ``__init__`` creates for them, so that a new variant that learns its rates is decided in one place."""
+        return isinstance(getattr(self, "lrs", None), nn.ParameterDict)
 
     def step_lr(self, meta_params: Params, name: str, step: int, override: float | None):
         """The inner learning rate of parameter ``name`` at ``step``: ``override``, else the learned

@@ -565,7 +565,9 @@ def test_clients_that_leave_cost_nothing_and_are_not_server_errors(model_dir, tm
 
     proc = ServerProcess(model_dir, tmp_path / "serve.log", workers=1).wait_ready()
     g = torch.Generator().manual_seed(0)
-    heavy = {"support": {"x": b64(torch.rand(50, 1, 28, 28, generator=g)), "y": [i % 5 for i in range(50)]}, "inner_steps": 100}
+    # (heavy enough to hold the worker well past the doomed requests' leaving on a fast CPU: 50 images took
+    # under 0.6 s on a Zen 4 core, and the doomed ones were computed)
+    heavy = {"support": {"x": b64(torch.rand(250, 1, 28, 28, generator=g)), "y": [i % 5 for i in range(250)]}, "inner_steps": 100}
     light = json.dumps({"support": {"x": b64(torch.rand(10, 1, 28, 28, generator=g)), "y": [i % 5 for i in range(10)]}, "inner_steps": 5}).encode()
 
     def raw_request(body: bytes, declared: int) -> socket.socket:
