@@ -312,6 +312,7 @@ class RedisSessionStore(SessionStore):
         self._where = f"Redis at {_redact(url)}"  # (for messages: the URL without its password)
         self.socket_timeout = socket_timeout
         self._hung_until = -math.inf  # until when calls fail at once, after one timed out
+        self._failed: tuple[float, SessionStoreUnavailable] | None = None  # when the last call failed, and how
         self.budget_bytes = int(budget_bytes)
         self.held_bytes = int(held_bytes)
         self._held = self._new_held()
@@ -345,13 +346,22 @@ class RedisSessionStore(SessionStore):
             # instead of each holding a thread for another timeout (a hung Redis under load).
             raise SessionStoreUnavailable(f"session store unavailable ({self._where}): no answer within {self.socket_timeout:g} s a moment ago")
         try:
-            return script(keys=self._keys, args=[self.prefix, *args])
+            answer = script(keys=self._keys, args=[self.prefix, *args])
         except (redis.exceptions.RedisError, OSError) as e:  # (OSError: socket errors that escape redis-py's wrapping)
             if isinstance(e, redis.exceptions.TimeoutError):
                 self._hung_until = time.monotonic() + self.socket_timeout
-            elif isinstance(e, redis.exceptions.ResponseError) and ("maxmemory" in str(e) or str(e).startswith("OOM")):
-                raise SessionStoreFull(f"{self._where} is out of memory (maxmemory): {e}") from e
-            raise SessionStoreUnavailable(f"session store unavailable ({self._where}): {e}") from e
+            if isinstance(e, redis.exceptions.ResponseError) and ("maxmemory" in str(e) or str(e).startswith("OOM")):
+                failure: SessionStoreUnavailable = SessionStoreFull(f"{self._where} is out of memory (maxmemory): {e}")
+            else:
+                failure = SessionStoreUnavailable(f"session store unavailable ({self._where}): {e}")
+            self._failed = (time.monotonic(), failure)
+            raise failure from e
+        self._failed = None
+        return answer
+
+    def refusing(self) -> SessionStoreUnavailable | None:
+        failed = self._failed
+        return failed[1] if failed is not None and time.monotonic() - failed[0] < 1.0 else None
 
     # SessionStore -------------------------------------------------------------------
 

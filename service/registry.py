@@ -78,9 +78,9 @@ class LoadedModel:
     def session_problem(self, tensors: dict[str, torch.Tensor]) -> str | None:
         """Why ``tensors`` (a stored session's, ``service.engine.session_tensors``) cannot be an adaptation of
         this model, or None: they are each adapted parameter in its shape and each BatchNorm layer's (mean, var)
-        of its channels, and nothing else, finite, in the model's dtype. A session read back from a shared store (Redis) whose record was
-        written by something else could otherwise predict with the unadapted model (no tensors), or fail deep
-        inside the engine."""
+        of its channels, and nothing else, finite, in the model's dtype. A session read back from a shared
+        store (Redis) whose record was written by something else could otherwise predict with the unadapted
+        model (no tensors), or fail deep inside the engine."""
         layout = self.derived.get("session_layout")
         if layout is None:  # name -> the shape of a parameter, or the element count of a layer's statistics
             params = dict(self.learner.model.named_parameters())

@@ -53,7 +53,8 @@ class Session:
     meta: dict = field(default_factory=dict)
     _prepared: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     prepared_bytes: int = field(default=0, init=False, repr=False, compare=False)
-    # The model version whose layout the tensors were found to fit (routes.sessions: checked once per object)
+    # The model version whose layout the tensors fit: set where the adaptation made them, else found by
+    # routes.sessions (a session decoded from Redis), once per object
     fits_version: str | None = field(default=None, init=False, repr=False, compare=False)
     _on_grow: Callable[[Session, int], None] | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -142,6 +143,11 @@ class SessionStore(abc.ABC):
         """Live sessions and bytes, evictions and expirations so far (for /metrics)."""
 
     prepared_dropped = 0  # times a held session's prepared tensors were dropped for room (a store that holds sessions)
+
+    def refusing(self) -> SessionStoreUnavailable | None:
+        """What the store's last call raised, if it failed in the last second (a network store: Redis down or
+        full), else None: an adaptation answers it at once instead of computing a session it cannot store."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

@@ -388,8 +388,11 @@ def test_unavailable_fast_and_recovers(tmp_path):
             with pytest.raises(SessionStoreUnavailable):
                 call()
             assert time.monotonic() - t0 < 2.0
+        assert isinstance(st.refusing(), SessionStoreUnavailable)  # (what an adaptation answers at once for a second)
         assert st.ping() is False
         server.start()  # same port, empty (no persistence)
+        time.sleep(1.0)
+        assert st.refusing() is None
         assert st.get(s.id, "alice") is None
         s2 = make_session()
         st.put(s2)
