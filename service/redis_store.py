@@ -312,7 +312,7 @@ class RedisSessionStore(SessionStore):
         self._where = f"Redis at {_redact(url)}"  # (for messages: the URL without its password)
         self.socket_timeout = socket_timeout
         self._hung_until = -math.inf  # until when calls fail at once, after one timed out
-        self._failed: tuple[float, SessionStoreUnavailable] | None = None  # when the last call failed, and how
+        self._failed_at = -math.inf  # when the last call failed (failed_recently); -inf once one succeeded since
         self.budget_bytes = int(budget_bytes)
         self.held_bytes = int(held_bytes)
         self._held = self._new_held()
@@ -354,14 +354,16 @@ class RedisSessionStore(SessionStore):
                 failure: SessionStoreUnavailable = SessionStoreFull(f"{self._where} is out of memory (maxmemory): {e}")
             else:
                 failure = SessionStoreUnavailable(f"session store unavailable ({self._where}): {e}")
-            self._failed = (time.monotonic(), failure)
+            self._failed_at = time.monotonic()
             raise failure from e
-        self._failed = None
+        self._failed_at = -math.inf
         return answer
 
-    def refusing(self) -> SessionStoreUnavailable | None:
-        failed = self._failed
-        return failed[1] if failed is not None and time.monotonic() - failed[0] < 1.0 else None
+    def failed_recently(self) -> bool:
+        return time.monotonic() - self._failed_at < 1.0
+
+    def check(self) -> None:
+        self._call(self._stats)  # (one round trip; Redis back: it clears failed_recently)
 
     # SessionStore -------------------------------------------------------------------
 

@@ -144,10 +144,13 @@ class SessionStore(abc.ABC):
 
     prepared_dropped = 0  # times a held session's prepared tensors were dropped for room (a store that holds sessions)
 
-    def refusing(self) -> SessionStoreUnavailable | None:
-        """What the store's last call raised, if it failed in the last second (a network store: Redis down or
-        full), else None: an adaptation answers it at once instead of computing a session it cannot store."""
-        return None
+    def failed_recently(self) -> bool:
+        """Whether a call failed in the last second (a network store: Redis down). An adaptation then asks
+        :meth:`check` before it computes a session the store may not take."""
+        return False
+
+    def check(self) -> None:  # noqa: B027 - a store that cannot fail has nothing to check
+        """Raise :class:`SessionStoreUnavailable` unless the store answers now (may block: a network call)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

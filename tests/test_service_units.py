@@ -1056,14 +1056,21 @@ def test_a_stored_session_that_does_not_fit_its_model_is_unknown_not_unadapted(t
 
 
 def test_an_adaptation_is_not_computed_while_the_session_store_refuses(tmp_path):
-    """Redis down or full a moment ago (``SessionStore.refusing``): an adaptation is answered 503 at once,
-    not computed (0.85 s of a worker for a demo model) and then refused when its session cannot be stored."""
+    """Redis down a moment ago (``SessionStore.failed_recently``) and still down (``check``): an adaptation is
+    answered 503 at once, not computed (0.85 s of a worker for a demo model) and then refused when its session
+    cannot be stored. Once the store answers again, adaptations compute at once."""
     from service.app import create_app
     from test_service_helpers import image_tasks, make_model_dir
 
     class RefusingStore(MemorySessionStore):
-        def refusing(self):
-            return SessionStoreUnavailable("redis://nowhere: connection refused")
+        down = True
+
+        def failed_recently(self):
+            return True
+
+        def check(self):
+            if self.down:
+                raise SessionStoreUnavailable("redis://nowhere: connection refused")
 
     app = create_app(Settings(model_dir=str(make_model_dir(tmp_path / "models"))))
     task = image_tasks(seed=3)
@@ -1073,6 +1080,6 @@ def test_an_adaptation_is_not_computed_while_the_session_store_refuses(tmp_path)
         refused = client.post("/v1/models/conv_maml/adapt", json=body)
         assert refused.status_code == 503 and refused.json()["title"] == "Session store unavailable"
         assert app.state.engine.batches == 0
-        app.state.store = MemorySessionStore()
+        app.state.store.down = False  # back, though it failed a moment ago
         assert client.post("/v1/models/conv_maml/adapt", json=body).status_code == 201
         assert app.state.engine.batches == 1

@@ -103,8 +103,8 @@ async def adapt_model(request: Request, response: Response, name: str, body: Ada
     if not 1 <= ttl <= settings.max_session_ttl_s:
         raise Problem(422, "Invalid ttl_s", f"ttl_s must be in [1, {settings.max_session_ttl_s}], got {ttl}")
     x, y = await decode_off_the_loop(request, (body.support.x,), decode_support, model, body.support, settings)
-    if refusal := state.store.refusing():  # (Redis down or full a moment ago: no adaptation computed for nothing)
-        raise type(refusal)(str(refusal))
+    if state.store.failed_recently():  # (Redis down a moment ago: not an adaptation computed for a store that is still down)
+        await store_call(request, state.store.check)
     started = time.perf_counter()
     job = Job("adapt", model, support_x=x, support_y=y, steps=steps, lr=lr, keep_session=True)
     result = check_finite(await compute_unless_client_gone(request, state.engine, job))
