@@ -36,7 +36,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 import metalearn
-from metalearn.learner import MetaConfig, MetaLearner, as_recorded
+from metalearn.learner import MetaConfig, MetaLearner, as_recorded, check_integer, check_positive_number
 from metalearn.models import build_model
 from metalearn.names import TASK_TYPES
 
@@ -214,41 +214,33 @@ def _parse_header(path: Path, raw: bytes) -> dict:
     return manifest
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _manifest_problem(manifest: dict) -> str | None:
-    """What is wrong with the fields of a manifest that training, evaluation and the service read, or None.
-    Checkpoints this library writes always pass; a hand-edited one (its hash recomputed) may not."""
+def _check_manifest(manifest: dict) -> None:
+    """Raise ``ValueError`` naming the first field of a manifest that training, evaluation and the service read
+    whose type or range is wrong. Checkpoints this library writes always pass; a hand-edited one (its hash
+    recomputed) may not."""
     for key in ("meta_config", "model_spec"):
         if not isinstance(manifest.get(key), dict):
-            return f"{key} must be a JSON object, got {manifest.get(key)!r}"
+            raise ValueError(f"{key} must be a JSON object, got {manifest.get(key)!r}")
     if manifest.get("task_type") not in TASK_TYPES:
-        return f"task_type must be one of {', '.join(TASK_TYPES)}, got {manifest.get('task_type')!r}"
+        raise ValueError(f"task_type must be one of {', '.join(TASK_TYPES)}, got {manifest.get('task_type')!r}")
     shape = manifest.get("input_shape")
-    if not isinstance(shape, list) or not shape or not all(_is_int(s) and s >= 1 for s in shape):
-        return f"input_shape must be a non-empty list of positive integers, got {shape!r}"
-    n_way = manifest.get("n_way")
-    if n_way is not None and not (_is_int(n_way) and n_way >= 1):
-        return f"n_way must be a positive integer or null, got {n_way!r}"
-    for key in ("inner", "training", "metrics", "state"):
+    if not isinstance(shape, list) or not shape or min(check_integer("input_shape", s) for s in shape) < 1:
+        raise ValueError(f"input_shape must be a non-empty list of positive integers, got {shape!r}")
+    if manifest.get("n_way") is not None and check_integer("n_way", manifest["n_way"]) < 1:
+        raise ValueError(f"n_way must be a positive integer or null, got {manifest['n_way']!r}")
+    for key in ("inner", "training", "metrics", "state", "preprocessing"):
         if manifest.get(key) is not None and not isinstance(manifest[key], dict):
-            return f"{key} must be a JSON object, got {manifest[key]!r}"
-    if manifest.get("preprocessing") is not None and not isinstance(manifest["preprocessing"], dict):
-        return f"preprocessing must be a JSON object or null, got {manifest['preprocessing']!r}"
+            raise ValueError(f"{key} must be a JSON object{' or null' if key == 'preprocessing' else ''}, got {manifest[key]!r}")
     inner = manifest.get("inner") or {}
     for key in ("steps", "support_shift"):
-        if key in inner and not (_is_int(inner[key]) and inner[key] >= 0):
-            return f"inner.{key} must be an integer >= 0, got {inner[key]!r}"
-    lr = inner.get("lr", 1.0)
-    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
-        return f"inner.lr must be a positive finite number, got {lr!r}"
+        if key in inner and check_integer(f"inner.{key}", inner[key]) < 0:
+            raise ValueError(f"inner.{key} must be an integer >= 0, got {inner[key]!r}")
+    if "lr" in inner:
+        check_positive_number("inner.lr", inner["lr"])
     for key in ("config", "data"):
         value = (manifest.get("training") or {}).get(key)
         if value is not None and not isinstance(value, dict):
-            return f"training.{key} must be a JSON object, got {value!r}"
-    return None
+            raise ValueError(f"training.{key} must be a JSON object, got {value!r}")
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -278,9 +270,10 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     expected = manifest.get("content_hash")
     if expected != content_hash(tensors, manifest):
         raise CheckpointError(f"{path}: content hash mismatch, the file is corrupt or was modified")
-    problem = _manifest_problem(manifest)
-    if problem:
-        raise CheckpointError(f"{path}: incompatible manifest ({problem})")
+    try:
+        _check_manifest(manifest)
+    except ValueError as error:
+        raise CheckpointError(f"{path}: incompatible manifest ({error})") from None
     return manifest, tensors
 
 

@@ -121,6 +121,11 @@ class ServiceUnreachable(ClientError):
     answer within the client's ``timeout``. ``__cause__`` is the ``httpx`` error."""
 
 
+def _not_the_service(status: int, detail: str, request_id: str | None = None) -> ServiceError:
+    """What a successful answer that is not the service's raises (a proxy's page, another server at that address)."""
+    return ServiceError(status, {"title": "Not the service's answer", "detail": detail}, request_id)
+
+
 def _as_numpy(value: Any, dtype=None) -> np.ndarray:
     if hasattr(value, "detach"):  # torch.Tensor, without importing torch
         value = value.detach().cpu()
@@ -341,8 +346,7 @@ class _Calls:
         try:
             return response.json()
         except ValueError:  # (a proxy's or another server's page at that address)
-            raise ServiceError(response.status_code, {"title": "Not the service's answer", "detail": response.text[:200]},
-                               response.headers.get("X-Request-ID")) from None
+            raise _not_the_service(response.status_code, response.text[:200], response.headers.get("X-Request-ID")) from None
 
     def _closed(self) -> ClientError:
         return ClientError(f"this {type(self).__name__} is closed: make a new one")
@@ -351,8 +355,7 @@ class _Calls:
         """``body[key]`` of a successful answer, or :class:`ServiceError` where the answer is not the service's
         (another server at that address answering 200 with JSON of its own)."""
         if not isinstance(body, dict) or key not in body:
-            raise ServiceError(200, {"title": "Not the service's answer",
-                                     "detail": f"the answer has no {key!r}: is {self.base_url} the metalearn service?"})
+            raise _not_the_service(200, f"the answer has no {key!r}: is {self.base_url} the metalearn service?")
         return body[key]
 
     def _prediction(self, body: dict) -> Prediction:
