@@ -28,7 +28,8 @@ cannot be reached or does not answer in ``timeout`` seconds raises
 full, session store down) or a ``429`` (a proxy's rate limit, ``deploy/nginx.conf``)
 is retried up to ``retries`` times after the ``Retry-After`` the answer gives
 (capped at ``max_retry_wait`` seconds, with jitter), and so is a connection that
-could not be opened (nothing was sent).
+could not be opened (nothing was sent), unless TLS refused it (an untrusted
+certificate, or https:// to a plain-HTTP service: trying again mends neither).
 A session lives on the service: keep its ``id`` (and model) and reattach with
 ``client.session(session_id, model)``.
 
@@ -61,6 +62,7 @@ import itertools
 import json
 import os
 import random
+import ssl
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -189,6 +191,15 @@ def _body_measures(body: str) -> tuple[int, int, int]:
     return len(body.encode()), body.count(",") + 1, body.count("[")
 
 
+def _tls_refused(error: BaseException) -> bool:
+    """Whether a connection failed in its TLS handshake (httpx keeps ssl's own error in the chain)."""
+    while error is not None:
+        if isinstance(error, ssl.SSLError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _seconds(retry_after: str | None, default: float) -> float:
     """A ``Retry-After`` value (seconds, or an HTTP date) as seconds from now; ``default`` when absent or unreadable."""
     try:
@@ -299,7 +310,8 @@ class _Calls:
 
         A 503 means "not now" (queue full, session store down), a 429 "not so fast" (a proxy's rate limit in
         front of the service): wait as the answer says. A connection that
-        could not be opened sent nothing: tried again after 1, 2, ... s. Each wait is drawn from its upper
+        could not be opened sent nothing: tried again after 1, 2, ... s, unless TLS refused it (a certificate
+        or a scheme that trying again does not mend). Each wait is drawn from its upper
         half, so that clients turned away together do not come back together."""
         if attempt >= self.retries:
             return None
@@ -307,7 +319,7 @@ class _Calls:
             if answer.status_code not in (429, 503):
                 return None
             wait = _seconds(answer.headers.get("Retry-After"), default=2.0**attempt)
-        elif isinstance(answer, httpx.ConnectError):
+        elif isinstance(answer, httpx.ConnectError) and not _tls_refused(answer):
             wait = 2.0**attempt
         else:
             return None
@@ -323,6 +335,9 @@ class _Calls:
         if isinstance(answer, httpx.TransportError):
             if isinstance(answer, httpx.TimeoutException):
                 what = "did not answer in time"
+            elif _tls_refused(answer):
+                what = ("refused the TLS handshake: is it served over https (an http:// address for a plain service), and "
+                        "is its certificate one this machine trusts (verify= takes a CA bundle's path)?")
             elif isinstance(answer, (httpx.ConnectError, httpx.UnsupportedProtocol)):
                 what = "cannot be reached"
             else:  # (the request went out: the service may have carried it out, a session been adapted, say)

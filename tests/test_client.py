@@ -229,6 +229,26 @@ def test_client_errors_pickle_name_their_type_and_cover_a_service_that_does_not_
     assert 0.1 <= time.perf_counter() - started < 5  # one retry after 0.1-0.2 s
 
 
+def test_a_tls_handshake_refused_is_said_so_and_not_retried():
+    """https:// to a plain-HTTP server (as an untrusted certificate) fails in the TLS handshake: trying again
+    mends nothing, so the client raises at once and says what to check, instead of waiting out its retries."""
+    import http.server
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    server.RequestHandlerClass.log_message = lambda *args: None
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        started = time.perf_counter()
+        with Client(f"https://127.0.0.1:{server.server_port}", retries=2, max_retry_wait=5) as client:
+            with pytest.raises(ServiceUnreachable, match="refused the TLS handshake: is it served over https"):
+                client.health()
+        assert time.perf_counter() - started < 1.0  # (a retry waits 0.5-1 s, then 1-2 s)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_client_quotes_session_ids_and_refuses_what_it_would_misread():
     import httpx
 
