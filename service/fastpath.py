@@ -255,22 +255,32 @@ def _packable(conv: nn.Conv2d) -> bool:
 
 
 @functools.cache
-def _packed_conv_relu(padding: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]):
-    """``relu(conv2d(x, W, b))`` for a weight :func:`_pack_weight` made: oneDNN's convolution with the ReLU
-    fused (``mkldnn::_convolution_pointwise``, the op torch's own inference compilation uses), as a
-    TorchScript function so that the engine's traces can record it (the tracer cannot write the op's
-    ``Scalar?[]`` argument; a function's graph can)."""
+def _packed_conv(padding: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]):
+    """``conv2d(x, W, b)`` for a weight :func:`_pack_weight` made: oneDNN's convolution
+    (``mkldnn::_convolution_pointwise``, the op torch's own inference compilation uses), as a TorchScript
+    function so that the engine's traces can record it (the tracer cannot write the op's ``Scalar?[]``
+    argument; a function's graph can). Without the ReLU the op can fuse: oneDNN's fused ReLU makes a NaN 0,
+    so a query that overflowed a convolution (values near float32's limit) got the prediction of a blank
+    input where every other path answers "Prediction not finite"; :func:`packed_block` applies the ReLU
+    after the pool instead, to a quarter of the values, in the same time."""
     graph = torch._C.parse_ir(f"""graph(%x : Tensor, %w : Tensor, %b : Tensor):
   %padding : int[] = prim::Constant[value={list(padding)}]()
   %stride : int[] = prim::Constant[value={list(stride)}]()
   %dilation : int[] = prim::Constant[value={list(dilation)}]()
   %groups : int = prim::Constant[value=1]()
-  %attr : str = prim::Constant[value="relu"]()
+  %attr : str = prim::Constant[value="none"]()
   %scalars : Scalar?[] = prim::ListConstruct()
   %algorithm : NoneType = prim::Constant()
   %y : Tensor = mkldnn::_convolution_pointwise(%x, %w, %b, %padding, %stride, %dilation, %groups, %attr, %scalars, %algorithm)
   return (%y)""")
-    return torch._C._create_function_from_graph(f"conv_relu_{'_'.join(map(str, padding + stride + dilation))}", graph)
+    return torch._C._create_function_from_graph(f"conv_{'_'.join(map(str, padding + stride + dilation))}", graph)
+
+
+def packed_block(conv: nn.Conv2d, h: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``relu(max_pool(conv(h, weight) + shift))``, a block with its BatchNorm folded into ``weight`` (packed by
+    :func:`_pack_weight`, or dense) and ``shift``, on oneDNN's convolution (:func:`_packed_conv`)."""
+    convolution = _packed_conv(tuple(conv.padding), tuple(conv.stride), tuple(conv.dilation))
+    return torch.relu_(F.max_pool2d(convolution(h, weight, shift), 2))
 
 
 def _pack_weight(weight: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -282,14 +292,14 @@ def _pack_weight(weight: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
 @functools.cache
 def packed_convolutions() -> bool:
-    """Whether this process runs :func:`_packed_conv_relu` (a CPU build with oneDNN, an op of this torch
+    """Whether this process runs :func:`_packed_conv` (a CPU build with oneDNN, an op of this torch
     version): tried once on a tiny convolution against ``F.conv2d``."""
     try:
         conv = nn.Conv2d(2, 3, 3, padding=1)
         x = torch.rand(1, 2, 4, 4)
         with torch.no_grad():
-            packed = _packed_conv_relu((1, 1), (1, 1), (1, 1))(x, _pack_weight(conv.weight, conv), conv.bias)
-            return torch.allclose(packed, torch.relu(conv(x)), atol=1e-5)
+            packed = _packed_conv((1, 1), (1, 1), (1, 1))(x, _pack_weight(conv.weight, conv), conv.bias)
+            return torch.allclose(packed, conv(x), atol=1e-5)
     except Exception:  # noqa: BLE001 - no oneDNN, or the op changed: the dense path serves
         return False
 
@@ -471,7 +481,7 @@ class FastFull:
         """:meth:`prepare`'s tensors for one request (``R = 1``) with the ``blocks`` given (every block by default)
         as oneDNN runs them fastest on some CPUs (:meth:`packed_blocks` measures which on this one): the
         block's ``scale`` folded into its conv weight, packed (:func:`_pack_weight`), and ``shift`` as the
-        conv's bias, so that the block is one convolution with its ReLU fused, then the max-pool. The
+        conv's bias, so that the block is one convolution, then the max-pool and the ReLU (:func:`packed_block`). The
         first block too: for one request of a few images, oneDNN's convolution of its input channel and
         the pool took 109 against 183 us for 5 Omniglot images on one machine, 250 against 399 us on
         another, where the fused block from window columns wins on batches and in training. A lone
@@ -499,8 +509,7 @@ class FastFull:
         if conv_name + ".packed" in constants:  # one request
             if index == 0:
                 h = h[0].contiguous(memory_format=torch.channels_last)
-            conv_relu = _packed_conv_relu(tuple(conv.padding), tuple(conv.stride), tuple(conv.dilation))
-            return F.max_pool2d(conv_relu(h, constants[conv_name + ".packed"], constants[bn_name + ".shift"]), 2)
+            return packed_block(conv, h, constants[conv_name + ".packed"], constants[bn_name + ".shift"])
         scale, shift = constants[bn_name + ".scale"], constants[bn_name + ".shift"]
         if index == 0:
             R, N = h.shape[:2]

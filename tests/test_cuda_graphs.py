@@ -870,6 +870,27 @@ def test_lone_maml_session_predicts_use_the_plain_constants_where_packing_does_n
     torch.testing.assert_close(torch.tensor(plain["probabilities"]), torch.tensor(packed["probabilities"]), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pays", [True, False], ids=["packed", "plain"])
+def test_a_lone_session_predict_that_overflows_is_not_finite_packed_or_plain(model_dir, packing, pays):
+    """Queries near float32's limit overflow the convolutions: packed as plain, the predict is non-finite
+    (the route's "Prediction not finite"). oneDNN's fused ReLU, used before, made the NaN 0 and answered
+    a blank input's probabilities."""
+    engine, model, tensors, job = _a_lone_session_predict(model_dir)
+    packing(pays)
+    overflowing = dataclasses.replace(job, query_x=torch.full_like(job.query_x, 3e38))
+    assert engine._session_inputs(model, False, lone_query=overflowing.query_x)[0][0] == ("packed" if pays else "prepared")
+    assert engine._compute([overflowing]) == [{"diverged": True}]
+    assert "probabilities" in engine._compute([job])[0]
+    # Where an overflow leaves a NaN, a packed block keeps it (the fused ReLU answered 0).
+    from service import fastpath
+
+    conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+    h = torch.rand(1, 1, 6, 6)
+    h[0, 0, 2, 2] = float("nan")
+    with torch.no_grad():
+        assert fastpath.packed_block(conv, h, fastpath._pack_weight(conv.weight, conv), conv.bias).isnan().any()
+
+
 def test_only_float32_cpu_weights_pack(model_dir):
     from service import fastpath
     from service.registry import ModelRegistry

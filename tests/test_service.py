@@ -134,6 +134,10 @@ def test_classification_flow_matches_offline(server, http, model_dir, name):
         np.testing.assert_allclose(answer["probabilities"], ref_probs, atol=1e-5)
         assert answer["predictions"] == ref_probs.argmax(-1).tolist()
     assert on_event_loop() > before
+    # Inputs far beyond the model's range overflow its outputs: refused as such, and the session predicts on.
+    beyond = http.post(f"/v1/sessions/{sid}/predict", json={"x": b64(torch.full((2, 1, 28, 28), 3e38))})
+    assert assert_problem(beyond, 422, "prediction not finite the session's predictions")["type"].endswith("/prediction-not-finite")
+    np.testing.assert_allclose(http.post(f"/v1/sessions/{sid}/predict", json={"x": qx.tolist()}).json()["probabilities"], ref_probs, atol=1e-5)
 
     stateless = http.post(f"/v1/models/{name}/predict", json={"support": {"x": b64(sx), "y": b64(sy, "int64")}, "query": {"x": b64(qx)}}).json()
     np.testing.assert_allclose(stateless["probabilities"], ref_probs, atol=1e-5)
@@ -371,7 +375,7 @@ BAD_CASES = {
     # Pillow's rarer plugins fail on malformed files with exceptions of their own (this DDS: NotImplementedError, a 500 before)
     "picture in a format not read": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"images": [base64.b64encode(b"DDS |" + bytes(71) + (32).to_bytes(4, "little") + (0x2000).to_bytes(4, "little") + bytes(48)).decode()] * 5})}, 422, "images[0]: not a picture in a format read here (PNG, JPEG"),
     "a boolean among the inputs": ("POST", "/v1/models/sine/adapt", {"support": {"x": [[True], [2.0]], "y": [1.0, 2.0]}}, 422, "support.x: true/false is not an input value"),
-    "query beyond the model's range": ("POST", "/v1/models/conv_maml/predict", {"support": support(), "query": {"x": b64(torch.full((1, 1, 28, 28), 3e38))}}, 422, "the adaptation held"),
+    "query beyond the model's range": ("POST", "/v1/models/conv_maml/predict", {"support": support(), "query": {"x": b64(torch.full((1, 1, 28, 28), 3e38))}}, 422, "prediction not finite the adaptation held"),
     "data URL not base64": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"images": ["data:image/png,%89PNG"] * 5})}, 422, "images[0]: a data URL must be base64"),
     "image too large": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"images": [png(np.zeros((8, 5000), np.uint8))] * 5})}, 422, "image of 5000x8 pixels exceeds 4096x4096"),
     "decompression bomb": ("POST", "/v1/models/conv_maml/adapt", {"support": support(x={"images": [base64.b64encode(png_header_only(20000, 20000)).decode()] * 5})}, 422, "exceeds 4096x4096"),

@@ -11,8 +11,8 @@ interleaved:
   window columns), with them packed in the blocks the kernel measures faster
   packed here (``FastFull.packed_blocks``, as the service decides), and packed
   in every block (``FastFull.pack``: ``scale`` folded into each conv weight, in
-  oneDNN's own layout, every block one convolution with its ReLU fused, then
-  the max-pool);
+  oneDNN's own layout, every block one convolution, then the max-pool and the
+  ReLU);
 - the blocks alone: the first block both ways, and each 64-channel convolution
   with its map, ReLU and pool both ways;
 - what packing costs once per session (time and bytes), and the largest
@@ -36,7 +36,7 @@ from engine_graphs import demo_registry, jobs_for, median_us  # noqa: E402
 
 import metalearn  # noqa: E402
 from service.engine import Engine, adaptation_from_tensors  # noqa: E402
-from service.fastpath import FastFull, _grouped_layout, _inputs, _packed_conv_relu  # noqa: E402
+from service.fastpath import FastFull, _grouped_layout, _inputs, packed_block  # noqa: E402
 from metalearn.first_block import pooled_product  # noqa: E402
 
 
@@ -91,13 +91,10 @@ def blocks(fast: FastFull, prepared: dict, packs: dict, query_x: torch.Tensor) -
         h = torch.addcmul(prepared[bn_name + ".shift"].unsqueeze(1), pooled, prepared[bn_name + ".scale"].unsqueeze(1)).relu_()
         return _grouped_layout(h.unflatten(1, (columns.images, columns.pooled_h, columns.pooled_w)))
 
-    def conv_relu(conv, h, weight, bias):
-        return _packed_conv_relu(tuple(conv.padding), tuple(conv.stride), tuple(conv.dilation))(h, weight, bias)
-
     images = query_x[0].contiguous(memory_format=torch.channels_last)
 
     def packed_first():
-        return F.max_pool2d(conv_relu(conv, images, packs[conv_name + ".packed"], packs[bn_name + ".shift"]), 2)
+        return packed_block(conv, images, packs[conv_name + ".packed"], packs[bn_name + ".shift"])
 
     assert torch.allclose(fused_first(), packed_first(), atol=1e-5)
     print(f"# first block, 5 images: fused from window columns {median_us(lambda: (_inputs(fast.blocks, query_x), fused_first())):.0f} us, "
@@ -106,13 +103,13 @@ def blocks(fast: FastFull, prepared: dict, packs: dict, query_x: torch.Tensor) -
     for conv, conv_name, _, bn_name in rest:
         weight, scale, shift = (prepared[conv_name + ".weight"][0], *(prepared[bn_name + part].view(-1, 1, 1) for part in (".scale", ".shift")))
         dense = median_us(lambda: torch.relu(F.max_pool2d(torch.addcmul(shift, F.conv2d(h, weight, None, conv.stride, conv.padding, conv.dilation), scale), 2)))
-        fused = median_us(lambda: F.max_pool2d(conv_relu(conv, h, packs[conv_name + ".packed"], packs[bn_name + ".shift"]), 2))
-        # one weight reordered per call, but scale folded and the ReLU fused: what packing alone buys
+        packed = median_us(lambda: packed_block(conv, h, packs[conv_name + ".packed"], packs[bn_name + ".shift"]))
+        # one weight reordered per call, but scale folded: what packing alone buys
         folded = (weight * scale.view(-1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
-        unpacked = median_us(lambda: F.max_pool2d(conv_relu(conv, h, folded, packs[bn_name + ".shift"]), 2))
-        print(f"# {conv_name}, {tuple(h.shape)}: conv, map, pool, ReLU {dense:.0f} us; folded and fused {unpacked:.0f} us; "
-              f"and packed {fused:.0f} us")
-        h = F.max_pool2d(conv_relu(conv, h, packs[conv_name + ".packed"], packs[bn_name + ".shift"]), 2)
+        unpacked = median_us(lambda: packed_block(conv, h, folded, packs[bn_name + ".shift"]))
+        print(f"# {conv_name}, {tuple(h.shape)}: conv, map, pool, ReLU {dense:.0f} us; folded {unpacked:.0f} us; "
+              f"and packed {packed:.0f} us")
+        h = packed_block(conv, h, packs[conv_name + ".packed"], packs[bn_name + ".shift"])
 
 
 if __name__ == "__main__":

@@ -57,11 +57,11 @@ def check_finite(result: dict, adapted: bool = True, predicted: bool = False) ->
     ``predicted``: whether it predicted a query too (a stateless predict)."""
     if result.get("diverged"):
         if not adapted:
-            raise Problem(422, "Adaptation diverged", "the prediction produced non-finite outputs: are the inputs in the range the model was trained on?")
+            raise Problem(422, "Prediction not finite", "the session's predictions are non-finite: are the inputs in the range the model was trained on?")
         losses = (result.get("support_loss_before"), result.get("support_loss_after"))
         if predicted and all(isinstance(v, float) and math.isfinite(v) for v in losses):
             # The loss after is taken at the adapted parameters: finite, they held; the query's outputs did not.
-            raise Problem(422, "Adaptation diverged", f"the adaptation held (support loss {losses[0]} -> {losses[1]}), but the "
+            raise Problem(422, "Prediction not finite", f"the adaptation held (support loss {losses[0]} -> {losses[1]}), but the "
                           "query's predictions are non-finite: are the query inputs in the range the model was trained on?")
         raise Problem(
             422,
