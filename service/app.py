@@ -293,18 +293,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Each added one wraps the ones before: metrics see every answer, including 413s from the size
     # limit, and every answer carries its request id.
     app.add_middleware(problems.BodySizeLimit, max_bytes=settings.max_body_bytes, idle_s=settings.body_timeout_s)
+    cors = None
     if settings.cors_origin_list():  # (outside the size limit: a browser reads a 413's body only with CORS headers)
-        app.add_middleware(
-            problems.ProblemCORS,
+        cors = dict(
             allow_origins=settings.cors_origin_list(),
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
-            expose_headers=["X-Request-ID", "Retry-After"],
+            # (traceparent and tracestate: W3C trace context, which a page's OpenTelemetry or Sentry adds to its calls)
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID", "traceparent", "tracestate"],
+            expose_headers=["X-Request-ID", "Retry-After", "Location", "WWW-Authenticate", "Allow"],
             max_age=600,
         )
+        app.add_middleware(problems.ProblemCORS, **cors)
     app.add_middleware(metrics.RequestMetrics, metrics=app.state.metrics)
     app.add_middleware(RequestIds)
-    app.add_middleware(problems.UnexpectedErrors)  # (outside them all: their own failures are answered too)
+    app.add_middleware(problems.UnexpectedErrors, cors=cors)  # (outside them all: their own failures are answered too)
     return app
 
 

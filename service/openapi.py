@@ -24,6 +24,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from service.problems import PROBLEM_MEDIA_TYPE, PROBLEM_TYPES, TYPE_BASE, problem_type
+from service.tensors import MAX_RANK
 
 # Every answer has it (service.request_ids).
 REQUEST_ID_HEADER = {
@@ -39,6 +40,14 @@ def _ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+def _nested(rank: int) -> dict:
+    return {"type": "array", "items": {"type": "number"} if rank == 1 else _nested(rank - 1)}
+
+
+# The one problem type the service does not answer itself: the proxy's rate limit (deploy/nginx.conf).
+PROXY_TYPE = TYPE_BASE + "too-many-requests"
+
+
 def _problem_schema() -> dict:
     listed = "\n".join(f"* `{problem_type(title)}` ({status}): {when}" for title, (status, when) in PROBLEM_TYPES.items())
     return {
@@ -47,7 +56,9 @@ def _problem_schema() -> dict:
         "description": "An error answer (RFC 9457 problem details, application/problem+json).",
         "required": ["type", "title", "status", "detail"],
         "properties": {
-            "type": {"type": "string", "format": "uri", "description": f"What went wrong, one of (status in brackets):\n\n{listed}", "examples": [TYPE_BASE + "wrong-tensor-shape"]},
+            "type": {"type": "string", "format": "uri", "enum": [problem_type(title) for title in PROBLEM_TYPES] + [PROXY_TYPE],
+                     "description": f"What went wrong, one of (status in brackets):\n\n{listed}\n* `{PROXY_TYPE}` (429): "
+                                    "the proxy in front of the replicas (deploy/nginx.conf) limits this key's adaptations or this client's connections"},
             "title": {"type": "string", "description": "The type in words."},
             "status": {"type": "integer", "description": "The HTTP status."},
             "detail": {"type": "string", "description": "What is wrong in this request, naming the field (support.x, query.x, ...) and what was expected."},
@@ -71,9 +82,10 @@ COMPONENTS = {
     },
     "NestedNumbers": {
         "title": "NestedNumbers",
-        "type": "array",
-        "description": "A rectangular array of JSON numbers, nested to the tensor's rank.",
-        "items": {"anyOf": [{"type": "number"}, _ref("NestedNumbers")]},
+        "description": f"A rectangular array of JSON numbers, nested to the tensor's rank (1 to {MAX_RANK}, as EncodedTensor's shape).",
+        # Spelt out rank by rank, not as a schema that refers to itself: openapi-typescript writes a recursive
+        # schema as a type TypeScript refuses (TS2502), and every tensor field became `any`.
+        "anyOf": [_nested(rank) for rank in range(1, MAX_RANK + 1)],
     },
     "Tensor": {
         "title": "Tensor",
@@ -123,8 +135,9 @@ def _named_tensors(schemas: dict) -> None:
                 field.pop("oneOf", None)
                 field.pop("anyOf", None)
                 field["$ref"] = "#/components/schemas/" + ("Tensor" if "ImageList" in refs else "Labels")
-    predictions = schemas["PredictResponse"]["properties"]["predictions"]
-    predictions["items"] = {"anyOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}}]}
+    for response in ("PredictResponse", "SessionPredictResponse"):
+        predictions = schemas[response]["properties"]["predictions"]
+        predictions["items"] = {"anyOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}}]}
 
 
 def _bounds(schemas: dict, settings) -> None:
@@ -140,6 +153,14 @@ def _bounds(schemas: dict, settings) -> None:
                 for branch in field.get("anyOf", [field]):
                     if branch.get("type") in ("integer", "number"):
                         branch.update(bounds[name])
+
+
+def _no_request_defaults(schemas: dict) -> None:
+    """Request fields without ``default``: their descriptions give it. openapi-typescript (7, by default) types a
+    field that has a default as always present, so generated clients had to send ``transductive``."""
+    for request in ("AdaptRequest", "PredictRequest", "SessionPredictRequest"):
+        for field in schemas[request]["properties"].values():
+            field.pop("default", None)
 
 
 def _answers(operation: dict, path: str) -> None:
@@ -168,8 +189,11 @@ def install_openapi(app: FastAPI) -> None:
         schemas.update(COMPONENTS, Problem=_problem_schema())
         _named_tensors(schemas)
         _bounds(schemas, app.state.settings)
+        _no_request_defaults(schemas)
         for path, item in schema.get("paths", {}).items():
             for operation in item.values():
+                if "requestBody" not in operation:  # (FastAPI declares a 422 for any parameters; a path's strings always fit)
+                    operation.get("responses", {}).pop("422", None)
                 _answers(operation, path)
                 operation.setdefault("security", [])  # open endpoints say so (the /v1 ones list the key schemes)
                 for parameter in operation.get("parameters", []):

@@ -171,8 +171,9 @@ class UnexpectedErrors:
     then raises the exception again for the server, which logs it a second time and closes the connection, so
     a client's next request on it (a keep-alive reuse, or one already sent) failed with a reset."""
 
-    def __init__(self, app):
+    def __init__(self, app, cors: dict | None = None):
         self.app = app
+        self.cors = cors  # ProblemCORS's settings, if any: the CORS middleware is inside, and a page reads a 500 only with its headers
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -194,7 +195,8 @@ class UnexpectedErrors:
             log.exception("unexpected error on %s %s (request id %s)", scope["method"], logged_path(scope), rid)
             extra = {"request_id": rid, "headers": {"X-Request-ID": rid}} if rid else {}
             problem = Problem(500, "Internal error", f"unexpected {type(exc).__name__}; the service keeps running", **extra)
-            await problem_response(problem, scope["path"])(scope, receive, send)
+            answer = problem_response(problem, scope["path"])
+            await (answer if self.cors is None else ProblemCORS(answer, **self.cors))(scope, receive, send)
 
 
 class ProblemCORS(CORSMiddleware):
@@ -206,7 +208,11 @@ class ProblemCORS(CORSMiddleware):
         if response.status_code != 400:
             return response
         refused = response.body.decode().removeprefix("Disallowed CORS ")  # what Starlette lists: origin, method, headers
-        problem = Problem(400, "Bad request", f"this cross-origin request's {refused} is not allowed here "
+        asked = [h.strip().lower() for h in request_headers.get("access-control-request-headers", "").split(",") if h.strip()]
+        unknown = [h for h in asked if h not in self.allow_headers]
+        named = f" (headers it may not send: {', '.join(unknown)}; it may send {', '.join(self.allow_headers)})" if unknown else ""
+        verb = "are" if refused == "headers" or "," in refused else "is"
+        problem = Problem(400, "Bad request", f"this cross-origin request's {refused} {verb} not allowed here{named} "
                                               "(METALEARN_CORS_ORIGINS, and the methods and headers the API takes)")
         answer = problem_response(problem)
         for name, value in response.headers.items():  # (its Vary and Access-Control-* headers)

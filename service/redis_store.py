@@ -260,9 +260,19 @@ def decode_metadata(raw: Any) -> dict:
         value = m.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise CorruptRecord(f"its metadata's {key!r} is not a time ({str(value)[:40]!r})")
-    if not isinstance(m.get("meta") or {}, dict):
+    meta = m.get("meta") or {}
+    if not isinstance(meta, dict):
         raise CorruptRecord("its metadata's 'meta' is not a JSON object")
+    for key, kinds in _META_TYPES.items():  # (GET /v1/sessions/{id} shows them, typed: service.routes.schemas.SessionMeta)
+        value = meta.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            raise CorruptRecord(f"its metadata's meta.{key} is not a {kinds[0].__name__} ({str(value)[:40]!r})")
     return m
+
+
+# What the adapt route writes in a session's meta, by JSON type (float fields may come back as integers).
+_META_TYPES = {"model_version": (str,), "inner_steps": (int,), "inner_lr": (float, int), "support_size": (int,),
+               "support_loss_before": (float, int), "support_loss_after": (float, int)}
 
 
 class RedisSessionStore(SessionStore):

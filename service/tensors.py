@@ -49,12 +49,15 @@ JsonInt = Annotated[int, BeforeValidator(json_number)]
 JsonFloat = Annotated[float, BeforeValidator(json_number)]
 
 
+MAX_RANK = 8  # the most dimensions a tensor sent here may have (the OpenAPI document spells out NestedNumbers to it)
+
+
 class EncodedTensor(BaseModel):
     """Raw little-endian tensor bytes, base64-encoded."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"dtype": "float32", "shape": [1, 1], "base64": "AAAAAA=="}]})
     dtype: Literal["float32", "float64", "uint8", "int32", "int64"]
-    shape: list[JsonInt] = Field(..., max_length=8)
+    shape: list[JsonInt] = Field(..., max_length=MAX_RANK)
     base64: str
 
 
@@ -83,6 +86,17 @@ TensorInput = Annotated[
         custom_error_message="expected a tensor: nested lists of numbers, {dtype, shape, base64}, or {images: [...]}",
     ),
 ]
+LabelsInput = Annotated[
+    Union[Annotated[list[Any], Tag("lists")], Annotated[EncodedTensor, Tag("encoded")]],
+    Discriminator(
+        lambda value: "encoded" if _tensor_form(value) == "images" else _tensor_form(value),
+        custom_error_type="labels_form",
+        custom_error_message="expected labels or targets: a list of numbers, or {dtype, shape, base64}",
+    ),
+]
+# The tags above, which pydantic puts in an error's location after the field's name (support.x.encoded.dtype):
+# not a path in the body, so the error answers leave them out.
+TENSOR_FORMS = ("lists", "encoded", "images")
 
 
 def invalid(detail: str, title: str = "Invalid tensor") -> Problem:
@@ -158,9 +172,9 @@ def _from_images(value: ImageList, where: str, preprocessing: dict | None, max_c
 
     blobs = []
     for i, text in enumerate(value.images):
-        if text.startswith("data:"):  # a data URL (a browser's canvas.toDataURL(), say): its base64 part
+        if text[:5].lower() == "data:":  # a data URL (a browser's canvas.toDataURL(), say): its base64 part
             header, _, text = text.partition(",")
-            if not header.endswith(";base64"):
+            if not header.lower().endswith(";base64"):  # (the scheme and its parameters are case-insensitive)
                 raise invalid(f"{where}.images[{i}]: a data URL must be base64 (data:image/png;base64,...), got {header[:60]!r}")
         blob = b64decode(text, f"{where}.images[{i}]")
         try:

@@ -88,6 +88,21 @@ def test_openapi_names_what_generators_need(app_client):
     assert (steps["minimum"], steps["maximum"]) == (0, 40)  # the settings' limits
     ttl = schemas["AdaptRequest"]["properties"]["ttl_s"]["anyOf"][0]
     assert (ttl["minimum"], ttl["maximum"]) == (1, 7200)
+    # What generators turn into usable types: no schema that refers to itself (openapi-typescript wrote one as a
+    # type TypeScript refuses, and every tensor became `any`), the problem types as an enum, request fields
+    # without a default (typed as always present), each operation's own error statuses.
+    assert "NestedNumbers" not in str(schemas["NestedNumbers"]["anyOf"])
+    assert [str(branch).count("array") for branch in schemas["NestedNumbers"]["anyOf"]] == list(range(1, 9))
+    assert set(schemas["Problem"]["properties"]["type"]["enum"]) == {problem_type(t) for t in PROBLEM_TYPES} | {problem_type("Too many requests")}
+    for request in ("AdaptRequest", "PredictRequest", "SessionPredictRequest"):
+        assert not any("default" in field for field in schemas[request]["properties"].values()), request
+    for (path, method), op in operations.items():
+        if path.startswith("/v1"):
+            assert ("422" in op["responses"]) == ("requestBody" in op) and "500" in op["responses"], (path, method)
+            assert ("408" in op["responses"]) == ("413" in op["responses"]) == ("requestBody" in op), (path, method)
+    assert operations[("/v1/sessions/{session_id}/predict", "post")]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/SessionPredictResponse")
+    assert set(schemas["SessionMeta"]["properties"]) >= {"model_version", "inner_steps", "inner_lr", "support_size"}
+    assert schemas["SessionInfo"]["properties"]["expires_at"]["format"] == "date-time"
     assert {"accepts_images", "preprocessing", "output_size", "training"} <= set(schemas["ModelInfo"]["properties"])
     assert schemas["ModelInfo"].get("additionalProperties") is False
     assert "limits" in schemas["ModelList"]["properties"]
@@ -128,6 +143,11 @@ def test_methods_and_encodings_a_route_refuses_are_named(app_client):
     gzipped = app_client.post("/v1/models/any/predict", content=b"\x1f\x8b\x08", headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
     assert gzipped.status_code == 415 and "Content-Encoding 'gzip'" in gzipped.json()["detail"], gzipped.text
     assert gzipped.headers["content-type"] == "application/problem+json"
+    # JSON is UTF-8 (RFC 8259): another charset is refused as such (it was read as malformed JSON), a byte order mark ignored
+    utf16 = app_client.post("/v1/models/any/predict", content="{}".encode("utf-16"), headers={"Content-Type": "application/json; charset=utf-16"})
+    assert utf16.status_code == 415 and "application/json in UTF-8" in utf16.json()["detail"]
+    marked = app_client.post("/v1/models/any/predict", content=b"\xef\xbb\xbf{}", headers={"Content-Type": "application/json; charset=UTF-8"})
+    assert marked.status_code == 422 and marked.json()["detail"] == "support: Field required; query: Field required", marked.text
 
 
 def encoded(array: np.ndarray, encode=base64.b64encode) -> EncodedTensor:
@@ -167,7 +187,10 @@ def test_a_wrong_tensor_is_reported_against_its_own_form(app_client):
     answer = app_client.post("/v1/models/any/predict", json=body)
     assert answer.status_code == 422, answer.text
     errors = answer.json()["errors"]
-    assert len(errors) == 1 and errors[0]["loc"][-1] == "dtype", errors  # not also the other two forms' complaints
+    assert len(errors) == 1 and errors[0]["loc"] == ["body", "support", "x", "dtype"], errors  # not also the other two forms' complaints
+    assert answer.json()["detail"].startswith("support.x.dtype: Input should be 'float32'")  # (a path in the body: no form's name)
+    labels = app_client.post("/v1/models/any/predict", json={**body, "support": {"x": [[1.0]], "y": {"dtype": "float16", "shape": [1], "base64": ""}}})
+    assert [e["loc"] for e in labels.json()["errors"]] == [["body", "support", "y", "dtype"]], labels.text  # labels too
     answer = app_client.post("/v1/models/any/predict", json={**body, "support": {"x": 5, "y": [0]}})
     assert "expected a tensor: nested lists of numbers, {dtype, shape, base64}, or {images: [...]}" in answer.json()["detail"]
 

@@ -544,6 +544,7 @@ CORRUPT = {  # what a session record's fields were replaced with, by hand or by 
     "metadata a list": lambda good: {"m": b"[1, 2]"},
     "no model name": lambda good: {"m": good[b"m"].replace(b'"model"', b'"modell"')},
     "tensors not safetensors": lambda good: {"t": b"\x80\x04garbage"},
+    "meta field of another type": lambda good: {"m": good[b"m"].replace(b'"meta": {', b'"meta": {"inner_steps": "ten", ')},
 }
 
 

@@ -224,7 +224,7 @@ def test_image_upload_is_preprocessed_like_training(http, model_dir):
     assert answer.status_code == 200, answer.text
     np.testing.assert_allclose(answer.json()["probabilities"], torch.softmax(reference, -1).numpy(), atol=1e-5)
     # The same pictures as data URLs (a browser's canvas.toDataURL()): the same answer
-    urls = ["data:image/png;base64," + e for e in encoded]
+    urls = ["data:image/png;base64," + e for e in encoded[:4]] + ["DATA:IMAGE/PNG;BASE64," + e for e in encoded[4:]]  # (case-insensitive)
     as_urls = http.post("/v1/models/conv_maml/predict", json={"support": {"x": {"images": urls[:5]}, "y": [0, 1, 2, 3, 4]}, "query": {"x": {"images": urls[5:]}}})
     assert as_urls.status_code == 200, as_urls.text
     assert as_urls.json()["probabilities"] == answer.json()["probabilities"]

@@ -556,22 +556,35 @@ def test_queue_full_and_store_down_are_503_problems(tmp_path, caplog):
 
 def test_cors_lets_the_configured_origins_call_from_a_browser(tmp_path):
     """METALEARN_CORS_ORIGINS: a browser's preflight from a configured origin is allowed (with the API key
-    header), an answer (a 413 too) carries the headers a page needs to read it, other origins get none;
-    without the setting no answer has them. An origin with a path or trailing slash is refused at start."""
+    header, and a tracing library's traceparent), an answer (a 413 and a bug's 500 too) carries the headers a page
+    needs to read it and its Location, Allow and WWW-Authenticate, other origins get none; without the setting no
+    answer has them. An origin with a path or trailing slash is refused at start."""
     from service.app import create_app
 
     page = "https://app.example.com"
-    preflight = {"Origin": page, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-api-key,content-type"}
+    preflight = {"Origin": page, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-api-key,content-type,traceparent"}
     app = create_app(Settings(model_dir=str(tmp_path), cors_origins=f"{page}, http://localhost:5173", api_keys="k", max_body_bytes=1024))
+
+    @app.get("/v1/bug")
+    async def bug():
+        raise KeyError("a bug")
+
     with TestClient(app) as client:
         allowed = client.options("/v1/models/any/predict", headers=preflight)
         assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == page
         assert "x-api-key" in allowed.headers["access-control-allow-headers"].lower()
         answer = client.get("/v1/models", headers={"Origin": page, "X-API-Key": "k"})
         assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == page
-        assert "x-request-id" in answer.headers["access-control-expose-headers"].lower()
+        exposed = answer.headers["access-control-expose-headers"].lower()
+        assert all(name in exposed for name in ("x-request-id", "retry-after", "location", "allow", "www-authenticate")), exposed
         too_big = client.post("/v1/models/any/predict", content=b"x" * 2048, headers={"Origin": page, "X-API-Key": "k", "Content-Type": "application/json"})
         assert too_big.status_code == 413 and too_big.headers["access-control-allow-origin"] == page
+        # (the middleware that answers a bug is outside the CORS one: it adds the headers itself)
+        failed = client.get("/v1/bug", headers={"Origin": page, "X-API-Key": "k"})
+        assert failed.status_code == 500 and failed.headers["access-control-allow-origin"] == page and failed.json()["request_id"]
+        assert "access-control-allow-origin" not in client.get("/v1/bug", headers={"Origin": "https://evil.example"}).headers
+        unknown_header = client.options("/v1/models/any/predict", headers={**preflight, "Access-Control-Request-Headers": "content-type,x-trace-me"})
+        assert unknown_header.status_code == 400 and "headers it may not send: x-trace-me;" in unknown_header.json()["detail"]
         other = client.options("/v1/models/any/predict", headers={**preflight, "Origin": "https://evil.example"})
         assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
         # a problem, as every refusal is (Starlette's own answer: the plain text "Disallowed CORS origin")

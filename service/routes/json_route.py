@@ -47,13 +47,19 @@ from starlette.requests import ClientDisconnect
 
 from service.problems import Problem
 from service.routes.deps import ClientGone, caller, owner
+from service.tensors import TENSOR_FORMS
 
 def _is_json(content_type: str | None) -> bool:
-    """No content type (curl's ``--data-binary`` without a header) is read as JSON; a declared one must be JSON."""
+    """No content type (curl's ``--data-binary`` without a header) is read as JSON; a declared one must be JSON,
+    in UTF-8 (RFC 8259; a ``charset`` of another name would be read as malformed JSON)."""
     if not content_type:
         return True
-    media = content_type.split(";", 1)[0].strip().lower()
-    return media == "application/json" or media.endswith("+json")
+    media, *parameters = (part.strip().lower() for part in content_type.split(";"))
+    charsets = [p.partition("=")[2].strip('"') for p in parameters if p.startswith("charset=")]
+    return (media == "application/json" or media.endswith("+json")) and all(c in ("utf-8", "utf8") for c in charsets)
+
+
+UTF8_BOM = b"\xef\xbb\xbf"  # RFC 8259 lets a parser ignore it; some Windows tools write one
 
 
 # nginx's status for a request whose client closed the connection before the answer: in the access log
@@ -63,7 +69,7 @@ CLIENT_CLOSED = 499
 
 async def _read_body(request: Request, model: type[BaseModel]) -> BaseModel:
     if not _is_json(request.headers.get("content-type")):
-        raise Problem(415, "Unsupported media type", f"send the body as application/json, not {request.headers['content-type']!r}")
+        raise Problem(415, "Unsupported media type", f"send the body as application/json in UTF-8, not {request.headers['content-type']!r}")
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":  # a compressed body would otherwise be read as malformed JSON
         raise Problem(415, "Unsupported media type", f"Content-Encoding {encoding!r} is not accepted: send the JSON body uncompressed")
@@ -74,11 +80,17 @@ async def _read_body(request: Request, model: type[BaseModel]) -> BaseModel:
     if not raw:  # as FastAPI answers a missing required body
         raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
     _check_list_values(raw, request.app.state.settings.max_list_values)
+    raw = raw.removeprefix(UTF8_BOM)
     try:
         return model.model_validate_json(raw)
     except ValidationError as error:
-        errors = [{**e, "loc": ("body", *e["loc"])} for e in error.errors(include_url=False)]
+        errors = [{**e, "loc": ("body", *_body_path(e["loc"]))} for e in error.errors(include_url=False)]
         raise RequestValidationError(errors, body=raw) from None
+
+
+def _body_path(loc: tuple) -> tuple:
+    """An error's location as a path in the body: without the tensor form pydantic names after a tensor field."""
+    return tuple(part for i, part in enumerate(loc) if not (part in TENSOR_FORMS and i and loc[i - 1] in ("x", "y")))
 
 
 def _check_list_values(raw: bytes, limit: int) -> None:

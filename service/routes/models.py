@@ -19,7 +19,12 @@ from service.tensors import MAX_IMAGE_SIDE, MAX_LIST_PIXELS, decode_inputs, deco
 router = APIRouter(prefix="/v1/models", tags=["models"], route_class=JSONRoute)
 
 PROBLEM = {"content": {"application/problem+json": {}}, "description": "Problem details (RFC 9457)"}
-ERRORS = {400: PROBLEM, 401: PROBLEM, 404: PROBLEM, 413: PROBLEM, 415: PROBLEM, 422: PROBLEM, 503: PROBLEM}
+# The error statuses each kind of operation answers (the OpenAPI document's responses). 408 and 413 come from
+# the body limits (service.problems.BodySizeLimit), 500 from a bug (UnexpectedErrors), 503 from the queue, the
+# workers or the session store.
+BODY_ERRORS = dict.fromkeys((400, 401, 404, 408, 413, 415, 422, 500, 503), PROBLEM)
+SESSION_ERRORS = dict.fromkeys((401, 404, 500, 503), PROBLEM)
+MODEL_ERRORS = dict.fromkeys((401, 404, 500), PROBLEM)
 
 
 def limits(settings) -> Limits:
@@ -81,18 +86,18 @@ def timing(result: dict, started: float) -> Timing:
     )
 
 
-@router.get("", summary="List the models", response_model=ModelList, responses=ERRORS)
+@router.get("", summary="List the models", response_model=ModelList, responses=dict.fromkeys((401, 500), PROBLEM))
 async def list_models(request: Request, _owner: str | None = Depends(owner)) -> dict:
     registry = request.app.state.registry
     return {"models": [registry.get(n).info() for n in registry.names()], "limits": limits(request.app.state.settings)}
 
 
-@router.get("/{name}", summary="Describe a model", response_model=ModelInfo, responses=ERRORS)
+@router.get("/{name}", summary="Describe a model", response_model=ModelInfo, responses=MODEL_ERRORS)
 async def describe_model(request: Request, name: str, _owner: str | None = Depends(owner)) -> dict:
     return get_model(request, name).info()
 
 
-@router.post("/{name}/adapt", summary="Adapt to a support set (creates a session)", status_code=201, response_model=AdaptResponse, responses=ERRORS)
+@router.post("/{name}/adapt", summary="Adapt to a support set (creates a session)", status_code=201, response_model=AdaptResponse, responses=BODY_ERRORS)
 async def adapt_model(request: Request, response: Response, name: str, body: AdaptRequest = Body(...), caller: str | None = Depends(owner)) -> AdaptResponse:
     """Adapts the model to the support set and keeps the adapted parameters in a session for later predictions."""
     state = request.app.state
@@ -147,7 +152,7 @@ async def adapt_model(request: Request, response: Response, name: str, body: Ada
     )
 
 
-@router.post("/{name}/predict", summary="Adapt and predict in one call (no session)", response_model=PredictResponse, response_model_exclude_none=True, responses=ERRORS)
+@router.post("/{name}/predict", summary="Adapt and predict in one call (no session)", response_model=PredictResponse, response_model_exclude_none=True, responses=BODY_ERRORS)
 async def predict_stateless(request: Request, name: str, body: PredictRequest = Body(...), _owner: str | None = Depends(owner)) -> PredictResponse:
     """Adapts to the support set, predicts the queries, and keeps nothing."""
     state = request.app.state

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 # Numbers and switches as JSON writes them (JsonInt, JsonFloat, StrictBool): the lax defaults would read
 # "inner_steps": true as 1 step and "transductive": "yes" as true.
-from service.tensors import EncodedTensor, JsonFloat, JsonInt, TensorInput
-
-LabelsInput = Union[list[Any], EncodedTensor]
+from service.tensors import JsonFloat, JsonInt, LabelsInput, TensorInput
 
 _TENSOR_DOC = (
     "Inputs [N, *input_shape]: nested lists of numbers, {dtype, shape, base64} (raw little-endian bytes, base64 with "
@@ -46,13 +44,13 @@ class PredictRequest(BaseModel):
     query: Query
     inner_steps: Optional[JsonInt] = Field(None, description="Inner steps (default: the model's).")
     inner_lr: Optional[JsonFloat] = Field(None, description="Inner learning rate (default: the model's).")
-    transductive: StrictBool = Field(False, description="Normalise queries with their own batch statistics instead of the support set's.")
+    transductive: StrictBool = Field(False, description="Normalise queries with their own batch statistics instead of the support set's (default false).")
 
 
 class SessionPredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     x: TensorInput = Field(..., description=_TENSOR_DOC)
-    transductive: StrictBool = Field(False, description="Normalise queries with their own batch statistics instead of the support set's.")
+    transductive: StrictBool = Field(False, description="Normalise queries with their own batch statistics instead of the support set's (default false).")
 
 
 class Timing(BaseModel):
@@ -67,7 +65,7 @@ class AdaptResponse(BaseModel):
     model_version: str
     created: float = Field(..., description="Unix time")
     expires: float = Field(..., description="Unix time")
-    expires_at: str = Field(..., description="ISO 8601, UTC")
+    expires_at: str = Field(..., description="ISO 8601, UTC", json_schema_extra={"format": "date-time"})
     ttl_s: int
     inner_steps: int
     inner_lr: Optional[float] = Field(..., description="The inner learning rate adaptation used; null: the model's learned rates (learned_lrs).")
@@ -78,26 +76,47 @@ class AdaptResponse(BaseModel):
     timing: Timing
 
 
-class PredictResponse(BaseModel):
+class Predictions(BaseModel):
+    """What both predict answers begin with (each its own schema: a session's, a stateless one's)."""
+
     model: str
     predictions: list[Any] = Field(..., description="Class indices [N] (classification), values [N] or [N, outputs] (regression).")
     probabilities: Optional[list[list[float]]] = Field(None, description="Class probabilities [N, n_way] (classification).")
+
+
+class SessionPredictResponse(Predictions):
+    session_id: str
+    timing: Timing
+
+
+class PredictResponse(Predictions):
+    support_loss_before: float
+    support_loss_after: float
+    inner_steps: int
+    inner_lr: Optional[float] = Field(None, description="The inner learning rate adaptation used; absent with the model's learned rates (learned_lrs).")
+    timing: Timing
+
+
+class SessionMeta(BaseModel):
+    """How the session was adapted (each field absent where its store record lacks it)."""
+
+    model_config = ConfigDict(protected_namespaces=())
+    model_version: Optional[str] = Field(None, description="The checkpoint version the session was adapted from.")
+    inner_steps: Optional[int] = None
+    inner_lr: Optional[float] = Field(None, description="null or absent: the model's learned rates (learned_lrs).")
+    support_size: Optional[int] = None
     support_loss_before: Optional[float] = None
     support_loss_after: Optional[float] = None
-    inner_steps: Optional[int] = None
-    inner_lr: Optional[float] = Field(None, description="Stateless predictions: the inner learning rate adaptation used; absent with the model's learned rates (learned_lrs).")
-    session_id: Optional[str] = None
-    timing: Timing
 
 
 class SessionInfo(BaseModel):
     session_id: str
     model: str
-    created: float
-    expires: float
-    expires_at: str
+    created: float = Field(..., description="Unix time")
+    expires: float = Field(..., description="Unix time")
+    expires_at: str = Field(..., description="ISO 8601, UTC", json_schema_extra={"format": "date-time"})
     size_bytes: int
-    meta: dict
+    meta: SessionMeta
 
 
 class ModelInfo(BaseModel):

@@ -11,8 +11,8 @@ from service.engine import Job
 from service.problems import Problem
 from service.routes.deps import decode_off_the_loop, owner, store_call
 from service.routes.json_route import JSONRoute
-from service.routes.models import ERRORS, check_finite, iso, timing
-from service.routes.schemas import PredictResponse, SessionInfo, SessionPredictRequest
+from service.routes.models import BODY_ERRORS, SESSION_ERRORS, check_finite, iso, timing
+from service.routes.schemas import SessionInfo, SessionMeta, SessionPredictRequest, SessionPredictResponse
 from service.tensors import decode_inputs
 
 log = logging.getLogger("service.routes.sessions")
@@ -37,8 +37,8 @@ async def _session(request: Request, session_id: str, caller: str | None):
     return session, model
 
 
-@router.post("/{session_id}/predict", summary="Predict with an adapted session", response_model=PredictResponse, response_model_exclude_none=True, responses=ERRORS)
-async def predict_session(request: Request, session_id: str, body: SessionPredictRequest = Body(...), caller: str | None = Depends(owner)) -> PredictResponse:
+@router.post("/{session_id}/predict", summary="Predict with an adapted session", response_model=SessionPredictResponse, response_model_exclude_none=True, responses=BODY_ERRORS)
+async def predict_session(request: Request, session_id: str, body: SessionPredictRequest = Body(...), caller: str | None = Depends(owner)) -> SessionPredictResponse:
     """Predicts with the parameters a previous ``adapt`` stored (cheap: no adaptation)."""
     state = request.app.state
     session, model = await _session(request, session_id, caller)
@@ -46,7 +46,7 @@ async def predict_session(request: Request, session_id: str, body: SessionPredic
     started = time.perf_counter()
     job = Job("predict", model, query_x=x, session=session.tensors, session_prepared=session.prepared, transductive=body.transductive)
     result = check_finite(await state.engine.submit(job, alone=state.metrics.alone), adapted=False)
-    return PredictResponse(
+    return SessionPredictResponse(
         model=model.name,
         predictions=result["predictions"],
         probabilities=result.get("probabilities"),
@@ -55,7 +55,7 @@ async def predict_session(request: Request, session_id: str, body: SessionPredic
     )
 
 
-@router.get("/{session_id}", summary="Describe a session", response_model=SessionInfo, responses=ERRORS)
+@router.get("/{session_id}", summary="Describe a session", response_model=SessionInfo, responses=SESSION_ERRORS)
 async def describe_session(request: Request, session_id: str, caller: str | None = Depends(owner)) -> SessionInfo:
     session, _ = await _session(request, session_id, caller)
     return SessionInfo(
@@ -65,11 +65,11 @@ async def describe_session(request: Request, session_id: str, caller: str | None
         expires=session.expires,
         expires_at=iso(session.expires),
         size_bytes=session.nbytes,
-        meta=session.meta,
+        meta=SessionMeta.model_validate(session.meta),  # (a Redis record's types are checked as it is read)
     )
 
 
-@router.delete("/{session_id}", summary="Delete a session", status_code=204, response_class=Response, responses=ERRORS)
+@router.delete("/{session_id}", summary="Delete a session", status_code=204, response_class=Response, responses=SESSION_ERRORS)
 async def delete_session(request: Request, session_id: str, caller: str | None = Depends(owner)) -> Response:
     deleted = await store_call(request, request.app.state.store.delete, session_id, caller)
     if not deleted:
