@@ -520,7 +520,7 @@ class Engine:
             from service import fastpath
 
             # (setdefault: two workers building it at once all use the first one's)
-            model.derived.setdefault("fast", fastpath.fast_kernel(model.learner))
+            model.derived.setdefault("fast", fastpath.fast_kernel(model.learner, model.input_shape))
         return model.derived["fast"]
 
     def _learner(self, model):

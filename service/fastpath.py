@@ -41,7 +41,7 @@ from torch import nn
 
 from metalearn.adaptation import Adaptation
 from metalearn.first_block import WindowColumns, first_block, fuses, pooled_product, window_columns
-from metalearn.models import BatchNorm, batch_moments
+from metalearn.models import BatchNorm, Conv4, batch_moments
 
 log = logging.getLogger("service.fastpath")
 
@@ -55,12 +55,15 @@ def max_pool2(h: torch.Tensor) -> torch.Tensor:
 
 
 def _blocks(model: nn.Module):
-    """``[(conv, conv_name, bn, bn_name)]`` if ``model.body`` is conv -> BatchNorm -> ReLU/MaxPool2d(2) blocks + Flatten."""
+    """``[(conv, conv_name, bn, bn_name)]`` if ``model.body`` is conv -> BatchNorm -> ReLU/MaxPool2d(2) blocks + Flatten.
+
+    The layers' exact classes, not subclasses (whose forward may differ), and zero padding: the kernels call
+    ``F.conv2d`` themselves, so a ``padding_mode`` of ``reflect`` would be lost."""
     body = getattr(model, "body", None)
-    if not isinstance(body, nn.Sequential) or not isinstance(getattr(model, "head", None), nn.Linear):
+    if type(body) is not nn.Sequential or type(getattr(model, "head", None)) is not nn.Linear:
         return None
     layers = list(body.named_children())
-    if not layers or not isinstance(layers[-1][1], nn.Flatten):
+    if not layers or type(layers[-1][1]) is not nn.Flatten or (layers[-1][1].start_dim, layers[-1][1].end_dim) != (1, -1):
         return None
     layers = layers[:-1]
     if len(layers) % 4:
@@ -69,15 +72,34 @@ def _blocks(model: nn.Module):
     for i in range(0, len(layers), 4):
         (cn, conv), (bn_name, bn), (_, third), (_, fourth) = layers[i : i + 4]
         # ReLU and max-pool commute (ReLU is monotone): accept either order.
-        relu, pool = (third, fourth) if isinstance(third, nn.ReLU) else (fourth, third)
-        if not (isinstance(conv, nn.Conv2d) and conv.groups == 1 and isinstance(bn, BatchNorm) and isinstance(relu, nn.ReLU)):
+        relu, pool = (third, fourth) if type(third) is nn.ReLU else (fourth, third)
+        if not (type(conv) is nn.Conv2d and conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)):
             return None
-        if not (isinstance(pool, nn.MaxPool2d) and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2)) and pool.padding in (0, (0, 0))):
+        if not (type(bn) is BatchNorm and type(relu) is nn.ReLU and type(pool) is nn.MaxPool2d):
+            return None
+        if not (pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2)) and pool.padding in (0, (0, 0))):
             return None
         if pool.dilation not in (1, (1, 1)) or pool.ceil_mode:
             return None
         blocks.append((conv, "body." + cn, bn, "body." + bn_name))
     return blocks
+
+
+def _forward_is_head_of_body(model: nn.Module, input_shape) -> bool:
+    """Whether ``model``'s forward computes ``head(body(x))``, as the kernels do: Conv4's own forward, or one
+    that gives the same on random inputs of ``input_shape`` (a forward that also scales its input or its
+    logits does not: the kernels would answer for another function than the one trained)."""
+    if type(model).forward is Conv4.forward:
+        return True
+    if input_shape is None:
+        return False
+    weight = model.head.weight
+    x = torch.rand(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    try:
+        with torch.no_grad():
+            return bool(torch.allclose(model(x), model.head(model.body(x)), rtol=1e-4, atol=1e-5))
+    except Exception:  # noqa: BLE001 - a forward that does not run on such inputs is not head(body(x)) as far as we know
+        return False
 
 
 def _inputs(blocks, x: torch.Tensor) -> torch.Tensor | WindowColumns:
@@ -536,10 +558,10 @@ class FastFull:
         return torch.baddbmm(prepared["head.bias"].unsqueeze(1), features, prepared["head.weight"].transpose(1, 2))
 
 
-def fast_kernel(learner):
-    """The fast batched kernel for ``learner``, or None when only the generic path applies."""
-    if supports(learner):
-        return FastAnil(learner)
-    if supports_full(learner):
-        return FastFull(learner)
-    return None
+def fast_kernel(learner, input_shape=None):
+    """The fast batched kernel for ``learner``, or None when only the generic path applies (``input_shape``, one
+    input's: what a model of another class than ``Conv4`` is tried on, to check that its forward is the kernels')."""
+    kernel = FastAnil if supports(learner) else FastFull if supports_full(learner) else None
+    if kernel is None or not _forward_is_head_of_body(learner.model, input_shape):
+        return None
+    return kernel(learner)

@@ -62,3 +62,36 @@ def test_fast_kernels_equal_generic_adaptation(algorithm, size, config):
         torch.testing.assert_close(batched.support_loss_after[r], single.support_loss_after, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(queries[r], predict(meta, single, query_x[r]), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(transductive[r], predict(meta, single, query_x[r], transductive=True), rtol=1e-4, atol=1e-4)
+
+
+class _Conv4Shaped(torch.nn.Module):
+    """A user's model laid out as Conv4 (a body of conv, BatchNorm, pool, ReLU blocks and Flatten, then a head)."""
+
+    def __init__(self, padding_mode: str = "zeros", scale: float = 1.0, conv=torch.nn.Conv2d):
+        super().__init__()
+        self.body = torch.nn.Sequential(conv(1, 8, 3, padding=1, padding_mode=padding_mode), torch.nn.BatchNorm2d(8),
+                                        torch.nn.MaxPool2d(2), torch.nn.ReLU(), torch.nn.Flatten())
+        self.head = torch.nn.Linear(8 * 8 * 8, 5)
+        self.scale = scale
+
+    def forward(self, x):
+        return self.head(self.body(x)) * self.scale
+
+
+class _ClampedConv(torch.nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x).clamp(max=1.0)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "anil"])
+def test_only_models_computing_what_the_kernels_compute_take_them(algorithm):
+    """The kernels compute ``head(body(x))`` with zero-padded ``F.conv2d``: a model laid out as Conv4 takes them
+    only if its forward gives that on random inputs of its shape, its padding is zeros and its layers are the
+    plain classes. The service answered a scaled forward's model, or reflection padding's, with the
+    kernels' function (201/200, its probabilities up to 0.98 from offline adaptation)."""
+    kind = fastpath.FastAnil if algorithm == "anil" else fastpath.FastFull
+    plain = MetaLearner(_Conv4Shaped(), MetaConfig(algorithm, inner_lr=0.4))
+    assert isinstance(fastpath.fast_kernel(plain, (1, 16, 16)), kind)
+    assert fastpath.fast_kernel(plain) is None  # (no inputs to try it on: the generic path)
+    for model in (_Conv4Shaped(scale=0.25), _Conv4Shaped(padding_mode="reflect"), _Conv4Shaped(conv=_ClampedConv)):
+        assert fastpath.fast_kernel(MetaLearner(model, MetaConfig(algorithm, inner_lr=0.4)), (1, 16, 16)) is None
