@@ -46,6 +46,7 @@ generic path; ``service.fastpath`` takes only the variants it names.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -57,6 +58,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 from torch.func import functional_call, grad_and_value
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from metalearn.models import convert_batchnorm, head_module_name, head_parameter_names, norm_statistics, same_definition
 from metalearn.names import ALGORITHMS, HEAD_INITS, TASK_TYPES
@@ -573,24 +575,28 @@ class MetaLearner(nn.Module):
         )
 
         def objective(meta_params, buffers, support_x, support_y, query_x, query_y):
-            trajectory, _ = self.inner_loop(
-                meta_params,
-                buffers,
-                support_x,
-                support_y,
-                steps=cfg.inner_steps,
-                create_graph=not first_order,
-                use_autograd=use_autograd,
-            )
-            forward = self._task_forward(self.model_params(meta_params), buffers, query_x)
-            if weights is None:
-                outputs = forward(trajectory[-1])
-                loss = self._loss(outputs, query_y)
-            else:
-                per_step = [forward(fast) for fast in trajectory]
-                outputs = per_step[-1]
-                losses = torch.stack([self._loss(out, query_y) for out in per_step])
-                loss = (weights.to(losses) * losses).sum()
+            # Second order differentiates the inner gradients again: attention (nn.MultiheadAttention, the
+            # Transformer layers) then runs on the math kernel, the one whose backward has a derivative
+            # (flash attention's has none: "derivative for ..._flash_attention_for_cpu_backward is not implemented").
+            with contextlib.nullcontext() if first_order else sdpa_kernel(SDPBackend.MATH):
+                trajectory, _ = self.inner_loop(
+                    meta_params,
+                    buffers,
+                    support_x,
+                    support_y,
+                    steps=cfg.inner_steps,
+                    create_graph=not first_order,
+                    use_autograd=use_autograd,
+                )
+                forward = self._task_forward(self.model_params(meta_params), buffers, query_x)
+                if weights is None:
+                    outputs = forward(trajectory[-1])
+                    loss = self._loss(outputs, query_y)
+                else:
+                    per_step = [forward(fast) for fast in trajectory]
+                    outputs = per_step[-1]
+                    losses = torch.stack([self._loss(out, query_y) for out in per_step])
+                    loss = (weights.to(losses) * losses).sum()
             metrics = (self._loss(outputs, query_y).detach(), self._accuracy(outputs, query_y))
             return loss, metrics
 

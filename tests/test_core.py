@@ -128,6 +128,35 @@ def test_maml_several_steps_matches_finite_differences(strategy):
     assert_matches_finite_differences(got, theta, lambda v: _reference_query_loss(model, v, params, batch, alpha, steps))
 
 
+class _TinyAttention(nn.Module):
+    """A sequence of 2-feature steps -> attention over its tokens -> mean -> one value (inputs [N, 1])."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(2, 4)
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        tokens = self.embed(torch.stack([x, torch.sin(x)], -1).expand(-1, 3, -1) * torch.tensor([[1.0], [0.5], [-1.0]], dtype=x.dtype))
+        return self.head(self.attention(tokens, tokens, tokens, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("algorithm, strategy", [("maml", "loop"), ("maml", "vmap"), ("metasgd", "loop")])
+def test_second_order_through_attention_matches_finite_differences(algorithm, strategy):
+    """Attention's fast CPU kernel (flash attention) has no derivative of its backward: second order
+    runs it on the math kernel. Every second-order variant failed on nn.MultiheadAttention or a Transformer."""
+    torch.manual_seed(2)
+    model = _TinyAttention().double()
+    alpha, steps = 0.05, 2
+    learner = MetaLearner(model, MetaConfig(algorithm, task_type="regression", inner_steps=steps, inner_lr=alpha))
+    batch = regression_batch(tasks=1, dtype=torch.float64, seed=3)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    theta = flat(params)
+    got = flat({n: learner.meta_gradient(batch, strategy=strategy).grads["model." + n] for n in params})
+    assert_matches_finite_differences(got, theta, lambda v: _reference_query_loss(model, v, params, batch, alpha, steps))
+
+
 def _log_cosh(outputs, targets):
     return torch.log(torch.cosh(outputs - targets)).mean()
 
