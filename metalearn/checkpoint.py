@@ -188,9 +188,15 @@ def save_checkpoint(
     if state is not None:
         manifest["state"] = state
     manifest = json_ready(manifest)
-    tensors = {name: p.detach().cpu().contiguous() for name, p in learner.state_dict().items()}
-    for name, tensor in (state_tensors or {}).items():
-        tensors[STATE_PREFIX + name] = tensor.detach().cpu().contiguous()
+    tensors, stored = {}, set()
+    for name, tensor in [*learner.state_dict().items(), *((STATE_PREFIX + n, t) for n, t in (state_tensors or {}).items())]:
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.numel() and tensor.untyped_storage().data_ptr() in stored:
+            # Tied weights (one Parameter under two names): safetensors refuses shared memory, so the second
+            # name gets a copy; loading copies both into the one Parameter the constructor ties again.
+            tensor = tensor.clone()
+        stored.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
     manifest["content_hash"] = content_hash(tensors, manifest)
     data = save_bytes(tensors, metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True, allow_nan=False)})
     atomic_write_bytes(path, data)

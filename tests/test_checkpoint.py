@@ -273,6 +273,33 @@ def test_a_float64_checkpoint_loads_in_float64(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), learner.state_dict().values()))
 
 
+def test_tied_weights_are_saved_and_stay_tied(tmp_path):
+    """One Parameter under two names (an encoder and a decoder sharing a weight): safetensors refuses shared
+    memory, so training such a model died at its first checkpoint; it saves, loads tied and predicts the same."""
+    from metalearn import register_architecture
+
+    @register_architecture("test-tied")
+    class Tied(torch.nn.Module):
+        def __init__(self, hidden: int = 6):
+            super().__init__()
+            self.encode, self.decode = torch.nn.Linear(1, hidden), torch.nn.Linear(hidden, hidden, bias=False)
+            self.mix = torch.nn.Linear(hidden, hidden, bias=False)
+            self.mix.weight = self.decode.weight
+            self.head = torch.nn.Linear(hidden, 1)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.mix(torch.tanh(self.decode(torch.tanh(self.encode(x)))))))
+
+    torch.manual_seed(0)
+    learner = MetaLearner(Tied(), MetaConfig("maml", task_type="regression", inner_steps=2, inner_lr=0.1))
+    save_checkpoint(tmp_path / "tied.safetensors", learner, input_shape=(1,))
+    loaded = load_checkpoint(tmp_path / "tied.safetensors").learner
+    assert loaded.model.mix.weight is loaded.model.decode.weight
+    x, y = torch.linspace(-1, 1, 5).unsqueeze(1), torch.linspace(0, 1, 5).unsqueeze(1)
+    learner.eval()
+    assert torch.equal(predict(learner, adapt(learner, x, y), x), predict(loaded, adapt(loaded, x, y), x))
+
+
 def test_a_manifest_asking_for_a_far_larger_model_than_its_weights_is_refused_unbuilt(tmp_path, monkeypatch):
     """A few bytes of file must not make the loader allocate what its manifest names (an MLP of 10^5-unit layers:
     tens of GB) before the weights are compared."""
