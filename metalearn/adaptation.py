@@ -34,9 +34,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.func import vmap
 
-from metalearn.batching import check_label_range, check_sets
+from metalearn.batching import check_label_range, check_sets, map_tasks
 from metalearn.data.images import SHIFTED_VIEWS, shifted_views
 from metalearn.learner import MetaLearner, Params, check_integer, check_positive_number
 from metalearn.models import has_batchnorm, norm_statistics
@@ -195,9 +194,7 @@ def adapt_many(
     def one(meta_params, buffers, x, y):
         return _adapt_one(learner, steps, lr, meta_params, buffers, x, y)
 
-    adapted, stats, before, after = vmap(one, in_dims=(None, None, 0, 0), randomness="different")(
-        learner.meta_params(), learner.buffers_dict(), support_x, support_y
-    )
+    adapted, stats, before, after = map_tasks(learner, one, (None, None, 0, 0), learner.meta_params(), learner.buffers_dict(), support_x, support_y)
     return Adaptation(adapted, stats, before, after)
 
 
@@ -221,6 +218,4 @@ def predict_many(
         return _predict_one(learner, meta_params, buffers, adapted, stats if use_stats else None, x)
 
     stats = adaptation.norm_stats if use_stats else {}
-    return vmap(one, in_dims=(None, None, 0, 0, 0), randomness="different")(
-        learner.meta_params(), learner.buffers_dict(), adaptation.params, stats, query_x
-    )
+    return map_tasks(learner, one, (None, None, 0, 0, 0), learner.meta_params(), learner.buffers_dict(), adaptation.params, stats, query_x)

@@ -15,7 +15,9 @@ Strategies, all giving the same result (tests check it to 1e-5):
     vmap over chunks of N tasks, looping over the chunks: bounds the memory
     of vmap on big models.
 
-``auto`` picks by workload; see :func:`choose_strategy`.
+``auto`` picks by workload; see :func:`choose_strategy`. Models with torch's
+recurrent layers (``nn.RNN``, ``nn.GRU``, ``nn.LSTM``) run as a loop only:
+vmap cannot run them (:func:`vmaps`).
 """
 
 from __future__ import annotations
@@ -23,10 +25,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.func import vmap
+from torch.utils._pytree import tree_leaves, tree_map
 
 from metalearn.learner import MetaLearner, StepResult
 
 STRATEGIES = ("auto", "loop", "vmap", "chunked:<n>")
+
+
+def vmaps(model: nn.Module) -> bool:
+    """Whether ``torch.func.vmap`` runs ``model``: not with torch's recurrent layers, whose batching fails in
+    torch 2.13 (nn.GRU and nn.RNN: "output with shape [5, 16] doesn't match the broadcast shape [4, 5, 16]";
+    nn.LSTM without gradients: "Batching rule not implemented for aten::lstm.input")."""
+    return not any(isinstance(module, nn.RNNBase) for module in model.modules())
+
+
+def map_tasks(learner: MetaLearner, fn, in_dims: tuple, *args):
+    """``vmap(fn, in_dims, randomness="different")(*args)``, or, for a model vmap cannot run (:func:`vmaps`),
+    the same as a loop over the stacked dimension (``in_dims`` 0 or None per argument, any pytree of tensors)."""
+    if vmaps(learner.model):
+        return vmap(fn, in_dims=in_dims, randomness="different")(*args)
+    count = tree_leaves(next(a for a, dim in zip(args, in_dims) if dim == 0))[0].shape[0]
+    outputs = [fn(*(a if dim is None else tree_map(lambda t: t[i], a) for a, dim in zip(args, in_dims))) for i in range(count)]
+    return tree_map(lambda *parts: torch.stack(parts), *outputs)
 
 
 def choose_strategy(learner: MetaLearner, device: str | torch.device, training: bool = True) -> str:
@@ -41,7 +61,7 @@ def choose_strategy(learner: MetaLearner, device: str | torch.device, training: 
     (ANIL's head-only adaptation folds the requests into one batch). On a GPU
     vmap wins for both.
     """
-    if training and learner.config.checkpoint_inner:
+    if (training and learner.config.checkpoint_inner) or not vmaps(learner.model):
         return "loop"
     if torch.device(device).type == "cuda":
         return "vmap"
@@ -142,6 +162,10 @@ def run_meta_batch(learner: MetaLearner, batch, iteration: int = 0, strategy: st
     if strategy == "auto":
         strategy = choose_strategy(learner, next(learner.parameters()).device)
     kind, chunk = parse_strategy(strategy, learner.config.checkpoint_inner)
+    if kind != "loop" and not vmaps(learner.model):
+        layer = next(type(m).__name__ for m in learner.model.modules() if isinstance(m, nn.RNNBase))
+        raise ValueError(f"strategy {strategy!r}: torch.func.vmap cannot run the model's {layer} layers; use 'loop' "
+                         "(what 'auto' picks for it)")
     meta_params = learner.meta_params()
     buffers = learner.buffers_dict()
     count = len(tasks[0])

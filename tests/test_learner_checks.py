@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from metalearn import MLP, MetaConfig, MetaLearner, adapt, adapt_many
+from metalearn import MLP, MetaConfig, MetaLearner, adapt, adapt_many, predict, predict_many
 from metalearn.data.tasks import TaskBatch
 
 
@@ -143,6 +143,39 @@ def test_dropout_trains_under_vmap_and_adapts_in_a_stack():
     weights = adapt_many(learner, *same).params["3.weight"]
     torch.testing.assert_close(weights[0], weights[1], atol=1e-6, rtol=0)
     torch.testing.assert_close(weights[1], weights[2], atol=1e-6, rtol=0)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.rnn = layer(1, 8, batch_first=True)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):  # x [N, 1]: a sequence of 3 steps x, 2x, 3x
+        return self.head(self.rnn(x.unsqueeze(1) * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1))[0][:, -1])
+
+
+@pytest.mark.parametrize("layer", [nn.GRU, nn.LSTM, nn.RNN])
+def test_recurrent_models_train_and_adapt_as_a_loop(layer):
+    """torch.func.vmap cannot run torch's recurrent layers: 'auto' trains them as a loop, adapt_many and
+    predict_many loop over the requests (as adapt and predict each), and an explicit vmap is refused with a
+    message. Before, a GRU failed at its first meta-step with "output with shape [5, 8] doesn't match the
+    broadcast shape [4, 5, 8]" and every validation (adapt_many) with it."""
+    torch.manual_seed(0)
+    learner = MetaLearner(_Recurrent(layer), MetaConfig("maml", task_type="regression", inner_steps=2, inner_lr=0.1))
+    batch = sine_batch()
+    auto = learner.meta_gradient(batch)
+    loop = learner.meta_gradient(batch, strategy="loop")
+    assert all(torch.equal(auto.grads[n], loop.grads[n]) for n in loop.grads)
+    with pytest.raises(ValueError, match=f"torch.func.vmap cannot run the model's {layer.__name__} layers; use 'loop'"):
+        learner.meta_gradient(batch, strategy="chunked:2")
+    learner.eval()
+    stacked = adapt_many(learner, batch.support_x, batch.support_y)
+    outputs = predict_many(learner, stacked, batch.query_x)
+    for r in range(len(batch.support_x)):
+        single = adapt(learner, batch.support_x[r], batch.support_y[r])
+        assert all(torch.equal(stacked.params[n][r], p) for n, p in single.params.items())
+        assert torch.equal(outputs[r], predict(learner, single, batch.query_x[r]))
 
 
 def test_meta_step_counts_iterations_for_mamlpp():
