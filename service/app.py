@@ -32,7 +32,7 @@ from fastapi.staticfiles import StaticFiles
 import metalearn
 from metalearn.models import import_model_modules
 from service import problems
-from service.engine import Engine, EngineStopped, JobTimeout, QueueFull
+from service.engine import Engine, EngineStopped, JobTimeout, ModelRefused, QueueFull
 from service.problems import Problem, problem_response
 from service.openapi import install_openapi
 from service.registry import ModelRegistry
@@ -190,7 +190,8 @@ def _lifespan(settings: Settings):
 
 
 def _install_service_errors(app: FastAPI) -> None:
-    """The engine's and the session store's refusals as 503 problems, with Retry-After and metrics."""
+    """The engine's and the session store's refusals as 503 problems, with Retry-After and metrics; a model that
+    refused a request's inputs as a 422."""
 
     @app.exception_handler(QueueFull)
     async def _queue_full(request: Request, exc: QueueFull):
@@ -207,6 +208,11 @@ def _install_service_errors(app: FastAPI) -> None:
     @app.exception_handler(EngineStopped)
     async def _stopped(request: Request, exc: EngineStopped):
         return problem_response(Problem(503, "Not ready", str(exc), headers={"Retry-After": "1"}), request.url.path)
+
+    @app.exception_handler(ModelRefused)
+    async def _refused(request: Request, exc: ModelRefused):
+        detail = f"the model's own code failed on these inputs ({str(exc)[:300]}): are they what it was trained on (its value range, vocabulary, ...)?"
+        return problem_response(Problem(422, "Inputs refused by the model", detail), request.url.path)
 
     store_warned = [-math.inf]  # when the log last said the store is down
 

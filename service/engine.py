@@ -94,6 +94,25 @@ class EngineStopped(Exception):
     """The worker is not running."""
 
 
+class ModelRefused(Exception):
+    """A request's inputs made the model's own code raise (a registered architecture's forward: an ``nn.Embedding``
+    given an index past its vocabulary, say): the request's fault, as far as the service can tell."""
+
+
+def raised_by_model_code(error: BaseException, model: torch.nn.Module) -> bool:
+    """Whether ``error`` passed through the module that defines ``model``'s class: a user's architecture, not
+    metalearn's or torch's own (their failure on inputs already checked is a bug)."""
+    module = type(model).__module__
+    if module.split(".")[0] in ("metalearn", "torch", "service"):
+        return False
+    frame = error.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_globals.get("__name__") == module:
+            return True
+        frame = frame.tb_next
+    return False
+
+
 def session_tensors(adaptation: Adaptation, index: int) -> dict[str, torch.Tensor]:
     """Entry ``index`` of a stacked adaptation as the session store's ``{name: tensor}``."""
 
@@ -479,7 +498,11 @@ class Engine:
                 for job in batch:
                     self._execute_timed([job])
                 return
-            log.exception("%s job for model %s failed", kind, batch[0].model.name)
+            if raised_by_model_code(error, batch[0].model.learner.model):
+                log.warning("%s job for model %s: the model's code refused its inputs (%s: %s)", kind, batch[0].model.name, type(error).__name__, error)
+                error = ModelRefused(f"{type(error).__name__}: {error}")
+            else:
+                log.exception("%s job for model %s failed", kind, batch[0].model.name)
             batch[0].future.set_exception(error)
             return
         elapsed = time.perf_counter() - start

@@ -95,6 +95,7 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "Invalid inner_lr": (422, "inner_lr outside [METALEARN_MIN_INNER_LR, METALEARN_MAX_INNER_LR]"),
     "Invalid ttl_s": (422, "ttl_s outside [1, METALEARN_MAX_SESSION_TTL_S]"),
     "Adaptation diverged": (422, "adaptation produced non-finite parameters or a non-finite support loss: a smaller inner_lr, fewer steps, or inputs in the range the model was trained on"),
+    "Inputs refused by the model": (422, "the model's own code (a registered architecture's forward) raised on these inputs: an index past an nn.Embedding's vocabulary, say"),
     "Prediction not finite": (422, "the adapted model's outputs for the query are NaN or infinite: query inputs far outside the range the model was trained on"),
     "Internal error": (500, "a bug: `request_id` finds the operator's log line"),
     "Overloaded": (503, "the queue is full: retry after Retry-After seconds"),

@@ -1,4 +1,4 @@
-"""A model class of a user's own, registered as ``tiny-cnn``, and a loss of theirs, ``smoothed-ce``
+"""Model classes of a user's own, registered as ``tiny-cnn`` and ``token-bag``, and a loss of theirs, ``smoothed-ce``
 (METALEARN_MODEL_MODULES=architecture_plugin, with this directory on PYTHONPATH): what
 tests/test_custom_architecture.py trains, checkpoints and serves."""
 
@@ -26,6 +26,20 @@ class TinyCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
+
+
+@metalearn.register_architecture("token-bag")
+class TokenBag(nn.Module):
+    """Token ids (sent as numbers) -> the mean of their embeddings -> one value: ids past ``vocabulary`` make
+    ``nn.Embedding`` raise IndexError, which the service answers as the request's fault."""
+
+    def __init__(self, vocabulary: int = 10, width: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, width)
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x.long()).mean(1))
 
 
 @metalearn.register_loss("smoothed-ce")
