@@ -159,7 +159,8 @@ def run_meta_batch(learner: MetaLearner, batch, iteration: int = 0, strategy: st
     else:
         tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
     tasks = _checked(learner, tasks)
-    if strategy == "auto":
+    chosen = strategy == "auto"
+    if chosen:
         strategy = choose_strategy(learner, next(learner.parameters()).device)
     kind, chunk = parse_strategy(strategy, learner.config.checkpoint_inner)
     if kind != "loop" and not vmaps(learner.model):
@@ -185,7 +186,15 @@ def run_meta_batch(learner: MetaLearner, batch, iteration: int = 0, strategy: st
     sums = {n: torch.zeros_like(p) for n, p in meta_params.items()}
     loss_parts, accuracy_parts = [], []
     for start in range(0, count, size):
-        grads, (loss, accuracy) = task_fn(meta_params, buffers, *(t[start : start + size] for t in tasks))
+        try:
+            grads, (loss, accuracy) = task_fn(meta_params, buffers, *(t[start : start + size] for t in tasks))
+        except RuntimeError as error:
+            if kind == "loop":
+                raise
+            # (torch's words alone name an operator, "...would mutate a captured Tensor" or a broadcast shape)
+            raise RuntimeError(f"{error}\n(under torch.func.vmap, strategy {strategy!r}{', what auto chose' if chosen else ''}: "
+                               "a model that changes its buffers "
+                               "in forward, or has layers vmap cannot batch, trains with strategy='loop')") from error
         for name, g in grads.items():
             sums[name] += g.sum(0)
         loss_parts.append(loss)

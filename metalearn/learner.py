@@ -351,7 +351,11 @@ class MetaLearner(nn.Module):
     # Forward passes
     # ------------------------------------------------------------------
     def forward_with(self, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, (params, buffers), (x,))
+        outputs = functional_call(self.model, (params, buffers), (x,))
+        if not isinstance(outputs, torch.Tensor):  # (a tuple or a dict: an AttributeError deep inside the loss before)
+            raise TypeError(f"the model's forward returned a {type(outputs).__name__}; metalearn needs one tensor of "
+                            "outputs [N, outputs] (logits or values): return it alone, or wrap the model in a module that does")
+        return outputs
 
     def body_features(self, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
         """The input of the head for ``x``: the task embedding and ANIL's fixed features."""

@@ -3,6 +3,8 @@ bad MetaConfig values, malformed task batches, dropout under vmap, and MAML++'s 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -176,6 +178,39 @@ def test_recurrent_models_train_and_adapt_as_a_loop(layer):
         single = adapt(learner, batch.support_x[r], batch.support_y[r])
         assert all(torch.equal(stacked.params[n][r], p) for n, p in single.params.items())
         assert torch.equal(outputs[r], predict(learner, single, batch.query_x[r]))
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "anil", "reptile"])
+def test_a_forward_that_returns_a_tuple_is_refused_with_what_to_do(algorithm):
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(1, 1)
+
+        def forward(self, x):
+            return self.head(x), x
+
+    learner = MetaLearner(Pair(), MetaConfig(algorithm, task_type="regression", inner_steps=1, inner_lr=0.1))
+    for run in (lambda: learner.meta_gradient(sine_batch()), lambda: adapt(learner, sine_batch().support_x[0], sine_batch().support_y[0])):
+        with pytest.raises(TypeError, match="the model's forward returned a tuple; metalearn needs one tensor of outputs"):
+            run()
+
+
+def test_a_model_that_changes_a_buffer_in_forward_is_told_to_train_as_a_loop():
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(1, 1)
+            self.register_buffer("calls", torch.zeros(1))
+
+        def forward(self, x):
+            self.calls.add_(1)
+            return self.head(x)
+
+    learner = MetaLearner(Counting(), MetaConfig("maml", task_type="regression", inner_steps=1, inner_lr=0.1))
+    with pytest.raises(RuntimeError, match=r"strategy 'vmap', what auto chose: a model that changes its buffers in forward.*strategy='loop'"):
+        learner.meta_gradient(sine_batch())
+    assert math.isfinite(learner.meta_gradient(sine_batch(), strategy="loop").loss)
 
 
 def test_meta_step_counts_iterations_for_mamlpp():
