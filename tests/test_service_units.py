@@ -498,7 +498,7 @@ def test_workers_adapting_one_model_at_once_do_not_share_its_module():
 
     torch.manual_seed(0)
     learner = MetaLearner(MLP(1, [40, 40], 1), MetaConfig("maml", task_type="regression", inner_steps=20, inner_lr=0.02))
-    model = SimpleNamespace(name="sine", learner=learner, device="cpu", support_shift=0, task_type="regression", n_way=None, derived={})
+    model = SimpleNamespace(name="sine", learner=learner, device="cpu", support_shift=0, input_shape=(1,), task_type="regression", n_way=None, derived={})
     original = {n: p.detach().clone() for n, p in learner.named_parameters()}
     generator = torch.Generator().manual_seed(1)
     tasks = []
