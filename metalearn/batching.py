@@ -16,7 +16,7 @@ Strategies, all giving the same result (tests check it to 1e-5):
     of vmap on big models.
 
 ``auto`` picks by workload; see :func:`choose_strategy`. Models with torch's
-recurrent layers (``nn.RNN``, ``nn.GRU``, ``nn.LSTM``) run as a loop only:
+recurrent layers (``nn.RNN``, ``nn.GRU``, ``nn.LSTM``, their cells) run as a loop only:
 vmap cannot run them (:func:`vmaps`).
 """
 
@@ -36,7 +36,10 @@ def vmaps(model: nn.Module) -> bool:
     """Whether ``torch.func.vmap`` runs ``model``: not with torch's recurrent layers, whose batching fails in
     torch 2.13 (nn.GRU and nn.RNN: "output with shape [5, 16] doesn't match the broadcast shape [4, 5, 16]";
     nn.LSTM without gradients: "Batching rule not implemented for aten::lstm.input")."""
-    return not any(isinstance(module, nn.RNNBase) for module in model.modules())
+    return not any(isinstance(module, RECURRENT) for module in model.modules())
+
+
+RECURRENT = (nn.RNNBase, nn.RNNCellBase)  # nn.RNN, nn.GRU, nn.LSTM and their cells
 
 
 def map_tasks(learner: MetaLearner, fn, in_dims: tuple, *args):
@@ -164,7 +167,7 @@ def run_meta_batch(learner: MetaLearner, batch, iteration: int = 0, strategy: st
         strategy = choose_strategy(learner, next(learner.parameters()).device)
     kind, chunk = parse_strategy(strategy, learner.config.checkpoint_inner)
     if kind != "loop" and not vmaps(learner.model):
-        layer = next(type(m).__name__ for m in learner.model.modules() if isinstance(m, nn.RNNBase))
+        layer = next(type(m).__name__ for m in learner.model.modules() if isinstance(m, RECURRENT))
         raise ValueError(f"strategy {strategy!r}: torch.func.vmap cannot run the model's {layer} layers; use 'loop' "
                          "(what 'auto' picks for it)")
     meta_params = learner.meta_params()

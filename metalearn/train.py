@@ -487,8 +487,11 @@ def check_outputs(model: torch.nn.Module, arch: str, input_shape: tuple[int, ...
                          f"{type(error).__name__}: {error}") from error
     finally:
         model.train(training)
-    if not isinstance(outputs, torch.Tensor) or tuple(outputs.shape) != (2, out_features):
-        got = list(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+    if not isinstance(outputs, torch.Tensor):
+        raise ValueError(f"model {arch!r} returns a {type(outputs).__name__} from forward; metalearn needs one tensor of "
+                         "outputs [N, outputs] (logits or values): return it alone, or wrap the model in a module that does")
+    if tuple(outputs.shape) != (2, out_features):
+        got = list(outputs.shape)
         need = "one value per input" if out_features == 1 else f"one logit per way, --ways {out_features}"
         raise ValueError(f"model {arch!r} gives outputs {got} for a batch of 2 of the task's inputs; the task needs "
                          f"[2, {out_features}] ({need}): set the argument that sizes its last layer "

@@ -100,14 +100,16 @@ class ModelRefused(Exception):
 
 
 def raised_by_model_code(error: BaseException, model: torch.nn.Module) -> bool:
-    """Whether ``error`` passed through the module that defines ``model``'s class: a user's architecture, not
-    metalearn's or torch's own (their failure on inputs already checked is a bug)."""
-    module = type(model).__module__
-    if module.split(".")[0] in ("metalearn", "torch", "service"):
+    """Whether ``error`` was raised inside the forward of ``model`` or one of its layers, for a user's architecture
+    (a class of metalearn's own failing on inputs already checked is a bug). Told by the frames' ``self``, an
+    instance of one of the model's layer classes (a worker runs its own copy of the model), so that a forward
+    inherited from torch (an ``nn.Sequential`` subclass) counts too."""
+    if type(model).__module__.split(".")[0] == "metalearn":
         return False
+    layers = {type(module) for module in model.modules()}
     frame = error.__traceback__
     while frame is not None:
-        if frame.tb_frame.f_globals.get("__name__") == module:
+        if type(frame.tb_frame.f_locals.get("self")) in layers:
             return True
         frame = frame.tb_next
     return False

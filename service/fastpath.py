@@ -87,17 +87,20 @@ def _blocks(model: nn.Module):
 
 def _forward_is_head_of_body(model: nn.Module, input_shape) -> bool:
     """Whether ``model``'s forward computes ``head(body(x))``, as the kernels do: Conv4's own forward, or one
-    that gives the same on random inputs of ``input_shape`` (a forward that also scales its input or its
-    logits does not: the kernels would answer for another function than the one trained)."""
+    that gives the same on random inputs of ``input_shape``, pixels and values far outside them (a forward that
+    also scales, or clamps, its input or its logits does not: the kernels would answer for another function
+    than the one trained)."""
     if type(model).forward is Conv4.forward:
         return True
     if input_shape is None:
         return False
-    weight = model.head.weight
-    x = torch.rand(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    weight, generator = model.head.weight, torch.Generator().manual_seed(0)
+    # Pixels in [0, 1), and values far outside them (a forward that clamps its input, say, agrees on pixels alone).
+    probes = (torch.rand(2, *input_shape, generator=generator), 10 * torch.randn(2, *input_shape, generator=generator))
     try:
         with torch.no_grad():
-            return bool(torch.allclose(model(x), model.head(model.body(x)), rtol=1e-4, atol=1e-5))
+            return all(torch.allclose(model(x), model.head(model.body(x)), rtol=1e-4, atol=1e-5)
+                       for x in (p.to(weight.device, weight.dtype) for p in probes))
     except Exception:  # noqa: BLE001 - a forward that does not run on such inputs is not head(body(x)) as far as we know
         return False
 

@@ -1,4 +1,4 @@
-"""Model classes of a user's own, registered as ``tiny-cnn`` and ``token-bag``, and a loss of theirs, ``smoothed-ce``
+"""Model classes of a user's own, registered as ``tiny-cnn``, ``token-bag`` and ``token-sequence``, and a loss of theirs, ``smoothed-ce``
 (METALEARN_MODEL_MODULES=architecture_plugin, with this directory on PYTHONPATH): what
 tests/test_custom_architecture.py trains, checkpoints and serves."""
 
@@ -40,6 +40,24 @@ class TokenBag(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x.long()).mean(1))
+
+
+class _Tokens(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.long()
+
+
+class _Mean(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(1)
+
+
+@metalearn.register_architecture("token-sequence")
+class TokenSequence(nn.Sequential):
+    """TokenBag as an nn.Sequential subclass: its forward is torch's own."""
+
+    def __init__(self, vocabulary: int = 10, width: int = 4):
+        super().__init__(_Tokens(), nn.Embedding(vocabulary, width), _Mean(), nn.Linear(width, 1))
 
 
 @metalearn.register_loss("smoothed-ce")

@@ -210,11 +210,12 @@ def test_inputs_the_models_own_code_refuses_are_a_422(tmp_path, monkeypatch):
     """Token ids past an nn.Embedding's vocabulary make the model's forward raise IndexError: the request's
     fault (422 inputs-refused-by-the-model, with torch's words), not a 500; the good requests of its batch
     are answered, and the service serves on."""
-    from architecture_plugin import TokenBag
+    from architecture_plugin import TokenBag, TokenSequence
 
     torch.manual_seed(0)
-    learner = MetaLearner(TokenBag(), MetaConfig("maml", task_type="regression", inner_steps=2, inner_lr=0.1))
-    save_checkpoint(tmp_path / "models" / "tokens.safetensors", learner, input_shape=(3,))
+    for name, model in (("tokens", TokenBag()), ("sequence", TokenSequence())):  # (the second's forward is torch's)
+        learner = MetaLearner(model, MetaConfig("maml", task_type="regression", inner_steps=2, inner_lr=0.1))
+        save_checkpoint(tmp_path / "models" / f"{name}.safetensors", learner, input_shape=(3,))
     monkeypatch.setenv("PYTHONPATH", str(TESTS))
     server = ServerProcess(tmp_path / "models", tmp_path / "server.log", cli=True, model_modules=PLUGIN).wait_ready()
     try:
@@ -222,10 +223,11 @@ def test_inputs_the_models_own_code_refuses_are_a_422(tmp_path, monkeypatch):
             return {"support": {"x": [[1, 2, 3], [4, 5, largest_id]], "y": [0.5, -0.5]}, "query": {"x": [[7, 8, 9]]}}
 
         with httpx.Client(base_url=server.url, timeout=60) as http:
-            answers = [http.post("/v1/models/tokens/predict", json=body(i)) for i in (6, 12, 9)]
-            assert [a.status_code for a in answers] == [200, 422, 200], [a.text for a in answers]
-            problem = answers[1].json()
-            assert problem["type"].endswith("/inputs-refused-by-the-model") and "IndexError: index out of range" in problem["detail"]
+            for name in ("tokens", "sequence"):
+                answers = [http.post(f"/v1/models/{name}/predict", json=body(i)) for i in (6, 12, 9)]
+                assert [a.status_code for a in answers] == [200, 422, 200], [a.text for a in answers]
+                problem = answers[1].json()
+                assert problem["type"].endswith("/inputs-refused-by-the-model") and "IndexError: index out of range" in problem["detail"]
             assert http.get("/healthz").status_code == 200
     finally:
         server.stop()

@@ -67,15 +67,16 @@ def test_fast_kernels_equal_generic_adaptation(algorithm, size, config):
 class _Conv4Shaped(torch.nn.Module):
     """A user's model laid out as Conv4 (a body of conv, BatchNorm, pool, ReLU blocks and Flatten, then a head)."""
 
-    def __init__(self, padding_mode: str = "zeros", scale: float = 1.0, conv=torch.nn.Conv2d):
+    def __init__(self, padding_mode: str = "zeros", scale: float = 1.0, conv=torch.nn.Conv2d, clamp: bool = False):
         super().__init__()
+        self.clamp = clamp
         self.body = torch.nn.Sequential(conv(1, 8, 3, padding=1, padding_mode=padding_mode), torch.nn.BatchNorm2d(8),
                                         torch.nn.MaxPool2d(2), torch.nn.ReLU(), torch.nn.Flatten())
         self.head = torch.nn.Linear(8 * 8 * 8, 5)
         self.scale = scale
 
     def forward(self, x):
-        return self.head(self.body(x)) * self.scale
+        return self.head(self.body(x.clamp(0, 1) if self.clamp else x)) * self.scale
 
 
 class _ClampedConv(torch.nn.Conv2d):
@@ -93,5 +94,6 @@ def test_only_models_computing_what_the_kernels_compute_take_them(algorithm):
     plain = MetaLearner(_Conv4Shaped(), MetaConfig(algorithm, inner_lr=0.4))
     assert isinstance(fastpath.fast_kernel(plain, (1, 16, 16)), kind)
     assert fastpath.fast_kernel(plain) is None  # (no inputs to try it on: the generic path)
-    for model in (_Conv4Shaped(scale=0.25), _Conv4Shaped(padding_mode="reflect"), _Conv4Shaped(conv=_ClampedConv)):
+    # (clamp: the same function on pixels in [0, 1], another outside them)
+    for model in (_Conv4Shaped(scale=0.25), _Conv4Shaped(padding_mode="reflect"), _Conv4Shaped(conv=_ClampedConv), _Conv4Shaped(clamp=True)):
         assert fastpath.fast_kernel(MetaLearner(model, MetaConfig(algorithm, inner_lr=0.4)), (1, 16, 16)) is None

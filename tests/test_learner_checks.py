@@ -157,14 +157,29 @@ class _Recurrent(nn.Module):
         return self.head(self.rnn(x.unsqueeze(1) * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1))[0][:, -1])
 
 
-@pytest.mark.parametrize("layer", [nn.GRU, nn.LSTM, nn.RNN])
+class _RecurrentCell(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.cell = layer(1, 8)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):  # the same 3-step sequence, one cell step at a time
+        state = None
+        for step in (1.0, 2.0, 3.0):
+            state = self.cell(x * step, state)
+            state = state[0] if isinstance(state, tuple) else state
+        return self.head(state)
+
+
+@pytest.mark.parametrize("layer", [nn.GRU, nn.LSTM, nn.RNN, nn.GRUCell, nn.RNNCell])
 def test_recurrent_models_train_and_adapt_as_a_loop(layer):
     """torch.func.vmap cannot run torch's recurrent layers: 'auto' trains them as a loop, adapt_many and
     predict_many loop over the requests (as adapt and predict each), and an explicit vmap is refused with a
     message. Before, a GRU failed at its first meta-step with "output with shape [5, 8] doesn't match the
     broadcast shape [4, 5, 8]" and every validation (adapt_many) with it."""
     torch.manual_seed(0)
-    learner = MetaLearner(_Recurrent(layer), MetaConfig("maml", task_type="regression", inner_steps=2, inner_lr=0.1))
+    model = _RecurrentCell(layer) if issubclass(layer, nn.RNNCellBase) else _Recurrent(layer)
+    learner = MetaLearner(model, MetaConfig("maml", task_type="regression", inner_steps=2, inner_lr=0.1))
     batch = sine_batch()
     auto = learner.meta_gradient(batch)
     loop = learner.meta_gradient(batch, strategy="loop")

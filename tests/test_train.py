@@ -388,6 +388,18 @@ def test_layers_of_no_width_are_refused(tmp_path):
         Trainer(config)
 
 
+def test_a_model_returning_a_tuple_is_told_to_return_one_tensor():
+    """Before training, check_outputs said "gives outputs tuple ... set the argument that sizes its last layer"."""
+    from metalearn.train import check_outputs
+
+    class Pair(torch.nn.Module):
+        def forward(self, x):
+            return x, x
+
+    with pytest.raises(ValueError, match=r"model 'pair' returns a tuple from forward; metalearn needs one tensor of outputs"):
+        check_outputs(Pair(), "pair", (1,), 1)
+
+
 def test_resuming_with_another_process_count_says_the_run_changes(tmp_path, capsys):
     """The resume state records how many processes trained the run; another count goes on, with a note (each
     process draws its own tasks, so the run is no longer the one it would have been)."""
