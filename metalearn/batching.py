@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from metalearn.learner import MetaLearner, StepResult
 
 STRATEGIES = ("auto", "loop", "vmap", "chunked:<n>")
+RECURRENT = (nn.RNNBase, nn.RNNCellBase)  # nn.RNN, nn.GRU, nn.LSTM and their cells
 
 
 def vmaps(model: nn.Module) -> bool:
@@ -37,9 +38,6 @@ def vmaps(model: nn.Module) -> bool:
     torch 2.13 (nn.GRU and nn.RNN: "output with shape [5, 16] doesn't match the broadcast shape [4, 5, 16]";
     nn.LSTM without gradients: "Batching rule not implemented for aten::lstm.input")."""
     return not any(isinstance(module, RECURRENT) for module in model.modules())
-
-
-RECURRENT = (nn.RNNBase, nn.RNNCellBase)  # nn.RNN, nn.GRU, nn.LSTM and their cells
 
 
 def map_tasks(learner: MetaLearner, fn, in_dims: tuple, *args):
