@@ -70,7 +70,8 @@ async def reload_models(app: FastAPI) -> dict[str, list[str]]:
     does on ``SIGHUP``): only new and changed checkpoints are loaded, a model whose file is gone is no
     longer served, and a changed file that fails to load leaves the version already served in place
     (``ModelRegistry.load`` with the registry being served). Requests already running finish with the
-    model they started with; sessions of a model's earlier version answer 404 from now on. Returns
+    model they started with; sessions of a model's earlier version answer 404 from now on, and those this
+    process holds are dropped (``SessionStore.forget_models``). Returns
     ``ModelRegistry.changes_from``'s changes, which are also logged."""
     state = app.state
     async with state.reload_lock:
@@ -91,6 +92,10 @@ async def reload_models(app: FastAPI) -> dict[str, list[str]]:
         changes = registry.changes_from(previous)
         log.info("reloaded the models of %s: %s", state.settings.model_dir, "; ".join(f"{what} {', '.join(names) or '-'}" for what, names in changes.items()))
         if changes["updated"] or changes["removed"]:
+            served = {name: model.version for name, model in registry.models.items()}
+            dropped = await anyio.to_thread.run_sync(state.store.forget_models, served)
+            if dropped:
+                log.info("dropped %d sessions of models no longer served in their version", dropped)
             # The models replaced go now; what is loaded stays out of full collections, as after start.
             gc.unfreeze()
             gc.collect()

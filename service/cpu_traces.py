@@ -43,6 +43,11 @@ import torch
 
 from service.cuda_graphs import GraphCache
 
+# Shapes read while tracing warn that they become constants: they are part of each trace's key. Ignored for the
+# whole process, not in a catch_warnings block around each trace: that is not thread-safe, and with workers
+# tracing at once the warnings reached stderr, multi-line, outside the log's format.
+warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+
 log = logging.getLogger("service.cpu_traces")
 
 Rebuild = Callable[[Iterator[torch.Tensor]], Any]
@@ -137,12 +142,7 @@ class TraceCache(GraphCache):
             tensors, structure["rebuild"] = flatten(fn(*args))
             return tuple(tensors)
 
-        with warnings.catch_warnings():
-            # Shapes read while tracing warn that they become constants: they are part of the key.
-            # (catch_warnings is not thread-safe: two workers tracing at once may leave this filter
-            # in place or drop it early, which only decides whether TracerWarnings are shown.)
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            graph, _ = _get_trace_graph(flat, inputs)
+        graph, _ = _get_trace_graph(flat, inputs)  # (its TracerWarnings are ignored: see the filter below the imports)
         graph = fixed_shapes(graph)
         unit = torch._C.CompilationUnit()
         function = unit.create_function("compute", graph)

@@ -468,6 +468,11 @@ class RedisSessionStore(SessionStore):
         held = self._held.stats() if self._held is not None else StoreStats(0, 0, 0, 0)
         return {"sessions": held.live_sessions, "bytes": held.live_bytes, "held_gets": self.held_gets, "fetched_gets": self.fetched_gets}
 
+    def forget_models(self, served: dict[str, str]) -> int:
+        """The held copies of other versions' sessions (their records stay in Redis until their TTL: finding them
+        would mean scanning every key, and each replica answers 404 for them anyway)."""
+        return 0 if self._held is None else self._held.forget_models(served)
+
     def stats(self) -> StoreStats:
         live, nbytes, evictions, expirations = self._call(self._stats)
         return StoreStats(

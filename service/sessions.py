@@ -144,6 +144,12 @@ class SessionStore(abc.ABC):
 
     prepared_dropped = 0  # times a held session's prepared tensors were dropped for room (a store that holds sessions)
 
+    def forget_models(self, served: dict[str, str]) -> int:
+        """Drop the sessions held in this process of models not served in that version (``served``: model name ->
+        version), after a reload replaced or removed some: they answer 404 anyway, and would hold their memory
+        until they expire. Returns how many were dropped. A store with nothing in process has none."""
+        return 0
+
     def failed_recently(self) -> bool:
         """Whether a call failed in the last second (a network store: Redis down). An adaptation then asks
         :meth:`check` before it computes a session the store may not take."""
@@ -303,3 +309,10 @@ class MemorySessionStore(SessionStore):
         with self._lock:
             self._sweep(self._clock())
             return StoreStats(len(self._sessions), self._bytes, self.evictions, self.expirations)
+
+    def forget_models(self, served: dict[str, str]) -> int:
+        with self._lock:
+            stale = [i for i, s in self._sessions.items() if served.get(s.model) != s.meta.get("model_version")]
+            for session_id in stale:
+                self._drop(session_id)
+            return len(stale)

@@ -117,14 +117,18 @@ def test_sighup_reloads_the_models_of_a_running_service(trained, tmp_path):
             assert after == {"anil_run": before["anil_run"], "conv_maml": before["anil_run"], "conv_copy": before["conv_maml"]}
             assert client.model("conv_maml")["algorithm"] == "anil"
             assert "conv_copy" in httpx.get(proc.url + "/openapi.json").text  # the docs' examples name the models served
-            for session in (replaced, dropped):
+            for session in (replaced, dropped):  # (dropped from the store at the reload: see below)
                 with pytest.raises(ServiceError) as gone:
                     session.predict(images.query_x[0] if session is replaced else sines.query_x[0])
-                assert gone.value.status == 404 and "no longer served" in str(gone.value)
+                assert gone.value.status == 404 and "a reload replaced or removed its model" in str(gone.value)
                 with pytest.raises(ServiceError) as gone:  # described as it predicts: gone
                     session.describe()
-                assert gone.value.status == 404 and "no longer served" in str(gone.value)
+                assert gone.value.status == 404 and "a reload replaced or removed its model" in str(gone.value)
             assert kept.describe()["model"] == "anil_run"
+            # Held no longer: the replaced and the removed model's sessions are dropped at the reload (they held
+            # their memory until they expired), the kept one stays.
+            assert "metalearn_sessions_live 1.0" in httpx.get(proc.url + "/metrics").text
+            assert "dropped 2 sessions of models no longer served in their version" in proc.log()
             np.testing.assert_allclose(kept.predict_full(images.query_x[0]).probabilities, expected, atol=1e-6)
             assert client.predict("conv_copy", images.support_x[0], images.support_y[0], images.query_x[0]).probabilities.shape == (15, 5)
             assert "reloaded the models" in proc.log() and "updated conv_maml" in proc.log()
@@ -295,3 +299,31 @@ def test_a_directory_the_service_may_not_enter_is_skipped(trained, tmp_path, cap
     assert {"sine", "anil_run"} <= set(registry.names())
     assert f"skipping {model_dir / 'locked_run'}: Permission denied" in caplog.text
     assert "lost+found" not in caplog.text
+
+
+def test_a_session_of_a_version_no_longer_served_answers_404_where_the_store_keeps_it(tmp_path, monkeypatch):
+    """A store that keeps a replaced version's sessions (Redis: their records stay until their TTL) still
+    answers 404 for them, saying why; the in-memory store drops them at the reload (forget_models)."""
+    from fastapi.testclient import TestClient
+
+    from metalearn import MLP, MetaConfig, MetaLearner
+    from metalearn.checkpoint import save_checkpoint
+    from service.app import create_app, reload_models
+    from service.sessions import MemorySessionStore
+    from service.settings import Settings
+
+    def save(seed):
+        torch.manual_seed(seed)
+        save_checkpoint(tmp_path / "sine.safetensors", MetaLearner(MLP(1, (8,), 1), MetaConfig("maml", task_type="regression")), input_shape=(1,))
+
+    save(0)
+    app = create_app(Settings(model_dir=str(tmp_path)))
+    with TestClient(app) as client:
+        created = client.post("/v1/models/sine/adapt", json={"support": {"x": [[0.5]], "y": [0.25]}})
+        assert created.status_code == 201, created.text
+        path = f"/v1/sessions/{created.json()['session_id']}"
+        monkeypatch.setattr(MemorySessionStore, "forget_models", lambda self, served: 0)  # (kept, as Redis keeps them)
+        save(1)
+        assert client.portal.call(reload_models, app)["updated"] == ["sine"]
+        gone = client.post(path + "/predict", json={"x": [[0.5]]})
+        assert gone.status_code == 404 and "is no longer served in that version; adapt again" in gone.json()["detail"]

@@ -64,7 +64,7 @@ class _StateCollector:
         yield from _unlabelled((
             (*up, 1),
             (GaugeMetricFamily, "metalearn_sessions_live", "Sessions currently stored", stats.live_sessions),
-            (GaugeMetricFamily, "metalearn_sessions_bytes", "Bytes of adapted parameters currently stored", stats.live_bytes),
+            (GaugeMetricFamily, "metalearn_sessions_bytes", "Bytes the session store counts against its budget: adapted tensors and what was prepared from them", stats.live_bytes),
             (CounterMetricFamily, "metalearn_session_evictions", "Sessions evicted to honour the byte budget", stats.evictions),
             (CounterMetricFamily, "metalearn_session_expirations", "Sessions dropped because their TTL passed", stats.expirations),
             (CounterMetricFamily, "metalearn_session_prepared_dropped", "Times what workers prepared from a session (packed weights, constants) was dropped to make room, before any session is evicted", store.prepared_dropped),

@@ -19,12 +19,16 @@ log = logging.getLogger("service.routes.sessions")
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], route_class=JSONRoute)
 
 
+UNKNOWN_SESSION = ("no such session: it never existed, expired, was evicted or deleted, or a reload replaced or removed "
+                   "its model; adapt again")
+
+
 async def _session(request: Request, session_id: str, caller: str | None):
     """The caller's live session and the model serving it; 404 when there is none, or when its model is no
     longer served in the version it was adapted with (after a reload: the session cannot predict again)."""
     session = await store_call(request, request.app.state.store.get, session_id, caller)
     if session is None:
-        raise Problem(404, "Unknown session", "no such session: it never existed, expired, was evicted or deleted")
+        raise Problem(404, "Unknown session", UNKNOWN_SESSION)
     model = request.app.state.registry.get(session.model)
     if model is None or session.meta.get("model_version") not in (None, model.version):
         raise Problem(404, "Unknown session", f"the session's model {session.model!r} is no longer served in that version; adapt again")
@@ -73,5 +77,5 @@ async def describe_session(request: Request, session_id: str, caller: str | None
 async def delete_session(request: Request, session_id: str, caller: str | None = Depends(owner)) -> Response:
     deleted = await store_call(request, request.app.state.store.delete, session_id, caller)
     if not deleted:
-        raise Problem(404, "Unknown session", "no such session: it never existed, expired, was evicted or deleted")
+        raise Problem(404, "Unknown session", UNKNOWN_SESSION)
     return Response(status_code=204)
