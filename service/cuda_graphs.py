@@ -106,6 +106,7 @@ class GraphCache:
         self.captures = 0
         self.replays = 0
         self.failures = 0
+        self.evictions = 0  # entries dropped for room (not those of models no longer served): more shapes in use than held
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -153,6 +154,7 @@ class GraphCache:
         self._graphs[key] = entry
         while len(self._graphs) > self.capacity:
             del self._graphs[self._victim()]
+            self.evictions += 1
 
     def _victim(self) -> tuple:
         """The key dropped when the cache is over capacity: the least recently used."""

@@ -609,19 +609,19 @@ class Engine:
         return self._local.graphs
 
     def graph_stats(self) -> dict[str, int]:
-        """CUDA graphs over all workers: held, captures, replays, failures (all 0 off a GPU)."""
+        """CUDA graphs over all workers: held, captures, replays, failures, evictions (all 0 off a GPU)."""
         return self._cache_stats(lambda cache: not isinstance(cache, TraceCache))
 
     def trace_stats(self) -> dict[str, int]:
-        """CPU traces over all workers: held, captures, replays, failures."""
+        """CPU traces over all workers: held, captures, replays, failures, evictions."""
         return self._cache_stats(lambda cache: isinstance(cache, TraceCache))
 
     def script_stats(self) -> dict[str, int]:
-        """Compiled CPU adaptations (shared by the workers): held, compiled, batches replayed, failures, compiling."""
+        """Compiled CPU adaptations (shared by the workers): held, compiled, batches replayed, failures, evictions, compiling."""
         if self._scripts is None:
-            return {"held": 0, "captures": 0, "replays": 0, "failures": 0, "pending": 0}
+            return {"held": 0, "captures": 0, "replays": 0, "failures": 0, "evictions": 0, "pending": 0}
         s = self._scripts
-        return {"held": len(s), "captures": s.captures, "replays": s.replays, "failures": s.failures, "pending": s.pending()}
+        return {"held": len(s), "captures": s.captures, "replays": s.replays, "failures": s.failures, "evictions": s.evictions, "pending": s.pending()}
 
     def _cache_stats(self, include: Callable[[GraphCache], bool]) -> dict[str, int]:
         with self._cond:
@@ -631,6 +631,7 @@ class Engine:
             "captures": sum(c.captures for c in caches),
             "replays": sum(c.replays for c in caches),
             "failures": sum(c.failures for c in caches),
+            "evictions": sum(c.evictions for c in caches),
         }
 
     def _rows(self, graphs: GraphCache | None, count: int) -> int:

@@ -368,7 +368,7 @@ def test_traces_stay_out_of_torchscripts_global_compilation_unit():
     x = torch.randn(3, 2)
     for key in range(4):
         cache.run((key,), nested, (x, x))
-    assert cache.captures == 4 and len(cache) == 1
+    assert cache.captures == 4 and len(cache) == 1 and cache.evictions == 3  # (metalearn_cpu_trace_evictions_total)
     assert len(global_unit.get_functions()) == before
 
 
@@ -652,7 +652,7 @@ def test_whole_batch_scripts_never_displace_a_requests_script():
         cache.run(("a",), affine, (two, two))  # queues the script of two rows
         assert cache.wait(60) and len(cache) == 2
         cache.run(("b",), affine, (one, one))  # a request's script: the whole batch's makes room
-        assert cache.wait(60) and set(cache._graphs) == {("a",), ("b",)}
+        assert cache.wait(60) and set(cache._graphs) == {("a",), ("b",)} and cache.evictions == 1
         torch.testing.assert_close(cache.run(("a",), affine, (two, two)), affine(two, two))
         assert cache.pending() == 0 and set(cache._graphs) == {("a",), ("b",)}  # no room: row by row
     finally:
@@ -1073,7 +1073,7 @@ def test_forget_drops_the_keys_of_models_no_longer_served_and_the_models(kind):
         del replaced, owner
         cache.forget(lambda key: key[0] == stale_id)
         gc.collect()
-        assert gone() is None and set(cache._graphs) == {(id(kept), "a")}
+        assert gone() is None and set(cache._graphs) == {(id(kept), "a")} and cache.evictions == 0  # (forgotten, not evicted)
         if kind == "cpu-script":
             assert set(cache._cheap) == {(id(kept), "a")}
         torch.testing.assert_close(cache.run((id(kept), "a"), affine, (x, x), owner=kept), affine(x, x))

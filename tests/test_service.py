@@ -699,9 +699,11 @@ def test_metrics_exposition(server, http):
         "metalearn_cpu_traces ",  # how many the CPU's workers hold: depends on the tests before
         "metalearn_cpu_trace_replays_total",
         "metalearn_cpu_trace_capture_failures_total 0.0",  # every traceable computation traces
+        "metalearn_cpu_trace_evictions_total",
         "metalearn_cpu_scripts ",  # compiled MAML adaptations: depends on the tests before
         "metalearn_cpu_script_replays_total",
         "metalearn_cpu_script_capture_failures_total 0.0",  # every MAML shape compiles
+        "metalearn_cpu_script_evictions_total",
         "metalearn_cpu_scripts_compiling ",
     ]:
         assert name in text, name

@@ -50,6 +50,7 @@ class _StateCollector:
                     (CounterMetricFamily, f"metalearn_{kind}_captures", f"{what} recorded", stats["captures"]),
                     (CounterMetricFamily, f"metalearn_{kind}_replays", f"Batches replayed from {what}", stats["replays"]),
                     (CounterMetricFamily, f"metalearn_{kind}_capture_failures", "Shapes that could not be recorded (run eagerly)", stats["failures"]),
+                    (CounterMetricFamily, f"metalearn_{kind}_evictions", f"{what} dropped for room: more request shapes in use than held", stats["evictions"]),
                 ))
             yield from _unlabelled([(GaugeMetricFamily, "metalearn_cpu_scripts_compiling", "Request shapes queued or being compiled", scripts["pending"])])
         store = getattr(self.app_state, "store", None)
