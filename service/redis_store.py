@@ -47,12 +47,13 @@ from typing import Any
 
 import redis
 import torch
+from pydantic import ValidationError
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from service.sessions import MemorySessionStore, Session, SessionStore, SessionStoreFull, SessionStoreUnavailable, StoreStats
+from service.sessions import MemorySessionStore, Session, SessionMeta, SessionStore, SessionStoreFull, SessionStoreUnavailable, StoreStats
 
 log = logging.getLogger(__name__)
 
@@ -263,16 +264,12 @@ def decode_metadata(raw: Any) -> dict:
     meta = m.get("meta") or {}
     if not isinstance(meta, dict):
         raise CorruptRecord("its metadata's 'meta' is not a JSON object")
-    for key, kinds in _META_TYPES.items():  # (GET /v1/sessions/{id} shows them, typed: service.routes.schemas.SessionMeta)
-        value = meta.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
-            raise CorruptRecord(f"its metadata's meta.{key} is not a {kinds[0].__name__} ({str(value)[:40]!r})")
+    try:  # (GET /v1/sessions/{id} shows them, typed)
+        SessionMeta.model_validate(meta)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise CorruptRecord(f"its metadata's meta.{first['loc'][0]}: {first['msg']}") from None
     return m
-
-
-# What the adapt route writes in a session's meta, by JSON type (float fields may come back as integers).
-_META_TYPES = {"model_version": (str,), "inner_steps": (int,), "inner_lr": (float, int), "support_size": (int,),
-               "support_loss_before": (float, int), "support_loss_after": (float, int)}
 
 
 class RedisSessionStore(SessionStore):

@@ -20,9 +20,10 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Optional
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class SessionStoreUnavailable(RuntimeError):
@@ -121,6 +122,20 @@ class StoreStats:
     live_bytes: int
     evictions: int
     expirations: int
+
+
+class SessionMeta(BaseModel):
+    """How a session was adapted: what the adapt route writes in ``Session.meta`` (and ``GET /v1/sessions/{id}``
+    shows), each field absent where a store record lacks it. Strict: a Redis record whose fields have other
+    JSON types is one this service did not write (``service.redis_store.decode_metadata``)."""
+
+    model_config = ConfigDict(protected_namespaces=(), strict=True)
+    model_version: Optional[str] = Field(None, description="The checkpoint version the session was adapted from.")
+    inner_steps: Optional[int] = None
+    inner_lr: Optional[float] = Field(None, description="null or absent: the model's learned rates (learned_lrs).")
+    support_size: Optional[int] = None
+    support_loss_before: Optional[float] = None
+    support_loss_after: Optional[float] = None
 
 
 class SessionStore(abc.ABC):

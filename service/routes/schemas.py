@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 # Numbers and switches as JSON writes them (JsonInt, JsonFloat, StrictBool): the lax defaults would read
 # "inner_steps": true as 1 step and "transductive": "yes" as true.
+from service.sessions import SessionMeta
 from service.tensors import JsonFloat, JsonInt, LabelsInput, TensorInput
 
 _TENSOR_DOC = (
@@ -95,18 +96,6 @@ class PredictResponse(Predictions):
     inner_steps: int
     inner_lr: Optional[float] = Field(None, description="The inner learning rate adaptation used; absent with the model's learned rates (learned_lrs).")
     timing: Timing
-
-
-class SessionMeta(BaseModel):
-    """How the session was adapted (each field absent where its store record lacks it)."""
-
-    model_config = ConfigDict(protected_namespaces=())
-    model_version: Optional[str] = Field(None, description="The checkpoint version the session was adapted from.")
-    inner_steps: Optional[int] = None
-    inner_lr: Optional[float] = Field(None, description="null or absent: the model's learned rates (learned_lrs).")
-    support_size: Optional[int] = None
-    support_loss_before: Optional[float] = None
-    support_loss_after: Optional[float] = None
 
 
 class SessionInfo(BaseModel):

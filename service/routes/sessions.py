@@ -12,7 +12,8 @@ from service.problems import Problem
 from service.routes.deps import decode_off_the_loop, owner, store_call
 from service.routes.json_route import JSONRoute
 from service.routes.models import BODY_ERRORS, SESSION_ERRORS, check_finite, iso, timing
-from service.routes.schemas import SessionInfo, SessionMeta, SessionPredictRequest, SessionPredictResponse
+from service.routes.schemas import SessionInfo, SessionPredictRequest, SessionPredictResponse
+from service.sessions import SessionMeta
 from service.tensors import decode_inputs
 
 log = logging.getLogger("service.routes.sessions")
