@@ -209,9 +209,10 @@ def multi_step_loss_weights(steps: int, iteration: int, anneal_iterations: int) 
     Starts uniform and moves linearly towards the final step over
     ``anneal_iterations``, every earlier step keeping at least ``0.03 / steps``;
     from then on only the final step's loss counts (Antoniou et al., 2019, whose
-    code counts epochs where this counts meta-iterations).
+    code counts epochs where this counts meta-iterations). In float64: the objective casts them to the
+    losses' type (float32 weights put a 3e-8 relative error into a float64 model's meta-gradient).
     """
-    weights = torch.full((steps,), 1.0 / steps)
+    weights = torch.full((steps,), 1.0 / steps, dtype=torch.float64)
     if steps == 1:
         return weights
     if iteration >= anneal_iterations:
@@ -310,16 +311,18 @@ class MetaLearner(nn.Module):
             )
         elif cfg.learn_step_lrs:
             self.lrs = nn.ParameterDict(
-                {_escape(n): nn.Parameter(torch.full((cfg.inner_steps,), cfg.inner_lr)) for n in self.adapt_names}
+                {_escape(n): nn.Parameter(torch.full((cfg.inner_steps,), cfg.inner_lr, dtype=params[n].dtype, device=params[n].device))
+                 for n in self.adapt_names}
             )
         if cfg.algorithm == "tamaml":
             head = model.get_submodule(head_module_name(model))
             if not isinstance(head, nn.Linear):
                 raise ValueError("tamaml needs the model's head to be an nn.Linear (its input is the task embedding)")
+            like_head = {"dtype": head.weight.dtype, "device": head.weight.device}  # (a float64 model's encoder is float64)
             self.task_encoder = nn.Sequential(
-                nn.Linear(head.in_features, cfg.encoder_hidden),
+                nn.Linear(head.in_features, cfg.encoder_hidden, **like_head),
                 nn.ReLU(),
-                nn.Linear(cfg.encoder_hidden, len(self.adapt_names)),
+                nn.Linear(cfg.encoder_hidden, len(self.adapt_names), **like_head),
             )
             # Small last layer: scales start near 1 (2 * sigmoid(0)) yet every
             # encoder weight gets a gradient from the first step.
@@ -704,7 +707,12 @@ class MetaLearner(nn.Module):
 
 def _func_differentiate(loss_of: Callable[[Params], torch.Tensor], fast: Params, create_graph: bool):
     if not create_graph:
-        fast = {n: p.detach() for n, p in fast.items()}
+        # First order: the inner gradient is a constant. Detaching the adapted tensors is not enough: the
+        # loss also reads tensors that are not adapted (ANIL's body features), and under an outer
+        # torch.func transform the gradient kept its dependence on them (ANIL first order's body
+        # meta-gradient was up to 100% off under vmap, not in the loop, whose autograd.grad keeps none).
+        grads, loss = grad_and_value(loss_of)({n: p.detach() for n, p in fast.items()})
+        return {n: g.detach() for n, g in grads.items()}, loss
     return grad_and_value(loss_of)(fast)
 
 

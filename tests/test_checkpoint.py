@@ -26,6 +26,27 @@ def _images(n: int = 10, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(n, 1, 28, 28, generator=g), torch.arange(n) % 5
 
 
+@pytest.mark.parametrize("algorithm", ["mamlpp", "tamaml", "metasgd"])
+def test_a_float64_model_learns_and_comes_back_in_float64(tmp_path, algorithm):
+    """What the learner adds to a model (MAML++'s per-step learning rates, TA-MAML's task encoder) takes the
+    model's dtype: they were float32 on a float64 model, TA-MAML then failed ("expected m1 and m2 to have
+    the same dtype") and a MAML++ checkpoint of mixed types loaded as float32."""
+    torch.manual_seed(0)
+    learner = MetaLearner(MLP(3, (8,), 4).double(), MetaConfig(algorithm, inner_steps=2, inner_lr=0.1))
+    assert {p.dtype for p in learner.parameters()} == {torch.float64}
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.arange(6) % 4
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.01)
+    from metalearn import TaskBatch
+
+    learner.meta_step(TaskBatch(x[None], y[None], x[None], y[None]), optimizer)
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, learner, input_shape=(3,), n_way=4)
+    loaded = load_checkpoint(path).learner
+    assert {p.dtype for p in loaded.parameters()} == {torch.float64}
+    assert torch.equal(predict(learner, adapt(learner, x, y), x), predict(loaded, adapt(loaded, x, y), x))
+
+
 @pytest.mark.parametrize("algorithm", ["maml", "mamlpp", "tamaml"])
 def test_round_trip_is_bit_identical(tmp_path, algorithm):
     learner = _conv_learner(algorithm)
