@@ -31,6 +31,7 @@ points for the best config with ``s=2``; see the README).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,22 @@ class Adaptation:
     def nbytes(self) -> int:
         tensors = list(self.params.values()) + [t for pair in self.norm_stats.values() for t in pair]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@contextlib.contextmanager
+def _buffer_changes_explained():
+    """torch.func's words for a forward that changes a buffer in place name an operator, not the cause or the way out."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "mutate a captured Tensor" not in str(error):
+            raise
+        raise RuntimeError(
+            "the model's forward changes one of its buffers in place, which adaptation (differentiated with torch.func) "
+            "cannot do, and must not: a buffer moved by each support set would make every answer depend on the ones "
+            "before it. Change buffers only under `if self.training:`, as BatchNorm does, and adapt in eval mode "
+            f"(learner.eval(); checkpoints load so). torch said: {str(error).splitlines()[0]}"
+        ) from error
 
 
 def _adapt_one(learner: MetaLearner, steps: int, lr: float | None, meta_params, buffers, support_x, support_y):
@@ -170,9 +187,10 @@ def adapt(
     steps, lr = _resolve(learner, steps, lr)
     support_y = _checked_support(learner, support_x, support_y, stacked=False)
     support_x, support_y = augment_support(support_x, support_y, support_shift)
-    adapted, stats, before, after = _adapt_one(
-        learner, steps, lr, learner.meta_params(), learner.buffers_dict(), support_x, support_y
-    )
+    with _buffer_changes_explained():
+        adapted, stats, before, after = _adapt_one(
+            learner, steps, lr, learner.meta_params(), learner.buffers_dict(), support_x, support_y
+        )
     return Adaptation(adapted, stats, before, after)
 
 
@@ -194,7 +212,8 @@ def adapt_many(
     def one(meta_params, buffers, x, y):
         return _adapt_one(learner, steps, lr, meta_params, buffers, x, y)
 
-    adapted, stats, before, after = map_tasks(learner, one, (None, None, 0, 0), learner.meta_params(), learner.buffers_dict(), support_x, support_y)
+    with _buffer_changes_explained():
+        adapted, stats, before, after = map_tasks(learner, one, (None, None, 0, 0), learner.meta_params(), learner.buffers_dict(), support_x, support_y)
     return Adaptation(adapted, stats, before, after)
 
 

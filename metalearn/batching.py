@@ -195,7 +195,7 @@ def run_meta_batch(learner: MetaLearner, batch, iteration: int = 0, strategy: st
             # (torch's words alone name an operator, "...would mutate a captured Tensor" or a broadcast shape)
             raise RuntimeError(f"{error}\n(under torch.func.vmap, strategy {strategy!r}{', what auto chose' if chosen else ''}: "
                                "a model that changes its buffers "
-                               "in forward, or has layers vmap cannot batch, trains with strategy='loop')") from error
+                               "in forward (only while training, to adapt), or has layers vmap cannot batch, trains with strategy='loop')") from error
         for name, g in grads.items():
             sums[name] += g.sum(0)
         loss_parts.append(loss)

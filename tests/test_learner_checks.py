@@ -227,6 +227,27 @@ def test_a_model_that_changes_a_buffer_in_forward_is_told_to_train_as_a_loop():
         learner.meta_gradient(sine_batch())
     assert math.isfinite(learner.meta_gradient(sine_batch(), strategy="loop").loss)
 
+    # Adapting it cannot work, and must not (each support set would move the buffer): said in words, not
+    # torch.func's "attempted to call in-place operation (aten::add_.Tensor) that would mutate a captured Tensor"
+    learner.eval()
+    task = sine_batch()
+    for run in (lambda: adapt(learner, task.support_x[0], task.support_y[0]), lambda: adapt_many(learner, task.support_x, task.support_y)):
+        with pytest.raises(RuntimeError, match=r"the model's forward changes one of its buffers in place.*`if self.training:`.*torch said: During a grad"):
+            run()
+
+    class CountingWhileTraining(Counting):
+        def forward(self, x):
+            if self.training:
+                self.calls.add_(1)
+            return self.head(x)
+
+    learner = MetaLearner(CountingWhileTraining(), MetaConfig("maml", task_type="regression", inner_steps=1, inner_lr=0.1))
+    assert math.isfinite(learner.meta_gradient(sine_batch(), strategy="loop").loss)
+    learner.eval()  # (as a checkpoint loads): what the message says to do adapts
+    calls = learner.model.calls.clone()
+    adaptation = adapt(learner, task.support_x[0], task.support_y[0])
+    assert torch.isfinite(predict(learner, adaptation, task.query_x[0])).all() and torch.equal(learner.model.calls, calls)
+
 
 def test_meta_step_counts_iterations_for_mamlpp():
     """MAML++'s first-order phase and loss annealing follow meta_step's own count unless told otherwise."""
