@@ -337,7 +337,9 @@ class _ChannelsLastBatchNorm(torch.autograd.Function):
     probabilities 5.8e-2 away from offline adaptation (found by a fuzz of the service against offline
     ``metalearn.adapt``). Here every sum is over the ``[N*H*W, C]`` view's rows, which torch's reductions
     sum in blocks, the variance from centred values (two passes), and the backward is BatchNorm's own
-    formula over the same sums. It costs 2% of a compiled Conv4-64 MAML request (45-51 ms, one thread)."""
+    formula over the same sums. It costs 2% of a compiled Conv4-64 MAML request (45-51 ms, one thread).
+    (``metalearn.models.BatchNorm`` runs torch's kernel on that view, as precise as the channels-last one, where
+    it runs outside torch.func, in a second-order backward: it keeps that kernel's speed there.)"""
 
     @staticmethod
     def forward(ctx, h, weight, bias, eps):
@@ -350,6 +352,7 @@ class _ChannelsLastBatchNorm(torch.autograd.Function):
         return torch.addcmul(bias, normalised, weight).view(N, H, W, C).permute(0, 3, 1, 2)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # (first order only: what it saved carries no graph)
     def backward(ctx, grad):
         normalised, invstd, weight = ctx.saved_tensors
         N, C, H, W = grad.shape
