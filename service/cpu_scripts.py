@@ -242,6 +242,13 @@ class ScriptCache(GraphCache):
                 return entry.rebuild(iter(outputs))
         return fn(*inputs)
 
+    def runs_by_row(self, key: tuple) -> bool:
+        """Whether :meth:`run` computes ``key``'s batches row by row through a compiled script (held, and not
+        cheap): such a batch takes as long as its rows would one by one (the engine takes their jobs one at
+        a time)."""
+        with self._guard:
+            return key in self._graphs and key not in self._cheap
+
     def _entry(self, key: tuple, fn, inputs: tuple[torch.Tensor, ...], owner, record, rows: int) -> _Script | None:
         """``key``'s compilation, or None (counting the use, and queueing the compilation of ``inputs``'
         first ``rows`` rows when due)."""

@@ -599,6 +599,7 @@ def test_a_cheap_shape_runs_whole_batches_through_a_script_of_their_size(model_d
             check(1, seed)
         assert scripted._scripts.wait(120)
         assert scripted.script_stats()["held"] == 1 and len(scripted._scripts._cheap) == 1
+        assert not scripted._scripts.runs_by_row(_jobs(model, 1, 0, "adapt")[0].key())  # (the engine batches these)
         for seed in range(3, 6):  # batches of 3: row by row meanwhile; the third queues a script of 4 rows
             check(3, seed)
         assert row_by_row == [3, 3, 3]
@@ -628,9 +629,12 @@ def test_a_cheap_shape_runs_whole_batches_through_a_script_of_their_size(model_d
     monkeypatch.setattr(cpu_scripts.ScriptCache, "cheap_s", 0.0)
     del row_by_row[:]
     try:
+        key = _jobs(model, 1, 0, "adapt")[0].key()
+        assert not expensive._scripts.runs_by_row(key)  # (nothing compiled yet: eager batches)
         for seed in range(3):
             expensive._compute(_jobs(model, 1, seed, "adapt"))
         assert expensive._scripts.wait(120)
+        assert expensive._scripts.runs_by_row(key)  # (the engine takes these jobs one at a time)
         for seed in range(3, 7):
             expensive._compute(_jobs(model, 3, seed, "adapt"))
         assert expensive._scripts.pending() == 0 and expensive.script_stats()["held"] == 1 and not expensive._scripts._cheap

@@ -10,6 +10,7 @@ import re
 import sys
 import threading
 import time
+from collections import deque
 from types import SimpleNamespace
 
 import pytest
@@ -486,6 +487,115 @@ def test_a_lone_client_is_served_by_the_most_recently_idle_worker():
         threads = list(engine._threads)
         engine.stop()
     assert not any(thread.is_alive() for thread in threads)  # stop wakes the idle workers too
+
+
+class CostlyEngine(Engine):
+    """Each batch takes its model's ``cost`` seconds; the order in which models were computed is kept."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.order: list[str] = []
+
+    def _compute(self, batch):
+        time.sleep(batch[0].model.cost)
+        self.order.append(batch[0].model.name)
+        return [{"predictions": [1]} for _ in batch]
+
+
+def model_job(model):
+    return Job("predict", model, query_x=torch.zeros(1, 1), session={"param:w": torch.zeros(1)})
+
+
+def test_a_cheap_models_request_does_not_wait_behind_an_expensive_models_queue():
+    """One queue serves every model: first come, first served, the cheap model's request queued after five
+    expensive ones was computed sixth. With fair shares it is computed as soon as the worker is free."""
+    expensive = SimpleNamespace(name="expensive", derived={}, cost=0.05)
+    cheap = SimpleNamespace(name="cheap", derived={}, cost=0.0)
+    engine = CostlyEngine(max_batch_size=1, max_wait_ms=0, request_timeout_s=10)
+    engine.start()
+    try:
+        async def queued():
+            first = asyncio.ensure_future(engine.submit(model_job(expensive)))
+            await asyncio.sleep(0.02)  # the worker computes it; the rest queue meanwhile
+            rest = [engine.submit(model_job(expensive)) for _ in range(4)] + [engine.submit(model_job(cheap))]
+            return await asyncio.gather(first, *rest)
+
+        asyncio.run(queued())
+        assert engine.order == ["expensive", "cheap", "expensive", "expensive", "expensive", "expensive"], engine.order
+    finally:
+        engine.stop()
+
+
+def test_while_other_models_wait_jobs_whose_computation_runs_row_by_row_are_taken_one_at_a_time():
+    """A compiled computation that runs its rows one by one (a Conv4-64 MAML adaptation) gains little from a
+    batch, and a batch of eight held the worker, and every other model's requests, for all eight. Alone in
+    the queue such jobs still batch (the Python around each batch cost 4% of MAML's throughput), and so do
+    computations that batch."""
+    model = SimpleNamespace(name="m", derived={}, cost=0.0)
+    other = SimpleNamespace(name="other", derived={}, cost=0.0)
+
+    def batch_sizes(by_row: bool, other_waits: bool) -> list[int]:
+        engine = BlockingEngine(max_batch_size=8, max_wait_ms=0, request_timeout_s=10, cpu_scripts=8)
+        engine._scripts.runs_by_row = lambda key: by_row and key[0] == id(model)
+        engine._fair.settle(other, 1, 100.0)  # (the other model had its share: the model's jobs go first)
+        engine.start()
+        try:
+            async def queued():
+                first = asyncio.ensure_future(engine.submit(model_job(model)))
+                await asyncio.sleep(0.1)  # the worker holds it; more queue meanwhile
+                rest = [asyncio.ensure_future(engine.submit(model_job(model))) for _ in range(4)]
+                waiting = [asyncio.ensure_future(engine.submit(model_job(other)))] if other_waits else []
+                await asyncio.sleep(0.05)
+                engine.release.set()
+                return await asyncio.gather(first, *rest, *waiting)
+
+            return [r["predictions"][0] for r in asyncio.run(queued())][:5]
+        finally:
+            engine.stop()
+
+    assert batch_sizes(by_row=True, other_waits=True) == [1, 1, 1, 1, 1]
+    assert batch_sizes(by_row=True, other_waits=False) == [1, 4, 4, 4, 4]
+    assert batch_sizes(by_row=False, other_waits=True) == [1, 4, 4, 4, 4]
+
+
+def simulate_one_worker(fair, pending: deque, costs: dict, until: float) -> dict:
+    """A worker serving ``pending`` (jobs of models with a name) through ``fair`` for ``until`` seconds of
+    compute, one job a batch: the compute seconds each model got."""
+    got = dict.fromkeys(costs, 0.0)
+    clock = 0.0
+    while pending and clock < until:
+        index = fair.pick(pending)
+        job = pending[index]
+        del pending[index]
+        charged = fair.start(job.model, 1)
+        cost = costs[job.model.name]
+        fair.settle(job.model, 1, cost, charged)
+        got[job.model.name] += cost
+        clock += cost
+    return got
+
+
+def test_fair_shares_give_each_queued_model_an_equal_share_of_compute_and_bank_no_credit_while_idle():
+    from service.fair_share import FairShare
+
+    heavy, light = SimpleNamespace(name="heavy"), SimpleNamespace(name="light")
+    costs = {"heavy": 0.045, "light": 0.002}
+    # Both always queued, the heavy model's jobs first: each gets half of the time
+    fair = FairShare()
+    pending = deque([SimpleNamespace(model=heavy)] * 400 + [SimpleNamespace(model=light)] * 4000)
+    got = simulate_one_worker(fair, pending, costs, until=3.0)
+    assert abs(got["heavy"] - got["light"]) <= costs["heavy"] + costs["light"], got
+
+    # One model alone: first come, first served (index 0), whatever was charged
+    assert fair.pick(deque([SimpleNamespace(model=heavy)] * 3)) == 0
+    # The light model idle while the heavy one ran 2 s alone: back, it shares from then on, not 2 s first
+    simulate_one_worker(fair, deque([SimpleNamespace(model=heavy)] * 45), costs, until=2.0)
+    pending = deque([SimpleNamespace(model=heavy)] * 100 + [SimpleNamespace(model=light)] * 1000)
+    got = simulate_one_worker(fair, pending, costs, until=1.0)
+    assert got["heavy"] >= 0.4, got
+    # A reload forgets the models no longer served
+    fair.keep([id(light)])
+    assert set(fair._charged) == {id(light)} and set(fair._per_job) == {id(light)}
 
 
 def test_workers_adapting_one_model_at_once_do_not_share_its_module():
