@@ -393,8 +393,12 @@ class ScriptCache(GraphCache):
     def _capture(self, fn, inputs, owner) -> _Script:
         start = time.perf_counter()
         rows = inputs[0].shape[0]
-        function, rebuild = script(fn, inputs)
+        # The eager run first: what a computation does once, on real values (ANIL's check that the model's
+        # forward is head(body(x)), on a learner copied for this thread), the recording on fake tensors
+        # cannot ("DataDependentOutputException: aten.allclose"): with two workers, whose recording learner
+        # was a fresh copy, no generic ANIL adaptation ever compiled.
         expected, _ = flatten(fn(*inputs))
+        function, rebuild = script(fn, inputs)
         # TorchScript profiles the first runs and optimises the graph after them. The cost of a run is
         # the least CPU time of them (of this thread, not wall time: the compiling thread runs at a lower
         # priority, and waits while the workers are busy): the first ones include that optimisation,

@@ -643,6 +643,35 @@ def test_a_cheap_shape_runs_whole_batches_through_a_script_of_their_size(model_d
         expensive.stop()
 
 
+def test_a_generic_anil_models_adaptations_compile_with_two_workers(tmp_path):
+    """ANIL checks once per learner, on real values, that the model's forward is head(body(x)); the compiling
+    thread records on a learner copied for it, on fake tensors, where that check cannot run: with two
+    workers (the 2-core default) the copy was of a learner no request had checked, and the compilation failed
+    for good ("DataDependentOutputException: aten.allclose"), every such adaptation eager."""
+    from metalearn import MLP, MetaConfig, MetaLearner
+    from metalearn.checkpoint import save_checkpoint
+    from service.engine import Engine
+    from service.registry import ModelRegistry
+
+    torch.manual_seed(0)
+    learner = MetaLearner(MLP(1, (16, 16), 1), MetaConfig("anil", "regression", inner_steps=3, inner_lr=0.01))
+    save_checkpoint(tmp_path / "sine-anil.safetensors", learner, input_shape=(1,))
+    model = ModelRegistry.load(tmp_path, "cpu").get("sine-anil")
+    scripted, eager = Engine(max_batch_size=8, cpu_traces=0, workers=2), Engine(max_batch_size=8, cpu_traces=0, cpu_scripts=0)
+    try:
+        for seed in range(3):
+            scripted._compute(_jobs(model, 1, seed, "adapt"))
+        assert scripted._scripts.wait(120)
+        stats = scripted.script_stats()
+        assert stats["failures"] == 0 and stats["held"] == 1, stats
+        jobs = _jobs(model, 1, 7, "adapt")
+        for got, want in zip(scripted._compute(jobs), eager._compute(jobs)):
+            torch.testing.assert_close(torch.tensor(got["predictions"]), torch.tensor(want["predictions"]), atol=1e-6, rtol=1e-5)
+        assert scripted.script_stats()["replays"] >= 1
+    finally:
+        scripted.stop()
+
+
 def test_whole_batch_scripts_never_displace_a_requests_script():
     """A whole batch's script is held only while the request scripts leave room (its shape runs row by
     row without it), and is the first dropped when a request's script needs the room."""
