@@ -212,6 +212,27 @@ def test_a_replaced_model_and_its_successor_never_share_a_batch(trained):
         torch.testing.assert_close(result, want, rtol=1e-5, atol=1e-6)
 
 
+def test_a_directory_of_links_serves_some_of_another_directorys_models(trained, tmp_path):
+    """How to serve only some models of a directory (README, Many models): a directory of symbolic links to
+    them, a checkpoint file's or a run directory's. A new version written over the target (as ``metalearn
+    train`` writes, a file renamed over it) is a change there too, and a link removed is a model removed."""
+    source = shutil.copytree(trained, tmp_path / "all")
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "sine.safetensors").symlink_to(source / "sine.safetensors")
+    (served / "anil_run").symlink_to(source / "anil_run", target_is_directory=True)
+    first = ModelRegistry.load(served)
+    assert first.names() == ["anil_run", "sine"] and not first.errors and not first.changed_on_disk(served)
+
+    replace_atomically(trained / "conv_maml.safetensors", source / "sine.safetensors")
+    assert first.changed_on_disk(served)
+    second = ModelRegistry.load(served, previous=first)
+    assert second.changes_from(first) == {"added": [], "updated": ["sine"], "removed": [], "kept": ["anil_run"]}
+    assert second.get("sine").version == ModelRegistry.load(trained).get("conv_maml").version
+    (served / "anil_run").unlink()
+    assert ModelRegistry.load(served, previous=second).changes_from(second)["removed"] == ["anil_run"]
+
+
 def test_changed_on_disk_sees_each_change_once(trained, tmp_path):
     model_dir = shutil.copytree(trained, tmp_path / "models")
     registry = ModelRegistry.load(model_dir)
