@@ -337,7 +337,8 @@ class _ChannelsLastBatchNorm(torch.autograd.Function):
     probabilities 5.8e-2 away from offline adaptation (found by a fuzz of the service against offline
     ``metalearn.adapt``). Here every sum is over the ``[N*H*W, C]`` view's rows, which torch's reductions
     sum in blocks, the variance from centred values (two passes), and the backward is BatchNorm's own
-    formula over the same sums. It costs 2% of a compiled Conv4-64 MAML request (45-51 ms, one thread).
+    formula over the same sums. It costs 2.5% of a compiled Conv4-64 MAML request in process (one thread), 5% of
+    MAML's throughput at concurrency 16 over HTTP (docs/service-performance.md).
     (``metalearn.models.BatchNorm`` runs torch's kernel on that view, as precise as the channels-last one, where
     it runs outside torch.func, in a second-order backward: it keeps that kernel's speed there.)"""
 

@@ -59,6 +59,11 @@ class Session:
     fits_version: str | None = field(default=None, init=False, repr=False, compare=False)
     _on_grow: Callable[[Session, int], None] | None = field(default=None, init=False, repr=False, compare=False)
 
+    def adapted_from(self, version: str | None) -> bool:
+        """Whether this session can predict with the model version ``version`` (None: its model is not served):
+        the version it was adapted from, or any where its record does not say."""
+        return version is not None and self.meta.get("model_version") in (None, version)
+
     def prepared(self, key: Hashable, make: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """``make(self.tensors)``, made once per session object and ``key``: what a worker derives from the
         session for its predictions (``Engine._session_inputs``: its tensors as ``[1, ...]`` views on a
@@ -327,7 +332,7 @@ class MemorySessionStore(SessionStore):
 
     def forget_models(self, served: dict[str, str]) -> int:
         with self._lock:
-            stale = [i for i, s in self._sessions.items() if served.get(s.model) != s.meta.get("model_version")]
+            stale = [i for i, s in self._sessions.items() if not s.adapted_from(served.get(s.model))]
             for session_id in stale:
                 self._drop(session_id)
             return len(stale)

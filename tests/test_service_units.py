@@ -50,6 +50,22 @@ def test_memory_store_lru_ttl_budget_owner():
     assert store.stats().live_sessions == 1
 
 
+def test_a_reload_drops_the_held_sessions_no_served_version_can_predict_with():
+    """forget_models and the session routes share one rule (Session.adapted_from): a session goes when its model
+    is not served, or is served in another version than the one its record names; one whose record names none
+    stays, as the routes still answer for it."""
+    store = MemorySessionStore(max_bytes=10**6, clock=lambda: 1000.0)
+    for sid, model, version in (("same", "m", "v1"), ("older", "m", "v0"), ("unnamed", "m", None), ("gone", "x", "v1")):
+        held = session(sid)
+        held.model = model
+        if version is not None:
+            held.meta["model_version"] = version
+        store.put(held)
+    assert store.forget_models({"m": "v1"}) == 2
+    assert {sid for sid in ("same", "older", "unnamed", "gone") if store.get(sid, None)} == {"same", "unnamed"}
+    assert session("s").adapted_from("v1") and not session("s").adapted_from(None)
+
+
 def test_memory_store_expiry_index_is_right_and_bounded():
     """Sweeps read expiry times soonest first (not every session): a session put again keeps its later
     expiry, and the entries of sessions deleted meanwhile do not pile up."""
@@ -270,8 +286,8 @@ class BlockingEngine(Engine):
         return [{"predictions": [len(batch)]} for _ in batch]
 
 
-def fake_job():
-    model = SimpleNamespace(name="m", derived={})
+def fake_job(model=None):
+    model = model or SimpleNamespace(name="m", derived={})
     return Job("predict", model, query_x=torch.zeros(1, 1), session={"param:w": torch.zeros(1)})
 
 
@@ -502,10 +518,6 @@ class CostlyEngine(Engine):
         return [{"predictions": [1]} for _ in batch]
 
 
-def model_job(model):
-    return Job("predict", model, query_x=torch.zeros(1, 1), session={"param:w": torch.zeros(1)})
-
-
 def test_a_cheap_models_request_does_not_wait_behind_an_expensive_models_queue():
     """One queue serves every model: first come, first served, the cheap model's request queued after five
     expensive ones was computed sixth. With fair shares it is computed as soon as the worker is free."""
@@ -515,9 +527,9 @@ def test_a_cheap_models_request_does_not_wait_behind_an_expensive_models_queue()
     engine.start()
     try:
         async def queued():
-            first = asyncio.ensure_future(engine.submit(model_job(expensive)))
+            first = asyncio.ensure_future(engine.submit(fake_job(expensive)))
             await asyncio.sleep(0.02)  # the worker computes it; the rest queue meanwhile
-            rest = [engine.submit(model_job(expensive)) for _ in range(4)] + [engine.submit(model_job(cheap))]
+            rest = [engine.submit(fake_job(expensive)) for _ in range(4)] + [engine.submit(fake_job(cheap))]
             return await asyncio.gather(first, *rest)
 
         asyncio.run(queued())
@@ -541,10 +553,10 @@ def test_while_other_models_wait_jobs_whose_computation_runs_row_by_row_are_take
         engine.start()
         try:
             async def queued():
-                first = asyncio.ensure_future(engine.submit(model_job(model)))
+                first = asyncio.ensure_future(engine.submit(fake_job(model)))
                 await asyncio.sleep(0.1)  # the worker holds it; more queue meanwhile
-                rest = [asyncio.ensure_future(engine.submit(model_job(model))) for _ in range(4)]
-                waiting = [asyncio.ensure_future(engine.submit(model_job(other)))] if other_waits else []
+                rest = [asyncio.ensure_future(engine.submit(fake_job(model))) for _ in range(4)]
+                waiting = [asyncio.ensure_future(engine.submit(fake_job(other)))] if other_waits else []
                 await asyncio.sleep(0.05)
                 engine.release.set()
                 return await asyncio.gather(first, *rest, *waiting)

@@ -31,7 +31,7 @@ async def _session(request: Request, session_id: str, caller: str | None):
     if session is None:
         raise Problem(404, "Unknown session", UNKNOWN_SESSION)
     model = request.app.state.registry.get(session.model)
-    if model is None or session.meta.get("model_version") not in (None, model.version):
+    if not session.adapted_from(None if model is None else model.version):
         raise Problem(404, "Unknown session", f"the session's model {session.model!r} is no longer served in that version; adapt again")
     if session.fits_version != model.version:
         problem = model.session_problem(session.tensors)
