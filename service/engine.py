@@ -368,9 +368,28 @@ class Engine:
                 # the longest-idle one, as a plain notify would pick, a lone client's session predict
                 # took 0.1 ms longer on 2 workers than on 1).
                 self._idle.pop().notify()
+        # A job cancelled while queued (its request timed out, its client left) leaves the queue at once:
+        # skipped only when a worker reached it, it held a place, and a full queue of them refused new requests.
+        # (The callback finds the job by its future: one holding the job would make a reference cycle, which
+        # only the garbage collector frees, with the request's tensors.)
+        job.future.add_done_callback(self._withdraw_if_cancelled)
         if self.metrics is not None:
             self.metrics.queue_depth(depth)
         return job.future
+
+    def _withdraw_if_cancelled(self, future: concurrent.futures.Future) -> None:
+        if not future.cancelled():
+            return
+        with self._cond:
+            for index, queued in enumerate(self._pending):
+                if queued.future is future:
+                    del self._pending[index]
+                    depth = len(self._pending)
+                    break
+            else:
+                return
+        if self.metrics is not None:
+            self.metrics.queue_depth(depth)
 
     async def submit(self, job: Job, timeout: float | None = None, alone: Callable[[], bool] | None = None) -> Any:
         """The job's result, computed by a worker; or, for a session predict whose request is ``alone()``

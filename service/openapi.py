@@ -140,6 +140,10 @@ def _named_tensors(schemas: dict) -> None:
         predictions["items"] = {"anyOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}}]}
 
 
+# The request bodies' schemas (service/routes/schemas.py), which the helpers below amend.
+REQUEST_SCHEMAS = ("AdaptRequest", "PredictRequest", "SessionPredictRequest")
+
+
 def _bounds(schemas: dict, settings) -> None:
     """The service's limits as the request fields' bounds (the integer or number branch of an optional field)."""
     bounds = {
@@ -147,7 +151,7 @@ def _bounds(schemas: dict, settings) -> None:
         "inner_lr": {"minimum": settings.min_inner_lr, "maximum": settings.max_inner_lr},
         "ttl_s": {"minimum": 1, "maximum": settings.max_session_ttl_s},
     }
-    for request in ("AdaptRequest", "PredictRequest"):
+    for request in REQUEST_SCHEMAS:
         for name, field in schemas[request]["properties"].items():
             if name in bounds:
                 for branch in field.get("anyOf", [field]):
@@ -158,7 +162,7 @@ def _bounds(schemas: dict, settings) -> None:
 def _no_request_defaults(schemas: dict) -> None:
     """Request fields without ``default``: their descriptions give it. openapi-typescript (7, by default) types a
     field that has a default as always present, so generated clients had to send ``transductive``."""
-    for request in ("AdaptRequest", "PredictRequest", "SessionPredictRequest"):
+    for request in REQUEST_SCHEMAS:
         for field in schemas[request]["properties"].values():
             field.pop("default", None)
 

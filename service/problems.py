@@ -76,7 +76,7 @@ def problem_response(problem: Problem, instance: str | None = None) -> JSONRespo
 PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "Malformed JSON": (400, "the body is not valid JSON (the detail says where)"),
     "Bad request": (400, "a request HTTP itself refuses (a CORS preflight from an origin not allowed)"),
-    "Unauthorized": (401, "API keys are configured and the call has none, or an unknown one"),
+    "Unauthorized": (401, "API keys are configured and the call has none, an unknown one, or several"),
     "Not found": (404, "no such route"),
     "Unknown model": (404, "no model of that name is loaded (the detail lists those that are)"),
     "Unknown session": (404, "the session never existed, expired, was evicted or deleted, belongs to another key, or its model has since been reloaded in another version"),
@@ -92,6 +92,7 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "Non-finite values": (422, "NaN or infinite values (a number beyond float32's range becomes infinite)"),
     "Invalid labels": (422, "labels that are not integer class indices in [0, n_way), or a class with no support example"),
     "Invalid inner_steps": (422, "inner_steps outside [0, METALEARN_MAX_INNER_STEPS]"),
+    "Too much computation": (422, "support examples x inner_steps over METALEARN_MAX_EXAMPLE_STEPS (a bound on one request's computation)"),
     "Invalid inner_lr": (422, "inner_lr outside [METALEARN_MIN_INNER_LR, METALEARN_MAX_INNER_LR]"),
     "Invalid ttl_s": (422, "ttl_s outside [1, METALEARN_MAX_SESSION_TTL_S]"),
     "Adaptation diverged": (422, "adaptation produced non-finite parameters or a non-finite support loss: a smaller inner_lr, fewer steps, or inputs in the range the model was trained on"),
@@ -123,7 +124,7 @@ def _loc(loc) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem):
-        return problem_response(exc, request.url.path)
+        return problem_response(exc, request.scope["path"])
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -133,21 +134,21 @@ def install(app: FastAPI) -> None:
             # The parser's own words say where ("... at line 1 column 5") and why (nesting too deep, say).
             reason = str(broken.get("ctx", {}).get("error") or "").strip()
             problem = Problem(400, "Malformed JSON", "the request body is not valid JSON" + (f": {reason}" if reason else ""))
-            return problem_response(problem, request.url.path)
+            return problem_response(problem, request.scope["path"])
         parts, simple = [], []
         for e in errors[:20]:
             where = _loc(e.get("loc", ()))
             parts.append(f"{where}: {e.get('msg')}")
             simple.append({"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg")), "type": str(e.get("type"))})
         problem = Problem(422, "Invalid request", "; ".join(parts) or "invalid request", errors=simple)
-        return problem_response(problem, request.url.path)
+        return problem_response(problem, request.scope["path"])
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         title = _STATUS_TITLES.get(exc.status_code, "Bad request" if exc.status_code < 500 else "Internal error")
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404 and detail == "Not Found":
-            detail = f"no route {request.url.path!r}"
+            detail = f"no route {request.scope['path']!r}"
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             # Starlette names the methods of the first route matching the path alone (GET of
@@ -161,7 +162,7 @@ def install(app: FastAPI) -> None:
         if exc.status_code in (408, 413):  # the body was not read to its end: the connection cannot serve another request
             headers["Connection"] = "close"
         problem = Problem(exc.status_code, title, detail, headers=headers)
-        return problem_response(problem, request.url.path)
+        return problem_response(problem, request.scope["path"])
 
 
 class UnexpectedErrors:

@@ -101,6 +101,16 @@ local function forget(id)
   redis.call('DEL', prefix .. 's:' .. id)
 end
 
+-- A key under a session's name that is not a hash was written by something else: dropped, as a record that
+-- does not decode is (its reads would fail with WRONGTYPE, a 503 for as long as it stays).
+local function foreign(key, id)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind == 'hash' or kind == 'none' then return false end
+  redis.log(redis.LOG_WARNING, 'metalearn: dropping ' .. key .. ', a ' .. kind .. ' where a session belongs')
+  forget(id)
+  return true
+end
+
 local function sweep()
   local ids = redis.call('ZRANGEBYSCORE', exp, '-inf', now, 'LIMIT', 0, 1000)
   for _, id in ipairs(ids) do
@@ -176,6 +186,7 @@ return {1, evicted}
 _LUA_GET = _LUA_COMMON + r"""
 local id, owner, meta_only = ARGV[2], ARGV[3], ARGV[4] == '1'
 local key = prefix .. 's:' .. id
+if foreign(key, id) then return false end
 local v = redis.call('HMGET', key, 'm', 'o')
 if not v[1] then
   if redis.call('HEXISTS', size, id) == 1 then
@@ -199,6 +210,7 @@ return {redis.call('HGET', key, 't'), v[1]}
 _LUA_DELETE = _LUA_COMMON + r"""
 local id, owner = ARGV[2], ARGV[3]
 local key = prefix .. 's:' .. id
+if foreign(key, id) then return 0 end
 local o = redis.call('HGET', key, 'o')
 if not o then
   if redis.call('HEXISTS', size, id) == 1 then

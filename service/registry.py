@@ -94,8 +94,11 @@ class LoadedModel:
                        if (tuple(tensors[name].shape) if name.startswith(PARAM) else tensors[name].numel()) != layout[name])
         if not (missing or unexpected or wrong):
             dtype = next(iter(self.learner.model.parameters())).dtype
-            odd = sorted(name for name, t in tensors.items() if t.dtype != dtype or not bool(torch.isfinite(t).all()))
-            return f"not finite {dtype}: {', '.join(odd[:3])}" if odd else None
+            other = sorted(name for name, t in tensors.items() if t.dtype != dtype)
+            if other:
+                return f"not {dtype}: {', '.join(other[:3])}"
+            odd = sorted(name for name, t in tensors.items() if not bool(torch.isfinite(t).all()))
+            return f"not finite: {', '.join(odd[:3])}" if odd else None
         return "; ".join(f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
                          for what, names in (("missing", missing), ("unexpected", unexpected), ("of other sizes", wrong)) if names)
 

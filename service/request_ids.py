@@ -23,7 +23,9 @@ from starlette.requests import Request
 
 HEADER = b"x-request-id"
 _ACCEPTED = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
-_SESSION_IN_PATH = re.compile(r"^/v1/sessions/[^/]+")
+# The segment after "sessions", however many slashes surround it: a client whose base URL ends in "/" sends
+# //v1/sessions/ID, which no route takes (a review found such ids in the access lines).
+_SESSION_IN_PATH = re.compile(r"(/sessions/+)[^/]+")
 access_log = logging.getLogger("service.access")
 
 
@@ -31,7 +33,7 @@ def logged_path(scope) -> str:
     """The route's template, or for a request no route took (a wrong method, say) its path with any session id
     replaced."""
     template = getattr(scope.get("route"), "path", None)
-    return template or _SESSION_IN_PATH.sub("/v1/sessions/{session_id}", scope["path"])
+    return template or _SESSION_IN_PATH.sub(r"\1{session_id}", scope["path"])
 
 
 def request_id(request: Request) -> str | None:

@@ -85,6 +85,7 @@ class Settings(BaseSettings):
     max_list_values: int = Field(262144, ge=1024, description="Request bodies of more comma-separated values than this, or more JSON lists than a sixteenth of it (numbers sent as lists), are answered 413 before they are parsed: parsing holds the event loop; large tensors go as base64.")
     body_timeout_s: float = Field(30.0, gt=0, description="A request body that stops arriving for this long is answered 408 (a stalled upload holds its connection and buffer).")
     max_inner_steps: int = Field(100, ge=0, description="Largest inner_steps a request may ask for.")
+    max_example_steps: int = Field(10240, ge=1, description="Most support examples x inner_steps in one request: a bound on one request's computation, which cannot be stopped once it runs (a request that timed out would hold its worker for nobody). A Conv4-64 MAML adaptation takes about 1 ms per example-step on one core, so 10240 is about 10 s; set it so that your heaviest model's largest request finishes well within request_timeout_s.")
     min_inner_lr: float = Field(1e-6, gt=0, description="Smallest inner_lr a request may ask for.")
     max_inner_lr: float = Field(10.0, gt=0, description="Largest inner_lr a request may ask for.")
 
@@ -132,9 +133,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.api_keys.strip() and any(not key.strip() for key in self.api_keys.split(",")):
-            # (" , " would otherwise mean no keys at all: every /v1 call open, as the operator did not mean)
-            raise ValueError("api_keys: an empty key among the comma-separated keys (a stray or doubled comma?)")
+        if self.api_keys and any(not key.strip() for key in self.api_keys.split(",")):
+            # (" " or " , " would otherwise mean no keys at all: every /v1 call open, as the operator did not mean)
+            raise ValueError("api_keys: a blank key (only spaces, or a stray or doubled comma): set the keys, or leave it empty for an API open to all")
         if self.min_inner_lr > self.max_inner_lr:
             raise ValueError("min_inner_lr must be <= max_inner_lr")
         if self.session_ttl_s > self.max_session_ttl_s:

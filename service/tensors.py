@@ -20,6 +20,7 @@ from __future__ import annotations
 import binascii
 import io
 import math
+import re
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
@@ -180,8 +181,10 @@ def _from_images(value: ImageList, where: str, preprocessing: dict | None, max_c
         try:
             with Image.open(io.BytesIO(blob), formats=IMAGE_FORMATS) as img:
                 width, height = img.size
-        except Image.DecompressionBombError:  # Pillow's own limit, reached before ours by its header alone
-            width = height = math.inf
+        except Image.DecompressionBombError as error:  # Pillow's own limit, reached before ours by its header alone
+            counted = re.search(r"\((\d+) pixels\)", str(error))  # ("Image size (2500000000 pixels) exceeds limit ...")
+            raise invalid(f"{where}.images[{i}]: image of {counted[1] if counted else 'over ' + str(2 * Image.MAX_IMAGE_PIXELS)} "
+                          f"pixels exceeds {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}") from None
         except UnidentifiedImageError:
             raise invalid(f"{where}.images[{i}]: not a picture in a format read here ({ACCEPTED})") from None
         except MemoryError:  # (the machine's, not the upload's)
@@ -189,8 +192,7 @@ def _from_images(value: ImageList, where: str, preprocessing: dict | None, max_c
         except Exception as error:  # noqa: BLE001 - a decoder's own failure on a malformed header is the upload's fault
             raise invalid(f"{where}.images[{i}]: not a decodable image ({type(error).__name__})") from None
         if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
-            size = f"of {width}x{height} pixels" if math.isfinite(width) else f"of over {2 * Image.MAX_IMAGE_PIXELS} pixels"
-            raise invalid(f"{where}.images[{i}]: image {size} exceeds {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}")
+            raise invalid(f"{where}.images[{i}]: image of {width}x{height} pixels exceeds {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}")
         pixels += width * height
         if pixels > MAX_LIST_PIXELS:  # (a small PNG of one colour decodes to tens of MB, in a fraction of a second each)
             raise invalid(f"{where}: the images up to images[{i}] hold {pixels} pixels, over the {MAX_LIST_PIXELS} one list may "

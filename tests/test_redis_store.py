@@ -568,6 +568,26 @@ def test_a_corrupt_record_is_dropped_and_the_replica_keeps_working(store, redis_
     client.close()
 
 
+def test_a_key_of_another_type_at_a_sessions_name_is_dropped_not_an_outage(store, redis_server):
+    """Something else written where a session's hash belongs (a string, a list): reads of it failed with
+    WRONGTYPE, a 503 for its owner and every other key for as long as it stayed. Now it is no session, and gone."""
+    client = redis.Redis.from_url(redis_server.url)
+    for write in (lambda key: client.set(key, "x"), lambda key: client.rpush(key, "a", "b")):
+        session = make_session()
+        store.put(session)
+        key = f"{store.prefix}s:{session.id}"
+        client.delete(key)
+        write(key)
+        assert store.get(session.id, "bob") is None and not client.exists(key)
+        write(key)
+        assert store.delete(session.id, "alice") is False and not client.exists(key)
+    good = make_session(seed=1)
+    store.put(good)
+    assert store.get(good.id, "alice") is not None
+    assert store.stats().live_sessions == 1  # (the dropped ones' bookkeeping went with them)
+    client.close()
+
+
 def test_redis_settings_are_checked_and_a_misconfiguration_is_logged_at_start(tmp_path, monkeypatch, caplog):
     import logging
 

@@ -335,6 +335,26 @@ def test_engine_queue_full_and_timeout():
         assert engine.running
 
 
+def test_a_job_whose_request_timed_out_while_queued_leaves_the_queue_at_once():
+    """A request that timed out (or whose client left) while its job waited: the job is cancelled and leaves
+    the queue then, not when a worker reaches it and skips it. (A security review: with the worker held, a
+    queue full of such jobs answered new requests 503 overloaded after their own requests had been answered.)"""
+    with blocking_engine(queue_size=2, max_batch_size=1, max_wait_ms=0, request_timeout_s=10) as engine:
+        async def scenario():
+            computing = await occupied(engine)
+            for _ in range(2):
+                with pytest.raises(JobTimeout):
+                    await engine.submit(fake_job(), timeout=0.05)
+            depth = engine.depth()
+            taken = asyncio.ensure_future(engine.submit(fake_job(), timeout=5))  # room for it
+            await asyncio.sleep(0.05)
+            engine.release.set()
+            return depth, await computing, await taken
+
+        depth, computing, taken = asyncio.run(scenario())
+        assert depth == 0 and computing["batch_size"] == 1 and taken["batch_size"] == 1
+
+
 def test_shed_answers_the_queue_and_what_comes_after_with_engine_stopped():
     """Engine.shed (a stopping server near the end of its grace): the queued jobs and any submitted later
     fail with EngineStopped (503), the job computing finishes, and the longest recent batch is known."""
@@ -902,10 +922,14 @@ def test_access_lines_name_the_route_not_the_session_and_json_logs(tmp_path, cap
         client.post("/v1/sessions/s3cr3t-session-id/predict", json={"x": [[0.5]]}, headers={"X-Request-ID": "trace-1"})
         client.get("/no/such/route")
         client.put("/v1/sessions/s3cr3t-session-id")  # no route takes it: the path, the session id replaced
+        for path in ("//v1/sessions/s3cr3t-session-id", "/v1/sessions//s3cr3t-session-id", "/v1//sessions/s3cr3t-session-id/predict"):
+            client.get("http://testserver" + path)  # (a base URL ending in "/": no route either)
     lines = [r for r in caplog.records if r.name == "service.access"]
     assert [(r.method, r.path, r.status, r.request_id) for r in lines] == [
         ("POST", "/v1/sessions/{session_id}/predict", 404, "trace-1"), ("GET", "/no/such/route", 404, lines[1].request_id),
-        ("PUT", "/v1/sessions/{session_id}", 405, lines[2].request_id)]
+        ("PUT", "/v1/sessions/{session_id}", 405, lines[2].request_id),
+        ("GET", "//v1/sessions/{session_id}", 404, lines[3].request_id), ("GET", "/v1/sessions//{session_id}", 404, lines[4].request_id),
+        ("GET", "/v1//sessions/{session_id}/predict", 404, lines[5].request_id)]
     assert all(r.duration_ms > 0 for r in lines) and "s3cr3t" not in caplog.text
     line = json.loads(JsonFormatter().format(lines[0]))
     assert line["message"].startswith("POST /v1/sessions/{session_id}/predict 404") and line["request_id"] == "trace-1"
@@ -1091,8 +1115,8 @@ def test_api_keys_that_would_open_the_api_are_refused_and_short_ones_warned(tmp_
     from service.app import create_app
     from service.server import _loopback
 
-    for keys in (" , ", "a-long-enough-key-1,,a-long-enough-key-2", "a-long-enough-key-1,"):
-        with pytest.raises(ValueError, match="an empty key among the comma-separated keys"):
+    for keys in (" ", " , ", "a-long-enough-key-1,,a-long-enough-key-2", "a-long-enough-key-1,"):
+        with pytest.raises(ValueError, match="a blank key"):
             Settings(model_dir=str(tmp_path), api_keys=keys)
     with caplog.at_level("WARNING", logger="service"), TestClient(create_app(Settings(model_dir=str(tmp_path), api_keys="short, " + "k" * 16))):
         pass
@@ -1160,7 +1184,8 @@ def test_a_model_with_learned_learning_rates_adapts_with_them_and_says_so(tmp_pa
 
 def test_a_stored_session_that_does_not_fit_its_model_is_unknown_not_unadapted(tmp_path, caplog):
     """A session record a shared store holds but this service did not write (by hand, another program): with
-    no tensors it predicted with the unadapted model, silently; with others it failed deep in the engine."""
+    no tensors it predicted with the unadapted model, silently; with others it failed deep in the engine. It is
+    dropped (kept, every read decoded it, logged and refused it again), the log saying what is wrong."""
     from service.app import create_app
     from service.sessions import new_session_id
     from test_service_helpers import image_tasks, make_model_dir
@@ -1181,11 +1206,15 @@ def test_a_stored_session_that_does_not_fit_its_model_is_unknown_not_unadapted(t
             "not finite": {**real.tensors, first: torch.full_like(real.tensors[first], float("nan"))},
             "float64": {**real.tensors, first: real.tensors[first].double()},
         }
+        said = {"nothing": "missing", "a tensor too few": "missing", "another shape": "of other sizes", "not finite": "not finite:",
+                "float64": "not torch.float32:"}
         for name, tensors in variants.items():
             forged = Session(new_session_id(), "conv_maml", None, time.time(), time.time() + 60, tensors, dict(real.meta))
             app.state.store.put(forged)
             answer = client.post(f"/v1/sessions/{forged.id}/predict", json=query)
             assert answer.status_code == 404 and "does not fit model 'conv_maml'" in answer.json()["detail"], name
+            assert said[name] in answer.json()["detail"], (name, answer.json()["detail"])
+            assert app.state.store.get(forged.id, None) is None, name  # dropped
         assert "does not fit model" in caplog.text
         assert client.post(f"/v1/sessions/{real.id}/predict", json=query).status_code == 200
 

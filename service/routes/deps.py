@@ -26,6 +26,10 @@ def caller(request: Request) -> str | None:
     owners: dict[str, str] = request.app.state.owners
     if not owners:
         return None
+    if len(request.headers.getlist("x-api-key")) > 1 or len(request.headers.getlist("authorization")) > 1:
+        # (Which one would count? The proxy's rate limit reads them joined, as a key of their own: sending
+        # the real key with a different second one each time would escape it.)
+        raise Problem(401, "Unauthorized", "several API keys: send one X-API-Key or Authorization header", headers={"WWW-Authenticate": "Bearer"})
     given = request.headers.get("x-api-key")
     if not given:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -71,6 +75,16 @@ def check_inner(settings, steps: int | None, lr: float | None, model) -> tuple[i
     if not isinstance(lr, (int, float)) or not math.isfinite(lr) or not (settings.min_inner_lr <= lr <= settings.max_inner_lr):
         raise Problem(422, "Invalid inner_lr", f"inner_lr must be in [{settings.min_inner_lr:g}, {settings.max_inner_lr:g}], got {lr}")
     return int(steps), float(lr)
+
+
+def check_work(settings, examples: int, steps: int) -> None:
+    """A request's support examples x inner steps within ``max_example_steps``: once a computation runs it
+    cannot be stopped, so a request that timed out would hold its worker for nobody (a security review:
+    two requests of 512 examples x 100 steps every 50 s kept a Conv4-64 service's workers busy)."""
+    if examples * steps > settings.max_example_steps:
+        raise Problem(422, "Too much computation", f"{examples} support examples x {steps} inner steps = {examples * steps} example-steps, "
+                      f"over this service's limit of {settings.max_example_steps} (it bounds one request's computation): "
+                      "send fewer examples or ask for fewer inner_steps")
 
 
 def _uses_images(value: Any) -> bool:

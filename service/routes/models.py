@@ -10,11 +10,11 @@ from fastapi import APIRouter, Body, Depends, Request, Response
 
 from service.engine import Job
 from service.problems import Problem
-from service.routes.deps import check_inner, compute_unless_client_gone, decode_off_the_loop, get_model, owner, store_call
+from service.routes.deps import check_inner, compute_unless_client_gone, check_work, decode_off_the_loop, get_model, owner, store_call
 from service.routes.json_route import JSONRoute
 from service.routes.schemas import AdaptRequest, AdaptResponse, Limits, ModelInfo, ModelList, PredictRequest, PredictResponse, Timing
 from service.sessions import Session, new_session_id
-from service.tensors import MAX_IMAGE_SIDE, MAX_LIST_PIXELS, decode_inputs, decode_labels, decode_targets
+from service.tensors import MAX_IMAGE_SIDE, MAX_LIST_PIXELS, ImageList, decode_inputs, decode_labels, decode_targets
 
 router = APIRouter(prefix="/v1/models", tags=["models"], route_class=JSONRoute)
 
@@ -32,6 +32,7 @@ def limits(settings) -> Limits:
         max_support=settings.max_support,
         max_query=settings.max_query,
         max_inner_steps=settings.max_inner_steps,
+        max_example_steps=settings.max_example_steps,
         min_inner_lr=settings.min_inner_lr,
         max_inner_lr=settings.max_inner_lr,
         default_ttl_s=settings.session_ttl_s,
@@ -47,13 +48,22 @@ def iso(t: float) -> str:
     return datetime.fromtimestamp(t, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def decode_support(model, support, settings):
+def decode_support(model, support, settings, steps: int):
+    """The support set's inputs and labels (or targets), its size within the limits for ``steps`` inner steps.
+    Sent as pictures, which take up to seconds to decode, the labels and the limits are checked first."""
+
+    def labels(count: int):
+        check_work(settings, count, steps)
+        if model.task_type == "classification":
+            return decode_labels(support.y, "support.y", count, model.n_way)
+        return decode_targets(support.y, "support.y", count, model.out_features)
+
+    pictures = support.x.images if isinstance(support.x, ImageList) else None
+    if pictures and len(pictures) <= settings.max_support:  # (none, or too many: decode_inputs says so)
+        y = labels(len(pictures))
+        return decode_inputs(support.x, "support.x", model.input_shape, model.preprocessing, settings.max_support), y
     x = decode_inputs(support.x, "support.x", model.input_shape, model.preprocessing, settings.max_support)
-    if model.task_type == "classification":
-        y = decode_labels(support.y, "support.y", x.shape[0], model.n_way)
-    else:
-        y = decode_targets(support.y, "support.y", x.shape[0], model.out_features)
-    return x, y
+    return x, labels(x.shape[0])
 
 
 def check_finite(result: dict, adapted: bool = True, predicted: bool = False) -> dict:
@@ -107,7 +117,7 @@ async def adapt_model(request: Request, response: Response, name: str, body: Ada
     ttl = settings.session_ttl_s if body.ttl_s is None else body.ttl_s
     if not 1 <= ttl <= settings.max_session_ttl_s:
         raise Problem(422, "Invalid ttl_s", f"ttl_s must be in [1, {settings.max_session_ttl_s}], got {ttl}")
-    x, y = await decode_off_the_loop(request, (body.support.x,), decode_support, model, body.support, settings)
+    x, y = await decode_off_the_loop(request, (body.support.x,), decode_support, model, body.support, settings, steps)
     if state.store.failed_recently():  # (Redis down a moment ago: not an adaptation computed for a store that is still down)
         await store_call(request, state.store.check)
     started = time.perf_counter()
@@ -161,7 +171,7 @@ async def predict_stateless(request: Request, name: str, body: PredictRequest = 
     steps, lr = check_inner(settings, body.inner_steps, body.inner_lr, model)
 
     def decode():
-        sx, sy = decode_support(model, body.support, settings)
+        sx, sy = decode_support(model, body.support, settings, steps)
         qx = decode_inputs(body.query.x, "query.x", model.input_shape, model.preprocessing, settings.max_query)
         return sx, sy, qx
 

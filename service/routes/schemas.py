@@ -144,6 +144,7 @@ class Limits(BaseModel):
     max_support: int = Field(..., description="Most support examples in one request.")
     max_query: int = Field(..., description="Most query examples in one request.")
     max_inner_steps: int = Field(..., description="Largest inner_steps (smallest: 0).")
+    max_example_steps: int = Field(..., description="Most support examples x inner_steps in one request (a bound on its computation).")
     min_inner_lr: float
     max_inner_lr: float
     default_ttl_s: int = Field(..., description="A session's lifetime when adapt gives no ttl_s (counted from its creation; predictions do not extend it).")

@@ -36,7 +36,9 @@ async def _session(request: Request, session_id: str, caller: str | None):
     if session.fits_version != model.version:
         problem = model.session_problem(session.tensors)
         if problem:  # (a record in a shared store that this service did not write: the operators need to know)
-            log.error("session %s... does not fit model %r version %s: %s", session_id[:8], model.name, model.version, problem)
+            log.error("session %s... does not fit model %r version %s: %s; dropping it", session_id[:8], model.name, model.version, problem)
+            # Dropped as a record that does not decode is: kept, it would be read, logged and refused again on every call.
+            await store_call(request, request.app.state.store.delete, session_id, caller)
             raise Problem(404, "Unknown session", f"the stored session does not fit model {model.name!r} ({problem}); adapt again")
         session.fits_version = model.version
     return session, model
