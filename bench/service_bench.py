@@ -247,15 +247,16 @@ def checkpoint_workspace(prefix: str) -> tuple[Path, Path]:
     return work, model_dir
 
 
-def start_configured(configs: list[str], model_dir: Path, log_dir: Path) -> list:
+def start_configured(configs: list[str], model_dir: Path, log_dir: Path, environment: dict | None = None) -> list:
     """One service per config, "NAME=VALUE,..." ("" = the defaults), as (process, port): METALEARN_*
     settings or other environment variables; ``CPUS=0+1`` puts every thread of the server on those cores
     (threads it starts later inherit it); ``SOURCE=DIR`` runs the code of another checkout (``git worktree
-    add /tmp/old COMMIT``: the commit before, interleaved against this one)."""
+    add /tmp/old COMMIT``: the commit before, interleaved against this one). ``environment``: variables
+    every server gets (values with commas, which a config cannot hold)."""
     servers = []
     try:
         for index, config in enumerate(configs):
-            settings = dict(item.split("=", 1) for item in config.split(",") if item)
+            settings = {**(environment or {}), **dict(item.split("=", 1) for item in config.split(",") if item)}
             cpus = settings.pop("CPUS", None)
             source = Path(settings.pop("SOURCE", ROOT)).resolve()
             servers.append(start_server("service", model_dir, 1, log_dir, 0, settings=settings, source=source, log_name=f"service-{index}"))
@@ -274,8 +275,9 @@ def start_configured(configs: list[str], model_dir: Path, log_dir: Path) -> list
 # Load generator: a minimal keep-alive HTTP/1.1 client (cheap, so the 2 cores go to the servers)
 # ---------------------------------------------------------------------------
 class Connection:
-    def __init__(self, port: int):
+    def __init__(self, port: int, api_key: str | None = None):
         self.port = port
+        self.key_header = f"X-API-Key: {api_key}\r\n" if api_key else ""
 
     async def open(self):
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
@@ -284,7 +286,7 @@ class Connection:
         return await self.request("POST", path, body)
 
     async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
-        head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{self.key_header}Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
         self.writer.write(head + body)
         await self.writer.drain()
         status_line = await self.reader.readline()
@@ -311,8 +313,10 @@ class Connection:
         self.writer.close()
 
 
-async def run_level(port: int, requests: list[tuple[str, bytes]], concurrency: int, duration: float, warmup: float, cap: float = 90.0) -> dict:
-    """Closed loop: ``concurrency`` clients, each sending its next request when the answer arrives.
+async def run_level(port: int, requests: list[tuple[str, bytes]], concurrency: int, duration: float, warmup: float, cap: float = 90.0,
+                    api_key: str | None = None) -> dict:
+    """Closed loop: ``concurrency`` clients, each sending its next request when the answer arrives (with
+    ``api_key``, if given).
 
     Requests *completed* after the warm-up count. New requests start until
     ``warmup + duration`` has passed and at least ``2 * concurrency`` answers were
@@ -331,7 +335,7 @@ async def run_level(port: int, requests: list[tuple[str, bytes]], concurrency: i
 
     async def worker(index: int):
         nonlocal errors, measured
-        connection = Connection(port)
+        connection = Connection(port, api_key)
         await connection.open()
         i = index
         try:
@@ -383,14 +387,14 @@ def compilations(port: int) -> float:
     return metric_total(port, "metalearn_cpu_script_captures_total", "metalearn_cpu_script_capture_failures_total")
 
 
-def warm_up(port: int, requests: list[tuple[str, bytes]], concurrency: int = 8, rounds: int = 3) -> float | None:
+def warm_up(port: int, requests: list[tuple[str, bytes]], concurrency: int = 8, rounds: int = 3, api_key: str | None = None) -> float | None:
     """Rounds of 2 s of requests, each followed by the wait for the compilations they started, until a
     round compiles nothing (a small model's whole-batch compilations start only once its request's
     compilation is ready: service.cpu_scripts): the seconds waited, or None when nothing was compiling."""
     waited = 0.0
     for _ in range(rounds):
         before = compilations(port)
-        asyncio.run(run_level(port, requests, concurrency, 2.0, 0.0))
+        asyncio.run(run_level(port, requests, concurrency, 2.0, 0.0, api_key=api_key))
         waited += wait_for_compilations(port)
         if compilations(port) == before:
             break
@@ -412,7 +416,7 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
-def build_requests(batch, model: str, port: int, mode: str, count: int) -> list[tuple[str, bytes]]:
+def build_requests(batch, model: str, port: int, mode: str, count: int, api_key: str | None = None) -> list[tuple[str, bytes]]:
     import httpx
 
     out = []
@@ -423,7 +427,8 @@ def build_requests(batch, model: str, port: int, mode: str, count: int) -> list[
             body = {"support": support, "query": {"x": encode(qx)}, "inner_steps": STEPS, "inner_lr": LR}
             out.append((f"/v1/models/{model}/predict", json.dumps(body).encode()))
         else:
-            created = httpx.post(f"http://127.0.0.1:{port}/v1/models/{model}/adapt", json={"support": support, "inner_steps": STEPS, "inner_lr": LR}, timeout=120)
+            created = httpx.post(f"http://127.0.0.1:{port}/v1/models/{model}/adapt", json={"support": support, "inner_steps": STEPS, "inner_lr": LR},
+                                 headers={"X-API-Key": api_key} if api_key else None, timeout=120)
             created.raise_for_status()
             sid = created.json()["session_id"]
             out.append((f"/v1/sessions/{sid}/predict", json.dumps({"x": encode(qx)}).encode()))

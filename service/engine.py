@@ -158,6 +158,7 @@ class Job:
     # constants), made once per session object instead of once per request
     session_prepared: Callable[[Hashable, Callable[[dict], dict]], dict[str, torch.Tensor]] | None = None
     keep_session: bool = True
+    owner: Hashable | None = None  # who asked (the API key's owner id; None without keys): whose fair share it takes
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     _key: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -485,7 +486,7 @@ class Engine:
                     self._take_compatible(key, batch, limit)
             depth = len(self._pending)
             self._last_batch_size = len(batch)
-            charged = self._fair.start(first.model, len(batch))
+            charged = self._fair.start(batch)
         if self.metrics is not None:
             self.metrics.queue_depth(depth)
         return charged
@@ -515,7 +516,7 @@ class Engine:
                 self._execute(running, charged)
             else:  # (every job was cancelled while queued: nothing computed, nothing owed)
                 with self._cond:
-                    self._fair.settle(batch[0].model, 0, 0.0, charged)
+                    self._fair.settle(batch, 0.0, charged, computed=False)
         except Exception as error:  # noqa: BLE001 - a worker that died would leave every later request waiting
             log.exception("a worker's loop failed outside a computation; its batch fails and the worker goes on")
             for job in batch:
@@ -534,7 +535,7 @@ class Engine:
         finally:
             self._computing.pop(worker, None)
             with self._cond:
-                self._fair.settle(batch[0].model, len(batch), time.monotonic() - began, charged)
+                self._fair.settle(batch, time.monotonic() - began, charged)
 
     def _execute_timed(self, batch: list[Job]) -> None:
         kind = batch[0].kind

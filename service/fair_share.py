@@ -1,16 +1,18 @@
-"""Which model a free worker serves next: fair shares of compute between the models of one queue.
+"""Which job a free worker serves next: fair shares of compute between API keys, and between the models of each.
 
-Every model's requests wait in the engine's one queue. Served first come, first served, a cheap model's
-request waited behind every expensive request queued before it (an operator's review, 18 models at
-concurrency 12: p50 92-185 ms for every kind, where a sinusoid session predict alone takes 1.8 ms).
+Every request waits in the engine's one queue. Served first come, first served, a cheap model's request
+waited behind every expensive request queued before it (an operator's review, 18 models at concurrency 12:
+p50 92-185 ms for every kind, where a sinusoid session predict alone takes 1.8 ms), and one API key's burst
+held every other key's requests behind it.
 
-:class:`FairShare` charges each model the compute seconds its batches take, and a free worker serves the
-model charged least among those with requests queued (its oldest request first, then those that batch with
-it). A model that had nothing queued starts again from the least charged of the others (the floor), so time
-spent idle does not bank credit to hold the others back later. With one model queued this is first come,
-first served; under a mix, each model gets an equal share of the workers' time while it wants one, and a
-cheap model's requests wait for a free worker instead of the whole queue. (Start-time fair queuing, with
-costs measured instead of declared.)
+:class:`FairShare` charges the compute seconds each batch takes to the API keys (owners) of its requests and
+to each key's models. A free worker serves the key charged least among those with requests queued, and of
+that key's models the one charged least (its oldest request first, then those that batch with it, whoever
+sent them). A key or a model that had nothing queued starts again from the least charged of the others (the
+floor), so time spent idle does not bank credit to hold the others back later. With one key and one model
+queued this is first come, first served; under a mix, each key gets an equal share of the workers' time
+while it wants one, and each of its models an equal share of that. Without API keys every request has the
+same owner (None): the models share. (Start-time fair queuing, with costs measured instead of declared.)
 
 Two workers pick while each other's batches compute, so a batch is charged an estimate when it is taken
 (the model's recent seconds per request times its requests) and set right when it ends.
@@ -20,70 +22,99 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Iterable
+from typing import Any, Hashable, Iterable
+
+
+class _Ledger:
+    """Compute seconds charged to parties compared within groups (each group with its own floor)."""
+
+    def __init__(self) -> None:
+        self.charged: dict[Hashable, float] = {}
+        self._floor: dict[Hashable, float] = {}  # group -> the standing of the party last picked in it
+
+    def standing(self, party: Hashable, group: Hashable) -> float:
+        return max(self.charged.get(party, 0.0), self._floor.get(group, 0.0))
+
+    def least(self, oldest: dict[Hashable, int], group: Hashable = None) -> Hashable:
+        """The party of ``oldest`` (party -> index of its oldest queued job) charged least; ties, and a party
+        back from idle at the floor: the older job first."""
+        party = min(oldest, key=lambda p: (self.standing(p, group), oldest[p]))
+        self._floor[group] = self.standing(party, group)
+        return party
+
+    def charge(self, party: Hashable, group: Hashable, seconds: float) -> None:
+        self.charged[party] = self.standing(party, group) + seconds
+
+    def keep(self, kept) -> None:
+        for party in [p for p in self.charged if not kept(p)]:
+            del self.charged[party]
 
 
 class FairShare:
-    """The engine's choice of the next batch's first job; call under the engine's queue lock.
+    """The engine's choice of the next batch's first job; call under the engine's queue lock. Jobs have a
+    ``model`` and an ``owner`` (the API key's owner id, None without keys).
 
         fair = FairShare()
         index = fair.pick(pending)            # the first job of the next batch: pending[index]
         fair.shared(model)                    # other models served too (lately queued): keep batches short
-        charged = fair.start(model, jobs)     # once the batch is formed
+        charged = fair.start(batch)           # once the batch is formed (its jobs may have other owners)
         ...                                   # compute it
-        fair.settle(model, jobs, seconds, charged)
+        fair.settle(batch, seconds, charged)
     """
 
     SMOOTHING = 0.2  # weight of a batch's seconds per request in the model's running estimate
     RECENT_S = 1.0  # a model with requests queued this recently counts as served alongside the others
 
     def __init__(self) -> None:
-        self._charged: dict[int, float] = {}  # id(model) -> compute seconds charged so far
+        self._owners = _Ledger()  # owner -> compute seconds, compared among all owners
+        self._models = _Ledger()  # (owner, id(model)) -> compute seconds, compared among the owner's models
         self._per_job: dict[int, float] = {}  # id(model) -> recent compute seconds per request
-        self._floor = 0.0  # the least charged of the models with requests queued, when a worker last picked
         self._queued_at: dict[int, float] = {}  # id(model) -> when a pick last found its requests queued (monotonic)
 
     def pick(self, pending: deque[Any]) -> int:
-        """Index in ``pending`` (jobs with a ``model``, oldest first) of the job a free worker takes first."""
-        oldest: dict[int, int] = {}  # id(model) -> index of its oldest queued job
+        """Index in ``pending`` (jobs, oldest first) of the job a free worker takes first."""
+        owners: dict[Hashable, int] = {}  # owner -> index of its oldest queued job
+        models: dict[tuple, int] = {}  # (owner, id(model)) -> index of its oldest queued job
         for index, job in enumerate(pending):
-            oldest.setdefault(id(job.model), index)
+            owners.setdefault(job.owner, index)
+            models.setdefault((job.owner, id(job.model)), index)
         now = time.monotonic()
-        for key in oldest:
-            self._queued_at[key] = now
-        # (ties, a model back from idle at the floor: the older job first; one model queued: its oldest, index 0)
-        model = min(oldest, key=lambda m: (self._standing(m), oldest[m]))
-        self._floor = self._standing(model)
-        return oldest[model]
+        for _, model in models:
+            self._queued_at[model] = now
+        owner = self._owners.least(owners)
+        return models[self._models.least({party: index for party, index in models.items() if party[0] == owner}, owner)]
 
     def shared(self, model: Any) -> bool:
         """Whether other models than ``model`` had requests queued in the last ``RECENT_S`` seconds."""
         since = time.monotonic() - self.RECENT_S
         return any(at >= since for key, at in self._queued_at.items() if key != id(model))
 
-    def start(self, model: Any, jobs: int) -> float:
-        """Charge ``model`` the estimate of a batch of ``jobs`` taken to compute; returns the estimate."""
-        key = id(model)
-        estimate = self._per_job.get(key, 0.0) * jobs
-        self._charged[key] = self._standing(key) + estimate
-        return estimate
+    def start(self, jobs: list[Any]) -> float:
+        """Charge the owners and models of a batch of ``jobs`` (of one model) the estimate of its compute
+        seconds, as it is taken; returns the estimate."""
+        per_job = self._per_job.get(id(jobs[0].model), 0.0)
+        self._charge(jobs, per_job)
+        return per_job * len(jobs)
 
-    def settle(self, model: Any, jobs: int, seconds: float, charged: float = 0.0) -> None:
-        """A batch of ``model``'s ``jobs``, charged ``charged`` when it started (0: computed without a
-        pick, on the event loop), took ``seconds``."""
-        key = id(model)
-        self._charged[key] = self._standing(key) + seconds - charged
-        if jobs:
-            per_job = seconds / jobs
+    def settle(self, jobs: list[Any], seconds: float, charged: float = 0.0, computed: bool = True) -> None:
+        """A batch of ``jobs`` (of one model), charged ``charged`` when it started (0: computed without a pick,
+        on the event loop), took ``seconds``; ``computed``: False when it was not (every job cancelled)."""
+        self._charge(jobs, (seconds - charged) / len(jobs))
+        if computed:
+            key = id(jobs[0].model)
+            per_job = seconds / len(jobs)
             previous = self._per_job.get(key)
             self._per_job[key] = per_job if previous is None else previous + self.SMOOTHING * (per_job - previous)
+
+    def _charge(self, jobs: list[Any], each: float) -> None:
+        for job in jobs:  # (a batch takes compatible jobs whoever sent them: each owner pays for its own)
+            self._owners.charge(job.owner, None, each)
+            self._models.charge((job.owner, id(job.model)), job.owner, each)
 
     def keep(self, models: Iterable[int]) -> None:
         """Forget every model but those with these ids (a reload replaced the others)."""
         kept = frozenset(models)
-        for table in (self._charged, self._per_job, self._queued_at):
+        self._models.keep(lambda party: party[1] in kept)
+        for table in (self._per_job, self._queued_at):
             for key in [key for key in table if key not in kept]:
                 del table[key]
-
-    def _standing(self, key: int) -> float:
-        return max(self._charged.get(key, 0.0), self._floor)

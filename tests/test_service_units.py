@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -534,7 +535,7 @@ class CostlyEngine(Engine):
 
     def _compute(self, batch):
         time.sleep(batch[0].model.cost)
-        self.order.append(batch[0].model.name)
+        self.order.append(batch[0].model.name if batch[0].owner is None else batch[0].owner)
         return [{"predictions": [1]} for _ in batch]
 
 
@@ -558,6 +559,28 @@ def test_a_cheap_models_request_does_not_wait_behind_an_expensive_models_queue()
         engine.stop()
 
 
+def test_one_api_keys_request_does_not_wait_behind_another_keys_queue():
+    """The routes give each job its caller (the API key's owner id): key b's request, queued after five of
+    key a's for the same model, is computed as soon as the worker is free, not sixth."""
+    model = SimpleNamespace(name="m", derived={}, cost=0.05)
+    engine = CostlyEngine(max_batch_size=1, max_wait_ms=0, request_timeout_s=10)
+    engine.start()
+    try:
+        async def queued():
+            def job(owner):
+                return dataclasses.replace(fake_job(model), owner=owner)
+
+            first = asyncio.ensure_future(engine.submit(job("a")))
+            await asyncio.sleep(0.02)  # the worker computes it; the rest queue meanwhile
+            rest = [engine.submit(job("a")) for _ in range(4)] + [engine.submit(job("b"))]
+            return await asyncio.gather(first, *rest)
+
+        asyncio.run(queued())
+        assert engine.order == ["a", "b", "a", "a", "a", "a"], engine.order
+    finally:
+        engine.stop()
+
+
 def test_while_other_models_wait_jobs_whose_computation_runs_row_by_row_are_taken_one_at_a_time():
     """A compiled computation that runs its rows one by one (a Conv4-64 MAML adaptation) gains little from a
     batch, and a batch of eight held the worker, and every other model's requests, for all eight. Alone in
@@ -569,7 +592,7 @@ def test_while_other_models_wait_jobs_whose_computation_runs_row_by_row_are_take
     def batch_sizes(by_row: bool, other_waits: bool) -> list[int]:
         engine = BlockingEngine(max_batch_size=8, max_wait_ms=0, request_timeout_s=10, cpu_scripts=8)
         engine._scripts.runs_by_row = lambda key: by_row and key[0] == id(model)
-        engine._fair.settle(other, 1, 100.0)  # (the other model had its share: the model's jobs go first)
+        engine._fair.settle([fake_job(other)], 100.0)  # (the other model had its share: the model's jobs go first)
         engine.start()
         try:
             async def queued():
@@ -591,20 +614,25 @@ def test_while_other_models_wait_jobs_whose_computation_runs_row_by_row_are_take
 
 
 def simulate_one_worker(fair, pending: deque, costs: dict, until: float) -> dict:
-    """A worker serving ``pending`` (jobs of models with a name) through ``fair`` for ``until`` seconds of
-    compute, one job a batch: the compute seconds each model got."""
-    got = dict.fromkeys(costs, 0.0)
+    """A worker serving ``pending`` (jobs of models with a name, and owners) through ``fair`` for ``until``
+    seconds of compute, one job a batch: the compute seconds each (owner, model name) got."""
+    got: dict = {}
     clock = 0.0
     while pending and clock < until:
         index = fair.pick(pending)
         job = pending[index]
         del pending[index]
-        charged = fair.start(job.model, 1)
+        charged = fair.start([job])
         cost = costs[job.model.name]
-        fair.settle(job.model, 1, cost, charged)
-        got[job.model.name] += cost
+        fair.settle([job], cost, charged)
+        got[job.owner, job.model.name] = got.get((job.owner, job.model.name), 0.0) + cost
         clock += cost
     return got
+
+
+def queued_jobs(*runs: tuple) -> deque:
+    """(owner, model, count), ...: that many jobs of each, in that order."""
+    return deque(SimpleNamespace(owner=owner, model=model) for owner, model, count in runs for _ in range(count))
 
 
 def test_fair_shares_give_each_queued_model_an_equal_share_of_compute_and_bank_no_credit_while_idle():
@@ -614,20 +642,37 @@ def test_fair_shares_give_each_queued_model_an_equal_share_of_compute_and_bank_n
     costs = {"heavy": 0.045, "light": 0.002}
     # Both always queued, the heavy model's jobs first: each gets half of the time
     fair = FairShare()
-    pending = deque([SimpleNamespace(model=heavy)] * 400 + [SimpleNamespace(model=light)] * 4000)
-    got = simulate_one_worker(fair, pending, costs, until=3.0)
-    assert abs(got["heavy"] - got["light"]) <= costs["heavy"] + costs["light"], got
+    got = simulate_one_worker(fair, queued_jobs((None, heavy, 400), (None, light, 4000)), costs, until=3.0)
+    assert abs(got[None, "heavy"] - got[None, "light"]) <= costs["heavy"] + costs["light"], got
 
     # One model alone: first come, first served (index 0), whatever was charged
-    assert fair.pick(deque([SimpleNamespace(model=heavy)] * 3)) == 0
+    assert fair.pick(queued_jobs((None, heavy, 3))) == 0
     # The light model idle while the heavy one ran 2 s alone: back, it shares from then on, not 2 s first
-    simulate_one_worker(fair, deque([SimpleNamespace(model=heavy)] * 45), costs, until=2.0)
-    pending = deque([SimpleNamespace(model=heavy)] * 100 + [SimpleNamespace(model=light)] * 1000)
-    got = simulate_one_worker(fair, pending, costs, until=1.0)
-    assert got["heavy"] >= 0.4, got
+    simulate_one_worker(fair, queued_jobs((None, heavy, 45)), costs, until=2.0)
+    got = simulate_one_worker(fair, queued_jobs((None, heavy, 100), (None, light, 1000)), costs, until=1.0)
+    assert got[None, "heavy"] >= 0.4, got
     # A reload forgets the models no longer served
     fair.keep([id(light)])
-    assert set(fair._charged) == {id(light)} and set(fair._per_job) == {id(light)}
+    assert set(fair._models.charged) == {(None, id(light))} and set(fair._per_job) == {id(light)}
+
+
+def test_fair_shares_give_each_api_key_an_equal_share_and_each_of_its_models_an_equal_share_of_that():
+    """With API keys, one key's burst (or its expensive model) no longer holds every other key's requests
+    behind it: each key queued gets an equal share of the compute, its models equal shares of the key's."""
+    from service.fair_share import FairShare
+
+    heavy, light = SimpleNamespace(name="heavy"), SimpleNamespace(name="light")
+    costs = {"heavy": 0.045, "light": 0.002}
+    # Key a floods the heavy model, key b sends light requests after: halves, not a's queue first
+    got = simulate_one_worker(FairShare(), queued_jobs(("a", heavy, 400), ("b", light, 4000)), costs, until=3.0)
+    assert abs(got["a", "heavy"] - got["b", "light"]) <= costs["heavy"] + costs["light"], got
+    # Key a uses both models, key b the light one: b gets half, a's half is split between its models
+    got = simulate_one_worker(FairShare(), queued_jobs(("a", heavy, 400), ("a", light, 4000), ("b", light, 4000)), costs, until=4.0)
+    assert abs(got["b", "light"] - 2.0) <= 0.05 and abs(got["a", "heavy"] - got["a", "light"]) <= 0.05, got
+    # One key's first request, queued after another key's 100: taken next
+    fair = FairShare()
+    simulate_one_worker(fair, queued_jobs(("a", light, 10)), costs, until=1.0)
+    assert fair.pick(queued_jobs(("a", light, 100), ("b", light, 1))) == 100
 
 
 def test_workers_adapting_one_model_at_once_do_not_share_its_module():
@@ -664,6 +709,33 @@ def test_workers_adapting_one_model_at_once_do_not_share_its_module():
         torch.testing.assert_close(torch.tensor(result["predictions"]), want, rtol=1e-5, atol=1e-5)
     for name, p in learner.named_parameters():
         assert torch.equal(p.detach(), original[name]), f"{name} changed"
+
+
+def test_the_routes_give_each_job_its_callers_owner_id(tmp_path):
+    """What the fair shares between keys go by: every computing route's job carries the caller's owner id."""
+    from service.app import create_app
+    from service.settings import hash_key
+    from test_service_helpers import make_model_dir
+
+    keys = ["a-key-long-enough-0001", "a-key-long-enough-0002"]
+    app = create_app(Settings(model_dir=str(make_model_dir(tmp_path / "models")), api_keys=",".join(keys)))
+    owners = []
+    with TestClient(app) as client:
+        sid = client.post("/v1/models/sine/adapt", json={"support": {"x": [[0.5]], "y": [0.1]}}, headers={"X-API-Key": keys[1]}).json()["session_id"]
+        submit = app.state.engine.submit_nowait
+
+        def noted(job):
+            owners.append(job.owner)
+            return submit(job)
+
+        app.state.engine.submit_nowait = noted
+        for key in keys:
+            assert client.post("/v1/models/sine/adapt", json={"support": {"x": [[0.5]], "y": [0.1]}}, headers={"X-API-Key": key}).status_code == 201
+            assert client.post("/v1/models/sine/predict", json={"support": {"x": [[0.5]], "y": [0.1]}, "query": {"x": [[0.2]]}},
+                               headers={"X-API-Key": key}).status_code == 200
+        app.state.engine.inline_predict_s = 0  # (a lone session predict may compute on the event loop: no submit)
+        assert client.post(f"/v1/sessions/{sid}/predict", json={"x": [[0.2]] * 3}, headers={"X-API-Key": keys[1]}).status_code == 200
+    assert owners == [hash_key(keys[0])] * 2 + [hash_key(keys[1])] * 3
 
 
 def test_queue_full_and_store_down_are_503_problems(tmp_path, caplog):

@@ -1,7 +1,11 @@
-"""Two models' loads at once on one server: how long the cheap model's requests wait behind the expensive one's.
+"""Two loads at once on one server: how long the light load's requests wait behind the heavy one's.
 
     python bench/experiments/mixed_models.py --server "" --server SOURCE=/tmp/old
     python bench/experiments/mixed_models.py --heavy maml:stateless:12 --light anil:session:4 --server ""
+    python bench/experiments/mixed_models.py --heavy maml:stateless:12 --light maml:stateless:1 --keys --server "" --server SOURCE=/tmp/old
+
+With ``--keys`` the servers have two API keys, and each load sends its own: one key's burst beside
+another key's requests (of the same model or not).
 
 Starts one service per ``--server`` (as ``bench/experiments/settings_ab.py``: "NAME=VALUE,..." settings,
 ``SOURCE=DIR`` for the code of another checkout), with the benchmark's checkpoints (``bench/service_bench.py``).
@@ -27,12 +31,16 @@ def parse_load(text: str) -> tuple[str, str, int]:
     return model, mode, int(concurrency)
 
 
-async def both(port: int, heavy: tuple, light: tuple, duration: float) -> tuple[dict, dict]:
+# The two loads' API keys with --keys (bench-only: loopback servers this script starts)
+KEYS = {"heavy": "heavy-load-key-0123456789", "light": "light-load-key-0123456789"}
+
+
+async def both(port: int, heavy: tuple, light: tuple, duration: float, keys: dict) -> tuple[dict, dict]:
     (heavy_requests, heavy_concurrency), (light_requests, light_concurrency) = heavy, light
     return tuple(
         await asyncio.gather(
-            sb.run_level(port, heavy_requests, heavy_concurrency, duration, 1.0),
-            sb.run_level(port, light_requests, light_concurrency, duration, 1.0),
+            sb.run_level(port, heavy_requests, heavy_concurrency, duration, 1.0, api_key=keys.get("heavy")),
+            sb.run_level(port, light_requests, light_concurrency, duration, 1.0, api_key=keys.get("light")),
         )
     )
 
@@ -44,21 +52,23 @@ def main() -> None:
     parser.add_argument("--light", default="anil:session:4", help="model:mode:concurrency of the cheap load")
     parser.add_argument("--reps", type=int, default=4)
     parser.add_argument("--duration", type=float, default=6.0)
+    parser.add_argument("--keys", action="store_true", help="two API keys, one per load")
     args = parser.parse_args()
     configs = args.server or [""]
+    keys = KEYS if args.keys else {}
     loads = {"heavy": parse_load(args.heavy), "light": parse_load(args.light)}
 
     work, model_dir = sb.checkpoint_workspace("mixed_models_")
     batch, origin = sb.make_tasks(64)
-    servers = sb.start_configured(configs, model_dir, work)
+    servers = sb.start_configured(configs, model_dir, work, {"METALEARN_API_KEYS": ",".join(keys.values())} if keys else None)
     try:
         print(f"# heavy {args.heavy} and light {args.light} together, {args.reps} x {args.duration:g} s per server, interleaved; tasks: {origin}")
         prepared = []  # per server: {load: (requests, concurrency)}
         for _, port in servers:
             requests = {}
             for name, (model, mode, concurrency) in loads.items():
-                sent = sb.build_requests(batch, model, port, mode, 64)
-                sb.warm_up(port, sent)
+                sent = sb.build_requests(batch, model, port, mode, 64, api_key=keys.get(name))
+                sb.warm_up(port, sent, api_key=keys.get(name))
                 requests[name] = (sent, concurrency)
             sb.wait_for_compilations(port)
             prepared.append(requests)
@@ -66,7 +76,7 @@ def main() -> None:
         for rep in range(args.reps):
             order = range(len(configs)) if rep % 2 == 0 else reversed(range(len(configs)))
             for i in order:
-                heavy, light = asyncio.run(both(servers[i][1], prepared[i]["heavy"], prepared[i]["light"], args.duration))
+                heavy, light = asyncio.run(both(servers[i][1], prepared[i]["heavy"], prepared[i]["light"], args.duration, keys))
                 runs[i]["heavy"].append(heavy)
                 runs[i]["light"].append(light)
         summaries = [{name: sb.summarise(server_runs[name]) for name in loads} for server_runs in runs]

@@ -121,7 +121,7 @@ async def adapt_model(request: Request, response: Response, name: str, body: Ada
     if state.store.failed_recently():  # (Redis down a moment ago: not an adaptation computed for a store that is still down)
         await store_call(request, state.store.check)
     started = time.perf_counter()
-    job = Job("adapt", model, support_x=x, support_y=y, steps=steps, lr=lr, keep_session=True)
+    job = Job("adapt", model, support_x=x, support_y=y, steps=steps, lr=lr, keep_session=True, owner=caller)
     result = check_finite(await compute_unless_client_gone(request, state.engine, job))
     state.metrics.adaptation.labels(model.name).observe(time.perf_counter() - started)
     created = time.time()
@@ -163,7 +163,7 @@ async def adapt_model(request: Request, response: Response, name: str, body: Ada
 
 
 @router.post("/{name}/predict", summary="Adapt and predict in one call (no session)", response_model=PredictResponse, response_model_exclude_none=True, responses=BODY_ERRORS)
-async def predict_stateless(request: Request, name: str, body: PredictRequest = Body(...), _owner: str | None = Depends(owner)) -> PredictResponse:
+async def predict_stateless(request: Request, name: str, body: PredictRequest = Body(...), caller: str | None = Depends(owner)) -> PredictResponse:
     """Adapts to the support set, predicts the queries, and keeps nothing."""
     state = request.app.state
     settings = state.settings
@@ -177,7 +177,7 @@ async def predict_stateless(request: Request, name: str, body: PredictRequest = 
 
     sx, sy, qx = await decode_off_the_loop(request, (body.support.x, body.query.x), decode)
     started = time.perf_counter()
-    job = Job("adapt", model, support_x=sx, support_y=sy, steps=steps, lr=lr, query_x=qx, transductive=body.transductive, keep_session=False)
+    job = Job("adapt", model, support_x=sx, support_y=sy, steps=steps, lr=lr, query_x=qx, transductive=body.transductive, keep_session=False, owner=caller)
     result = check_finite(await compute_unless_client_gone(request, state.engine, job), predicted=True)
     state.metrics.adaptation.labels(model.name).observe(time.perf_counter() - started)
     return PredictResponse(

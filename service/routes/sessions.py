@@ -51,7 +51,7 @@ async def predict_session(request: Request, session_id: str, body: SessionPredic
     session, model = await _session(request, session_id, caller)
     x = await decode_off_the_loop(request, (body.x,), decode_inputs, body.x, "x", model.input_shape, model.preprocessing, state.settings.max_query)
     started = time.perf_counter()
-    job = Job("predict", model, query_x=x, session=session.tensors, session_prepared=session.prepared, transductive=body.transductive)
+    job = Job("predict", model, query_x=x, session=session.tensors, session_prepared=session.prepared, transductive=body.transductive, owner=caller)
     result = check_finite(await state.engine.submit(job, alone=state.metrics.alone), adapted=False)
     return SessionPredictResponse(
         model=model.name,
