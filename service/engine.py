@@ -5,9 +5,10 @@ queries, or a prediction with a stored session) and ``await
 engine.submit(job)``. Worker threads (one on a GPU, which it owns; on a CPU
 as many as the cores allow at ``threads`` torch threads each: a micro-batch of
 small convolutions does not scale across threads, separate batches do) take
-jobs from one bounded queue, the models sharing the workers' time fairly (a free
-worker serves the model charged the least compute time among those queued, its
-oldest job first: ``service.fair_share``), and run *compatible* jobs together:
+jobs from one bounded queue, the API keys, and each key's models, sharing the
+workers' time fairly (a free worker serves the key charged the least compute time
+among those queued, that key's least charged model, its oldest job first:
+``service.fair_share``), and run *compatible* jobs together:
 
 - adaptations for the same model with the same support/query shapes, inner
   steps, learning rate and BatchNorm mode are stacked and run as one batched
@@ -15,8 +16,8 @@ oldest job first: ``service.fair_share``), and run *compatible* jobs together:
   where that is faster for the model on this device, see :func:`choose_strategy`);
 - session predictions for different sessions of one model with the same query
   shape become one ``predict_many`` forward pass with per-session parameters;
-- except, while other models are served too (had requests queued in the last
-  second), where a compiled computation runs its requests one by one anyway (a
+- except, while other models or keys are served too (had requests queued in the
+  last second), where a compiled computation runs its requests one by one anyway (a
   Conv4-64 MAML adaptation, ``service.cpu_scripts``): those jobs are then taken
   one at a time, so that no batch holds a worker for eight requests' time.
 
@@ -466,10 +467,10 @@ class Engine:
             batch.append(first)
             key = first.key()
             # A computation that runs its rows one by one gains little from company, and while other models
-            # are served, a batch of them would hold the worker, and their requests arriving meanwhile, for the
-            # length of all of them. (Taken one at a time with one model served, MAML served 4% fewer requests
+            # (or keys) are served, a batch of them would hold the worker, and their requests arriving
+            # meanwhile, for the length of all of them. (Taken one at a time with one model served, MAML served 4% fewer requests
             # at concurrency 16; why was not found: in process, batches of 1 and 8 take the same per request.)
-            by_row = self._scripts is not None and self._fair.shared(first.model) and self._scripts.runs_by_row(key)
+            by_row = self._scripts is not None and self._fair.shared(first) and self._scripts.runs_by_row(key)
             limit = 1 if by_row else self.max_batch_size
             self._take_compatible(key, batch, limit)
             # Wait for company only under concurrency (the last batch had several

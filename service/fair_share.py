@@ -56,20 +56,20 @@ class FairShare:
 
         fair = FairShare()
         index = fair.pick(pending)            # the first job of the next batch: pending[index]
-        fair.shared(model)                    # other models served too (lately queued): keep batches short
+        fair.shared(job)                      # others served too (lately queued): keep batches short
         charged = fair.start(batch)           # once the batch is formed (its jobs may have other owners)
         ...                                   # compute it
         fair.settle(batch, seconds, charged)
     """
 
     SMOOTHING = 0.2  # weight of a batch's seconds per request in the model's running estimate
-    RECENT_S = 1.0  # a model with requests queued this recently counts as served alongside the others
+    RECENT_S = 1.0  # a key's model with requests queued this recently counts as served alongside the others
 
     def __init__(self) -> None:
         self._owners = _Ledger()  # owner -> compute seconds, compared among all owners
         self._models = _Ledger()  # (owner, id(model)) -> compute seconds, compared among the owner's models
         self._per_job: dict[int, float] = {}  # id(model) -> recent compute seconds per request
-        self._queued_at: dict[int, float] = {}  # id(model) -> when a pick last found its requests queued (monotonic)
+        self._queued_at: dict[tuple, float] = {}  # (owner, id(model)) -> when a pick last found its requests queued (monotonic)
 
     def pick(self, pending: deque[Any]) -> int:
         """Index in ``pending`` (jobs, oldest first) of the job a free worker takes first."""
@@ -79,15 +79,16 @@ class FairShare:
             owners.setdefault(job.owner, index)
             models.setdefault((job.owner, id(job.model)), index)
         now = time.monotonic()
-        for _, model in models:
-            self._queued_at[model] = now
+        for party in models:
+            self._queued_at[party] = now
         owner = self._owners.least(owners)
         return models[self._models.least({party: index for party, index in models.items() if party[0] == owner}, owner)]
 
-    def shared(self, model: Any) -> bool:
-        """Whether other models than ``model`` had requests queued in the last ``RECENT_S`` seconds."""
-        since = time.monotonic() - self.RECENT_S
-        return any(at >= since for key, at in self._queued_at.items() if key != id(model))
+    def shared(self, job: Any) -> bool:
+        """Whether other keys, or other models of ``job``'s key, had requests queued in the last ``RECENT_S``
+        seconds."""
+        since, party = time.monotonic() - self.RECENT_S, (job.owner, id(job.model))
+        return any(at >= since for other, at in self._queued_at.items() if other != party)
 
     def start(self, jobs: list[Any]) -> float:
         """Charge the owners and models of a batch of ``jobs`` (of one model) the estimate of its compute
@@ -115,6 +116,7 @@ class FairShare:
         """Forget every model but those with these ids (a reload replaced the others)."""
         kept = frozenset(models)
         self._models.keep(lambda party: party[1] in kept)
-        for table in (self._per_job, self._queued_at):
-            for key in [key for key in table if key not in kept]:
-                del table[key]
+        for model in [model for model in self._per_job if model not in kept]:
+            del self._per_job[model]
+        for party in [party for party in self._queued_at if party[1] not in kept]:
+            del self._queued_at[party]

@@ -13,6 +13,7 @@ import threading
 import time
 from collections import deque
 from types import SimpleNamespace
+from typing import Callable
 
 import pytest
 import torch
@@ -583,23 +584,31 @@ def test_one_api_keys_request_does_not_wait_behind_another_keys_queue():
 
 def test_while_other_models_wait_jobs_whose_computation_runs_row_by_row_are_taken_one_at_a_time():
     """A compiled computation that runs its rows one by one (a Conv4-64 MAML adaptation) gains little from a
-    batch, and a batch of eight held the worker, and every other model's requests, for all eight. Alone in
-    the queue such jobs still batch (the Python around each batch cost 4% of MAML's throughput), and so do
-    computations that batch."""
+    batch, and a batch of eight held the worker, and every other model's (or API key's) requests, for all
+    eight. Alone in the queue such jobs still batch (the Python around each batch cost 4% of MAML's
+    throughput), and so do computations that batch."""
     model = SimpleNamespace(name="m", derived={}, cost=0.0)
-    other = SimpleNamespace(name="other", derived={}, cost=0.0)
+    another_model = SimpleNamespace(name="other", derived={}, cost=0.0)
 
-    def batch_sizes(by_row: bool, other_waits: bool) -> list[int]:
+    def other_model() -> Job:
+        return fake_job(another_model)
+
+    def other_key() -> Job:
+        return dataclasses.replace(fake_job(model), owner="another key")
+
+    def batch_sizes(by_row: bool, other: Callable[[], Job] | None) -> list[int]:
+        other_waits = other is not None
         engine = BlockingEngine(max_batch_size=8, max_wait_ms=0, request_timeout_s=10, cpu_scripts=8)
         engine._scripts.runs_by_row = lambda key: by_row and key[0] == id(model)
-        engine._fair.settle([fake_job(other)], 100.0)  # (the other model had its share: the model's jobs go first)
+        if other_waits:
+            engine._fair.settle([other()], 100.0)  # (the other had its share: the model's jobs go first)
         engine.start()
         try:
             async def queued():
                 first = asyncio.ensure_future(engine.submit(fake_job(model)))
                 await asyncio.sleep(0.1)  # the worker holds it; more queue meanwhile
                 rest = [asyncio.ensure_future(engine.submit(fake_job(model))) for _ in range(4)]
-                waiting = [asyncio.ensure_future(engine.submit(fake_job(other)))] if other_waits else []
+                waiting = [asyncio.ensure_future(engine.submit(other()))] if other_waits else []
                 await asyncio.sleep(0.05)
                 engine.release.set()
                 return await asyncio.gather(first, *rest, *waiting)
@@ -608,9 +617,10 @@ def test_while_other_models_wait_jobs_whose_computation_runs_row_by_row_are_take
         finally:
             engine.stop()
 
-    assert batch_sizes(by_row=True, other_waits=True) == [1, 1, 1, 1, 1]
-    assert batch_sizes(by_row=True, other_waits=False) == [1, 4, 4, 4, 4]
-    assert batch_sizes(by_row=False, other_waits=True) == [1, 4, 4, 4, 4]
+    assert batch_sizes(by_row=True, other=other_model) == [1, 1, 1, 1, 1]
+    assert batch_sizes(by_row=True, other=other_key) == [1, 1, 1, 1, 1]
+    assert batch_sizes(by_row=True, other=None) == [1, 4, 4, 4, 4]
+    assert batch_sizes(by_row=False, other=other_model) == [1, 4, 4, 4, 4]
 
 
 def simulate_one_worker(fair, pending: deque, costs: dict, until: float) -> dict:
