@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from metalearn.batching import check_label_range, check_sets, map_tasks
+from metalearn.batching import check_input_dtype, check_label_range, check_sets, map_tasks
 from metalearn.data.images import SHIFTED_VIEWS, shifted_views
 from metalearn.learner import MetaLearner, Params, check_integer, check_positive_number
 from metalearn.models import has_batchnorm, norm_statistics
@@ -135,6 +135,7 @@ def _checked_support(learner: MetaLearner, support_x: torch.Tensor, support_y: t
     support_y = learner.check_targets(support_y, stacked=stacked)
     check_sets(support_x if stacked else (support_x,), what="the stack of support sets")
     one_task = support_x[0] if stacked else support_x
+    check_input_dtype(learner, one_task)
     learner.check_head_only(one_task)  # (ANIL's; once, and then the label range needs no forward of its own)
     if _at_hand(support_y):
         check_label_range(learner, one_task, [support_y])
@@ -222,6 +223,7 @@ def predict(
     learner: MetaLearner, adaptation: Adaptation, query_x: torch.Tensor, transductive: bool = False
 ) -> torch.Tensor:
     """Outputs (logits or regression values) for ``query_x`` with adapted parameters."""
+    check_input_dtype(learner, query_x)
     stats = None if transductive or not has_batchnorm(learner.model) else adaptation.norm_stats
     return _predict_one(learner, learner.meta_params(), learner.buffers_dict(), adaptation.params, stats, query_x)
 
@@ -231,6 +233,7 @@ def predict_many(
     learner: MetaLearner, adaptation: Adaptation, query_x: torch.Tensor, transductive: bool = False
 ) -> torch.Tensor:
     """``predict`` for stacked adaptations ``[R, ...]`` and queries ``[R, Q, ...]``: one forward pass."""
+    check_input_dtype(learner, query_x)
     use_stats = not transductive and has_batchnorm(learner.model)
 
     def one(meta_params, buffers, adapted, stats, x):

@@ -89,6 +89,18 @@ def check_sets(support_x, query_x=None, what: str = "the meta-batch") -> None:
             raise ValueError(f"every task needs {needs}: got a {name} set of size 0")
 
 
+def check_input_dtype(learner: MetaLearner, *inputs: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless floating-point inputs have the model's floating-point dtype: torch's own
+    error ("mat1 and mat2 must have the same dtype") names neither. (Integer inputs, token ids say, pass.)"""
+    param = next(learner.model.parameters(), None)
+    if param is None or not param.is_floating_point():
+        return
+    for x in inputs:
+        if x.is_floating_point() and x.dtype != param.dtype:
+            raise ValueError(f"the inputs are {x.dtype} and the model's parameters {param.dtype}: convert the inputs "
+                             f"(x.to({param.dtype})), or the model (learner.to({x.dtype}))")
+
+
 def check_label_range(learner: MetaLearner, x: torch.Tensor, labels) -> None:
     """Raise ``ValueError`` unless the classification ``labels`` (tensors of class indices, as
     :meth:`MetaLearner.check_targets` returns them) are in ``[0, outputs)`` for the model's outputs on
@@ -117,6 +129,7 @@ def _checked(learner: MetaLearner, tasks: tuple) -> tuple:
     checked = lambda labels: (learner.check_targets(labels, stacked=True) if stacked  # noqa: E731
                               else tuple(learner.check_targets(t) for t in labels))
     support_y, query_y = checked(support_y), checked(query_y)
+    check_input_dtype(learner, support_x[0], *([] if query_x is None else [query_x[0]]))
     learner.check_head_only(support_x[0])  # (ANIL's; once, and then the label range needs no forward of its own)
     check_label_range(learner, support_x[0], [t for y in (support_y, query_y) for t in ([y] if stacked else y)])
     return support_x, support_y, query_x, query_y

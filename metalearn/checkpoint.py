@@ -171,6 +171,24 @@ def build_manifest(
     }
 
 
+def _check_fits(learner: MetaLearner, input_shape: tuple[int, ...], n_way: int | None) -> None:
+    """The manifest's ``input_shape`` and ``n_way`` against the model, run once on two zero inputs of that shape
+    (as the service does when it loads the checkpoint): a contradiction is said here, not by ``metalearn eval``
+    or the service later, in other words."""
+    param = next(learner.model.parameters(), None)
+    probe = torch.zeros((2, *input_shape), device=None if param is None else param.device, dtype=None if param is None else param.dtype)
+    try:
+        outputs = learner.outputs_width(probe, cached=False)
+    except Exception as error:  # noqa: BLE001 - the model's own code: any failure, said with what it was given
+        raise CheckpointError(f"input_shape {list(input_shape)} does not fit the model: it fails on a batch of 2 such "
+                              f"inputs ({type(error).__name__}: {error})") from error
+    if learner.config.task_type == "classification":
+        if n_way is None:
+            raise CheckpointError(f"a classifier's checkpoint needs n_way=...: the classes of a task (at most the model's {outputs} outputs)")
+        if not 2 <= n_way <= outputs:
+            raise CheckpointError(f"n_way {n_way} does not fit the model's {outputs} outputs (2 to {outputs})")
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     learner: MetaLearner,
@@ -184,7 +202,11 @@ def save_checkpoint(
     required) plus ``state`` (JSON-able resume state, e.g. iteration).
     """
     state = manifest_fields.pop("state", None)
+    if "input_shape" not in manifest_fields:
+        raise CheckpointError("save_checkpoint needs input_shape=...: the shape of one input, without the batch "
+                              "dimension (e.g. (1, 28, 28)); metalearn eval and the service check inputs against it")
     manifest = build_manifest(learner, **manifest_fields)
+    _check_fits(learner, tuple(manifest_fields["input_shape"]), manifest_fields.get("n_way"))
     if state is not None:
         manifest["state"] = state
     manifest = json_ready(manifest)

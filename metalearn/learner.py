@@ -194,7 +194,10 @@ class MetaConfig:
 
 @dataclass
 class StepResult:
-    """What one meta-step measured: means over the meta-batch, and each task's query loss and accuracy."""
+    """What one meta-step measured: means over the meta-batch, and each task's query loss and accuracy.
+
+    ``loss`` is the query loss after the last inner step (what validation reports too); with MAML++'s
+    multi-step loss, ``grads`` are those of its weighted sum over the steps, which the loss is not."""
 
     loss: float
     accuracy: float | None
@@ -417,9 +420,10 @@ class MetaLearner(nn.Module):
                              f"one value), got {list(y.shape)}")
         return y
 
-    def outputs_width(self, x: torch.Tensor) -> int:
-        """How many outputs (classes) the model gives per example, found once from one task's inputs ``x``."""
-        if getattr(self, "_outputs_width", None) is None:
+    def outputs_width(self, x: torch.Tensor, cached: bool = True) -> int:
+        """How many outputs (classes) the model gives per example, found once from one task's inputs ``x``
+        (``cached=False``: found again, the model run on ``x`` whatever was found before)."""
+        if getattr(self, "_outputs_width", None) is None or not cached:
             training = self.model.training
             self.model.eval()  # (a layer of the user's that keeps statistics leaves them as they are)
             try:

@@ -197,7 +197,8 @@ def convert_batchnorm(model: nn.Module, like: torch.Tensor | None = None) -> nn.
 
 
 class MLP(nn.Module):
-    """Fully connected ReLU network, e.g. 1-40-40-1 for sinusoid regression."""
+    """Fully connected ReLU network, e.g. 1-40-40-1 for sinusoid regression. Inputs ``[N, in_features]``, or
+    ``[N, *shape]`` of ``in_features`` values each (flattened: 28x28 pictures without a channel axis)."""
 
     def __init__(self, in_features: int = 1, hidden: tuple[int, ...] | list[int] = (40, 40), out_features: int = 1):
         super().__init__()
@@ -210,9 +211,12 @@ class MLP(nn.Module):
             width = size
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(width, out_features)
+        self.in_features = in_features
         self.spec = {"arch": "mlp", "in_features": in_features, "hidden": list(hidden), "out_features": out_features}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() > 2 and x.shape[-1] != self.in_features:
+            x = x.flatten(1)
         return self.head(self.body(x))
 
 

@@ -556,11 +556,18 @@ class TrainingDiverged(RuntimeError):
     """The meta-training loss became NaN or infinite: training stops without saving the broken weights."""
 
 
+class _ValidationInterrupted(Exception):
+    """Ctrl-C / SIGTERM during a validation (which takes up to half a minute on Omniglot): it is dropped, and
+    the run saves where it is and stops."""
+
+
 class _StopRequest:
-    """Ctrl-C / SIGTERM set a flag the loop checks between iterations; a second Ctrl-C stops at once."""
+    """Ctrl-C / SIGTERM set a flag the loop checks between iterations, or end a validation in progress
+    (:meth:`validation`); a second Ctrl-C stops at once."""
 
     def __init__(self) -> None:
         self.requested = False
+        self._validating = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopRequest:
@@ -575,6 +582,20 @@ class _StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        if self._validating:
+            self._validating = False  # (raised once)
+            raise _ValidationInterrupted
+
+    @contextlib.contextmanager
+    def validation(self):
+        """A validation that a stop request ends (:class:`_ValidationInterrupted`)."""
+        self._validating = not self.requested
+        try:
+            if self.requested:
+                raise _ValidationInterrupted
+            yield
+        finally:
+            self._validating = False
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -598,6 +619,23 @@ class _Window:
         self.loss += loss
         self.accuracy += accuracy
         self.count += 1
+
+
+def _another_run(out: Path) -> FileExistsError:
+    return FileExistsError(f"{out}: another metalearn train is writing this run directory; wait for it to end or choose another --out")
+
+
+def held_by_another_run(out: Path) -> None:
+    """Raise the error a second run on ``out`` gets while another one holds the directory's lock (POSIX)."""
+    try:
+        import fcntl
+
+        with open(out / LOCK, "r") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (released as the file closes)
+    except BlockingIOError:
+        raise _another_run(out) from None
+    except (ImportError, OSError):  # no lock file, no fcntl: nobody holds it that we can tell
+        pass
 
 
 class Trainer:
@@ -658,12 +696,17 @@ class Trainer:
                 # (it would train one more meta-step, then stop, validate and save again)
                 raise ValueError(f"--resume: the run's time budget ({budget:g} s) is used up ({self.elapsed:.0f} s of training); "
                                  "pass --time-budget SECONDS, more than that, to go on")
+            if "iterations" in (resume_overrides or {}) and self.iteration > config.iterations:
+                # (it said "done" and did nothing: the run is not cut back to fewer iterations)
+                raise ValueError(f"--resume: the run is at iteration {self.iteration}, past --iterations {config.iterations}: "
+                                 "pass more iterations to go on")
 
     # -- setup ------------------------------------------------------------
 
     def _resumed_config(self, config: TrainConfig, overrides: dict) -> TrainConfig:
         path = self.out / LAST
         if not path.exists():
+            held_by_another_run(self.out)  # (a run that has not saved yet: that is what to say)
             raise FileNotFoundError(f"--resume: {path} does not exist (nothing to resume)")
         saved = TrainConfig().update(as_recorded(read_manifest(path).get("training", {}).get("config", {})), where=str(path))
         # Through update: an unknown or mistyped setting is refused as it is without --resume.
@@ -849,8 +892,7 @@ class Trainer:
 
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (released when the file closes, or the process ends)
             except BlockingIOError:
-                raise FileExistsError(f"{self.out}: another metalearn train is writing this run directory; "
-                                      "wait for it to end or choose another --out") from None
+                raise _another_run(self.out) from None
             except (ImportError, OSError) as error:  # a file system without locks (some network mounts), or no fcntl
                 print(f"note: {self.out} cannot be locked ({error}): nothing stops a second run from writing it at once",
                       file=sys.stderr)
@@ -913,14 +955,18 @@ class Trainer:
                     break
                 if self.iteration % c.val_interval == 0 or done:
                     if main:
-                        self._validate_and_save(done)
+                        self._validate_and_save(done, stop if not context.enabled else None)
+                    if stop.requested and not context.enabled:  # (stopped in the validation: no step more)
+                        interrupted = True
+                        break
                 elif self.iteration % c.save_interval == 0 and main:
                     self.save(LAST, metrics=self.last_val)
             if main and (interrupted or self.iteration < c.iterations or not (self.out / LAST).exists()):
                 # Stopped early (Ctrl-C, SIGTERM or time budget): validate unless
                 # interrupted, then save where we are.
                 if not interrupted:
-                    self._validate_and_save(True)
+                    self._validate_and_save(True, stop if not context.enabled else None)
+                    interrupted = stop.requested  # (during that validation)
                 else:
                     self.save(LAST, metrics=self.last_val)
         if bar is not None:
@@ -961,16 +1007,28 @@ class Trainer:
                 f"Try a smaller meta_lr (now {c.meta_lr:g}) or inner_lr (now {c.inner_lr:g}), or clip the meta-gradient "
                 f"(--set grad_clip=1.0), and start a new run.")
 
-    def _validate_and_save(self, final: bool) -> None:
-        result = self.validate()
+    def _validate_and_save(self, final: bool, stop: _StopRequest | None = None) -> None:
+        """Validate, keep the best, save ``last``. ``stop``: a stop request ends the validation, which is then
+        dropped (``last`` saved without it). (With several processes the others would wait for this one in
+        their next step: a request stops them all after it, as between iterations.)"""
+        try:
+            with stop.validation() if stop is not None else contextlib.nullcontext():
+                result = self.validate()
+        except _ValidationInterrupted:
+            print(f"\nstopping: the validation at iteration {self.iteration} was interrupted and is dropped; "
+                  f"saving {LAST}", file=sys.stderr)
+            self.save(LAST, metrics=self.last_val)
+            return
         metrics = None
         if result is not None:
             metrics = {**result.to_dict(), "iteration": self.iteration}
             self.last_val = metrics
             self._log({"kind": "val", **metrics})
             if math.isnan(result.mean):
+                lr = self.config.eval_inner_lr
+                cure = f"a smaller eval_inner_lr (now {lr:g})" if lr is not None else "a smaller inner_lr or meta_lr"
                 print(f"note: validation at iteration {self.iteration} gave {result.metric} nan: adapting at test time "
-                      f"({result.inner_steps} inner steps) diverges; a smaller inner_lr or meta_lr may help", file=sys.stderr)
+                      f"({result.inner_steps} inner steps) diverges; {cure} may help", file=sys.stderr)
             if better(result.metric, result.mean, self.best["mean"] if self.best else None):
                 self.best = metrics
                 self.save(BEST, metrics=metrics)

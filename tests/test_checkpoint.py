@@ -340,3 +340,22 @@ def test_a_manifest_asking_for_a_far_larger_model_than_its_weights_is_refused_un
     monkeypatch.setattr(MLP, "__init__", lambda self, *a, **k: (built.append(torch.empty(0).device.type), real_init(self, *a, **k))[1])
     _expect_error(path, "do not match", "of other shapes ['model.body.0.bias', 'model.body.0.weight'")
     assert built == ["meta"]  # built once, on the meta device, and refused there
+
+
+def test_a_manifest_that_contradicts_the_model_is_refused_when_saved(tmp_path):
+    """input_shape and n_way are checked against the model as the checkpoint is written (a forward of two
+    zero inputs, as the service runs at load): a wrong one was accepted, and failed later in metalearn eval
+    ("labels ... got labels from 0 to 6") or the service, in other words."""
+    learner = MetaLearner(Conv4(out_features=5, channels=4), MetaConfig("maml"))
+    refused = {
+        "n_way above the outputs": ({"input_shape": (1, 28, 28), "n_way": 7}, "n_way 7 does not fit the model's 5 outputs"),
+        "input channels": ({"input_shape": (3, 28, 28), "n_way": 5}, r"input_shape \[3, 28, 28\] does not fit the model"),
+        "a classifier without n_way": ({"input_shape": (1, 28, 28)}, "needs n_way"),
+        "no input_shape": ({"n_way": 5}, "needs input_shape"),
+    }
+    for name, (fields, message) in refused.items():
+        with pytest.raises(CheckpointError, match=message):
+            save_checkpoint(tmp_path / "c.safetensors", learner, **fields)
+    assert not list(tmp_path.iterdir())
+    save_checkpoint(tmp_path / "c.safetensors", learner, input_shape=(1, 28, 28), n_way=3)  # (fewer ways than outputs: served so)
+    assert read_manifest(tmp_path / "c.safetensors")["n_way"] == 3

@@ -486,3 +486,20 @@ def test_adapt_reads_no_label_values_where_that_would_wait_or_be_recorded():
         recorded = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*args)
         assert "aminmax" not in recorded.code
         torch.testing.assert_close(recorded(*args), fn(*args))
+
+
+def test_inputs_of_another_float_dtype_than_the_model_are_refused_naming_both():
+    """float64 inputs (a numpy array's default) to a float32 model failed with torch's "mat1 and mat2 must have
+    the same dtype, but got Double and Float"; adapt, predict and a meta-step now say what to convert."""
+    learner = MetaLearner(MLP(1, (8,), 1), MetaConfig("maml", task_type="regression"))
+    x, y = torch.randn(5, 1, dtype=torch.float64), torch.randn(5, 1)
+    message = r"the inputs are torch.float64 and the model's parameters torch.float32: convert the inputs"
+    with pytest.raises(ValueError, match=message):
+        adapt(learner, x, y)
+    with pytest.raises(ValueError, match=message):
+        predict(learner, adapt(learner, x.float(), y), x)
+    batch = TaskBatch(x.unsqueeze(0), y.unsqueeze(0), x.unsqueeze(0), y.unsqueeze(0))
+    with pytest.raises(ValueError, match=message):
+        learner.meta_step(batch, torch.optim.Adam(learner.parameters()))
+    learner.double()
+    predict(learner, adapt(learner, x, y.double()), x)  # (in the model's dtype: taken)

@@ -256,6 +256,32 @@ def test_killed_and_interrupted_run_resumes_to_the_same_final_state(tmp_path, ca
     assert iterations == sorted(set(iterations)) and iterations[-1] == ITERATIONS
 
 
+def test_a_stop_request_during_a_validation_drops_it_and_stops_at_once(tmp_path):
+    """Ctrl-C or SIGTERM while a validation runs (half a minute on Omniglot): the validation ends there and is
+    dropped, last.safetensors is saved at that iteration and the run stops, without another meta-step. (Before,
+    the validation ran to its end, then one more step; a second Ctrl-C meanwhile lost everything unsaved.)"""
+    out = tmp_path / "run"
+    trainer = Trainer(TrainConfig(task="sinusoid", iterations=50, val_interval=10, val_episodes=4, meta_batch=2, out=str(out),
+                                  progress=False, model={"hidden": [8, 8]}, threads=1))
+    validated, validate = [], trainer.validate
+
+    def validation():
+        validated.append(trainer.iteration)
+        if trainer.iteration == 20:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(10)  # a long validation: the request ends it
+            raise AssertionError("the validation was not interrupted")
+        return validate()
+
+    trainer.validate = validation
+    summary = trainer.run()
+    assert summary["interrupted"] and summary["iterations"] == 20 and validated == [10, 20]
+    assert read_manifest(out / "last.safetensors")["state"]["iteration"] == 20
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if r["kind"] == "val"] == [10]
+    assert Trainer(TrainConfig(out=str(out)), resume=True).run()["iterations"] == 50
+
+
 def test_settings_are_checked_against_their_types(tmp_path):
     config = TrainConfig()
     config.update({"meta_lr": "1e-3", "inner_lr": 1, "grad_clip": None, "val_ways": 3, "rotations": True})
@@ -321,6 +347,18 @@ def test_settings_read_late_are_checked_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"validation cannot draw its tasks: .*fewer than ways=5.*val_ways"):
         Trainer(config)
     assert Trainer(config.update(dict(val_ways=2))).val_kwargs["ways"] == 2
+
+
+def test_pictures_without_a_channel_axis_train_the_default_mlp(tmp_path):
+    """An .npz of [N, H, W] pictures (no channel axis) gets the default MLP of H*W inputs, which flattens
+    them (it failed in the first forward: "mat1 and mat2 shapes cannot be multiplied (56x28 and 784x256)")."""
+    data = tmp_path / "flat.npz"
+    np.savez(data, x=np.random.default_rng(0).random((100, 8, 8), dtype=np.float32), y=np.repeat(np.arange(10), 10))
+    config = default_config(str(data), "maml").update(dict(out=str(tmp_path / "run"), iterations=2, ways=3, shots=1, queries=2,
+                                                           meta_batch=2, val_interval=2, val_episodes=2, val_fraction=0.5, progress=False))
+    trainer = Trainer(config)
+    assert trainer.learner.model.spec["in_features"] == 64
+    assert trainer.run()["iterations"] == 2
 
 
 def test_a_fresh_run_starts_its_own_log_and_one_run_writes_a_directory(tmp_path, capsys):
@@ -416,3 +454,22 @@ def test_resuming_with_another_process_count_says_the_run_changes(tmp_path, caps
     atomic_write_bytes(out / "last.safetensors", save_bytes(dict(tensors), metadata={"metalearn": json.dumps(manifest)}))
     Trainer(TrainConfig(out=str(out)), resume=True)
     assert "resuming a run trained by 2 process(es) with 1" in capsys.readouterr().err
+
+
+def test_a_resume_that_would_do_nothing_or_finds_a_run_still_starting_says_so(tmp_path):
+    """--resume with fewer --iterations than the run has done said "done" and did nothing; on a run still
+    before its first save it said "nothing to resume" where the run was in fact being written."""
+    import fcntl
+
+    out = tmp_path / "run"
+    Trainer(tiny_sine(out, iterations=10, val_interval=10)).run()
+    with pytest.raises(ValueError, match="the run is at iteration 10, past --iterations 5: pass more iterations"):
+        Trainer(TrainConfig(out=str(out)), resume=True, resume_overrides={"iterations": 5})
+    starting = tmp_path / "starting"
+    starting.mkdir()
+    with open(starting / ".train.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(FileExistsError, match="another metalearn train is writing this run directory"):
+            Trainer(TrainConfig(out=str(starting)), resume=True)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):  # (no run holds it)
+        Trainer(TrainConfig(out=str(starting)), resume=True)
