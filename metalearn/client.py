@@ -23,10 +23,10 @@ when they are uint8: an int32 or int64 array of 0-255 goes as those numbers.
 
 Every error answer raises :class:`ServiceError` carrying the RFC 9457 problem
 document (``code`` names its type, e.g. ``unknown-session``); a service that
-cannot be reached or does not answer in ``timeout`` seconds raises
-:class:`ServiceUnreachable`; both are :class:`ClientError`. A ``503`` (queue
-full, session store down) or a ``429`` (a proxy's rate limit, ``deploy/nginx.conf``)
-is retried up to ``retries`` times after the ``Retry-After`` the answer gives
+cannot be reached or does not answer in ``timeout`` seconds (the whole answer)
+raises :class:`ServiceUnreachable`; both are :class:`ClientError`. A ``503`` (queue
+full, session store down; not ``timed-out``: that request may still be computing) or a
+``429`` (a proxy's rate limit, ``deploy/nginx.conf``) is retried up to ``retries`` times after the ``Retry-After`` the answer gives
 (capped at ``max_retry_wait`` seconds, with jitter), and so is a connection that
 could not be opened (nothing was sent), unless TLS refused it (an untrusted
 certificate, or https:// to a plain-HTTP service: trying again mends neither).
@@ -60,6 +60,7 @@ import email.utils
 import io
 import itertools
 import json
+import math
 import os
 import random
 import ssl
@@ -82,6 +83,11 @@ def _json_number(value: Any, kind: type) -> Any:
         if array.ndim == 0 and array.dtype.kind in ("i", "u", "f") and (kind is float or float(array).is_integer()):
             return kind(array)
     return value
+
+
+def _type_name(kind: Any) -> str | None:
+    """A problem type's name: ``unknown-session`` for ``https://metalearn.dev/problems/unknown-session``."""
+    return kind.rstrip("/").rsplit("/", 1)[-1] if isinstance(kind, str) and kind != "about:blank" else None
 
 
 class ClientError(Exception):
@@ -107,8 +113,7 @@ class ServiceError(ClientError):
         self.problem = problem
         self.title = problem.get("title", "")
         self.detail = problem.get("detail", "")
-        kind = problem.get("type")
-        self.code = kind.rstrip("/").rsplit("/", 1)[-1] if isinstance(kind, str) and kind != "about:blank" else None
+        self.code = _type_name(problem.get("type"))
         self.request_id = request_id
         self.retry_after = retry_after
         where = f" (request id {request_id})" if request_id and status >= 500 else ""
@@ -128,6 +133,21 @@ def _not_the_service(status: int, detail: str, request_id: str | None = None) ->
     return ServiceError(status, {"title": "Not the service's answer", "detail": detail}, request_id)
 
 
+def _whole(response: httpx.Response, raw: bytes) -> httpx.Response:
+    """The answer with its body, decoded as its headers say; :class:`ServiceError` where it does not decode (a
+    proxy's or another server's answer claiming gzip, say: httpx's own error named no status)."""
+    try:
+        return httpx.Response(response.status_code, headers=response.headers, content=raw, request=response.request)
+    except httpx.DecodingError as error:
+        raise _not_the_service(response.status_code, f"the answer's body does not decode as its Content-Encoding "
+                               f"{response.headers.get('Content-Encoding')!r} says ({error})", response.headers.get("X-Request-ID")) from None
+
+
+def _past(deadline: float, response: httpx.Response, timeout: float) -> None:
+    if time.monotonic() > deadline:
+        raise httpx.ReadTimeout(f"no whole answer within {timeout:g} s (it kept arriving, slowly)", request=response.request)
+
+
 def _as_numpy(value: Any, dtype=None) -> np.ndarray:
     if hasattr(value, "detach"):  # torch.Tensor, without importing torch
         value = value.detach().cpu()
@@ -143,6 +163,9 @@ def encode_tensor(value: Any, encoding: str = "base64", dtype=np.float32) -> Any
     """``value`` (numpy, torch, nested lists) as the service's wire form: ``{dtype, shape, base64}``, or nested lists."""
     array = np.ascontiguousarray(_as_numpy(value, dtype))
     if encoding == "json":
+        if array.dtype.kind == "f" and not np.isfinite(array).all():  # (json.dumps would refuse them, in other words)
+            raise ValueError(f"NaN or infinite values (or beyond {np.dtype(dtype).name}'s range), which JSON cannot carry "
+                             "and the service refuses (non-finite-values)")
         return array.tolist()
     little = array.astype(array.dtype.newbyteorder("<"), copy=False)
     return {"dtype": np.dtype(dtype).name, "shape": list(array.shape), "base64": base64.b64encode(little.tobytes()).decode("ascii")}
@@ -198,6 +221,14 @@ def _tls_refused(error: BaseException) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+def _problem_code(response: httpx.Response) -> str | None:
+    """The problem type's name of an error answer (``timed-out``), or None."""
+    try:
+        return _type_name(response.json().get("type"))
+    except (ValueError, AttributeError):
+        return None
 
 
 def _seconds(retry_after: str | None, default: float) -> float:
@@ -257,6 +288,7 @@ class _Calls:
             if not all("!" <= c <= "~" for c in api_key):  # (the message leaves the key out: it would end up in logs)
                 raise ValueError("api_key holds a character an HTTP header cannot carry (a space, a control or a non-ASCII character)")
         self.encoding = encoding
+        self.timeout = timeout
         self.retries = retries
         self.max_retry_wait = max_retry_wait
         self.base_url = base_url.rstrip("/")
@@ -272,15 +304,21 @@ class _Calls:
     def _x(self, x: Any) -> Any:
         if isinstance(x, dict):  # already encoded, e.g. encode_images(...)
             return x
+        if _is_pil(x):  # (one picture: a batch of one, not its pixels as a tensor)
+            x = [x]
         if _pictures(x):
             return encode_images(x)
         array = _as_numpy(x)
+        if array.ndim == 0:  # (sent as [1], the service's refusal would speak of a rank-1 tensor)
+            raise ValueError(f"x is a single number ({array}): inputs go as a batch, [N, *input_shape]")
         if array.dtype == np.uint8:  # raw pixels or bytes: the service maps them as the training data's
             return encode_tensor(array, "base64", np.uint8)
         return encode_tensor(array, self.encoding)
 
     def _y(self, y: Any) -> Any:
         array = _as_numpy(y)
+        if array.ndim == 0:
+            raise ValueError(f"y is a single number ({array}): labels or targets go as one per example, [N] or [N, outputs]")
         if array.dtype == np.uint64 and array.size and array.max() > np.uint64(np.iinfo(np.int64).max):  # (the cast below would wrap it)
             raise ValueError(f"label {array.max()} is beyond any class index")
         if np.issubdtype(array.dtype, np.integer):
@@ -297,7 +335,12 @@ class _Calls:
         body: dict = {"support": {"x": self._x(x), "y": self._y(y)}}
         for key, value, kind in (("inner_steps", inner_steps, int), ("inner_lr", inner_lr, float), ("ttl_s", ttl_s, int)):
             if value is not None:
-                body[key] = _json_number(value, kind)
+                value = _json_number(value, kind)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(f"{key} must be a finite number, got {value}")
+                if not isinstance(value, (bool, int, float, str)):  # (the service refuses what is not a number, with its detail)
+                    raise TypeError(f"{key} must be a number, got {type(value).__name__} {value!r}")
+                body[key] = value
         return body
 
     def _predict_body(self, support_x: Any, support_y: Any, query_x: Any, inner_steps: int | None, inner_lr: float | None, transductive: bool) -> dict:
@@ -309,14 +352,16 @@ class _Calls:
         """Seconds to wait before sending the request again, or None: the answer (or the error) stands.
 
         A 503 means "not now" (queue full, session store down), a 429 "not so fast" (a proxy's rate limit in
-        front of the service): wait as the answer says. A connection that
+        front of the service): wait as the answer says; not a 503 ``timed-out``. A connection that
         could not be opened sent nothing: tried again after 1, 2, ... s, unless TLS refused it (a certificate
         or a scheme that trying again does not mend). Each wait is drawn from its upper
         half, so that clients turned away together do not come back together."""
         if attempt >= self.retries:
             return None
         if isinstance(answer, httpx.Response):
-            if answer.status_code not in (429, 503):
+            if answer.status_code not in (429, 503) or _problem_code(answer) == "timed-out":
+                # (a request that timed out in the service may still be computing there: sent again, it would be
+                # computed twice, and its caller would learn of the timeout after several)
                 return None
             wait = _seconds(answer.headers.get("Retry-After"), default=2.0**attempt)
         elif isinstance(answer, httpx.ConnectError) and not _tls_refused(answer):
@@ -345,8 +390,7 @@ class _Calls:
             raise ServiceUnreachable(f"the service at {self.base_url} {what} ({type(answer).__name__}: {answer})") from answer
         return None, self._answer(answer)
 
-    @staticmethod
-    def _answer(response: httpx.Response) -> Any:
+    def _answer(self, response: httpx.Response) -> Any:
         """The answer's JSON (None for a 204), or :class:`ServiceError` raised for an error answer."""
         if response.status_code >= 400:
             try:
@@ -354,8 +398,14 @@ class _Calls:
             except ValueError:
                 problem = {"detail": response.text[:500]}
             problem = problem if isinstance(problem, dict) else {"detail": str(problem)}
-            problem.setdefault("title", response.reason_phrase)
+            if not isinstance(problem.get("title"), str):  # (missing, or not a problem document's: null, a number)
+                problem["title"] = response.reason_phrase
+            if not isinstance(problem.get("detail", ""), str):
+                problem["detail"] = json.dumps(problem["detail"])[:500]
             raise ServiceError(response.status_code, problem, response.headers.get("X-Request-ID"), response.headers.get("Retry-After"))
+        if 300 <= response.status_code < 400:  # (httpx follows no redirect; the service sends none but the trailing slash's)
+            raise _not_the_service(response.status_code, f"a redirect to {response.headers.get('Location')!r}: is "
+                                   f"{self.base_url} the service's own address?", response.headers.get("X-Request-ID"))
         if response.status_code == 204 or not response.content:
             return None
         try:
@@ -366,19 +416,31 @@ class _Calls:
     def _closed(self) -> ClientError:
         return ClientError(f"this {type(self).__name__} is closed: make a new one")
 
-    def _expect(self, body: Any, key: str) -> Any:
-        """``body[key]`` of a successful answer, or :class:`ServiceError` where the answer is not the service's
-        (another server at that address answering 200 with JSON of its own)."""
-        if not isinstance(body, dict) or key not in body:
-            raise _not_the_service(200, f"the answer has no {key!r}: is {self.base_url} the metalearn service?")
+    def _expect(self, body: Any, key: str, kind: type | tuple[type, ...] = object) -> Any:
+        """``body[key]`` of a successful answer, of type ``kind``, or :class:`ServiceError` where the answer is
+        not the service's (another server at that address answering 200 with JSON of its own)."""
+        if not isinstance(body, dict) or not isinstance(body.get(key, ...), kind):
+            what = f"no {key!r}" if not isinstance(body, dict) or key not in body else f"a {key!r} that is no {getattr(kind, '__name__', kind)}"
+            raise _not_the_service(200, f"the answer has {what}: is {self.base_url} the metalearn service?")
         return body[key]
 
+    def _described(self, body: Any, key: str) -> dict:
+        """A description the service answers (a model's, a session's, its health), checked by one of its fields."""
+        self._expect(body, key, str)
+        return body
+
     def _prediction(self, body: dict) -> Prediction:
-        predictions = np.asarray(self._expect(body, "predictions"))
-        probabilities = body.get("probabilities")
+        try:
+            predictions = np.asarray(self._expect(body, "predictions", list))
+            probabilities = body.get("probabilities")
+            probabilities = None if probabilities is None else np.asarray(probabilities, dtype=np.float32)
+            if predictions.dtype.kind not in "iuf" or (probabilities is not None and probabilities.shape[:1] != predictions.shape[:1]):
+                raise ValueError(f"predictions of {predictions.dtype}, probabilities of shape {getattr(probabilities, 'shape', None)}")
+        except (ValueError, TypeError) as error:  # (ragged, or not numbers)
+            raise _not_the_service(200, f"the answer's predictions are not numbers ({error}): is {self.base_url} the metalearn service?") from None
         return Prediction(
             predictions=predictions.astype(np.float32) if predictions.dtype.kind == "f" else predictions,  # (as the model computed them)
-            probabilities=None if probabilities is None else np.asarray(probabilities, dtype=np.float32),
+            probabilities=probabilities,
             raw=body,
         )
 
@@ -440,7 +502,7 @@ class _SessionHandle:
     def __init__(self, client: "Client | AsyncClient", info: dict):
         self.client = client
         self.info = info
-        self.id: str = client._expect(info, "session_id")
+        self.id: str = client._expect(info, "session_id", str)
         self.model: str = info.get("model", "")
         self.path = f"/v1/sessions/{quote(self.id, safe='')}"  # (a stored id with / or # would reach another URL)
         self.probabilities: np.ndarray | None = None
@@ -481,7 +543,7 @@ class RemoteSession(_SessionHandle):
 
     def describe(self) -> dict:
         """The session as the service has it: model, created, expires, size in bytes (a 404 ServiceError once gone)."""
-        return self.client._request("GET", self.path)
+        return self.client._described(self.client._request("GET", self.path), "session_id")
 
     def delete(self) -> None:
         """Remove the session from the service (a 404 ServiceError if it is already gone)."""
@@ -509,7 +571,7 @@ class AsyncRemoteSession(_SessionHandle):
         return await self.client._predict(self.path + "/predict", lambda part: self._predict_body(part, transductive), x, transductive)
 
     async def describe(self) -> dict:
-        return await self.client._request("GET", self.path)
+        return self.client._described(await self.client._request("GET", self.path), "session_id")
 
     async def delete(self) -> None:
         await self.client._request("DELETE", self.path)
@@ -529,12 +591,25 @@ class Client(_Calls):
 
     _http_class = httpx.Client
 
+    def _exchange(self, method: str, path: str, body: dict | None) -> httpx.Response:
+        """The whole answer within ``timeout`` seconds: httpx's timeout bounds each read, so an answer that
+        trickled in (a broken proxy or link) held the caller for as long as it trickled."""
+        deadline = time.monotonic() + self.timeout
+        with self._http.stream(method, path, json=body) as response:
+            if response.is_stream_consumed:  # (read already: a test's mock transport answers so)
+                return response
+            raw = []
+            for chunk in response.iter_raw():
+                raw.append(chunk)
+                _past(deadline, response, self.timeout)
+        return _whole(response, b"".join(raw))
+
     def _request(self, method: str, path: str, body: dict | None = None) -> Any:
         if self._http.is_closed:
             raise self._closed()
         for attempt in itertools.count():
             try:
-                answer = self._http.request(method, path, json=body)
+                answer = self._exchange(method, path, body)
             except httpx.TransportError as error:
                 answer = error
             wait, value = self._settle(answer, attempt)
@@ -561,20 +636,20 @@ class Client(_Calls):
 
     def health(self) -> dict:
         """``{"status": "ok"}`` when the service's process answers."""
-        return self._request("GET", "/healthz")
+        return self._described(self._request("GET", "/healthz"), "status")
 
     def models(self) -> list[dict]:
         """What ``model`` says, for every model served."""
-        return self._expect(self._request("GET", "/v1/models"), "models")
+        return self._expect(self._request("GET", "/v1/models"), "models", list)
 
     def limits(self) -> dict:
         """The service's limits: examples per request (``max_support``, ``max_query``), inner steps and learning
         rate, session lifetime, body and picture sizes."""
-        return self._expect(self._request("GET", "/v1/models"), "limits")
+        return self._expect(self._request("GET", "/v1/models"), "limits", dict)
 
     def model(self, name: str) -> dict:
         """A model's description: input shape, task type, n_way, loss, default inner steps and lr, metrics, ..."""
-        return self._request("GET", self._model_path(name))
+        return self._described(self._request("GET", self._model_path(name)), "name")
 
     def adapt(self, model: str, x: Any, y: Any, *, inner_steps: int | None = None, inner_lr: float | None = None, ttl_s: int | None = None) -> RemoteSession:
         """Adapt ``model`` to the support set ``x`` ``[N, *input_shape]`` (or pictures) and ``y`` (class indices
@@ -612,12 +687,24 @@ class AsyncClient(_Calls):
 
     _http_class = httpx.AsyncClient
 
+    async def _exchange(self, method: str, path: str, body: dict | None) -> httpx.Response:
+        """:meth:`Client._exchange`, awaited."""
+        deadline = time.monotonic() + self.timeout
+        async with self._http.stream(method, path, json=body) as response:
+            if response.is_stream_consumed:
+                return response
+            raw = []
+            async for chunk in response.aiter_raw():
+                raw.append(chunk)
+                _past(deadline, response, self.timeout)
+        return _whole(response, b"".join(raw))
+
     async def _request(self, method: str, path: str, body: dict | None = None) -> Any:
         if self._http.is_closed:
             raise self._closed()
         for attempt in itertools.count():
             try:
-                answer = await self._http.request(method, path, json=body)
+                answer = await self._exchange(method, path, body)
             except httpx.TransportError as error:
                 answer = error
             wait, value = self._settle(answer, attempt)
@@ -641,16 +728,16 @@ class AsyncClient(_Calls):
         return self._joined([self._prediction(await self._request("POST", path, body_for(part))) for part in parts])
 
     async def health(self) -> dict:
-        return await self._request("GET", "/healthz")
+        return self._described(await self._request("GET", "/healthz"), "status")
 
     async def models(self) -> list[dict]:
-        return self._expect(await self._request("GET", "/v1/models"), "models")
+        return self._expect(await self._request("GET", "/v1/models"), "models", list)
 
     async def limits(self) -> dict:
-        return self._expect(await self._request("GET", "/v1/models"), "limits")
+        return self._expect(await self._request("GET", "/v1/models"), "limits", dict)
 
     async def model(self, name: str) -> dict:
-        return await self._request("GET", self._model_path(name))
+        return self._described(await self._request("GET", self._model_path(name)), "name")
 
     async def adapt(self, model: str, x: Any, y: Any, *, inner_steps: int | None = None, inner_lr: float | None = None, ttl_s: int | None = None) -> AsyncRemoteSession:
         return AsyncRemoteSession(self, await self._request("POST", self._model_path(model, "adapt"), self._adapt_body(x, y, inner_steps, inner_lr, ttl_s)))

@@ -62,6 +62,7 @@ import asyncio
 import concurrent.futures
 import copy
 import logging
+import math
 import os
 import threading
 import time
@@ -249,6 +250,7 @@ class Engine:
         self._stale: Callable[[tuple], bool] = lambda key: False
         self._served_generation = 0
         self._last_batch_size = 1
+        self._loop_failed_at = -math.inf  # (monotonic) when a worker's loop last logged a failure of its own
         self.batches = 0
 
     # ------------------------------------------------------------------
@@ -503,6 +505,8 @@ class Engine:
         while self._serve_next_batch():
             pass
 
+    LOOP_FAILURE_PAUSE_S = 0.05
+
     def _serve_next_batch(self) -> bool:
         """Wait for the next batch and run it; False when the engine stops. (A call of its own: an idle
         worker keeps no reference to its last jobs, which would keep their model alive after a reload.)"""
@@ -519,10 +523,19 @@ class Engine:
                 with self._cond:
                     self._fair.settle(batch, 0.0, charged, computed=False)
         except Exception as error:  # noqa: BLE001 - a worker that died would leave every later request waiting
-            log.exception("a worker's loop failed outside a computation; its batch fails and the worker goes on")
             for job in batch:
                 if not job.future.done():
                     job.future.set_exception(error)
+            # A bug here that lasts fails every batch: the traceback once a minute (a review's half-finished edit
+            # logged 500 000 in two minutes), and a pause, not a core spinning through the queue.
+            now = time.monotonic()
+            if now - self._loop_failed_at >= 60.0:
+                self._loop_failed_at = now
+                log.exception("a worker's loop failed outside a computation; its batch fails and the worker goes on "
+                              "(further failures of this kind are logged once a minute)")
+            else:
+                log.debug("a worker's loop failed outside a computation again: %r", error)
+            time.sleep(self.LOOP_FAILURE_PAUSE_S)
         return True
 
     def _execute(self, batch: list[Job], charged: float = 0.0) -> None:

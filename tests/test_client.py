@@ -459,11 +459,99 @@ def test_client_tells_a_lost_connection_a_foreign_answer_and_a_closed_client_apa
 
     with Client("http://service", transport=httpx.MockTransport(foreign)) as client:
         for call in (lambda: client.adapt("m", np.zeros((2, 3)), [0, 1]), client.models, client.limits,
-                     lambda: client.session("s1").predict(np.zeros((1, 3)))):
+                     lambda: client.session("s1").predict(np.zeros((1, 3))), lambda: client.model("m"),
+                     lambda: client.session("s1").describe(), client.health):
             with pytest.raises(ServiceError, match="Not the service's answer"):
                 call()
     with pytest.raises(ClientError, match="closed"):
         client.health()
+
+
+@pytest.mark.parametrize("answer", ["predictions null", "ragged predictions", "a number for a session id", "a redirect",
+                                    "a body that does not decode"])
+def test_answers_that_are_not_the_service_s_are_said_so(answer):
+    """A review fed the client answers from something other than the service: a prediction of None came back
+    as an array of None, ragged ones and a numeric session id raised numpy's and urllib's errors, a redirect
+    was taken for a deletion done, and a body that does not decode raised httpx's own DecodingError."""
+    import httpx
+
+    answers = {
+        "predictions null": httpx.Response(200, json={"predictions": None}),
+        "ragged predictions": httpx.Response(200, json={"predictions": [[1], [1, 2]]}),
+        "a number for a session id": httpx.Response(201, json={"session_id": 12345}),
+        "a redirect": httpx.Response(307, headers={"Location": "http://elsewhere/"}),
+        "a body that does not decode": httpx.Response(200, headers={"Content-Encoding": "gzip"}, stream=httpx.ByteStream(b"not gzip")),
+    }
+    calls = {
+        "predictions null": lambda client: client.session("s1").predict(np.zeros((1, 3))),
+        "ragged predictions": lambda client: client.session("s1").predict(np.zeros((2, 3))),
+        "a number for a session id": lambda client: client.adapt("m", np.zeros((2, 3)), [0, 1]),
+        "a redirect": lambda client: client.session("s1").delete(),
+        "a body that does not decode": lambda client: client.health(),
+    }
+    with Client("http://service", transport=httpx.MockTransport(lambda request: answers[answer])) as client:
+        with pytest.raises(ServiceError, match="Not the service's answer"):
+            calls[answer](client)
+
+
+def test_timeout_bounds_the_whole_answer_and_a_timed_out_request_is_not_sent_again():
+    """``timeout`` was httpx's, a bound on each read: an answer trickling in (a broken proxy or link) held the
+    caller for as long as it trickled. And a 503 timed-out was retried like a full queue's: the request, which may
+    still be computing in the service, was sent three times and its caller told after three timeouts."""
+    import httpx
+
+    class Trickle(httpx.SyncByteStream):
+        def __iter__(self):
+            for _ in range(40):
+                time.sleep(0.05)
+                yield b" "
+            yield b'{"status": "ok"}'
+
+    def trickling(request):
+        return httpx.Response(200, headers={"Content-Type": "application/json"}, stream=Trickle())
+
+    started = time.monotonic()
+    with Client("http://service", timeout=0.5, transport=httpx.MockTransport(trickling)) as client, pytest.raises(ServiceUnreachable, match="in time"):
+        client.health()
+    assert time.monotonic() - started < 1.5
+    sent = []
+
+    def timed_out(request):
+        sent.append(request)
+        return httpx.Response(503, headers={"Retry-After": "0"}, json={"type": "https://metalearn.dev/problems/timed-out", "title": "Timed out",
+                                                                         "status": 503, "detail": "the request did not finish within 30 s"})
+
+    with Client("http://service", transport=httpx.MockTransport(timed_out)) as client, pytest.raises(ServiceError) as error:
+        client.adapt("m", np.zeros((2, 3)), [0, 1])
+    assert error.value.code == "timed-out" and len(sent) == 1
+
+
+def test_what_json_cannot_carry_and_single_numbers_are_refused_by_the_client():
+    """NaN in x with encoding="json", a NaN inner_lr or an array for one raised json's own ValueError or TypeError
+    (base64 takes NaN to the service, which answers non-finite-values); a 0-d x went as shape [1]; one PIL
+    picture went as its pixels; a problem with a null title read "422 None"."""
+    import httpx
+    from PIL import Image
+
+    bodies = []
+
+    def answer(request):
+        bodies.append(json.loads(request.content))
+        return httpx.Response(422, json={"type": 5, "title": None, "detail": {"a": 1}})
+
+    with Client("http://service", encoding="json", transport=httpx.MockTransport(answer)) as client:
+        with pytest.raises(ValueError, match="JSON cannot carry"):
+            client.adapt("m", np.array([[0.5], [np.nan]]), [0.0, 1.0])
+        with pytest.raises(ValueError, match="inner_lr must be a finite number"):
+            client.adapt("m", np.zeros((2, 1)), [0.0, 1.0], inner_lr=float("nan"))
+        with pytest.raises(TypeError, match="inner_lr must be a number"):
+            client.adapt("m", np.zeros((2, 1)), [0.0, 1.0], inner_lr=np.array([0.1]))
+        with pytest.raises(ValueError, match="x is a single number"):
+            client.session("s1").predict(np.float32(1.0))
+        assert not bodies
+        with pytest.raises(ServiceError, match=r'^422 Unprocessable Entity: \{"a": 1\}$') as error:
+            client.session("s1").predict(Image.new("L", (4, 4)))
+    assert error.value.code is None and list(bodies[0]["x"]) == ["images"] and len(bodies[0]["x"]["images"]) == 1
 
 
 def test_regression_predictions_are_float32_and_handles_refuse_pickling():

@@ -357,6 +357,28 @@ def test_a_job_whose_request_timed_out_while_queued_leaves_the_queue_at_once():
         assert depth == 0 and computing["batch_size"] == 1 and taken["batch_size"] == 1
 
 
+def test_a_worker_loop_that_keeps_failing_logs_once_a_minute_and_pauses(caplog):
+    """A bug in the worker's loop outside a computation (a review caught fair_share reading a field the engine's
+    Job did not have yet) fails every batch: each job gets the error, the worker goes on, and the traceback is
+    logged once a minute with a pause between failures (before: 500 000 tracebacks in two minutes, a core spent)."""
+
+    def broken(jobs):
+        raise AttributeError("'Job' object has no attribute 'owner'")
+
+    with blocking_engine(max_batch_size=1, max_wait_ms=0, request_timeout_s=10) as engine, caplog.at_level(logging.ERROR, logger="service"):
+        engine._fair.start = broken
+        engine.release.set()
+
+        async def five():
+            return await asyncio.gather(*[engine.submit(fake_job()) for _ in range(5)], return_exceptions=True)
+
+        started = time.monotonic()
+        results = asyncio.run(five())
+        assert all(isinstance(r, AttributeError) for r in results) and engine.running
+        assert time.monotonic() - started >= 4 * engine.LOOP_FAILURE_PAUSE_S
+    assert len([r for r in caplog.records if "worker's loop failed" in r.getMessage()]) == 1
+
+
 def test_shed_answers_the_queue_and_what_comes_after_with_engine_stopped():
     """Engine.shed (a stopping server near the end of its grace): the queued jobs and any submitted later
     fail with EngineStopped (503), the job computing finishes, and the longest recent batch is known."""
