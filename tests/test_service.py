@@ -410,6 +410,15 @@ def test_bad_input_is_a_4xx_problem(server, http, case):
     assert httpx.get(server.url + "/healthz").status_code == 200
 
 
+def test_an_anil_models_examples_count_once_against_the_computation_limit(http):
+    """ANIL runs its body once per example, its steps adapt the head: 55 examples x 20 steps, over this server's
+    1000 example-steps for MAML, is taken for ANIL, and refused for MAML."""
+    g = torch.Generator().manual_seed(0)
+    support = {"x": b64(torch.rand(55, 1, 28, 28, generator=g)), "y": [i % 5 for i in range(55)]}
+    assert http.post("/v1/models/anil_run/adapt", json={"support": support, "inner_steps": 20}).status_code == 201
+    assert_problem(http.post("/v1/models/conv_maml/adapt", json={"support": support, "inner_steps": 20}), 422, "1100 example-steps")
+
+
 def test_an_unexpected_error_is_one_500_problem_and_the_connection_serves_on(model_dir, tmp_path, monkeypatch):
     """A bug (an exception no handler takes) is answered with a 500 problem carrying the request's id, logged
     once, and the connection goes on to the client's next request. (Starlette's own last-resort handler raised

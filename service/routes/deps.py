@@ -77,10 +77,17 @@ def check_inner(settings, steps: int | None, lr: float | None, model) -> tuple[i
     return int(steps), float(lr)
 
 
-def check_work(settings, examples: int, steps: int) -> None:
+def check_work(settings, examples: int, steps: int, model) -> None:
     """A request's support examples x inner steps within ``max_example_steps``: once a computation runs it
     cannot be stopped, so a request that timed out would hold its worker for nobody (a security review:
-    two requests of 512 examples x 100 steps every 50 s kept a Conv4-64 service's workers busy)."""
+    two requests of 512 examples x 100 steps every 50 s kept a Conv4-64 service's workers busy). A model that
+    adapts its head alone (ANIL) runs its body once per example, and its steps on the head cost little
+    beside it: its examples count once."""
+    if model.learner.head_only:
+        if examples > settings.max_example_steps:
+            raise Problem(422, "Too much computation", f"{examples} support examples, over this service's limit of "
+                          f"{settings.max_example_steps} example-steps (it bounds one request's computation): send fewer examples")
+        return
     if examples * steps > settings.max_example_steps:
         raise Problem(422, "Too much computation", f"{examples} support examples x {steps} inner steps = {examples * steps} example-steps, "
                       f"over this service's limit of {settings.max_example_steps} (it bounds one request's computation): "

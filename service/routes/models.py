@@ -53,7 +53,7 @@ def decode_support(model, support, settings, steps: int):
     Sent as pictures, which take up to seconds to decode, the labels and the limits are checked first."""
 
     def labels(count: int):
-        check_work(settings, count, steps)
+        check_work(settings, count, steps, model)
         if model.task_type == "classification":
             return decode_labels(support.y, "support.y", count, model.n_way)
         return decode_targets(support.y, "support.y", count, model.out_features)
