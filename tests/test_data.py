@@ -532,7 +532,7 @@ def test_npz_errors(tmp_path):
     small = npz("small.npz", x=x, y=np.arange(10) % 2)
     with pytest.raises(ValueError, match=r"small\.npz.*2 classes, fewer than ways=5"):
         load_task_source(small, ways=5)
-    with pytest.raises(ValueError, match=r"small\.npz.*shots \+ queries = 6 examples per class needed"):
+    with pytest.raises(ValueError, match=r"small\.npz: shots \+ queries = 6 examples per class needed"):  # (the whole data: no "split 'all'")
         load_task_source(small, ways=2, shots=1, queries=5, val_fraction=0.0)
     with pytest.raises(ValueError, match="rotations need square images"):
         load_task_source(small, rotations=True)

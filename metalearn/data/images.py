@@ -368,8 +368,13 @@ class ImageTasks:
             query_y=query_y,
         )
 
+    def _where(self) -> str:
+        """The data and its split, for messages (the whole data: its name alone; "split 'all'" read as if
+        another split than the one asked for was meant)."""
+        return self.name if self.split_name == "all" else f"{self.name} (split {self.split_name!r})"
+
     def _check_enough(self, ways: int, per_class: int, within_group: bool) -> None:
-        where = f"{self.name} (split {self.split_name!r})"
+        where = self._where()
         if self.num_classes < ways:
             hint = " (it holds val_fraction of the classes: --set val_fraction=0.5, or fewer ways)" if self.split_name == "val" else ""
             raise ValueError(f"{where} has {self.num_classes} classes, fewer than ways={ways}{hint}")
@@ -389,7 +394,7 @@ class ImageTasks:
         eligible = (per_group >= ways).nonzero().flatten()
         if len(eligible) == 0:
             raise ValueError(
-                f"{self.name} (split {self.split_name!r}): within_group sampling needs a group with at "
+                f"{self._where()}: within_group sampling needs a group with at "
                 f"least ways={ways} classes; the largest has {int(per_group.max())}"
             )
         return eligible
