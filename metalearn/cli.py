@@ -22,6 +22,7 @@ import importlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -507,7 +508,15 @@ def _one_line(error: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _plain_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the command's other notes are written: Python's default adds the file, line and source
+    line of the library code that warned, which says nothing to someone running a command."""
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    if not os.environ.get("METALEARN_DEBUG"):
+        warnings.formatwarning = _plain_warning
     try:
         args = build_parser().parse_args(argv)  # --help and bad flags: answered before torch loads
         from metalearn.models import MODEL_MODULES_VARIABLE, import_model_modules

@@ -382,3 +382,16 @@ def test_eval_holds_out_the_classes_the_checkpoint_recorded(tmp_path, capsys, mo
     code, _, err = run(capsys, "eval", str(tmp_path / "run"), "--episodes", "4", "--no-progress")
     assert code == 2 and "the checkpoint was trained on 'data' (the path as metalearn train was given it), which is not found from" in err
     assert "pass --task PATH" in err
+
+
+def test_a_commands_warnings_read_as_its_notes_do(monkeypatch, tmp_path, capsys):
+    """A warning in a command (skip_undecodable's skipped pictures, say) printed Python's file, line and source
+    line of the library code that warned; the commands write it as "warning: ..." (METALEARN_DEBUG keeps Python's)."""
+    import warnings
+
+    from metalearn.cli import main
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # (restored after the test)
+    monkeypatch.delenv("METALEARN_DEBUG", raising=False)
+    main(["info", str(tmp_path / "nothing.safetensors")])
+    assert warnings.formatwarning("3 pictures skipped", UserWarning, "/x/sources.py", 186, "warnings.warn(...)") == "warning: 3 pictures skipped\n"
