@@ -171,22 +171,29 @@ def build_manifest(
     }
 
 
-def _check_fits(learner: MetaLearner, input_shape: tuple[int, ...], n_way: int | None) -> None:
+def _check_fits(learner: MetaLearner, input_shape: tuple[int, ...], n_way: int | None) -> int:
     """The manifest's ``input_shape`` and ``n_way`` against the model, run once on two zero inputs of that shape
-    (as the service does when it loads the checkpoint): a contradiction is said here, not by ``metalearn eval``
-    or the service later, in other words."""
+    (as the service does when it loads the checkpoint; integer zeros for a model that takes token ids), on
+    copies of its buffers: a contradiction is said here, not by ``metalearn eval`` or the service later, in
+    other words. Returns the model's outputs per example."""
     param = next(learner.model.parameters(), None)
-    probe = torch.zeros((2, *input_shape), device=None if param is None else param.device, dtype=None if param is None else param.dtype)
+    device, dtype = (None, None) if param is None else (param.device, param.dtype)
     try:
-        outputs = learner.outputs_width(probe, cached=False)
+        outputs = learner.probe(torch.zeros((2, *input_shape), device=device, dtype=dtype))
     except Exception as error:  # noqa: BLE001 - the model's own code: any failure, said with what it was given
-        raise CheckpointError(f"input_shape {list(input_shape)} does not fit the model: it fails on a batch of 2 such "
-                              f"inputs ({type(error).__name__}: {error})") from error
-    if learner.config.task_type == "classification":
-        if n_way is None:
-            raise CheckpointError(f"a classifier's checkpoint needs n_way=...: the classes of a task (at most the model's {outputs} outputs)")
-        if not 2 <= n_way <= outputs:
-            raise CheckpointError(f"n_way {n_way} does not fit the model's {outputs} outputs (2 to {outputs})")
+        try:
+            outputs = learner.probe(torch.zeros((2, *input_shape), device=device, dtype=torch.long))
+        except Exception:  # noqa: BLE001 - (nor token ids: the first failure is the one to say)
+            raise CheckpointError(f"input_shape {list(input_shape)} does not fit the model: it fails on a batch of 2 such "
+                                  f"inputs ({type(error).__name__}: {error})") from error
+    if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2 or outputs.shape[0] != 2:
+        got = list(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+        raise CheckpointError(f"the model gives {got} for a batch of 2 inputs of input_shape {list(input_shape)}; "
+                              "metalearn needs [2, outputs]: is input_shape the shape of one input?")
+    width = outputs.shape[-1]
+    if learner.config.task_type == "classification" and n_way is not None and not 2 <= n_way <= width:
+        raise CheckpointError(f"n_way {n_way} does not fit the model's {width} outputs (2 to {width})")
+    return width
 
 
 def save_checkpoint(
@@ -206,7 +213,9 @@ def save_checkpoint(
         raise CheckpointError("save_checkpoint needs input_shape=...: the shape of one input, without the batch "
                               "dimension (e.g. (1, 28, 28)); metalearn eval and the service check inputs against it")
     manifest = build_manifest(learner, **manifest_fields)
-    _check_fits(learner, tuple(manifest_fields["input_shape"]), manifest_fields.get("n_way"))
+    outputs = _check_fits(learner, tuple(manifest_fields["input_shape"]), manifest_fields.get("n_way"))
+    if learner.config.task_type == "classification" and manifest["n_way"] is None:
+        manifest["n_way"] = outputs  # (what the service takes a classifier's n_way to be, said in the manifest)
     if state is not None:
         manifest["state"] = state
     manifest = json_ready(manifest)

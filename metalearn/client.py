@@ -143,8 +143,10 @@ def _whole(response: httpx.Response, raw: bytes) -> httpx.Response:
                                f"{response.headers.get('Content-Encoding')!r} says ({error})", response.headers.get("X-Request-ID")) from None
 
 
-def _past(deadline: float, response: httpx.Response, timeout: float) -> None:
-    if time.monotonic() > deadline:
+def _past(deadline: float, response: httpx.Response, timeout: float, received: int) -> None:
+    """Raise a timeout once ``deadline`` has passed and more of the answer is to come (an answer whose last
+    bytes came just after it is kept: for an adaptation, its session exists)."""
+    if time.monotonic() > deadline and str(received) != response.headers.get("Content-Length"):
         raise httpx.ReadTimeout(f"no whole answer within {timeout:g} s (it kept arriving, slowly)", request=response.request)
 
 
@@ -419,7 +421,7 @@ class _Calls:
     def _expect(self, body: Any, key: str, kind: type | tuple[type, ...] = object) -> Any:
         """``body[key]`` of a successful answer, of type ``kind``, or :class:`ServiceError` where the answer is
         not the service's (another server at that address answering 200 with JSON of its own)."""
-        if not isinstance(body, dict) or not isinstance(body.get(key, ...), kind):
+        if not isinstance(body, dict) or key not in body or not isinstance(body[key], kind):
             what = f"no {key!r}" if not isinstance(body, dict) or key not in body else f"a {key!r} that is no {getattr(kind, '__name__', kind)}"
             raise _not_the_service(200, f"the answer has {what}: is {self.base_url} the metalearn service?")
         return body[key]
@@ -593,15 +595,17 @@ class Client(_Calls):
 
     def _exchange(self, method: str, path: str, body: dict | None) -> httpx.Response:
         """The whole answer within ``timeout`` seconds: httpx's timeout bounds each read, so an answer that
-        trickled in (a broken proxy or link) held the caller for as long as it trickled."""
+        trickled in (a broken proxy or link) held the caller for as long as it trickled. (Connecting, sending
+        and the wait for the answer's headers are each bounded by ``timeout`` as httpx bounds them.)"""
         deadline = time.monotonic() + self.timeout
         with self._http.stream(method, path, json=body) as response:
             if response.is_stream_consumed:  # (read already: a test's mock transport answers so)
                 return response
-            raw = []
+            raw, received = [], 0
             for chunk in response.iter_raw():
                 raw.append(chunk)
-                _past(deadline, response, self.timeout)
+                received += len(chunk)
+                _past(deadline, response, self.timeout, received)
         return _whole(response, b"".join(raw))
 
     def _request(self, method: str, path: str, body: dict | None = None) -> Any:
@@ -693,10 +697,11 @@ class AsyncClient(_Calls):
         async with self._http.stream(method, path, json=body) as response:
             if response.is_stream_consumed:
                 return response
-            raw = []
+            raw, received = [], 0
             async for chunk in response.aiter_raw():
                 raw.append(chunk)
-                _past(deadline, response, self.timeout)
+                received += len(chunk)
+                _past(deadline, response, self.timeout, received)
         return _whole(response, b"".join(raw))
 
     async def _request(self, method: str, path: str, body: dict | None = None) -> Any:

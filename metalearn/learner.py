@@ -420,19 +420,24 @@ class MetaLearner(nn.Module):
                              f"one value), got {list(y.shape)}")
         return y
 
-    def outputs_width(self, x: torch.Tensor, cached: bool = True) -> int:
-        """How many outputs (classes) the model gives per example, found once from one task's inputs ``x``
-        (``cached=False``: found again, the model run on ``x`` whatever was found before)."""
-        if getattr(self, "_outputs_width", None) is None or not cached:
-            training = self.model.training
-            self.model.eval()  # (a layer of the user's that keeps statistics leaves them as they are)
-            try:
-                with torch.no_grad():
-                    outputs = self.forward_with(self.model_params(self.meta_params()), self.buffers_dict(), x)
-            finally:
-                self.model.train(training)
-            self._outputs_width = outputs.shape[-1]
+    def outputs_width(self, x: torch.Tensor) -> int:
+        """How many outputs (classes) the model gives per example, found once from one task's inputs ``x``."""
+        if getattr(self, "_outputs_width", None) is None:
+            self._outputs_width = self.probe(x).shape[-1]
         return self._outputs_width
+
+    def probe(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's outputs for ``x``, in eval mode (dropout off; a layer of the user's that keeps statistics
+        leaves them as they are), on copies of the buffers (a forward that changes one in place, whatever the
+        mode, changes the copy), without autograd: a look at the model that leaves it as it was."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                buffers = {name: buffer.clone() for name, buffer in self.buffers_dict().items()}
+                return self.forward_with(self.model_params(self.meta_params()), buffers, x)
+        finally:
+            self.model.train(training)
 
     def head_forward(self, head_params: Params, features: torch.Tensor) -> torch.Tensor:
         prefix = "head."

@@ -215,7 +215,7 @@ class MLP(nn.Module):
         self.spec = {"arch": "mlp", "in_features": in_features, "hidden": list(hidden), "out_features": out_features}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() > 2 and x.shape[-1] != self.in_features:
+        if x.dim() > 2 and x.shape[1:].numel() == self.in_features:  # ([N, 1, 784] too: not a batch of rows)
             x = x.flatten(1)
         return self.head(self.body(x))
 

@@ -556,9 +556,10 @@ class TrainingDiverged(RuntimeError):
     """The meta-training loss became NaN or infinite: training stops without saving the broken weights."""
 
 
-class _ValidationInterrupted(Exception):
+class _ValidationInterrupted(BaseException):
     """Ctrl-C / SIGTERM during a validation (which takes up to half a minute on Omniglot): it is dropped, and
-    the run saves where it is and stops."""
+    the run saves where it is and stops. (A BaseException, as KeyboardInterrupt is: an ``except Exception`` in
+    the user's model or loss code must not take it.)"""
 
 
 class _StopRequest:
@@ -961,7 +962,9 @@ class Trainer:
                         break
                 elif self.iteration % c.save_interval == 0 and main:
                     self.save(LAST, metrics=self.last_val)
-            if main and (interrupted or self.iteration < c.iterations or not (self.out / LAST).exists()):
+            # (the last validation dropped, interrupted: a resume at the last iteration runs it, and nothing else)
+            unvalidated = self.val_source is not None and (self.last_val or {}).get("iteration") != self.iteration
+            if main and (interrupted or unvalidated or self.iteration < c.iterations or not (self.out / LAST).exists()):
                 # Stopped early (Ctrl-C, SIGTERM or time budget): validate unless
                 # interrupted, then save where we are.
                 if not interrupted:

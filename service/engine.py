@@ -307,9 +307,11 @@ class Engine:
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
             self._stopping = True
-            for job in self._pending:
+            # (the queue emptied first: a cancelled job's callback, run inside cancel(), withdraws it from the
+            # queue, and would otherwise change the deque this loop walks)
+            queued, self._pending = list(self._pending), deque()
+            for job in queued:
                 job.future.cancel()
-            self._pending.clear()
             self._cond.notify_all()
             for wake in self._idle:
                 wake.notify()
@@ -517,11 +519,11 @@ class Engine:
                 return False
             self._forget_stale()
             running = [job for job in batch if job.future.set_running_or_notify_cancel()]
+            if len(running) < len(batch):  # (cancelled while queued: their owners are refunded their estimate)
+                with self._cond:
+                    charged = self._fair.refund(batch, running, charged)
             if running:
                 self._execute(running, charged)
-            else:  # (every job was cancelled while queued: nothing computed, nothing owed)
-                with self._cond:
-                    self._fair.settle(batch, 0.0, charged, computed=False)
         except Exception as error:  # noqa: BLE001 - a worker that died would leave every later request waiting
             for job in batch:
                 if not job.future.done():

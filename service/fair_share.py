@@ -59,7 +59,7 @@ class FairShare:
         fair.shared(job)                      # others served too (lately queued): keep batches short
         charged = fair.start(batch)           # once the batch is formed (its jobs may have other owners)
         ...                                   # compute it
-        fair.settle(batch, seconds, charged)
+        fair.settle(batch, seconds, charged)   # (or first: charged = fair.refund(batch, running, charged))
     """
 
     SMOOTHING = 0.2  # weight of a batch's seconds per request in the model's running estimate
@@ -100,12 +100,23 @@ class FairShare:
     def settle(self, jobs: list[Any], seconds: float, charged: float = 0.0, computed: bool = True) -> None:
         """A batch of ``jobs`` (of one model), charged ``charged`` when it started (0: computed without a pick,
         on the event loop), took ``seconds``; ``computed``: False when it was not (every job cancelled)."""
+        if not jobs:
+            return
         self._charge(jobs, (seconds - charged) / len(jobs))
         if computed:
             key = id(jobs[0].model)
             per_job = seconds / len(jobs)
             previous = self._per_job.get(key)
             self._per_job[key] = per_job if previous is None else previous + self.SMOOTHING * (per_job - previous)
+
+    def refund(self, batch: list[Any], running: list[Any], charged: float) -> float:
+        """The jobs of ``batch`` (charged ``charged`` when taken) not in ``running`` were cancelled before they
+        ran: their owners get their part of the estimate back. Returns the part the running jobs were charged."""
+        taken = {id(job) for job in running}
+        cancelled = [job for job in batch if id(job) not in taken]
+        each = charged / len(batch)
+        self.settle(cancelled, 0.0, each * len(cancelled), computed=False)
+        return each * len(running)
 
     def _charge(self, jobs: list[Any], each: float) -> None:
         for job in jobs:  # (a batch takes compatible jobs whoever sent them: each owner pays for its own)

@@ -350,7 +350,6 @@ def test_a_manifest_that_contradicts_the_model_is_refused_when_saved(tmp_path):
     refused = {
         "n_way above the outputs": ({"input_shape": (1, 28, 28), "n_way": 7}, "n_way 7 does not fit the model's 5 outputs"),
         "input channels": ({"input_shape": (3, 28, 28), "n_way": 5}, r"input_shape \[3, 28, 28\] does not fit the model"),
-        "a classifier without n_way": ({"input_shape": (1, 28, 28)}, "needs n_way"),
         "no input_shape": ({"n_way": 5}, "needs input_shape"),
     }
     for name, (fields, message) in refused.items():
@@ -359,3 +358,44 @@ def test_a_manifest_that_contradicts_the_model_is_refused_when_saved(tmp_path):
     assert not list(tmp_path.iterdir())
     save_checkpoint(tmp_path / "c.safetensors", learner, input_shape=(1, 28, 28), n_way=3)  # (fewer ways than outputs: served so)
     assert read_manifest(tmp_path / "c.safetensors")["n_way"] == 3
+    save_checkpoint(tmp_path / "c.safetensors", learner, input_shape=(1, 28, 28))  # a classifier without n_way: its outputs,
+    assert read_manifest(tmp_path / "c.safetensors")["n_way"] == 5                # as the service takes it
+    mlp = MetaLearner(MLP(784, (8,), 5), MetaConfig("maml"))
+    with pytest.raises(CheckpointError, match=r"gives \[2, 3, 5\] for a batch of 2 inputs of input_shape \[3, 784\]"):
+        save_checkpoint(tmp_path / "m.safetensors", mlp, input_shape=(3, 784), n_way=5)  # (rows: each one's outputs)
+    save_checkpoint(tmp_path / "m.safetensors", mlp, input_shape=(1, 784), n_way=5)  # (one row of 784: flattened)
+
+
+def test_the_save_checks_look_at_the_model_without_changing_it_and_take_token_ids(tmp_path):
+    """The forward the save checks run leaves a buffer that the model changes in place as it was (it is saved
+    as trained), and a model of token ids that cannot take float zeros is probed with integer ones."""
+    from metalearn import register_architecture
+
+    @register_architecture("counting-mlp-test")
+    class Counting(torch.nn.Module):
+        def __init__(self, width: int = 4):
+            super().__init__()
+            self.head = torch.nn.Linear(3, width)
+            self.register_buffer("seen", torch.tensor(5.0))
+            self.spec = {"arch": "counting-mlp-test", "width": width}
+
+        def forward(self, x):
+            self.seen.mul_(0.9)  # (in every mode)
+            return self.head(x)
+
+    @register_architecture("token-bag-test")
+    class Tokens(torch.nn.Module):
+        def __init__(self, vocabulary: int = 10):
+            super().__init__()
+            self.embedding = torch.nn.Embedding(vocabulary, 4)
+            self.head = torch.nn.Linear(4, 3)
+            self.spec = {"arch": "token-bag-test", "vocabulary": vocabulary}
+
+        def forward(self, x):
+            return self.head(self.embedding(x).mean(1))  # (no cast: float inputs fail)
+
+    counting = MetaLearner(Counting(), MetaConfig("maml", task_type="regression"))
+    save_checkpoint(tmp_path / "counting.safetensors", counting, input_shape=(3,))
+    assert counting.model.seen.item() == 5.0 and load_checkpoint(tmp_path / "counting.safetensors").learner.model.seen.item() == 5.0
+    save_checkpoint(tmp_path / "tokens.safetensors", MetaLearner(Tokens(), MetaConfig("maml")), input_shape=(6,), n_way=3)
+    assert read_manifest(tmp_path / "tokens.safetensors")["n_way"] == 3

@@ -514,6 +514,34 @@ def test_timeout_bounds_the_whole_answer_and_a_timed_out_request_is_not_sent_aga
     with Client("http://service", timeout=0.5, transport=httpx.MockTransport(trickling)) as client, pytest.raises(ServiceUnreachable, match="in time"):
         client.health()
     assert time.monotonic() - started < 1.5
+
+    class Late(httpx.SyncByteStream):
+        def __iter__(self):
+            yield b'{"status": '
+            time.sleep(0.7)
+            yield b'"ok"}'
+
+    def late(request):  # (complete as its last bytes come, just past the deadline: kept)
+        return httpx.Response(200, headers={"Content-Type": "application/json", "Content-Length": "16"}, stream=Late())
+
+    with Client("http://service", timeout=0.5, transport=httpx.MockTransport(late)) as client:
+        assert client.health() == {"status": "ok"}
+
+    class AsyncTrickle(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            for _ in range(40):
+                await asyncio.sleep(0.05)
+                yield b" "
+
+    async def async_trickle():
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, stream=AsyncTrickle()))
+        async with AsyncClient("http://service", timeout=0.5, transport=transport) as client:
+            await client.health()
+
+    started = time.monotonic()
+    with pytest.raises(ServiceUnreachable, match="in time"):
+        asyncio.run(async_trickle())
+    assert time.monotonic() - started < 1.5
     sent = []
 
     def timed_out(request):

@@ -309,6 +309,10 @@ async def occupied(engine) -> asyncio.Future:
     """A job the engine's worker has taken and blocks on."""
     computing = asyncio.ensure_future(engine.submit(fake_job()))
     await asyncio.sleep(0.1)
+    for _ in range(500):  # (a loaded machine: until the worker has taken it from the queue)
+        if engine.depth() == 0:
+            break
+        await asyncio.sleep(0.01)
     return computing
 
 
@@ -355,6 +359,25 @@ def test_a_job_whose_request_timed_out_while_queued_leaves_the_queue_at_once():
 
         depth, computing, taken = asyncio.run(scenario())
         assert depth == 0 and computing["batch_size"] == 1 and taken["batch_size"] == 1
+
+
+def test_stopping_with_jobs_queued_cancels_them_all():
+    """Engine.stop cancels the queued jobs; a cancelled job's callback withdraws it from the queue, inside cancel():
+    stop walked the queue meanwhile and raised "deque mutated during iteration" (a review), leaving the other
+    queued requests waiting and the workers unjoined."""
+    engine = BlockingEngine(max_batch_size=1, max_wait_ms=0, request_timeout_s=10)
+    engine.start()
+    computing = engine.submit_nowait(fake_job())
+    for _ in range(500):  # (until the worker holds it)
+        if computing.running():
+            break
+        time.sleep(0.01)
+    queued = [engine.submit_nowait(fake_job()) for _ in range(3)]
+    threads = list(engine._threads)
+    threading.Timer(0.2, engine.release.set).start()  # (the worker still holds its job when stop empties the queue)
+    engine.stop()
+    assert all(future.cancelled() for future in queued) and engine.depth() == 0
+    assert computing.result(5)["predictions"] == [1] and not any(thread.is_alive() for thread in threads)
 
 
 def test_a_worker_loop_that_keeps_failing_logs_once_a_minute_and_pauses(caplog):
@@ -686,6 +709,36 @@ def test_fair_shares_give_each_queued_model_an_equal_share_of_compute_and_bank_n
     # A reload forgets the models no longer served
     fair.keep([id(light)])
     assert set(fair._models.charged) == {(None, id(light))} and set(fair._per_job) == {id(light)}
+
+
+def test_a_batchs_cancelled_jobs_are_refunded_to_their_own_keys():
+    """A batch is charged its estimate when taken, to each job's key; a job cancelled before it ran (its request
+    timed out, its client left) gets its key's part back, and the running jobs' part is what they settle."""
+    from service.fair_share import FairShare
+
+    model = SimpleNamespace(name="m")
+    a, b = SimpleNamespace(owner="a", model=model), SimpleNamespace(owner="b", model=model)
+    fair = FairShare()
+    fair.settle([SimpleNamespace(owner="c", model=model)], 0.1)  # (a recent cost: 0.1 s a request)
+    charged = fair.start([a, b])
+    assert charged == pytest.approx(0.2)
+    charged = fair.refund([a, b], [b], charged)  # a's was cancelled
+    fair.settle([b], 0.1, charged)
+    assert fair._owners.charged["a"] == pytest.approx(0.0) and fair._owners.charged["b"] == pytest.approx(0.1)
+
+
+def test_the_computation_limit_counts_shifted_views():
+    """A model that adapts on shifted views of its support images too adapts on SHIFTED_VIEWS times its examples."""
+    from metalearn.adaptation import SHIFTED_VIEWS
+    from service.problems import Problem
+    from service.routes.deps import check_work
+
+    settings = SimpleNamespace(max_example_steps=100)
+    plain = SimpleNamespace(support_shift=0, learner=SimpleNamespace(head_only=False))
+    shifted = SimpleNamespace(support_shift=1, learner=SimpleNamespace(head_only=False))
+    check_work(settings, 5, 10, plain)
+    with pytest.raises(Problem, match=f"{5 * SHIFTED_VIEWS} support examples \\(with their shifted views\\) x 10 inner steps"):
+        check_work(settings, 5, 10, shifted)
 
 
 def test_fair_shares_give_each_api_key_an_equal_share_and_each_of_its_models_an_equal_share_of_that():

@@ -280,6 +280,25 @@ def test_a_stop_request_during_a_validation_drops_it_and_stops_at_once(tmp_path)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records if r["kind"] == "val"] == [10]
     assert Trainer(TrainConfig(out=str(out)), resume=True).run()["iterations"] == 50
+    # The last validation interrupted: a resume at the last iteration runs it (before: it did nothing, and the
+    # final weights were never validated)
+    final = tmp_path / "final"
+    trainer = Trainer(TrainConfig(task="sinusoid", iterations=20, val_interval=10, val_episodes=4, meta_batch=2, out=str(final),
+                                  progress=False, model={"hidden": [8, 8]}, threads=1))
+    validate = trainer.validate
+
+    def last_interrupted():
+        if trainer.iteration == 20:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(10)
+        return validate()
+
+    trainer.validate = last_interrupted
+    assert trainer.run()["interrupted"]
+    summary = Trainer(TrainConfig(out=str(final)), resume=True).run()
+    records = [json.loads(line) for line in (final / "metrics.jsonl").read_text().splitlines()]
+    assert not summary["interrupted"] and [r["iteration"] for r in records if r["kind"] == "val"] == [10, 20]
+    assert summary["last"]["iteration"] == 20 and read_manifest(final / "last.safetensors")["metrics"]["iteration"] == 20
 
 
 def test_settings_are_checked_against_their_types(tmp_path):

@@ -82,14 +82,21 @@ def check_work(settings, examples: int, steps: int, model) -> None:
     cannot be stopped, so a request that timed out would hold its worker for nobody (a security review:
     two requests of 512 examples x 100 steps every 50 s kept a Conv4-64 service's workers busy). A model that
     adapts its head alone (ANIL) runs its body once per example, and its steps on the head cost little
-    beside it: its examples count once."""
+    beside it: its examples count once. A model that adapts on shifted views of its support images too
+    (``support_shift``) adapts on ``SHIFTED_VIEWS`` times its examples."""
+    from metalearn.adaptation import SHIFTED_VIEWS
+
+    counted = f"{examples} support examples"
+    if model.support_shift:
+        examples *= SHIFTED_VIEWS
+        counted = f"{examples} support examples (with their shifted views)"
     if model.learner.head_only:
         if examples > settings.max_example_steps:
-            raise Problem(422, "Too much computation", f"{examples} support examples, over this service's limit of "
+            raise Problem(422, "Too much computation", f"{counted}, over this service's limit of "
                           f"{settings.max_example_steps} example-steps (it bounds one request's computation): send fewer examples")
         return
     if examples * steps > settings.max_example_steps:
-        raise Problem(422, "Too much computation", f"{examples} support examples x {steps} inner steps = {examples * steps} example-steps, "
+        raise Problem(422, "Too much computation", f"{counted} x {steps} inner steps = {examples * steps} example-steps, "
                       f"over this service's limit of {settings.max_example_steps} (it bounds one request's computation): "
                       "send fewer examples or ask for fewer inner_steps")
 
