@@ -472,8 +472,9 @@ class Engine:
             key = first.key()
             # A computation that runs its rows one by one gains little from company, and while other models
             # (or keys) are served, a batch of them would hold the worker, and their requests arriving
-            # meanwhile, for the length of all of them. (Taken one at a time with one model served, MAML served 4% fewer requests
-            # at concurrency 16; why was not found: in process, batches of 1 and 8 take the same per request.)
+            # meanwhile, for the length of all of them. (Taken one at a time with one model served, MAML
+            # served 4% fewer requests at concurrency 16; why was not found: in process, batches of 1 and 8
+            # take the same per request.)
             by_row = self._scripts is not None and self._fair.shared(first) and self._scripts.runs_by_row(key)
             limit = 1 if by_row else self.max_batch_size
             self._take_compatible(key, batch, limit)
