@@ -173,9 +173,26 @@ def encode_tensor(value: Any, encoding: str = "base64", dtype=np.float32) -> Any
     return {"dtype": np.dtype(dtype).name, "shape": list(array.shape), "base64": base64.b64encode(little.tobytes()).decode("ascii")}
 
 
+# The modes PNG holds; a PIL image of another (CMYK, 32-bit integer I) goes as TIFF, lossless too.
+_PNG_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "I;16"})
+
+
+def _pil_bytes(image) -> bytes:
+    """A PIL image as a lossless file the service reads as the training data's loader would read the file it came
+    from: turned as its EXIF orientation says first (the training loader turns files so; a PNG written from the
+    image would carry no orientation, and a phone photo went sideways)."""
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image)  # (a copy without the orientation tag: turned once, however often called)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG" if image.mode in _PNG_MODES else "TIFF")
+    return buffer.getvalue()
+
+
 def encode_images(images: list) -> dict:
     """``x`` for image models from pictures: encoded files (PNG, JPEG, ...) as ``bytes``, data URLs (sent as
-    they are), paths to regular files, or PIL images (sent as PNG)."""
+    they are), paths to regular files, or PIL images (sent as PNG, or TIFF for modes PNG does not hold,
+    turned as their EXIF orientation says)."""
     encoded = []
     for image in images:
         if isinstance(image, str) and image.startswith("data:"):  # (the service reads data URLs itself)
@@ -187,9 +204,7 @@ def encode_images(images: list) -> dict:
                 raise ValueError(f"picture {str(path)[:200]!r} is not a regular file")
             image = path.read_bytes()
         elif _is_pil(image):
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            image = buffer.getvalue()
+            image = _pil_bytes(image)
         encoded.append(base64.b64encode(bytes(image)).decode("ascii"))
     return {"images": encoded}
 

@@ -10,7 +10,9 @@ driven by a JSON-able ``preprocessing`` dict that every image source exposes
     x = preprocess_images([png_bytes_1, png_bytes_2], prep)   # [2, 1, 28, 28]
 
 Steps, in order: decode (PIL) -> apply EXIF orientation -> flatten any alpha
-channel onto white -> grayscale ("L"), or RGB with ``grayscale`` false -> resize
+channel (RGBA, LA, PA, a palette's transparency) onto white; a grey or RGB
+picture's colour-key transparency (a PNG's ``transparency=`` colour) is not
+applied: those pixels keep their colour -> grayscale ("L"), or RGB with ``grayscale`` false -> resize
 to ``size`` (``[height, width]``) with ``resample`` -> scale to [0, 1] -> optionally invert
 (so dark strokes on light paper become 1.0 on 0.0).
 """
