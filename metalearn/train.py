@@ -925,6 +925,8 @@ class Trainer:
         window = _Window()
         started = time.perf_counter() - self.elapsed
         with _StopRequest() as stop:
+            # (with several processes a validation is not interrupted: the others would wait for this one)
+            validation_stop = None if context.enabled else stop
             while self.iteration < c.iterations:
                 i = self.iteration
                 lr = learning_rate(c, i)
@@ -956,8 +958,8 @@ class Trainer:
                     break
                 if self.iteration % c.val_interval == 0 or done:
                     if main:
-                        self._validate_and_save(done, stop if not context.enabled else None)
-                    if stop.requested and not context.enabled:  # (stopped in the validation: no step more)
+                        self._validate_and_save(done, validation_stop)
+                    if stop.requested and validation_stop is not None:  # (stopped in the validation: no step more)
                         interrupted = True
                         break
                 elif self.iteration % c.save_interval == 0 and main:
@@ -968,7 +970,7 @@ class Trainer:
                 # Stopped early (Ctrl-C, SIGTERM or time budget): validate unless
                 # interrupted, then save where we are.
                 if not interrupted:
-                    self._validate_and_save(True, stop if not context.enabled else None)
+                    self._validate_and_save(True, validation_stop)
                     interrupted = stop.requested  # (during that validation)
                 else:
                     self.save(LAST, metrics=self.last_val)

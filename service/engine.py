@@ -234,7 +234,7 @@ class Engine:
         # Compiled adaptations on the CPU (those traces cannot hold), shared by the workers; None = none (service.cpu_scripts)
         self._scripts = ScriptCache(capacity=config.cpu_scripts) if config.cpu_scripts else None
         self._pending: deque[Job] = deque()
-        self._fair = FairShare()  # which model's jobs a free worker takes next (under the queue's lock)
+        self._fair = FairShare()  # which key's and model's jobs a free worker takes next (under the queue's lock)
         self._batch_times: deque[tuple[float, float]] = deque(maxlen=256)  # (when, seconds) of the last batches
         self._computing: dict[int, float] = {}  # worker thread -> when its batch began (monotonic), while it computes
         self._shed_reason: str | None = None  # set by shed(): the service is stopping
@@ -450,8 +450,8 @@ class Engine:
         self._pending = keep
 
     def _next_batch(self, batch: list[Job]) -> float | None:
-        """Fill ``batch`` (empty) with the next job and those that can run with it: the oldest job of the model
-        with the least compute time charged among those queued (service.fair_share). Returns the estimate the
+        """Fill ``batch`` (empty) with the next job and those that can run with it: the oldest job of the least
+        charged model of the least charged key among those queued (service.fair_share). Returns the estimate the
         batch was charged, None when the engine stops. (Filled in place: should something fail on the way,
         the caller still knows which jobs it took.)"""
         if not hasattr(self._local, "wake"):
@@ -542,7 +542,7 @@ class Engine:
         return True
 
     def _execute(self, batch: list[Job], charged: float = 0.0) -> None:
-        """Compute ``batch`` and answer its jobs; the model's fair share is charged its time (``charged``:
+        """Compute ``batch`` and answer its jobs; its jobs' keys and model are charged its time (``charged``:
         the estimate charged when the batch was taken; 0 for a job computed on the event loop)."""
         worker = threading.get_ident()
         began = time.monotonic()

@@ -585,46 +585,42 @@ class CostlyEngine(Engine):
         return [{"predictions": [1]} for _ in batch]
 
 
+def computed_order(first: Job, rest: list[Job]) -> list[str]:
+    """What a CostlyEngine with one worker computed, in order: ``first``, taken by the worker, then ``rest``,
+    queued while it computes ``first``."""
+    engine = CostlyEngine(max_batch_size=1, max_wait_ms=0, request_timeout_s=10)
+    engine.start()
+    try:
+        async def queued():
+            computing = asyncio.ensure_future(engine.submit(first))
+            await asyncio.sleep(0.02)  # the worker computes it; the rest queue meanwhile
+            return await asyncio.gather(computing, *[engine.submit(job) for job in rest])
+
+        asyncio.run(queued())
+        return engine.order
+    finally:
+        engine.stop()
+
+
 def test_a_cheap_models_request_does_not_wait_behind_an_expensive_models_queue():
     """One queue serves every model: first come, first served, the cheap model's request queued after five
     expensive ones was computed sixth. With fair shares it is computed as soon as the worker is free."""
     expensive = SimpleNamespace(name="expensive", derived={}, cost=0.05)
     cheap = SimpleNamespace(name="cheap", derived={}, cost=0.0)
-    engine = CostlyEngine(max_batch_size=1, max_wait_ms=0, request_timeout_s=10)
-    engine.start()
-    try:
-        async def queued():
-            first = asyncio.ensure_future(engine.submit(fake_job(expensive)))
-            await asyncio.sleep(0.02)  # the worker computes it; the rest queue meanwhile
-            rest = [engine.submit(fake_job(expensive)) for _ in range(4)] + [engine.submit(fake_job(cheap))]
-            return await asyncio.gather(first, *rest)
-
-        asyncio.run(queued())
-        assert engine.order == ["expensive", "cheap", "expensive", "expensive", "expensive", "expensive"], engine.order
-    finally:
-        engine.stop()
+    order = computed_order(fake_job(expensive), [fake_job(expensive) for _ in range(4)] + [fake_job(cheap)])
+    assert order == ["expensive", "cheap", "expensive", "expensive", "expensive", "expensive"], order
 
 
 def test_one_api_keys_request_does_not_wait_behind_another_keys_queue():
     """The routes give each job its caller (the API key's owner id): key b's request, queued after five of
     key a's for the same model, is computed as soon as the worker is free, not sixth."""
     model = SimpleNamespace(name="m", derived={}, cost=0.05)
-    engine = CostlyEngine(max_batch_size=1, max_wait_ms=0, request_timeout_s=10)
-    engine.start()
-    try:
-        async def queued():
-            def job(owner):
-                return dataclasses.replace(fake_job(model), owner=owner)
 
-            first = asyncio.ensure_future(engine.submit(job("a")))
-            await asyncio.sleep(0.02)  # the worker computes it; the rest queue meanwhile
-            rest = [engine.submit(job("a")) for _ in range(4)] + [engine.submit(job("b"))]
-            return await asyncio.gather(first, *rest)
+    def job(owner):
+        return dataclasses.replace(fake_job(model), owner=owner)
 
-        asyncio.run(queued())
-        assert engine.order == ["a", "b", "a", "a", "a", "a"], engine.order
-    finally:
-        engine.stop()
+    order = computed_order(job("a"), [job("a") for _ in range(4)] + [job("b")])
+    assert order == ["a", "b", "a", "a", "a", "a"], order
 
 
 def test_while_other_models_wait_jobs_whose_computation_runs_row_by_row_are_taken_one_at_a_time():

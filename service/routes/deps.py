@@ -29,7 +29,7 @@ def caller(request: Request) -> str | None:
     if len(request.headers.getlist("x-api-key")) > 1 or len(request.headers.getlist("authorization")) > 1:
         # (Which one would count? The proxy's rate limit reads them joined, as a key of their own: sending
         # the real key with a different second one each time would escape it.)
-        raise Problem(401, "Unauthorized", "several API keys: send one X-API-Key or Authorization header", headers={"WWW-Authenticate": "Bearer"})
+        raise _unauthorized("several API keys: send one X-API-Key or Authorization header")
     given = request.headers.get("x-api-key")
     if not given:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -41,8 +41,12 @@ def caller(request: Request) -> str | None:
                 match = owner_id
         if match is not None:
             return match
-        raise Problem(401, "Unauthorized", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
-    raise Problem(401, "Unauthorized", "an API key is required: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'", headers={"WWW-Authenticate": "Bearer"})
+        raise _unauthorized("the API key is not valid")
+    raise _unauthorized("an API key is required: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
+
+
+def _unauthorized(detail: str) -> Problem:
+    return Problem(401, "Unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
 
 
 async def owner(request: Request, _key: str | None = Depends(api_key_header), _token: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str | None:
@@ -90,15 +94,12 @@ def check_work(settings, examples: int, steps: int, model) -> None:
     if model.support_shift:
         examples *= SHIFTED_VIEWS
         counted = f"{examples} support examples (with their shifted views)"
-    if model.learner.head_only:
-        if examples > settings.max_example_steps:
-            raise Problem(422, "Too much computation", f"{counted}, over this service's limit of "
-                          f"{settings.max_example_steps} example-steps (it bounds one request's computation): send fewer examples")
-        return
-    if examples * steps > settings.max_example_steps:
-        raise Problem(422, "Too much computation", f"{counted} x {steps} inner steps = {examples * steps} example-steps, "
-                      f"over this service's limit of {settings.max_example_steps} (it bounds one request's computation): "
-                      "send fewer examples or ask for fewer inner_steps")
+    head_only = model.learner.head_only
+    work, counted = (examples, counted) if head_only else (examples * steps, f"{counted} x {steps} inner steps")
+    if work > settings.max_example_steps:
+        raise Problem(422, "Too much computation", f"{counted} = {work} example-steps, over this service's limit of "
+                      f"{settings.max_example_steps} (it bounds one request's computation): send fewer examples"
+                      + ("" if head_only else " or ask for fewer inner_steps"))
 
 
 def _uses_images(value: Any) -> bool:
