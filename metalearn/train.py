@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.func import functional_call
 
 from metalearn import default_device, distributed
 from metalearn.adaptation import check_support_shift
@@ -475,13 +476,15 @@ def build_learner(config: TrainConfig, source) -> MetaLearner:
 def check_outputs(model: torch.nn.Module, arch: str, input_shape: tuple[int, ...], out_features: int) -> None:
     """Run ``model`` once on two inputs of the task's shape, so that a model that fails on them or gives
     the wrong number of outputs is said before training, naming the model (a model of the user's own
-    fails otherwise deep in the first meta-step, or trains on broadcast targets)."""
+    fails otherwise deep in the first meta-step, or trains on broadcast targets). It runs on copies of the
+    buffers: a forward that changes one in place, whatever the mode, must not change what training starts from."""
     probe = torch.zeros(2, *input_shape)
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     training = model.training
     model.eval()  # (dropout and the like left as they are)
     try:
         with torch.no_grad():
-            outputs = model(probe)
+            outputs = functional_call(model, buffers, (probe,))  # (its own parameters, the copies of its buffers)
     except Exception as error:  # noqa: BLE001 - the model's own code: any failure, said with what it was given
         raise ValueError(f"model {arch!r} failed on a batch of the task's inputs (shape {list(probe.shape)}): "
                          f"{type(error).__name__}: {error}") from error

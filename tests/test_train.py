@@ -457,6 +457,27 @@ def test_a_model_returning_a_tuple_is_told_to_return_one_tensor():
         check_outputs(Pair(), "pair", (1,), 1)
 
 
+def test_the_check_before_training_leaves_a_models_buffers_as_they_were():
+    """check_outputs ran the model itself: a forward that changes a buffer in place (whatever the mode)
+    changed what training starts from before the first meta-step."""
+    from metalearn.train import check_outputs
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(1, 1)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls += 1
+            return self.linear(x)
+
+    model = Counting()
+    check_outputs(model, "counting", (1,), 1)
+    assert model.calls.item() == 0
+    assert model.training
+
+
 def test_resuming_with_another_process_count_says_the_run_changes(tmp_path, capsys):
     """The resume state records how many processes trained the run; another count goes on, with a note (each
     process draws its own tasks, so the run is no longer the one it would have been)."""
