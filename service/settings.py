@@ -135,22 +135,22 @@ class Settings(BaseSettings):
     def _check(self):
         if self.api_keys and any(not key.strip() for key in self.api_keys.split(",")):
             # (" " or " , " would otherwise mean no keys at all: every /v1 call open, as the operator did not mean)
-            raise ValueError("api_keys: a blank key (only spaces, or a stray or doubled comma): set the keys, or leave it empty for an API open to all")
+            raise ValueError(f"{ENV_PREFIX}API_KEYS: a blank key (only spaces, or a stray or doubled comma): set the keys, or leave it empty for an API open to all")
         if self.min_inner_lr > self.max_inner_lr:
-            raise ValueError("min_inner_lr must be <= max_inner_lr")
+            raise ValueError(f"{ENV_PREFIX}MIN_INNER_LR must be <= {ENV_PREFIX}MAX_INNER_LR")
         if self.session_ttl_s > self.max_session_ttl_s:
-            raise ValueError("session_ttl_s must be <= max_session_ttl_s")
+            raise ValueError(f"{ENV_PREFIX}SESSION_TTL_S must be <= {ENV_PREFIX}MAX_SESSION_TTL_S")
         for entry in self.forwarded_allow_list():
             # (uvicorn would take anything else as a name that never matches: a typo would trust nobody, silently)
             if entry != "*":
                 try:
                     ipaddress.ip_network(entry, strict=False)
                 except ValueError:
-                    raise ValueError(f"forwarded_allow_ips: {entry!r} is not an IP address, a network (10.0.0.0/8) or *") from None
+                    raise ValueError(f"{ENV_PREFIX}FORWARDED_ALLOW_IPS: {entry!r} is not an IP address, a network (10.0.0.0/8) or *") from None
         for origin in self.cors_origin_list():
             # A browser sends scheme://host[:port] and nothing else: a path or trailing slash never matches.
             if origin != "*" and not re.fullmatch(r"https?://[^/\s?#]+", origin):
-                raise ValueError(f"cors_origins: {origin!r} is not an origin (scheme://host[:port], no path or "
+                raise ValueError(f"{ENV_PREFIX}CORS_ORIGINS: {origin!r} is not an origin (scheme://host[:port], no path or "
                                  "trailing slash, e.g. https://app.example.com), nor *")
         return self
 

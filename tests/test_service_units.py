@@ -244,8 +244,14 @@ def test_bad_settings_are_refused_in_one_line_naming_the_variable(monkeypatch, t
                                 "parse string as an integer; METALEARN_QUEUE_SIZE='0': Input should be greater than or equal to 1")
     monkeypatch.delenv("METALEARN_MAX_BATCH_SIZE")
     monkeypatch.delenv("METALEARN_QUEUE_SIZE")
-    with pytest.raises(ValueError, match=r"^bad service settings: min_inner_lr must be <= max_inner_lr$"):
+    with pytest.raises(ValueError, match=r"^bad service settings: METALEARN_MIN_INNER_LR must be <= METALEARN_MAX_INNER_LR$"):
         Settings.from_environment(min_inner_lr=5, max_inner_lr=1)
+    monkeypatch.setenv("METALEARN_SESSION_TTL_S", "7200")
+    monkeypatch.setenv("METALEARN_MAX_SESSION_TTL_S", "60")
+    with pytest.raises(ValueError, match=r"^bad service settings: METALEARN_SESSION_TTL_S must be <= METALEARN_MAX_SESSION_TTL_S$"):
+        Settings.from_environment()
+    monkeypatch.delenv("METALEARN_SESSION_TTL_S")
+    monkeypatch.delenv("METALEARN_MAX_SESSION_TTL_S")
     # A GPU named where there is none: refused before the server starts, as metalearn serve's one-line error.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert Settings(device="auto").usable_device() == "cpu"
@@ -891,7 +897,7 @@ def test_cors_lets_the_configured_origins_call_from_a_browser(tmp_path):
     with TestClient(create_app(Settings(model_dir=str(tmp_path)))) as client:
         assert "access-control-allow-origin" not in client.get("/healthz", headers={"Origin": page}).headers
     for bad in ("https://app.example.com/", "app.example.com", "https://app.example.com/ui"):
-        with pytest.raises(ValueError, match="cors_origins: .* is not an origin"):
+        with pytest.raises(ValueError, match="METALEARN_CORS_ORIGINS: .* is not an origin"):
             Settings(cors_origins=bad)
 
 
@@ -901,7 +907,7 @@ def test_forwarded_allow_ips_are_addresses_networks_or_a_star():
     assert Settings(forwarded_allow_ips=" 10.0.0.1, 172.16.0.0/12 ,::1").forwarded_allow_list() == ["10.0.0.1", "172.16.0.0/12", "::1"]
     assert Settings(forwarded_allow_ips=" *").forwarded_allow_list() == ["*"]
     for bad in ("proxy", "10.0.0.300", "*.example.com"):
-        with pytest.raises(ValueError, match="forwarded_allow_ips: .* is not an IP address"):
+        with pytest.raises(ValueError, match="METALEARN_FORWARDED_ALLOW_IPS: .* is not an IP address"):
             Settings(forwarded_allow_ips=bad)
 
 
@@ -1269,7 +1275,7 @@ def test_api_keys_that_would_open_the_api_are_refused_and_short_ones_warned(tmp_
     from service.server import _loopback
 
     for keys in (" ", " , ", "a-long-enough-key-1,,a-long-enough-key-2", "a-long-enough-key-1,"):
-        with pytest.raises(ValueError, match="a blank key"):
+        with pytest.raises(ValueError, match="METALEARN_API_KEYS: a blank key"):
             Settings(model_dir=str(tmp_path), api_keys=keys)
     with caplog.at_level("WARNING", logger="service"), TestClient(create_app(Settings(model_dir=str(tmp_path), api_keys="short, " + "k" * 16))):
         pass
