@@ -38,7 +38,7 @@ from service.openapi import install_openapi
 from service.registry import ModelRegistry
 from service.request_ids import RequestIds
 from service.routes import health, metrics, models, sessions
-from service.routes.deps import DECODE_THREADS, STORE_THREADS
+from service.routes.deps import DECODE_THREADS, STORE_THREADS, answer_head_as_get
 from service.sessions import MemorySessionStore, SessionStore, SessionStoreFull, SessionStoreUnavailable
 from service.settings import SHORT_KEY, Settings
 
@@ -300,6 +300,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     _install_docs(app)
+    answer_head_as_get(app.router)  # (the docs pages; each module's router does the same for its own)
     install_openapi(app)
     # Each added one wraps the ones before: metrics see every answer, including 413s from the size
     # limit, and every answer carries its request id.

@@ -90,6 +90,10 @@ class FairShare:
         since, party = time.monotonic() - self.RECENT_S, (job.owner, id(job.model))
         return any(at >= since for other, at in self._queued_at.items() if other != party)
 
+    def per_job(self, model: Any) -> float | None:
+        """``model``'s recent compute seconds per request (None before its first batch)."""
+        return self._per_job.get(id(model))
+
     def start(self, jobs: list[Any]) -> float:
         """Charge the owners and models of a batch of ``jobs`` (of one model) the estimate of its compute
         seconds, as it is taken; returns the estimate."""

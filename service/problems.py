@@ -101,7 +101,7 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "Internal error": (500, "a bug: `request_id` finds the operator's log line"),
     "Overloaded": (503, "the queue is full: retry after Retry-After seconds"),
     "Timed out": (503, "the request waited past METALEARN_REQUEST_TIMEOUT_S: retry after Retry-After seconds"),
-    "Not ready": (503, "no model loaded, the workers stopped, or the service is draining before it stops"),
+    "Not ready": (503, "no model loaded, the workers stopped, the service is draining before it stops, or a reload replaced the model while it adapted"),
     "Session store unavailable": (503, "the session store (Redis) cannot be reached: retry after Retry-After seconds"),
 }
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from metalearn.adaptation import check_support_shift
+from metalearn.adaptation import SHIFTED_VIEWS, check_support_shift
 from metalearn.checkpoint import BEST, LAST, SUFFIX, Checkpoint, CheckpointError, load_checkpoint
 from metalearn.learner import MetaLearner
 from metalearn.models import BatchNorm
@@ -74,6 +74,15 @@ class LoadedModel:
     def version(self) -> str:
         digest = str(self.manifest.get("content_hash", "")).split(":")[-1]
         return digest[:12] or "unknown"
+
+    def example_steps(self, examples: int, steps: int) -> int:
+        """The work of adapting to ``examples`` support examples in ``steps`` inner steps, as
+        ``METALEARN_MAX_EXAMPLE_STEPS`` counts it: examples x steps; the examples alone where the head adapts
+        alone (ANIL: the body runs once per example, the steps on the head cost little beside it); with a
+        ``support_shift``, each example's shifted views count as examples."""
+        if self.support_shift:
+            examples *= SHIFTED_VIEWS
+        return examples if self.learner.head_only else examples * steps
 
     def session_problem(self, tensors: dict[str, torch.Tensor]) -> str | None:
         """Why ``tensors`` (a stored session's, ``service.engine.session_tensors``) cannot be an adaptation of

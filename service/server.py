@@ -54,9 +54,11 @@ def _loopback(host: str) -> bool:
 # How long requests in flight get once the server stops (uvicorn's graceful shutdown). Requests still
 # queued when less than SHED_MARGIN_S plus twice the longest recent batch (one computing counted by its
 # time so far) is left are answered 503 (retry elsewhere) instead of losing their connection: the batches
-# computing then still finish in time.
+# computing then still finish in time. Meanwhile no batch starts that is expected to end within the last
+# SHED_MARGIN_S (Engine.finish_by): its requests are answered 503 too.
 GRACE_S = 10.0
 SHED_MARGIN_S = 1.0
+STOPPING = "the service is stopping; retry (another replica answers)"
 
 
 def _draining_server(config, app, drain_s: float):
@@ -77,7 +79,7 @@ def _draining_server(config, app, drain_s: float):
         engine = app.state.engine
         while deadline - time.monotonic() > SHED_MARGIN_S + 2 * engine.longest_recent_batch():
             time.sleep(0.05)
-        count = engine.shed("the service is stopping; retry (another replica answers)")
+        count = engine.shed(STOPPING)
         if count:
             log.warning("stopping: answered %d queued request(s) with 503 before the grace period ends", count)
 
@@ -91,7 +93,9 @@ def _draining_server(config, app, drain_s: float):
                 later(drain_s, self.handle_exit, sig, frame)
                 return
             if not self.should_exit:
-                watcher = threading.Thread(target=shed_in_time, args=(time.monotonic() + GRACE_S,), daemon=True)
+                deadline = time.monotonic() + GRACE_S
+                app.state.engine.finish_by(deadline - SHED_MARGIN_S, STOPPING)  # (no batch started that ends later)
+                watcher = threading.Thread(target=shed_in_time, args=(deadline,), daemon=True)
                 watcher.start()
             super().handle_exit(sig, frame)
 

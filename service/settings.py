@@ -39,6 +39,7 @@ class EngineConfig:
     cpu_scripts: int = 8  # compiled computations on the CPU, shared by the workers; 0 = none (service.cpu_scripts)
     worker_cpus: list[list[int]] | None = None  # the cores each worker runs on (Settings.resolved_worker_cpus); None = anywhere
     inline_predict_ms: float = 5.0  # lone session predicts this cheap compute on the caller's thread; 0 = never
+    max_batch_work: int = 10240  # a batch takes requests while their example-steps (LoadedModel.example_steps) fit in this; 0 = no bound
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -85,7 +86,7 @@ class Settings(BaseSettings):
     max_list_values: int = Field(262144, ge=1024, description="Request bodies of more comma-separated values than this, or more JSON lists than a sixteenth of it (numbers sent as lists), are answered 413 before they are parsed: parsing holds the event loop; large tensors go as base64.")
     body_timeout_s: float = Field(30.0, gt=0, description="A request body that stops arriving for this long is answered 408 (a stalled upload holds its connection and buffer).")
     max_inner_steps: int = Field(100, ge=0, description="Largest inner_steps a request may ask for.")
-    max_example_steps: int = Field(10240, ge=1, description="Most support examples x inner_steps in one request (for a model that adapts its head alone, ANIL, the examples alone: its body runs once per example): a bound on one request's computation, which cannot be stopped once it runs (a request that timed out would hold its worker for nobody). A Conv4-64 MAML adaptation takes about 1 ms per example-step on one core, so 10240 is about 10 s; set it so that your heaviest model's largest request finishes well within request_timeout_s.")
+    max_example_steps: int = Field(ENGINE.max_batch_work, ge=1, description="Most support examples x inner_steps in one request (for a model that adapts its head alone, ANIL, the examples alone: its body runs once per example): a bound on one request's computation, which cannot be stopped once it runs (a request that timed out would hold its worker for nobody), and on one batch's: a batch takes requests while their example-steps fit. A Conv4-64 MAML adaptation takes about 1 ms per example-step on one core, so 10240 is about 10 s; set it so that your heaviest model's largest request finishes well within request_timeout_s.")
     min_inner_lr: float = Field(1e-6, gt=0, description="Smallest inner_lr a request may ask for.")
     max_inner_lr: float = Field(10.0, gt=0, description="Largest inner_lr a request may ask for.")
 
@@ -212,6 +213,7 @@ class Settings(BaseSettings):
             cpu_scripts=self.cpu_scripts,
             worker_cpus=self.resolved_worker_cpus(),
             inline_predict_ms=self.inline_predict_ms,
+            max_batch_work=self.max_example_steps,
         )
 
     def resolved_device(self) -> str:

@@ -136,9 +136,9 @@ def test_model_names_are_examples_not_an_enum(trained_app):
 
 def test_methods_and_encodings_a_route_refuses_are_named(app_client):
     answer = app_client.put("/v1/sessions/abc")
-    assert answer.status_code == 405 and answer.headers["allow"] == "GET, DELETE", answer.headers
-    assert "allowed: GET, DELETE" in answer.json()["detail"]
-    assert app_client.post("/v1/models").headers["allow"] == "GET"
+    assert answer.status_code == 405 and answer.headers["allow"] == "GET, HEAD, DELETE", answer.headers
+    assert "allowed: GET, HEAD, DELETE" in answer.json()["detail"]
+    assert app_client.post("/v1/models").headers["allow"] == "GET, HEAD"
     assert app_client.post("/static/swagger-ui.css").headers["allow"] == "GET, HEAD"  # a mount matches any method: not asked
     gzipped = app_client.post("/v1/models/any/predict", content=b"\x1f\x8b\x08", headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
     assert gzipped.status_code == 415 and "Content-Encoding 'gzip'" in gzipped.json()["detail"], gzipped.text

@@ -348,3 +348,42 @@ def test_a_session_of_a_version_no_longer_served_answers_404_where_the_store_kee
         assert client.portal.call(reload_models, app)["updated"] == ["sine"]
         gone = client.post(path + "/predict", json={"x": [[0.5]]})
         assert gone.status_code == 404 and "is no longer served in that version; adapt again" in gone.json()["detail"]
+
+
+def test_an_adaptation_that_a_reload_overtakes_leaves_no_session_behind(tmp_path, monkeypatch):
+    """An adaptation computing while a reload replaces its model: its session, stored after the reload dropped
+    the old version's, could never predict and held its share of the budget until its TTL under an id nobody
+    had (a review: 16 of 62 sessions leaked so). It is deleted, and the request answered 503 not-ready, which
+    clients retry: the new version answers."""
+    from fastapi.testclient import TestClient
+
+    import service.routes.models as model_routes
+    from metalearn import MLP, MetaConfig, MetaLearner
+    from metalearn.checkpoint import save_checkpoint
+    from service.app import create_app, reload_models
+    from service.settings import Settings
+
+    def save(seed):
+        torch.manual_seed(seed)
+        save_checkpoint(tmp_path / "sine.safetensors", MetaLearner(MLP(1, (8,), 1), MetaConfig("maml", task_type="regression")), input_shape=(1,))
+
+    save(0)
+    app = create_app(Settings(model_dir=str(tmp_path)))
+    computed = model_routes.compute_unless_client_gone
+
+    async def overtaken(request, engine, job):
+        result = await computed(request, engine, job)
+        save(1)
+        assert (await reload_models(app))["updated"] == ["sine"]
+        return result
+
+    body = {"support": {"x": [[0.5]], "y": [0.25]}}
+    with TestClient(app) as client:
+        monkeypatch.setattr(model_routes, "compute_unless_client_gone", overtaken)
+        answer = client.post("/v1/models/sine/adapt", json=body)
+        assert answer.status_code == 503 and answer.headers["Retry-After"] == "1", answer.text
+        assert answer.json()["type"].endswith("/not-ready") and "a reload replaced model 'sine'" in answer.json()["detail"]
+        assert app.state.store.stats().live_sessions == 0
+        monkeypatch.setattr(model_routes, "compute_unless_client_gone", computed)
+        again = client.post("/v1/models/sine/adapt", json=body)
+        assert again.status_code == 201 and again.json()["model_version"] == app.state.registry.get("sine").version

@@ -90,9 +90,11 @@ def test_health_ready_and_models(server, http, model_dir):
     ready = httpx.get(server.url + "/readyz").json()
     assert ready["models"] == ["anil_run", "conv_maml", "sine"]  # broken.safetensors skipped, run dir named after the dir
     assert list(ready["skipped"]) == ["broken.safetensors"]  # its place in the model directory, not the host's path
-    for probe in ("/healthz", "/readyz"):  # (some load balancers and uptime checks probe with HEAD)
-        head = httpx.head(server.url + probe)
-        assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
+    # Every GET route answers HEAD (RFC 9110; some load balancers and uptime checks probe with it): before, all
+    # but the two probes answered 405.
+    for probe in ("/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/v1/models", "/v1/models/sine", "/v1/sessions/none"):
+        head, get = http.head(probe), http.get(probe)
+        assert head.status_code == get.status_code and head.content == b"" and int(head.headers["content-length"]) > 0, probe
     assert str(model_dir) not in str(ready["skipped"]) and ready["skipped"]["broken.safetensors"].startswith("broken.safetensors: ")
     models = {m["name"]: m for m in http.get("/v1/models").json()["models"]}
     assert models["conv_maml"]["task_type"] == "classification" and models["conv_maml"]["n_way"] == 5

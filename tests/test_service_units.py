@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -386,6 +387,29 @@ def test_stopping_with_jobs_queued_cancels_them_all():
     assert computing.result(5)["predictions"] == [1] and not any(thread.is_alive() for thread in threads)
 
 
+def test_a_batch_takes_adaptations_while_their_work_fits_in_the_limit_of_one():
+    """A batch of 8 adaptations each near METALEARN_MAX_EXAMPLE_STEPS held its worker 8 times as long as the limit
+    means to (80 s for Conv4-64 against a 30 s request timeout): a batch takes requests while their example-steps
+    fit in that limit (the first always)."""
+    model = SimpleNamespace(name="m", derived={}, example_steps=lambda examples, steps: examples * steps)
+
+    def adaptation(examples):
+        return Job("adapt", model, support_x=torch.zeros(examples, 1), support_y=torch.zeros(examples), steps=2)
+
+    with blocking_engine(max_batch_size=8, max_wait_ms=0, request_timeout_s=10, max_batch_work=25) as engine:
+        async def scenario():
+            computing = await occupied(engine)
+            queued = [asyncio.ensure_future(engine.submit(adaptation(5))) for _ in range(5)]  # 10 example-steps each
+            big = asyncio.ensure_future(engine.submit(adaptation(20)))  # 40, over the limit: computed all the same
+            await asyncio.sleep(0.1)
+            engine.release.set()
+            await computing
+            return await asyncio.gather(*queued), await big
+
+        queued, big = asyncio.run(scenario())
+    assert sorted(r["batch_size"] for r in queued) == [1, 2, 2, 2, 2] and big["batch_size"] == 1
+
+
 def test_a_worker_loop_that_keeps_failing_logs_once_a_minute_and_pauses(caplog):
     """A bug in the worker's loop outside a computation (a review caught fair_share reading a field the engine's
     Job did not have yet) fails every batch: each job gets the error, the worker goes on, and the traceback is
@@ -431,6 +455,42 @@ def test_shed_answers_the_queue_and_what_comes_after_with_engine_stopped():
         done, shed = asyncio.run(scenario())
         assert done["batch_size"] == 1 and all(isinstance(e, EngineStopped) for e in shed)
         assert 0.05 < engine.longest_recent_batch() < 10
+
+
+class TimedEngine(Engine):
+    """An engine whose batch takes 0.1 s a job, and answers when it ended."""
+
+    def _compute(self, batch):
+        time.sleep(0.1 * len(batch))
+        return [{"ended": time.monotonic()} for _ in batch]
+
+
+def test_a_stopping_engine_starts_only_batches_that_end_in_time():
+    """Engine.finish_by (a stopping server): a worker takes only as many jobs as its model's recent seconds per
+    request say end by the deadline, and fails the jobs that would not with EngineStopped (503). (A review: 24
+    heavy adaptations queued at SIGTERM, taken 8 at a time in batches longer than the grace left: 16 dropped
+    connections.)"""
+    from service.engine import EngineStopped
+
+    engine = TimedEngine(max_batch_size=8, max_wait_ms=0, request_timeout_s=10, workers=1)
+    engine.start()
+    try:
+        model = SimpleNamespace(name="m", derived={})
+
+        async def scenario():
+            await engine.submit(fake_job(model))  # (the model's cost: 0.1 s a request)
+            deadline = time.monotonic() + 0.45
+            engine.finish_by(deadline, "stopping")
+            results = await asyncio.gather(*[engine.submit(fake_job(model)) for _ in range(8)], return_exceptions=True)
+            return deadline, results
+
+        deadline, results = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    computed = [r for r in results if isinstance(r, dict)]
+    shed = [r for r in results if isinstance(r, EngineStopped)]
+    assert len(computed) + len(shed) == 8 and all("stopping" in str(e) for e in shed)
+    assert 1 <= len(computed) <= 4 and max(r["ended"] for r in computed) <= deadline + 0.05
 
 
 def test_a_batch_still_computing_counts_in_the_longest_recent_batch():
@@ -735,12 +795,17 @@ def test_the_computation_limit_counts_shifted_views():
     from service.problems import Problem
     from service.routes.deps import check_work
 
+    from service.registry import LoadedModel
+
+    def model(support_shift):
+        model = SimpleNamespace(support_shift=support_shift, learner=SimpleNamespace(head_only=False))
+        model.example_steps = functools.partial(LoadedModel.example_steps, model)
+        return model
+
     settings = SimpleNamespace(max_example_steps=100)
-    plain = SimpleNamespace(support_shift=0, learner=SimpleNamespace(head_only=False))
-    shifted = SimpleNamespace(support_shift=1, learner=SimpleNamespace(head_only=False))
-    check_work(settings, 5, 10, plain)
-    with pytest.raises(Problem, match=f"{5 * SHIFTED_VIEWS} support examples \\(with their shifted views\\) x 10 inner steps"):
-        check_work(settings, 5, 10, shifted)
+    check_work(settings, 5, 10, model(0))
+    with pytest.raises(Problem, match=f"{5 * SHIFTED_VIEWS} support examples \\(with their shifted views\\) x 10 inner steps = {50 * SHIFTED_VIEWS} example-steps"):
+        check_work(settings, 5, 10, model(1))
 
 
 def test_fair_shares_give_each_api_key_an_equal_share_and_each_of_its_models_an_equal_share_of_that():

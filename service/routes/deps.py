@@ -8,7 +8,8 @@ import math
 from typing import Any
 
 import anyio
-from fastapi import Depends, Request
+from fastapi import APIRouter, Depends, Request
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from service.problems import Problem
@@ -84,19 +85,17 @@ def check_inner(settings, steps: int | None, lr: float | None, model) -> tuple[i
 def check_work(settings, examples: int, steps: int, model) -> None:
     """A request's support examples x inner steps within ``max_example_steps``: once a computation runs it
     cannot be stopped, so a request that timed out would hold its worker for nobody (a security review:
-    two requests of 512 examples x 100 steps every 50 s kept a Conv4-64 service's workers busy). A model that
-    adapts its head alone (ANIL) runs its body once per example, and its steps on the head cost little
-    beside it: its examples count once. A model that adapts on shifted views of its support images too
-    (``support_shift``) adapts on ``SHIFTED_VIEWS`` times its examples."""
+    two requests of 512 examples x 100 steps every 50 s kept a Conv4-64 service's workers busy). The work
+    is counted by ``LoadedModel.example_steps``; the engine bounds a batch's work by the same limit."""
     from metalearn.adaptation import SHIFTED_VIEWS
 
-    counted = f"{examples} support examples"
-    if model.support_shift:
-        examples *= SHIFTED_VIEWS
-        counted = f"{examples} support examples (with their shifted views)"
-    head_only = model.learner.head_only
-    work, counted = (examples, counted) if head_only else (examples * steps, f"{counted} x {steps} inner steps")
+    work = model.example_steps(examples, steps)
     if work > settings.max_example_steps:
+        counted = (f"{examples * SHIFTED_VIEWS} support examples (with their shifted views)" if model.support_shift
+                   else f"{examples} support examples")
+        head_only = model.learner.head_only
+        if not head_only:
+            counted += f" x {steps} inner steps"
         raise Problem(422, "Too much computation", f"{counted} = {work} example-steps, over this service's limit of "
                       f"{settings.max_example_steps} (it bounds one request's computation): send fewer examples"
                       + ("" if head_only else " or ask for fewer inner_steps"))
@@ -169,3 +168,17 @@ async def compute_unless_client_gone(request: Request, engine, job) -> Any:
         later.cancel()
         if watch is not None:
             watch.cancel()
+
+
+def answer_head_as_get(router: APIRouter) -> None:
+    """Every ``GET`` route of ``router`` answers ``HEAD`` too (RFC 9110; the load balancers and uptime checks that
+    probe with it), by the same endpoint: the server sends the answer without its body. Called once per router,
+    after its routes. The twins stay out of the OpenAPI document, where each would be a second operation of the
+    same id."""
+    for route in list(router.routes):
+        if isinstance(route, APIRoute) and "GET" in route.methods:
+            router.add_api_route(
+                route.path.removeprefix(router.prefix), route.endpoint, methods=["HEAD"], include_in_schema=False,
+                name=route.name, response_model=route.response_model, response_class=route.response_class,
+                response_model_exclude_none=route.response_model_exclude_none, route_class_override=type(route),
+            )

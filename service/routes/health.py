@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from service.problems import PROBLEM_MEDIA_TYPE, Problem
+from service.routes.deps import answer_head_as_get
 
 router = APIRouter(tags=["health"])
 
@@ -52,7 +53,4 @@ async def readyz(request: Request) -> dict:
     return {"status": "ready", "models": registry.names(), "queue_depth": engine.depth(), "skipped": skipped}
 
 
-# HEAD too, for the load balancers and uptime checks that probe with it (the server sends the answer without its
-# body); left out of the OpenAPI document, where it would be a second operation of the same id.
-for _path, _probe in (("/healthz", healthz), ("/readyz", readyz)):
-    router.add_api_route(_path, _probe, methods=["HEAD"], include_in_schema=False)
+answer_head_as_get(router)

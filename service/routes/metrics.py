@@ -14,6 +14,8 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from service.routes.deps import answer_head_as_get
+
 router = APIRouter(tags=["metrics"])
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -167,3 +169,6 @@ class RequestMetrics:
 def metrics(request: Request) -> Response:
     """Request counts/latencies per route and status, batch sizes and latencies, queue depth, sessions."""
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+answer_head_as_get(router)

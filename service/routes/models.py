@@ -10,7 +10,7 @@ from fastapi import APIRouter, Body, Depends, Request, Response
 
 from service.engine import Job
 from service.problems import Problem
-from service.routes.deps import check_inner, compute_unless_client_gone, check_work, decode_off_the_loop, get_model, owner, store_call
+from service.routes.deps import answer_head_as_get, check_inner, check_work, compute_unless_client_gone, decode_off_the_loop, get_model, owner, store_call
 from service.routes.json_route import JSONRoute
 from service.routes.schemas import AdaptRequest, AdaptResponse, Limits, ModelInfo, ModelList, PredictRequest, PredictResponse, Timing
 from service.sessions import Session, new_session_id
@@ -143,6 +143,16 @@ async def adapt_model(request: Request, response: Response, name: str, body: Ada
     )
     session.fits_version = model.version  # (made here: a store that hands this object back needs no layout check)
     await store_call(request, state.store.put, session)
+    served = state.registry.get(model.name)
+    if served is None or served.version != model.version:
+        # A reload replaced or removed the model while this adaptation ran. Its session could never predict,
+        # and stored after the reload dropped the old version's sessions, it would hold a share of the budget
+        # until its TTL, under an id nobody has. (The reload sets the registry before it drops sessions:
+        # looked at after the write, a session the reload missed is always seen here.)
+        await store_call(request, state.store.delete, session.id, caller)
+        now = "is no longer served" if served is None else f"is now served in version {served.version}"
+        raise Problem(503, "Not ready", f"a reload replaced model {model.name!r} (version {model.version}) while this "
+                      f"adaptation ran, and the model {now}: adapt again", headers={"Retry-After": "1"})
     response.headers["Location"] = f"/v1/sessions/{session.id}"
     return AdaptResponse(
         session_id=session.id,
@@ -190,3 +200,6 @@ async def predict_stateless(request: Request, name: str, body: PredictRequest = 
         inner_lr=lr,
         timing=timing(result, started),
     )
+
+
+answer_head_as_get(router)

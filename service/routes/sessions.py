@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Depends, Request, Response
 
 from service.engine import Job
 from service.problems import Problem
-from service.routes.deps import decode_off_the_loop, owner, store_call
+from service.routes.deps import answer_head_as_get, decode_off_the_loop, owner, store_call
 from service.routes.json_route import JSONRoute
 from service.routes.models import BODY_ERRORS, SESSION_ERRORS, check_finite, iso, timing
 from service.routes.schemas import SessionInfo, SessionPredictRequest, SessionPredictResponse
@@ -82,3 +82,6 @@ async def delete_session(request: Request, session_id: str, caller: str | None =
     if not deleted:
         raise Problem(404, "Unknown session", UNKNOWN_SESSION)
     return Response(status_code=204)
+
+
+answer_head_as_get(router)
