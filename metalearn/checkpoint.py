@@ -64,6 +64,27 @@ class Checkpoint:
     def name(self) -> str:
         return self.path.stem
 
+    def adaptation_settings(self) -> dict:
+        """:func:`adaptation_settings` of this checkpoint: ``adapt(checkpoint.learner, x, y,
+        **checkpoint.adaptation_settings())`` adapts as ``metalearn eval`` and the service do."""
+        return adaptation_settings(self.manifest, self.learner)
+
+
+def adaptation_settings(manifest: dict, learner: MetaLearner) -> dict:
+    """How a checkpoint's model adapts at test time (``metalearn eval``, the service) unless asked otherwise:
+    ``{"steps", "lr", "support_shift"}`` for :func:`metalearn.adapt`, from the manifest's ``inner`` record.
+    ``lr`` is None, the model's meta-learned rates, for a model that learned them (Meta-SGD, MAML++) unless a
+    test-time rate was chosen for it (``eval_inner_lr``, ``save_checkpoint``'s ``inner_lr``), which replaces them."""
+    inner = manifest.get("inner") or {}
+    lr = float(inner.get("lr", learner.config.inner_lr))
+    if learner.learned_lrs:
+        chosen = inner.get("lr_chosen")
+        if chosen is None:  # (recorded before lr_chosen was: a training run's eval_inner_lr says)
+            chosen = ((manifest.get("training") or {}).get("config") or {}).get("eval_inner_lr") is not None
+        lr = lr if chosen else None
+    return {"steps": int(inner.get("steps", learner.config.inner_steps)), "lr": lr,
+            "support_shift": int(inner.get("support_shift", 0))}
+
 
 def json_ready(value: Any) -> Any:
     """``value`` with each non-finite float (a diverged evaluation's NaN, an infinity) as None: JSON has no NaN,
@@ -163,6 +184,8 @@ def build_manifest(
         "inner": {
             "steps": int(inner_steps if inner_steps is not None else config.inner_steps),
             "lr": float(inner_lr if inner_lr is not None else config.inner_lr),
+            # Whether that lr was chosen for test time: a model that learned its own rates adapts with it only then.
+            "lr_chosen": inner_lr is not None,
             "support_shift": int(support_shift),  # test-time support augmentation (adapt(..., support_shift))
         },
         "preprocessing": preprocessing,
@@ -274,6 +297,8 @@ def _check_manifest(manifest: dict) -> None:
             raise ValueError(f"inner.{key} must be an integer >= 0, got {inner[key]!r}")
     if "lr" in inner:
         check_positive_number("inner.lr", inner["lr"])
+    if not isinstance(inner.get("lr_chosen", False), bool):
+        raise ValueError(f"inner.lr_chosen must be true or false, got {inner['lr_chosen']!r}")
     for key in ("config", "data"):
         value = (manifest.get("training") or {}).get(key)
         if value is not None and not isinstance(value, dict):

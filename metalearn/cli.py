@@ -269,11 +269,12 @@ def held_out_as_recorded(source, split: str, recorded: list[str], same_task: boo
     return source.with_classes(present, split)
 
 
-def eval_settings(manifest: dict, args: argparse.Namespace) -> tuple[Any, dict]:
+def eval_settings(checkpoint, args: argparse.Namespace) -> tuple[Any, dict]:
     """The held-out task source and the evaluate() arguments for a checkpoint and the eval flags."""
+    manifest = checkpoint.manifest
     config, same_task = _eval_config(manifest, args)
     source = _heldout_source(config, manifest, args, same_task)
-    return source, _evaluate_kwargs(config, manifest, args, source)
+    return source, _evaluate_kwargs(config, manifest, args, source, checkpoint.adaptation_settings())
 
 
 def _eval_config(manifest: dict, args: argparse.Namespace) -> tuple[Any, bool]:
@@ -348,20 +349,20 @@ def _heldout_source(config, manifest: dict, args: argparse.Namespace, same_task:
     return source.split(split)
 
 
-def _evaluate_kwargs(config, manifest: dict, args: argparse.Namespace, source) -> dict:
-    """evaluate()'s arguments: eval's flags, else what the checkpoint records for test time."""
+def _evaluate_kwargs(config, manifest: dict, args: argparse.Namespace, source, recorded: dict) -> dict:
+    """evaluate()'s arguments: eval's flags, else what the checkpoint records for test time (``recorded``:
+    ``Checkpoint.adaptation_settings``, as the service adapts)."""
     from metalearn.adaptation import check_support_shift
     from metalearn.evaluate import EVAL_SEED
 
-    inner = manifest.get("inner") or {}
     kwargs = dict(
         episodes=args.episodes,
         shots=config.shots,
         queries=config.queries,
-        inner_steps=args.inner_steps if args.inner_steps is not None else inner.get("steps"),
-        inner_lr=args.inner_lr if args.inner_lr is not None else config.eval_inner_lr,
+        inner_steps=args.inner_steps if args.inner_steps is not None else recorded["steps"],
+        inner_lr=args.inner_lr if args.inner_lr is not None else recorded["lr"],
         transductive=args.transductive,
-        support_shift=args.support_shift if args.support_shift is not None else int(inner.get("support_shift", 0)),
+        support_shift=args.support_shift if args.support_shift is not None else recorded["support_shift"],
         seed=args.seed if args.seed is not None else EVAL_SEED,
     )
     try:
@@ -396,7 +397,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     keep_freed_memory(device)
     checkpoint = load_checkpoint(path, device=device)
-    source, kwargs = eval_settings(checkpoint.manifest, args)
+    source, kwargs = eval_settings(checkpoint, args)
     result = evaluate(checkpoint.learner, source, progress=args.progress, **kwargs)
     record = {**result.to_dict(), "checkpoint": str(path), "split": getattr(source, "split_name", None)}
     where = f" ({record['split']} split, {source.num_classes} classes)" if record["split"] else ""

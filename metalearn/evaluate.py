@@ -150,7 +150,9 @@ def evaluate(
             )
             outputs = predict_many(learner, adaptation, batch.query_x, transductive=transductive)
             if classification:
-                scores.append((outputs.argmax(-1) == batch.query_y).float().mean(-1).cpu())
+                # Among the task's classes: a model with more outputs than ways predicts one of them (as the
+                # service's probabilities, over a checkpoint's n_way, do).
+                scores.append((outputs[..., :ways].argmax(-1) == batch.query_y).float().mean(-1).cpu())
             else:
                 scores.append((outputs - batch.query_y).pow(2).flatten(1).mean(-1).cpu())
             if bar is not None:

@@ -43,7 +43,8 @@ class LoadedModel:
     n_way: int | None
     out_features: int
     inner_steps: int
-    inner_lr: float
+    inner_lr: float  # the rate the checkpoint records
+    default_lr: float | None  # what a request without inner_lr adapts with (None: the model's learned rates)
     adapted_names: list[str] = field(default_factory=list)
     support_shift: int = 0  # test-time support augmentation (metalearn.adaptation.augment_support)
     source: tuple = ()  # the file it was loaded from, as _file_identity says: a reload keeps the model while it is unchanged
@@ -124,7 +125,7 @@ class LoadedModel:
             "output_size": self.out_features,
             "inner_steps": self.inner_steps,
             "inner_lr": self.inner_lr,
-            "learned_lrs": self.learner.learned_lrs,
+            "learned_lrs": self.default_lr is None,
             "support_shift": self.support_shift,
             "adapted_parameters": list(self.adapted_names),
             "accepts_images": self.accepts_images,
@@ -161,10 +162,8 @@ def load_model(name: str, path: Path, device: str) -> LoadedModel:
     manifest = checkpoint.manifest  # (its fields' types and ranges are checked by load_checkpoint)
     input_shape = tuple(manifest["input_shape"])
     task_type = manifest["task_type"]
-    inner = manifest.get("inner") or {}
-    steps = int(inner.get("steps", checkpoint.learner.config.inner_steps))
-    lr = float(inner.get("lr", checkpoint.learner.config.inner_lr))
-    support_shift = int(inner.get("support_shift", 0))
+    recorded = checkpoint.adaptation_settings()
+    support_shift = recorded["support_shift"]
     try:
         check_support_shift(support_shift, input_shape)
     except ValueError as error:
@@ -187,8 +186,9 @@ def load_model(name: str, path: Path, device: str) -> LoadedModel:
         task_type=task_type,
         n_way=n_way,
         out_features=out_features,
-        inner_steps=steps,
-        inner_lr=lr,
+        inner_steps=recorded["steps"],
+        inner_lr=float((manifest.get("inner") or {}).get("lr", checkpoint.learner.config.inner_lr)),
+        default_lr=recorded["lr"],
         adapted_names=list(checkpoint.learner.adapt_names),
         support_shift=support_shift,
     )

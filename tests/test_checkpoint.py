@@ -60,7 +60,7 @@ def test_round_trip_is_bit_identical(tmp_path, algorithm):
                                metrics={"metric": "accuracy", "mean": 0.5})
     loaded = load_checkpoint(path)
     assert loaded.manifest == manifest
-    assert loaded.manifest["inner"] == {"steps": 3, "lr": 0.3, "support_shift": 0}
+    assert loaded.manifest["inner"] == {"steps": 3, "lr": 0.3, "lr_chosen": False, "support_shift": 0}
     x, y = _images()
     learner.eval()
     with torch.no_grad():

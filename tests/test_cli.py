@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from metalearn import MLP, MetaConfig, MetaLearner
-from metalearn.checkpoint import read_manifest, save_checkpoint
+from metalearn.checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from metalearn.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -374,7 +374,7 @@ def test_eval_holds_out_the_classes_the_checkpoint_recorded(tmp_path, capsys, mo
 
     args = argparse.Namespace(task=None, ways=None, shots=None, queries=None, split=None, episodes=4, inner_steps=None, inner_lr=None,
                               transductive=False, support_shift=None, seed=None, within_group=None, progress=False)
-    source, _ = eval_settings(read_manifest(tmp_path / "run" / "best.safetensors"), args)
+    source, _ = eval_settings(load_checkpoint(tmp_path / "run" / "best.safetensors"), args)
     assert sorted(source.base_class_names) == sorted(recorded)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

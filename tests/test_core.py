@@ -577,6 +577,21 @@ def test_evaluate_scores_the_same_tasks_however_they_are_chunked(kind):
     assert all(r.std == pytest.approx(results[0].std, rel=1e-4, abs=1e-6) for r in results)
 
 
+def test_evaluate_predicts_among_the_tasks_classes():
+    """A model with more outputs than the task's ways: a prediction is one of the task's classes, as the service
+    answers over a checkpoint's n_way (evaluate took the argmax over every output: outputs no label has scored 0)."""
+    from metalearn.data import load_task_source
+    from metalearn.evaluate import evaluate
+
+    torch.manual_seed(0)
+    source = load_task_source("omniglot", ways=3, shots=1, queries=2).split("val")
+    learner = MetaLearner(Conv4(out_features=5, channels=4), MetaConfig("maml", inner_lr=0.4))
+    with torch.no_grad():
+        learner.model.head.bias[3:] = 100.0  # (outputs 3 and 4, which no 3-way label is, always the largest)
+    result = evaluate(learner, source, episodes=10, inner_steps=0, ways=3, within_group=True)
+    assert result.mean > 0.2
+
+
 @pytest.mark.parametrize("head_init,steps", [("learned", 3), ("prototypes", 2), ("prototypes", 0)])
 def test_anil_adaptation_reuses_the_support_features(head_init, steps):
     """ANIL's adapt() runs the body over the support set once; what it returns equals the long way: the inner

@@ -1373,37 +1373,59 @@ def test_redis_addresses_in_messages_lose_their_passwords():
     assert _redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
 
 
-def test_a_model_with_learned_learning_rates_adapts_with_them_and_says_so(tmp_path):
-    """Meta-SGD: a request without inner_lr adapts with the learned rates and its answer says null (not the
-    manifest's initial lr, which it did not use); one with inner_lr uses and echoes it."""
-    from metalearn import MLP, MetaConfig, MetaLearner, adapt, predict
-    from metalearn.checkpoint import save_checkpoint
-    from service.app import create_app
-    from test_service_helpers import sine_tasks
+def metasgd_with_learned_rates():
+    """A sinusoid Meta-SGD learner (2 inner steps, initial rate 0.01) whose learned rates are far from 0.01, so that
+    adapting with either is visible."""
+    from metalearn import MLP, MetaConfig, MetaLearner
 
     torch.manual_seed(0)
     learner = MetaLearner(MLP(1, (8,), 1), MetaConfig("metasgd", task_type="regression", inner_steps=2, inner_lr=0.01))
-    with torch.no_grad():  # learned rates far from the initial 0.01, so that using either is visible
+    with torch.no_grad():
         for rate in learner.lrs.values():
             rate.uniform_(0.05, 0.2)
+    return learner
+
+
+def test_a_model_with_learned_learning_rates_adapts_with_them_unless_its_checkpoint_chose_a_rate(tmp_path):
+    """Meta-SGD: a request without inner_lr adapts with the learned rates and its answer says null (not the
+    manifest's initial lr, which it did not use); one with inner_lr uses and echoes it. A checkpoint that records a
+    test-time rate (a run's eval_inner_lr, with which it validated and metalearn eval evaluates) adapts with that
+    rate: the service used the learned ones (a review: predictions up to 0.335 apart from eval's).
+    Checkpoint.adaptation_settings decides for both."""
+    from metalearn import MLP, MetaConfig, MetaLearner, adapt, predict
+    from metalearn.checkpoint import adaptation_settings, load_checkpoint, save_checkpoint
+    from service.app import create_app
+    from test_service_helpers import sine_tasks
+
+    learner = metasgd_with_learned_rates()
     save_checkpoint(tmp_path / "msgd.safetensors", learner, input_shape=(1,))
+    save_checkpoint(tmp_path / "chosen.safetensors", learner, input_shape=(1,), inner_lr=0.002)
+    assert load_checkpoint(tmp_path / "msgd.safetensors").adaptation_settings() == {"steps": 2, "lr": None, "support_shift": 0}
+    assert load_checkpoint(tmp_path / "chosen.safetensors").adaptation_settings() == {"steps": 2, "lr": 0.002, "support_shift": 0}
+    # Recorded before lr_chosen was: the run's eval_inner_lr says; a model with no learned rates takes inner.lr.
+    for config, lr in (({"eval_inner_lr": 0.002}, 0.002), ({}, None)):
+        assert adaptation_settings({"inner": {"steps": 2, "lr": 0.002}, "training": {"config": config}}, learner)["lr"] == lr
+    plain = MetaLearner(MLP(1, (8,), 1), MetaConfig("maml", task_type="regression", inner_lr=0.01))
+    assert adaptation_settings({"inner": {"lr": 0.05}}, plain) == {"steps": 1, "lr": 0.05, "support_shift": 0}
+
     tasks = sine_tasks(tasks=1)
     sx, sy, qx = tasks.support_x[0], tasks.support_y[0], tasks.query_x[0]
+    body = {"support": {"x": sx.tolist(), "y": sy.squeeze(-1).tolist()}, "query": {"x": qx.tolist()}}
     with TestClient(create_app(Settings(model_dir=str(tmp_path), device="cpu"))) as client:
-        info = client.get("/v1/models/msgd").json()
-        assert info["learned_lrs"] is True and info["inner_lr"] == pytest.approx(0.01)
-        body = {"support": {"x": sx.tolist(), "y": sy.squeeze(-1).tolist()}, "query": {"x": qx.tolist()}}
+        info, chosen_info = client.get("/v1/models/msgd").json(), client.get("/v1/models/chosen").json()
         learned = client.post("/v1/models/msgd/predict", json=body).json()
         fixed = client.post("/v1/models/msgd/predict", json={**body, "inner_lr": 0.01}).json()
         adapted = client.post("/v1/models/msgd/adapt", json={"support": body["support"]})
-    assert "inner_lr" not in learned and fixed["inner_lr"] == 0.01
+        chosen = client.post("/v1/models/chosen/predict", json=body).json()
+    assert info["learned_lrs"] is True and info["inner_lr"] == pytest.approx(0.01)
+    assert chosen_info["learned_lrs"] is False and chosen_info["inner_lr"] == pytest.approx(0.002)
+    assert "inner_lr" not in learned and fixed["inner_lr"] == 0.01 and chosen["inner_lr"] == pytest.approx(0.002)
     assert adapted.status_code == 201 and adapted.json()["inner_lr"] is None
     with torch.no_grad():
-        want_learned = predict(learner, adapt(learner, sx, sy, steps=2), qx).squeeze(-1)
-        want_fixed = predict(learner, adapt(learner, sx, sy, steps=2, lr=0.01), qx).squeeze(-1)
-    torch.testing.assert_close(torch.tensor(learned["predictions"]), want_learned, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(torch.tensor(fixed["predictions"]), want_fixed, rtol=1e-4, atol=1e-5)
-    assert (want_learned - want_fixed).abs().max() > 1e-3
+        want = {lr: predict(learner, adapt(learner, sx, sy, steps=2, lr=lr), qx).squeeze(-1) for lr in (None, 0.01, 0.002)}
+    for answer, lr in ((learned, None), (fixed, 0.01), (chosen, 0.002)):
+        torch.testing.assert_close(torch.tensor(answer["predictions"]), want[lr], rtol=1e-4, atol=1e-5)
+    assert (want[None] - want[0.01]).abs().max() > 1e-3 and (want[None] - want[0.002]).abs().max() > 1e-3
 
 
 def test_a_stored_session_that_does_not_fit_its_model_is_unknown_not_unadapted(tmp_path, caplog):

@@ -129,7 +129,7 @@ def test_run_directory_and_manifest(tmp_path):
     assert all("loss" in r and "steps_per_s" in r for r in records if r["kind"] == "train")
     manifest = read_manifest(out / "best.safetensors")
     assert manifest["input_shape"] == [1] and manifest["task_type"] == "regression"
-    assert manifest["inner"] == {"steps": 10, "lr": 0.01, "support_shift": 0}  # the test-time steps, not the training step
+    assert manifest["inner"] == {"steps": 10, "lr": 0.01, "lr_chosen": False, "support_shift": 0}  # the test-time steps, not the training step
     assert manifest["training"]["config"]["algorithm"] == "maml"
     assert manifest["metrics"]["metric"] == "mse" and manifest["metrics"]["episodes"] == 20
     assert manifest["state"]["iteration"] == manifest["metrics"]["iteration"]

@@ -68,11 +68,12 @@ def get_model(request: Request, name: str):
 
 
 def check_inner(settings, steps: int | None, lr: float | None, model) -> tuple[int, float | None]:
-    """The request's inner steps and learning rate, else the model's; the lr is None when the request sets
-    none and the model learned its own (Meta-SGD, per-step rates): the engine then adapts with those."""
+    """The request's inner steps and learning rate, else the model's (``LoadedModel.default_lr``); the lr is None
+    when neither sets one and the model learned its own (Meta-SGD, per-step rates): the engine then adapts with
+    those."""
     steps = model.inner_steps if steps is None else steps
-    if lr is None and not model.learner.learned_lrs:
-        lr = model.inner_lr
+    if lr is None:
+        lr = model.default_lr
     if steps < 0 or steps > settings.max_inner_steps:
         raise Problem(422, "Invalid inner_steps", f"inner_steps must be in [0, {settings.max_inner_steps}], got {steps}")
     if lr is None:

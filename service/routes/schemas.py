@@ -120,7 +120,7 @@ class ModelInfo(BaseModel):
     output_size: int = Field(..., description="Outputs per input: n_way for classification, the target size for regression.")
     inner_steps: int = Field(..., description="Default inner steps.")
     inner_lr: float = Field(..., description="Default inner learning rate (with learned_lrs: the rate training started from, used only where a request sets inner_lr).")
-    learned_lrs: bool = Field(..., description="Whether the model meta-learned its inner learning rates (Meta-SGD: per parameter element; MAML++: per step): a request without inner_lr adapts with them.")
+    learned_lrs: bool = Field(..., description="Whether a request without inner_lr adapts with the inner learning rates the model meta-learned (Meta-SGD: per parameter element; MAML++: per step); false for other models, and for one whose checkpoint records a test-time inner_lr (eval_inner_lr), which replaces them.")
     support_shift: int = Field(0, description="> 0: adaptation also sees each support image shifted by this many pixels (4 more views).")
     adapted_parameters: list[str] = Field(..., description="The parameters adaptation changes (what a session stores).")
     accepts_images: bool = Field(..., description="Whether x may be {images: [...]}, preprocessed as the training data was.")
