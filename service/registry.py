@@ -43,7 +43,6 @@ class LoadedModel:
     n_way: int | None
     out_features: int
     inner_steps: int
-    inner_lr: float  # the rate the checkpoint records
     default_lr: float | None  # what a request without inner_lr adapts with (None: the model's learned rates)
     adapted_names: list[str] = field(default_factory=list)
     support_shift: int = 0  # test-time support augmentation (metalearn.adaptation.augment_support)
@@ -70,6 +69,11 @@ class LoadedModel:
     @property
     def accepts_images(self) -> bool:
         return self.preprocessing is not None and self.preprocessing.get("kind") == "image"
+
+    @property
+    def inner_lr(self) -> float:
+        """The rate the checkpoint records: the default one, or with learned rates the rate training started from."""
+        return self.learner.config.inner_lr if self.default_lr is None else self.default_lr
 
     @property
     def version(self) -> str:
@@ -187,7 +191,6 @@ def load_model(name: str, path: Path, device: str) -> LoadedModel:
         n_way=n_way,
         out_features=out_features,
         inner_steps=recorded["steps"],
-        inner_lr=float((manifest.get("inner") or {}).get("lr", checkpoint.learner.config.inner_lr)),
         default_lr=recorded["lr"],
         adapted_names=list(checkpoint.learner.adapt_names),
         support_shift=support_shift,
